@@ -1,0 +1,3 @@
+pub mod segment;
+pub mod storage;
+pub mod wal;

@@ -1,0 +1,517 @@
+//! The one storage format: every object walsync writes is a segment.
+//!
+//! A segment is a set of database pages plus what is needed to apply and verify
+//! it. A WAL segment holds the pages changed by one or more whole transactions;
+//! a snapshot holds every page and starts a chain. Objects of one database form
+//! a hash chain: each records the SHA-256 of the object before it, and ends with
+//! the SHA-256 of its own bytes, so a missing, reordered, altered or foreign
+//! object is found before a single page is written. Pure over bytes.
+//!
+//! Layout (integers big-endian; see `docs/format.md`):
+//!
+//! ```text
+//! off len field
+//!   0   8 magic "WALSYNC\x00"
+//!   8   2 format version (1)
+//!  10   1 kind: 1 snapshot (chain start), 2 WAL segment
+//!  11   1 flags (0; anything else is rejected)
+//!  12   4 page size in bytes
+//!  16   8 sequence number (equals the number in the object's key)
+//!  24   4 database size in pages after this segment is applied
+//!  28   4 number of page records in the body
+//!  32   8 timestamp, milliseconds since the Unix epoch, when the data was read
+//!  40   4 source WAL salt-1
+//!  44   4 source WAL salt-2
+//!  48   4 source WAL first frame (0-based) covered
+//!  52   4 source WAL frame after the last one covered
+//!  56   8 source WAL running checksum after the last frame covered
+//!  64  32 SHA-256 of the previous object of this database (zero for none)
+//!  96   . body: one zstd frame of page records, each a 4-byte page number
+//!         then `page size` bytes, sorted by page number, no page twice
+//! end-32 32 SHA-256 of every byte before it
+//! ```
+
+use std::io::{self, Read, Write};
+
+use sha2::{Digest, Sha256};
+
+pub const MAGIC: [u8; 8] = *b"WALSYNC\0";
+pub const VERSION: u16 = 1;
+pub const HEADER_SIZE: usize = 96;
+pub const TRAILER_SIZE: usize = 32;
+const ZSTD_LEVEL: i32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("object is {0} bytes, too short to be a segment")]
+    TooShort(u64),
+    #[error("not a walsync segment (bad magic)")]
+    BadMagic,
+    #[error("segment format version {0} is not supported by this walsync (knows {VERSION})")]
+    UnsupportedVersion(u16),
+    #[error("unknown segment kind {0}")]
+    UnknownKind(u8),
+    #[error("unknown segment flags {0:#04x}")]
+    UnknownFlags(u8),
+    #[error("invalid page size {0}")]
+    BadPageSize(u32),
+    #[error("content hash mismatch: the object was altered or truncated")]
+    HashMismatch,
+    #[error("page record {index}: {reason}")]
+    BadPage { index: u32, reason: String },
+    #[error("body holds {found} page records, header says {expected}")]
+    PageCountMismatch { expected: u32, found: u32 },
+    #[error("body has data after the last page record")]
+    TrailingData,
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Snapshot,
+    Wal,
+}
+
+impl Kind {
+    fn code(self) -> u8 {
+        match self {
+            Kind::Snapshot => 1,
+            Kind::Wal => 2,
+        }
+    }
+
+    fn from_code(code: u8) -> Result<Self> {
+        match code {
+            1 => Ok(Kind::Snapshot),
+            2 => Ok(Kind::Wal),
+            other => Err(Error::UnknownKind(other)),
+        }
+    }
+
+    /// The key suffix for this kind.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Kind::Snapshot => "snapshot",
+            Kind::Wal => "wal",
+        }
+    }
+
+    pub fn from_suffix(suffix: &str) -> Option<Self> {
+        match suffix {
+            "snapshot" => Some(Kind::Snapshot),
+            "wal" => Some(Kind::Wal),
+            _ => None,
+        }
+    }
+}
+
+/// Where in the source WAL a segment's data came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WalRange {
+    pub salt1: u32,
+    pub salt2: u32,
+    pub first_frame: u32,
+    pub end_frame: u32,
+    pub checksum: (u32, u32),
+}
+
+/// The fixed-size head of a segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub kind: Kind,
+    pub page_size: u32,
+    pub seq: u64,
+    pub db_pages: u32,
+    pub page_count: u32,
+    pub timestamp_ms: u64,
+    pub wal: WalRange,
+    pub prev_hash: [u8; 32],
+}
+
+impl Header {
+    pub fn encode(&self) -> [u8; HEADER_SIZE] {
+        let mut b = [0u8; HEADER_SIZE];
+        b[0..8].copy_from_slice(&MAGIC);
+        b[8..10].copy_from_slice(&VERSION.to_be_bytes());
+        b[10] = self.kind.code();
+        b[11] = 0;
+        b[12..16].copy_from_slice(&self.page_size.to_be_bytes());
+        b[16..24].copy_from_slice(&self.seq.to_be_bytes());
+        b[24..28].copy_from_slice(&self.db_pages.to_be_bytes());
+        b[28..32].copy_from_slice(&self.page_count.to_be_bytes());
+        b[32..40].copy_from_slice(&self.timestamp_ms.to_be_bytes());
+        b[40..44].copy_from_slice(&self.wal.salt1.to_be_bytes());
+        b[44..48].copy_from_slice(&self.wal.salt2.to_be_bytes());
+        b[48..52].copy_from_slice(&self.wal.first_frame.to_be_bytes());
+        b[52..56].copy_from_slice(&self.wal.end_frame.to_be_bytes());
+        b[56..60].copy_from_slice(&self.wal.checksum.0.to_be_bytes());
+        b[60..64].copy_from_slice(&self.wal.checksum.1.to_be_bytes());
+        b[64..96].copy_from_slice(&self.prev_hash);
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self> {
+        if b.len() < HEADER_SIZE {
+            return Err(Error::TooShort(b.len() as u64));
+        }
+        if b[0..8] != MAGIC {
+            return Err(Error::BadMagic);
+        }
+        let version = u16::from_be_bytes([b[8], b[9]]);
+        if version != VERSION {
+            return Err(Error::UnsupportedVersion(version));
+        }
+        let kind = Kind::from_code(b[10])?;
+        if b[11] != 0 {
+            return Err(Error::UnknownFlags(b[11]));
+        }
+        let page_size = u32_at(b, 12);
+        if !(512..=65536).contains(&page_size) || !page_size.is_power_of_two() {
+            return Err(Error::BadPageSize(page_size));
+        }
+        let mut prev_hash = [0u8; 32];
+        prev_hash.copy_from_slice(&b[64..96]);
+        Ok(Self {
+            kind,
+            page_size,
+            seq: u64_at(b, 16),
+            db_pages: u32_at(b, 24),
+            page_count: u32_at(b, 28),
+            timestamp_ms: u64_at(b, 32),
+            wal: WalRange {
+                salt1: u32_at(b, 40),
+                salt2: u32_at(b, 44),
+                first_frame: u32_at(b, 48),
+                end_frame: u32_at(b, 52),
+                checksum: (u32_at(b, 56), u32_at(b, 60)),
+            },
+            prev_hash,
+        })
+    }
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    u64::from_be_bytes(x)
+}
+
+/// A writer that hashes everything passing through it.
+struct Hashing<W> {
+    inner: W,
+    hasher: Sha256,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Streams one segment into `W`: header first, then pages in increasing
+/// order, then [`Encoder::finish`] writes the trailer and returns the hash.
+pub struct Encoder<W: Write> {
+    body: zstd::stream::write::Encoder<'static, Hashing<W>>,
+    header: Header,
+    written: u32,
+    last_pgno: u32,
+}
+
+impl<W: Write> Encoder<W> {
+    pub fn new(header: Header, out: W) -> Result<Self> {
+        let mut hashing = Hashing {
+            inner: out,
+            hasher: Sha256::new(),
+        };
+        hashing.write_all(&header.encode())?;
+        let body = zstd::stream::write::Encoder::new(hashing, ZSTD_LEVEL)?;
+        Ok(Self {
+            body,
+            header,
+            written: 0,
+            last_pgno: 0,
+        })
+    }
+
+    pub fn add_page(&mut self, pgno: u32, data: &[u8]) -> Result<()> {
+        let index = self.written;
+        if pgno <= self.last_pgno || pgno > self.header.db_pages {
+            return Err(Error::BadPage {
+                index,
+                reason: format!("page {pgno} out of order or beyond the database size"),
+            });
+        }
+        if data.len() != self.header.page_size as usize {
+            return Err(Error::BadPage {
+                index,
+                reason: format!("page {pgno} is {} bytes", data.len()),
+            });
+        }
+        self.body.write_all(&pgno.to_be_bytes())?;
+        self.body.write_all(data)?;
+        self.written += 1;
+        self.last_pgno = pgno;
+        Ok(())
+    }
+
+    /// Finishes the object; returns its content hash and the sink.
+    pub fn finish(self) -> Result<([u8; 32], W)> {
+        if self.written != self.header.page_count {
+            return Err(Error::PageCountMismatch {
+                expected: self.header.page_count,
+                found: self.written,
+            });
+        }
+        let mut hashing = self.body.finish()?;
+        let hash: [u8; 32] = hashing.hasher.finalize_reset().into();
+        hashing.inner.write_all(&hash)?;
+        hashing.inner.flush()?;
+        Ok((hash, hashing.inner))
+    }
+}
+
+/// Checks the trailer of a whole object read from `r` (of `len` bytes) and
+/// returns its header and content hash. Reads the object once, streaming.
+pub fn verify(mut r: impl Read, len: u64) -> Result<(Header, [u8; 32])> {
+    if len < (HEADER_SIZE + TRAILER_SIZE) as u64 {
+        return Err(Error::TooShort(len));
+    }
+    let mut head = [0u8; HEADER_SIZE];
+    r.read_exact(&mut head)?;
+    let header = Header::decode(&head)?;
+    let mut hasher = Sha256::new();
+    hasher.update(head);
+    let mut body = (&mut r).take(len - (HEADER_SIZE + TRAILER_SIZE) as u64);
+    let copied = io::copy(&mut body, &mut HashSink(&mut hasher))?;
+    if copied != len - (HEADER_SIZE + TRAILER_SIZE) as u64 {
+        return Err(Error::TooShort(len));
+    }
+    let mut trailer = [0u8; TRAILER_SIZE];
+    r.read_exact(&mut trailer)?;
+    let hash: [u8; 32] = hasher.finalize().into();
+    if hash != trailer {
+        return Err(Error::HashMismatch);
+    }
+    Ok((header, hash))
+}
+
+struct HashSink<'a>(&'a mut Sha256);
+
+impl Write for HashSink<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Reads the pages of a verified object, in order. `r` starts at the object's
+/// first byte and `len` is its length; call [`verify`] on the same bytes first.
+pub struct PageReader<R: Read> {
+    body: zstd::stream::read::Decoder<'static, io::BufReader<io::Take<R>>>,
+    header: Header,
+    read: u32,
+    last_pgno: u32,
+}
+
+impl<R: Read> PageReader<R> {
+    pub fn new(mut r: R, len: u64) -> Result<Self> {
+        if len < (HEADER_SIZE + TRAILER_SIZE) as u64 {
+            return Err(Error::TooShort(len));
+        }
+        let mut head = [0u8; HEADER_SIZE];
+        r.read_exact(&mut head)?;
+        let header = Header::decode(&head)?;
+        let body = r.take(len - (HEADER_SIZE + TRAILER_SIZE) as u64);
+        Ok(Self {
+            body: zstd::stream::read::Decoder::new(body)?,
+            header,
+            read: 0,
+            last_pgno: 0,
+        })
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The next page into `buf` (page size bytes); `None` after the last one.
+    pub fn next_page(&mut self, buf: &mut [u8]) -> Result<Option<u32>> {
+        let index = self.read;
+        if index == self.header.page_count {
+            let mut extra = [0u8; 1];
+            return match self.body.read(&mut extra) {
+                Ok(0) => Ok(None),
+                Ok(_) => Err(Error::TrailingData),
+                Err(e) => Err(e.into()),
+            };
+        }
+        let mut pgno = [0u8; 4];
+        read_record(&mut self.body, &mut pgno, index, self.header.page_count)?;
+        let pgno = u32::from_be_bytes(pgno);
+        if pgno <= self.last_pgno || pgno > self.header.db_pages {
+            return Err(Error::BadPage {
+                index,
+                reason: format!(
+                    "page number {pgno} out of order or beyond the database size {}",
+                    self.header.db_pages
+                ),
+            });
+        }
+        read_record(&mut self.body, buf, index, self.header.page_count)?;
+        self.read += 1;
+        self.last_pgno = pgno;
+        Ok(Some(pgno))
+    }
+}
+
+fn read_record(r: &mut impl Read, buf: &mut [u8], index: u32, expected: u32) -> Result<()> {
+    r.read_exact(buf).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => Error::PageCountMismatch {
+            expected,
+            found: index,
+        },
+        _ => Error::Io(e),
+    })
+}
+
+/// The key of object `seq` under a database prefix; keys sort in apply order.
+pub fn object_key(db_prefix: &str, seq: u64, kind: Kind) -> String {
+    format!("{db_prefix}/{seq:016x}.{}", kind.suffix())
+}
+
+/// Parses the last path component of a key made by [`object_key`].
+pub fn parse_object_name(name: &str) -> Option<(u64, Kind)> {
+    let (seq, suffix) = name.split_once('.')?;
+    if seq.len() != 16 || !seq.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+        return None;
+    }
+    Some((u64::from_str_radix(seq, 16).ok()?, Kind::from_suffix(suffix)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    fn header(kind: Kind, pages: &[u32]) -> Header {
+        Header {
+            kind,
+            page_size: 1024,
+            seq: 7,
+            db_pages: 10,
+            page_count: pages.len() as u32,
+            timestamp_ms: 1_700_000_000_000,
+            wal: WalRange {
+                salt1: 1,
+                salt2: 2,
+                first_frame: 3,
+                end_frame: 9,
+                checksum: (5, 6),
+            },
+            prev_hash: [9; 32],
+        }
+    }
+
+    fn encode(h: Header, pages: &[u32]) -> (Vec<u8>, [u8; 32]) {
+        let mut enc = Encoder::new(h, Vec::new()).unwrap();
+        for p in pages {
+            enc.add_page(*p, &vec![*p as u8; 1024]).unwrap();
+        }
+        let (hash, bytes) = enc.finish().unwrap();
+        (bytes, hash)
+    }
+
+    #[test]
+    fn round_trip() {
+        let pages = [1, 2, 5, 10];
+        let h = header(Kind::Wal, &pages);
+        let (bytes, hash) = encode(h, &pages);
+        let (decoded, vhash) = verify(Cursor::new(&bytes), bytes.len() as u64).unwrap();
+        assert_eq!(decoded, h);
+        assert_eq!(vhash, hash);
+        let mut r = PageReader::new(Cursor::new(&bytes), bytes.len() as u64).unwrap();
+        let mut buf = vec![0u8; 1024];
+        let mut seen = Vec::new();
+        while let Some(p) = r.next_page(&mut buf).unwrap() {
+            assert!(buf.iter().all(|b| *b == p as u8));
+            seen.push(p);
+        }
+        assert_eq!(seen, pages);
+    }
+
+    #[test]
+    fn any_flipped_byte_is_detected() {
+        let pages = [1, 3];
+        let (bytes, _) = encode(header(Kind::Snapshot, &pages), &pages);
+        for at in (0..bytes.len()).step_by(7) {
+            let mut bad = bytes.clone();
+            bad[at] ^= 0x40;
+            assert!(
+                verify(Cursor::new(&bad), bad.len() as u64).is_err(),
+                "flip at {at} not detected"
+            );
+        }
+        let cut = &bytes[..bytes.len() - 1];
+        assert!(verify(Cursor::new(cut), cut.len() as u64).is_err());
+    }
+
+    #[test]
+    fn decoder_rejects_what_it_does_not_understand() {
+        let h = header(Kind::Wal, &[]);
+        let mut b = h.encode();
+        b[8..10].copy_from_slice(&2u16.to_be_bytes());
+        assert!(matches!(Header::decode(&b), Err(Error::UnsupportedVersion(2))));
+        let mut b = h.encode();
+        b[10] = 9;
+        assert!(matches!(Header::decode(&b), Err(Error::UnknownKind(9))));
+        let mut b = h.encode();
+        b[11] = 1;
+        assert!(matches!(Header::decode(&b), Err(Error::UnknownFlags(1))));
+        let mut b = h.encode();
+        b[0] = b'X';
+        assert!(matches!(Header::decode(&b), Err(Error::BadMagic)));
+    }
+
+    #[test]
+    fn encoder_refuses_unsorted_or_out_of_range_pages() {
+        let mut enc = Encoder::new(header(Kind::Wal, &[1, 2]), Vec::new()).unwrap();
+        enc.add_page(2, &[0; 1024]).unwrap();
+        assert!(enc.add_page(1, &[0; 1024]).is_err());
+        let mut enc = Encoder::new(header(Kind::Wal, &[11]), Vec::new()).unwrap();
+        assert!(enc.add_page(11, &[0; 1024]).is_err());
+        let enc = Encoder::new(header(Kind::Wal, &[1]), Vec::new()).unwrap();
+        assert!(matches!(enc.finish(), Err(Error::PageCountMismatch { .. })));
+    }
+
+    #[test]
+    fn keys_sort_in_apply_order_and_parse_back() {
+        let a = object_key("app", 9, Kind::Wal);
+        let b = object_key("app", 10, Kind::Snapshot);
+        assert_eq!(a, "app/0000000000000009.wal");
+        assert!(a < b);
+        assert_eq!(
+            parse_object_name("000000000000000a.snapshot"),
+            Some((10, Kind::Snapshot))
+        );
+        assert_eq!(parse_object_name("000000000000000A.wal"), None);
+        assert_eq!(parse_object_name("0a.wal"), None);
+        assert_eq!(parse_object_name("000000000000000a.tmp"), None);
+    }
+}

@@ -1,0 +1,204 @@
+//! Local-directory storage: the embedded default, same key layout as S3.
+//!
+//! A put writes a temp file beside the target, fsyncs it, then hard-links it
+//! to the final name. `link(2)` fails if the name exists, which gives the same
+//! create-only guarantee as S3's `If-None-Match: *`, atomically, even between
+//! processes. The directory is fsynced so the new name survives a crash.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+
+use super::{Error, ObjectMeta, ObjectReader, Payload, Result, Storage};
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+const TEMP_MARKER: &str = ".walsync-tmp-";
+
+#[derive(Debug, Clone)]
+pub struct FsStorage {
+    root: PathBuf,
+}
+
+impl FsStorage {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path_of(&self, key: &str) -> Result<PathBuf> {
+        if key.is_empty()
+            || key.starts_with('/')
+            || key.split('/').any(|part| part.is_empty() || part == "." || part == "..")
+        {
+            return Err(Error::Io {
+                key: key.to_string(),
+                source: io::Error::new(io::ErrorKind::InvalidInput, "invalid object key"),
+            });
+        }
+        Ok(self.root.join(key))
+    }
+}
+
+fn io_err(key: &str) -> impl FnOnce(io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        key: key.to_string(),
+        source,
+    }
+}
+
+fn put_blocking(path: &Path, key: &str, body: Payload) -> Result<()> {
+    let dir = path.parent().ok_or_else(|| Error::Io {
+        key: key.to_string(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, "key has no parent directory"),
+    })?;
+    fs::create_dir_all(dir).map_err(io_err(key))?;
+    if path.exists() {
+        return Err(Error::AlreadyExists {
+            key: key.to_string(),
+        });
+    }
+    let file_name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("object");
+    let temp = dir.join(format!(
+        "{file_name}{TEMP_MARKER}{}-{}",
+        std::process::id(),
+        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| -> io::Result<()> {
+        let mut out = File::create(&temp)?;
+        match body {
+            Payload::Bytes(bytes) => out.write_all(&bytes)?,
+            Payload::File { mut file, len } => {
+                file.seek(SeekFrom::Start(0))?;
+                let copied = io::copy(&mut (&mut file).take(len), &mut out)?;
+                if copied != len {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "spool file shorter than its recorded length",
+                    ));
+                }
+            }
+        }
+        out.sync_all()?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&temp);
+        return Err(io_err(key)(e));
+    }
+    let linked = fs::hard_link(&temp, path);
+    let _ = fs::remove_file(&temp);
+    match linked {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            return Err(Error::AlreadyExists {
+                key: key.to_string(),
+            });
+        }
+        Err(e) => return Err(io_err(key)(e)),
+    }
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(key))?;
+    Ok(())
+}
+
+fn list_blocking(root: &Path, prefix: &str) -> Result<Vec<ObjectMeta>> {
+    // Walk only the directory that can hold the prefix, not the whole root.
+    let start_rel = match prefix.rfind('/') {
+        Some(i) => &prefix[..i],
+        None => "",
+    };
+    let start = if start_rel.is_empty() {
+        root.to_path_buf()
+    } else {
+        root.join(start_rel)
+    };
+    let mut out = Vec::new();
+    let mut stack = vec![start];
+    while let Some(dir) = stack.pop() {
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_err(prefix)(e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(io_err(prefix))?;
+            let path = entry.path();
+            let file_type = entry.file_type().map_err(io_err(prefix))?;
+            let Ok(rel) = path.strip_prefix(root) else {
+                continue;
+            };
+            let Some(rel) = rel.to_str() else { continue };
+            let rel = rel.replace(std::path::MAIN_SEPARATOR, "/");
+            if file_type.is_dir() {
+                if rel.starts_with(prefix) || prefix.starts_with(&format!("{rel}/")) {
+                    stack.push(path);
+                }
+            } else if file_type.is_file() && rel.starts_with(prefix) && !rel.contains(TEMP_MARKER)
+            {
+                let size = entry.metadata().map_err(io_err(prefix))?.len();
+                out.push(ObjectMeta { key: rel, size });
+            }
+        }
+    }
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(out)
+}
+
+async fn blocking<T: Send + 'static>(
+    key: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Io {
+        key: key.to_string(),
+        source: io::Error::other(e),
+    })?
+}
+
+#[async_trait]
+impl Storage for FsStorage {
+    async fn put_new(&self, key: &str, body: Payload, _sha256: [u8; 32]) -> Result<()> {
+        let path = self.path_of(key)?;
+        let owned = key.to_string();
+        blocking(key, move || put_blocking(&path, &owned, body)).await
+    }
+
+    async fn get(&self, key: &str) -> Result<ObjectReader> {
+        let path = self.path_of(key)?;
+        match tokio::fs::File::open(&path).await {
+            Ok(file) => Ok(Box::new(file)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::NotFound {
+                key: key.to_string(),
+            }),
+            Err(e) => Err(io_err(key)(e)),
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        let root = self.root.clone();
+        let owned = prefix.to_string();
+        blocking(prefix, move || list_blocking(&root, &owned)).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        let path = self.path_of(key)?;
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(key)(e)),
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("file://{}", self.root.display())
+    }
+}

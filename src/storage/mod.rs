@@ -1,0 +1,161 @@
+//! Where replicated objects live: one small async trait with create-only puts.
+//!
+//! Storage knows nothing of SQLite. Keys are `/`-separated and relative to the
+//! root the backend was opened on (an S3 bucket plus optional key prefix, or a
+//! local directory). Objects are immutable: [`Storage::put_new`] fails with
+//! [`Error::AlreadyExists`] instead of replacing a key, which is how a second
+//! writer on the same prefix is detected rather than silently interleaved.
+
+pub mod fs;
+pub mod s3;
+mod spool;
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::io::AsyncRead;
+
+pub use spool::{Payload, SpoolWriter};
+
+/// Errors from a storage backend. Callers branch on the variant.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The key exists already: another writer owns this prefix, or an object was replayed.
+    #[error("object {key} already exists in storage (another writer owns this prefix?)")]
+    AlreadyExists { key: String },
+    #[error("object {key} not found in storage")]
+    NotFound { key: String },
+    #[error("invalid storage URL {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    #[error("storage I/O on {key}: {source}")]
+    Io {
+        key: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("S3 request {op} on {key} failed: {message}")]
+    S3 {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// One listed object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// Key relative to the storage root.
+    pub key: String,
+    pub size: u64,
+}
+
+/// A streaming object body.
+pub type ObjectReader = Box<dyn AsyncRead + Send + Unpin>;
+
+/// The storage contract. Backends implement only these; all of them must pass
+/// the conformance suite in `tests/storage.rs`.
+#[async_trait]
+pub trait Storage: Send + Sync + fmt::Debug {
+    /// Writes `key` only if it does not exist yet (S3 `If-None-Match: *`).
+    ///
+    /// `sha256` is the object's own content hash; it is stored beside the object
+    /// so that a retried put whose first attempt did land is recognised as ours
+    /// rather than reported as a second writer.
+    async fn put_new(&self, key: &str, body: Payload, sha256: [u8; 32]) -> Result<()>;
+
+    /// Opens `key` for streaming reads.
+    async fn get(&self, key: &str) -> Result<ObjectReader>;
+
+    /// Lists every object whose key starts with `prefix`, sorted by key.
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>>;
+
+    /// Deletes `key`; deleting a missing key is not an error.
+    async fn delete(&self, key: &str) -> Result<()>;
+
+    /// A human-readable location for logs (never contains credentials).
+    fn describe(&self) -> String;
+}
+
+/// Reads a whole object into memory. For small objects only.
+pub async fn get_bytes(storage: &dyn Storage, key: &str) -> Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut reader = storage.get(key).await?;
+    let mut buf = Vec::new();
+    reader
+        .read_to_end(&mut buf)
+        .await
+        .map_err(|source| Error::Io {
+            key: key.to_string(),
+            source,
+        })?;
+    Ok(buf)
+}
+
+/// Settings needed to open S3 storage beyond what the URL says.
+#[derive(Debug, Clone, Default)]
+pub struct S3Options {
+    /// Custom endpoint for S3-compatible stores (MinIO, Tigris, R2, moto ...).
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// Path-style addressing; defaults to on when an endpoint is given.
+    pub force_path_style: Option<bool>,
+}
+
+/// Opens the storage a URL names: `s3://bucket[/prefix]`, `file:///path` or a plain path.
+pub async fn open(url: &str, s3: &S3Options) -> Result<Arc<dyn Storage>> {
+    if let Some(rest) = url.strip_prefix("s3://") {
+        let (bucket, prefix) = match rest.split_once('/') {
+            Some((b, p)) => (b, p.trim_matches('/')),
+            None => (rest, ""),
+        };
+        if bucket.is_empty() {
+            return Err(Error::InvalidUrl {
+                url: url.to_string(),
+                reason: "no bucket name after s3://".into(),
+            });
+        }
+        let storage = s3::S3Storage::connect(bucket, prefix, s3).await?;
+        Ok(Arc::new(storage))
+    } else if let Some(path) = url.strip_prefix("file://") {
+        if path.is_empty() {
+            return Err(Error::InvalidUrl {
+                url: url.to_string(),
+                reason: "no path after file://".into(),
+            });
+        }
+        Ok(Arc::new(fs::FsStorage::new(path)))
+    } else if url.contains("://") {
+        Err(Error::InvalidUrl {
+            url: url.to_string(),
+            reason: "unknown scheme (use s3://bucket/prefix or file:///path)".into(),
+        })
+    } else if url.is_empty() {
+        Err(Error::InvalidUrl {
+            url: url.to_string(),
+            reason: "empty".into(),
+        })
+    } else {
+        Ok(Arc::new(fs::FsStorage::new(url)))
+    }
+}
+
+/// Joins a root prefix and a relative key with exactly one `/`.
+pub(crate) fn join_key(root: &str, key: &str) -> String {
+    if root.is_empty() {
+        key.to_string()
+    } else {
+        format!("{root}/{key}")
+    }
+}
+
+pub(crate) fn to_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}

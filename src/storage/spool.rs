@@ -1,0 +1,128 @@
+//! An object body being built: kept in memory while small, moved to an
+//! anonymous temp file once large, so a multi-GB snapshot never sits in RAM.
+
+use std::fs::File;
+use std::io::{self, Seek, SeekFrom, Write};
+
+/// Bodies above this size go to a temp file (and up to S3 as multipart).
+pub const SPOOL_MEMORY_LIMIT: usize = 8 * 1024 * 1024;
+
+/// A finished object body, ready to upload.
+#[derive(Debug)]
+pub enum Payload {
+    Bytes(Vec<u8>),
+    /// A temp file positioned anywhere; `len` bytes from its start are the body.
+    File { file: File, len: u64 },
+}
+
+impl Payload {
+    pub fn len(&self) -> u64 {
+        match self {
+            Payload::Bytes(b) => b.len() as u64,
+            Payload::File { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A `Write` sink that becomes a [`Payload`].
+#[derive(Debug)]
+pub struct SpoolWriter {
+    memory: Vec<u8>,
+    file: Option<File>,
+    len: u64,
+}
+
+impl Default for SpoolWriter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SpoolWriter {
+    pub fn new() -> Self {
+        Self {
+            memory: Vec::new(),
+            file: None,
+            len: 0,
+        }
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn finish(self) -> io::Result<Payload> {
+        match self.file {
+            None => Ok(Payload::Bytes(self.memory)),
+            Some(mut file) => {
+                file.flush()?;
+                file.seek(SeekFrom::Start(0))?;
+                Ok(Payload::File {
+                    file,
+                    len: self.len,
+                })
+            }
+        }
+    }
+}
+
+impl Write for SpoolWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.file.is_none() && self.memory.len() + buf.len() > SPOOL_MEMORY_LIMIT {
+            let mut file = tempfile::tempfile()?;
+            file.write_all(&self.memory)?;
+            self.memory = Vec::new();
+            self.file = Some(file);
+        }
+        match &mut self.file {
+            Some(file) => file.write_all(buf)?,
+            None => self.memory.extend_from_slice(buf),
+        }
+        self.len += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.file {
+            Some(file) => file.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    #[test]
+    fn small_stays_in_memory_large_goes_to_file() {
+        let mut w = SpoolWriter::new();
+        w.write_all(b"hello").unwrap();
+        assert!(matches!(w.finish().unwrap(), Payload::Bytes(b) if b == b"hello"));
+
+        let mut w = SpoolWriter::new();
+        let chunk = vec![7u8; 1024 * 1024];
+        for _ in 0..9 {
+            w.write_all(&chunk).unwrap();
+        }
+        match w.finish().unwrap() {
+            Payload::File { mut file, len } => {
+                assert_eq!(len, 9 * 1024 * 1024);
+                let mut all = Vec::new();
+                file.read_to_end(&mut all).unwrap();
+                assert_eq!(all.len() as u64, len);
+                assert!(all.iter().all(|b| *b == 7));
+            }
+            Payload::Bytes(_) => panic!("expected a file"),
+        }
+    }
+}
