@@ -1,3 +1,11 @@
+pub mod app;
+pub mod chain;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod replica;
+pub mod replicator;
+pub mod restore;
 pub mod segment;
 pub mod storage;
 pub mod wal;

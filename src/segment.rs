@@ -399,10 +399,17 @@ pub fn object_key(db_prefix: &str, seq: u64, kind: Kind) -> String {
 /// Parses the last path component of a key made by [`object_key`].
 pub fn parse_object_name(name: &str) -> Option<(u64, Kind)> {
     let (seq, suffix) = name.split_once('.')?;
-    if seq.len() != 16 || !seq.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+    if seq.len() != 16
+        || !seq
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
         return None;
     }
-    Some((u64::from_str_radix(seq, 16).ok()?, Kind::from_suffix(suffix)?))
+    Some((
+        u64::from_str_radix(seq, 16).ok()?,
+        Kind::from_suffix(suffix)?,
+    ))
 }
 
 #[cfg(test)]
@@ -477,7 +484,10 @@ mod tests {
         let h = header(Kind::Wal, &[]);
         let mut b = h.encode();
         b[8..10].copy_from_slice(&2u16.to_be_bytes());
-        assert!(matches!(Header::decode(&b), Err(Error::UnsupportedVersion(2))));
+        assert!(matches!(
+            Header::decode(&b),
+            Err(Error::UnsupportedVersion(2))
+        ));
         let mut b = h.encode();
         b[10] = 9;
         assert!(matches!(Header::decode(&b), Err(Error::UnknownKind(9))));

@@ -183,7 +183,11 @@ pub fn scan(file: &File, header: &WalHeader, from: Position) -> Result<Scan> {
             break;
         }
         let next = checksum_step(header.big_endian, checksum, &frame[..8]);
-        let next = checksum_step(header.big_endian, next, &frame[FRAME_HEADER_SIZE as usize..]);
+        let next = checksum_step(
+            header.big_endian,
+            next,
+            &frame[FRAME_HEADER_SIZE as usize..],
+        );
         if next != (be32(&frame, 16), be32(&frame, 20)) {
             break;
         }
@@ -338,7 +342,10 @@ mod tests {
         assert_eq!(new.salt1, old.salt1.wrapping_add(1));
         assert_ne!(new.salt2, old.salt2);
         let len = wal.metadata().unwrap().len();
-        assert!(len > new.frame_offset(10), "stale frames remain in the file");
+        assert!(
+            len > new.frame_offset(10),
+            "stale frames remain in the file"
+        );
         let scan = scan(&wal, &new, new.start()).unwrap();
         assert_eq!(scan.transactions, 1);
         assert!(scan.end.frame < 5);
@@ -400,18 +407,30 @@ mod tests {
 
     #[test]
     fn rejects_garbage_headers() {
-        assert!(matches!(WalHeader::parse(&[0u8; 10]), Err(Error::ShortHeader(10))));
-        assert!(matches!(WalHeader::parse(&[0u8; 32]), Err(Error::BadMagic(0))));
+        assert!(matches!(
+            WalHeader::parse(&[0u8; 10]),
+            Err(Error::ShortHeader(10))
+        ));
+        assert!(matches!(
+            WalHeader::parse(&[0u8; 32]),
+            Err(Error::BadMagic(0))
+        ));
         let mut h = [0u8; 32];
         h[..4].copy_from_slice(&MAGIC_LE.to_be_bytes());
         h[4..8].copy_from_slice(&FORMAT_VERSION.to_be_bytes());
         h[8..12].copy_from_slice(&4096u32.to_be_bytes());
-        assert!(matches!(WalHeader::parse(&h), Err(Error::BadHeaderChecksum)));
+        assert!(matches!(
+            WalHeader::parse(&h),
+            Err(Error::BadHeaderChecksum)
+        ));
         let ck = checksum_step(false, (0, 0), &h[..24]);
         h[24..28].copy_from_slice(&ck.0.to_be_bytes());
         h[28..32].copy_from_slice(&ck.1.to_be_bytes());
         assert_eq!(WalHeader::parse(&h).unwrap().page_size, 4096);
         h[8..12].copy_from_slice(&1000u32.to_be_bytes());
-        assert!(matches!(WalHeader::parse(&h), Err(Error::BadPageSize(1000))));
+        assert!(matches!(
+            WalHeader::parse(&h),
+            Err(Error::BadPageSize(1000))
+        ));
     }
 }

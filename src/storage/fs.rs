@@ -34,7 +34,9 @@ impl FsStorage {
     fn path_of(&self, key: &str) -> Result<PathBuf> {
         if key.is_empty()
             || key.starts_with('/')
-            || key.split('/').any(|part| part.is_empty() || part == "." || part == "..")
+            || key
+                .split('/')
+                .any(|part| part.is_empty() || part == "." || part == "..")
         {
             return Err(Error::Io {
                 key: key.to_string(),
@@ -143,8 +145,7 @@ fn list_blocking(root: &Path, prefix: &str) -> Result<Vec<ObjectMeta>> {
                 if rel.starts_with(prefix) || prefix.starts_with(&format!("{rel}/")) {
                     stack.push(path);
                 }
-            } else if file_type.is_file() && rel.starts_with(prefix) && !rel.contains(TEMP_MARKER)
-            {
+            } else if file_type.is_file() && rel.starts_with(prefix) && !rel.contains(TEMP_MARKER) {
                 let size = entry.metadata().map_err(io_err(prefix))?.len();
                 out.push(ObjectMeta { key: rel, size });
             }
@@ -158,10 +159,12 @@ async fn blocking<T: Send + 'static>(
     key: &str,
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Io {
-        key: key.to_string(),
-        source: io::Error::other(e),
-    })?
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Io {
+            key: key.to_string(),
+            source: io::Error::other(e),
+        })?
 }
 
 #[async_trait]

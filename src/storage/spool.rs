@@ -12,7 +12,10 @@ pub const SPOOL_MEMORY_LIMIT: usize = 8 * 1024 * 1024;
 pub enum Payload {
     Bytes(Vec<u8>),
     /// A temp file positioned anywhere; `len` bytes from its start are the body.
-    File { file: File, len: u64 },
+    File {
+        file: File,
+        len: u64,
+    },
 }
 
 impl Payload {
@@ -25,6 +28,18 @@ impl Payload {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// A second handle on the same body, so a failed upload can be retried
+    /// with exactly the same bytes. Backends read a file body from its start.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(match self {
+            Payload::Bytes(b) => Payload::Bytes(b.clone()),
+            Payload::File { file, len } => Payload::File {
+                file: file.try_clone()?,
+                len: *len,
+            },
+        })
     }
 }
 

@@ -1,0 +1,771 @@
+//! One watched SQLite database: its connections, the pinned read transaction,
+//! the position shipped so far, and the checkpoints walsync runs for it.
+//!
+//! walsync owns checkpointing (DESIGN.md invariant 2). Its own connection holds
+//! a read transaction at all times ("the pin"): while a reader is inside the
+//! WAL, no other connection can restart the WAL past frames we have not read,
+//! so an app's auto-checkpoint or an explicit `wal_checkpoint(TRUNCATE)` cannot
+//! throw away unshipped frames. The pin is only let go inside [`Database::checkpoint`],
+//! while a second connection holds the write lock (`BEGIN IMMEDIATE`), so that
+//! the last frames are read, shipped and checkpointed with no writer in between.
+//! After such a complete checkpoint the WAL is *sealed*: the next generation
+//! (salt-1 one higher) continues the chain without a snapshot.
+//!
+//! Anything else that changes the WAL under us (a checkpoint made while
+//! walsync was down, a deleted WAL, a replaced database file) is reported as
+//! [`Changes::Lost`], and the caller takes a fresh snapshot.
+//!
+//! Everything here is blocking and runs in `spawn_blocking`. It knows nothing of S3.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::config::DbConfig;
+use rusqlite::{Connection, OpenFlags};
+
+use crate::segment::{self, Encoder, Kind, WalRange};
+use crate::storage::{Payload, SpoolWriter};
+use crate::wal::{self, Position, WalHeader};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("database {path} does not exist")]
+    Missing { path: PathBuf },
+    #[error("SQLite error on {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("reading WAL of {path}: {source}")]
+    Wal {
+        path: PathBuf,
+        #[source]
+        source: wal::Error,
+    },
+    #[error("I/O on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("encoding a segment of {path}: {source}")]
+    Segment {
+        path: PathBuf,
+        #[source]
+        source: segment::Error,
+    },
+    #[error("{path}: {reason}")]
+    Unsupported { path: PathBuf, reason: String },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Where walsync stands in the WAL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WalState {
+    /// There was no WAL content when the chain was (re)started: whatever
+    /// generation appears next continues the chain.
+    Empty,
+    /// Everything up to this position is shipped.
+    At(Position),
+}
+
+impl WalState {
+    /// The WAL range recorded in a segment for this state.
+    pub fn to_range(self, first_frame: u32) -> WalRange {
+        match self {
+            WalState::Empty => WalRange::default(),
+            WalState::At(p) => WalRange {
+                salt1: p.salt1,
+                salt2: p.salt2,
+                first_frame,
+                end_frame: p.frame,
+                checksum: p.checksum,
+            },
+        }
+    }
+
+    pub fn from_range(range: &WalRange) -> Self {
+        if range.salt1 == 0 && range.salt2 == 0 && range.end_frame == 0 && range.checksum == (0, 0)
+        {
+            WalState::Empty
+        } else {
+            WalState::At(Position {
+                salt1: range.salt1,
+                salt2: range.salt2,
+                frame: range.end_frame,
+                checksum: range.checksum,
+            })
+        }
+    }
+
+    fn frames(self) -> u32 {
+        match self {
+            WalState::Empty => 0,
+            WalState::At(p) => p.frame,
+        }
+    }
+}
+
+/// The link to the object a new segment follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Link {
+    pub seq: u64,
+    pub prev_hash: [u8; 32],
+}
+
+/// A segment encoded and ready to upload, with the state it ships up to.
+#[derive(Debug)]
+pub struct Encoded {
+    pub header: segment::Header,
+    pub payload: Payload,
+    pub hash: [u8; 32],
+    /// The WAL state once this object is durable.
+    pub state: WalState,
+    /// Whole transactions included (0 for a snapshot).
+    pub transactions: u32,
+}
+
+/// What [`Database::read_changes`] found.
+#[derive(Debug)]
+pub enum Changes {
+    Nothing,
+    Segment(Encoded),
+    /// Continuity with what was shipped is broken; take a snapshot.
+    Lost(String),
+}
+
+/// How a checkpoint went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointOutcome {
+    /// Another connection held the write lock; try again later.
+    Busy,
+    /// Frames were checkpointed; `complete` if every frame was.
+    Done { complete: bool, frames: u32 },
+    /// A TRUNCATE raced with a writer: continuity is lost.
+    Lost,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointMode {
+    Passive,
+    Truncate,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Identity {
+    dev: u64,
+    ino: u64,
+}
+
+/// One watched database.
+#[derive(Debug)]
+pub struct Database {
+    path: PathBuf,
+    wal_path: PathBuf,
+    /// Holds the pin (a read transaction), runs PASSIVE checkpoints and snapshots.
+    conn: Connection,
+    /// Takes the write lock for the sealing handshake; never writes.
+    lock: Connection,
+    lock_held: bool,
+    identity: Identity,
+    page_size: u32,
+    state: WalState,
+    /// Every frame of the current generation was shipped and checkpointed
+    /// while we held the write lock: the next generation may follow.
+    sealed: bool,
+    lock_timeout: Duration,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn identity_of(path: &Path) -> io::Result<Identity> {
+    let meta = std::fs::metadata(path)?;
+    Ok(Identity {
+        dev: meta.dev(),
+        ino: meta.ino(),
+    })
+}
+
+impl Database {
+    /// Opens `path` (which must exist), switches it to WAL mode if needed, and pins it.
+    ///
+    /// The state starts as unknown-to-storage; call [`Database::resume`] or
+    /// [`Database::snapshot`] before reading changes.
+    pub fn open(path: &Path, lock_timeout: Duration) -> Result<Self> {
+        let identity = identity_of(path).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                Error::Missing {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                Error::Io {
+                    path: path.to_path_buf(),
+                    source: e,
+                }
+            }
+        })?;
+        let sql = |source| Error::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        };
+        let conn = open_connection(path).map_err(sql)?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(sql)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(Error::Unsupported {
+                path: path.to_path_buf(),
+                reason: format!("could not switch to WAL mode (journal_mode is {mode})"),
+            });
+        }
+        let page_size: u32 = conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .map_err(sql)?;
+        let lock = open_connection(path).map_err(sql)?;
+        let mut db = Self {
+            wal_path: wal_path_of(path),
+            path: path.to_path_buf(),
+            conn,
+            lock,
+            lock_held: false,
+            identity,
+            page_size,
+            state: WalState::Empty,
+            sealed: false,
+            lock_timeout,
+        };
+        db.pin()?;
+        Ok(db)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn page_size(&self) -> u32 {
+        self.page_size
+    }
+
+    pub fn state(&self) -> WalState {
+        self.state
+    }
+
+    /// Frames of the current WAL generation shipped but not yet sealed by a checkpoint.
+    pub fn unsealed_frames(&self) -> u32 {
+        if self.sealed { 0 } else { self.state.frames() }
+    }
+
+    fn sql_err(&self) -> impl FnOnce(rusqlite::Error) -> Error + '_ {
+        move |source| Error::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn io_err(&self) -> impl FnOnce(io::Error) -> Error + '_ {
+        move |source| Error::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn wal_err(&self) -> impl FnOnce(wal::Error) -> Error + '_ {
+        move |source| Error::Wal {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Starts the read transaction that keeps other connections from restarting the WAL.
+    fn pin(&mut self) -> Result<()> {
+        self.conn
+            .execute_batch("BEGIN; SELECT count(*) FROM sqlite_master;")
+            .map_err(self.sql_err())
+    }
+
+    fn unpin(&mut self) -> Result<()> {
+        self.conn.execute_batch("ROLLBACK").map_err(self.sql_err())
+    }
+
+    fn acquire_write_lock(&mut self) -> Result<bool> {
+        self.lock
+            .busy_timeout(self.lock_timeout)
+            .map_err(self.sql_err())?;
+        match self.lock.execute_batch("BEGIN IMMEDIATE") {
+            Ok(()) => {
+                self.lock_held = true;
+                Ok(true)
+            }
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(self.sql_err()(e)),
+        }
+    }
+
+    /// Lets go of the write lock taken by [`Database::lock_and_read_tail`].
+    pub fn release_write_lock(&mut self) -> Result<()> {
+        if self.lock_held {
+            self.lock_held = false;
+            self.lock
+                .execute_batch("ROLLBACK")
+                .map_err(self.sql_err())?;
+        }
+        Ok(())
+    }
+
+    fn open_wal(&self) -> Result<Option<(File, WalHeader)>> {
+        let file = match File::open(&self.wal_path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.io_err()(e)),
+        };
+        match WalHeader::read_from(&file).map_err(self.wal_err())? {
+            Some(h) => Ok(Some((file, h))),
+            None => Ok(None),
+        }
+    }
+
+    /// Checks that `state` (from the chain head in storage) still describes
+    /// the local WAL, and adopts it if so. Returns the reason if not.
+    pub fn resume(&mut self, state: WalState, page_size: u32) -> Result<Result<(), String>> {
+        if page_size != self.page_size {
+            return Ok(Err(format!(
+                "page size changed from {page_size} to {}",
+                self.page_size
+            )));
+        }
+        let wal = self.open_wal()?;
+        let verdict = match (state, wal) {
+            (WalState::Empty, None) => Ok(()),
+            (WalState::Empty, Some(_)) => {
+                Err("the WAL has content written while walsync was not running".to_string())
+            }
+            (WalState::At(_), None) => {
+                Err("the WAL was checkpointed or deleted while walsync was not running".into())
+            }
+            (WalState::At(pos), Some((file, header))) => {
+                if !pos.same_generation(&header) {
+                    Err(
+                        "the WAL was restarted by a checkpoint while walsync was not running"
+                            .into(),
+                    )
+                } else if !self.checksum_matches(&file, &header, pos)? {
+                    Err("the WAL no longer holds the frames last shipped".into())
+                } else {
+                    Ok(())
+                }
+            }
+        };
+        if verdict.is_ok() {
+            self.state = state;
+            self.sealed = false;
+        }
+        Ok(verdict)
+    }
+
+    /// True if the frame before `pos` is present and carries `pos`'s checksum.
+    fn checksum_matches(&self, file: &File, header: &WalHeader, pos: Position) -> Result<bool> {
+        use std::os::unix::fs::FileExt;
+        if pos.frame == 0 {
+            return Ok(pos.checksum == header.checksum);
+        }
+        let mut fh = [0u8; wal::FRAME_HEADER_SIZE as usize];
+        match file.read_exact_at(&mut fh, header.frame_offset(u64::from(pos.frame - 1))) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(false),
+            Err(e) => return Err(self.io_err()(e)),
+        }
+        let ck = (
+            u32::from_be_bytes([fh[16], fh[17], fh[18], fh[19]]),
+            u32::from_be_bytes([fh[20], fh[21], fh[22], fh[23]]),
+        );
+        let salts_ok = u32::from_be_bytes([fh[8], fh[9], fh[10], fh[11]]) == header.salt1
+            && u32::from_be_bytes([fh[12], fh[13], fh[14], fh[15]]) == header.salt2;
+        Ok(salts_ok && ck == pos.checksum)
+    }
+
+    /// Reads whole transactions committed after the shipped position and
+    /// encodes them as segment `link.seq`. The state advances only when the
+    /// caller calls [`Database::shipped`] after the upload is durable.
+    pub fn read_changes(&mut self, link: Link) -> Result<Changes> {
+        match identity_of(&self.path) {
+            Ok(id) if id == self.identity => {}
+            Ok(_) => return Ok(Changes::Lost("the database file was replaced".into())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(Error::Missing {
+                    path: self.path.clone(),
+                });
+            }
+            Err(e) => return Err(self.io_err()(e)),
+        }
+        let Some((file, header)) = self.open_wal()? else {
+            return Ok(match self.state {
+                WalState::At(p) if p.frame > 0 && !self.sealed => Changes::Lost(
+                    "the WAL was truncated or deleted before its last frames were shipped".into(),
+                ),
+                _ => Changes::Nothing,
+            });
+        };
+        if header.page_size != self.page_size {
+            return Ok(Changes::Lost(format!(
+                "the WAL page size is {}, the database's was {}",
+                header.page_size, self.page_size
+            )));
+        }
+        let from = match self.state {
+            WalState::Empty => header.start(),
+            WalState::At(pos) if pos.same_generation(&header) => {
+                let len = file.metadata().map_err(self.io_err())?.len();
+                if len < header.frame_offset(u64::from(pos.frame)) {
+                    return Ok(Changes::Lost(
+                        "the WAL is shorter than the position already shipped".into(),
+                    ));
+                }
+                if !self.checksum_matches(&file, &header, pos)? {
+                    return Ok(Changes::Lost(
+                        "the WAL was rewritten under the same salts".into(),
+                    ));
+                }
+                pos
+            }
+            WalState::At(pos) => {
+                if self.sealed && header.salt1 == pos.salt1.wrapping_add(1) {
+                    header.start()
+                } else if self.sealed {
+                    return Ok(Changes::Lost(
+                        "the WAL was restarted more than once since walsync's checkpoint".into(),
+                    ));
+                } else {
+                    return Ok(Changes::Lost(
+                        "the WAL was restarted by a checkpoint walsync did not make".into(),
+                    ));
+                }
+            }
+        };
+        let scan = wal::scan(&file, &header, from).map_err(self.wal_err())?;
+        // A new generation with no whole transaction yet ships nothing, and
+        // the seal stands until one appears.
+        let Some(db_pages) = scan.db_pages else {
+            return Ok(Changes::Nothing);
+        };
+        let pages: Vec<(u32, u32)> = scan
+            .pages
+            .iter()
+            .filter(|(pgno, _)| **pgno <= db_pages)
+            .map(|(p, i)| (*p, *i))
+            .collect();
+        let state = WalState::At(scan.end);
+        let header_out = segment::Header {
+            kind: Kind::Wal,
+            page_size: self.page_size,
+            seq: link.seq,
+            db_pages,
+            page_count: pages.len() as u32,
+            timestamp_ms: now_ms(),
+            wal: state.to_range(from.frame),
+            prev_hash: link.prev_hash,
+        };
+        let seg_err = |source| Error::Segment {
+            path: self.path.clone(),
+            source,
+        };
+        let mut enc = Encoder::new(header_out, SpoolWriter::new()).map_err(seg_err)?;
+        let mut buf = vec![0u8; self.page_size as usize];
+        for (pgno, index) in pages {
+            wal::read_page(&file, &header, index, &mut buf).map_err(self.io_err())?;
+            enc.add_page(pgno, &buf).map_err(seg_err)?;
+        }
+        let (hash, spool) = enc.finish().map_err(seg_err)?;
+        let payload = spool.finish().map_err(self.io_err())?;
+        Ok(Changes::Segment(Encoded {
+            header: header_out,
+            payload,
+            hash,
+            state,
+            transactions: scan.transactions,
+        }))
+    }
+
+    /// Records that everything up to `state` is durable in storage.
+    pub fn shipped(&mut self, state: WalState) {
+        if state != self.state {
+            self.sealed = false;
+        }
+        self.state = state;
+    }
+
+    /// First half of a checkpoint: takes the write lock and reads the last
+    /// frames, which the caller must ship before calling [`Database::checkpoint`].
+    /// `Ok(None)` if the write lock could not be had in time.
+    pub fn lock_and_read_tail(&mut self, link: Link) -> Result<Option<Changes>> {
+        if !self.acquire_write_lock()? {
+            return Ok(None);
+        }
+        match self.read_changes(link) {
+            Ok(changes) => Ok(Some(changes)),
+            Err(e) => {
+                let _ = self.release_write_lock();
+                Err(e)
+            }
+        }
+    }
+
+    /// Second half: with the write lock still held and the tail shipped,
+    /// checkpoints and releases the lock. A complete PASSIVE checkpoint seals
+    /// the WAL. TRUNCATE (the brake on runaway growth) cannot run under our own
+    /// write transaction, so it runs right after the lock is released, and
+    /// `PRAGMA data_version` on the lock connection proves that no other
+    /// connection committed in that gap.
+    pub fn checkpoint(&mut self, mode: CheckpointMode) -> Result<CheckpointOutcome> {
+        if !self.lock_held {
+            return Ok(CheckpointOutcome::Busy);
+        }
+        let shipped_frames = self.state.frames();
+        let result = match mode {
+            CheckpointMode::Passive => self.checkpoint_passive(shipped_frames),
+            CheckpointMode::Truncate => self.checkpoint_truncate(),
+        };
+        if result.is_err() {
+            let _ = self.release_write_lock();
+            if self.conn.is_autocommit() {
+                let _ = self.pin();
+            }
+        }
+        result
+    }
+
+    fn checkpoint_passive(&mut self, shipped_frames: u32) -> Result<CheckpointOutcome> {
+        self.unpin()?;
+        let row = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
+            .map_err(self.sql_err());
+        self.pin()?;
+        self.release_write_lock()?;
+        let (busy, log, done) = row?;
+        let complete = busy == 0 && log == done && log == i64::from(shipped_frames);
+        if complete {
+            self.sealed = true;
+        }
+        Ok(CheckpointOutcome::Done {
+            complete,
+            frames: done.max(0) as u32,
+        })
+    }
+
+    fn checkpoint_truncate(&mut self) -> Result<CheckpointOutcome> {
+        let before: i64 = self
+            .lock
+            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .map_err(self.sql_err())?;
+        self.unpin()?;
+        self.release_write_lock()?;
+        let row = self
+            .lock
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
+            .map_err(self.sql_err());
+        let after: rusqlite::Result<i64> =
+            self.lock.query_row("PRAGMA data_version", [], |r| r.get(0));
+        self.pin()?;
+        let (busy, _, done) = row?;
+        let after = after.map_err(self.sql_err())?;
+        if busy != 0 {
+            // Readers kept it from finishing: nothing was truncated or restarted.
+            return Ok(CheckpointOutcome::Done {
+                complete: false,
+                frames: done.max(0) as u32,
+            });
+        }
+        if after != before {
+            return Ok(CheckpointOutcome::Lost);
+        }
+        self.state = WalState::Empty;
+        self.sealed = true;
+        Ok(CheckpointOutcome::Done {
+            complete: true,
+            frames: done.max(0) as u32,
+        })
+    }
+
+    /// Streams a snapshot of every page into a segment, as of a committed
+    /// state that the WAL position recorded in it points to exactly.
+    ///
+    /// The write lock is held only long enough to read the WAL end and move
+    /// the pin there; the pages are then read through that read transaction
+    /// (`sqlite_dbpage`) while the app keeps writing.
+    pub fn snapshot(&mut self, link: Link) -> Result<Option<Encoded>> {
+        if self.identity_changed()? {
+            self.reopen()?;
+        }
+        if !self.acquire_write_lock()? {
+            return Ok(None);
+        }
+        let state = match self.snapshot_position() {
+            Ok(state) => state,
+            Err(e) => {
+                let _ = self.release_write_lock();
+                return Err(e);
+            }
+        };
+        let repinned = self.unpin().and_then(|()| self.pin());
+        self.release_write_lock()?;
+        repinned?;
+        let encoded = self.encode_snapshot(link, state)?;
+        Ok(Some(encoded))
+    }
+
+    fn identity_changed(&self) -> Result<bool> {
+        match identity_of(&self.path) {
+            Ok(id) => Ok(id != self.identity),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::Missing {
+                path: self.path.clone(),
+            }),
+            Err(e) => Err(self.io_err()(e)),
+        }
+    }
+
+    /// Opens fresh connections after the database file was replaced.
+    fn reopen(&mut self) -> Result<()> {
+        let fresh = Database::open(&self.path, self.lock_timeout)?;
+        *self = fresh;
+        Ok(())
+    }
+
+    fn snapshot_position(&self) -> Result<WalState> {
+        match self.open_wal()? {
+            None => Ok(WalState::Empty),
+            Some((file, header)) => {
+                let scan = wal::scan(&file, &header, header.start()).map_err(self.wal_err())?;
+                Ok(WalState::At(scan.end))
+            }
+        }
+    }
+
+    fn encode_snapshot(&mut self, link: Link, state: WalState) -> Result<Encoded> {
+        let page_count: u32 = self
+            .conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .map_err(self.sql_err())?;
+        let header = segment::Header {
+            kind: Kind::Snapshot,
+            page_size: self.page_size,
+            seq: link.seq,
+            db_pages: page_count,
+            page_count,
+            timestamp_ms: now_ms(),
+            wal: state.to_range(0),
+            prev_hash: link.prev_hash,
+        };
+        let path = self.path.clone();
+        let seg_err = |source| Error::Segment {
+            path: path.clone(),
+            source,
+        };
+        let mut enc = Encoder::new(header, SpoolWriter::new()).map_err(seg_err)?;
+        {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT pgno, data FROM sqlite_dbpage('main') ORDER BY pgno")
+                .map_err(|e| match &e {
+                    rusqlite::Error::SqliteFailure(_, Some(msg))
+                        if msg.contains("no such table") =>
+                    {
+                        Error::Unsupported {
+                            path: path.clone(),
+                            reason: "this SQLite build lacks sqlite_dbpage \
+                                     (build with LIBSQLITE3_FLAGS=-DSQLITE_ENABLE_DBPAGE_VTAB)"
+                                .into(),
+                        }
+                    }
+                    _ => Error::Sqlite {
+                        path: path.clone(),
+                        source: e,
+                    },
+                })?;
+            let mut rows = stmt.query([]).map_err(self_sql(&path))?;
+            while let Some(row) = rows.next().map_err(self_sql(&path))? {
+                let pgno: u32 = row.get(0).map_err(self_sql(&path))?;
+                let data = row.get_ref(1).map_err(self_sql(&path))?;
+                let bytes = data.as_blob().map_err(|e| Error::Sqlite {
+                    path: path.clone(),
+                    source: e.into(),
+                })?;
+                if pgno > page_count {
+                    break;
+                }
+                if bytes.len() == self.page_size as usize {
+                    enc.add_page(pgno, bytes).map_err(seg_err)?;
+                } else {
+                    // sqlite_dbpage returns no data for the lock-byte page.
+                    enc.add_page(pgno, &vec![0u8; self.page_size as usize])
+                        .map_err(seg_err)?;
+                }
+            }
+        }
+        let (hash, mut spool) = enc.finish().map_err(seg_err)?;
+        spool.flush().map_err(self.io_err())?;
+        let payload = spool.finish().map_err(self.io_err())?;
+        self.sealed = false;
+        Ok(Encoded {
+            header,
+            payload,
+            hash,
+            state,
+            transactions: 0,
+        })
+    }
+}
+
+fn self_sql(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
+    move |source| Error::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    // Our connections must never checkpoint on their own: not automatically
+    // after a commit, and not when the last connection closes (that would
+    // checkpoint and delete the WAL, breaking continuity at our next start).
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+/// The WAL file SQLite keeps beside `db`.
+pub fn wal_path_of(db: &Path) -> PathBuf {
+    let mut s = db.as_os_str().to_owned();
+    s.push("-wal");
+    PathBuf::from(s)
+}

@@ -1,0 +1,483 @@
+//! One database's replication: its chain head in storage, what is waiting to
+//! be uploaded, and when to snapshot and checkpoint.
+//!
+//! A [`Replica`] is plain data between syncs: no task or thread of its own.
+//! The replicator calls [`Replica::sync`] when the database's WAL changed (or
+//! a checkpoint or retry is due); SQLite work runs in `spawn_blocking`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tracing::{info, warn};
+
+use crate::chain;
+use crate::db::{
+    self, Changes, CheckpointMode, CheckpointOutcome, Database, Encoded, Link, WalState,
+};
+use crate::segment::{self, Kind};
+use crate::storage::{self, Storage};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error(transparent)]
+    Db(#[from] db::Error),
+    #[error(transparent)]
+    Storage(#[from] storage::Error),
+    #[error(transparent)]
+    Chain(#[from] chain::Error),
+    #[error(
+        "replication of {prefix} stopped: {reason}. Another walsync (or another database) \
+         writes to this prefix; stop the other writer or choose another prefix, then restart"
+    )]
+    Stopped { prefix: String, reason: String },
+    #[error(
+        "{path}: could not take the write lock in time (a long write transaction?); will retry"
+    )]
+    Busy { path: PathBuf },
+    #[error("{path}: the blocking worker failed: {message}")]
+    Worker { path: PathBuf, message: String },
+}
+
+impl Error {
+    /// True when retrying cannot help: replication of this database stops.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, Error::Stopped { .. })
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// When to ship, snapshot and checkpoint.
+#[derive(Debug, Clone)]
+pub struct SyncOptions {
+    /// Least time between two syncs of one database (0 = as soon as the WAL changes).
+    pub sync_interval: Duration,
+    /// A new snapshot once the newest one is this old (checked when the database changes).
+    pub snapshot_interval: Duration,
+    /// PASSIVE checkpoint once this many shipped frames are in the WAL.
+    pub checkpoint_pages: u32,
+    /// PASSIVE checkpoint once shipped frames have waited this long.
+    pub checkpoint_interval: Duration,
+    /// TRUNCATE checkpoint (blocks writers briefly) once the WAL holds this many frames.
+    pub truncate_pages: u32,
+    /// How long to wait for the write lock when sealing a checkpoint or starting a snapshot.
+    pub lock_timeout: Duration,
+}
+
+impl Default for SyncOptions {
+    fn default() -> Self {
+        Self {
+            sync_interval: Duration::from_secs(1),
+            snapshot_interval: Duration::from_secs(24 * 3600),
+            checkpoint_pages: 1000,
+            checkpoint_interval: Duration::from_secs(60),
+            truncate_pages: 50_000,
+            lock_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// The newest durable object of this database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    pub seq: u64,
+    pub hash: [u8; 32],
+}
+
+/// What one sync did.
+#[derive(Debug, Default, Clone)]
+pub struct SyncReport {
+    pub segments: u32,
+    pub snapshots: u32,
+    pub bytes: u64,
+    pub checkpointed: bool,
+}
+
+#[derive(Debug)]
+pub struct Replica {
+    prefix: String,
+    path: PathBuf,
+    storage: Arc<dyn Storage>,
+    db: Option<Database>,
+    head: Option<Head>,
+    last_snapshot_ms: Option<u64>,
+    /// Why the next sync must start with a snapshot.
+    need_snapshot: Option<String>,
+    /// Encoded but not yet durable: retried byte for byte.
+    pending: Option<Encoded>,
+    last_checkpoint: Instant,
+    opts: SyncOptions,
+    stopped: Option<String>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Replica {
+    /// Opens the database and finds where its chain in storage stands.
+    pub async fn open(
+        path: &Path,
+        prefix: &str,
+        storage: Arc<dyn Storage>,
+        opts: SyncOptions,
+    ) -> Result<Self> {
+        let owned = path.to_path_buf();
+        let timeout = opts.lock_timeout;
+        let db = tokio::task::spawn_blocking(move || Database::open(&owned, timeout))
+            .await
+            .map_err(|e| Error::Worker {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })??;
+        let mut replica = Self {
+            prefix: prefix.to_string(),
+            path: path.to_path_buf(),
+            storage,
+            db: Some(db),
+            head: None,
+            last_snapshot_ms: None,
+            need_snapshot: None,
+            pending: None,
+            last_checkpoint: Instant::now(),
+            opts,
+            stopped: None,
+        };
+        replica.load_head().await?;
+        Ok(replica)
+    }
+
+    async fn load_head(&mut self) -> Result<()> {
+        let objects = chain::list(self.storage.as_ref(), &self.prefix).await?;
+        let Some(last) = objects.last() else {
+            self.need_snapshot = Some("no replica in storage yet".into());
+            return Ok(());
+        };
+        let (header, hash, _) = chain::read_verified(self.storage.as_ref(), last).await?;
+        self.head = Some(Head {
+            seq: header.seq,
+            hash,
+        });
+        self.last_snapshot_ms = match objects.iter().rev().find(|o| o.kind == Kind::Snapshot) {
+            Some(s) if s.seq == header.seq => Some(header.timestamp_ms),
+            Some(s) => Some(
+                chain::read_header(self.storage.as_ref(), s)
+                    .await?
+                    .timestamp_ms,
+            ),
+            None => None,
+        };
+        let state = WalState::from_range(&header.wal);
+        let page_size = header.page_size;
+        let verdict = self
+            .with_db(move |db| db.resume(state, page_size))
+            .await??;
+        match verdict {
+            Ok(()) => info!(
+                db = %self.path.display(),
+                prefix = %self.prefix,
+                seq = header.seq,
+                "continuing the chain in storage"
+            ),
+            Err(reason) => self.need_snapshot = Some(reason),
+        }
+        Ok(())
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn head(&self) -> Option<Head> {
+        self.head
+    }
+
+    /// Why replication stopped for good, if it did.
+    pub fn stopped(&self) -> Option<&str> {
+        self.stopped.as_deref()
+    }
+
+    /// When this database needs a sync although its WAL has not changed:
+    /// a retry of a failed upload or a checkpoint of shipped frames. `None`
+    /// for a database at rest.
+    pub fn next_wakeup(&self) -> Option<Instant> {
+        if self.stopped.is_some() {
+            return None;
+        }
+        let unsealed = self.db.as_ref().map(|d| d.unsealed_frames()).unwrap_or(0);
+        if unsealed > 0 {
+            Some(self.last_checkpoint + self.opts.checkpoint_interval)
+        } else {
+            None
+        }
+    }
+
+    async fn with_db<T: Send + 'static>(
+        &mut self,
+        f: impl FnOnce(&mut Database) -> T + Send + 'static,
+    ) -> Result<T> {
+        let mut db = match self.db.take() {
+            Some(db) => db,
+            None => {
+                // A previous worker died holding it: start over from a snapshot.
+                let path = self.path.clone();
+                let timeout = self.opts.lock_timeout;
+                self.need_snapshot = Some("walsync reopened the database".into());
+                tokio::task::spawn_blocking(move || Database::open(&path, timeout))
+                    .await
+                    .map_err(|e| Error::Worker {
+                        path: self.path.clone(),
+                        message: e.to_string(),
+                    })??
+            }
+        };
+        let (db, out) = tokio::task::spawn_blocking(move || {
+            let out = f(&mut db);
+            (db, out)
+        })
+        .await
+        .map_err(|e| Error::Worker {
+            path: self.path.clone(),
+            message: e.to_string(),
+        })?;
+        self.db = Some(db);
+        Ok(out)
+    }
+
+    fn next_link(&self) -> Link {
+        match self.head {
+            Some(h) => Link {
+                seq: h.seq + 1,
+                prev_hash: h.hash,
+            },
+            None => Link {
+                seq: 1,
+                prev_hash: [0; 32],
+            },
+        }
+    }
+
+    /// Ships whatever is new, snapshots or checkpoints when due.
+    pub async fn sync(&mut self) -> Result<SyncReport> {
+        self.sync_inner(true).await
+    }
+
+    /// The final sync before exit: ships what is committed, no checkpoint.
+    pub async fn flush(&mut self) -> Result<SyncReport> {
+        self.sync_inner(false).await
+    }
+
+    async fn sync_inner(&mut self, maintain: bool) -> Result<SyncReport> {
+        if let Some(reason) = &self.stopped {
+            return Err(Error::Stopped {
+                prefix: self.prefix.clone(),
+                reason: reason.clone(),
+            });
+        }
+        let mut report = SyncReport::default();
+        if let Some(pending) = self.pending.take() {
+            self.upload(pending, &mut report).await?;
+        }
+        if let Some(reason) = self.need_snapshot.clone() {
+            self.snapshot(&reason, &mut report).await?;
+            return Ok(report);
+        }
+        let link = self.next_link();
+        match self.with_db(move |db| db.read_changes(link)).await?? {
+            Changes::Nothing => {}
+            Changes::Segment(enc) => self.upload(enc, &mut report).await?,
+            Changes::Lost(reason) => {
+                self.snapshot(&reason, &mut report).await?;
+                return Ok(report);
+            }
+        }
+        if !maintain {
+            return Ok(report);
+        }
+        if let Some(mode) = self.checkpoint_due() {
+            self.checkpoint(mode, &mut report).await?;
+        }
+        if report.segments > 0 && self.snapshot_due() {
+            self.snapshot("the snapshot interval elapsed", &mut report)
+                .await?;
+        }
+        Ok(report)
+    }
+
+    fn snapshot_due(&self) -> bool {
+        match self.last_snapshot_ms {
+            None => true,
+            Some(ms) => {
+                now_ms().saturating_sub(ms) >= self.opts.snapshot_interval.as_millis() as u64
+            }
+        }
+    }
+
+    fn checkpoint_due(&self) -> Option<CheckpointMode> {
+        let frames = self.db.as_ref()?.unsealed_frames();
+        if frames == 0 {
+            None
+        } else if frames >= self.opts.truncate_pages {
+            Some(CheckpointMode::Truncate)
+        } else if frames >= self.opts.checkpoint_pages
+            || self.last_checkpoint.elapsed() >= self.opts.checkpoint_interval
+        {
+            Some(CheckpointMode::Passive)
+        } else {
+            None
+        }
+    }
+
+    /// Forces a snapshot now (the `snapshot` command).
+    pub async fn force_snapshot(&mut self, reason: &str) -> Result<SyncReport> {
+        let mut report = SyncReport::default();
+        if let Some(pending) = self.pending.take() {
+            self.upload(pending, &mut report).await?;
+        }
+        self.snapshot(reason, &mut report).await?;
+        Ok(report)
+    }
+
+    async fn snapshot(&mut self, reason: &str, report: &mut SyncReport) -> Result<()> {
+        if self.head.is_some() {
+            warn!(db = %self.path.display(), prefix = %self.prefix, reason, "taking a snapshot");
+        } else {
+            info!(db = %self.path.display(), prefix = %self.prefix, reason, "taking a snapshot");
+        }
+        self.need_snapshot = Some(reason.to_string());
+        let link = self.next_link();
+        let encoded = self.with_db(move |db| db.snapshot(link)).await??;
+        let Some(encoded) = encoded else {
+            return Err(Error::Busy {
+                path: self.path.clone(),
+            });
+        };
+        self.upload(encoded, report).await?;
+        self.need_snapshot = None;
+        Ok(())
+    }
+
+    async fn checkpoint(&mut self, mode: CheckpointMode, report: &mut SyncReport) -> Result<()> {
+        let link = self.next_link();
+        let tail = self
+            .with_db(move |db| db.lock_and_read_tail(link))
+            .await??;
+        let Some(tail) = tail else {
+            // The app holds the write lock; the checkpoint waits for the next sync.
+            self.last_checkpoint = Instant::now();
+            return Ok(());
+        };
+        let shipped = match tail {
+            Changes::Nothing => Ok(()),
+            Changes::Segment(enc) => self.upload(enc, report).await,
+            Changes::Lost(reason) => {
+                self.with_db(|db| db.release_write_lock()).await??;
+                return self.snapshot(&reason, report).await;
+            }
+        };
+        if let Err(e) = shipped {
+            self.with_db(|db| db.release_write_lock()).await??;
+            return Err(e);
+        }
+        let outcome = self.with_db(move |db| db.checkpoint(mode)).await??;
+        self.last_checkpoint = Instant::now();
+        match outcome {
+            CheckpointOutcome::Busy => {}
+            CheckpointOutcome::Done { complete, frames } => {
+                report.checkpointed = true;
+                tracing::debug!(
+                    db = %self.path.display(),
+                    ?mode,
+                    complete,
+                    frames,
+                    "checkpointed"
+                );
+            }
+            CheckpointOutcome::Lost => {
+                self.snapshot(
+                    "a write landed between shipping and the TRUNCATE checkpoint",
+                    report,
+                )
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn upload(&mut self, encoded: Encoded, report: &mut SyncReport) -> Result<()> {
+        let key = segment::object_key(&self.prefix, encoded.header.seq, encoded.header.kind);
+        let body = encoded
+            .payload
+            .try_clone()
+            .map_err(|source| storage::Error::Io {
+                key: key.clone(),
+                source,
+            })?;
+        let bytes = body.len();
+        match self.storage.put_new(&key, body, encoded.hash).await {
+            Ok(()) => {}
+            Err(storage::Error::AlreadyExists { key }) => {
+                let reason = format!("object {key} already exists");
+                tracing::error!(
+                    db = %self.path.display(),
+                    prefix = %self.prefix,
+                    %key,
+                    "another writer owns this prefix; replication of this database stops"
+                );
+                self.stopped = Some(reason.clone());
+                return Err(Error::Stopped {
+                    prefix: self.prefix.clone(),
+                    reason,
+                });
+            }
+            Err(e) => {
+                self.pending = Some(encoded);
+                return Err(e.into());
+            }
+        }
+        self.head = Some(Head {
+            seq: encoded.header.seq,
+            hash: encoded.hash,
+        });
+        let state = encoded.state;
+        self.with_db(move |db| db.shipped(state)).await?;
+        report.bytes += bytes;
+        match encoded.header.kind {
+            Kind::Wal => {
+                report.segments += 1;
+                info!(
+                    db = %self.path.display(),
+                    prefix = %self.prefix,
+                    seq = encoded.header.seq,
+                    bytes,
+                    pages = encoded.header.page_count,
+                    transactions = encoded.transactions,
+                    "shipped segment"
+                );
+            }
+            Kind::Snapshot => {
+                report.snapshots += 1;
+                self.need_snapshot = None;
+                self.last_snapshot_ms = Some(encoded.header.timestamp_ms);
+                info!(
+                    db = %self.path.display(),
+                    prefix = %self.prefix,
+                    seq = encoded.header.seq,
+                    bytes,
+                    pages = encoded.header.page_count,
+                    "shipped snapshot"
+                );
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,408 @@
+//! Rebuilds a database file from its chain in storage.
+//!
+//! Restore never writes to the target first. It picks the newest snapshot at
+//! or before the target sequence, downloads every object of the plan into a
+//! scratch directory beside the output, and verifies each one (trailer hash,
+//! header against key, link to the previous object, page size) before a
+//! single page is written. Only then does it apply the pages into
+//! `FILE.walsync-tmp`, fsync it, run `PRAGMA integrity_check`, and rename it
+//! over `FILE`. A failed restore leaves any existing `FILE` untouched.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufReader};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use tokio::io::AsyncWriteExt;
+
+use crate::chain::{self, ObjectRef};
+use crate::segment::{self, Kind, PageReader};
+use crate::storage::{self, Storage, to_hex};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("{path} already exists; pass --force to replace it")]
+    OutputExists { path: PathBuf },
+    #[error("no replica found under prefix {prefix:?} in {storage}")]
+    NoReplica { prefix: String, storage: String },
+    #[error("sequence {target} is past the newest object of {prefix:?} (sequence {head})")]
+    BeyondHead {
+        prefix: String,
+        target: u64,
+        head: u64,
+    },
+    #[error("no snapshot of {prefix:?} at or before sequence {target}")]
+    NoSnapshot { prefix: String, target: u64 },
+    #[error("object {key} is missing from the chain (the chain jumps from {before} to {after})")]
+    Missing {
+        key: String,
+        before: String,
+        after: String,
+    },
+    #[error(
+        "object {key} does not follow {prev}: its link is {found}, expected {expected} \
+         (altered, reordered, or copied from another database's chain)"
+    )]
+    BrokenLink {
+        key: String,
+        prev: String,
+        found: String,
+        expected: String,
+    },
+    #[error("object {key} has page size {found}, the chain started with {expected}")]
+    PageSizeChanged {
+        key: String,
+        found: u32,
+        expected: u32,
+    },
+    #[error("object {key}: {source}")]
+    Corrupt {
+        key: String,
+        #[source]
+        source: segment::Error,
+    },
+    #[error(transparent)]
+    Chain(#[from] chain::Error),
+    #[error(transparent)]
+    Storage(#[from] storage::Error),
+    #[error("restored file failed PRAGMA integrity_check: {0}")]
+    Integrity(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("checking the restored file: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub prefix: String,
+    pub output: PathBuf,
+    /// Restore the state as of this sequence number (default: the newest).
+    pub txid: Option<u64>,
+    pub force: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoreReport {
+    pub seq: u64,
+    pub objects: usize,
+    pub bytes: u64,
+    pub db_pages: u32,
+    pub page_size: u32,
+    pub timestamp_ms: u64,
+}
+
+/// The objects a restore to `target` needs, snapshot first. Checks only keys.
+pub fn plan(prefix: &str, objects: &[ObjectRef], target: Option<u64>) -> Result<Vec<ObjectRef>> {
+    let Some(head) = objects.last() else {
+        return Err(Error::NoReplica {
+            prefix: prefix.to_string(),
+            storage: String::new(),
+        });
+    };
+    let target = target.unwrap_or(head.seq);
+    if target > head.seq {
+        return Err(Error::BeyondHead {
+            prefix: prefix.to_string(),
+            target,
+            head: head.seq,
+        });
+    }
+    let start = objects
+        .iter()
+        .rposition(|o| o.kind == Kind::Snapshot && o.seq <= target)
+        .ok_or_else(|| Error::NoSnapshot {
+            prefix: prefix.to_string(),
+            target,
+        })?;
+    let mut plan: Vec<ObjectRef> = Vec::new();
+    for object in &objects[start..] {
+        if object.seq > target {
+            break;
+        }
+        if let Some(prev) = plan.last()
+            && object.seq != prev.seq + 1
+        {
+            return Err(Error::Missing {
+                key: segment::object_key(prefix, prev.seq + 1, Kind::Wal),
+                before: prev.key.clone(),
+                after: object.key.clone(),
+            });
+        }
+        plan.push(object.clone());
+    }
+    if let Some(last) = plan.last()
+        && last.seq != target
+    {
+        return Err(Error::Missing {
+            key: segment::object_key(prefix, last.seq + 1, Kind::Wal),
+            before: last.key.clone(),
+            after: "the requested sequence".into(),
+        });
+    }
+    Ok(plan)
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Restores `opts.prefix` from `storage` into `opts.output`.
+pub async fn restore(storage: &dyn Storage, opts: &RestoreOptions) -> Result<RestoreReport> {
+    let output = &opts.output;
+    if !opts.force && output.exists() {
+        return Err(Error::OutputExists {
+            path: output.clone(),
+        });
+    }
+    let objects = chain::list(storage, &opts.prefix).await?;
+    if objects.is_empty() {
+        return Err(Error::NoReplica {
+            prefix: opts.prefix.clone(),
+            storage: storage.describe(),
+        });
+    }
+    let plan = plan(&opts.prefix, &objects, opts.txid)?;
+    let dir = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+    let scratch = tempfile::Builder::new()
+        .prefix(".walsync-restore-")
+        .tempdir_in(&dir)
+        .map_err(io_at(&dir))?;
+
+    // 1. Download and verify everything before writing a page.
+    let mut verified: Vec<Verified> = Vec::with_capacity(plan.len());
+    let mut bytes = 0u64;
+    for object in plan {
+        let spool = scratch.path().join(format!("{:016x}", object.seq));
+        download(storage, &object.key, &spool).await?;
+        let spool_for_check = spool.clone();
+        let (header, hash) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let file = File::open(&spool_for_check).map_err(io_at(&spool_for_check))?;
+            let len = file.metadata().map_err(io_at(&spool_for_check))?.len();
+            Ok(segment::verify(
+                BufReader::with_capacity(1 << 20, file),
+                len,
+            ))
+        })
+        .await
+        .map_err(|e| Error::Io {
+            path: spool.clone(),
+            source: io::Error::other(e),
+        })??
+        .map_err(|source| Error::Corrupt {
+            key: object.key.clone(),
+            source,
+        })?;
+        chain::check_key(&object, &header)?;
+        if let Some(prev) = verified.last() {
+            if header.prev_hash != prev.hash {
+                return Err(Error::BrokenLink {
+                    key: object.key.clone(),
+                    prev: prev.object.key.clone(),
+                    found: to_hex(&header.prev_hash),
+                    expected: to_hex(&prev.hash),
+                });
+            }
+            if header.page_size != prev.header.page_size {
+                return Err(Error::PageSizeChanged {
+                    key: object.key.clone(),
+                    found: header.page_size,
+                    expected: prev.header.page_size,
+                });
+            }
+        }
+        bytes += object.size;
+        verified.push(Verified {
+            object,
+            header,
+            hash,
+            spool,
+        });
+    }
+
+    // 2. Apply into a temp file beside the output, check it, rename it into place.
+    let Some(last) = verified.last() else {
+        return Err(Error::NoReplica {
+            prefix: opts.prefix.clone(),
+            storage: storage.describe(),
+        });
+    };
+    let report = RestoreReport {
+        seq: last.header.seq,
+        objects: verified.len(),
+        bytes,
+        db_pages: last.header.db_pages,
+        page_size: last.header.page_size,
+        timestamp_ms: last.header.timestamp_ms,
+    };
+    let output = output.clone();
+    let items: Vec<(String, PathBuf)> = verified
+        .into_iter()
+        .map(|v| (v.object.key, v.spool))
+        .collect();
+    tokio::task::spawn_blocking(move || apply(&items, &output))
+        .await
+        .map_err(|e| Error::Io {
+            path: opts.output.clone(),
+            source: io::Error::other(e),
+        })??;
+    drop(scratch);
+    Ok(report)
+}
+
+/// An object downloaded and checked, waiting to be applied.
+struct Verified {
+    object: ObjectRef,
+    header: segment::Header,
+    hash: [u8; 32],
+    spool: PathBuf,
+}
+
+async fn download(storage: &dyn Storage, key: &str, to: &Path) -> Result<()> {
+    let mut reader = storage.get(key).await?;
+    let mut out = tokio::fs::File::create(to).await.map_err(io_at(to))?;
+    tokio::io::copy(&mut reader, &mut out)
+        .await
+        .map_err(|source| storage::Error::Io {
+            key: key.to_string(),
+            source,
+        })?;
+    out.flush().await.map_err(io_at(to))?;
+    Ok(())
+}
+
+fn temp_path_of(output: &Path) -> PathBuf {
+    let mut s = output.as_os_str().to_owned();
+    s.push(".walsync-tmp");
+    PathBuf::from(s)
+}
+
+fn apply(items: &[(String, PathBuf)], output: &Path) -> Result<()> {
+    let tmp = temp_path_of(output);
+    let result = apply_into(items, &tmp).and_then(|()| check_integrity(&tmp));
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    // A WAL or shm left beside an old file would be replayed onto the restored one.
+    for suffix in ["-wal", "-shm"] {
+        let mut side = output.as_os_str().to_owned();
+        side.push(suffix);
+        match std::fs::remove_file(PathBuf::from(side)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_at(output)(e)),
+        }
+    }
+    std::fs::rename(&tmp, output).map_err(io_at(output))?;
+    let dir = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_at(&dir))?;
+    Ok(())
+}
+
+fn apply_into(items: &[(String, PathBuf)], tmp: &Path) -> Result<()> {
+    let out = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(tmp)
+        .map_err(io_at(tmp))?;
+    let mut page = Vec::new();
+    for (key, spool) in items {
+        let corrupt = |source| Error::Corrupt {
+            key: key.clone(),
+            source,
+        };
+        let file = File::open(spool).map_err(io_at(spool))?;
+        let len = file.metadata().map_err(io_at(spool))?.len();
+        let mut reader =
+            PageReader::new(BufReader::with_capacity(1 << 20, file), len).map_err(corrupt)?;
+        let header = *reader.header();
+        page.resize(header.page_size as usize, 0);
+        while let Some(pgno) = reader.next_page(&mut page).map_err(corrupt)? {
+            out.write_all_at(&page, u64::from(pgno - 1) * u64::from(header.page_size))
+                .map_err(io_at(tmp))?;
+        }
+        // Pages past the new end are gone, also if a later object grows the file again.
+        out.set_len(u64::from(header.db_pages) * u64::from(header.page_size))
+            .map_err(io_at(tmp))?;
+    }
+    out.sync_all().map_err(io_at(tmp))?;
+    Ok(())
+}
+
+fn check_integrity(path: &Path) -> Result<()> {
+    let uri = format!("file:{}?immutable=1", path.display());
+    let conn = rusqlite::Connection::open_with_flags(
+        uri,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI,
+    )?;
+    let mut stmt = conn.prepare("PRAGMA integrity_check")?;
+    let problems: Vec<String> = stmt
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    if problems.len() == 1 && problems[0] == "ok" {
+        Ok(())
+    } else {
+        Err(Error::Integrity(problems.join("; ")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj(seq: u64, kind: Kind) -> ObjectRef {
+        ObjectRef {
+            key: segment::object_key("db", seq, kind),
+            seq,
+            kind,
+            size: 1,
+        }
+    }
+
+    #[test]
+    fn plan_starts_at_the_newest_snapshot_before_the_target() {
+        let objects = vec![
+            obj(1, Kind::Snapshot),
+            obj(2, Kind::Wal),
+            obj(3, Kind::Snapshot),
+            obj(4, Kind::Wal),
+        ];
+        let seqs = |p: Vec<ObjectRef>| p.iter().map(|o| o.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(plan("db", &objects, None).unwrap()), vec![3, 4]);
+        assert_eq!(seqs(plan("db", &objects, Some(2)).unwrap()), vec![1, 2]);
+        assert!(matches!(
+            plan("db", &objects, Some(9)),
+            Err(Error::BeyondHead { .. })
+        ));
+        let gap = vec![obj(1, Kind::Snapshot), obj(3, Kind::Wal)];
+        match plan("db", &gap, None) {
+            Err(Error::Missing { key, .. }) => assert_eq!(key, "db/0000000000000002.wal"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            plan("db", &[obj(2, Kind::Wal)], None),
+            Err(Error::NoSnapshot { .. })
+        ));
+    }
+}
