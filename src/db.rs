@@ -179,7 +179,6 @@ pub struct Database {
     /// Every frame of the current generation was shipped and checkpointed
     /// while we held the write lock: the next generation may follow.
     sealed: bool,
-    lock_timeout: Duration,
 }
 
 fn now_ms() -> u64 {
@@ -202,7 +201,7 @@ impl Database {
     ///
     /// The state starts as unknown-to-storage; call [`Database::resume`] or
     /// [`Database::snapshot`] before reading changes.
-    pub fn open(path: &Path, lock_timeout: Duration) -> Result<Self> {
+    pub fn open(path: &Path) -> Result<Self> {
         let identity = identity_of(path).map_err(|e| {
             if e.kind() == io::ErrorKind::NotFound {
                 Error::Missing {
@@ -233,6 +232,10 @@ impl Database {
             .query_row("PRAGMA page_size", [], |r| r.get(0))
             .map_err(sql)?;
         let lock = open_connection(path).map_err(sql)?;
+        // An app that commits in a tight loop frees the write lock only for
+        // microseconds between transactions; SQLite's default busy handler
+        // sleeps 1-100 ms between tries and would almost never get it.
+        lock.busy_handler(Some(retry_lock_briefly)).map_err(sql)?;
         let mut db = Self {
             wal_path: wal_path_of(path),
             path: path.to_path_buf(),
@@ -243,7 +246,6 @@ impl Database {
             page_size,
             state: WalState::Empty,
             sealed: false,
-            lock_timeout,
         };
         db.pin()?;
         Ok(db)
@@ -299,9 +301,6 @@ impl Database {
     }
 
     fn acquire_write_lock(&mut self) -> Result<bool> {
-        self.lock
-            .busy_timeout(self.lock_timeout)
-            .map_err(self.sql_err())?;
         match self.lock.execute_batch("BEGIN IMMEDIATE") {
             Ok(()) => {
                 self.lock_held = true;
@@ -652,7 +651,7 @@ impl Database {
 
     /// Opens fresh connections after the database file was replaced.
     fn reopen(&mut self) -> Result<()> {
-        let fresh = Database::open(&self.path, self.lock_timeout)?;
+        let fresh = Database::open(&self.path)?;
         *self = fresh;
         Ok(())
     }
@@ -747,6 +746,16 @@ fn self_sql(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// Busy handler of the lock connection: retry every 250 µs for about 2 s.
+fn retry_lock_briefly(attempt: i32) -> bool {
+    const ATTEMPTS: i32 = 8000;
+    if attempt >= ATTEMPTS {
+        return false;
+    }
+    std::thread::sleep(Duration::from_micros(250));
+    true
 }
 
 fn open_connection(path: &Path) -> rusqlite::Result<Connection> {

@@ -62,8 +62,6 @@ pub struct SyncOptions {
     pub checkpoint_interval: Duration,
     /// TRUNCATE checkpoint (blocks writers briefly) once the WAL holds this many frames.
     pub truncate_pages: u32,
-    /// How long to wait for the write lock when sealing a checkpoint or starting a snapshot.
-    pub lock_timeout: Duration,
 }
 
 impl Default for SyncOptions {
@@ -74,7 +72,6 @@ impl Default for SyncOptions {
             checkpoint_pages: 1000,
             checkpoint_interval: Duration::from_secs(60),
             truncate_pages: 50_000,
-            lock_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -128,8 +125,7 @@ impl Replica {
         opts: SyncOptions,
     ) -> Result<Self> {
         let owned = path.to_path_buf();
-        let timeout = opts.lock_timeout;
-        let db = tokio::task::spawn_blocking(move || Database::open(&owned, timeout))
+        let db = tokio::task::spawn_blocking(move || Database::open(&owned))
             .await
             .map_err(|e| Error::Worker {
                 path: path.to_path_buf(),
@@ -230,9 +226,8 @@ impl Replica {
             None => {
                 // A previous worker died holding it: start over from a snapshot.
                 let path = self.path.clone();
-                let timeout = self.opts.lock_timeout;
                 self.need_snapshot = Some("walsync reopened the database".into());
-                tokio::task::spawn_blocking(move || Database::open(&path, timeout))
+                tokio::task::spawn_blocking(move || Database::open(&path))
                     .await
                     .map_err(|e| Error::Worker {
                         path: self.path.clone(),

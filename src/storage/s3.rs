@@ -1,32 +1,732 @@
-//! S3 storage (placeholder while the real backend is written).
-use super::{Error, ObjectMeta, ObjectReader, Payload, Result, S3Options, Storage};
+//! S3 and S3-compatible storage (AWS, MinIO, R2, Tigris, moto, ...).
+//!
+//! Create-only puts use `If-None-Match: *`. Every object carries its own
+//! sha256 as user metadata ([`SHA256_METADATA`]), so when a put is refused
+//! because the key exists we can tell our own earlier attempt (an SDK retry
+//! after a lost response) from a second writer. Bodies of
+//! [`SPOOL_MEMORY_LIMIT`] bytes or more that are spooled to a file go up as a
+//! multipart upload, read one part at a time.
+
+use std::io::{self, SeekFrom};
+use std::time::Duration;
+
 use async_trait::async_trait;
-#[derive(Debug)]
-pub struct S3Storage;
+use aws_config::BehaviorVersion;
+use aws_config::meta::region::RegionProviderChain;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::Region;
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use super::spool::SPOOL_MEMORY_LIMIT;
+use super::{
+    Error, ObjectMeta, ObjectReader, Payload, Result, S3Options, Storage, join_key, to_hex,
+};
+
+/// User-metadata key (`x-amz-meta-walsync-sha256`) holding the hex sha256 of the body.
+pub const SHA256_METADATA: &str = "walsync-sha256";
+
+/// Region used when neither the options nor the AWS configuration name one.
+const FALLBACK_REGION: &str = "us-east-1";
+
+/// Preferred multipart part size; grown for huge bodies to stay within S3's part limit.
+const PART_SIZE: u64 = 8 * 1024 * 1024;
+const MAX_PARTS: u64 = 10_000;
+
+/// Total attempts per request (first try plus retries), with the SDK's
+/// standard exponential backoff and jitter.
+const MAX_ATTEMPTS: u32 = 5;
+
+#[derive(Debug, Clone)]
+pub struct S3Storage {
+    client: Client,
+    bucket: String,
+    /// Key prefix without leading or trailing `/`; may be empty.
+    prefix: String,
+    /// Custom endpoint, for `describe()` only.
+    endpoint: Option<String>,
+}
+
+/// Applies walsync's retry and timeout settings to an S3 client config.
+/// [`S3Storage::connect`] uses it; callers of [`S3Storage::with_client`] should too.
+pub fn tune_config(builder: aws_sdk_s3::config::Builder) -> aws_sdk_s3::config::Builder {
+    builder
+        .retry_config(retry_config())
+        .timeout_config(timeout_config())
+}
+
+/// The SDK's standard retry mode: exponential backoff with jitter.
+fn retry_config() -> RetryConfig {
+    RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS)
+}
+
+/// Timeouts that catch a hung connection without cutting off a slow 8 MiB part upload.
+fn timeout_config() -> TimeoutConfig {
+    TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(10))
+        // Covers sending the request (up to one part) and waiting for the response head.
+        .read_timeout(Duration::from_secs(120))
+        .operation_attempt_timeout(Duration::from_secs(5 * 60))
+        .operation_timeout(Duration::from_secs(15 * 60))
+        .build()
+}
+
+fn env_nonempty(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
 impl S3Storage {
-    pub async fn connect(_bucket: &str, _prefix: &str, _opts: &S3Options) -> Result<Self> {
-        Err(Error::S3 {
-            op: "connect",
-            key: String::new(),
-            message: "not built yet".into(),
-        })
+    /// Production constructor: credentials from the standard AWS chain
+    /// (environment, profile, SSO, web identity, ECS, IMDS ...).
+    pub async fn connect(bucket: &str, prefix: &str, opts: &S3Options) -> Result<Self> {
+        let region = RegionProviderChain::first_try(opts.region.clone().map(Region::new))
+            .or_default_provider()
+            .or_else(Region::from_static(FALLBACK_REGION));
+        let sdk_config = aws_config::defaults(BehaviorVersion::latest())
+            .region(region)
+            .load()
+            .await;
+
+        // An endpoint from the options wins; otherwise the SDK applies
+        // AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / the profile itself, and we
+        // only look at them to default path-style addressing and for describe().
+        let endpoint = opts
+            .endpoint
+            .clone()
+            .or_else(|| env_nonempty("AWS_ENDPOINT_URL_S3"))
+            .or_else(|| env_nonempty("AWS_ENDPOINT_URL"))
+            .or_else(|| sdk_config.endpoint_url().map(str::to_owned));
+        let path_style = opts.force_path_style.unwrap_or(endpoint.is_some());
+
+        let mut builder = tune_config(aws_sdk_s3::config::Builder::from(&sdk_config))
+            .force_path_style(path_style);
+        if let Some(url) = &opts.endpoint {
+            builder = builder.endpoint_url(url);
+        }
+        let client = Client::from_conf(builder.build());
+        let mut storage = Self::with_client(client, bucket, prefix);
+        storage.endpoint = endpoint;
+        tracing::debug!(storage = %storage.describe(), path_style, "S3 storage configured");
+        Ok(storage)
+    }
+
+    /// Wraps a client configured by the caller (tests use explicit credentials).
+    pub fn with_client(client: Client, bucket: &str, prefix: &str) -> Self {
+        Self {
+            client,
+            bucket: bucket.to_string(),
+            prefix: prefix.trim_matches('/').to_string(),
+            endpoint: None,
+        }
+    }
+
+    /// Sets the endpoint shown by `describe()` (for clients built by the caller).
+    pub fn with_endpoint_label(mut self, endpoint: impl Into<String>) -> Self {
+        self.endpoint = Some(endpoint.into());
+        self
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn full_key(&self, key: &str) -> String {
+        join_key(&self.prefix, key)
+    }
+
+    /// Same key rules as the local backend, so both accept exactly the same keys.
+    fn check_key(&self, op: &'static str, key: &str) -> Result<String> {
+        if key.is_empty()
+            || key.starts_with('/')
+            || key
+                .split('/')
+                .any(|part| part.is_empty() || part == "." || part == "..")
+        {
+            return Err(Error::S3 {
+                op,
+                key: key.to_string(),
+                message: "invalid object key".into(),
+            });
+        }
+        Ok(self.full_key(key))
+    }
+
+    /// Whether `full` exists, and the sha256 recorded on it if any.
+    async fn existing(&self, full: &str) -> Result<Existing> {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(full)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Existing::Present(
+                out.metadata().and_then(|m| m.get(SHA256_METADATA)).cloned(),
+            )),
+            Err(err) => {
+                let failure = Failure::new(err);
+                if failure.is_not_found() {
+                    Ok(Existing::Missing)
+                } else {
+                    Err(failure.into_error("HeadObject", full))
+                }
+            }
+        }
+    }
+
+    /// The key was refused as existing: Ok if the object there is ours (same sha256).
+    async fn resolve_conflict(&self, key: &str, full: &str, sha: &str) -> Result<()> {
+        match self.existing(full).await? {
+            Existing::Present(Some(theirs)) if theirs.eq_ignore_ascii_case(sha) => {
+                tracing::debug!(
+                    key = full,
+                    "object already present with our sha256; treating put as done"
+                );
+                Ok(())
+            }
+            _ => Err(Error::AlreadyExists {
+                key: key.to_string(),
+            }),
+        }
+    }
+
+    async fn put_single(&self, key: &str, full: &str, body: Vec<u8>, sha: &str) -> Result<()> {
+        let result = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(full)
+            .body(ByteStream::from(body))
+            .metadata(SHA256_METADATA, sha)
+            .if_none_match("*")
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(err) => {
+                let failure = Failure::new(err);
+                if failure.is_exists_conflict() {
+                    self.resolve_conflict(key, full, sha).await
+                } else {
+                    Err(failure.into_error("PutObject", full))
+                }
+            }
+        }
+    }
+
+    async fn put_multipart(
+        &self,
+        key: &str,
+        full: &str,
+        file: std::fs::File,
+        len: u64,
+        sha: &str,
+    ) -> Result<()> {
+        // Some S3-compatible servers ignore If-None-Match on completion: check first.
+        match self.existing(full).await? {
+            Existing::Missing => {}
+            Existing::Present(Some(theirs)) if theirs.eq_ignore_ascii_case(sha) => {
+                tracing::debug!(
+                    key = full,
+                    "object already present with our sha256; skipping upload"
+                );
+                return Ok(());
+            }
+            Existing::Present(_) => {
+                return Err(Error::AlreadyExists {
+                    key: key.to_string(),
+                });
+            }
+        }
+
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(full)
+            .metadata(SHA256_METADATA, sha)
+            .send()
+            .await
+            .map_err(|err| Failure::new(err).into_error("CreateMultipartUpload", full))?;
+        let Some(upload_id) = created.upload_id().map(str::to_owned) else {
+            return Err(Error::S3 {
+                op: "CreateMultipartUpload",
+                key: full.to_string(),
+                message: "response carries no upload id".into(),
+            });
+        };
+        let mut guard = AbortGuard {
+            client: self.client.clone(),
+            bucket: self.bucket.clone(),
+            key: full.to_string(),
+            upload_id: Some(upload_id.clone()),
+        };
+
+        let parts = match self.upload_parts(full, &upload_id, file, len).await {
+            Ok(parts) => parts,
+            Err(e) => {
+                guard.abort().await;
+                return Err(e);
+            }
+        };
+
+        let result = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(full)
+            .upload_id(&upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .if_none_match("*")
+            .send()
+            .await;
+        match result {
+            Ok(_) => {
+                guard.disarm();
+                Ok(())
+            }
+            Err(err) => {
+                let failure = Failure::new(err);
+                guard.abort().await;
+                if failure.is_exists_conflict() {
+                    self.resolve_conflict(key, full, sha).await
+                } else if failure.code.as_deref() == Some("NoSuchUpload") {
+                    // A retried completion whose first attempt succeeded finds the upload gone.
+                    match self.existing(full).await? {
+                        Existing::Present(Some(theirs)) if theirs.eq_ignore_ascii_case(sha) => {
+                            Ok(())
+                        }
+                        Existing::Present(_) => Err(Error::AlreadyExists {
+                            key: key.to_string(),
+                        }),
+                        Existing::Missing => {
+                            Err(failure.into_error("CompleteMultipartUpload", full))
+                        }
+                    }
+                } else {
+                    Err(failure.into_error("CompleteMultipartUpload", full))
+                }
+            }
+        }
+    }
+
+    /// Uploads `len` bytes of `file` from its start, one part in memory at a time.
+    async fn upload_parts(
+        &self,
+        full: &str,
+        upload_id: &str,
+        file: std::fs::File,
+        len: u64,
+    ) -> Result<Vec<CompletedPart>> {
+        let part_size = part_size_for(len);
+        let mut file = tokio::fs::File::from_std(file);
+        file.seek(SeekFrom::Start(0)).await.map_err(io_err(full))?;
+        let mut parts = Vec::new();
+        let mut offset = 0u64;
+        let mut number = 1i32;
+        while offset < len {
+            let this_len = part_size.min(len - offset);
+            let size = usize::try_from(this_len).map_err(|_| Error::Io {
+                key: full.to_string(),
+                source: io::Error::other("part size does not fit in memory"),
+            })?;
+            let mut buf = vec![0u8; size];
+            file.read_exact(&mut buf).await.map_err(io_err(full))?;
+            let out = self
+                .client
+                .upload_part()
+                .bucket(&self.bucket)
+                .key(full)
+                .upload_id(upload_id)
+                .part_number(number)
+                .body(ByteStream::from(buf))
+                .send()
+                .await
+                .map_err(|err| Failure::new(err).into_error("UploadPart", full))?;
+            let Some(e_tag) = out.e_tag() else {
+                return Err(Error::S3 {
+                    op: "UploadPart",
+                    key: full.to_string(),
+                    message: format!("response for part {number} carries no ETag"),
+                });
+            };
+            parts.push(
+                CompletedPart::builder()
+                    .part_number(number)
+                    .e_tag(e_tag)
+                    .build(),
+            );
+            offset += this_len;
+            number += 1;
+        }
+        Ok(parts)
     }
 }
+
+/// 8 MiB, or more (whole MiB) when the body would otherwise need over 10,000 parts.
+fn part_size_for(len: u64) -> u64 {
+    const MIB: u64 = 1024 * 1024;
+    let needed = len.div_ceil(MAX_PARTS).div_ceil(MIB) * MIB;
+    needed.max(PART_SIZE)
+}
+
+fn io_err(key: &str) -> impl FnOnce(io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        key: key.to_string(),
+        source,
+    }
+}
+
+async fn read_small_file(file: std::fs::File, len: u64) -> io::Result<Vec<u8>> {
+    let size = usize::try_from(len).map_err(io::Error::other)?;
+    let mut file = tokio::fs::File::from_std(file);
+    file.seek(SeekFrom::Start(0)).await?;
+    let mut buf = vec![0u8; size];
+    file.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+enum Existing {
+    Missing,
+    /// Present, with its `walsync-sha256` metadata if it has any.
+    Present(Option<String>),
+}
+
+/// The parts of an SDK error we branch on, plus a readable message.
+struct Failure {
+    status: Option<u16>,
+    code: Option<String>,
+    message: String,
+    /// Everything the SDK knows (raw response included), for debug logs.
+    detail: String,
+}
+
+impl Failure {
+    fn new<E>(err: SdkError<E, HttpResponse>) -> Self
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        let status = err.raw_response().map(|r| r.status().as_u16());
+        let code = err.code().map(str::to_owned);
+        let message = readable_message(&err, status);
+        Self {
+            status,
+            code,
+            message,
+            detail: DisplayErrorContext(&err).to_string(),
+        }
+    }
+    /// 412 PreconditionFailed, or 409 ConditionalRequestConflict (a racing conditional write).
+    fn is_exists_conflict(&self) -> bool {
+        self.status == Some(412)
+            || matches!(
+                self.code.as_deref(),
+                Some("PreconditionFailed" | "ConditionalRequestConflict")
+            )
+    }
+
+    fn is_not_found(&self) -> bool {
+        match self.code.as_deref() {
+            Some("NoSuchKey" | "NotFound") => true,
+            Some("NoSuchBucket" | "NoSuchUpload") => false,
+            _ => self.status == Some(404),
+        }
+    }
+
+    fn into_error(self, op: &'static str, full_key: &str) -> Error {
+        tracing::debug!(op, key = full_key, detail = %self.detail, "S3 request failed");
+        Error::S3 {
+            op,
+            key: full_key.to_string(),
+            message: self.message,
+        }
+    }
+}
+
+/// `NoSuchBucket: The specified bucket does not exist (HTTP 404, request id ...)` for
+/// service errors, the chain of causes for the rest (`dispatch failure: io error: ...`).
+/// (`DisplayErrorContext` alone also dumps the raw response's `Debug`: too long for a log line.)
+fn readable_message<E>(err: &SdkError<E, HttpResponse>, status: Option<u16>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    use aws_sdk_s3::operation::RequestId;
+    use std::fmt::Write;
+
+    if let SdkError::ServiceError(service) = err {
+        let mut out = match (err.code(), err.message()) {
+            (Some(code), Some(message)) => format!("{code}: {message}"),
+            (Some(code), None) => code.to_string(),
+            (None, Some(message)) => message.to_string(),
+            (None, None) => "service error".to_string(),
+        };
+        let status = status.unwrap_or_else(|| service.raw().status().as_u16());
+        let _ = write!(out, " (HTTP {status}");
+        if let Some(id) = err.request_id() {
+            let _ = write!(out, ", request id {id}");
+        }
+        out.push(')');
+        return out;
+    }
+    let mut out = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.ends_with(&text) {
+            let _ = write!(out, ": {text}");
+        }
+        source = cause.source();
+    }
+    out
+}
+
+/// Aborts a multipart upload that did not complete, also when the put future is dropped.
+struct AbortGuard {
+    client: Client,
+    bucket: String,
+    key: String,
+    upload_id: Option<String>,
+}
+
+impl AbortGuard {
+    fn disarm(&mut self) {
+        self.upload_id = None;
+    }
+
+    async fn abort(&mut self) {
+        if let Some(upload_id) = self.upload_id.take() {
+            abort_upload(&self.client, &self.bucket, &self.key, &upload_id).await;
+        }
+    }
+}
+
+impl Drop for AbortGuard {
+    fn drop(&mut self) {
+        if let Some(upload_id) = self.upload_id.take()
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            let client = self.client.clone();
+            let bucket = std::mem::take(&mut self.bucket);
+            let key = std::mem::take(&mut self.key);
+            handle.spawn(async move { abort_upload(&client, &bucket, &key, &upload_id).await });
+        }
+    }
+}
+
+async fn abort_upload(client: &Client, bucket: &str, key: &str, upload_id: &str) {
+    if let Err(err) = client
+        .abort_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .upload_id(upload_id)
+        .send()
+        .await
+    {
+        let status = err.raw_response().map(|r| r.status().as_u16());
+        tracing::warn!(
+            key,
+            upload_id,
+            error = %readable_message(&err, status),
+            "could not abort multipart upload; a lifecycle rule may need to clean it up"
+        );
+    }
+}
+
+/// Drops any `user:password@` from an endpoint URL before it is logged.
+fn redact_endpoint(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let authority_end = rest.find('/').unwrap_or(rest.len());
+            match rest[..authority_end].rfind('@') {
+                Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
+                None => url.to_string(),
+            }
+        }
+        None => url.to_string(),
+    }
+}
+
 #[async_trait]
 impl Storage for S3Storage {
-    async fn put_new(&self, _: &str, _: Payload, _: [u8; 32]) -> Result<()> {
-        unimplemented!()
+    async fn put_new(&self, key: &str, body: Payload, sha256: [u8; 32]) -> Result<()> {
+        let full = self.check_key("PutObject", key)?;
+        let sha = to_hex(&sha256);
+        match body {
+            Payload::Bytes(bytes) => self.put_single(key, &full, bytes, &sha).await,
+            Payload::File { file, len } if len < SPOOL_MEMORY_LIMIT as u64 => {
+                let bytes = read_small_file(file, len).await.map_err(io_err(&full))?;
+                self.put_single(key, &full, bytes, &sha).await
+            }
+            Payload::File { file, len } => self.put_multipart(key, &full, file, len, &sha).await,
+        }
     }
-    async fn get(&self, _: &str) -> Result<ObjectReader> {
-        unimplemented!()
+
+    async fn get(&self, key: &str) -> Result<ObjectReader> {
+        let full = self.check_key("GetObject", key)?;
+        match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Box::new(out.body.into_async_read())),
+            Err(err) => {
+                let failure = Failure::new(err);
+                if failure.is_not_found() {
+                    Err(Error::NotFound {
+                        key: key.to_string(),
+                    })
+                } else {
+                    Err(failure.into_error("GetObject", &full))
+                }
+            }
+        }
     }
-    async fn list(&self, _: &str) -> Result<Vec<ObjectMeta>> {
-        unimplemented!()
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        let full_prefix = join_key(&self.prefix, prefix);
+        let strip = if self.prefix.is_empty() {
+            0
+        } else {
+            self.prefix.len() + 1
+        };
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut request = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .set_continuation_token(token.take());
+            if !full_prefix.is_empty() {
+                request = request.prefix(&full_prefix);
+            }
+            let page = request
+                .send()
+                .await
+                .map_err(|err| Failure::new(err).into_error("ListObjectsV2", &full_prefix))?;
+            for object in page.contents() {
+                let Some(full) = object.key() else { continue };
+                if !full.starts_with(&full_prefix) {
+                    continue;
+                }
+                out.push(ObjectMeta {
+                    key: full[strip..].to_string(),
+                    size: object
+                        .size()
+                        .and_then(|s| u64::try_from(s).ok())
+                        .unwrap_or(0),
+                });
+            }
+            match (page.is_truncated(), page.next_continuation_token()) {
+                (Some(true), Some(next)) if !next.is_empty() => token = Some(next.to_string()),
+                (Some(true), _) => {
+                    return Err(Error::S3 {
+                        op: "ListObjectsV2",
+                        key: full_prefix,
+                        message: "truncated listing without a continuation token".into(),
+                    });
+                }
+                _ => break,
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
     }
-    async fn delete(&self, _: &str) -> Result<()> {
-        unimplemented!()
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        let full = self.check_key("DeleteObject", key)?;
+        match self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(err) => {
+                let failure = Failure::new(err);
+                if failure.is_not_found() {
+                    Ok(())
+                } else {
+                    Err(failure.into_error("DeleteObject", &full))
+                }
+            }
+        }
     }
+
     fn describe(&self) -> String {
-        String::new()
+        let location = if self.prefix.is_empty() {
+            format!("s3://{}", self.bucket)
+        } else {
+            format!("s3://{}/{}", self.bucket, self.prefix)
+        };
+        match &self.endpoint {
+            Some(endpoint) => format!("{location} (endpoint {})", redact_endpoint(endpoint)),
+            None => location,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_sizes() {
+        assert_eq!(part_size_for(20 * 1024 * 1024), PART_SIZE);
+        assert_eq!(part_size_for(50 * 1024 * 1024 * 1024), PART_SIZE);
+        let huge = 200 * 1024 * 1024 * 1024u64;
+        let size = part_size_for(huge);
+        assert!(huge.div_ceil(size) <= MAX_PARTS);
+        assert_eq!(size % (1024 * 1024), 0);
+    }
+
+    #[test]
+    fn endpoint_redaction() {
+        assert_eq!(
+            redact_endpoint("http://127.0.0.1:9000"),
+            "http://127.0.0.1:9000"
+        );
+        assert_eq!(
+            redact_endpoint("https://user:pw@host.example/x@y"),
+            "https://host.example/x@y"
+        );
+    }
+
+    #[test]
+    fn describe_has_no_secrets() {
+        let conf = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                "AKIDSECRETLESS",
+                "very-secret",
+                None,
+                None,
+                "test",
+            ))
+            .build();
+        let s = S3Storage::with_client(Client::from_conf(conf), "b", "/p/q/")
+            .with_endpoint_label("http://k:s@localhost:9000");
+        assert_eq!(s.describe(), "s3://b/p/q (endpoint http://localhost:9000)");
+        assert!(!s.describe().contains("secret"));
     }
 }

@@ -1,0 +1,525 @@
+//! Replication scenarios, each run against a real S3 protocol server and the
+//! local-directory backend, comparing the restored database with the source
+//! row for row.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::Connection;
+use walsync::chain;
+use walsync::replica::{Replica, SyncOptions};
+use walsync::restore::{self, RestoreOptions};
+use walsync::segment::Kind;
+use walsync::storage::{self, Payload, Storage};
+
+use common::TestStore;
+
+type Rows = Vec<(i64, Vec<u8>)>;
+
+fn app_conn(path: &Path, page_size: u32) -> Connection {
+    let conn = Connection::open(path).unwrap();
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    conn.pragma_update(None, "page_size", page_size).unwrap();
+    conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v BLOB NOT NULL)")
+        .unwrap();
+    conn
+}
+
+fn insert(conn: &Connection, n: usize, size: usize) {
+    for _ in 0..n {
+        conn.execute("INSERT INTO t(v) VALUES (randomblob(?1))", [size as i64])
+            .unwrap();
+    }
+}
+
+fn rows(path: &Path) -> Rows {
+    let conn = Connection::open(path).unwrap();
+    let mut stmt = conn.prepare("SELECT id, v FROM t ORDER BY id").unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+fn opts() -> SyncOptions {
+    SyncOptions {
+        sync_interval: Duration::ZERO,
+        checkpoint_interval: Duration::from_secs(3600),
+        ..SyncOptions::default()
+    }
+}
+
+async fn open_replica(db: &Path, prefix: &str, store: &TestStore, opts: SyncOptions) -> Replica {
+    Replica::open(db, prefix, store.storage.clone(), opts)
+        .await
+        .unwrap()
+}
+
+async fn restore_rows(store: &TestStore, prefix: &str, dir: &Path, txid: Option<u64>) -> Rows {
+    let out = dir.join(format!("restored-{prefix}-{}.db", txid.unwrap_or(0)));
+    restore::restore(
+        store.storage.as_ref(),
+        &RestoreOptions {
+            prefix: prefix.into(),
+            output: out.clone(),
+            txid,
+            force: true,
+        },
+    )
+    .await
+    .unwrap();
+    rows(&out)
+}
+
+async fn count_snapshots(storage: &dyn Storage, prefix: &str) -> usize {
+    chain::list(storage, prefix)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|o| o.kind == Kind::Snapshot)
+        .count()
+}
+
+/// How many WAL generations (distinct salts) the chain's segments came from.
+async fn wal_generations(storage: &dyn Storage, prefix: &str) -> usize {
+    let mut salts = std::collections::HashSet::new();
+    for object in chain::list(storage, prefix).await.unwrap() {
+        let header = chain::read_header(storage, &object).await.unwrap();
+        if object.kind == Kind::Wal {
+            salts.insert((header.wal.salt1, header.wal.salt2));
+        }
+    }
+    salts.len()
+}
+
+fn db_in(dir: &tempfile::TempDir, name: &str) -> PathBuf {
+    dir.path().join(name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicate_then_restore_latest_and_past_txid() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_in(&dir, "app.db");
+        let conn = app_conn(&db, 4096);
+        insert(&conn, 100, 200);
+        let mut r = open_replica(&db, "app", &store, opts()).await;
+        let report = r.sync().await.unwrap();
+        assert_eq!(report.snapshots, 1, "{kind}: first sync snapshots");
+
+        insert(&conn, 50, 300);
+        r.sync().await.unwrap();
+        let past = r.head().unwrap().seq;
+        let past_rows = rows(&db);
+
+        insert(&conn, 50, 5000);
+        conn.execute("DELETE FROM t WHERE id % 7 = 0", []).unwrap();
+        conn.execute("UPDATE t SET v = x'00' WHERE id % 5 = 0", [])
+            .unwrap();
+        let report = r.sync().await.unwrap();
+        assert!(report.segments >= 1, "{kind}: changes shipped");
+
+        assert_eq!(
+            restore_rows(&store, "app", dir.path(), None).await,
+            rows(&db),
+            "{kind}"
+        );
+        assert_eq!(
+            restore_rows(&store, "app", dir.path(), Some(past)).await,
+            past_rows,
+            "{kind}: restore to txid {past}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_auto_checkpoints_many_times_without_breaking_the_chain() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_in(&dir, "auto.db");
+        let conn = app_conn(&db, 4096);
+        conn.pragma_update(None, "wal_autocheckpoint", 8).unwrap();
+        let mut r = open_replica(
+            &db,
+            "auto",
+            &store,
+            SyncOptions {
+                checkpoint_pages: 40,
+                ..opts()
+            },
+        )
+        .await;
+        r.sync().await.unwrap();
+        for round in 0..30 {
+            insert(&conn, 100, 150);
+            if round % 3 == 0 {
+                conn.execute("DELETE FROM t WHERE id % 11 = ?1", [round % 11])
+                    .unwrap();
+            }
+            r.sync().await.unwrap();
+        }
+        r.sync().await.unwrap();
+        assert_eq!(
+            rows(&db).len(),
+            restore_rows(&store, "auto", dir.path(), None).await.len()
+        );
+        assert_eq!(
+            restore_rows(&store, "auto", dir.path(), None).await,
+            rows(&db),
+            "{kind}"
+        );
+        // walsync's own sealed checkpoints let the WAL restart many times: the
+        // chain continues through every new generation without a snapshot.
+        assert_eq!(
+            count_snapshots(store.storage.as_ref(), "auto").await,
+            1,
+            "{kind}"
+        );
+        let generations = wal_generations(store.storage.as_ref(), "auto").await;
+        assert!(
+            generations > 3,
+            "{kind}: only {generations} WAL generations"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_checkpoints_passive_truncate_restart_while_running() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_in(&dir, "ck.db");
+        let conn = app_conn(&db, 4096);
+        conn.busy_timeout(Duration::from_millis(50)).unwrap();
+        let mut r = open_replica(&db, "ck", &store, opts()).await;
+        r.sync().await.unwrap();
+        let modes = ["PASSIVE", "TRUNCATE", "RESTART"];
+        for round in 0..12 {
+            insert(&conn, 40, 500);
+            let mode = modes[round % 3];
+            let _: (i64, i64, i64) = conn
+                .query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .unwrap();
+            insert(&conn, 10, 100);
+            if round % 2 == 0 {
+                r.sync().await.unwrap();
+            }
+        }
+        r.sync().await.unwrap();
+        assert_eq!(
+            restore_rows(&store, "ck", dir.path(), None).await,
+            rows(&db),
+            "{kind}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_continues_the_chain_or_snapshots_after_a_gap() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_in(&dir, "gap.db");
+        let conn = app_conn(&db, 4096);
+        insert(&conn, 50, 100);
+        let mut r = open_replica(&db, "gap", &store, opts()).await;
+        r.sync().await.unwrap();
+        drop(r);
+
+        // Stopped, the app writes; nothing checkpoints: the chain just continues.
+        insert(&conn, 30, 100);
+        let mut r = open_replica(&db, "gap", &store, opts()).await;
+        let report = r.sync().await.unwrap();
+        assert_eq!(
+            (report.snapshots, report.segments),
+            (0, 1),
+            "{kind}: continued"
+        );
+        drop(r);
+
+        // Stopped, the app writes and truncates the WAL: the gap is detected.
+        insert(&conn, 30, 100);
+        let (busy, _, _): (i64, i64, i64) = conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap();
+        assert_eq!(busy, 0);
+        insert(&conn, 10, 100);
+        let mut r = open_replica(&db, "gap", &store, opts()).await;
+        let report = r.sync().await.unwrap();
+        assert_eq!(report.snapshots, 1, "{kind}: gap detected, snapshot taken");
+        insert(&conn, 5, 100);
+        r.sync().await.unwrap();
+        assert_eq!(count_snapshots(store.storage.as_ref(), "gap").await, 2);
+        assert_eq!(
+            restore_rows(&store, "gap", dir.path(), None).await,
+            rows(&db),
+            "{kind}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolled_back_transactions_never_appear() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_in(&dir, "rb.db");
+        let conn = app_conn(&db, 4096);
+        insert(&conn, 10, 100);
+        let mut r = open_replica(&db, "rb", &store, opts()).await;
+        r.sync().await.unwrap();
+        conn.pragma_update(None, "cache_size", 5).unwrap();
+        conn.execute_batch("BEGIN").unwrap();
+        insert(&conn, 300, 3000);
+        // The big transaction has spilled frames into the WAL; none may ship.
+        r.sync().await.unwrap();
+        conn.execute_batch("ROLLBACK").unwrap();
+        conn.execute_batch("BEGIN; INSERT INTO t(v) VALUES (x'dead'); ROLLBACK;")
+            .unwrap();
+        insert(&conn, 3, 10);
+        r.sync().await.unwrap();
+        let restored = restore_rows(&store, "rb", dir.path(), None).await;
+        assert_eq!(restored.len(), 13, "{kind}");
+        assert_eq!(restored, rows(&db), "{kind}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vacuum_shrinks_and_every_page_size_round_trips() {
+    for (kind, store) in common::all_stores().await {
+        for page_size in [1024u32, 4096, 65536] {
+            let dir = tempfile::tempdir().unwrap();
+            let db = db_in(&dir, "vac.db");
+            let prefix = format!("vac{page_size}");
+            let conn = app_conn(&db, page_size);
+            let got: u32 = conn
+                .query_row("PRAGMA page_size", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(got, page_size);
+            insert(&conn, 400, 700);
+            let mut r = open_replica(&db, &prefix, &store, opts()).await;
+            r.sync().await.unwrap();
+            insert(&conn, 100, 700);
+            r.sync().await.unwrap();
+            let before: u32 = conn
+                .query_row("PRAGMA page_count", [], |r| r.get(0))
+                .unwrap();
+            conn.execute("DELETE FROM t WHERE id > 20", []).unwrap();
+            conn.execute_batch("VACUUM").unwrap();
+            let after: u32 = conn
+                .query_row("PRAGMA page_count", [], |r| r.get(0))
+                .unwrap();
+            assert!(after < before, "VACUUM shrank the database");
+            r.sync().await.unwrap();
+            let out = dir.path().join("out.db");
+            let report = restore::restore(
+                store.storage.as_ref(),
+                &RestoreOptions {
+                    prefix: prefix.clone(),
+                    output: out.clone(),
+                    txid: None,
+                    force: false,
+                },
+            )
+            .await
+            .unwrap();
+            assert_eq!(report.db_pages, after, "{kind} {page_size}");
+            assert_eq!(
+                std::fs::metadata(&out).unwrap().len(),
+                u64::from(after) * u64::from(page_size)
+            );
+            assert_eq!(rows(&out), rows(&db), "{kind} page size {page_size}");
+        }
+    }
+}
+
+/// Builds a chain of a snapshot and three WAL segments for `prefix`.
+async fn build_chain(
+    store: &TestStore,
+    dir: &Path,
+    name: &str,
+) -> (PathBuf, Vec<chain::ObjectRef>) {
+    let db = dir.join(format!("{name}.db"));
+    let conn = app_conn(&db, 4096);
+    insert(&conn, 20, 100);
+    let mut r = open_replica(&db, name, store, opts()).await;
+    r.sync().await.unwrap();
+    for _ in 0..3 {
+        insert(&conn, 5, 100);
+        r.sync().await.unwrap();
+    }
+    let objects = chain::list(store.storage.as_ref(), name).await.unwrap();
+    assert_eq!(objects.len(), 4);
+    (db, objects)
+}
+
+async fn replace_object(storage: &dyn Storage, key: &str, bytes: Vec<u8>) {
+    storage.delete(key).await.unwrap();
+    storage
+        .put_new(key, Payload::Bytes(bytes), [0; 32])
+        .await
+        .unwrap();
+}
+
+/// Restores over an existing file and expects a refusal naming `key`,
+/// with the existing file left as it was.
+async fn expect_refusal(store: &TestStore, prefix: &str, dir: &Path, key: &str) {
+    let out = dir.join("existing.db");
+    std::fs::write(&out, b"precious").unwrap();
+    let err = restore::restore(
+        store.storage.as_ref(),
+        &RestoreOptions {
+            prefix: prefix.into(),
+            output: out.clone(),
+            txid: None,
+            force: true,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.to_string().contains(key),
+        "error {err} does not name {key}"
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), b"precious");
+    let leftovers: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("walsync"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "temp files left behind: {leftovers:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn altered_missing_or_foreign_objects_are_refused_by_name() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, objects) = build_chain(&store, dir.path(), "victim").await;
+        let (_, foreign) = build_chain(&store, dir.path(), "other").await;
+
+        // Altered: one byte flipped in the middle object.
+        let key = objects[2].key.clone();
+        let original = storage::get_bytes(store.storage.as_ref(), &key)
+            .await
+            .unwrap();
+        let mut altered = original.clone();
+        let mid = altered.len() / 2;
+        altered[mid] ^= 0x01;
+        replace_object(store.storage.as_ref(), &key, altered).await;
+        expect_refusal(&store, "victim", dir.path(), &key).await;
+
+        // Copied from another database's chain, under the right name.
+        let theirs = storage::get_bytes(store.storage.as_ref(), &foreign[2].key)
+            .await
+            .unwrap();
+        replace_object(store.storage.as_ref(), &key, theirs).await;
+        expect_refusal(&store, "victim", dir.path(), &key).await;
+
+        // Deleted from the middle.
+        store.storage.delete(&key).await.unwrap();
+        expect_refusal(&store, "victim", dir.path(), &key).await;
+
+        // Put back as it was, the chain restores again.
+        replace_object(store.storage.as_ref(), &key, original).await;
+        let out = dir.path().join("ok.db");
+        restore::restore(
+            store.storage.as_ref(),
+            &RestoreOptions {
+                prefix: "victim".into(),
+                output: out,
+                txid: None,
+                force: false,
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{kind}: {e}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_writer_on_the_same_prefix_is_stopped_not_interleaved() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_in(&dir, "two.db");
+        let conn = app_conn(&db, 4096);
+        insert(&conn, 10, 100);
+        let mut first = open_replica(&db, "two", &store, opts()).await;
+        first.sync().await.unwrap();
+        let mut second = open_replica(&db, "two", &store, opts()).await;
+        insert(&conn, 10, 100);
+        first.sync().await.unwrap();
+        let err = second.sync().await.unwrap_err();
+        assert!(err.is_fatal(), "{kind}: {err}");
+        assert!(err.to_string().contains("two"), "{err}");
+        // The stopped writer stays stopped; the first goes on.
+        insert(&conn, 10, 100);
+        assert!(second.sync().await.is_err());
+        first.sync().await.unwrap();
+        assert_eq!(
+            restore_rows(&store, "two", dir.path(), None).await,
+            rows(&db),
+            "{kind}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writer_with_syncs_in_between() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_in(&dir, "busy.db");
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("walsync=debug")
+            .with_test_writer()
+            .try_init();
+        drop(app_conn(&db, 4096));
+        let mut r = open_replica(
+            &db,
+            "busy",
+            &store,
+            SyncOptions {
+                checkpoint_pages: 30,
+                ..opts()
+            },
+        )
+        .await;
+        r.sync().await.unwrap();
+        let writer_db = db.clone();
+        let writer = std::thread::spawn(move || {
+            let conn = app_conn(&writer_db, 4096);
+            conn.pragma_update(None, "wal_autocheckpoint", 20).unwrap();
+            for i in 0..1500 {
+                insert(&conn, 1, 64 + (i % 500));
+            }
+        });
+        while !writer.is_finished() {
+            r.sync().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        writer.join().unwrap();
+        r.sync().await.unwrap();
+        assert_eq!(rows(&db).len(), 1500);
+        assert_eq!(
+            restore_rows(&store, "busy", dir.path(), None).await,
+            rows(&db),
+            "{kind}"
+        );
+        assert_eq!(
+            count_snapshots(store.storage.as_ref(), "busy").await,
+            1,
+            "{kind}"
+        );
+        let generations = wal_generations(store.storage.as_ref(), "busy").await;
+        assert!(
+            generations > 1,
+            "{kind}: only {generations} WAL generations"
+        );
+    }
+}
