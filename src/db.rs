@@ -778,3 +778,91 @@ pub fn wal_path_of(db: &Path) -> PathBuf {
     s.push("-wal");
     PathBuf::from(s)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app(path: &Path) -> Connection {
+        let conn = Connection::open(path).unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        conn.execute_batch("CREATE TABLE IF NOT EXISTS t(v)")
+            .unwrap();
+        conn
+    }
+
+    fn data_version(conn: &Connection) -> i64 {
+        conn.query_row("PRAGMA data_version", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    fn truncate(conn: &Connection) -> i64 {
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    /// The TRUNCATE brake relies on this SQLite behaviour: a connection's own
+    /// TRUNCATE checkpoint leaves its data_version alone, and a commit by any
+    /// other connection between our write lock and the checkpoint changes it.
+    #[test]
+    fn data_version_reveals_a_commit_slipped_in_before_truncate() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.db");
+        let app = app(&path);
+        let lock = open_connection(&path).unwrap();
+        app.execute("INSERT INTO t VALUES (1)", []).unwrap();
+
+        lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let before = data_version(&lock);
+        lock.execute_batch("ROLLBACK").unwrap();
+        assert_eq!(truncate(&lock), 0);
+        assert_eq!(
+            data_version(&lock),
+            before,
+            "own checkpoint is not a change"
+        );
+
+        app.execute("INSERT INTO t VALUES (2)", []).unwrap();
+        lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let before = data_version(&lock);
+        lock.execute_batch("ROLLBACK").unwrap();
+        app.execute("INSERT INTO t VALUES (3)", []).unwrap();
+        assert_eq!(truncate(&lock), 0);
+        assert_ne!(data_version(&lock), before, "the slipped-in commit is seen");
+    }
+
+    #[test]
+    fn truncate_brake_seals_and_the_next_generation_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.db");
+        let app = app(&path);
+        let mut db = Database::open(&path).unwrap();
+        db.shipped(db.snapshot_position().unwrap());
+        for i in 0..20 {
+            app.execute("INSERT INTO t VALUES (?1)", [i]).unwrap();
+        }
+        let link = Link {
+            seq: 2,
+            prev_hash: [0; 32],
+        };
+        let Some(Changes::Segment(tail)) = db.lock_and_read_tail(link).unwrap() else {
+            panic!("expected frames");
+        };
+        db.shipped(tail.state);
+        let outcome = db.checkpoint(CheckpointMode::Truncate).unwrap();
+        assert_eq!(
+            outcome,
+            CheckpointOutcome::Done {
+                complete: true,
+                frames: 0
+            }
+        );
+        assert_eq!(db.state(), WalState::Empty);
+        assert_eq!(std::fs::metadata(wal_path_of(&path)).unwrap().len(), 0);
+        app.execute("INSERT INTO t VALUES (99)", []).unwrap();
+        match db.read_changes(link).unwrap() {
+            Changes::Segment(seg) => assert_eq!(seg.header.wal.first_frame, 0),
+            other => panic!("expected the new generation to follow, got {other:?}"),
+        }
+    }
+}

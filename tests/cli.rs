@@ -1,0 +1,272 @@
+//! The real `walsync` binary, driven as a user would.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rusqlite::Connection;
+use walsync::chain;
+
+use common::TestStore;
+
+fn walsync() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_walsync"));
+    cmd.env_remove("WALSYNC_STORAGE").env("WALSYNC_LOG", "info");
+    cmd
+}
+
+fn with_store(cmd: &mut Command, store: &TestStore) {
+    for (k, v) in &store.env {
+        cmd.env(k, v);
+    }
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.output().unwrap()
+}
+
+fn app_db(path: &Path) -> Connection {
+    let conn = Connection::open(path).unwrap();
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v TEXT)")
+        .unwrap();
+    conn
+}
+
+fn rows(path: &Path) -> Vec<(i64, String)> {
+    let conn = Connection::open(path).unwrap();
+    let mut stmt = conn.prepare("SELECT id, v FROM t ORDER BY id").unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "walsync did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+async fn wait_for_objects(store: &TestStore, prefix: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let objects = chain::list(store.storage.as_ref(), prefix).await.unwrap();
+        if objects.len() >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} objects in storage",
+            objects.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_ships_until_sigterm_and_restore_rebuilds_it() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("app.db");
+        let conn = app_db(&db);
+        conn.execute("INSERT INTO t(v) VALUES ('first')", [])
+            .unwrap();
+
+        let mut cmd = walsync();
+        cmd.args(["watch", "--sync-interval", "0", "--storage", &store.url])
+            .arg(&db)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        with_store(&mut cmd, &store);
+        let mut child = cmd.spawn().unwrap();
+        wait_for_objects(&store, "app", 1).await;
+        for i in 0..200 {
+            conn.execute("INSERT INTO t(v) VALUES (?1)", [format!("row {i}")])
+                .unwrap();
+        }
+        wait_for_objects(&store, "app", 2).await;
+        // The very last write before the signal must still reach storage.
+        conn.execute("INSERT INTO t(v) VALUES ('last')", [])
+            .unwrap();
+        let status = terminate(&mut child);
+        let mut log = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut log).unwrap();
+        assert!(status.success(), "{kind}: exit {status}\n{log}");
+        assert!(log.contains("shipped snapshot"), "{log}");
+        assert!(log.contains("shipped segment"), "{log}");
+        assert!(log.contains("every database flushed"), "{log}");
+
+        let out = dir.path().join("restored.db");
+        let mut cmd = walsync();
+        cmd.args(["restore", "--prefix", "app", "--storage", &store.url, "-o"])
+            .arg(&out);
+        with_store(&mut cmd, &store);
+        let output = run(&mut cmd);
+        assert!(
+            output.status.success(),
+            "{kind}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(String::from_utf8_lossy(&output.stdout).contains("restored app"));
+        let restored = rows(&out);
+        assert_eq!(
+            restored.last().map(|r| r.1.as_str()),
+            Some("last"),
+            "{kind}"
+        );
+        assert_eq!(restored, rows(&db), "{kind}");
+
+        let mut cmd = walsync();
+        cmd.args(["list", "--storage", &store.url]);
+        with_store(&mut cmd, &store);
+        let output = run(&mut cmd);
+        assert!(output.status.success());
+        assert!(String::from_utf8_lossy(&output.stdout).contains("app"));
+    }
+}
+
+#[test]
+fn the_default_replica_is_a_directory_beside_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("notes.db");
+    let conn = app_db(&db);
+    conn.execute("INSERT INTO t(v) VALUES ('hello')", [])
+        .unwrap();
+    let mut child = walsync()
+        .arg("watch")
+        .arg(&db)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let replica = dir.path().join("walsync-replica").join("notes");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_dir(&replica).map(|d| d.count()).unwrap_or(0) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no replica appeared in {}",
+            replica.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    conn.execute("INSERT INTO t(v) VALUES ('world')", [])
+        .unwrap();
+    assert!(terminate(&mut child).success());
+
+    // Restore finds the default replica beside the output file.
+    let out = dir.path().join("copy.db");
+    let output = run(walsync()
+        .args(["restore", "--prefix", "notes", "-o"])
+        .arg(&out));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(rows(&out), rows(&db));
+
+    // An existing file is never overwritten without --force.
+    std::fs::write(&out, b"keep me").unwrap();
+    let output = run(walsync()
+        .args(["restore", "--prefix", "notes", "-o"])
+        .arg(&out));
+    assert!(!output.status.success());
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("copy.db") && err.contains("--force"), "{err}");
+    assert_eq!(std::fs::read(&out).unwrap(), b"keep me");
+    let output = run(walsync()
+        .args(["restore", "--force", "--prefix", "notes", "-o"])
+        .arg(&out));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(rows(&out), rows(&db));
+}
+
+#[test]
+fn bad_input_gets_one_clear_line_and_a_failure_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "watch".into(),
+                dir.path().join("missing.db").display().to_string(),
+            ],
+            "missing.db",
+        ),
+        (
+            vec!["list".into(), "--storage".into(), "ftp://bucket/x".into()],
+            "ftp://bucket/x",
+        ),
+        (
+            vec![
+                "restore".into(),
+                "--prefix".into(),
+                "../escape".into(),
+                "-o".into(),
+                dir.path().join("x.db").display().to_string(),
+            ],
+            "../escape",
+        ),
+        (
+            vec![
+                "restore".into(),
+                "--prefix".into(),
+                "nothing-here".into(),
+                "-o".into(),
+                dir.path().join("y.db").display().to_string(),
+            ],
+            "nothing-here",
+        ),
+        (
+            vec![
+                "watch".into(),
+                "--sync-interval".into(),
+                "soon".into(),
+                "a.db".into(),
+            ],
+            "soon",
+        ),
+    ];
+    for (args, needle) in cases {
+        let output = run(walsync().args(&args).current_dir(dir.path()));
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} succeeded");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn help_explains_every_command() {
+    let output = run(walsync().arg("--help"));
+    let help = String::from_utf8_lossy(&output.stdout);
+    for command in ["watch", "restore", "list", "snapshot"] {
+        assert!(help.contains(command), "{help}");
+    }
+    let output = run(walsync().args(["restore", "--help"]));
+    let help = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        help.contains("--txid") && help.contains("--force"),
+        "{help}"
+    );
+}
