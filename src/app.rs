@@ -50,7 +50,6 @@ fn sync_options(args: &WatchArgs) -> SyncOptions {
         checkpoint_pages: args.checkpoint_pages.max(1),
         checkpoint_interval: args.checkpoint_interval,
         truncate_pages: args.truncate_pages.max(1),
-        ..SyncOptions::default()
     }
 }
 

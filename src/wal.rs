@@ -172,11 +172,7 @@ pub fn scan(file: &File, header: &WalHeader, from: Position) -> Result<Scan> {
         uncommitted_frames: 0,
     };
     let mut pending: Vec<(u32, u32)> = Vec::new();
-    loop {
-        match read_full(&mut reader, &mut frame)? {
-            true => {}
-            false => break,
-        }
+    while read_full(&mut reader, &mut frame)? {
         let pgno = be32(&frame, 0);
         let commit_size = be32(&frame, 4);
         if be32(&frame, 8) != header.salt1 || be32(&frame, 12) != header.salt2 || pgno == 0 {

@@ -297,7 +297,27 @@ impl S3Storage {
         match result {
             Ok(_) => {
                 guard.disarm();
-                Ok(())
+                // Some servers (moto among them) check If-None-Match on completion
+                // without making it atomic, so two racing completions can both
+                // succeed. One HEAD per large object tells whose body is there now.
+                match self.existing(full).await? {
+                    Existing::Present(Some(theirs)) if theirs.eq_ignore_ascii_case(sha) => Ok(()),
+                    Existing::Present(_) => {
+                        tracing::warn!(
+                            key = full,
+                            "another writer's object replaced ours right after our multipart upload completed \
+                             (the server does not enforce If-None-Match atomically)"
+                        );
+                        Err(Error::AlreadyExists {
+                            key: key.to_string(),
+                        })
+                    }
+                    Existing::Missing => Err(Error::S3 {
+                        op: "CompleteMultipartUpload",
+                        key: full.to_string(),
+                        message: "object missing right after its upload completed".into(),
+                    }),
+                }
             }
             Err(err) => {
                 let failure = Failure::new(err);

@@ -4,7 +4,7 @@
 //! S3 runs against an in-process `s3s-fs` server (one per test process, on its
 //! own runtime thread), or against the server named by
 //! `WALSYNC_TEST_S3_ENDPOINT` (a moto server in CI).
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 mod s3server;
 
