@@ -523,3 +523,69 @@ async fn concurrent_writer_with_syncs_in_between() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_database_file_is_snapshotted_again() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_in(&dir, "swap.db");
+        let conn = app_conn(&db, 4096);
+        insert(&conn, 20, 100);
+        let mut r = open_replica(&db, "swap", &store, opts()).await;
+        r.sync().await.unwrap();
+        drop(conn);
+
+        // Another file is renamed over the database (a restore from elsewhere, say).
+        let other = db_in(&dir, "other.db");
+        let conn = app_conn(&other, 4096);
+        insert(&conn, 7, 33);
+        conn.pragma_update(None, "journal_mode", "DELETE").unwrap();
+        drop(conn);
+        std::fs::rename(&other, &db).unwrap();
+        let _ = std::fs::remove_file(walsync::db::wal_path_of(&db));
+
+        let report = r.sync().await.unwrap();
+        assert_eq!(report.snapshots, 1, "{kind}: replacement detected");
+        let conn = app_conn(&db, 4096);
+        insert(&conn, 3, 10);
+        r.sync().await.unwrap();
+        assert_eq!(rows(&db).len(), 10);
+        assert_eq!(
+            restore_rows(&store, "swap", dir.path(), None).await,
+            rows(&db),
+            "{kind}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_interval_starts_new_snapshots_only_when_the_database_changes() {
+    let store = common::fs_store();
+    let dir = tempfile::tempdir().unwrap();
+    let db = db_in(&dir, "interval.db");
+    let conn = app_conn(&db, 4096);
+    let mut r = open_replica(
+        &db,
+        "interval",
+        &store,
+        SyncOptions {
+            snapshot_interval: Duration::ZERO,
+            ..opts()
+        },
+    )
+    .await;
+    r.sync().await.unwrap();
+    r.sync().await.unwrap();
+    assert_eq!(
+        count_snapshots(store.storage.as_ref(), "interval").await,
+        1,
+        "idle: none"
+    );
+    insert(&conn, 5, 10);
+    let report = r.sync().await.unwrap();
+    assert_eq!((report.segments, report.snapshots), (1, 1));
+    assert_eq!(
+        restore_rows(&store, "interval", dir.path(), None).await,
+        rows(&db)
+    );
+}
