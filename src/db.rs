@@ -147,9 +147,12 @@ pub enum CheckpointOutcome {
     Busy,
     /// Frames were checkpointed; `complete` if every frame was.
     Done { complete: bool, frames: u32 },
-    /// A TRUNCATE raced with a writer: continuity is lost.
-    Lost,
+    /// The WAL is not what was shipped (or a write raced the TRUNCATE): snapshot.
+    Lost(&'static str),
 }
+
+const FRAMES_DIFFER: &str =
+    "the WAL-index frame count differs from the frames read and shipped under the write lock";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CheckpointMode {
@@ -291,9 +294,25 @@ impl Database {
 
     /// Starts the read transaction that keeps other connections from restarting the WAL.
     fn pin(&mut self) -> Result<()> {
-        self.conn
-            .execute_batch("BEGIN; SELECT count(*) FROM sqlite_master;")
-            .map_err(self.sql_err())
+        let pinned = self
+            .conn
+            .execute_batch("BEGIN; SELECT count(*) FROM sqlite_master;");
+        if let Err(e) = pinned {
+            // A BEGIN whose SELECT failed holds no read lock: never keep it.
+            if !self.conn.is_autocommit() {
+                let _ = self.conn.execute_batch("ROLLBACK");
+            }
+            return Err(self.sql_err()(e));
+        }
+        Ok(())
+    }
+
+    /// Takes the pin again if an error left it released.
+    fn ensure_pinned(&mut self) -> Result<()> {
+        if self.conn.is_autocommit() {
+            self.pin()?;
+        }
+        Ok(())
     }
 
     fn unpin(&mut self) -> Result<()> {
@@ -401,6 +420,7 @@ impl Database {
     /// encodes them as segment `link.seq`. The state advances only when the
     /// caller calls [`Database::shipped`] after the upload is durable.
     pub fn read_changes(&mut self, link: Link) -> Result<Changes> {
+        self.ensure_pinned()?;
         match identity_of(&self.path) {
             Ok(id) if id == self.identity => {}
             Ok(_) => return Ok(Changes::Lost("the database file was replaced".into())),
@@ -441,18 +461,14 @@ impl Database {
                 }
                 pos
             }
-            WalState::At(pos) => {
-                if self.sealed && header.salt1 == pos.salt1.wrapping_add(1) {
-                    header.start()
-                } else if self.sealed {
-                    return Ok(Changes::Lost(
-                        "the WAL was restarted more than once since walsync's checkpoint".into(),
-                    ));
-                } else {
-                    return Ok(Changes::Lost(
-                        "the WAL was restarted by a checkpoint walsync did not make".into(),
-                    ));
-                }
+            // Sealed, and pinned ever since: no checkpoint could copy a frame
+            // committed after the seal, so whatever restarted the WAL discarded
+            // only frames already shipped (or never committed).
+            WalState::At(_) if self.sealed => header.start(),
+            WalState::At(_) => {
+                return Ok(Changes::Lost(
+                    "the WAL was restarted by a checkpoint walsync did not make".into(),
+                ));
             }
         };
         let scan = wal::scan(&file, &header, from).map_err(self.wal_err())?;
@@ -536,33 +552,25 @@ impl Database {
         let shipped_frames = self.state.frames();
         let result = match mode {
             CheckpointMode::Passive => self.checkpoint_passive(shipped_frames),
-            CheckpointMode::Truncate => self.checkpoint_truncate(),
+            CheckpointMode::Truncate => self.checkpoint_truncate(shipped_frames),
         };
         if result.is_err() {
             let _ = self.release_write_lock();
-            if self.conn.is_autocommit() {
-                let _ = self.pin();
-            }
+            let _ = self.ensure_pinned();
         }
         result
     }
 
     fn checkpoint_passive(&mut self, shipped_frames: u32) -> Result<CheckpointOutcome> {
         self.unpin()?;
-        let row = self
-            .conn
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, i64>(2)?,
-                ))
-            })
-            .map_err(self.sql_err());
+        let row = self.wal_checkpoint(&self.conn, "PASSIVE");
         self.pin()?;
         self.release_write_lock()?;
         let (busy, log, done) = row?;
-        let complete = busy == 0 && log == done && log == i64::from(shipped_frames);
+        if !self.log_matches(log, shipped_frames) {
+            return Ok(CheckpointOutcome::Lost(FRAMES_DIFFER));
+        }
+        let complete = busy == 0 && log >= 0 && log == done;
         if complete {
             self.sealed = true;
         }
@@ -572,37 +580,69 @@ impl Database {
         })
     }
 
-    fn checkpoint_truncate(&mut self) -> Result<CheckpointOutcome> {
+    /// Under our write lock the WAL-index's frame count (`log`) must equal the
+    /// frames we read and shipped. If it does not, the file holds frames SQLite
+    /// never published (an app that died mid-commit) or frames we could not
+    /// read: the chain cannot vouch for this WAL.
+    fn log_matches(&self, log: i64, shipped_frames: u32) -> bool {
+        log < 0 // the checkpoint did not run at all; nothing to compare
+            || log == i64::from(shipped_frames)
+            // Restarted in the WAL-index, first frame not written yet.
+            || (self.sealed && log == 0)
+    }
+
+    fn wal_checkpoint(&self, conn: &Connection, mode: &str) -> Result<(i64, i64, i64)> {
+        conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .map_err(self.sql_err())
+    }
+
+    fn checkpoint_truncate(&mut self, shipped_frames: u32) -> Result<CheckpointOutcome> {
         let before: i64 = self
             .lock
             .query_row("PRAGMA data_version", [], |r| r.get(0))
             .map_err(self.sql_err())?;
+        // First copy every frame while we still hold the write lock, and prove
+        // the WAL holds exactly what we shipped.
         self.unpin()?;
+        let passive = self.wal_checkpoint(&self.conn, "PASSIVE");
+        let (_, log, _) = match passive {
+            Ok(row) => row,
+            Err(e) => {
+                self.pin()?;
+                self.release_write_lock()?;
+                return Err(e);
+            }
+        };
+        if !self.log_matches(log, shipped_frames) {
+            self.pin()?;
+            self.release_write_lock()?;
+            return Ok(CheckpointOutcome::Lost(FRAMES_DIFFER));
+        }
+        // TRUNCATE will not run inside our own write transaction: release it,
+        // truncate, and take the pin back at once. Any commit by another
+        // connection in that gap changes data_version, which we read after the
+        // pin is back, so nothing can slip through unseen.
         self.release_write_lock()?;
-        let row = self
-            .lock
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, i64>(2)?,
-                ))
-            })
-            .map_err(self.sql_err());
+        let row = self.wal_checkpoint(&self.lock, "TRUNCATE");
+        let pinned = self.pin();
         let after: rusqlite::Result<i64> =
             self.lock.query_row("PRAGMA data_version", [], |r| r.get(0));
-        self.pin()?;
+        pinned?;
         let (busy, _, done) = row?;
         let after = after.map_err(self.sql_err())?;
+        if after != before {
+            return Ok(CheckpointOutcome::Lost(
+                "another connection committed between shipping and the TRUNCATE checkpoint",
+            ));
+        }
         if busy != 0 {
             // Readers kept it from finishing: nothing was truncated or restarted.
             return Ok(CheckpointOutcome::Done {
                 complete: false,
                 frames: done.max(0) as u32,
             });
-        }
-        if after != before {
-            return Ok(CheckpointOutcome::Lost);
         }
         self.state = WalState::Empty;
         self.sealed = true;
@@ -730,7 +770,11 @@ impl Database {
         let (hash, mut spool) = enc.finish().map_err(seg_err)?;
         spool.flush().map_err(self.io_err())?;
         let payload = spool.finish().map_err(self.io_err())?;
-        self.sealed = false;
+        // The pin moved under the write lock with no new frame, so a seal of
+        // this very position still holds.
+        if state != self.state {
+            self.sealed = false;
+        }
         Ok(Encoded {
             header,
             payload,

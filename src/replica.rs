@@ -49,6 +49,13 @@ impl Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Lock-free catch-up rounds before a checkpoint ships the tail under the write lock.
+const CATCH_UP_ATTEMPTS: u32 = 3;
+/// Longest time the app's writers wait on an upload made under the write lock.
+const UPLOAD_UNDER_LOCK: Duration = Duration::from_secs(5);
+/// Pause after a checkpoint that could not complete (app readers, a busy write lock).
+const CHECKPOINT_RETRY: Duration = Duration::from_secs(1);
+
 /// When to ship, snapshot and checkpoint.
 #[derive(Debug, Clone)]
 pub struct SyncOptions {
@@ -105,6 +112,8 @@ pub struct Replica {
     /// Encoded but not yet durable: retried byte for byte.
     pending: Option<Encoded>,
     last_checkpoint: Instant,
+    /// No checkpoint attempt before this, after one that could not complete.
+    checkpoint_retry_at: Option<Instant>,
     opts: SyncOptions,
     stopped: Option<String>,
 }
@@ -141,6 +150,7 @@ impl Replica {
             need_snapshot: None,
             pending: None,
             last_checkpoint: Instant::now(),
+            checkpoint_retry_at: None,
             opts,
             stopped: None,
         };
@@ -221,19 +231,22 @@ impl Replica {
         &mut self,
         f: impl FnOnce(&mut Database) -> T + Send + 'static,
     ) -> Result<T> {
-        let mut db = match self.db.take() {
-            Some(db) => db,
-            None => {
-                // A previous worker died holding it: start over from a snapshot.
-                let path = self.path.clone();
-                self.need_snapshot = Some("walsync reopened the database".into());
-                tokio::task::spawn_blocking(move || Database::open(&path))
-                    .await
-                    .map_err(|e| Error::Worker {
-                        path: self.path.clone(),
-                        message: e.to_string(),
-                    })??
-            }
+        let Some(mut db) = self.db.take() else {
+            // A previous worker died holding it. Reopen, and start over from a
+            // snapshot: frames read from a fresh position could skip some.
+            let path = self.path.clone();
+            let db = tokio::task::spawn_blocking(move || Database::open(&path))
+                .await
+                .map_err(|e| Error::Worker {
+                    path: self.path.clone(),
+                    message: e.to_string(),
+                })??;
+            self.db = Some(db);
+            self.need_snapshot = Some("walsync reopened the database after a failure".into());
+            return Err(Error::Worker {
+                path: self.path.clone(),
+                message: "reopened after a failure; a snapshot follows".into(),
+            });
         };
         let (db, out) = tokio::task::spawn_blocking(move || {
             let out = f(&mut db);
@@ -319,7 +332,7 @@ impl Replica {
 
     fn checkpoint_due(&self) -> Option<CheckpointMode> {
         let frames = self.db.as_ref()?.unsealed_frames();
-        if frames == 0 {
+        if frames == 0 || self.checkpoint_retry_at.is_some_and(|t| Instant::now() < t) {
             None
         } else if frames >= self.opts.truncate_pages {
             Some(CheckpointMode::Truncate)
@@ -362,33 +375,55 @@ impl Replica {
     }
 
     async fn checkpoint(&mut self, mode: CheckpointMode, report: &mut SyncReport) -> Result<()> {
-        let link = self.next_link();
-        let tail = self
-            .with_db(move |db| db.lock_and_read_tail(link))
-            .await??;
-        let Some(tail) = tail else {
-            // The app holds the write lock; the checkpoint waits for the next sync.
-            self.last_checkpoint = Instant::now();
-            return Ok(());
-        };
-        let shipped = match tail {
-            Changes::Nothing => Ok(()),
-            Changes::Segment(enc) => self.upload(enc, report).await,
-            Changes::Lost(reason) => {
-                self.with_db(|db| db.release_write_lock()).await??;
-                return self.snapshot(&reason, report).await;
+        self.last_checkpoint = Instant::now();
+        // Until proven complete, the next attempt waits a little.
+        self.checkpoint_retry_at = Some(Instant::now() + CHECKPOINT_RETRY);
+        // Sealing needs the WAL end read under the app's write lock. Frames
+        // that arrived since the last read are shipped *without* the lock and
+        // the lock is tried again, so that normally no network request is made
+        // while the app cannot write; only the last attempt ships under the
+        // lock, and then within a bounded time.
+        for attempt in 1..=CATCH_UP_ATTEMPTS {
+            let link = self.next_link();
+            let tail = self
+                .with_db(move |db| db.lock_and_read_tail(link))
+                .await??;
+            let Some(tail) = tail else {
+                // The app holds the write lock; the checkpoint waits for another sync.
+                return Ok(());
+            };
+            match tail {
+                Changes::Nothing => break,
+                Changes::Lost(reason) => {
+                    self.with_db(|db| db.release_write_lock()).await??;
+                    return self.snapshot(&reason, report).await;
+                }
+                Changes::Segment(enc) if attempt < CATCH_UP_ATTEMPTS => {
+                    self.with_db(|db| db.release_write_lock()).await??;
+                    self.upload(enc, report).await?;
+                }
+                Changes::Segment(enc) => {
+                    let shipped =
+                        tokio::time::timeout(UPLOAD_UNDER_LOCK, self.upload(enc, report)).await;
+                    if !matches!(shipped, Ok(Ok(()))) {
+                        self.with_db(|db| db.release_write_lock()).await??;
+                        // A timed-out upload is still pending and retried byte for byte.
+                        return match shipped {
+                            Ok(result) => result,
+                            Err(_) => Ok(()),
+                        };
+                    }
+                }
             }
-        };
-        if let Err(e) = shipped {
-            self.with_db(|db| db.release_write_lock()).await??;
-            return Err(e);
         }
         let outcome = self.with_db(move |db| db.checkpoint(mode)).await??;
-        self.last_checkpoint = Instant::now();
         match outcome {
             CheckpointOutcome::Busy => {}
             CheckpointOutcome::Done { complete, frames } => {
                 report.checkpointed = true;
+                if complete {
+                    self.checkpoint_retry_at = None;
+                }
                 tracing::debug!(
                     db = %self.path.display(),
                     ?mode,
@@ -397,13 +432,7 @@ impl Replica {
                     "checkpointed"
                 );
             }
-            CheckpointOutcome::Lost => {
-                self.snapshot(
-                    "a write landed between shipping and the TRUNCATE checkpoint",
-                    report,
-                )
-                .await?;
-            }
+            CheckpointOutcome::Lost(reason) => self.snapshot(reason, report).await?,
         }
         Ok(())
     }

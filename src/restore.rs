@@ -24,6 +24,10 @@ use crate::storage::{self, Storage, to_hex};
 pub enum Error {
     #[error("{path} already exists; pass --force to replace it")]
     OutputExists { path: PathBuf },
+    #[error(
+        "{path} is in use (its WAL could not be checkpointed); stop the app using it, then restore again"
+    )]
+    InUse { path: PathBuf },
     #[error("no replica found under prefix {prefix:?} in {storage}")]
     NoReplica { prefix: String, storage: String },
     #[error("sequence {target} is past the newest object of {prefix:?} (sequence {head})")]
@@ -250,11 +254,12 @@ pub async fn restore(storage: &dyn Storage, opts: &RestoreOptions) -> Result<Res
         timestamp_ms: last.header.timestamp_ms,
     };
     let output = output.clone();
+    let force = opts.force;
     let items: Vec<(String, PathBuf)> = verified
         .into_iter()
         .map(|v| (v.object.key, v.spool))
         .collect();
-    tokio::task::spawn_blocking(move || apply(&items, &output))
+    tokio::task::spawn_blocking(move || apply(&items, &output, force))
         .await
         .map_err(|e| Error::Io {
             path: opts.output.clone(),
@@ -291,24 +296,15 @@ fn temp_path_of(output: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-fn apply(items: &[(String, PathBuf)], output: &Path) -> Result<()> {
+fn apply(items: &[(String, PathBuf)], output: &Path, force: bool) -> Result<()> {
     let tmp = temp_path_of(output);
-    let result = apply_into(items, &tmp).and_then(|()| check_integrity(&tmp));
-    if let Err(e) = result {
+    let result = apply_into(items, &tmp)
+        .and_then(|()| check_integrity(&tmp))
+        .and_then(|()| place(&tmp, output, force));
+    if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
-        return Err(e);
     }
-    // A WAL or shm left beside an old file would be replayed onto the restored one.
-    for suffix in ["-wal", "-shm"] {
-        let mut side = output.as_os_str().to_owned();
-        side.push(suffix);
-        match std::fs::remove_file(PathBuf::from(side)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_at(output)(e)),
-        }
-    }
-    std::fs::rename(&tmp, output).map_err(io_at(output))?;
+    result?;
     let dir = match output.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -316,6 +312,56 @@ fn apply(items: &[(String, PathBuf)], output: &Path) -> Result<()> {
     File::open(&dir)
         .and_then(|d| d.sync_all())
         .map_err(io_at(&dir))?;
+    Ok(())
+}
+
+/// Moves the checked file into place. Without `force` it must not replace
+/// anything, not even a file created while the restore ran.
+fn place(tmp: &Path, output: &Path, force: bool) -> Result<()> {
+    if !force {
+        return match std::fs::hard_link(tmp, output) {
+            Ok(()) => std::fs::remove_file(tmp).map_err(io_at(tmp)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(Error::OutputExists {
+                path: output.to_path_buf(),
+            }),
+            Err(e) => Err(io_at(output)(e)),
+        };
+    }
+    retire_wal_of(output)?;
+    std::fs::rename(tmp, output).map_err(io_at(output))
+}
+
+/// A `-wal` left beside the file being replaced would be replayed onto the
+/// restored one. Fold it into the old file first (so a crash before the
+/// rename loses nothing), refusing if a live app still has the file open.
+fn retire_wal_of(output: &Path) -> Result<()> {
+    let side = |suffix: &str| {
+        let mut s = output.as_os_str().to_owned();
+        s.push(suffix);
+        PathBuf::from(s)
+    };
+    let (wal, shm) = (side("-wal"), side("-shm"));
+    if wal.exists() {
+        let in_use = || Error::InUse {
+            path: output.to_path_buf(),
+        };
+        let conn = rusqlite::Connection::open(output).map_err(|_| in_use())?;
+        conn.busy_timeout(std::time::Duration::from_secs(1))?;
+        let busy: i64 = conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+            .map_err(|_| in_use())?;
+        if busy != 0 {
+            return Err(in_use());
+        }
+        drop(conn);
+    }
+    for path in [wal, shm] {
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_at(&path)(e)),
+        }
+    }
     Ok(())
 }
 

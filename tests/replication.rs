@@ -589,3 +589,41 @@ async fn snapshot_interval_starts_new_snapshots_only_when_the_database_changes()
         rows(&db)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_restore_over_a_database_with_a_wal_replaces_it_safely() {
+    let store = common::fs_store();
+    let dir = tempfile::tempdir().unwrap();
+    let (db, _) = build_chain(&store, dir.path(), "src").await;
+
+    // The target is a database of its own, with committed frames in its WAL.
+    let target = dir.path().join("target.db");
+    let old = app_conn(&target, 4096);
+    old.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+    insert(&old, 50, 10);
+    let reader = Connection::open(&target).unwrap();
+    reader
+        .execute_batch("BEGIN; SELECT count(*) FROM t;")
+        .unwrap();
+    let opts = RestoreOptions {
+        prefix: "src".into(),
+        output: target.clone(),
+        txid: None,
+        force: true,
+    };
+    // While an app still reads it, its WAL cannot be folded in: refused, untouched.
+    let err = restore::restore(store.storage.as_ref(), &opts)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("in use"), "{err}");
+    assert_eq!(rows(&target).len(), 50);
+
+    reader.execute_batch("COMMIT").unwrap();
+    drop(reader);
+    drop(old);
+    restore::restore(store.storage.as_ref(), &opts)
+        .await
+        .unwrap();
+    assert!(!walsync::db::wal_path_of(&target).exists());
+    assert_eq!(rows(&target), rows(&db));
+}
