@@ -395,6 +395,17 @@ impl Database {
         Ok(verdict)
     }
 
+    /// The committed frame count SQLite published in the WAL-index, if readable.
+    fn published_frames(&self, header: &WalHeader) -> Result<Option<u32>> {
+        let mut shm = self.path.as_os_str().to_owned();
+        shm.push("-shm");
+        match File::open(PathBuf::from(shm)) {
+            Ok(file) => Ok(wal::published_frames(&file, header)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io_err()(e)),
+        }
+    }
+
     /// True if the frame before `pos` is present and carries `pos`'s checksum.
     fn checksum_matches(&self, file: &File, header: &WalHeader, pos: Position) -> Result<bool> {
         use std::os::unix::fs::FileExt;
@@ -471,7 +482,16 @@ impl Database {
                 ));
             }
         };
-        let scan = wal::scan(&file, &header, from).map_err(self.wal_err())?;
+        let published = self.published_frames(&header)?;
+        if let Some(published) = published
+            && published < from.frame
+        {
+            return Ok(Changes::Lost(
+                "frames already shipped were never published as committed by SQLite".into(),
+            ));
+        }
+        let limit = published.unwrap_or(u32::MAX);
+        let scan = wal::scan_until(&file, &header, from, limit).map_err(self.wal_err())?;
         // A new generation with no whole transaction yet ships nothing, and
         // the seal stands until one appears.
         let Some(db_pages) = scan.db_pages else {
@@ -700,7 +720,9 @@ impl Database {
         match self.open_wal()? {
             None => Ok(WalState::Empty),
             Some((file, header)) => {
-                let scan = wal::scan(&file, &header, header.start()).map_err(self.wal_err())?;
+                let limit = self.published_frames(&header)?.unwrap_or(u32::MAX);
+                let scan = wal::scan_until(&file, &header, header.start(), limit)
+                    .map_err(self.wal_err())?;
                 Ok(WalState::At(scan.end))
             }
         }

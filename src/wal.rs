@@ -153,6 +153,11 @@ pub struct Scan {
 ///
 /// `from` must belong to the generation of `header`; the caller checks that.
 pub fn scan(file: &File, header: &WalHeader, from: Position) -> Result<Scan> {
+    scan_until(file, header, from, u32::MAX)
+}
+
+/// Like [`scan`], but reads no frame at or past index `limit`.
+pub fn scan_until(file: &File, header: &WalHeader, from: Position, limit: u32) -> Result<Scan> {
     let frame_size = header.frame_size() as usize;
     let mut reader = BufReader::with_capacity(
         (frame_size * 16).max(256 * 1024),
@@ -172,7 +177,7 @@ pub fn scan(file: &File, header: &WalHeader, from: Position) -> Result<Scan> {
         uncommitted_frames: 0,
     };
     let mut pending: Vec<(u32, u32)> = Vec::new();
-    while read_full(&mut reader, &mut frame)? {
+    while index < limit && read_full(&mut reader, &mut frame)? {
         let pgno = be32(&frame, 0);
         let commit_size = be32(&frame, 4);
         if be32(&frame, 8) != header.salt1 || be32(&frame, 12) != header.salt2 || pgno == 0 {
@@ -204,6 +209,46 @@ pub fn scan(file: &File, header: &WalHeader, from: Position) -> Result<Scan> {
     }
     result.uncommitted_frames = pending.len() as u32;
     Ok(result)
+}
+
+/// The number of frames SQLite has published as committed in the WAL-index
+/// (`-shm`) for the WAL generation of `header`.
+///
+/// A commit frame is written and synced to the WAL before SQLite publishes it
+/// in the WAL-index. If the writer dies in between and other connections keep
+/// the WAL-index alive (walsync's do), SQLite treats the frame as never
+/// committed and overwrites it. The WAL file alone cannot tell, so the scan is
+/// capped here. `None` when the index is missing, being written, or describes
+/// another generation; the caller then relies on the frames alone.
+pub fn published_frames(shm: &File, header: &WalHeader) -> Option<u32> {
+    let mut buf = [0u8; 96];
+    shm.read_exact_at(&mut buf, 0).ok()?;
+    let (first, second) = buf.split_at(48);
+    if first != second {
+        return None;
+    }
+    let native = |at: usize| {
+        let b = [first[at], first[at + 1], first[at + 2], first[at + 3]];
+        if cfg!(target_endian = "big") {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        }
+    };
+    let version = native(0);
+    let is_init = first[12];
+    if version != FORMAT_VERSION || is_init != 1 {
+        return None;
+    }
+    let expected = (native(40), native(44));
+    if checksum_step(cfg!(target_endian = "big"), (0, 0), &first[..40]) != expected {
+        return None;
+    }
+    // Salts are kept as the WAL header's bytes, big-endian.
+    if be32(first, 32) != header.salt1 || be32(first, 36) != header.salt2 {
+        return None;
+    }
+    Some(native(16))
 }
 
 /// Reads the page stored in frame `index`.
@@ -399,6 +444,41 @@ mod tests {
         conn.execute_batch("ROLLBACK").unwrap();
         let after = scan(&wal, &header, header.start()).unwrap();
         assert_eq!(after.end, mid.end);
+    }
+
+    #[test]
+    fn frames_written_but_never_published_are_not_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.db");
+        let conn = open(&path);
+        conn.execute("INSERT INTO t(v) VALUES (x'01')", []).unwrap();
+        let shm_path = format!("{}-shm", path.display());
+        let (wal, header) = wal_of(&path);
+        let shm = File::open(&shm_path).unwrap();
+        let published = published_frames(&shm, &header).unwrap();
+        let full = scan(&wal, &header, header.start()).unwrap();
+        assert_eq!(published, full.end.frame);
+
+        // A second commit reaches the WAL file, but the WAL-index is put back
+        // as it was: as if the writer died before publishing it.
+        let mut index = [0u8; 136];
+        shm.read_exact_at(&mut index, 0).unwrap();
+        conn.execute("INSERT INTO t(v) VALUES (x'02')", []).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&shm_path)
+            .unwrap()
+            .write_all_at(&index, 0)
+            .unwrap();
+        let unpublished = scan(&wal, &header, header.start()).unwrap();
+        assert!(
+            unpublished.end.frame > published,
+            "the orphan frames are valid on disk"
+        );
+        let cap = published_frames(&shm, &header).unwrap();
+        assert_eq!(cap, published);
+        let capped = scan_until(&wal, &header, header.start(), cap).unwrap();
+        assert_eq!(capped.end, full.end);
     }
 
     #[test]
