@@ -187,7 +187,18 @@ pub async fn restore(storage: &dyn Storage, opts: &RestoreOptions) -> Result<Res
         .tempdir_in(&dir)
         .map_err(io_at(&dir))?;
 
-    // 1. Download and verify everything before writing a page.
+    // 1. Download and verify everything before writing a page. A snapshot
+    // starts the chain, but where the object before it still exists the
+    // snapshot must link to it too: a snapshot of another database renamed
+    // into this prefix is refused.
+    let mut link: Option<(String, [u8; 32])> = None;
+    if let Some(before) = plan
+        .first()
+        .and_then(|first| objects.iter().find(|o| o.seq + 1 == first.seq))
+    {
+        let (_, hash, _) = chain::read_verified(storage, before).await?;
+        link = Some((before.key.clone(), hash));
+    }
     let mut verified: Vec<Verified> = Vec::with_capacity(plan.len());
     let mut bytes = 0u64;
     for object in plan {
@@ -212,15 +223,18 @@ pub async fn restore(storage: &dyn Storage, opts: &RestoreOptions) -> Result<Res
             source,
         })?;
         chain::check_key(&object, &header)?;
+        if let Some((prev_key, prev_hash)) = &link
+            && header.prev_hash != *prev_hash
+        {
+            return Err(Error::BrokenLink {
+                key: object.key.clone(),
+                prev: prev_key.clone(),
+                found: to_hex(&header.prev_hash),
+                expected: to_hex(prev_hash),
+            });
+        }
+        link = Some((object.key.clone(), hash));
         if let Some(prev) = verified.last() {
-            if header.prev_hash != prev.hash {
-                return Err(Error::BrokenLink {
-                    key: object.key.clone(),
-                    prev: prev.object.key.clone(),
-                    found: to_hex(&header.prev_hash),
-                    expected: to_hex(&prev.hash),
-                });
-            }
             if header.page_size != prev.header.page_size {
                 return Err(Error::PageSizeChanged {
                     key: object.key.clone(),
@@ -233,7 +247,6 @@ pub async fn restore(storage: &dyn Storage, opts: &RestoreOptions) -> Result<Res
         verified.push(Verified {
             object,
             header,
-            hash,
             spool,
         });
     }
@@ -273,7 +286,6 @@ pub async fn restore(storage: &dyn Storage, opts: &RestoreOptions) -> Result<Res
 struct Verified {
     object: ObjectRef,
     header: segment::Header,
-    hash: [u8; 32],
     spool: PathBuf,
 }
 

@@ -481,6 +481,64 @@ mod tests {
         assert_eq!(capped.end, full.end);
     }
 
+    /// Builds a WAL file image: `frames` of (page number, commit size).
+    fn synthetic_wal(big_endian: bool, frames: &[(u32, u32)]) -> Vec<u8> {
+        let page_size = 512u32;
+        let mut out = Vec::new();
+        let magic = if big_endian { MAGIC_BE } else { MAGIC_LE };
+        for word in [
+            magic,
+            FORMAT_VERSION,
+            page_size,
+            7,
+            0x1111_2222,
+            0x3333_4444,
+        ] {
+            out.extend_from_slice(&word.to_be_bytes());
+        }
+        let mut ck = checksum_step(big_endian, (0, 0), &out);
+        out.extend_from_slice(&ck.0.to_be_bytes());
+        out.extend_from_slice(&ck.1.to_be_bytes());
+        for (i, (pgno, commit)) in frames.iter().enumerate() {
+            let mut head = Vec::new();
+            head.extend_from_slice(&pgno.to_be_bytes());
+            head.extend_from_slice(&commit.to_be_bytes());
+            let page = vec![i as u8; page_size as usize];
+            ck = checksum_step(big_endian, ck, &head);
+            ck = checksum_step(big_endian, ck, &page);
+            head.extend_from_slice(&0x1111_2222u32.to_be_bytes());
+            head.extend_from_slice(&0x3333_4444u32.to_be_bytes());
+            head.extend_from_slice(&ck.0.to_be_bytes());
+            head.extend_from_slice(&ck.1.to_be_bytes());
+            out.extend_from_slice(&head);
+            out.extend_from_slice(&page);
+        }
+        out
+    }
+
+    #[test]
+    fn both_checksum_byte_orders_are_read() {
+        for big_endian in [false, true] {
+            let image = synthetic_wal(big_endian, &[(1, 0), (2, 2), (2, 0), (3, 3), (1, 0)]);
+            let mut file = tempfile::tempfile().unwrap();
+            file.write_all(&image).unwrap();
+            let header = WalHeader::read_from(&file).unwrap().unwrap();
+            assert_eq!(header.big_endian, big_endian);
+            assert_eq!((header.page_size, header.checkpoint_seq), (512, 7));
+            let found = scan(&file, &header, header.start()).unwrap();
+            assert_eq!(found.transactions, 2);
+            assert_eq!(found.end.frame, 4);
+            assert_eq!(found.db_pages, Some(3));
+            assert_eq!(found.uncommitted_frames, 1);
+            // The newest version of page 2 is frame 2, not frame 1.
+            assert_eq!(found.pages.get(&2), Some(&2));
+            // Read with the other byte order, the chain is broken at once.
+            let mut wrong = header;
+            wrong.big_endian = !big_endian;
+            assert_eq!(scan(&file, &wrong, wrong.start()).unwrap().transactions, 0);
+        }
+    }
+
     #[test]
     fn rejects_garbage_headers() {
         assert!(matches!(

@@ -11,7 +11,7 @@ use rusqlite::Connection;
 use walsync::chain;
 use walsync::replica::{Replica, SyncOptions};
 use walsync::restore::{self, RestoreOptions};
-use walsync::segment::Kind;
+use walsync::segment::{self, Kind};
 use walsync::storage::{self, Payload, Storage};
 
 use common::TestStore;
@@ -367,7 +367,7 @@ async fn replace_object(storage: &dyn Storage, key: &str, bytes: Vec<u8>) {
 
 /// Restores over an existing file and expects a refusal naming `key`,
 /// with the existing file left as it was.
-async fn expect_refusal(store: &TestStore, prefix: &str, dir: &Path, key: &str) {
+async fn expect_refusal(store: &TestStore, prefix: &str, dir: &Path, key: &str) -> String {
     let out = dir.join("existing.db");
     std::fs::write(&out, b"precious").unwrap();
     let err = restore::restore(
@@ -395,6 +395,7 @@ async fn expect_refusal(store: &TestStore, prefix: &str, dir: &Path, key: &str) 
         leftovers.is_empty(),
         "temp files left behind: {leftovers:?}"
     );
+    err.to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -425,6 +426,33 @@ async fn altered_missing_or_foreign_objects_are_refused_by_name() {
         // Deleted from the middle.
         store.storage.delete(&key).await.unwrap();
         expect_refusal(&store, "victim", dir.path(), &key).await;
+
+        // A foreign snapshot as the newest object: it starts a chain, but the
+        // object before it says it does not belong here.
+        let head = chain::list(store.storage.as_ref(), "victim").await.unwrap();
+        let seq = head.last().unwrap().seq + 1;
+        let next = segment::object_key("victim", seq, Kind::Snapshot);
+        let forged = segment::Header {
+            kind: Kind::Snapshot,
+            page_size: 4096,
+            seq,
+            db_pages: 1,
+            page_count: 1,
+            timestamp_ms: 0,
+            wal: segment::WalRange::default(),
+            prev_hash: [7; 32],
+        };
+        let mut enc = segment::Encoder::new(forged, Vec::new()).unwrap();
+        enc.add_page(1, &[0u8; 4096]).unwrap();
+        let (hash, bytes) = enc.finish().unwrap();
+        store
+            .storage
+            .put_new(&next, Payload::Bytes(bytes), hash)
+            .await
+            .unwrap();
+        let err = expect_refusal(&store, "victim", dir.path(), &next).await;
+        assert!(err.contains("does not follow"), "{kind}: {err}");
+        store.storage.delete(&next).await.unwrap();
 
         // Put back as it was, the chain restores again.
         replace_object(store.storage.as_ref(), &key, original).await;
