@@ -8,9 +8,12 @@ use std::time::{Duration, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{Cli, Command, ListArgs, RestoreArgs, SnapshotArgs, StorageArgs, WatchArgs};
+use crate::cli::{
+    Cli, Command, ListArgs, RestoreAllArgs, RestoreArgs, SnapshotArgs, StorageArgs, WatchArgs,
+};
+use crate::config::{Config, StorageConfig, WatchSettings};
 use crate::replica::{Replica, SyncOptions};
-use crate::replicator::{self, DbSpec, RunOptions};
+use crate::replicator::{self, DbSpec, Plan};
 use crate::restore::{self, RestoreOptions};
 use crate::storage::{self, S3Options, Storage};
 use crate::{chain, config};
@@ -19,6 +22,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<()> {
     match cli.command {
         Command::Watch(args) => watch(args, shutdown).await,
         Command::Restore(args) => restore(args).await,
+        Command::RestoreAll(args) => restore_all(args).await,
         Command::List(args) => list(args).await,
         Command::Snapshot(args) => snapshot(args).await,
     }
@@ -29,7 +33,18 @@ fn s3_options(args: &StorageArgs) -> S3Options {
         endpoint: args.endpoint.clone(),
         region: args.region.clone(),
         force_path_style: args.path_style,
+        credentials: None,
     }
+}
+
+fn load_config(path: &Path) -> Result<Config> {
+    Ok(Config::load(path)?)
+}
+
+async fn open_config_storage(storage: &StorageConfig) -> Result<Arc<dyn Storage>> {
+    storage::open(&storage.url, &storage.s3)
+        .await
+        .with_context(|| format!("opening storage {}", storage.url))
 }
 
 /// Opens the configured storage, or the local default directory `default_dir`.
@@ -54,6 +69,12 @@ fn sync_options(args: &WatchArgs) -> SyncOptions {
 }
 
 async fn watch(args: WatchArgs, shutdown: CancellationToken) -> Result<()> {
+    replicator::raise_open_file_limit();
+    if let Some(path) = &args.config {
+        let config = load_config(path)?;
+        let storage = open_config_storage(&config.storage).await?;
+        return Ok(replicator::run(Plan::Config { config, storage }, shutdown).await?);
+    }
     let dbs = config::databases(&args.databases, args.prefix.as_deref())?;
     for (path, _) in &dbs {
         if !path.is_file() {
@@ -69,6 +90,7 @@ async fn watch(args: WatchArgs, shutdown: CancellationToken) -> Result<()> {
         Some(_) => Some(open_storage(&args.storage, Path::new(".")).await?),
         None => None,
     };
+    let sync = sync_options(&args);
     let mut by_dir: HashMap<PathBuf, Arc<dyn Storage>> = HashMap::new();
     let mut specs = Vec::with_capacity(dbs.len());
     for (path, prefix) in dbs {
@@ -90,14 +112,15 @@ async fn watch(args: WatchArgs, shutdown: CancellationToken) -> Result<()> {
             path,
             prefix,
             storage,
+            sync: sync.clone(),
         });
     }
-    let opts = RunOptions {
-        sync: sync_options(&args),
+    let watch = WatchSettings {
         parallelism: args.parallelism.max(1),
         shutdown_timeout: args.shutdown_timeout,
+        ..WatchSettings::default()
     };
-    replicator::run(specs, opts, shutdown).await?;
+    replicator::run(Plan::Fixed { specs, watch }, shutdown).await?;
     Ok(())
 }
 
@@ -128,8 +151,72 @@ async fn restore(args: RestoreArgs) -> Result<()> {
     Ok(())
 }
 
+async fn restore_all(args: RestoreAllArgs) -> Result<()> {
+    let config = load_config(&args.config)?;
+    let storage = open_config_storage(&config.storage).await?;
+    // Every database in storage, plus every configured one (which then fails
+    // by name if storage has nothing for it).
+    let mut prefixes: Vec<String> = chain::list_databases(storage.as_ref())
+        .await
+        .with_context(|| format!("listing {}", storage.describe()))?
+        .into_iter()
+        .map(|(prefix, _)| prefix)
+        .collect();
+    for target in config.discover()? {
+        if !prefixes.contains(&target.prefix) {
+            prefixes.push(target.prefix);
+        }
+    }
+    prefixes.sort();
+    if prefixes.is_empty() {
+        bail!("nothing to restore: no databases in {}", storage.describe());
+    }
+    std::fs::create_dir_all(&args.output_dir)
+        .with_context(|| format!("creating {}", args.output_dir.display()))?;
+    let outcomes = restore::restore_all(
+        storage.clone(),
+        prefixes,
+        &args.output_dir,
+        args.parallelism,
+        args.force,
+    )
+    .await;
+    let mut failed = Vec::new();
+    for outcome in &outcomes {
+        match &outcome.result {
+            Ok(report) => println!(
+                "restored {} to {} (sequence {}, {} pages)",
+                outcome.prefix,
+                outcome.output.display(),
+                report.seq,
+                report.db_pages
+            ),
+            Err(e) => {
+                eprintln!("failed {}: {e}", outcome.prefix);
+                failed.push(outcome.prefix.clone());
+            }
+        }
+    }
+    println!(
+        "restore-all: {} restored, {} failed",
+        outcomes.len() - failed.len(),
+        failed.len()
+    );
+    if !failed.is_empty() {
+        bail!(
+            "{} database(s) failed to restore: {}",
+            failed.len(),
+            failed.join(", ")
+        );
+    }
+    Ok(())
+}
+
 async fn list(args: ListArgs) -> Result<()> {
-    let storage = open_storage(&args.storage, Path::new(config::DEFAULT_REPLICA_DIR)).await?;
+    let storage = match &args.config {
+        Some(path) => open_config_storage(&load_config(path)?.storage).await?,
+        None => open_storage(&args.storage, Path::new(config::DEFAULT_REPLICA_DIR)).await?,
+    };
     let dbs = chain::list_databases(storage.as_ref())
         .await
         .with_context(|| format!("listing {}", storage.describe()))?;
@@ -138,8 +225,8 @@ async fn list(args: ListArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<32} {:>8} {:>10} {:>10} {:>14}  HEAD TIME",
-        "PREFIX", "OBJECTS", "HEAD SEQ", "SNAPSHOT", "BYTES"
+        "{:<32} {:>8} {:>10} {:>10} {:>14} {:>14}  LAST SYNC",
+        "PREFIX", "OBJECTS", "HEAD SEQ", "SNAPSHOT", "STORED BYTES", "DB BYTES"
     );
     for (prefix, objects) in dbs {
         let Some(head) = objects.last() else { continue };
@@ -150,17 +237,21 @@ async fn list(args: ListArgs) -> Result<()> {
             .map(|o| o.seq.to_string())
             .unwrap_or_else(|| "-".into());
         let bytes: u64 = objects.iter().map(|o| o.size).sum();
-        let time = match chain::read_header(storage.as_ref(), head).await {
-            Ok(h) => format_ms(h.timestamp_ms),
-            Err(e) => format!("unreadable: {e}"),
+        let (db_bytes, time) = match chain::read_header(storage.as_ref(), head).await {
+            Ok(h) => (
+                (u64::from(h.db_pages) * u64::from(h.page_size)).to_string(),
+                format_ms(h.timestamp_ms),
+            ),
+            Err(e) => ("?".into(), format!("unreadable: {e}")),
         };
         println!(
-            "{:<32} {:>8} {:>10} {:>10} {:>14}  {}",
+            "{:<32} {:>8} {:>10} {:>10} {:>14} {:>14}  {}",
             prefix,
             objects.len(),
             head.seq,
             snapshot,
             bytes,
+            db_bytes,
             time
         );
     }

@@ -30,6 +30,12 @@ pub enum Command {
     /// transaction on it and runs its checkpoints itself, so that no committed
     /// transaction is checkpointed away before it is in storage.
     Watch(WatchArgs),
+    /// Rebuild every database in storage into a directory, in parallel.
+    ///
+    /// Restores each database that walsync.toml names or that storage holds under
+    /// its root, to DIR/PREFIX.db, each one atomically. A failure does not stop the
+    /// others; the summary names them and the exit status is non-zero.
+    RestoreAll(RestoreAllArgs),
     /// Rebuild one database from storage into a new file.
     ///
     /// Every object is verified (content hash, chain link, sequence) before a page
@@ -60,9 +66,27 @@ pub struct StorageArgs {
 
 #[derive(Debug, Args)]
 pub struct WatchArgs {
-    /// The database files to replicate.
-    #[arg(required = true, value_name = "DB")]
+    /// The database files to replicate (or use --config).
+    #[arg(
+        value_name = "DB",
+        required_unless_present = "config",
+        conflicts_with = "config"
+    )]
     pub databases: Vec<PathBuf>,
+    /// Read databases, storage and settings from this walsync.toml; edits to it
+    /// are picked up while running (an invalid edit is refused and logged).
+    #[arg(
+        long,
+        short = 'c',
+        value_name = "FILE",
+        env = "WALSYNC_CONFIG",
+        conflicts_with_all = [
+            "storage", "endpoint", "region", "path_style", "prefix", "sync_interval",
+            "snapshot_interval", "checkpoint_pages", "checkpoint_interval", "truncate_pages",
+            "shutdown_timeout", "parallelism"
+        ]
+    )]
+    pub config: Option<PathBuf>,
     #[command(flatten)]
     pub storage: StorageArgs,
     /// Key prefix of the database in storage (default: its file name without
@@ -108,12 +132,34 @@ pub struct RestoreArgs {
     /// Replace FILE if it exists (its -wal and -shm files are removed too).
     #[arg(long)]
     pub force: bool,
+    /// Take the storage settings from this walsync.toml.
+    #[arg(long, short = 'c', value_name = "FILE", conflicts_with = "storage")]
+    pub config: Option<PathBuf>,
     #[command(flatten)]
     pub storage: StorageArgs,
 }
 
 #[derive(Debug, Args)]
+pub struct RestoreAllArgs {
+    /// The walsync.toml whose storage (and databases) to restore.
+    #[arg(long, short = 'c', value_name = "FILE", env = "WALSYNC_CONFIG")]
+    pub config: PathBuf,
+    /// Where to write the databases, as DIR/PREFIX.db.
+    #[arg(long, value_name = "DIR")]
+    pub output_dir: PathBuf,
+    /// Databases restored at the same time.
+    #[arg(long, default_value_t = 4)]
+    pub parallelism: usize,
+    /// Replace files that exist.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct ListArgs {
+    /// Take the storage settings from this walsync.toml.
+    #[arg(long, short = 'c', value_name = "FILE", conflicts_with = "storage")]
+    pub config: Option<PathBuf>,
     #[command(flatten)]
     pub storage: StorageArgs,
 }

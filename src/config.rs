@@ -1,7 +1,22 @@
-//! Turns what the user typed into validated settings, naming what is wrong.
-//! Starts nothing and prints no secrets.
+//! Turns what the user wrote (command line or `walsync.toml`) into validated
+//! settings, naming the file and key that is wrong. Starts nothing, prints no
+//! secrets.
+//!
+//! A configuration has one storage, sync defaults, watch settings, and
+//! database entries. An entry is a single file, a glob (`/data/t/*.db`), or a
+//! directory with a pattern; globs and directories name their databases with a
+//! prefix template (`tenants/{name}`, `{relpath}`). [`Config::discover`] turns
+//! entries into the current set of databases and refuses duplicates.
 
+use std::collections::{HashMap, HashSet};
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::replica::SyncOptions;
+use crate::storage::S3Options;
 
 /// The directory used as storage when none is configured: beside the database.
 pub const DEFAULT_REPLICA_DIR: &str = "walsync-replica";
@@ -14,7 +29,7 @@ pub enum Error {
         prefix: String,
         reason: &'static str,
     },
-    #[error("{path}: cannot derive a prefix from this file name; pass --prefix")]
+    #[error("{path}: cannot derive a prefix from this file name; set a prefix")]
     NoPrefix { path: PathBuf },
     #[error("--prefix can only be used with a single database (got {0})")]
     PrefixWithMany(usize),
@@ -26,6 +41,653 @@ pub enum Error {
     },
     #[error("database {0} is listed twice")]
     DuplicatePath(PathBuf),
+    #[error("{file}: {message}")]
+    Invalid { file: PathBuf, message: String },
+    #[error("{file}: cannot read it: {message}")]
+    Read { file: PathBuf, message: String },
+}
+
+/// Validated settings from `walsync.toml`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from.
+    pub source: PathBuf,
+    pub storage: StorageConfig,
+    pub watch: WatchSettings,
+    pub entries: Vec<Entry>,
+}
+
+/// Where replicas go: a URL plus S3 settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageConfig {
+    pub url: String,
+    pub s3: S3Options,
+}
+
+/// How the watch loop runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchSettings {
+    pub parallelism: usize,
+    /// Poll the files every `poll_interval` instead of using file events
+    /// (for filesystems without inotify events, e.g. some network mounts).
+    pub poll: bool,
+    pub poll_interval: Duration,
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for WatchSettings {
+    fn default() -> Self {
+        Self {
+            parallelism: 8,
+            poll: false,
+            poll_interval: Duration::from_secs(1),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One `[[databases]]` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub source: Source,
+    pub prefix: PrefixRule,
+    pub sync: SyncOptions,
+}
+
+/// What an entry matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    File(PathBuf),
+    /// Files matching a glob; `base` is the directory above the first wildcard.
+    Glob {
+        pattern: String,
+        base: PathBuf,
+    },
+    Dir {
+        dir: PathBuf,
+        pattern: String,
+        recursive: bool,
+    },
+}
+
+impl Source {
+    /// The directories to watch for databases appearing and disappearing, and
+    /// whether below them too.
+    pub fn watch_roots(&self) -> (PathBuf, bool) {
+        match self {
+            Source::File(path) => (parent_of(path), false),
+            Source::Glob { pattern, base } => (base.clone(), pattern.contains("**")),
+            Source::Dir { dir, recursive, .. } => (dir.clone(), *recursive),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrefixRule {
+    Fixed(String),
+    /// Contains `{name}` (file stem) and/or `{relpath}` (path below the base,
+    /// without the extension).
+    Template(String),
+}
+
+/// A database the configuration names right now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Target {
+    pub path: PathBuf,
+    pub prefix: String,
+    pub sync: SyncOptions,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    storage: Option<RawStorage>,
+    sync: Option<RawSync>,
+    watch: Option<RawWatch>,
+    #[serde(default)]
+    databases: Vec<RawDatabase>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStorage {
+    url: Option<String>,
+    bucket: Option<String>,
+    prefix: Option<String>,
+    endpoint: Option<String>,
+    region: Option<String>,
+    path_style: Option<bool>,
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
+    session_token: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawSync {
+    sync_interval: Option<String>,
+    snapshot_interval: Option<String>,
+    checkpoint_pages: Option<u32>,
+    checkpoint_interval: Option<String>,
+    truncate_pages: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawWatch {
+    parallelism: Option<usize>,
+    watcher: Option<String>,
+    poll_interval: Option<String>,
+    shutdown_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatabase {
+    path: Option<String>,
+    dir: Option<String>,
+    pattern: Option<String>,
+    recursive: Option<bool>,
+    prefix: Option<String>,
+    sync_interval: Option<String>,
+    snapshot_interval: Option<String>,
+    checkpoint_pages: Option<u32>,
+    checkpoint_interval: Option<String>,
+    truncate_pages: Option<u32>,
+}
+
+/// Collects errors against one file.
+struct Checker<'a> {
+    file: &'a Path,
+}
+
+impl Checker<'_> {
+    fn err(&self, message: impl fmt::Display) -> Error {
+        Error::Invalid {
+            file: self.file.to_path_buf(),
+            message: message.to_string(),
+        }
+    }
+
+    fn duration(&self, key: &str, value: &Option<String>) -> Result<Option<Duration>, Error> {
+        value
+            .as_deref()
+            .map(|v| {
+                crate::cli::parse_duration(v).map_err(|e| self.err(format!("{key} = {v:?}: {e}")))
+            })
+            .transpose()
+    }
+
+    /// Expands `${VAR}` from the environment; `$$` is a literal `$`.
+    fn expand(&self, key: &str, value: &str) -> Result<String, Error> {
+        let mut out = String::with_capacity(value.len());
+        let mut rest = value;
+        while let Some(i) = rest.find('$') {
+            out.push_str(&rest[..i]);
+            let after = &rest[i + 1..];
+            if let Some(stripped) = after.strip_prefix('$') {
+                out.push('$');
+                rest = stripped;
+            } else if let Some(body) = after.strip_prefix('{') {
+                let end = body
+                    .find('}')
+                    .ok_or_else(|| self.err(format!("{key}: unclosed ${{ in {value:?}")))?;
+                let name = &body[..end];
+                let var = std::env::var(name).map_err(|_| {
+                    self.err(format!("{key}: environment variable {name} is not set"))
+                })?;
+                out.push_str(&var);
+                rest = &body[end + 1..];
+            } else {
+                out.push('$');
+                rest = after;
+            }
+        }
+        out.push_str(rest);
+        Ok(out)
+    }
+
+    fn sync(&self, base: &SyncOptions, raw: &RawSync, section: &str) -> Result<SyncOptions, Error> {
+        let key = |k: &str| format!("{section}.{k}");
+        let mut sync = base.clone();
+        if let Some(d) = self.duration(&key("sync_interval"), &raw.sync_interval)? {
+            sync.sync_interval = d;
+        }
+        if let Some(d) = self.duration(&key("snapshot_interval"), &raw.snapshot_interval)? {
+            sync.snapshot_interval = d;
+        }
+        if let Some(d) = self.duration(&key("checkpoint_interval"), &raw.checkpoint_interval)? {
+            sync.checkpoint_interval = d;
+        }
+        if let Some(n) = raw.checkpoint_pages {
+            if n == 0 {
+                return Err(self.err(format!("{} must be at least 1", key("checkpoint_pages"))));
+            }
+            sync.checkpoint_pages = n;
+        }
+        if let Some(n) = raw.truncate_pages {
+            if n == 0 {
+                return Err(self.err(format!("{} must be at least 1", key("truncate_pages"))));
+            }
+            sync.truncate_pages = n;
+        }
+        Ok(sync)
+    }
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Read {
+            file: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validates a configuration text as if read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, Error> {
+        let check = Checker { file: path };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            let message = e.message().trim().replace('\n', " ");
+            match line {
+                Some(line) => check.err(format!("line {line}: {message}")),
+                None => check.err(message),
+            }
+        })?;
+        let base_dir = parent_of(path);
+        let storage = Self::storage(&check, raw.storage.unwrap_or_default())?;
+        let sync = check.sync(
+            &SyncOptions::default(),
+            &raw.sync.unwrap_or_default(),
+            "sync",
+        )?;
+        let watch = Self::watch(&check, raw.watch.unwrap_or_default())?;
+        if raw.databases.is_empty() {
+            return Err(check.err("no [[databases]] entries"));
+        }
+        let mut entries = Vec::with_capacity(raw.databases.len());
+        for (i, db) in raw.databases.iter().enumerate() {
+            entries.push(Self::entry(&check, &base_dir, i, db, &sync)?);
+        }
+        let config = Self {
+            source: path.to_path_buf(),
+            storage,
+            watch,
+            entries,
+        };
+        // Duplicates among the databases that exist now are refused up front.
+        config.discover()?;
+        Ok(config)
+    }
+
+    fn storage(check: &Checker<'_>, raw: RawStorage) -> Result<StorageConfig, Error> {
+        let expand = |key: &str, v: &Option<String>| -> Result<Option<String>, Error> {
+            v.as_deref().map(|v| check.expand(key, v)).transpose()
+        };
+        let url = match (
+            expand("storage.url", &raw.url)?,
+            expand("storage.bucket", &raw.bucket)?,
+        ) {
+            (Some(_), Some(_)) => {
+                return Err(check.err("storage: give either url or bucket, not both"));
+            }
+            (Some(url), None) => {
+                if raw.prefix.is_some() {
+                    return Err(check.err("storage.prefix goes with bucket; put it in the url"));
+                }
+                url
+            }
+            (None, Some(bucket)) => match expand("storage.prefix", &raw.prefix)? {
+                Some(prefix) => format!("s3://{bucket}/{}", prefix.trim_matches('/')),
+                None => format!("s3://{bucket}"),
+            },
+            (None, None) => {
+                return Err(
+                    check.err("storage: set url (s3://bucket/prefix or a directory) or bucket")
+                );
+            }
+        };
+        if let Some(prefix) = url.strip_prefix("s3://").and_then(|r| r.split_once('/'))
+            && !prefix.1.is_empty()
+        {
+            validate_prefix(prefix.1.trim_end_matches('/'))
+                .map_err(|e| check.err(format!("storage.url: {e}")))?;
+        }
+        let access_key = expand("storage.access_key_id", &raw.access_key_id)?;
+        let secret = expand("storage.secret_access_key", &raw.secret_access_key)?;
+        let token = expand("storage.session_token", &raw.session_token)?;
+        let credentials = match (access_key, secret) {
+            (Some(id), Some(secret)) => {
+                Some(crate::storage::StaticCredentials::new(id, secret, token))
+            }
+            (None, None) => None,
+            _ => {
+                return Err(check.err("storage: access_key_id and secret_access_key go together"));
+            }
+        };
+        Ok(StorageConfig {
+            url,
+            s3: S3Options {
+                endpoint: expand("storage.endpoint", &raw.endpoint)?,
+                region: expand("storage.region", &raw.region)?,
+                force_path_style: raw.path_style,
+                credentials,
+            },
+        })
+    }
+
+    fn watch(check: &Checker<'_>, raw: RawWatch) -> Result<WatchSettings, Error> {
+        let mut watch = WatchSettings::default();
+        if let Some(n) = raw.parallelism {
+            if n == 0 {
+                return Err(check.err("watch.parallelism must be at least 1"));
+            }
+            watch.parallelism = n;
+        }
+        match raw.watcher.as_deref() {
+            None | Some("events") => {}
+            Some("poll") => watch.poll = true,
+            Some(other) => {
+                return Err(check.err(format!(
+                    "watch.watcher = {other:?}: use \"events\" or \"poll\""
+                )));
+            }
+        }
+        if let Some(d) = check.duration("watch.poll_interval", &raw.poll_interval)? {
+            if d.is_zero() {
+                return Err(check.err("watch.poll_interval must be more than 0"));
+            }
+            watch.poll_interval = d;
+        }
+        if let Some(d) = check.duration("watch.shutdown_timeout", &raw.shutdown_timeout)? {
+            watch.shutdown_timeout = d;
+        }
+        Ok(watch)
+    }
+
+    fn entry(
+        check: &Checker<'_>,
+        base_dir: &Path,
+        index: usize,
+        raw: &RawDatabase,
+        defaults: &SyncOptions,
+    ) -> Result<Entry, Error> {
+        let at = format!("databases[{index}]");
+        let resolve = |p: &str| -> Result<PathBuf, Error> {
+            let p = check.expand(&at, p)?;
+            let p = PathBuf::from(p);
+            Ok(if p.is_absolute() { p } else { base_dir.join(p) })
+        };
+        let source = match (&raw.path, &raw.dir) {
+            (Some(_), Some(_)) => {
+                return Err(check.err(format!("{at}: give either path or dir, not both")));
+            }
+            (None, None) => return Err(check.err(format!("{at}: set path or dir"))),
+            (Some(path), None) => {
+                if raw.pattern.is_some() || raw.recursive.is_some() {
+                    return Err(
+                        check.err(format!("{at}: pattern and recursive go with dir, not path"))
+                    );
+                }
+                let path = resolve(path)?;
+                let text = path.to_string_lossy().to_string();
+                if text.contains(['*', '?', '[']) {
+                    glob::Pattern::new(&text)
+                        .map_err(|e| check.err(format!("{at}.path: bad glob: {e}")))?;
+                    let base = glob_base(&path);
+                    Source::Glob {
+                        pattern: text,
+                        base,
+                    }
+                } else {
+                    Source::File(path)
+                }
+            }
+            (None, Some(dir)) => {
+                let pattern = raw.pattern.clone().unwrap_or_else(|| "*.db".to_string());
+                glob::Pattern::new(&pattern)
+                    .map_err(|e| check.err(format!("{at}.pattern: bad glob: {e}")))?;
+                if pattern.contains('/') {
+                    return Err(check.err(format!(
+                        "{at}.pattern matches file names; use recursive = true for subdirectories"
+                    )));
+                }
+                Source::Dir {
+                    dir: resolve(dir)?,
+                    pattern,
+                    recursive: raw.recursive.unwrap_or(false),
+                }
+            }
+        };
+        let prefix = match (&source, &raw.prefix) {
+            (Source::File(path), None) => PrefixRule::Fixed(
+                default_prefix(path).map_err(|e| check.err(format!("{at}: {e}")))?,
+            ),
+            (Source::File(_), Some(p)) if !p.contains('{') => {
+                validate_prefix(p).map_err(|e| check.err(format!("{at}.prefix: {e}")))?;
+                PrefixRule::Fixed(p.clone())
+            }
+            (_, None) => PrefixRule::Template("{relpath}".to_string()),
+            (_, Some(p)) => {
+                check_template(p)
+                    .map_err(|reason| check.err(format!("{at}.prefix = {p:?}: {reason}")))?;
+                if matches!(
+                    source,
+                    Source::Dir {
+                        recursive: true,
+                        ..
+                    } | Source::Glob { .. }
+                ) && !p.contains("{relpath}")
+                    && !matches!(&source, Source::Glob { pattern, .. } if !pattern.contains("**"))
+                {
+                    return Err(check.err(format!(
+                        "{at}.prefix = {p:?} does not make prefixes unique: \
+                         files in different subdirectories can share a name; use {{relpath}}"
+                    )));
+                }
+                PrefixRule::Template(p.clone())
+            }
+        };
+        let overrides = RawSync {
+            sync_interval: raw.sync_interval.clone(),
+            snapshot_interval: raw.snapshot_interval.clone(),
+            checkpoint_pages: raw.checkpoint_pages,
+            checkpoint_interval: raw.checkpoint_interval.clone(),
+            truncate_pages: raw.truncate_pages,
+        };
+        let sync = check.sync(defaults, &overrides, &at)?;
+        Ok(Entry {
+            source,
+            prefix,
+            sync,
+        })
+    }
+
+    /// The databases the entries name right now, each with its prefix.
+    /// A single-file entry is listed even if the file does not exist yet.
+    pub fn discover(&self) -> Result<Vec<Target>, Error> {
+        let check = Checker { file: &self.source };
+        let mut targets: Vec<Target> = Vec::new();
+        let mut by_prefix: HashMap<String, usize> = HashMap::new();
+        let mut seen_paths: HashSet<PathBuf> = HashSet::new();
+        for (index, entry) in self.entries.iter().enumerate() {
+            for (path, rel) in entry.matches() {
+                let prefix = match &entry.prefix {
+                    PrefixRule::Fixed(p) => p.clone(),
+                    PrefixRule::Template(t) => render(t, &path, &rel),
+                };
+                validate_prefix(&prefix).map_err(|e| {
+                    check.err(format!("databases[{index}]: {} gives {e}", path.display()))
+                })?;
+                let key = path.canonicalize().unwrap_or_else(|_| path.clone());
+                if !seen_paths.insert(key) {
+                    return Err(Error::DuplicatePath(path));
+                }
+                if let Some(&other) = by_prefix.get(&prefix) {
+                    return Err(Error::DuplicatePrefix {
+                        prefix,
+                        a: targets[other].path.clone(),
+                        b: path,
+                    });
+                }
+                by_prefix.insert(prefix.clone(), targets.len());
+                targets.push(Target {
+                    path,
+                    prefix,
+                    sync: entry.sync.clone(),
+                });
+            }
+        }
+        Ok(targets)
+    }
+}
+
+impl Entry {
+    /// Files this entry matches now, each with its path relative to the base
+    /// (without extension), for `{relpath}`.
+    fn matches(&self) -> Vec<(PathBuf, String)> {
+        match &self.source {
+            Source::File(path) => vec![(path.clone(), stem_of(path))],
+            Source::Glob { pattern, base } => {
+                let mut found: Vec<(PathBuf, String)> = glob::glob(pattern)
+                    .map(|paths| paths.filter_map(|p| p.ok()).collect::<Vec<_>>())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|p| is_database_file(p))
+                    .map(|p| {
+                        let rel = relpath(base, &p);
+                        (p, rel)
+                    })
+                    .collect();
+                found.sort();
+                found
+            }
+            Source::Dir {
+                dir,
+                pattern,
+                recursive,
+            } => {
+                let Ok(pattern) = glob::Pattern::new(pattern) else {
+                    return Vec::new();
+                };
+                let mut found = Vec::new();
+                let mut stack = vec![dir.clone()];
+                while let Some(d) = stack.pop() {
+                    let Ok(read) = std::fs::read_dir(&d) else {
+                        continue;
+                    };
+                    for entry in read.flatten() {
+                        let path = entry.path();
+                        let Ok(kind) = entry.file_type() else {
+                            continue;
+                        };
+                        if kind.is_dir() {
+                            if *recursive {
+                                stack.push(path);
+                            }
+                        } else if kind.is_file()
+                            && entry
+                                .file_name()
+                                .to_str()
+                                .is_some_and(|n| pattern.matches(n))
+                            && is_database_file(&path)
+                        {
+                            let rel = relpath(dir, &path);
+                            found.push((path, rel));
+                        }
+                    }
+                }
+                found.sort();
+                found
+            }
+        }
+    }
+}
+
+/// SQLite's side files are never databases of their own.
+fn is_database_file(path: &Path) -> bool {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    !(name.ends_with("-wal")
+        || name.ends_with("-shm")
+        || name.ends_with("-journal")
+        || name.contains(".walsync-tmp"))
+}
+
+fn check_template(template: &str) -> Result<(), String> {
+    let mut rest = template;
+    let mut has_placeholder = false;
+    while let Some(start) = rest.find('{') {
+        let end = rest[start..]
+            .find('}')
+            .ok_or_else(|| "unclosed '{'".to_string())?;
+        match &rest[start + 1..start + end] {
+            "name" | "relpath" => has_placeholder = true,
+            other => {
+                return Err(format!(
+                    "unknown placeholder {{{other}}} (use {{name}} or {{relpath}})"
+                ));
+            }
+        }
+        rest = &rest[start + end + 1..];
+    }
+    if !has_placeholder {
+        return Err("does not make prefixes unique: it needs {name} or {relpath}".into());
+    }
+    let sample = template.replace("{name}", "x").replace("{relpath}", "x");
+    validate_prefix(&sample).map_err(|e| e.to_string())
+}
+
+fn render(template: &str, path: &Path, relpath: &str) -> String {
+    template
+        .replace("{name}", &stem_of(path))
+        .replace("{relpath}", relpath)
+}
+
+fn stem_of(path: &Path) -> String {
+    path.file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// `base/a/b/c.db` → `a/b/c`.
+fn relpath(base: &Path, path: &Path) -> String {
+    let rel = path.strip_prefix(base).unwrap_or(path);
+    let mut parts: Vec<String> = rel
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().to_string())
+        .collect();
+    if let Some(last) = parts.last_mut() {
+        *last = stem_of(Path::new(last.as_str()));
+    }
+    parts.join("/")
+}
+
+/// The directory above the first path component holding a wildcard.
+fn glob_base(pattern: &Path) -> PathBuf {
+    let mut base = PathBuf::new();
+    for component in pattern.components() {
+        if component
+            .as_os_str()
+            .to_string_lossy()
+            .contains(['*', '?', '['])
+        {
+            break;
+        }
+        base.push(component);
+    }
+    base
+}
+
+fn parent_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
 }
 
 /// Checks that a database prefix stays inside the storage root.
@@ -72,14 +734,10 @@ pub fn default_prefix(path: &Path) -> Result<String, Error> {
 
 /// The default storage for a database or restore target: `walsync-replica` beside it.
 pub fn default_storage_beside(file: &Path) -> PathBuf {
-    let dir = match file.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    dir.join(DEFAULT_REPLICA_DIR)
+    parent_of(file).join(DEFAULT_REPLICA_DIR)
 }
 
-/// Pairs each database with its prefix, rejecting duplicates.
+/// Pairs each database named on the command line with its prefix, rejecting duplicates.
 pub fn databases(paths: &[PathBuf], prefix: Option<&str>) -> Result<Vec<(PathBuf, String)>, Error> {
     if prefix.is_some() && paths.len() != 1 {
         return Err(Error::PrefixWithMany(paths.len()));
@@ -134,5 +792,18 @@ mod tests {
             databases(&["/a/x.db".into(), "/a/y.db".into()], Some("p")),
             Err(Error::PrefixWithMany(2))
         ));
+    }
+
+    #[test]
+    fn templates_and_relpaths() {
+        assert!(check_template("tenants/{name}").is_ok());
+        assert!(check_template("tenants").is_err());
+        assert!(check_template("t/{nme}").is_err());
+        assert!(check_template("../{name}").is_err());
+        assert_eq!(relpath(Path::new("/d"), Path::new("/d/a/b.db")), "a/b");
+        assert_eq!(
+            glob_base(Path::new("/data/t/*.db")),
+            PathBuf::from("/data/t")
+        );
     }
 }

@@ -57,7 +57,7 @@ const UPLOAD_UNDER_LOCK: Duration = Duration::from_secs(5);
 const CHECKPOINT_RETRY: Duration = Duration::from_secs(1);
 
 /// When to ship, snapshot and checkpoint.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyncOptions {
     /// Least time between two syncs of one database (0 = as soon as the WAL changes).
     pub sync_interval: Duration,
@@ -193,6 +193,11 @@ impl Replica {
             Err(reason) => self.need_snapshot = Some(reason),
         }
         Ok(())
+    }
+
+    /// New sync settings from an edited configuration, used from the next sync on.
+    pub fn set_options(&mut self, opts: SyncOptions) {
+        self.opts = opts;
     }
 
     pub fn prefix(&self) -> &str {

@@ -3,15 +3,22 @@
 //!
 //! A database at rest costs its [`Replica`] and a few words here: no task, no
 //! timer. A WAL change event (or a retry or checkpoint that is due) puts it on
-//! the schedule, at most once per sync interval; a sync then runs on the
-//! shared runtime and hands the replica back. On shutdown every database gets
-//! a final flush within a deadline, and those that could not be flushed are named.
+//! the schedule, at most once per sync interval; a sync (which first opens the
+//! database if needed) then runs on the shared runtime and hands the replica
+//! back. A database that fails (missing file, corrupt WAL, storage errors on its
+//! prefix) is retried with backoff on its own; the others go on.
+//!
+//! With a configuration file the set of databases is live: files appearing in
+//! or disappearing from a watched directory or glob, and edits of the file
+//! itself, are picked up without a restart. An invalid edit is refused with an
+//! error and the running set is kept. On shutdown every database gets a final
+//! flush within a deadline, and those that could not be flushed are named.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use notify::{EventKind, RecursiveMode, Watcher};
@@ -21,6 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::config::{self, Config, WatchSettings};
 use crate::db::wal_path_of;
 use crate::replica::{self, Replica, SyncOptions, SyncReport};
 use crate::storage::Storage;
@@ -28,18 +36,10 @@ use crate::storage::Storage;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Open {
-        path: PathBuf,
-        #[source]
-        source: replica::Error,
-    },
-    #[error("watching {path}: {source}")]
-    Watch {
-        path: PathBuf,
-        #[source]
-        source: notify::Error,
-    },
+    #[error("starting the file watcher: {0}")]
+    Watch(#[source] notify::Error),
+    #[error(transparent)]
+    Config(#[from] config::Error),
     #[error("{0} database(s) could not be flushed before the shutdown deadline: {1}")]
     Unflushed(usize, String),
 }
@@ -52,32 +52,146 @@ pub struct DbSpec {
     pub path: PathBuf,
     pub prefix: String,
     pub storage: Arc<dyn Storage>,
-}
-
-/// How the loop runs, beyond each database's sync options.
-#[derive(Debug, Clone)]
-pub struct RunOptions {
     pub sync: SyncOptions,
-    /// Syncs in flight at once.
-    pub parallelism: usize,
-    /// Time allowed for the final flush after a shutdown request.
-    pub shutdown_timeout: Duration,
 }
 
-impl Default for RunOptions {
-    fn default() -> Self {
-        Self {
-            sync: SyncOptions::default(),
-            parallelism: 8,
-            shutdown_timeout: Duration::from_secs(30),
+/// Which databases to replicate.
+#[derive(Debug)]
+pub enum Plan {
+    /// Named on the command line: a fixed set.
+    Fixed {
+        specs: Vec<DbSpec>,
+        watch: WatchSettings,
+    },
+    /// From a walsync.toml, re-read when it changes.
+    Config {
+        config: Config,
+        storage: Arc<dyn Storage>,
+    },
+}
+
+impl Plan {
+    fn watch(&self) -> &WatchSettings {
+        match self {
+            Plan::Fixed { watch, .. } => watch,
+            Plan::Config { config, .. } => &config.watch,
+        }
+    }
+
+    fn targets(&self) -> Result<Vec<DbSpec>> {
+        match self {
+            Plan::Fixed { specs, .. } => Ok(specs.clone()),
+            Plan::Config { config, storage } => Ok(config
+                .discover()?
+                .into_iter()
+                .map(|t| DbSpec {
+                    path: t.path,
+                    prefix: t.prefix,
+                    storage: storage.clone(),
+                    sync: t.sync,
+                })
+                .collect()),
+        }
+    }
+
+    /// Directories to watch (and whether recursively).
+    fn roots(&self) -> HashSet<(PathBuf, bool)> {
+        let mut roots = HashSet::new();
+        match self {
+            Plan::Fixed { specs, .. } => {
+                for spec in specs {
+                    roots.insert((parent_of(&spec.path), false));
+                }
+            }
+            Plan::Config { config, .. } => {
+                for entry in &config.entries {
+                    roots.insert(entry.source.watch_roots());
+                }
+                roots.insert((parent_of(&config.source), false));
+            }
+        }
+        roots
+            .into_iter()
+            .map(|(dir, recursive)| (canonical(&dir), recursive))
+            .collect()
+    }
+
+    fn config_file(&self) -> Option<PathBuf> {
+        match self {
+            Plan::Fixed { .. } => None,
+            Plan::Config { config, .. } => Some(canonical(&config.source)),
         }
     }
 }
 
+fn parent_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// The path the watcher reports for `path`, also for files that do not exist yet.
+fn canonical(path: &Path) -> PathBuf {
+    if let Ok(p) = path.canonicalize() {
+        return p;
+    }
+    match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) => {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            dir.canonicalize()
+                .map(|d| d.join(name))
+                .unwrap_or_else(|_| path.to_path_buf())
+        }
+        _ => path.to_path_buf(),
+    }
+}
+
+/// Raises the soft open-file limit to the hard limit: each replicated
+/// database keeps a few descriptors open.
+pub fn raise_open_file_limit() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                debug!(
+                    from = limit.rlim_cur,
+                    to = limit.rlim_max,
+                    "raised the open-file limit"
+                );
+            }
+        }
+    }
+}
+
+enum Msg {
+    /// A database's file or WAL changed.
+    Db(usize),
+    /// A watched directory or the configuration file changed.
+    Rescan,
+}
+
+/// Paths the watcher callback routes to a slot.
+type Routes = Arc<RwLock<HashMap<PathBuf, (usize, Arc<AtomicBool>)>>>;
+
 struct Slot {
+    spec: DbSpec,
+    /// Where the watcher reports this database.
+    key: PathBuf,
     replica: Option<Replica>,
-    path: PathBuf,
-    prefix: String,
     last_sync: Option<Instant>,
     /// When this database is scheduled; `None` if not.
     due: Option<Instant>,
@@ -89,76 +203,44 @@ struct Slot {
     queued: Arc<AtomicBool>,
 }
 
-/// Opens every database, then syncs them as their WALs change until `shutdown`.
-pub async fn run(specs: Vec<DbSpec>, opts: RunOptions, shutdown: CancellationToken) -> Result<()> {
-    let mut slots = Vec::with_capacity(specs.len());
-    for spec in &specs {
-        let replica = Replica::open(
-            &spec.path,
-            &spec.prefix,
-            spec.storage.clone(),
-            opts.sync.clone(),
-        )
-        .await
-        .map_err(|source| Error::Open {
-            path: spec.path.clone(),
-            source,
-        })?;
-        info!(
-            db = %spec.path.display(),
-            prefix = %spec.prefix,
-            storage = %spec.storage.describe(),
-            "watching"
-        );
-        slots.push(Slot {
-            replica: Some(replica),
-            path: spec.path.clone(),
-            prefix: spec.prefix.clone(),
-            last_sync: None,
-            due: None,
-            running: false,
-            dirty: true,
-            failures: 0,
-            queued: Arc::new(AtomicBool::new(false)),
-        });
-    }
+/// A finished job: the slot, its replica (if open), what happened.
+type Done = (usize, Option<Replica>, replica::Result<SyncReport>);
 
-    let (tx, rx) = mpsc::unbounded_channel::<usize>();
-    let _watcher = watch(&slots, tx)?;
-    let mut looped = Loop {
-        slots,
+/// Replicates the databases of `plan` until `shutdown`.
+pub async fn run(plan: Plan, shutdown: CancellationToken) -> Result<()> {
+    let (tx, rx) = mpsc::unbounded_channel::<Msg>();
+    let routes: Routes = Arc::new(RwLock::new(HashMap::new()));
+    let watcher = start_watcher(&plan, routes.clone(), tx)?;
+    let config_text = plan
+        .config_file()
+        .and_then(|p| std::fs::read_to_string(p).ok());
+    let mut fleet = Fleet {
+        plan,
+        slots: HashMap::new(),
+        by_key: HashMap::new(),
+        next_id: 0,
+        routes,
+        watcher,
+        watched: HashSet::new(),
         schedule: BinaryHeap::new(),
         ready: VecDeque::new(),
         in_flight: JoinSet::new(),
-        opts,
+        rescan_at: None,
+        config_text,
     };
-    let now = Instant::now();
-    for i in 0..looped.slots.len() {
-        looped.schedule_at(i, now);
-    }
-    looped.run(rx, shutdown).await;
-    looped.shutdown().await
+    fleet.watch_roots();
+    let targets = fleet.plan.targets()?;
+    fleet.apply(targets);
+    fleet.run(rx, shutdown).await;
+    fleet.shutdown().await
 }
 
-/// Starts the one watcher over the distinct parent directories.
-fn watch(slots: &[Slot], tx: mpsc::UnboundedSender<usize>) -> Result<notify::RecommendedWatcher> {
-    let mut targets: HashMap<PathBuf, (usize, Arc<AtomicBool>)> = HashMap::new();
-    let mut dirs: Vec<PathBuf> = Vec::new();
-    for (i, slot) in slots.iter().enumerate() {
-        let db = slot
-            .path
-            .canonicalize()
-            .unwrap_or_else(|_| slot.path.clone());
-        let dir = db
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
-        if !dirs.contains(&dir) {
-            dirs.push(dir);
-        }
-        targets.insert(wal_path_of(&db), (i, slot.queued.clone()));
-        targets.insert(db, (i, slot.queued.clone()));
-    }
+fn start_watcher(
+    plan: &Plan,
+    routes: Routes,
+    tx: mpsc::UnboundedSender<Msg>,
+) -> Result<Box<dyn Watcher + Send>> {
+    let config_file = plan.config_file();
     let handler = move |event: notify::Result<notify::Event>| {
         let event = match event {
             Ok(e) => e,
@@ -167,47 +249,79 @@ fn watch(slots: &[Slot], tx: mpsc::UnboundedSender<usize>) -> Result<notify::Rec
                 return;
             }
         };
-        let relevant = matches!(
+        if matches!(
             event.kind,
-            EventKind::Create(_) | EventKind::Remove(_) | EventKind::Any | EventKind::Other
-        ) || matches!(event.kind, EventKind::Modify(kind) if !matches!(kind, notify::event::ModifyKind::Metadata(_)));
-        if !relevant {
+            EventKind::Access(_) | EventKind::Modify(notify::event::ModifyKind::Metadata(_))
+        ) {
             return;
         }
-        for path in &event.paths {
-            if let Some((i, queued)) = targets.get(path)
-                && !queued.swap(true, Ordering::AcqRel)
-            {
-                let _ = tx.send(*i);
+        let appeared_or_left = matches!(
+            event.kind,
+            EventKind::Create(_)
+                | EventKind::Remove(_)
+                | EventKind::Modify(notify::event::ModifyKind::Name(_))
+                | EventKind::Any
+                | EventKind::Other
+        );
+        let mut rescan = false;
+        {
+            let Ok(routes) = routes.read() else { return };
+            for path in &event.paths {
+                if let Some((id, queued)) = routes.get(path) {
+                    if !queued.swap(true, Ordering::AcqRel) {
+                        let _ = tx.send(Msg::Db(*id));
+                    }
+                    if appeared_or_left {
+                        rescan = true;
+                    }
+                } else if appeared_or_left || config_file.as_deref() == Some(path.as_path()) {
+                    rescan = true;
+                }
             }
         }
+        // The loop debounces rescans, so every trigger may be sent.
+        if rescan {
+            let _ = tx.send(Msg::Rescan);
+        }
     };
-    let mut watcher = notify::recommended_watcher(handler).map_err(|source| Error::Watch {
-        path: PathBuf::from("."),
-        source,
-    })?;
-    for dir in dirs {
-        watcher
-            .watch(&dir, RecursiveMode::NonRecursive)
-            .map_err(|source| Error::Watch { path: dir, source })?;
+    let watch = plan.watch();
+    if watch.poll {
+        let config = notify::Config::default().with_poll_interval(watch.poll_interval);
+        let watcher = notify::PollWatcher::new(handler, config).map_err(Error::Watch)?;
+        Ok(Box::new(watcher))
+    } else {
+        let watcher = notify::recommended_watcher(handler).map_err(Error::Watch)?;
+        Ok(Box::new(watcher))
     }
-    Ok(watcher)
 }
 
-type Done = (usize, Replica, replica::Result<SyncReport>);
-
-struct Loop {
-    slots: Vec<Slot>,
+struct Fleet {
+    plan: Plan,
+    slots: HashMap<usize, Slot>,
+    by_key: HashMap<PathBuf, usize>,
+    next_id: usize,
+    routes: Routes,
+    watcher: Box<dyn Watcher + Send>,
+    watched: HashSet<(PathBuf, bool)>,
     schedule: BinaryHeap<Reverse<(Instant, usize)>>,
     ready: VecDeque<usize>,
     in_flight: JoinSet<Done>,
-    opts: RunOptions,
+    /// A rescan is due at this time (events are debounced).
+    rescan_at: Option<Instant>,
+    /// The configuration text last applied.
+    config_text: Option<String>,
 }
 
-impl Loop {
-    async fn run(&mut self, mut rx: mpsc::UnboundedReceiver<usize>, shutdown: CancellationToken) {
+const RESCAN_DEBOUNCE: Duration = Duration::from_millis(200);
+
+impl Fleet {
+    async fn run(&mut self, mut rx: mpsc::UnboundedReceiver<Msg>, shutdown: CancellationToken) {
         loop {
             let next = self.schedule.peek().map(|Reverse((t, _))| *t);
+            let next = match (next, self.rescan_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return,
@@ -217,85 +331,289 @@ impl Loop {
                         Err(e) => error!(error = %e, "a sync task failed"),
                     }
                 }
-                Some(i) = rx.recv() => {
-                    self.slots[i].queued.store(false, Ordering::Release);
-                    self.changed(i);
+                Some(msg) = rx.recv() => match msg {
+                    Msg::Db(id) => {
+                        if let Some(slot) = self.slots.get(&id) {
+                            slot.queued.store(false, Ordering::Release);
+                        }
+                        self.changed(id);
+                    }
+                    Msg::Rescan => {
+                        self.rescan_at.get_or_insert(Instant::now() + RESCAN_DEBOUNCE);
+                    }
+                },
+                _ = sleep_until(next), if next.is_some() => {
+                    if self.rescan_at.is_some_and(|t| t <= Instant::now()) {
+                        self.rescan_at = None;
+                        self.rescan();
+                    }
+                    self.pop_due();
                 }
-                _ = sleep_until(next), if next.is_some() => self.pop_due(),
             }
         }
     }
 
-    fn changed(&mut self, i: usize) {
-        let slot = &mut self.slots[i];
+    /// Starts watching directories the plan needs and that are not watched yet.
+    fn watch_roots(&mut self) {
+        for (dir, recursive) in self.plan.roots() {
+            if self.watched.contains(&(dir.clone(), recursive)) {
+                continue;
+            }
+            let mode = if recursive {
+                RecursiveMode::Recursive
+            } else {
+                RecursiveMode::NonRecursive
+            };
+            match self.watcher.watch(&dir, mode) {
+                Ok(()) => {
+                    self.watched.insert((dir, recursive));
+                }
+                // A directory that does not exist yet is tried again at the next rescan.
+                Err(e) => warn!(dir = %dir.display(), error = %e, "cannot watch directory"),
+            }
+        }
+    }
+
+    /// Re-reads the configuration if it changed and re-discovers databases.
+    fn rescan(&mut self) {
+        if let Plan::Config { config, .. } = &mut self.plan {
+            let text = std::fs::read_to_string(&config.source).ok();
+            if text.is_some() && text != self.config_text {
+                let Some(text) = text else { return };
+                match Config::parse(&text, &config.source) {
+                    Ok(new) => {
+                        if new.storage != config.storage {
+                            warn!(
+                                config = %config.source.display(),
+                                "storage settings changed; restart walsync to use them"
+                            );
+                        }
+                        let storage = config.storage.clone();
+                        *config = Config { storage, ..new };
+                        info!(config = %config.source.display(), "configuration reloaded");
+                    }
+                    Err(e) => {
+                        error!(error = %e, "configuration edit refused; the running set is kept");
+                        self.config_text = Some(text);
+                        return;
+                    }
+                }
+                self.config_text = Some(text);
+            }
+        }
+        self.watch_roots();
+        match self.plan.targets() {
+            Ok(targets) => self.apply(targets),
+            Err(e) => error!(error = %e, "database discovery refused; the running set is kept"),
+        }
+    }
+
+    /// Makes the running set equal `targets`.
+    fn apply(&mut self, targets: Vec<DbSpec>) {
+        let wanted: HashMap<PathBuf, DbSpec> = targets
+            .into_iter()
+            .map(|spec| (canonical(&spec.path), spec))
+            .collect();
+        let gone: Vec<usize> = self
+            .slots
+            .iter()
+            .filter(|(_, slot)| match wanted.get(&slot.key) {
+                None => true,
+                Some(spec) => spec.prefix != slot.spec.prefix,
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            self.release(id);
+        }
+        for (key, spec) in wanted {
+            match self.by_key.get(&key).copied() {
+                Some(id) => {
+                    if let Some(slot) = self.slots.get_mut(&id)
+                        && slot.spec.sync != spec.sync
+                    {
+                        info!(db = %spec.path.display(), "sync settings changed");
+                        if let Some(replica) = slot.replica.as_mut() {
+                            replica.set_options(spec.sync.clone());
+                        }
+                        slot.spec.sync = spec.sync;
+                    }
+                }
+                None => self.add(key, spec),
+            }
+        }
+    }
+
+    fn add(&mut self, key: PathBuf, spec: DbSpec) {
+        let id = self.next_id;
+        self.next_id += 1;
+        info!(
+            db = %spec.path.display(),
+            prefix = %spec.prefix,
+            storage = %spec.storage.describe(),
+            "watching"
+        );
+        let queued = Arc::new(AtomicBool::new(false));
+        if let Ok(mut routes) = self.routes.write() {
+            routes.insert(wal_path_of(&key), (id, queued.clone()));
+            routes.insert(key.clone(), (id, queued.clone()));
+        }
+        self.by_key.insert(key.clone(), id);
+        self.slots.insert(
+            id,
+            Slot {
+                spec,
+                key,
+                replica: None,
+                last_sync: None,
+                due: None,
+                running: false,
+                dirty: true,
+                failures: 0,
+                queued,
+            },
+        );
+        self.schedule_at(id, Instant::now());
+    }
+
+    /// Stops replicating a database, after a last flush if it is open.
+    fn release(&mut self, id: usize) {
+        let Some(mut slot) = self.slots.remove(&id) else {
+            return;
+        };
+        info!(db = %slot.spec.path.display(), prefix = %slot.spec.prefix, "released");
+        if let Ok(mut routes) = self.routes.write() {
+            routes.remove(&slot.key);
+            routes.remove(&wal_path_of(&slot.key));
+        }
+        self.by_key.remove(&slot.key);
+        // A running job hands its replica back to a slot that is gone; it is dropped then.
+        if let Some(mut replica) = slot.replica.take()
+            && slot.spec.path.exists()
+        {
+            self.in_flight.spawn(async move {
+                let result = replica.flush().await;
+                (usize::MAX, None, result)
+            });
+        }
+    }
+
+    fn changed(&mut self, id: usize) {
+        let Some(slot) = self.slots.get_mut(&id) else {
+            return;
+        };
         slot.dirty = true;
         if slot.running || slot.replica.as_ref().is_some_and(|r| r.stopped().is_some()) {
             return;
         }
         let at = match slot.last_sync {
-            Some(t) => (t + self.opts.sync.sync_interval).max(Instant::now()),
+            Some(t) => (t + slot.spec.sync.sync_interval).max(Instant::now()),
             None => Instant::now(),
         };
-        if slot.due.is_none_or(|d| d > at) {
-            self.schedule_at(i, at);
+        // A database waiting out a failure backoff keeps waiting.
+        if slot.due.is_none_or(|d| d > at && slot.failures == 0) {
+            self.schedule_at(id, at);
         }
     }
 
-    fn schedule_at(&mut self, i: usize, at: Instant) {
-        self.slots[i].due = Some(at);
-        self.schedule.push(Reverse((at, i)));
+    fn schedule_at(&mut self, id: usize, at: Instant) {
+        if let Some(slot) = self.slots.get_mut(&id) {
+            slot.due = Some(at);
+            self.schedule.push(Reverse((at, id)));
+        }
     }
 
     fn pop_due(&mut self) {
         let now = Instant::now();
-        while let Some(Reverse((at, i))) = self.schedule.peek().copied() {
+        while let Some(Reverse((at, id))) = self.schedule.peek().copied() {
             if at > now {
                 break;
             }
             self.schedule.pop();
-            // Entries superseded by a later reschedule are skipped.
-            if self.slots[i].due != Some(at) {
+            // Entries superseded by a later reschedule, or of released slots, are skipped.
+            let Some(slot) = self.slots.get_mut(&id) else {
+                continue;
+            };
+            if slot.due != Some(at) {
                 continue;
             }
-            self.slots[i].due = None;
-            self.ready.push_back(i);
+            slot.due = None;
+            self.ready.push_back(id);
         }
         self.start_ready();
     }
 
     fn start_ready(&mut self) {
-        while self.in_flight.len() < self.opts.parallelism.max(1) {
-            let Some(i) = self.ready.pop_front() else {
+        let limit = self.plan.watch().parallelism.max(1);
+        while self.in_flight.len() < limit {
+            let Some(id) = self.ready.pop_front() else {
                 return;
             };
-            let slot = &mut self.slots[i];
-            let Some(mut replica) = slot.replica.take() else {
+            let Some(slot) = self.slots.get_mut(&id) else {
                 continue;
             };
+            if slot.running {
+                continue;
+            }
             slot.running = true;
             slot.dirty = false;
+            let replica = slot.replica.take();
+            let spec = slot.spec.clone();
             self.in_flight.spawn(async move {
+                let mut replica = match replica {
+                    Some(r) => r,
+                    None => match Replica::open(
+                        &spec.path,
+                        &spec.prefix,
+                        spec.storage.clone(),
+                        spec.sync.clone(),
+                    )
+                    .await
+                    {
+                        Ok(r) => r,
+                        Err(e) => return (id, None, Err(e)),
+                    },
+                };
                 let result = replica.sync().await;
-                (i, replica, result)
+                (id, Some(replica), result)
             });
         }
     }
 
-    fn finished(&mut self, (i, replica, result): Done) {
+    fn finished(&mut self, (id, replica, result): Done) {
         let now = Instant::now();
-        let slot = &mut self.slots[i];
+        let Some(slot) = self.slots.get_mut(&id) else {
+            // Released while running (or a release flush): nothing to keep.
+            if let Err(e) = result {
+                warn!(error = %e, "final sync of a released database failed");
+            }
+            self.start_ready();
+            return;
+        };
         slot.running = false;
         slot.last_sync = Some(now);
-        let wakeup = replica.next_wakeup().map(Instant::from_std);
+        slot.replica = replica;
+        let wakeup = slot
+            .replica
+            .as_ref()
+            .and_then(|r| r.next_wakeup())
+            .map(Instant::from_std);
         let mut next = None;
         match result {
             Ok(report) => {
+                if slot.failures > 0 {
+                    info!(db = %slot.spec.path.display(), "replicating again");
+                }
                 slot.failures = 0;
-                debug!(db = %slot.path.display(), ?report, "synced");
+                debug!(db = %slot.spec.path.display(), ?report, "synced");
             }
             Err(e) if e.is_fatal() => {
-                error!(db = %slot.path.display(), prefix = %slot.prefix, error = %e, "replication stopped");
-                slot.replica = Some(replica);
+                error!(
+                    db = %slot.spec.path.display(),
+                    prefix = %slot.spec.prefix,
+                    error = %e,
+                    "replication stopped"
+                );
                 self.start_ready();
                 return;
             }
@@ -304,8 +622,8 @@ impl Loop {
                 let backoff =
                     Duration::from_secs(1 << slot.failures.min(6)).min(Duration::from_secs(60));
                 warn!(
-                    db = %slot.path.display(),
-                    prefix = %slot.prefix,
+                    db = %slot.spec.path.display(),
+                    prefix = %slot.spec.prefix,
                     error = %e,
                     retry_in = ?backoff,
                     "sync failed"
@@ -313,9 +631,8 @@ impl Loop {
                 next = Some(now + backoff);
             }
         }
-        slot.replica = Some(replica);
-        if slot.dirty {
-            let at = now + self.opts.sync.sync_interval;
+        if slot.dirty && slot.failures == 0 {
+            let at = now + slot.spec.sync.sync_interval;
             next = Some(next.map_or(at, |n: Instant| n.max(at)));
         }
         let next = match (next, wakeup) {
@@ -323,42 +640,43 @@ impl Loop {
             (a, b) => a.or(b),
         };
         if let Some(at) = next {
-            self.schedule_at(i, at);
+            self.schedule_at(id, at);
         }
         self.start_ready();
     }
 
     /// Waits for syncs in flight, then flushes every database once, within the deadline.
     async fn shutdown(mut self) -> Result<()> {
-        let deadline = Instant::now() + self.opts.shutdown_timeout;
+        let watch = self.plan.watch().clone();
+        let deadline = Instant::now() + watch.shutdown_timeout;
         info!("shutting down: final sync of every database");
         while !self.in_flight.is_empty() {
             match tokio::time::timeout_at(deadline, self.in_flight.join_next()).await {
-                Ok(Some(Ok((i, replica, _)))) => {
-                    self.slots[i].replica = Some(replica);
-                    self.slots[i].running = false;
+                Ok(Some(Ok((id, replica, _)))) => {
+                    if let Some(slot) = self.slots.get_mut(&id) {
+                        slot.replica = replica;
+                        slot.running = false;
+                    }
                 }
                 Ok(Some(Err(e))) => error!(error = %e, "a sync task failed"),
-                Ok(None) => break,
-                Err(_) => break,
+                Ok(None) | Err(_) => break,
             }
         }
-        let mut flushes = JoinSet::new();
-        let limit = self.opts.parallelism.max(1);
         let mut unflushed: Vec<String> = self
             .slots
-            .iter()
-            .filter(|s| s.replica.is_none())
-            .map(|s| s.path.display().to_string())
+            .values()
+            .filter(|s| s.running)
+            .map(|s| s.spec.path.display().to_string())
             .collect();
         let mut queue: VecDeque<Replica> = self
             .slots
-            .iter_mut()
+            .values_mut()
             .filter_map(|s| s.replica.take())
             .filter(|r| r.stopped().is_none())
             .collect();
+        let mut flushes = JoinSet::new();
         loop {
-            while flushes.len() < limit {
+            while flushes.len() < watch.parallelism.max(1) {
                 let Some(mut replica) = queue.pop_front() else {
                     break;
                 };

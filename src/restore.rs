@@ -464,3 +464,73 @@ mod tests {
         ));
     }
 }
+
+/// How one database of a [`restore_all`] went.
+#[derive(Debug)]
+pub struct Outcome {
+    pub prefix: String,
+    pub output: PathBuf,
+    pub result: Result<RestoreReport>,
+}
+
+/// Restores every prefix into `dir/PREFIX.db`, `parallelism` at a time. One
+/// failure does not stop the others.
+pub async fn restore_all(
+    storage: std::sync::Arc<dyn Storage>,
+    prefixes: Vec<String>,
+    dir: &Path,
+    parallelism: usize,
+    force: bool,
+) -> Vec<Outcome> {
+    let mut pending = prefixes.into_iter();
+    let mut running = tokio::task::JoinSet::new();
+    let mut done = Vec::new();
+    loop {
+        while running.len() < parallelism.max(1) {
+            let Some(prefix) = pending.next() else { break };
+            let output = dir.join(format!("{prefix}.db"));
+            let storage = storage.clone();
+            running.spawn(async move {
+                if let Some(parent) = output.parent()
+                    && let Err(source) = std::fs::create_dir_all(parent)
+                {
+                    let result = Err(Error::Io {
+                        path: parent.to_path_buf(),
+                        source,
+                    });
+                    return Outcome {
+                        prefix,
+                        output,
+                        result,
+                    };
+                }
+                let opts = RestoreOptions {
+                    prefix: prefix.clone(),
+                    output: output.clone(),
+                    txid: None,
+                    force,
+                };
+                let result = restore(storage.as_ref(), &opts).await;
+                Outcome {
+                    prefix,
+                    output,
+                    result,
+                }
+            });
+        }
+        match running.join_next().await {
+            Some(Ok(outcome)) => done.push(outcome),
+            Some(Err(e)) => done.push(Outcome {
+                prefix: "?".into(),
+                output: dir.to_path_buf(),
+                result: Err(Error::Io {
+                    path: dir.to_path_buf(),
+                    source: io::Error::other(e),
+                }),
+            }),
+            None => break,
+        }
+    }
+    done.sort_by(|a, b| a.prefix.cmp(&b.prefix));
+    done
+}

@@ -96,13 +96,50 @@ pub async fn get_bytes(storage: &dyn Storage, key: &str) -> Result<Vec<u8>> {
 }
 
 /// Settings needed to open S3 storage beyond what the URL says.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct S3Options {
     /// Custom endpoint for S3-compatible stores (MinIO, Tigris, R2, moto ...).
     pub endpoint: Option<String>,
     pub region: Option<String>,
     /// Path-style addressing; defaults to on when an endpoint is given.
     pub force_path_style: Option<bool>,
+    /// Keys from the configuration file; `None` uses the standard AWS chain.
+    pub credentials: Option<StaticCredentials>,
+}
+
+/// An access key pair. Its `Debug` output never shows the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StaticCredentials {
+    pub access_key_id: String,
+    secret_access_key: String,
+    session_token: Option<String>,
+}
+
+impl StaticCredentials {
+    pub fn new(access_key_id: String, secret: String, session_token: Option<String>) -> Self {
+        Self {
+            access_key_id,
+            secret_access_key: secret,
+            session_token,
+        }
+    }
+
+    pub(crate) fn secret(&self) -> &str {
+        &self.secret_access_key
+    }
+
+    pub(crate) fn session_token(&self) -> Option<&str> {
+        self.session_token.as_deref()
+    }
+}
+
+impl fmt::Debug for StaticCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StaticCredentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"***")
+            .finish()
+    }
 }
 
 /// Opens the storage a URL names: `s3://bucket[/prefix]`, `file:///path` or a plain path.

@@ -105,6 +105,15 @@ impl S3Storage {
 
         let mut builder = tune_config(aws_sdk_s3::config::Builder::from(&sdk_config))
             .force_path_style(path_style);
+        if let Some(creds) = &opts.credentials {
+            builder = builder.credentials_provider(aws_sdk_s3::config::Credentials::new(
+                creds.access_key_id.clone(),
+                creds.secret().to_string(),
+                creds.session_token().map(str::to_string),
+                None,
+                "walsync-config",
+            ));
+        }
         if let Some(url) = &opts.endpoint {
             builder = builder.endpoint_url(url);
         }
