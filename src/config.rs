@@ -320,7 +320,10 @@ impl Config {
             entries,
         };
         // Duplicates among the databases that exist now are refused up front.
-        config.discover()?;
+        config.discover().map_err(|e| match e {
+            Error::Invalid { .. } => e,
+            other => check.err(other),
+        })?;
         Ok(config)
     }
 

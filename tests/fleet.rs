@@ -1,0 +1,506 @@
+//! Many databases in one process, from a walsync.toml: discovery, live
+//! changes, isolation, restore-all and configuration errors.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rusqlite::Connection;
+use tokio_util::sync::CancellationToken;
+use walsync::chain;
+use walsync::config::Config;
+use walsync::replicator::{self, Plan};
+use walsync::restore;
+
+use common::TestStore;
+
+type Rows = Vec<(i64, String)>;
+
+fn create_db(path: &Path, rows: usize) -> Connection {
+    let conn = Connection::open(path).unwrap();
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v TEXT)")
+        .unwrap();
+    for i in 0..rows {
+        conn.execute("INSERT INTO t(v) VALUES (?1)", [format!("row {i}")])
+            .unwrap();
+    }
+    conn
+}
+
+fn rows(path: &Path) -> Rows {
+    let conn = Connection::open(path).unwrap();
+    let mut stmt = conn.prepare("SELECT id, v FROM t ORDER BY id").unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+fn config_text(store: &TestStore, body: &str) -> String {
+    format!(
+        "[storage]\nurl = \"{}\"\n\n[sync]\nsync_interval = \"0s\"\n\n[watch]\nparallelism = 8\n\n{body}",
+        store.url
+    )
+}
+
+/// Runs the fleet in this process until the returned token is cancelled.
+fn start(
+    store: &TestStore,
+    config_path: &Path,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<replicator::Result<()>>,
+) {
+    let config = Config::load(config_path).unwrap();
+    let token = CancellationToken::new();
+    let plan = Plan::Config {
+        config,
+        storage: store.storage.clone(),
+    };
+    let handle = tokio::spawn(replicator::run(plan, token.clone()));
+    (token, handle)
+}
+
+async fn stop(token: CancellationToken, handle: tokio::task::JoinHandle<replicator::Result<()>>) {
+    token.cancel();
+    handle.await.unwrap().unwrap();
+}
+
+async fn objects(store: &TestStore, prefix: &str) -> usize {
+    chain::list(store.storage.as_ref(), prefix)
+        .await
+        .map(|o| o.len())
+        .unwrap_or(0)
+}
+
+async fn wait_for(what: &str, mut ready: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ready().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn restore_rows(store: &TestStore, prefix: &str, dir: &Path) -> Rows {
+    let out = dir.join(format!("{}.restored.db", prefix.replace('/', "_")));
+    let _ = std::fs::remove_file(&out);
+    restore::restore(
+        store.storage.as_ref(),
+        &restore::RestoreOptions {
+            prefix: prefix.into(),
+            output: out.clone(),
+            txid: None,
+            force: true,
+        },
+    )
+    .await
+    .unwrap();
+    rows(&out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_databases_from_a_glob_with_concurrent_writers_restore_all() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("tenants");
+        std::fs::create_dir(&data).unwrap();
+        for i in 0..50 {
+            drop(create_db(&data.join(format!("t{i:02}.db")), 3));
+        }
+        let config_path = dir.path().join("walsync.toml");
+        std::fs::write(
+            &config_path,
+            config_text(
+                &store,
+                &format!(
+                    "[[databases]]\npath = \"{}/*.db\"\nprefix = \"tenants/{{name}}\"\n",
+                    data.display()
+                ),
+            ),
+        )
+        .unwrap();
+        let (token, handle) = start(&store, &config_path);
+
+        // Five writer threads, each writing to ten databases at once.
+        let writers: Vec<_> = (0..5)
+            .map(|w| {
+                let data = data.clone();
+                std::thread::spawn(move || {
+                    let conns: Vec<Connection> = (0..10)
+                        .map(|i| create_db(&data.join(format!("t{:02}.db", w * 10 + i)), 0))
+                        .collect();
+                    for round in 0..40 {
+                        for conn in &conns {
+                            conn.execute(
+                                "INSERT INTO t(v) VALUES (?1)",
+                                [format!("w{w} r{round}")],
+                            )
+                            .unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        stop(token, handle).await;
+
+        let out = dir.path().join("restored");
+        let prefixes = (0..50).map(|i| format!("tenants/t{i:02}")).collect();
+        let outcomes = restore::restore_all(store.storage.clone(), prefixes, &out, 4, false).await;
+        assert_eq!(outcomes.len(), 50);
+        for outcome in outcomes {
+            outcome
+                .result
+                .unwrap_or_else(|e| panic!("{kind} {}: {e}", outcome.prefix));
+            let name = outcome.prefix.trim_start_matches("tenants/");
+            let source = data.join(format!("{name}.db"));
+            assert_eq!(rows(&outcome.output), rows(&source), "{kind} {name}");
+            assert_eq!(rows(&source).len(), 43);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn databases_and_config_edits_are_picked_up_while_running() {
+    let store = common::fs_store();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    std::fs::create_dir(&data).unwrap();
+    let fixed = dir.path().join("fixed.db");
+    drop(create_db(&fixed, 2));
+    drop(create_db(&data.join("a.db"), 2));
+    let config_path = dir.path().join("walsync.toml");
+    let dir_entry = format!(
+        "[[databases]]\ndir = \"{}\"\npattern = \"*.db\"\nprefix = \"d/{{name}}\"\n",
+        data.display()
+    );
+    std::fs::write(&config_path, config_text(&store, &dir_entry)).unwrap();
+    let (token, handle) = start(&store, &config_path);
+    wait_for("d/a", async || objects(&store, "d/a").await > 0).await;
+
+    // A database created in the watched directory is replicated without restart.
+    let b = create_db(&data.join("b.db"), 5);
+    wait_for("d/b", async || objects(&store, "d/b").await > 0).await;
+    b.execute("INSERT INTO t(v) VALUES ('more')", []).unwrap();
+    wait_for("d/b to catch up", async || objects(&store, "d/b").await > 1).await;
+
+    // A removed database is released: nothing more is shipped for it.
+    std::fs::remove_file(data.join("a.db")).unwrap();
+    let _ = std::fs::remove_file(data.join("a.db-wal"));
+    let _ = std::fs::remove_file(data.join("a.db-shm"));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let a_objects = objects(&store, "d/a").await;
+
+    // An edit adding a database and a new prefix takes effect.
+    let with_fixed = format!(
+        "{dir_entry}\n[[databases]]\npath = \"{}\"\nprefix = \"fixed\"\n",
+        fixed.display()
+    );
+    std::fs::write(&config_path, config_text(&store, &with_fixed)).unwrap();
+    wait_for("fixed", async || objects(&store, "fixed").await > 0).await;
+
+    // A broken edit is refused; the running set keeps replicating.
+    std::fs::write(
+        &config_path,
+        config_text(&store, "[[databases]]\npaht = \"x.db\"\n"),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let before = objects(&store, "fixed").await;
+    let conn = Connection::open(&fixed).unwrap();
+    conn.execute("INSERT INTO t(v) VALUES ('after the broken edit')", [])
+        .unwrap();
+    wait_for("fixed after the broken edit", async || {
+        objects(&store, "fixed").await > before
+    })
+    .await;
+
+    // An edit removing the directory entry releases its databases.
+    std::fs::write(
+        &config_path,
+        config_text(
+            &store,
+            &format!(
+                "[[databases]]\npath = \"{}\"\nprefix = \"fixed\"\n",
+                fixed.display()
+            ),
+        ),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let b_before = objects(&store, "d/b").await;
+    b.execute("INSERT INTO t(v) VALUES ('not replicated')", [])
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        objects(&store, "d/b").await,
+        b_before,
+        "released database still shipped"
+    );
+    assert_eq!(objects(&store, "d/a").await, a_objects);
+
+    stop(token, handle).await;
+    assert_eq!(
+        restore_rows(&store, "fixed", dir.path()).await,
+        rows(&fixed)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_broken_database_does_not_stop_the_others() {
+    let store = common::fs_store();
+    let root = store.url.trim_start_matches("file://").to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.db");
+    let bad = dir.path().join("bad.db");
+    let missing = dir.path().join("missing.db");
+    drop(create_db(&good, 1));
+    drop(create_db(&bad, 1));
+    // The bad database's prefix cannot be a directory: every request on it fails.
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(Path::new(&root).join("bad"), b"in the way").unwrap();
+    let config_path = dir.path().join("walsync.toml");
+    let body = format!(
+        "[[databases]]\npath = \"{}\"\n[[databases]]\npath = \"{}\"\n[[databases]]\npath = \"{}\"\n",
+        good.display(),
+        bad.display(),
+        missing.display()
+    );
+    std::fs::write(&config_path, config_text(&store, &body)).unwrap();
+    let (token, handle) = start(&store, &config_path);
+    let conn = Connection::open(&good).unwrap();
+    for i in 0..5 {
+        conn.execute("INSERT INTO t(v) VALUES (?1)", [format!("x{i}")])
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_for("good to be replicated", async || {
+        objects(&store, "good").await > 1
+    })
+    .await;
+
+    // The missing database appears later and is picked up by its retry.
+    drop(create_db(&missing, 4));
+    wait_for("missing to appear", async || {
+        objects(&store, "missing").await > 0
+    })
+    .await;
+    stop(token, handle).await;
+    assert_eq!(restore_rows(&store, "good", dir.path()).await, rows(&good));
+    assert_eq!(
+        restore_rows(&store, "missing", dir.path()).await,
+        rows(&missing)
+    );
+    assert_eq!(objects(&store, "bad").await, 0);
+}
+
+fn walsync(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_walsync"))
+        .args(args)
+        .env_remove("WALSYNC_CONFIG")
+        .env_remove("WALSYNC_STORAGE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn invalid_configurations_are_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.db");
+    let b = dir.path().join("sub").join("a.db");
+    std::fs::create_dir_all(b.parent().unwrap()).unwrap();
+    drop(create_db(&a, 0));
+    drop(create_db(&b, 0));
+    let head = "[storage]\nurl = \"file:///tmp/walsync-never-used\"\n";
+    let cases: Vec<(String, &str)> = vec![
+        (
+            format!(
+                "{head}[sync]\nsync_intervall = \"1s\"\n[[databases]]\npath = \"{}\"\n",
+                a.display()
+            ),
+            "sync_intervall",
+        ),
+        (
+            format!(
+                "{head}[[databases]]\npath = \"{}\"\n[[databases]]\npath = \"{}\"\n",
+                a.display(),
+                b.display()
+            ),
+            "share the prefix",
+        ),
+        (
+            format!(
+                "{head}[[databases]]\npath = \"{}\"\nprefix = \"x\"\n[[databases]]\npath = \"{}\"\nprefix = \"y\"\n",
+                a.display(),
+                a.display()
+            ),
+            "listed twice",
+        ),
+        (
+            format!(
+                "{head}[[databases]]\npath = \"{}\"\nprefix = \"../up\"\n",
+                a.display()
+            ),
+            "databases[0].prefix",
+        ),
+        (
+            format!(
+                "{head}[[databases]]\npath = \"{}\"\nprefix = \"/abs\"\n",
+                a.display()
+            ),
+            "must not start with '/'",
+        ),
+        (
+            format!(
+                "{head}[[databases]]\npath = \"{}\"\nprefix = \"a//b\"\n",
+                a.display()
+            ),
+            "empty path segment",
+        ),
+        (
+            format!(
+                "{head}[[databases]]\ndir = \"{}\"\nprefix = \"tenants\"\n",
+                dir.path().display()
+            ),
+            "does not make prefixes unique",
+        ),
+        (
+            format!(
+                "{head}[[databases]]\ndir = \"{}\"\nrecursive = true\nprefix = \"t/{{name}}\"\n",
+                dir.path().display()
+            ),
+            "does not make prefixes unique",
+        ),
+        (
+            format!(
+                "[storage]\nurl = \"s3://b\"\naccess_key_id = \"${{WALSYNC_TEST_UNSET_VAR}}\"\nsecret_access_key = \"x\"\n[[databases]]\npath = \"{}\"\n",
+                a.display()
+            ),
+            "WALSYNC_TEST_UNSET_VAR",
+        ),
+        (
+            format!("[[databases]]\npath = \"{}\"\n", a.display()),
+            "storage",
+        ),
+        (
+            format!(
+                "{head}[watch]\nwatcher = \"magic\"\n[[databases]]\npath = \"{}\"\n",
+                a.display()
+            ),
+            "watch.watcher",
+        ),
+    ];
+    for (i, (text, needle)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("bad{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let out = walsync(&["watch", "--config", path.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "case {i} accepted:\n{text}");
+        assert!(err.contains(needle), "case {i}: {err}");
+        assert!(
+            err.contains(&format!("bad{i}.toml")),
+            "case {i} does not name the file: {err}"
+        );
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "case {i}: not one line: {err}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_all_command_names_failures_and_exits_non_zero() {
+    let store = common::fs_store();
+    let dir = tempfile::tempdir().unwrap();
+    let one = dir.path().join("one.db");
+    drop(create_db(&one, 3));
+    let config_path = dir.path().join("walsync.toml");
+    let body = format!(
+        "[[databases]]\npath = \"{}\"\n[[databases]]\npath = \"{}\"\n",
+        one.display(),
+        dir.path().join("never.db").display()
+    );
+    std::fs::write(&config_path, config_text(&store, &body)).unwrap();
+    let (token, handle) = start(&store, &config_path);
+    wait_for("one", async || objects(&store, "one").await > 0).await;
+    stop(token, handle).await;
+
+    let out_dir = dir.path().join("out");
+    let out = walsync(&[
+        "restore-all",
+        "--config",
+        config_path.to_str().unwrap(),
+        "--output-dir",
+        out_dir.to_str().unwrap(),
+        "--parallelism",
+        "3",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a missing replica must fail the run");
+    assert!(stdout.contains("1 restored, 1 failed"), "{stdout}");
+    assert!(stderr.contains("never"), "{stderr}");
+    assert_eq!(rows(&out_dir.join("one.db")), rows(&one));
+}
+
+/// 2,000 databases in one process replicate and restore correctly.
+/// Run with `cargo test --test fleet -- --ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: 2,000 databases"]
+async fn two_thousand_databases() {
+    let store = common::fs_store();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("many");
+    std::fs::create_dir(&data).unwrap();
+    let n = 2000;
+    for i in 0..n {
+        drop(create_db(&data.join(format!("db{i:04}.db")), 2));
+    }
+    replicator::raise_open_file_limit();
+    let config_path = dir.path().join("walsync.toml");
+    std::fs::write(
+        &config_path,
+        config_text(
+            &store,
+            &format!(
+                "[[databases]]\ndir = \"{}\"\nprefix = \"many/{{name}}\"\n",
+                data.display()
+            ),
+        ),
+    )
+    .unwrap();
+    let (token, handle) = start(&store, &config_path);
+    wait_for("all databases", async || {
+        chain::list_databases(store.storage.as_ref())
+            .await
+            .map(|d| d.len())
+            .unwrap_or(0)
+            >= n
+    })
+    .await;
+    for i in (0..n).step_by(10) {
+        let conn = Connection::open(data.join(format!("db{i:04}.db"))).unwrap();
+        conn.execute("INSERT INTO t(v) VALUES ('late')", [])
+            .unwrap();
+    }
+    stop(token, handle).await;
+    let out = dir.path().join("restored");
+    let prefixes: Vec<String> = (0..n).map(|i| format!("many/db{i:04}")).collect();
+    for outcome in restore::restore_all(store.storage.clone(), prefixes, &out, 8, false).await {
+        outcome.result.unwrap();
+        let name = outcome.prefix.trim_start_matches("many/");
+        assert_eq!(
+            rows(&outcome.output),
+            rows(&data.join(format!("{name}.db")))
+        );
+    }
+}
