@@ -73,6 +73,10 @@ pub struct WatchSettings {
     pub poll: bool,
     pub poll_interval: Duration,
     pub shutdown_timeout: Duration,
+    /// Databases kept open (pinned) at once; the least recently active
+    /// beyond it are closed until their next change. `None`: derived from
+    /// the open-file limit.
+    pub max_open: Option<usize>,
 }
 
 impl Default for WatchSettings {
@@ -82,6 +86,7 @@ impl Default for WatchSettings {
             poll: false,
             poll_interval: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(30),
+            max_open: None,
         }
     }
 }
@@ -179,6 +184,7 @@ struct RawWatch {
     watcher: Option<String>,
     poll_interval: Option<String>,
     shutdown_timeout: Option<String>,
+    max_open: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -408,6 +414,12 @@ impl Config {
         }
         if let Some(d) = check.duration("watch.shutdown_timeout", &raw.shutdown_timeout)? {
             watch.shutdown_timeout = d;
+        }
+        if let Some(n) = raw.max_open {
+            if n == 0 {
+                return Err(check.err("watch.max_open must be at least 1"));
+            }
+            watch.max_open = Some(n);
         }
         Ok(watch)
     }

@@ -166,6 +166,26 @@ struct Identity {
     ino: u64,
 }
 
+/// What walsync keeps of a database it closed to save file descriptors: enough
+/// to prove, when it opens it again, that nothing was missed in between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Detached {
+    /// `None` when the WAL was empty (state [`WalState::Empty`]).
+    position: Option<Position>,
+    page_size: u32,
+    identity: Identity,
+    db_len: u64,
+    db_mtime: (i64, i64),
+}
+
+/// How long a database file must have gone unwritten before it is let go.
+const DETACH_QUIET: Duration = Duration::from_millis(200);
+
+fn len_and_mtime(path: &Path) -> io::Result<(u64, (i64, i64))> {
+    let meta = std::fs::metadata(path)?;
+    Ok((meta.len(), (meta.mtime(), meta.mtime_nsec())))
+}
+
 /// One watched database.
 #[derive(Debug)]
 pub struct Database {
@@ -173,8 +193,9 @@ pub struct Database {
     wal_path: PathBuf,
     /// Holds the pin (a read transaction), runs PASSIVE checkpoints and snapshots.
     conn: Connection,
-    /// Takes the write lock for the sealing handshake; never writes.
-    lock: Connection,
+    /// Takes the write lock for the sealing handshake; never writes. Open
+    /// only while in use, to keep an attached database at three descriptors.
+    lock: Option<Connection>,
     lock_held: bool,
     identity: Identity,
     page_size: u32,
@@ -234,16 +255,11 @@ impl Database {
         let page_size: u32 = conn
             .query_row("PRAGMA page_size", [], |r| r.get(0))
             .map_err(sql)?;
-        let lock = open_connection(path).map_err(sql)?;
-        // An app that commits in a tight loop frees the write lock only for
-        // microseconds between transactions; SQLite's default busy handler
-        // sleeps 1-100 ms between tries and would almost never get it.
-        lock.busy_handler(Some(retry_lock_briefly)).map_err(sql)?;
         let mut db = Self {
             wal_path: wal_path_of(path),
             path: path.to_path_buf(),
             conn,
-            lock,
+            lock: None,
             lock_held: false,
             identity,
             page_size,
@@ -264,6 +280,101 @@ impl Database {
 
     pub fn state(&self) -> WalState {
         self.state
+    }
+
+    /// Closes the database if its WAL is sealed at a known position, keeping
+    /// what [`Database::reattach`] needs. Otherwise gives it back.
+    pub fn detach(self) -> std::result::Result<Detached, Box<Self>> {
+        let position = match self.state {
+            WalState::At(p) => Some(p),
+            WalState::Empty => None,
+        };
+        if !self.sealed || self.lock_held {
+            return Err(Box::new(self));
+        }
+        // File times are coarse (a few ms): a write landing in the same tick
+        // as the last one would go unnoticed, so only a quiet file is let go.
+        let quiet = std::fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .is_some_and(|age| age >= DETACH_QUIET);
+        if !quiet {
+            return Err(Box::new(self));
+        }
+        match len_and_mtime(&self.path) {
+            Ok((db_len, db_mtime)) => Ok(Detached {
+                position,
+                page_size: self.page_size,
+                identity: self.identity,
+                db_len,
+                db_mtime,
+            }),
+            Err(_) => Err(Box::new(self)),
+        }
+    }
+
+    /// Opens a detached database again. The chain continues only where it is
+    /// provable that no committed frame was checkpointed away unseen: the WAL
+    /// is the same generation and still holds the shipped frames, or it was
+    /// restarted exactly once (after our seal) and holds the whole new
+    /// generation, or it is gone while the database file is untouched.
+    /// Otherwise the reason is returned and a snapshot must follow.
+    pub fn reattach(
+        path: &Path,
+        token: Detached,
+    ) -> Result<(Self, std::result::Result<(), String>)> {
+        let mut db = Database::open(path)?;
+        let verdict = db.adopt(token)?;
+        Ok((db, verdict))
+    }
+
+    fn adopt(&mut self, token: Detached) -> Result<std::result::Result<(), String>> {
+        if self.identity != token.identity {
+            return Ok(Err(
+                "the database file was replaced while walsync had it closed".into(),
+            ));
+        }
+        if self.page_size != token.page_size {
+            return Ok(Err(
+                "the page size changed while walsync had the database closed".into(),
+            ));
+        }
+        // A restart that could hide frames needs a checkpoint that writes
+        // them into the database file first; an untouched file rules that out.
+        let untouched =
+            len_and_mtime(&self.path).map_err(self.io_err())? == (token.db_len, token.db_mtime);
+        match (self.open_wal()?, token.position) {
+            (None, _) | (Some(_), None) if untouched => {
+                self.state = WalState::Empty;
+                self.sealed = token.position.is_some();
+            }
+            (None, _) | (Some(_), None) => {
+                return Ok(Err(
+                    "the WAL was checkpointed while walsync had the database closed".into(),
+                ));
+            }
+            (Some((file, header)), Some(pos)) if pos.same_generation(&header) => {
+                if !self.checksum_matches(&file, &header, pos)? {
+                    return Ok(Err(
+                        "the WAL was rewritten while walsync had the database closed".into(),
+                    ));
+                }
+                self.state = WalState::At(pos);
+                self.sealed = true;
+            }
+            (Some((_, header)), Some(pos)) if header.salt1 == pos.salt1.wrapping_add(1) => {
+                self.state = WalState::At(header.start());
+                self.sealed = false;
+            }
+            (Some(_), Some(_)) => {
+                return Ok(Err(
+                    "the WAL was restarted more than once while walsync had the database closed"
+                        .into(),
+                ));
+            }
+        }
+        Ok(Ok(()))
     }
 
     /// Frames of the current WAL generation shipped but not yet sealed by a checkpoint.
@@ -319,8 +430,26 @@ impl Database {
         self.conn.execute_batch("ROLLBACK").map_err(self.sql_err())
     }
 
+    /// The lock connection, opened on first use.
+    fn lock_conn(&mut self) -> Result<&Connection> {
+        if self.lock.is_none() {
+            let conn = open_connection(&self.path).map_err(self.sql_err())?;
+            // An app that commits in a tight loop frees the write lock only for
+            // microseconds between transactions; SQLite's default busy handler
+            // sleeps 1-100 ms between tries and would almost never get it.
+            conn.busy_handler(Some(retry_lock_briefly))
+                .map_err(self.sql_err())?;
+            self.lock = Some(conn);
+        }
+        self.lock.as_ref().ok_or_else(|| Error::Unsupported {
+            path: self.path.clone(),
+            reason: "lock connection unavailable".into(),
+        })
+    }
+
     fn acquire_write_lock(&mut self) -> Result<bool> {
-        match self.lock.execute_batch("BEGIN IMMEDIATE") {
+        let begun = self.lock_conn()?.execute_batch("BEGIN IMMEDIATE");
+        match begun {
             Ok(()) => {
                 self.lock_held = true;
                 Ok(true)
@@ -328,21 +457,30 @@ impl Database {
             Err(rusqlite::Error::SqliteFailure(e, _))
                 if e.code == rusqlite::ErrorCode::DatabaseBusy =>
             {
+                self.lock = None;
                 Ok(false)
             }
             Err(e) => Err(self.sql_err()(e)),
         }
     }
 
-    /// Lets go of the write lock taken by [`Database::lock_and_read_tail`].
-    pub fn release_write_lock(&mut self) -> Result<()> {
+    /// Rolls the write transaction back, keeping the lock connection open.
+    fn rollback_write_lock(&mut self) -> Result<()> {
         if self.lock_held {
             self.lock_held = false;
-            self.lock
-                .execute_batch("ROLLBACK")
-                .map_err(self.sql_err())?;
+            if let Some(lock) = &self.lock {
+                lock.execute_batch("ROLLBACK").map_err(self.sql_err())?;
+            }
         }
         Ok(())
+    }
+
+    /// Lets go of the write lock taken by [`Database::lock_and_read_tail`]
+    /// and closes the lock connection.
+    pub fn release_write_lock(&mut self) -> Result<()> {
+        let result = self.rollback_write_lock();
+        self.lock = None;
+        result
     }
 
     fn open_wal(&self) -> Result<Option<(File, WalHeader)>> {
@@ -575,9 +713,9 @@ impl Database {
             CheckpointMode::Truncate => self.checkpoint_truncate(shipped_frames),
         };
         if result.is_err() {
-            let _ = self.release_write_lock();
             let _ = self.ensure_pinned();
         }
+        let _ = self.release_write_lock();
         result
     }
 
@@ -619,10 +757,7 @@ impl Database {
     }
 
     fn checkpoint_truncate(&mut self, shipped_frames: u32) -> Result<CheckpointOutcome> {
-        let before: i64 = self
-            .lock
-            .query_row("PRAGMA data_version", [], |r| r.get(0))
-            .map_err(self.sql_err())?;
+        let before = self.data_version()?;
         // First copy every frame while we still hold the write lock, and prove
         // the WAL holds exactly what we shipped.
         self.unpin()?;
@@ -631,27 +766,29 @@ impl Database {
             Ok(row) => row,
             Err(e) => {
                 self.pin()?;
-                self.release_write_lock()?;
+                self.rollback_write_lock()?;
                 return Err(e);
             }
         };
         if !self.log_matches(log, shipped_frames) {
             self.pin()?;
-            self.release_write_lock()?;
+            self.rollback_write_lock()?;
             return Ok(CheckpointOutcome::Lost(FRAMES_DIFFER));
         }
         // TRUNCATE will not run inside our own write transaction: release it,
         // truncate, and take the pin back at once. Any commit by another
         // connection in that gap changes data_version, which we read after the
         // pin is back, so nothing can slip through unseen.
-        self.release_write_lock()?;
-        let row = self.wal_checkpoint(&self.lock, "TRUNCATE");
+        self.rollback_write_lock()?;
+        let row = match &self.lock {
+            Some(lock) => self.wal_checkpoint(lock, "TRUNCATE"),
+            None => Ok((1, -1, -1)),
+        };
         let pinned = self.pin();
-        let after: rusqlite::Result<i64> =
-            self.lock.query_row("PRAGMA data_version", [], |r| r.get(0));
+        let after = self.data_version();
         pinned?;
         let (busy, _, done) = row?;
-        let after = after.map_err(self.sql_err())?;
+        let after = after?;
         if after != before {
             return Ok(CheckpointOutcome::Lost(
                 "another connection committed between shipping and the TRUNCATE checkpoint",
@@ -670,6 +807,18 @@ impl Database {
             complete: true,
             frames: done.max(0) as u32,
         })
+    }
+
+    fn data_version(&self) -> Result<i64> {
+        match &self.lock {
+            Some(lock) => lock
+                .query_row("PRAGMA data_version", [], |r| r.get(0))
+                .map_err(self.sql_err()),
+            None => Err(Error::Unsupported {
+                path: self.path.clone(),
+                reason: "lock connection unavailable".into(),
+            }),
+        }
     }
 
     /// Streams a snapshot of every page into a segment, as of a committed
@@ -930,5 +1079,107 @@ mod tests {
             Changes::Segment(seg) => assert_eq!(seg.header.wal.first_frame, 0),
             other => panic!("expected the new generation to follow, got {other:?}"),
         }
+    }
+
+    /// Ships everything and seals it, as the replicator does before detaching.
+    fn seal(db: &mut Database) {
+        let link = Link {
+            seq: 1,
+            prev_hash: [0; 32],
+        };
+        if let Some(Changes::Segment(seg)) = db.lock_and_read_tail(link).unwrap() {
+            db.shipped(seg.state);
+        }
+        let outcome = db.checkpoint(CheckpointMode::Passive).unwrap();
+        assert!(matches!(
+            outcome,
+            CheckpointOutcome::Done { complete: true, .. }
+        ));
+    }
+
+    fn snapshot_state(db: &mut Database) {
+        let state = db.snapshot_position().unwrap();
+        db.shipped(state);
+    }
+
+    fn detach_when_quiet(db: Database) -> Detached {
+        std::thread::sleep(DETACH_QUIET);
+        db.detach().unwrap()
+    }
+
+    #[test]
+    fn reattach_continues_only_where_nothing_can_have_been_missed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.db");
+        let app_conn = app(&path);
+        app_conn.execute("INSERT INTO t VALUES (1)", []).unwrap();
+
+        // Untouched while closed: same generation, continue.
+        let mut db = Database::open(&path).unwrap();
+        snapshot_state(&mut db);
+        seal(&mut db);
+        let token = detach_when_quiet(db);
+        let (_db, verdict) = Database::reattach(&path, token).unwrap();
+        assert_eq!(verdict, Ok(()));
+        drop(_db);
+
+        // One restart by the app while closed: the new generation is whole.
+        let mut db = Database::open(&path).unwrap();
+        snapshot_state(&mut db);
+        seal(&mut db);
+        let token = detach_when_quiet(db);
+        app_conn.execute("INSERT INTO t VALUES (2)", []).unwrap();
+        let (mut db, verdict) = Database::reattach(&path, token).unwrap();
+        assert_eq!(verdict, Ok(()));
+        let link = Link {
+            seq: 9,
+            prev_hash: [0; 32],
+        };
+        assert!(matches!(
+            db.read_changes(link).unwrap(),
+            Changes::Segment(_)
+        ));
+        drop(db);
+
+        // Written, checkpointed and restarted again while closed: refused.
+        let mut db = Database::open(&path).unwrap();
+        snapshot_state(&mut db);
+        seal(&mut db);
+        let token = detach_when_quiet(db);
+        app_conn.execute("INSERT INTO t VALUES (3)", []).unwrap();
+        let (_, _, _): (i64, i64, i64) = app_conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap();
+        app_conn.execute("INSERT INTO t VALUES (4)", []).unwrap();
+        let (_db, verdict) = Database::reattach(&path, token).unwrap();
+        assert!(verdict.is_err(), "two restarts must not be accepted");
+        drop(_db);
+
+        // The app's last connection closes (checkpoint + WAL deleted) after writing: refused.
+        let mut db = Database::open(&path).unwrap();
+        snapshot_state(&mut db);
+        seal(&mut db);
+        let token = detach_when_quiet(db);
+        app_conn.execute("INSERT INTO t VALUES (5)", []).unwrap();
+        drop(app_conn);
+        assert!(!wal_path_of(&path).exists());
+        let (_db, verdict) = Database::reattach(&path, token).unwrap();
+        assert!(
+            verdict.is_err(),
+            "frames checkpointed away must not be accepted"
+        );
+        drop(_db);
+
+        // ... and without writing: the database file is untouched, continue.
+        let app_conn = app(&path);
+        let mut db = Database::open(&path).unwrap();
+        snapshot_state(&mut db);
+        seal(&mut db);
+        let token = detach_when_quiet(db);
+        drop(app_conn);
+        let (_db, verdict) = Database::reattach(&path, token).unwrap();
+        assert_eq!(verdict, Ok(()));
     }
 }

@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::chain;
 use crate::db::{
-    self, Changes, CheckpointMode, CheckpointOutcome, Database, Encoded, Link, WalState,
+    self, Changes, CheckpointMode, CheckpointOutcome, Database, Detached, Encoded, Link, WalState,
 };
 use crate::segment::{self, Kind};
 use crate::storage::{self, Storage};
@@ -105,6 +105,8 @@ pub struct Replica {
     path: PathBuf,
     storage: Arc<dyn Storage>,
     db: Option<Database>,
+    /// Set while the database is closed to save descriptors (see [`Replica::detach`]).
+    detached: Option<Detached>,
     head: Option<Head>,
     last_snapshot_ms: Option<u64>,
     /// Why the next sync must start with a snapshot.
@@ -145,6 +147,7 @@ impl Replica {
             path: path.to_path_buf(),
             storage,
             db: Some(db),
+            detached: None,
             head: None,
             last_snapshot_ms: None,
             need_snapshot: None,
@@ -191,6 +194,74 @@ impl Replica {
                 "continuing the chain in storage"
             ),
             Err(reason) => self.need_snapshot = Some(reason),
+        }
+        Ok(())
+    }
+
+    /// True while the database is open (holding its descriptors and its pin).
+    pub fn is_attached(&self) -> bool {
+        self.db.is_some()
+    }
+
+    /// Closes a database at rest to save file descriptors: only once every
+    /// shipped frame is sealed by walsync's own checkpoint (taking one if
+    /// needed), so that re-attaching can prove continuity. `Ok(false)` if it
+    /// must stay open.
+    pub async fn detach(&mut self) -> Result<bool> {
+        if self.db.is_none() {
+            return Ok(self.detached.is_some());
+        }
+        if self.pending.is_some() || self.need_snapshot.is_some() || self.stopped.is_some() {
+            return Ok(false);
+        }
+        if self.db.as_ref().is_some_and(|d| d.unsealed_frames() > 0) {
+            let mut report = SyncReport::default();
+            self.checkpoint(CheckpointMode::Passive, &mut report)
+                .await?;
+            if self.db.as_ref().is_none_or(|d| d.unsealed_frames() > 0) {
+                return Ok(false);
+            }
+        }
+        let Some(db) = self.db.take() else {
+            return Ok(false);
+        };
+        let path = self.path.clone();
+        let detached = tokio::task::spawn_blocking(move || db.detach())
+            .await
+            .map_err(|e| Error::Worker {
+                path,
+                message: e.to_string(),
+            })?;
+        match detached {
+            Ok(token) => {
+                self.detached = Some(token);
+                debug!(db = %self.path.display(), "closed until its next change");
+                Ok(true)
+            }
+            Err(db) => {
+                self.db = Some(*db);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Opens a detached database again before any other work.
+    async fn ensure_attached(&mut self) -> Result<()> {
+        let Some(token) = self.detached else {
+            return Ok(());
+        };
+        let path = self.path.clone();
+        let (db, verdict) = tokio::task::spawn_blocking(move || Database::reattach(&path, token))
+            .await
+            .map_err(|e| Error::Worker {
+                path: self.path.clone(),
+                message: e.to_string(),
+            })??;
+        self.db = Some(db);
+        self.detached = None;
+        debug!(db = %self.path.display(), ok = verdict.is_ok(), "reopened");
+        if let Err(reason) = verdict {
+            self.need_snapshot = Some(reason);
         }
         Ok(())
     }
@@ -296,6 +367,7 @@ impl Replica {
                 reason: reason.clone(),
             });
         }
+        self.ensure_attached().await?;
         let mut report = SyncReport::default();
         if let Some(pending) = self.pending.take() {
             self.upload(pending, &mut report).await?;
@@ -352,6 +424,7 @@ impl Replica {
 
     /// Forces a snapshot now (the `snapshot` command).
     pub async fn force_snapshot(&mut self, reason: &str) -> Result<SyncReport> {
+        self.ensure_attached().await?;
         let mut report = SyncReport::default();
         if let Some(pending) = self.pending.take() {
             self.upload(pending, &mut report).await?;

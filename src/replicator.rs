@@ -201,6 +201,8 @@ struct Slot {
     failures: u32,
     /// Set by the watcher callback, cleared by the loop: coalesces events.
     queued: Arc<AtomicBool>,
+    /// The replica holds its database open (as of the last finished job).
+    attached: bool,
 }
 
 /// A finished job: the slot, its replica (if open), what happened.
@@ -227,7 +229,15 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> Result<()> {
         in_flight: JoinSet::new(),
         rescan_at: None,
         config_text,
+        attached: 0,
+        budget: 0,
     };
+    fleet.budget = fleet
+        .plan
+        .watch()
+        .max_open
+        .unwrap_or_else(|| descriptor_budget(fleet.plan.watch().parallelism));
+    debug!(budget = fleet.budget, "databases kept open at most");
     fleet.watch_roots();
     let targets = fleet.plan.targets()?;
     fleet.apply(targets);
@@ -310,6 +320,23 @@ struct Fleet {
     rescan_at: Option<Instant>,
     /// The configuration text last applied.
     config_text: Option<String>,
+    /// Databases held open now, and how many may be.
+    attached: usize,
+    budget: usize,
+}
+
+/// How many databases can be held open within the open-file limit: three
+/// descriptors each (database, WAL, shared memory), with room for the lock
+/// connections of syncs in flight, sockets and the watcher.
+fn descriptor_budget(parallelism: usize) -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct we pass.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
+    let soft = if ok { limit.rlim_cur as usize } else { 1024 };
+    (soft.saturating_sub(256 + 3 * parallelism) / 3).max(8)
 }
 
 const RESCAN_DEBOUNCE: Duration = Duration::from_millis(200);
@@ -471,6 +498,7 @@ impl Fleet {
                 dirty: true,
                 failures: 0,
                 queued,
+                attached: false,
             },
         );
         self.schedule_at(id, Instant::now());
@@ -482,6 +510,9 @@ impl Fleet {
             return;
         };
         info!(db = %slot.spec.path.display(), prefix = %slot.spec.prefix, "released");
+        if slot.attached {
+            self.attached -= 1;
+        }
         if let Ok(mut routes) = self.routes.write() {
             routes.remove(&slot.key);
             routes.remove(&wal_path_of(&slot.key));
@@ -593,6 +624,21 @@ impl Fleet {
         slot.running = false;
         slot.last_sync = Some(now);
         slot.replica = replica;
+        let attached = slot.replica.as_ref().is_some_and(Replica::is_attached);
+        if attached != slot.attached {
+            slot.attached = attached;
+            if attached {
+                self.attached += 1;
+            } else {
+                self.attached -= 1;
+            }
+        }
+        if self.attached > self.budget {
+            self.shed();
+        }
+        let Some(slot) = self.slots.get_mut(&id) else {
+            return;
+        };
         let wakeup = slot
             .replica
             .as_ref()
@@ -643,6 +689,33 @@ impl Fleet {
             self.schedule_at(id, at);
         }
         self.start_ready();
+    }
+
+    /// Closes the least recently synced open databases at rest, down to 90 %
+    /// of the budget, so that shedding happens in batches and not on every sync.
+    fn shed(&mut self) {
+        let target = self.budget - self.budget / 10;
+        let mut candidates: Vec<(Option<Instant>, usize)> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.attached && !s.running && s.due.is_none() && s.replica.is_some())
+            .map(|(id, s)| (s.last_sync, *id))
+            .collect();
+        candidates.sort();
+        let excess = self.attached.saturating_sub(target);
+        for (_, id) in candidates.into_iter().take(excess) {
+            let Some(slot) = self.slots.get_mut(&id) else {
+                continue;
+            };
+            let Some(mut replica) = slot.replica.take() else {
+                continue;
+            };
+            slot.running = true;
+            self.in_flight.spawn(async move {
+                let result = replica.detach().await.map(|_| SyncReport::default());
+                (id, Some(replica), result)
+            });
+        }
     }
 
     /// Waits for syncs in flight, then flushes every database once, within the deadline.

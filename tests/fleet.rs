@@ -55,6 +55,11 @@ fn start(
     CancellationToken,
     tokio::task::JoinHandle<replicator::Result<()>>,
 ) {
+    // Logs are captured per test and shown when one fails.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("walsync=debug")
+        .with_test_writer()
+        .try_init();
     let config = Config::load(config_path).unwrap();
     let token = CancellationToken::new();
     let plan = Plan::Config {
@@ -502,5 +507,56 @@ async fn two_thousand_databases() {
             rows(&outcome.output),
             rows(&data.join(format!("{name}.db")))
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn databases_beyond_max_open_are_closed_at_rest_and_reopened_on_change() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("d");
+        std::fs::create_dir(&data).unwrap();
+        let conns: Vec<Connection> = (0..6)
+            .map(|i| create_db(&data.join(format!("x{i}.db")), 2))
+            .collect();
+        let config_path = dir.path().join("walsync.toml");
+        let text = config_text(
+            &store,
+            &format!(
+                "[[databases]]\ndir = \"{}\"\nprefix = \"{{name}}\"\n",
+                data.display()
+            ),
+        )
+        .replace("parallelism = 8", "parallelism = 8\nmax_open = 2");
+        std::fs::write(&config_path, text).unwrap();
+        let (token, handle) = start(&store, &config_path);
+        for round in 0..6 {
+            for (i, conn) in conns.iter().enumerate() {
+                conn.execute("INSERT INTO t(v) VALUES (?1)", [format!("r{round} db{i}")])
+                    .unwrap();
+            }
+            // Let syncs finish, databases go quiet and be closed, then change them again.
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+        stop(token, handle).await;
+        for i in 0..6 {
+            let prefix = format!("x{i}");
+            let source = data.join(format!("{prefix}.db"));
+            assert_eq!(
+                restore_rows(&store, &prefix, dir.path()).await,
+                rows(&source),
+                "{kind} {prefix}"
+            );
+            let snapshots = chain::list(store.storage.as_ref(), &prefix)
+                .await
+                .unwrap()
+                .iter()
+                .filter(|o| o.kind == walsync::segment::Kind::Snapshot)
+                .count();
+            assert_eq!(
+                snapshots, 1,
+                "{kind} {prefix}: re-attaching needed no snapshot"
+            );
+        }
     }
 }
