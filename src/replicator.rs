@@ -203,6 +203,9 @@ struct Slot {
     queued: Arc<AtomicBool>,
     /// The replica holds its database open (as of the last finished job).
     attached: bool,
+    /// Size and modification time of the database and its WAL at the last
+    /// poll (poll mode only).
+    seen: Option<[(u64, i64, i64); 2]>,
 }
 
 /// A finished job: the slot, its replica (if open), what happened.
@@ -259,9 +262,17 @@ fn start_watcher(
                 return;
             }
         };
+        // Reads (our own included) are no change; the polling watcher reports
+        // writes as a new modification time, so only other metadata is noise.
         if matches!(
             event.kind,
-            EventKind::Access(_) | EventKind::Modify(notify::event::ModifyKind::Metadata(_))
+            EventKind::Access(_)
+                | EventKind::Modify(notify::event::ModifyKind::Metadata(
+                    notify::event::MetadataKind::AccessTime
+                        | notify::event::MetadataKind::Permissions
+                        | notify::event::MetadataKind::Ownership
+                        | notify::event::MetadataKind::Extended
+                ))
         ) {
             return;
         }
@@ -294,15 +305,14 @@ fn start_watcher(
             let _ = tx.send(Msg::Rescan);
         }
     };
-    let watch = plan.watch();
-    if watch.poll {
-        let config = notify::Config::default().with_poll_interval(watch.poll_interval);
-        let watcher = notify::PollWatcher::new(handler, config).map_err(Error::Watch)?;
-        Ok(Box::new(watcher))
-    } else {
-        let watcher = notify::recommended_watcher(handler).map_err(Error::Watch)?;
-        Ok(Box::new(watcher))
+    // notify's PollWatcher compares modification times in whole seconds, so a
+    // commit in the same second as its last scan goes unseen unless it hashes
+    // every file on every scan; in poll mode the loop stats the files itself.
+    if plan.watch().poll {
+        return Ok(Box::new(notify::NullWatcher));
     }
+    let watcher = notify::recommended_watcher(handler).map_err(Error::Watch)?;
+    Ok(Box::new(watcher))
 }
 
 struct Fleet {
@@ -343,6 +353,9 @@ const RESCAN_DEBOUNCE: Duration = Duration::from_millis(200);
 
 impl Fleet {
     async fn run(&mut self, mut rx: mpsc::UnboundedReceiver<Msg>, shutdown: CancellationToken) {
+        let watch = self.plan.watch().clone();
+        let mut poll = tokio::time::interval(watch.poll_interval);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next = self.schedule.peek().map(|Reverse((t, _))| *t);
             let next = match (next, self.rescan_at) {
@@ -369,6 +382,10 @@ impl Fleet {
                         self.rescan_at.get_or_insert(Instant::now() + RESCAN_DEBOUNCE);
                     }
                 },
+                _ = poll.tick(), if watch.poll => {
+                    self.poll_files();
+                    self.rescan();
+                }
                 _ = sleep_until(next), if next.is_some() => {
                     if self.rescan_at.is_some_and(|t| t <= Instant::now()) {
                         self.rescan_at = None;
@@ -377,6 +394,28 @@ impl Fleet {
                     self.pop_due();
                 }
             }
+        }
+    }
+
+    /// Poll mode: a database whose file or WAL changed size or modification
+    /// time since the last poll counts as changed.
+    fn poll_files(&mut self) {
+        fn stamp(path: &Path) -> (u64, i64, i64) {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(path)
+                .map(|m| (m.len(), m.mtime(), m.mtime_nsec()))
+                .unwrap_or((0, 0, 0))
+        }
+        let mut changed = Vec::new();
+        for (id, slot) in &mut self.slots {
+            let now = [stamp(&slot.key), stamp(&wal_path_of(&slot.key))];
+            if slot.seen.is_some_and(|seen| seen != now) {
+                changed.push(*id);
+            }
+            slot.seen = Some(now);
+        }
+        for id in changed {
+            self.changed(id);
         }
     }
 
@@ -499,6 +538,7 @@ impl Fleet {
                 failures: 0,
                 queued,
                 attached: false,
+                seen: None,
             },
         );
         self.schedule_at(id, Instant::now());

@@ -270,3 +270,70 @@ fn help_explains_every_command() {
         "{help}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_and_restore_all_from_a_config_file() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("tenants");
+        std::fs::create_dir(&data).unwrap();
+        let conns: Vec<Connection> = (0..3)
+            .map(|i| app_db(&data.join(format!("c{i}.db"))))
+            .collect();
+        let config = dir.path().join("walsync.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[storage]\nurl = \"{}\"\n[sync]\nsync_interval = \"0s\"\n\
+                 [[databases]]\npath = \"{}/*.db\"\nprefix = \"tenants/{{name}}\"\n",
+                store.url,
+                data.display()
+            ),
+        )
+        .unwrap();
+        let mut cmd = walsync();
+        cmd.args(["watch", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        with_store(&mut cmd, &store);
+        let mut child = cmd.spawn().unwrap();
+        for i in 0..3 {
+            wait_for_objects(&store, &format!("tenants/c{i}"), 1).await;
+        }
+        for (i, conn) in conns.iter().enumerate() {
+            for j in 0..20 {
+                conn.execute("INSERT INTO t(v) VALUES (?1)", [format!("{i}-{j}")])
+                    .unwrap();
+            }
+        }
+        let status = terminate(&mut child);
+        let mut log = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut log).unwrap();
+        assert!(status.success(), "{kind}: {status}\n{log}");
+
+        let out = dir.path().join("restored");
+        let mut cmd = walsync();
+        cmd.args(["restore-all", "--config"])
+            .arg(&config)
+            .arg("--output-dir")
+            .arg(&out);
+        with_store(&mut cmd, &store);
+        let output = run(&mut cmd);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{kind}: {stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(stdout.contains("3 restored, 0 failed"), "{stdout}");
+        for i in 0..3 {
+            let name = format!("c{i}.db");
+            assert_eq!(
+                rows(&out.join("tenants").join(&name)),
+                rows(&data.join(&name)),
+                "{kind}"
+            );
+        }
+    }
+}

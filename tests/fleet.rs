@@ -560,3 +560,35 @@ async fn databases_beyond_max_open_are_closed_at_rest_and_reopened_on_change() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_polling_watcher_sees_changes_too() {
+    let store = common::fs_store();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("polled.db");
+    let conn = create_db(&db, 1);
+    let config_path = dir.path().join("walsync.toml");
+    let text = config_text(
+        &store,
+        &format!("[[databases]]\npath = \"{}\"\n", db.display()),
+    )
+    .replace(
+        "parallelism = 8",
+        "parallelism = 8\nwatcher = \"poll\"\npoll_interval = \"100ms\"",
+    );
+    std::fs::write(&config_path, text).unwrap();
+    let (token, handle) = start(&store, &config_path);
+    wait_for("first snapshot", async || {
+        objects(&store, "polled").await > 0
+    })
+    .await;
+    let before = objects(&store, "polled").await;
+    conn.execute("INSERT INTO t(v) VALUES ('seen by polling')", [])
+        .unwrap();
+    wait_for("the change", async || {
+        objects(&store, "polled").await > before
+    })
+    .await;
+    stop(token, handle).await;
+    assert_eq!(restore_rows(&store, "polled", dir.path()).await, rows(&db));
+}
