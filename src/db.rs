@@ -203,6 +203,8 @@ pub struct Database {
     /// Every frame of the current generation was shipped and checkpointed
     /// while we held the write lock: the next generation may follow.
     sealed: bool,
+    /// The last read saw whole transactions SQLite had not published yet.
+    unpublished_commits: bool,
 }
 
 fn now_ms() -> u64 {
@@ -265,6 +267,7 @@ impl Database {
             page_size,
             state: WalState::Empty,
             sealed: false,
+            unpublished_commits: false,
         };
         db.pin()?;
         Ok(db)
@@ -375,6 +378,12 @@ impl Database {
             }
         }
         Ok(Ok(()))
+    }
+
+    /// True if the last read found commits written to the WAL but not yet
+    /// published in the WAL-index: a read a moment later will ship them.
+    pub fn has_unpublished_commits(&self) -> bool {
+        self.unpublished_commits
     }
 
     /// Frames of the current WAL generation shipped but not yet sealed by a checkpoint.
@@ -630,6 +639,16 @@ impl Database {
         }
         let limit = published.unwrap_or(u32::MAX);
         let scan = wal::scan_until(&file, &header, from, limit).map_err(self.wal_err())?;
+        // SQLite publishes a commit in the WAL-index (memory-mapped, so no file
+        // event) just after its last WAL write, which is what woke us. Whole
+        // transactions past the published count are usually a commit caught in
+        // that gap: tell the caller to look again shortly.
+        self.unpublished_commits = limit != u32::MAX
+            && scan.end.frame == limit
+            && wal::scan(&file, &header, scan.end)
+                .map_err(self.wal_err())?
+                .transactions
+                > 0;
         // A new generation with no whole transaction yet ships nothing, and
         // the seal stands until one appears.
         let Some(db_pages) = scan.db_pages else {
@@ -983,6 +1002,22 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     // checkpoint and delete the WAL, breaking continuity at our next start).
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
+    // walsync only streams pages and reads a header: a per-connection page
+    // cache and lookaside allocator (up to ~120 KiB each by default) would be
+    // most of what an idle database costs in a large fleet.
+    conn.pragma_update(None, "cache_size", -64)?;
+    // SAFETY: the handle is a valid open connection owned by `conn`; a null
+    // buffer with zero slots disables lookaside, which SQLite allows while no
+    // lookaside memory is in use (right after open), else it reports busy.
+    unsafe {
+        rusqlite::ffi::sqlite3_db_config(
+            conn.handle(),
+            rusqlite::ffi::SQLITE_DBCONFIG_LOOKASIDE,
+            std::ptr::null_mut::<std::ffi::c_void>(),
+            0 as std::ffi::c_int,
+            0 as std::ffi::c_int,
+        );
+    }
     conn.busy_timeout(Duration::from_secs(5))?;
     Ok(conn)
 }

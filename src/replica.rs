@@ -288,6 +288,14 @@ impl Replica {
         self.stopped.as_deref()
     }
 
+    /// True if the last sync saw commits SQLite was still publishing: sync
+    /// again in a moment rather than waiting for the next file event.
+    pub fn wants_recheck(&self) -> bool {
+        self.db
+            .as_ref()
+            .is_some_and(Database::has_unpublished_commits)
+    }
+
     /// When this database needs a sync although its WAL has not changed:
     /// a retry of a failed upload or a checkpoint of shipped frames. `None`
     /// for a database at rest.

@@ -206,7 +206,14 @@ struct Slot {
     /// Size and modification time of the database and its WAL at the last
     /// poll (poll mode only).
     seen: Option<[(u64, i64, i64); 2]>,
+    /// Quick re-checks in a row for commits SQLite had not published yet.
+    rechecks: u32,
 }
+
+/// Re-checks for a commit caught between its WAL write and its publication:
+/// 2 ms doubling, at most this many in a row (an orphaned tail from a crashed
+/// writer never gets published).
+const MAX_RECHECKS: u32 = 8;
 
 /// A finished job: the slot, its replica (if open), what happened.
 type Done = (usize, Option<Replica>, replica::Result<SyncReport>);
@@ -539,6 +546,7 @@ impl Fleet {
                 queued,
                 attached: false,
                 seen: None,
+                rechecks: 0,
             },
         );
         self.schedule_at(id, Instant::now());
@@ -718,8 +726,18 @@ impl Fleet {
             }
         }
         if slot.dirty && slot.failures == 0 {
+            slot.rechecks = 0;
             let at = now + slot.spec.sync.sync_interval;
             next = Some(next.map_or(at, |n: Instant| n.max(at)));
+        } else if slot.failures == 0
+            && slot.rechecks < MAX_RECHECKS
+            && slot.replica.as_ref().is_some_and(Replica::wants_recheck)
+        {
+            let at = now + Duration::from_millis(2 << slot.rechecks);
+            slot.rechecks += 1;
+            next = Some(next.map_or(at, |n: Instant| n.min(at)));
+        } else {
+            slot.rechecks = 0;
         }
         let next = match (next, wakeup) {
             (Some(a), Some(b)) => Some(a.min(b).max(now)),
@@ -781,21 +799,39 @@ impl Fleet {
             .filter(|s| s.running)
             .map(|s| s.spec.path.display().to_string())
             .collect();
-        let mut queue: VecDeque<Replica> = self
+        // Every database not synced yet (still waiting for its first open, or
+        // for a retry) is opened now, so nothing committed is left behind.
+        let mut queue: VecDeque<(DbSpec, Option<Replica>)> = self
             .slots
             .values_mut()
-            .filter_map(|s| s.replica.take())
-            .filter(|r| r.stopped().is_none())
+            .filter(|s| !s.running)
+            .map(|s| (s.spec.clone(), s.replica.take()))
+            .filter(|(_, r)| r.as_ref().is_none_or(|r| r.stopped().is_none()))
             .collect();
         let mut flushes = JoinSet::new();
         loop {
             while flushes.len() < watch.parallelism.max(1) {
-                let Some(mut replica) = queue.pop_front() else {
+                let Some((spec, replica)) = queue.pop_front() else {
                     break;
                 };
                 flushes.spawn(async move {
-                    let result = replica.flush().await;
-                    (replica.path().display().to_string(), result)
+                    let name = spec.path.display().to_string();
+                    let mut replica = match replica {
+                        Some(r) => r,
+                        None if !spec.path.exists() => return (name, Ok(SyncReport::default())),
+                        None => match Replica::open(
+                            &spec.path,
+                            &spec.prefix,
+                            spec.storage.clone(),
+                            spec.sync.clone(),
+                        )
+                        .await
+                        {
+                            Ok(r) => r,
+                            Err(e) => return (name, Err(e)),
+                        },
+                    };
+                    (name, replica.flush().await)
                 });
             }
             if flushes.is_empty() {
@@ -810,7 +846,7 @@ impl Fleet {
                 Ok(Some(Err(e))) => error!(error = %e, "a final sync task failed"),
                 Ok(None) => break,
                 Err(_) => {
-                    unflushed.extend(queue.iter().map(|r| r.path().display().to_string()));
+                    unflushed.extend(queue.iter().map(|(s, _)| s.path.display().to_string()));
                     unflushed.push(format!("{} still in flight", flushes.len()));
                     break;
                 }

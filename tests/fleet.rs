@@ -592,3 +592,34 @@ async fn the_polling_watcher_sees_changes_too() {
     stop(token, handle).await;
     assert_eq!(restore_rows(&store, "polled", dir.path()).await, rows(&db));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_right_after_start_still_ships_every_database() {
+    let store = common::fs_store();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    std::fs::create_dir(&data).unwrap();
+    for i in 0..20 {
+        drop(create_db(&data.join(format!("s{i:02}.db")), 2));
+    }
+    let config_path = dir.path().join("walsync.toml");
+    let text = config_text(
+        &store,
+        &format!(
+            "[[databases]]\ndir = \"{}\"\nprefix = \"{{name}}\"\n",
+            data.display()
+        ),
+    )
+    .replace("parallelism = 8", "parallelism = 1");
+    std::fs::write(&config_path, text).unwrap();
+    let (token, handle) = start(&store, &config_path);
+    stop(token, handle).await;
+    for i in 0..20 {
+        let prefix = format!("s{i:02}");
+        assert_eq!(
+            restore_rows(&store, &prefix, dir.path()).await,
+            rows(&data.join(format!("{prefix}.db"))),
+            "{prefix}"
+        );
+    }
+}
