@@ -77,6 +77,9 @@ pub struct WatchSettings {
     /// beyond it are closed until their next change. `None`: derived from
     /// the open-file limit.
     pub max_open: Option<usize>,
+    /// Close a database (releasing its descriptors and memory) once it has
+    /// not changed for this long; `None` keeps databases open.
+    pub close_idle_after: Option<Duration>,
 }
 
 impl Default for WatchSettings {
@@ -87,6 +90,7 @@ impl Default for WatchSettings {
             poll_interval: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(30),
             max_open: None,
+            close_idle_after: Some(Duration::from_secs(30)),
         }
     }
 }
@@ -185,6 +189,7 @@ struct RawWatch {
     poll_interval: Option<String>,
     shutdown_timeout: Option<String>,
     max_open: Option<usize>,
+    close_idle_after: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -414,6 +419,10 @@ impl Config {
         }
         if let Some(d) = check.duration("watch.shutdown_timeout", &raw.shutdown_timeout)? {
             watch.shutdown_timeout = d;
+        }
+        if let Some(d) = check.duration("watch.close_idle_after", &raw.close_idle_after)? {
+            // 0 turns closing off.
+            watch.close_idle_after = (!d.is_zero()).then_some(d);
         }
         if let Some(n) = raw.max_open {
             if n == 0 {

@@ -292,7 +292,9 @@ impl Database {
             WalState::At(p) => Some(p),
             WalState::Empty => None,
         };
-        if !self.sealed || self.lock_held {
+        // A WAL position is only safe to leave once sealed; with no WAL at
+        // all, the proof on reattach is the untouched database file alone.
+        if (position.is_some() && !self.sealed) || self.lock_held {
             return Err(Box::new(self));
         }
         // File times are coarse (a few ms): a write landing in the same tick
@@ -959,6 +961,10 @@ impl Database {
         }
         let (hash, mut spool) = enc.finish().map_err(seg_err)?;
         spool.flush().map_err(self.io_err())?;
+        // The pages just streamed need not stay cached for an idle database.
+        self.conn
+            .execute_batch("PRAGMA shrink_memory")
+            .map_err(self.sql_err())?;
         let payload = spool.finish().map_err(self.io_err())?;
         // The pin moved under the write lock with no new frame, so a seal of
         // this very position still holds.
@@ -997,18 +1003,12 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
-    // Our connections must never checkpoint on their own: not automatically
-    // after a commit, and not when the last connection closes (that would
-    // checkpoint and delete the WAL, breaking continuity at our next start).
-    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
-    // walsync only streams pages and reads a header: a per-connection page
-    // cache and lookaside allocator (up to ~120 KiB each by default) would be
-    // most of what an idle database costs in a large fleet.
-    conn.pragma_update(None, "cache_size", -64)?;
+    // walsync only streams pages and reads a header: a per-connection
+    // lookaside allocator (up to ~120 KiB) and page cache would be most of
+    // what an idle database costs in a large fleet. Lookaside can only be
+    // turned off before the connection has used it, so this comes first.
     // SAFETY: the handle is a valid open connection owned by `conn`; a null
-    // buffer with zero slots disables lookaside, which SQLite allows while no
-    // lookaside memory is in use (right after open), else it reports busy.
+    // buffer with zero slots disables lookaside.
     unsafe {
         rusqlite::ffi::sqlite3_db_config(
             conn.handle(),
@@ -1018,6 +1018,12 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
             0 as std::ffi::c_int,
         );
     }
+    conn.pragma_update(None, "cache_size", -64)?;
+    // Our connections must never checkpoint on their own: not automatically
+    // after a commit, and not when the last connection closes (that would
+    // checkpoint and delete the WAL, breaking continuity at our next start).
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     Ok(conn)
 }

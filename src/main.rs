@@ -7,6 +7,12 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    // glibc gives each thread that allocates its own arena; with tokio's
+    // blocking pool that is many arenas of freed-but-kept memory. Two suffice.
+    // SAFETY: called once before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     let cli = walsync::cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

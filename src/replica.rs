@@ -114,6 +114,8 @@ pub struct Replica {
     /// Encoded but not yet durable: retried byte for byte.
     pending: Option<Encoded>,
     last_checkpoint: Instant,
+    /// When something was last shipped (or the database opened).
+    last_change: Instant,
     /// No checkpoint attempt before this, after one that could not complete.
     checkpoint_retry_at: Option<Instant>,
     opts: SyncOptions,
@@ -153,6 +155,7 @@ impl Replica {
             need_snapshot: None,
             pending: None,
             last_checkpoint: Instant::now(),
+            last_change: Instant::now(),
             checkpoint_retry_at: None,
             opts,
             stopped: None,
@@ -196,6 +199,11 @@ impl Replica {
             Err(reason) => self.need_snapshot = Some(reason),
         }
         Ok(())
+    }
+
+    /// When the database last changed (something was shipped), or was opened.
+    pub fn last_change(&self) -> Instant {
+        self.last_change
     }
 
     /// True while the database is open (holding its descriptors and its pin).
@@ -558,6 +566,7 @@ impl Replica {
             seq: encoded.header.seq,
             hash: encoded.hash,
         });
+        self.last_change = Instant::now();
         let state = encoded.state;
         self.with_db(move |db| db.shipped(state)).await?;
         report.bytes += bytes;

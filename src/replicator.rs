@@ -239,6 +239,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> Result<()> {
         config_text,
         attached: 0,
         budget: 0,
+        last_trim: None,
     };
     fleet.budget = fleet
         .plan
@@ -338,11 +339,21 @@ struct Fleet {
     /// Databases held open now, and how many may be.
     attached: usize,
     budget: usize,
+    /// When freed memory was last handed back to the system.
+    last_trim: Option<Instant>,
 }
 
-/// How many databases can be held open within the open-file limit: three
-/// descriptors each (database, WAL, shared memory), with room for the lock
-/// connections of syncs in flight, sockets and the watcher.
+/// Least wait before another attempt to close an idle database.
+const IDLE_RETRY: Duration = Duration::from_millis(250);
+
+/// Closing databases frees memory in many small pieces; hand it back to the
+/// system at most this often.
+const TRIM_EVERY: Duration = Duration::from_secs(1);
+
+/// How many databases can be held open within the open-file limit: four
+/// descriptors each (database, WAL, shared memory, and the database file of
+/// the closed lock connection, which SQLite keeps for reuse while the pin
+/// holds a lock), with room for syncs in flight, sockets and the watcher.
 fn descriptor_budget(parallelism: usize) -> usize {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -351,7 +362,7 @@ fn descriptor_budget(parallelism: usize) -> usize {
     // SAFETY: getrlimit only writes the struct we pass.
     let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
     let soft = if ok { limit.rlim_cur as usize } else { 1024 };
-    (soft.saturating_sub(256 + 3 * parallelism) / 3).max(8)
+    (soft.saturating_sub(256 + 4 * parallelism) / 4).max(8)
 }
 
 const RESCAN_DEBOUNCE: Duration = Duration::from_millis(200);
@@ -636,6 +647,7 @@ impl Fleet {
             slot.dirty = false;
             let replica = slot.replica.take();
             let spec = slot.spec.clone();
+            let close_idle_after = self.plan.watch().close_idle_after;
             self.in_flight.spawn(async move {
                 let mut replica = match replica {
                     Some(r) => r,
@@ -652,6 +664,14 @@ impl Fleet {
                     },
                 };
                 let result = replica.sync().await;
+                if result.is_ok()
+                    && replica.is_attached()
+                    && close_idle_after.is_some_and(|d| replica.last_change().elapsed() >= d)
+                {
+                    // Closing is an optimisation: a database that cannot be
+                    // sealed right now simply stays open.
+                    let _ = replica.detach().await;
+                }
                 (id, Some(replica), result)
             });
         }
@@ -671,12 +691,25 @@ impl Fleet {
         slot.last_sync = Some(now);
         slot.replica = replica;
         let attached = slot.replica.as_ref().is_some_and(Replica::is_attached);
+        let mut closed = false;
         if attached != slot.attached {
             slot.attached = attached;
             if attached {
                 self.attached += 1;
             } else {
                 self.attached -= 1;
+                closed = true;
+            }
+        }
+        if closed
+            && self
+                .last_trim
+                .is_none_or(|t| now.duration_since(t) >= TRIM_EVERY)
+        {
+            self.last_trim = Some(now);
+            // SAFETY: malloc_trim only returns free heap memory to the system.
+            unsafe {
+                libc::malloc_trim(0);
             }
         }
         if self.attached > self.budget {
@@ -737,12 +770,23 @@ impl Fleet {
         } else {
             slot.rechecks = 0;
         }
-        let next = match (next, wakeup) {
+        let mut next = match (next, wakeup) {
             (Some(a), Some(b)) => Some(a.min(b).max(now)),
             (a, b) => a.or(b),
         };
+        // An open database at rest gets one more look once it has been idle
+        // long enough, which closes it (sealing its WAL first if needed). A
+        // file written moments ago is not quiet yet: look again a bit later.
+        if let (Some(idle), Some(replica)) = (self.plan.watch().close_idle_after, &slot.replica)
+            && replica.is_attached()
+            && replica.stopped().is_none()
+            && slot.failures == 0
+        {
+            let idle_at = (Instant::from_std(replica.last_change()) + idle).max(now + IDLE_RETRY);
+            next = Some(next.map_or(idle_at, |n: Instant| n.min(idle_at)));
+        }
         if let Some(at) = next {
-            self.schedule_at(id, at);
+            self.schedule_at(id, at.max(now));
         }
         self.start_ready();
     }

@@ -623,3 +623,59 @@ async fn shutdown_right_after_start_still_ships_every_database() {
         );
     }
 }
+
+/// Descriptors this process holds on `path` (database, WAL or shared memory).
+fn open_descriptors(path: &Path) -> usize {
+    let name = path.to_string_lossy().to_string();
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with(&name))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_databases_are_closed_and_reopened_on_change() {
+    let store = common::fs_store();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("idle.db");
+    drop(create_db(&db, 3));
+    let config_path = dir.path().join("walsync.toml");
+    let text = config_text(
+        &store,
+        &format!("[[databases]]\npath = \"{}\"\n", db.display()),
+    )
+    .replace(
+        "parallelism = 8",
+        "parallelism = 8\nclose_idle_after = \"300ms\"",
+    );
+    std::fs::write(&config_path, text).unwrap();
+    let (token, handle) = start(&store, &config_path);
+    wait_for("the snapshot", async || objects(&store, "idle").await > 0).await;
+    wait_for("the idle database to be closed", async || {
+        open_descriptors(&db) == 0
+    })
+    .await;
+    for round in 0..3 {
+        let before = objects(&store, "idle").await;
+        {
+            let conn = Connection::open(&db).unwrap();
+            conn.execute("INSERT INTO t(v) VALUES (?1)", [format!("round {round}")])
+                .unwrap();
+            wait_for("the change", async || {
+                objects(&store, "idle").await > before
+            })
+            .await;
+        }
+        wait_for("closed again", async || open_descriptors(&db) == 0).await;
+    }
+    stop(token, handle).await;
+    assert_eq!(restore_rows(&store, "idle", dir.path()).await, rows(&db));
+    let snapshots = chain::list(store.storage.as_ref(), "idle")
+        .await
+        .unwrap()
+        .iter()
+        .filter(|o| o.kind == walsync::segment::Kind::Snapshot)
+        .count();
+    assert_eq!(snapshots, 1, "reopening needed no snapshot");
+}
