@@ -122,6 +122,19 @@ pub struct Replica {
     stopped: Option<String>,
 }
 
+/// Runs SQLite or file work of the database at `path` on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    path: &Path,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Worker {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -138,12 +151,7 @@ impl Replica {
         opts: SyncOptions,
     ) -> Result<Self> {
         let owned = path.to_path_buf();
-        let db = tokio::task::spawn_blocking(move || Database::open(&owned))
-            .await
-            .map_err(|e| Error::Worker {
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            })??;
+        let db = blocking(path, move || Database::open(&owned)).await??;
         let mut replica = Self {
             prefix: prefix.to_string(),
             path: path.to_path_buf(),
@@ -233,13 +241,7 @@ impl Replica {
         let Some(db) = self.db.take() else {
             return Ok(false);
         };
-        let path = self.path.clone();
-        let detached = tokio::task::spawn_blocking(move || db.detach())
-            .await
-            .map_err(|e| Error::Worker {
-                path,
-                message: e.to_string(),
-            })?;
+        let detached = blocking(&self.path, move || db.detach()).await?;
         match detached {
             Ok(token) => {
                 self.detached = Some(token);
@@ -259,12 +261,8 @@ impl Replica {
             return Ok(());
         };
         let path = self.path.clone();
-        let (db, verdict) = tokio::task::spawn_blocking(move || Database::reattach(&path, token))
-            .await
-            .map_err(|e| Error::Worker {
-                path: self.path.clone(),
-                message: e.to_string(),
-            })??;
+        let (db, verdict) =
+            blocking(&self.path, move || Database::reattach(&path, token)).await??;
         self.db = Some(db);
         self.detached = None;
         debug!(db = %self.path.display(), ok = verdict.is_ok(), "reopened");
@@ -327,12 +325,7 @@ impl Replica {
             // A previous worker died holding it. Reopen, and start over from a
             // snapshot: frames read from a fresh position could skip some.
             let path = self.path.clone();
-            let db = tokio::task::spawn_blocking(move || Database::open(&path))
-                .await
-                .map_err(|e| Error::Worker {
-                    path: self.path.clone(),
-                    message: e.to_string(),
-                })??;
+            let db = blocking(&self.path, move || Database::open(&path)).await??;
             self.db = Some(db);
             self.need_snapshot = Some("walsync reopened the database after a failure".into());
             return Err(Error::Worker {
@@ -340,15 +333,11 @@ impl Replica {
                 message: "reopened after a failure; a snapshot follows".into(),
             });
         };
-        let (db, out) = tokio::task::spawn_blocking(move || {
+        let (db, out) = blocking(&self.path, move || {
             let out = f(&mut db);
             (db, out)
         })
-        .await
-        .map_err(|e| Error::Worker {
-            path: self.path.clone(),
-            message: e.to_string(),
-        })?;
+        .await?;
         self.db = Some(db);
         Ok(out)
     }

@@ -53,6 +53,18 @@ pub struct DbSpec {
     pub sync: SyncOptions,
 }
 
+impl DbSpec {
+    async fn open(&self) -> replica::Result<Replica> {
+        Replica::open(
+            &self.path,
+            &self.prefix,
+            self.storage.clone(),
+            self.sync.clone(),
+        )
+        .await
+    }
+}
+
 /// Which databases to replicate.
 #[derive(Debug)]
 pub enum Plan {
@@ -651,14 +663,7 @@ impl Fleet {
             self.in_flight.spawn(async move {
                 let mut replica = match replica {
                     Some(r) => r,
-                    None => match Replica::open(
-                        &spec.path,
-                        &spec.prefix,
-                        spec.storage.clone(),
-                        spec.sync.clone(),
-                    )
-                    .await
-                    {
+                    None => match spec.open().await {
                         Ok(r) => r,
                         Err(e) => return (id, None, Err(e)),
                     },
@@ -861,14 +866,7 @@ impl Fleet {
                     let mut replica = match replica {
                         Some(r) => r,
                         None if !spec.path.exists() => return (name, Ok(SyncReport::default())),
-                        None => match Replica::open(
-                            &spec.path,
-                            &spec.prefix,
-                            spec.storage.clone(),
-                            spec.sync.clone(),
-                        )
-                        .await
-                        {
+                        None => match spec.open().await {
                             Ok(r) => r,
                             Err(e) => return (name, Err(e)),
                         },
