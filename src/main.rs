@@ -33,7 +33,11 @@ fn main() -> ExitCode {
     };
     let shutdown = CancellationToken::new();
     runtime.spawn(cancel_on_signal(shutdown.clone()));
-    match runtime.block_on(walsync::app::run(cli, shutdown)) {
+    let result = runtime.block_on(walsync::app::run(cli, shutdown));
+    // The final flush has its own deadline; work still queued after it must
+    // not keep the process alive.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

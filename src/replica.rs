@@ -230,6 +230,12 @@ impl Replica {
         if self.pending.is_some() || self.need_snapshot.is_some() || self.stopped.is_some() {
             return Ok(false);
         }
+        // Ship what was committed since the last sync first: a closed database
+        // must hold no unshipped frames (a seal covers only what it saw).
+        self.flush().await?;
+        if self.pending.is_some() || self.need_snapshot.is_some() {
+            return Ok(false);
+        }
         if self.db.as_ref().is_some_and(|d| d.unsealed_frames() > 0) {
             let mut report = SyncReport::default();
             self.checkpoint(CheckpointMode::Passive, &mut report)

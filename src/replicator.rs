@@ -848,10 +848,12 @@ impl Fleet {
             .collect();
         // Every database not synced yet (still waiting for its first open, or
         // for a retry) is opened now, so nothing committed is left behind.
+        // A database closed at rest with no change since has nothing to flush.
         let mut queue: VecDeque<(DbSpec, Option<Replica>)> = self
             .slots
             .values_mut()
             .filter(|s| !s.running)
+            .filter(|s| s.dirty || s.replica.as_ref().is_none_or(Replica::is_attached))
             .map(|s| (s.spec.clone(), s.replica.take()))
             .filter(|(_, r)| r.as_ref().is_none_or(|r| r.stopped().is_none()))
             .collect();
