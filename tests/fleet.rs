@@ -41,10 +41,24 @@ fn rows(path: &Path) -> Rows {
 }
 
 fn config_text(store: &TestStore, body: &str) -> String {
+    config_with_watch(store, "parallelism = 8", body)
+}
+
+/// A configuration with these `[watch]` lines.
+fn config_with_watch(store: &TestStore, watch: &str, body: &str) -> String {
     format!(
-        "[storage]\nurl = \"{}\"\n\n[sync]\nsync_interval = \"0s\"\n\n[watch]\nparallelism = 8\n\n{body}",
+        "[storage]\nurl = \"{}\"\n\n[sync]\nsync_interval = \"0s\"\n\n[watch]\n{watch}\n\n{body}",
         store.url
     )
+}
+
+async fn snapshots(store: &TestStore, prefix: &str) -> usize {
+    chain::list(store.storage.as_ref(), prefix)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|o| o.kind == walsync::segment::Kind::Snapshot)
+        .count()
 }
 
 /// Runs the fleet in this process until the returned token is cancelled.
@@ -520,14 +534,14 @@ async fn databases_beyond_max_open_are_closed_at_rest_and_reopened_on_change() {
             .map(|i| create_db(&data.join(format!("x{i}.db")), 2))
             .collect();
         let config_path = dir.path().join("walsync.toml");
-        let text = config_text(
+        let text = config_with_watch(
             &store,
+            "parallelism = 8\nmax_open = 2",
             &format!(
                 "[[databases]]\ndir = \"{}\"\nprefix = \"{{name}}\"\n",
                 data.display()
             ),
-        )
-        .replace("parallelism = 8", "parallelism = 8\nmax_open = 2");
+        );
         std::fs::write(&config_path, text).unwrap();
         let (token, handle) = start(&store, &config_path);
         for round in 0..6 {
@@ -547,12 +561,7 @@ async fn databases_beyond_max_open_are_closed_at_rest_and_reopened_on_change() {
                 rows(&source),
                 "{kind} {prefix}"
             );
-            let snapshots = chain::list(store.storage.as_ref(), &prefix)
-                .await
-                .unwrap()
-                .iter()
-                .filter(|o| o.kind == walsync::segment::Kind::Snapshot)
-                .count();
+            let snapshots = snapshots(&store, &prefix).await;
             assert_eq!(
                 snapshots, 1,
                 "{kind} {prefix}: re-attaching needed no snapshot"
@@ -603,14 +612,14 @@ async fn shutdown_right_after_start_still_ships_every_database() {
         drop(create_db(&data.join(format!("s{i:02}.db")), 2));
     }
     let config_path = dir.path().join("walsync.toml");
-    let text = config_text(
+    let text = config_with_watch(
         &store,
+        "parallelism = 1",
         &format!(
             "[[databases]]\ndir = \"{}\"\nprefix = \"{{name}}\"\n",
             data.display()
         ),
-    )
-    .replace("parallelism = 8", "parallelism = 1");
+    );
     std::fs::write(&config_path, text).unwrap();
     let (token, handle) = start(&store, &config_path);
     stop(token, handle).await;
@@ -671,11 +680,6 @@ async fn idle_databases_are_closed_and_reopened_on_change() {
     }
     stop(token, handle).await;
     assert_eq!(restore_rows(&store, "idle", dir.path()).await, rows(&db));
-    let snapshots = chain::list(store.storage.as_ref(), "idle")
-        .await
-        .unwrap()
-        .iter()
-        .filter(|o| o.kind == walsync::segment::Kind::Snapshot)
-        .count();
+    let snapshots = snapshots(&store, "idle").await;
     assert_eq!(snapshots, 1, "reopening needed no snapshot");
 }
