@@ -174,16 +174,70 @@ pub struct Detached {
     position: Option<Position>,
     page_size: u32,
     identity: Identity,
-    db_len: u64,
-    db_mtime: (i64, i64),
+    db: FileStamp,
+    /// `None` when there was no WAL file.
+    wal: Option<FileStamp>,
+}
+
+impl Detached {
+    /// True if neither the database file nor its WAL was written since the
+    /// database was closed: an event about them (our own reopen, an `fchown`
+    /// by a process running as root, a reader) is then no reason to open it.
+    /// Sound because both files had been quiet for longer than a file-time
+    /// tick when closed, so any later write shows as a new modification time.
+    /// A WAL deleted by the app's last connection while the database file
+    /// stayed untouched held nothing new either; the token then records that
+    /// there is no WAL, so that the next generation is read from its start.
+    pub fn unchanged_on_disk(&mut self, path: &Path) -> bool {
+        let Ok(db) = FileStamp::of(path) else {
+            return false;
+        };
+        if db != self.db {
+            return false;
+        }
+        match FileStamp::of(&wal_path_of(path)) {
+            Ok(wal) => Some(wal) == self.wal,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.wal = None;
+                self.position = None;
+                true
+            }
+            Err(_) => false,
+        }
+    }
 }
 
 /// How long a database file must have gone unwritten before it is let go.
 const DETACH_QUIET: Duration = Duration::from_millis(200);
 
-fn len_and_mtime(path: &Path) -> io::Result<(u64, (i64, i64))> {
-    let meta = std::fs::metadata(path)?;
-    Ok((meta.len(), (meta.mtime(), meta.mtime_nsec())))
+/// Length and modification time of a file: how walsync tells, without opening
+/// a closed database, whether anything wrote to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    mtime: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> io::Result<Self> {
+        let meta = std::fs::metadata(path)?;
+        Ok(FileStamp {
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+        })
+    }
+
+    /// Unwritten for at least [`DETACH_QUIET`].
+    fn quiet(&self) -> bool {
+        let modified = std::time::UNIX_EPOCH
+            + Duration::new(
+                self.mtime.0.max(0) as u64,
+                self.mtime.1.clamp(0, 999_999_999) as u32,
+            );
+        SystemTime::now()
+            .duration_since(modified)
+            .is_ok_and(|age| age >= DETACH_QUIET)
+    }
 }
 
 /// One watched database.
@@ -298,25 +352,25 @@ impl Database {
             return Err(Box::new(self));
         }
         // File times are coarse (a few ms): a write landing in the same tick
-        // as the last one would go unnoticed, so only a quiet file is let go.
-        let quiet = std::fs::metadata(&self.path)
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| SystemTime::now().duration_since(t).ok())
-            .is_some_and(|age| age >= DETACH_QUIET);
-        if !quiet {
+        // as the last one would go unnoticed, so only quiet files are let go.
+        let Ok(db) = FileStamp::of(&self.path) else {
+            return Err(Box::new(self));
+        };
+        let wal = match FileStamp::of(&self.wal_path) {
+            Ok(wal) => Some(wal),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(_) => return Err(Box::new(self)),
+        };
+        if !db.quiet() || wal.is_some_and(|w| !w.quiet()) {
             return Err(Box::new(self));
         }
-        match len_and_mtime(&self.path) {
-            Ok((db_len, db_mtime)) => Ok(Detached {
-                position,
-                page_size: self.page_size,
-                identity: self.identity,
-                db_len,
-                db_mtime,
-            }),
-            Err(_) => Err(Box::new(self)),
-        }
+        Ok(Detached {
+            position,
+            page_size: self.page_size,
+            identity: self.identity,
+            db,
+            wal,
+        })
     }
 
     /// Opens a detached database again. The chain continues only where it is
@@ -347,8 +401,7 @@ impl Database {
         }
         // A restart that could hide frames needs a checkpoint that writes
         // them into the database file first; an untouched file rules that out.
-        let untouched =
-            len_and_mtime(&self.path).map_err(self.io_err())? == (token.db_len, token.db_mtime);
+        let untouched = FileStamp::of(&self.path).map_err(self.io_err())? == token.db;
         match (self.open_wal()?, token.position) {
             (None, _) | (Some(_), None) if untouched => {
                 self.state = WalState::Empty;
@@ -1146,6 +1199,44 @@ mod tests {
     fn detach_when_quiet(db: Database) -> Detached {
         std::thread::sleep(DETACH_QUIET);
         db.detach().unwrap()
+    }
+
+    #[test]
+    fn a_closed_database_reads_as_unchanged_until_something_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.db");
+        let app_conn = app(&path);
+        app_conn.execute("INSERT INTO t VALUES (1)", []).unwrap();
+        let mut db = Database::open(&path).unwrap();
+        snapshot_state(&mut db);
+        seal(&mut db);
+        let mut token = detach_when_quiet(db);
+        assert!(token.unchanged_on_disk(&path));
+
+        let reader = Connection::open(&path).unwrap();
+        let _: i64 = reader
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        drop(reader);
+        assert!(token.unchanged_on_disk(&path), "a reader changes nothing");
+
+        // The last connection deletes the WAL, leaving the database as it was.
+        drop(app_conn);
+        assert!(!wal_path_of(&path).exists());
+        assert!(token.unchanged_on_disk(&path), "no WAL, same database");
+        let app_conn = app(&path);
+        app_conn.execute("INSERT INTO t VALUES (2)", []).unwrap();
+        assert!(!token.unchanged_on_disk(&path), "a commit is a change");
+        let (mut db, verdict) = Database::reattach(&path, token).unwrap();
+        assert_eq!(verdict, Ok(()), "the new WAL is read from its start");
+        let link = Link {
+            seq: 9,
+            prev_hash: [0; 32],
+        };
+        assert!(matches!(
+            db.read_changes(link).unwrap(),
+            Changes::Segment(_)
+        ));
     }
 
     #[test]

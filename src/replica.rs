@@ -378,8 +378,17 @@ impl Replica {
                 reason: reason.clone(),
             });
         }
-        self.ensure_attached().await?;
         let mut report = SyncReport::default();
+        if let Some(mut token) = self.detached {
+            let path = self.path.clone();
+            let (unchanged, token) =
+                blocking(&self.path, move || (token.unchanged_on_disk(&path), token)).await?;
+            self.detached = Some(token);
+            if unchanged {
+                return Ok(report);
+            }
+        }
+        self.ensure_attached().await?;
         if let Some(pending) = self.pending.take() {
             self.upload(pending, &mut report).await?;
         }

@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, trace, warn};
 
 use crate::config::{self, Config, WatchSettings};
 use crate::db::wal_path_of;
@@ -218,6 +218,8 @@ struct Slot {
     seen: Option<[(u64, i64, i64); 2]>,
     /// Quick re-checks in a row for commits SQLite had not published yet.
     rechecks: u32,
+    /// Queued to be closed, or being closed.
+    closing: bool,
 }
 
 /// Re-checks for a commit caught between its WAL write and its publication:
@@ -246,6 +248,8 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> Result<()> {
         watched: HashSet::new(),
         schedule: BinaryHeap::new(),
         ready: VecDeque::new(),
+        to_close: VecDeque::new(),
+        closing: 0,
         in_flight: JoinSet::new(),
         rescan_at: None,
         config_text,
@@ -280,20 +284,15 @@ fn start_watcher(
                 return;
             }
         };
-        // Reads (our own included) are no change; the polling watcher reports
-        // writes as a new modification time, so only other metadata is noise.
+        // Reads and metadata changes (our own included: SQLite running as
+        // root chowns the WAL on every open) are no change to replicate.
         if matches!(
             event.kind,
-            EventKind::Access(_)
-                | EventKind::Modify(notify::event::ModifyKind::Metadata(
-                    notify::event::MetadataKind::AccessTime
-                        | notify::event::MetadataKind::Permissions
-                        | notify::event::MetadataKind::Ownership
-                        | notify::event::MetadataKind::Extended
-                ))
+            EventKind::Access(_) | EventKind::Modify(notify::event::ModifyKind::Metadata(_))
         ) {
             return;
         }
+        trace!(kind = ?event.kind, paths = ?event.paths, "file event");
         let appeared_or_left = matches!(
             event.kind,
             EventKind::Create(_)
@@ -342,7 +341,13 @@ struct Fleet {
     watcher: Box<dyn Watcher + Send>,
     watched: HashSet<(PathBuf, bool)>,
     schedule: BinaryHeap<Reverse<(Instant, usize)>>,
+    /// Databases due for a sync, in order.
     ready: VecDeque<usize>,
+    /// Open databases to close (idle, or beyond the budget); started only
+    /// when no sync waits, within the same parallelism bound.
+    to_close: VecDeque<usize>,
+    /// Closes queued or running: shedding counts them as done already.
+    closing: usize,
     in_flight: JoinSet<Done>,
     /// A rescan is due at this time (events are debounced).
     rescan_at: Option<Instant>,
@@ -365,7 +370,8 @@ const TRIM_EVERY: Duration = Duration::from_secs(1);
 /// How many databases can be held open within the open-file limit: four
 /// descriptors each (database, WAL, shared memory, and the database file of
 /// the closed lock connection, which SQLite keeps for reuse while the pin
-/// holds a lock), with room for syncs in flight, sockets and the watcher.
+/// holds a lock), with room for syncs in flight, sockets, the watcher and a
+/// sixteenth spare for what the estimate misses.
 fn descriptor_budget(parallelism: usize) -> usize {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -374,7 +380,7 @@ fn descriptor_budget(parallelism: usize) -> usize {
     // SAFETY: getrlimit only writes the struct we pass.
     let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
     let soft = if ok { limit.rlim_cur as usize } else { 1024 };
-    (soft.saturating_sub(256 + 4 * parallelism) / 4).max(8)
+    (soft.saturating_sub(256 + soft / 16 + 4 * parallelism) / 4).max(8)
 }
 
 const RESCAN_DEBOUNCE: Duration = Duration::from_millis(200);
@@ -568,6 +574,7 @@ impl Fleet {
                 attached: false,
                 seen: None,
                 rechecks: 0,
+                closing: false,
             },
         );
         self.schedule_at(id, Instant::now());
@@ -581,6 +588,9 @@ impl Fleet {
         info!(db = %slot.spec.path.display(), prefix = %slot.spec.prefix, "released");
         if slot.attached {
             self.attached -= 1;
+        }
+        if slot.closing {
+            self.closing -= 1;
         }
         if let Ok(mut routes) = self.routes.write() {
             routes.remove(&slot.key);
@@ -638,48 +648,99 @@ impl Fleet {
                 continue;
             }
             slot.due = None;
-            self.ready.push_back(id);
+            // A look at an open database idle long enough is a close.
+            let idle = !slot.dirty
+                && self.plan.watch().close_idle_after.is_some_and(|d| {
+                    slot.replica
+                        .as_ref()
+                        .is_some_and(|r| r.is_attached() && r.last_change().elapsed() >= d)
+                });
+            if idle {
+                if !slot.closing {
+                    slot.closing = true;
+                    self.closing += 1;
+                    self.to_close.push_back(id);
+                }
+            } else {
+                self.ready.push_back(id);
+            }
         }
         self.start_ready();
     }
 
+    /// Starts queued jobs up to the parallelism bound: syncs first, then
+    /// closes, except at the descriptor budget, where closes make room first.
     fn start_ready(&mut self) {
         let limit = self.plan.watch().parallelism.max(1);
         while self.in_flight.len() < limit {
-            let Some(id) = self.ready.pop_front() else {
-                return;
+            let close_first = self.attached >= self.budget;
+            let (first, second) = if close_first {
+                (&mut self.to_close, &mut self.ready)
+            } else {
+                (&mut self.ready, &mut self.to_close)
             };
-            let Some(slot) = self.slots.get_mut(&id) else {
-                continue;
+            let (id, close) = match first.pop_front() {
+                Some(id) => (id, close_first),
+                None => match second.pop_front() {
+                    Some(id) => (id, !close_first),
+                    None => return,
+                },
             };
-            if slot.running {
-                continue;
+            if close {
+                self.start_close(id);
+            } else {
+                self.start_sync(id);
             }
-            slot.running = true;
-            slot.dirty = false;
-            let replica = slot.replica.take();
-            let spec = slot.spec.clone();
-            let close_idle_after = self.plan.watch().close_idle_after;
-            self.in_flight.spawn(async move {
-                let mut replica = match replica {
-                    Some(r) => r,
-                    None => match spec.open().await {
-                        Ok(r) => r,
-                        Err(e) => return (id, None, Err(e)),
-                    },
-                };
-                let result = replica.sync().await;
-                if result.is_ok()
-                    && replica.is_attached()
-                    && close_idle_after.is_some_and(|d| replica.last_change().elapsed() >= d)
-                {
-                    // Closing is an optimisation: a database that cannot be
-                    // sealed right now simply stays open.
-                    let _ = replica.detach().await;
-                }
-                (id, Some(replica), result)
-            });
         }
+    }
+
+    fn start_sync(&mut self, id: usize) {
+        let Some(slot) = self.slots.get_mut(&id) else {
+            return;
+        };
+        if slot.running {
+            return;
+        }
+        slot.running = true;
+        slot.dirty = false;
+        let replica = slot.replica.take();
+        let spec = slot.spec.clone();
+        self.in_flight.spawn(async move {
+            let mut replica = match replica {
+                Some(r) => r,
+                None => match spec.open().await {
+                    Ok(r) => r,
+                    Err(e) => return (id, None, Err(e)),
+                },
+            };
+            let result = replica.sync().await;
+            (id, Some(replica), result)
+        });
+    }
+
+    /// Closes an open database at rest (shipping its last frames and sealing
+    /// its WAL first). Closing only saves resources: one that cannot be sealed
+    /// right now stays open and is looked at again later.
+    fn start_close(&mut self, id: usize) {
+        let Some(slot) = self.slots.get_mut(&id).filter(|s| s.closing) else {
+            return;
+        };
+        let replica = match slot.replica.take() {
+            Some(r) if !slot.running && !slot.dirty && r.is_attached() => r,
+            other => {
+                // Changed, busy or closed since it was queued: nothing to do.
+                slot.replica = other;
+                slot.closing = false;
+                self.closing -= 1;
+                return;
+            }
+        };
+        slot.running = true;
+        let mut replica = replica;
+        self.in_flight.spawn(async move {
+            let result = replica.detach().await.map(|_| SyncReport::default());
+            (id, Some(replica), result)
+        });
     }
 
     fn finished(&mut self, (id, replica, result): Done) {
@@ -695,6 +756,9 @@ impl Fleet {
         slot.running = false;
         slot.last_sync = Some(now);
         slot.replica = replica;
+        if std::mem::take(&mut slot.closing) {
+            self.closing -= 1;
+        }
         let attached = slot.replica.as_ref().is_some_and(Replica::is_attached);
         let mut closed = false;
         if attached != slot.attached {
@@ -717,7 +781,7 @@ impl Fleet {
                 libc::malloc_trim(0);
             }
         }
-        if self.attached > self.budget {
+        if self.attached.saturating_sub(self.closing) > self.budget {
             self.shed();
         }
         let Some(slot) = self.slots.get_mut(&id) else {
@@ -803,24 +867,21 @@ impl Fleet {
         let mut candidates: Vec<(Option<Instant>, usize)> = self
             .slots
             .iter()
-            .filter(|(_, s)| s.attached && !s.running && s.due.is_none() && s.replica.is_some())
+            .filter(|(_, s)| {
+                s.attached && !s.running && !s.closing && s.due.is_none() && s.replica.is_some()
+            })
             .map(|(id, s)| (s.last_sync, *id))
             .collect();
         candidates.sort();
-        let excess = self.attached.saturating_sub(target);
+        let excess = self.attached.saturating_sub(self.closing + target);
         for (_, id) in candidates.into_iter().take(excess) {
-            let Some(slot) = self.slots.get_mut(&id) else {
-                continue;
-            };
-            let Some(mut replica) = slot.replica.take() else {
-                continue;
-            };
-            slot.running = true;
-            self.in_flight.spawn(async move {
-                let result = replica.detach().await.map(|_| SyncReport::default());
-                (id, Some(replica), result)
-            });
+            if let Some(slot) = self.slots.get_mut(&id) {
+                slot.closing = true;
+                self.closing += 1;
+                self.to_close.push_back(id);
+            }
         }
+        self.start_ready();
     }
 
     /// Waits for syncs in flight, then flushes every database once, within the deadline.

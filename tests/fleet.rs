@@ -650,13 +650,10 @@ async fn idle_databases_are_closed_and_reopened_on_change() {
     let db = dir.path().join("idle.db");
     drop(create_db(&db, 3));
     let config_path = dir.path().join("walsync.toml");
-    let text = config_text(
+    let text = config_with_watch(
         &store,
-        &format!("[[databases]]\npath = \"{}\"\n", db.display()),
-    )
-    .replace(
-        "parallelism = 8",
         "parallelism = 8\nclose_idle_after = \"300ms\"",
+        &format!("[[databases]]\npath = \"{}\"\n", db.display()),
     );
     std::fs::write(&config_path, text).unwrap();
     let (token, handle) = start(&store, &config_path);
@@ -665,6 +662,23 @@ async fn idle_databases_are_closed_and_reopened_on_change() {
         open_descriptors(&db) == 0
     })
     .await;
+    // Readers touch the files' metadata and shared memory (as root, SQLite
+    // chowns the WAL on open) without changing anything: that must not make
+    // walsync open the database again, or its own reopen would do the same.
+    for _ in 0..3 {
+        let conn = Connection::open(&db).unwrap();
+        let _: i64 = conn
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+    }
+    for _ in 0..100 {
+        assert_eq!(
+            open_descriptors(&db),
+            0,
+            "a reader made walsync reopen the database"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     for round in 0..3 {
         let before = objects(&store, "idle").await;
         {
