@@ -3,10 +3,10 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use tokio_util::sync::CancellationToken;
+use tracing::info;
 
 use crate::cli::{
     Cli, Command, ListArgs, RestoreAllArgs, RestoreArgs, SnapshotArgs, StorageArgs, WatchArgs,
@@ -14,17 +14,19 @@ use crate::cli::{
 use crate::config::{Config, StorageConfig, WatchSettings};
 use crate::replica::{Replica, SyncOptions};
 use crate::replicator::{self, DbSpec, Plan};
-use crate::restore::{self, RestoreOptions};
+use crate::restore::{self, RestoreOptions, Target, format_ms};
 use crate::storage::{self, S3Options, Storage};
-use crate::{chain, config};
+use crate::{chain, config, sidecar};
 
-pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<()> {
+/// Runs a command; returns the exit code (non-zero only from a sidecar app,
+/// errors are returned as such).
+pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<u8> {
     match cli.command {
         Command::Watch(args) => watch(args, shutdown).await,
-        Command::Restore(args) => restore(args).await,
-        Command::RestoreAll(args) => restore_all(args).await,
-        Command::List(args) => list(args).await,
-        Command::Snapshot(args) => snapshot(args).await,
+        Command::Restore(args) => restore(args).await.map(|()| 0),
+        Command::RestoreAll(args) => restore_all(args).await.map(|()| 0),
+        Command::List(args) => list(args).await.map(|()| 0),
+        Command::Snapshot(args) => snapshot(args).await.map(|()| 0),
     }
 }
 
@@ -68,12 +70,50 @@ fn sync_options(args: &WatchArgs) -> SyncOptions {
     }
 }
 
-async fn watch(args: WatchArgs, shutdown: CancellationToken) -> Result<()> {
+async fn watch(args: WatchArgs, shutdown: CancellationToken) -> Result<u8> {
     replicator::raise_open_file_limit();
+    let app = args.exec.as_deref().map(sidecar::parse).transpose()?;
+    let plan = plan(&args).await?;
+    match app {
+        None => {
+            replicator::run(plan, shutdown, None).await?;
+            Ok(0)
+        }
+        Some(argv) => watch_with_app(plan, &argv, shutdown).await,
+    }
+}
+
+/// Sidecar mode: replication runs on its own token, so that a signal reaches
+/// the app first and replication ends only after the app's last write.
+async fn watch_with_app(plan: Plan, argv: &[String], shutdown: CancellationToken) -> Result<u8> {
+    let (first_pass, synced_once) = tokio::sync::oneshot::channel();
+    let stop = CancellationToken::new();
+    let mut replication = tokio::spawn(replicator::run(plan, stop.clone(), Some(first_pass)));
+    tokio::select! {
+        _ = synced_once => {}
+        ended = &mut replication => {
+            ended??;
+            bail!("replication ended before the app was started");
+        }
+        _ = shutdown.cancelled() => {
+            info!("signal before the app was started: not starting it");
+            stop.cancel();
+            replication.await??;
+            return Ok(0);
+        }
+    }
+    let app = sidecar::run(argv).await;
+    info!("final sync after the app");
+    stop.cancel();
+    replication.await??;
+    Ok(app?)
+}
+
+async fn plan(args: &WatchArgs) -> Result<Plan> {
     if let Some(path) = &args.config {
         let config = load_config(path)?;
         let storage = open_config_storage(&config.storage).await?;
-        return Ok(replicator::run(Plan::Config { config, storage }, shutdown).await?);
+        return Ok(Plan::Config { config, storage });
     }
     let dbs = config::databases(&args.databases, args.prefix.as_deref())?;
     for (path, _) in &dbs {
@@ -90,7 +130,7 @@ async fn watch(args: WatchArgs, shutdown: CancellationToken) -> Result<()> {
         Some(_) => Some(open_storage(&args.storage, Path::new(".")).await?),
         None => None,
     };
-    let sync = sync_options(&args);
+    let sync = sync_options(args);
     let mut by_dir: HashMap<PathBuf, Arc<dyn Storage>> = HashMap::new();
     let mut specs = Vec::with_capacity(dbs.len());
     for (path, prefix) in dbs {
@@ -120,18 +160,52 @@ async fn watch(args: WatchArgs, shutdown: CancellationToken) -> Result<()> {
         shutdown_timeout: args.shutdown_timeout,
         ..WatchSettings::default()
     };
-    replicator::run(Plan::Fixed { specs, watch }, shutdown).await?;
-    Ok(())
+    Ok(Plan::Fixed { specs, watch })
+}
+
+fn target(txid: Option<u64>, timestamp: Option<u64>) -> Target {
+    match (txid, timestamp) {
+        (Some(seq), _) => Target::Seq(seq),
+        (None, Some(ms)) => Target::Time(ms),
+        (None, None) => Target::Latest,
+    }
 }
 
 async fn restore(args: RestoreArgs) -> Result<()> {
     config::validate_prefix(&args.prefix)?;
-    let storage =
-        open_storage(&args.storage, &config::default_storage_beside(&args.output)).await?;
+    let storage = match &args.config {
+        Some(path) => open_config_storage(&load_config(path)?.storage).await?,
+        None => open_storage(&args.storage, &config::default_storage_beside(&args.output)).await?,
+    };
+    let target = target(args.txid, args.timestamp);
+    if args.dry_run {
+        let plan = restore::resolve(storage.as_ref(), &args.prefix, target)
+            .await
+            .with_context(|| {
+                format!(
+                    "planning the restore of {} from {}",
+                    args.prefix,
+                    storage.describe()
+                )
+            })?;
+        println!(
+            "would restore {} to {}: sequence {}, as of {}, from {} objects ({} bytes):",
+            args.prefix,
+            args.output.display(),
+            plan.seq,
+            format_ms(plan.timestamp_ms),
+            plan.objects.len(),
+            plan.bytes
+        );
+        for object in &plan.objects {
+            println!("  {}  {} bytes", object.key, object.size);
+        }
+        return Ok(());
+    }
     let opts = RestoreOptions {
         prefix: args.prefix.clone(),
         output: args.output.clone(),
-        txid: args.txid,
+        target,
         force: args.force,
     };
     let report = restore::restore(storage.as_ref(), &opts)
@@ -155,42 +229,84 @@ async fn restore_all(args: RestoreAllArgs) -> Result<()> {
     let config = load_config(&args.config)?;
     let storage = open_config_storage(&config.storage).await?;
     // Every database in storage, plus every configured one (which then fails
-    // by name if storage has nothing for it).
-    let mut prefixes: Vec<String> = chain::list_databases(storage.as_ref())
+    // by name if storage has nothing for it, unless --if-replica-exists).
+    let stored: Vec<String> = chain::list_databases(storage.as_ref())
         .await
         .with_context(|| format!("listing {}", storage.describe()))?
         .into_iter()
         .map(|(prefix, _)| prefix)
         .collect();
+    let mut prefixes = stored.clone();
+    let mut skipped: Vec<(String, &str)> = Vec::new();
     for target in config.discover()? {
-        if !prefixes.contains(&target.prefix) {
+        if stored.contains(&target.prefix) || prefixes.contains(&target.prefix) {
+            continue;
+        }
+        if args.if_replica_exists {
+            skipped.push((target.prefix, "nothing in storage yet"));
+        } else {
             prefixes.push(target.prefix);
         }
     }
     prefixes.sort();
-    if prefixes.is_empty() {
+    if prefixes.is_empty() && skipped.is_empty() {
+        if args.if_replica_exists {
+            println!(
+                "restore-all: nothing in {} yet; nothing to do",
+                storage.describe()
+            );
+            return Ok(());
+        }
         bail!("nothing to restore: no databases in {}", storage.describe());
     }
-    std::fs::create_dir_all(&args.output_dir)
-        .with_context(|| format!("creating {}", args.output_dir.display()))?;
-    let outcomes = restore::restore_all(
-        storage.clone(),
-        prefixes,
-        &args.output_dir,
-        args.parallelism,
-        args.force,
-    )
-    .await;
-    let mut failed = Vec::new();
+    let target = args.timestamp.map_or(Target::Latest, Target::Time);
+    let mut jobs = Vec::new();
+    let mut failed: Vec<String> = Vec::new();
+    for prefix in prefixes {
+        let output = match &args.output_dir {
+            Some(dir) => dir.join(format!("{prefix}.db")),
+            None => match config.path_for(&prefix) {
+                Some(path) => path,
+                None => {
+                    eprintln!(
+                        "failed {prefix}: no database in {} maps to this prefix; \
+                         restore it with --output-dir",
+                        args.config.display()
+                    );
+                    failed.push(prefix);
+                    continue;
+                }
+            },
+        };
+        if args.if_db_not_exists && output.exists() {
+            skipped.push((prefix, "the database file exists"));
+            continue;
+        }
+        jobs.push(RestoreOptions {
+            prefix,
+            output,
+            target,
+            force: args.force,
+        });
+    }
+    for (prefix, why) in &skipped {
+        println!("skipped {prefix}: {why}");
+    }
+    let outcomes = restore::restore_all(storage.clone(), jobs, args.parallelism).await;
+    let mut restored = 0;
     for outcome in &outcomes {
         match &outcome.result {
-            Ok(report) => println!(
-                "restored {} to {} (sequence {}, {} pages)",
-                outcome.prefix,
-                outcome.output.display(),
-                report.seq,
-                report.db_pages
-            ),
+            Ok(report) => {
+                restored += 1;
+                println!(
+                    "restored {} to {} (sequence {}, {} pages, as of {})",
+                    outcome.prefix,
+                    outcome.output.display(),
+                    report.seq,
+                    report.db_pages,
+                    format_ms(report.timestamp_ms)
+                );
+            }
             Err(e) => {
                 eprintln!("failed {}: {e}", outcome.prefix);
                 failed.push(outcome.prefix.clone());
@@ -198,8 +314,8 @@ async fn restore_all(args: RestoreAllArgs) -> Result<()> {
         }
     }
     println!(
-        "restore-all: {} restored, {} failed",
-        outcomes.len() - failed.len(),
+        "restore-all: {restored} restored, {} skipped, {} failed",
+        skipped.len(),
         failed.len()
     );
     if !failed.is_empty() {
@@ -217,6 +333,10 @@ async fn list(args: ListArgs) -> Result<()> {
         Some(path) => open_config_storage(&load_config(path)?.storage).await?,
         None => open_storage(&args.storage, Path::new(config::DEFAULT_REPLICA_DIR)).await?,
     };
+    if let Some(prefix) = &args.prefix {
+        config::validate_prefix(prefix)?;
+        return restore_points(storage.as_ref(), prefix).await;
+    }
     let dbs = chain::list_databases(storage.as_ref())
         .await
         .with_context(|| format!("listing {}", storage.describe()))?;
@@ -253,6 +373,62 @@ async fn list(args: ListArgs) -> Result<()> {
             bytes,
             db_bytes,
             time
+        );
+    }
+    Ok(())
+}
+
+/// One database's restore points: each snapshot starts one, and every
+/// object after it up to the head is a state `restore` can reach.
+async fn restore_points(storage: &dyn Storage, prefix: &str) -> Result<()> {
+    let objects = chain::list(storage, prefix)
+        .await
+        .with_context(|| format!("listing {prefix} in {}", storage.describe()))?;
+    let (Some(first), Some(head)) = (
+        objects
+            .iter()
+            .find(|o| o.kind == crate::segment::Kind::Snapshot),
+        objects.last(),
+    ) else {
+        bail!(
+            "no restorable replica of {prefix} in {}",
+            storage.describe()
+        );
+    };
+    let header = |o| async move {
+        chain::read_header(storage, o)
+            .await
+            .with_context(|| format!("reading {}", o.key))
+    };
+    let earliest = header(first).await?;
+    let latest = header(head).await?;
+    println!("{prefix} in {}", storage.describe());
+    println!(
+        "  earliest  sequence {:>10}  {}",
+        first.seq,
+        format_ms(earliest.timestamp_ms)
+    );
+    println!(
+        "  latest    sequence {:>10}  {}",
+        head.seq,
+        format_ms(latest.timestamp_ms)
+    );
+    println!(
+        "  {} objects, {} bytes stored",
+        objects.len(),
+        objects.iter().map(|o| o.size).sum::<u64>()
+    );
+    println!("  snapshots (each starts a restorable run up to the next):");
+    for snapshot in objects
+        .iter()
+        .filter(|o| o.kind == crate::segment::Kind::Snapshot)
+    {
+        let h = header(snapshot).await?;
+        println!(
+            "    sequence {:>10}  {}  {} bytes",
+            snapshot.seq,
+            format_ms(h.timestamp_ms),
+            snapshot.size
         );
     }
     Ok(())
@@ -295,9 +471,4 @@ async fn snapshot(args: SnapshotArgs) -> Result<()> {
         report.bytes
     );
     Ok(())
-}
-
-fn format_ms(ms: u64) -> String {
-    let t = UNIX_EPOCH + Duration::from_millis(ms);
-    humantime::format_rfc3339_millis(t).to_string()
 }

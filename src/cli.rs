@@ -30,11 +30,13 @@ pub enum Command {
     /// transaction on it and runs its checkpoints itself, so that no committed
     /// transaction is checkpointed away before it is in storage.
     Watch(WatchArgs),
-    /// Rebuild every database in storage into a directory, in parallel.
+    /// Rebuild every database in storage, in place or into a directory, in parallel.
     ///
     /// Restores each database that walsync.toml names or that storage holds under
-    /// its root, to DIR/PREFIX.db, each one atomically. A failure does not stop the
-    /// others; the summary names them and the exit status is non-zero.
+    /// its root, to its configured path (or DIR/PREFIX.db with --output-dir), each
+    /// one atomically. A failure does not stop the others; the summary names them
+    /// and the exit status is non-zero. A container start script is one line:
+    /// `walsync restore-all -c walsync.toml --if-db-not-exists --if-replica-exists`.
     RestoreAll(RestoreAllArgs),
     /// Rebuild one database from storage into a new file.
     ///
@@ -115,6 +117,12 @@ pub struct WatchArgs {
     /// Databases synced at the same time.
     #[arg(long, default_value_t = 8)]
     pub parallelism: usize,
+    /// Sidecar mode: run this command (split like a shell would, without
+    /// expansion) as a child once every database has been synced once; pass
+    /// SIGINT, SIGTERM, SIGHUP, SIGUSR1 and SIGUSR2 on to it; when it exits,
+    /// ship what it wrote last and exit with its status.
+    #[arg(long, value_name = "CMD")]
+    pub exec: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -129,6 +137,15 @@ pub struct RestoreArgs {
     /// default: the newest.
     #[arg(long, value_name = "SEQ", value_parser = parse_seq)]
     pub txid: Option<u64>,
+    /// Restore the newest state at or before this time (RFC 3339, e.g.
+    /// 2026-11-21T09:30:00Z or 2026-11-21T10:30:00+01:00), by the time walsync
+    /// recorded in each object when it read the transaction from the WAL.
+    #[arg(long, value_name = "TIME", value_parser = parse_timestamp, conflicts_with = "txid")]
+    pub timestamp: Option<u64>,
+    /// Print the objects and bytes the restore would download, and the state
+    /// it would reach, without downloading or writing anything.
+    #[arg(long)]
+    pub dry_run: bool,
     /// Replace FILE if it exists (its -wal and -shm files are removed too).
     #[arg(long)]
     pub force: bool,
@@ -144,19 +161,35 @@ pub struct RestoreAllArgs {
     /// The walsync.toml whose storage (and databases) to restore.
     #[arg(long, short = 'c', value_name = "FILE", env = "WALSYNC_CONFIG")]
     pub config: PathBuf,
-    /// Where to write the databases, as DIR/PREFIX.db.
+    /// Where to write the databases, as DIR/PREFIX.db. Without it each
+    /// database is restored in place, at the path walsync.toml gives it.
     #[arg(long, value_name = "DIR")]
-    pub output_dir: PathBuf,
+    pub output_dir: Option<PathBuf>,
     /// Databases restored at the same time.
     #[arg(long, default_value_t = 4)]
     pub parallelism: usize,
     /// Replace files that exist.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "if_db_not_exists")]
     pub force: bool,
+    /// Skip databases whose output file exists (for start-up scripts: restore
+    /// only what the disk lost).
+    #[arg(long)]
+    pub if_db_not_exists: bool,
+    /// Succeed when storage holds nothing yet (a first deployment); configured
+    /// databases missing from storage are skipped instead of failing.
+    #[arg(long)]
+    pub if_replica_exists: bool,
+    /// Restore every database as of this time (RFC 3339); see `restore --timestamp`.
+    #[arg(long, value_name = "TIME", value_parser = parse_timestamp)]
+    pub timestamp: Option<u64>,
 }
 
 #[derive(Debug, Args)]
 pub struct ListArgs {
+    /// Show one database's restore points (its snapshots, and the earliest
+    /// and latest state it can be restored to) instead of every database.
+    #[arg(long)]
+    pub prefix: Option<String>,
     /// Take the storage settings from this walsync.toml.
     #[arg(long, short = 'c', value_name = "FILE", conflicts_with = "storage")]
     pub config: Option<PathBuf>,
@@ -182,6 +215,39 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Ok(Duration::from_secs(secs));
     }
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 0, 500ms, 1s, 24h)"))
+}
+
+/// An RFC 3339 time (`Z` or a `±HH:MM` offset; fractional seconds allowed)
+/// as milliseconds since the Unix epoch.
+pub fn parse_timestamp(s: &str) -> Result<u64, String> {
+    let bad =
+        |why: &str| format!("{s:?} is not an RFC 3339 time ({why}; example: 2026-11-21T09:30:00Z)");
+    let (local, offset_secs) = match s.strip_suffix(['Z', 'z']) {
+        Some(local) => (local, 0i64),
+        None => {
+            let split = s.len().checked_sub(6).filter(|&i| s.is_char_boundary(i));
+            let Some((local, offset)) = split.map(|i| s.split_at(i)) else {
+                return Err(bad("no time zone"));
+            };
+            let sign = match offset.as_bytes().first() {
+                Some(b'+') => 1,
+                Some(b'-') => -1,
+                _ => return Err(bad("no time zone: end it with Z or an offset like +01:00")),
+            };
+            let (h, m) = offset[1..]
+                .split_once(':')
+                .and_then(|(h, m)| Some((h.parse::<i64>().ok()?, m.parse::<i64>().ok()?)))
+                .ok_or_else(|| bad("bad offset"))?;
+            (local, sign * (h * 3600 + m * 60))
+        }
+    };
+    let utc = humantime::parse_rfc3339_weak(local).map_err(|e| bad(&e.to_string()))?;
+    let ms = utc
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| bad("before 1970"))?
+        .as_millis() as i64
+        - offset_secs * 1000;
+    u64::try_from(ms).map_err(|_| bad("before 1970"))
 }
 
 /// A sequence number in decimal or `0x`-prefixed hex (as in object keys).
@@ -211,5 +277,19 @@ mod tests {
         assert_eq!(parse_seq("17").unwrap(), 17);
         assert_eq!(parse_seq("0x11").unwrap(), 17);
         assert!(parse_seq("x").is_err());
+    }
+
+    #[test]
+    fn parses_rfc3339_times_with_offsets() {
+        let utc = parse_timestamp("2026-11-21T09:30:00Z").unwrap();
+        assert_eq!(utc, 1_795_253_400_000);
+        assert_eq!(parse_timestamp("2026-11-21T10:30:00+01:00").unwrap(), utc);
+        assert_eq!(parse_timestamp("2026-11-21T04:00:00-05:30").unwrap(), utc);
+        assert_eq!(
+            parse_timestamp("2026-11-21T09:30:00.250Z").unwrap(),
+            utc + 250
+        );
+        assert!(parse_timestamp("2026-11-21T09:30:00").is_err());
+        assert!(parse_timestamp("yesterday").is_err());
     }
 }

@@ -570,7 +570,64 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Where the database stored under `prefix` lives by this configuration,
+    /// whether or not the file exists (restoring in place after a lost disk):
+    /// a `path` entry's file, or for a glob or `dir` entry whose template has
+    /// one placeholder and whose pattern is `*.EXT`, the file the template
+    /// would have turned into `prefix` (`tenants/{name}` + `*.db`:
+    /// `tenants/acme` is `DIR/acme.db`).
+    pub fn path_for(&self, prefix: &str) -> Option<PathBuf> {
+        self.entries.iter().find_map(|entry| entry.path_for(prefix))
+    }
+}
+
 impl Entry {
+    fn path_for(&self, prefix: &str) -> Option<PathBuf> {
+        let template = match (&self.source, &self.prefix) {
+            (Source::File(path), PrefixRule::Fixed(p)) => {
+                return (p == prefix).then(|| path.clone());
+            }
+            (Source::File(path), PrefixRule::Template(t)) => {
+                return (render(t, path, &stem_of(path)) == prefix).then(|| path.clone());
+            }
+            (_, PrefixRule::Fixed(_)) => return None,
+            (_, PrefixRule::Template(t)) => t,
+        };
+        let (placeholder, at) = ["{name}", "{relpath}"]
+            .iter()
+            .find_map(|p| template.find(p).map(|at| (*p, at)))?;
+        let (before, after) = (&template[..at], &template[at + placeholder.len()..]);
+        if before.contains('{') || after.contains('{') {
+            return None;
+        }
+        let middle = prefix.strip_prefix(before)?.strip_suffix(after)?;
+        if middle.is_empty() || (placeholder == "{name}" && middle.contains('/')) {
+            return None;
+        }
+        let (base, file_pattern) = match &self.source {
+            Source::Glob { pattern, base } => (base, Path::new(pattern).file_name()?.to_str()?),
+            Source::Dir { dir, pattern, .. } => (dir, pattern.as_str()),
+            Source::File(_) => return None,
+        };
+        let ext = file_pattern
+            .strip_prefix('*')
+            .filter(|ext| !ext.contains(['*', '?', '[']))?;
+        let path = base.join(format!("{middle}{ext}"));
+        let fits = match &self.source {
+            Source::Glob { pattern, .. } => {
+                let options = glob::MatchOptions {
+                    require_literal_separator: true,
+                    ..glob::MatchOptions::new()
+                };
+                glob::Pattern::new(pattern).is_ok_and(|p| p.matches_path_with(&path, options))
+            }
+            Source::Dir { recursive, .. } => *recursive || !middle.contains('/'),
+            Source::File(_) => false,
+        };
+        fits.then_some(path)
+    }
+
     /// Files this entry matches now, each with its path relative to the base
     /// (without extension), for `{relpath}`.
     fn matches(&self) -> Vec<(PathBuf, String)> {
@@ -829,5 +886,36 @@ mod tests {
             glob_base(Path::new("/data/t/*.db")),
             PathBuf::from("/data/t")
         );
+    }
+
+    #[test]
+    fn prefixes_map_back_to_where_their_databases_live() {
+        let text = r#"
+[storage]
+url = "/replica"
+[[databases]]
+path = "/data/app.db"
+prefix = "main"
+[[databases]]
+dir = "/data/tenants"
+prefix = "tenants/{name}"
+[[databases]]
+path = "/data/shards/*.sqlite"
+[[databases]]
+dir = "/data/deep"
+recursive = true
+prefix = "deep/{relpath}"
+"#;
+        let config = Config::parse(text, Path::new("/etc/walsync.toml")).unwrap();
+        let at = |p: &str| config.path_for(p);
+        assert_eq!(at("main"), Some(PathBuf::from("/data/app.db")));
+        assert_eq!(
+            at("tenants/acme"),
+            Some(PathBuf::from("/data/tenants/acme.db"))
+        );
+        assert_eq!(at("s1"), Some(PathBuf::from("/data/shards/s1.sqlite")));
+        assert_eq!(at("deep/a/b"), Some(PathBuf::from("/data/deep/a/b.db")));
+        assert_eq!(at("tenants/a/b"), None, "{{name}} never holds a slash");
+        assert_eq!(at("elsewhere/x/y"), None);
     }
 }

@@ -7,5 +7,6 @@ pub mod replica;
 pub mod replicator;
 pub mod restore;
 pub mod segment;
+pub mod sidecar;
 pub mod storage;
 pub mod wal;

@@ -38,7 +38,7 @@ fn main() -> ExitCode {
     // not keep the process alive.
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

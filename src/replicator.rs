@@ -22,7 +22,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use notify::{EventKind, RecursiveMode, Watcher};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -230,8 +230,15 @@ const MAX_RECHECKS: u32 = 8;
 /// A finished job: the slot, its replica (if open), what happened.
 type Done = (usize, Option<Replica>, replica::Result<SyncReport>);
 
-/// Replicates the databases of `plan` until `shutdown`.
-pub async fn run(plan: Plan, shutdown: CancellationToken) -> Result<()> {
+/// Replicates the databases of `plan` until `shutdown`. `first_pass`, if
+/// given, is told once every database named at start has been synced once
+/// (or has failed its first attempt, which is logged): the moment sidecar
+/// mode starts the app.
+pub async fn run(
+    plan: Plan,
+    shutdown: CancellationToken,
+    first_pass: Option<oneshot::Sender<()>>,
+) -> Result<()> {
     let (tx, rx) = mpsc::unbounded_channel::<Msg>();
     let routes: Routes = Arc::new(RwLock::new(HashMap::new()));
     let watcher = start_watcher(&plan, routes.clone(), tx)?;
@@ -256,6 +263,8 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> Result<()> {
         attached: 0,
         budget: 0,
         last_trim: None,
+        first_pass: HashSet::new(),
+        first_pass_done: first_pass,
     };
     fleet.budget = fleet
         .plan
@@ -266,6 +275,8 @@ pub async fn run(plan: Plan, shutdown: CancellationToken) -> Result<()> {
     fleet.watch_roots();
     let targets = fleet.plan.targets()?;
     fleet.apply(targets);
+    fleet.first_pass = fleet.slots.keys().copied().collect();
+    fleet.first_pass_progress(None);
     fleet.run(rx, shutdown).await;
     fleet.shutdown().await
 }
@@ -358,6 +369,9 @@ struct Fleet {
     budget: usize,
     /// When freed memory was last handed back to the system.
     last_trim: Option<Instant>,
+    /// Databases named at start that have not finished a first sync attempt.
+    first_pass: HashSet<usize>,
+    first_pass_done: Option<oneshot::Sender<()>>,
 }
 
 /// Least wait before another attempt to close an idle database.
@@ -592,6 +606,7 @@ impl Fleet {
         if slot.closing {
             self.closing -= 1;
         }
+        self.first_pass_progress(Some(id));
         if let Ok(mut routes) = self.routes.write() {
             routes.remove(&slot.key);
             routes.remove(&wal_path_of(&slot.key));
@@ -743,8 +758,23 @@ impl Fleet {
         });
     }
 
+    /// Notes that `id` (if any) finished its first sync attempt, and reports
+    /// when every database named at start has.
+    fn first_pass_progress(&mut self, id: Option<usize>) {
+        if let Some(id) = id {
+            self.first_pass.remove(&id);
+        }
+        if self.first_pass.is_empty()
+            && let Some(done) = self.first_pass_done.take()
+        {
+            info!("every database synced once");
+            let _ = done.send(());
+        }
+    }
+
     fn finished(&mut self, (id, replica, result): Done) {
         let now = Instant::now();
+        self.first_pass_progress(Some(id));
         let Some(slot) = self.slots.get_mut(&id) else {
             // Released while running (or a release flush): nothing to keep.
             if let Err(e) = result {

@@ -38,6 +38,12 @@ pub enum Error {
     },
     #[error("no snapshot of {prefix:?} at or before sequence {target}")]
     NoSnapshot { prefix: String, target: u64 },
+    #[error("{prefix:?} has no restore point at or before {at}; the earliest is {earliest}")]
+    BeforeEarliest {
+        prefix: String,
+        at: String,
+        earliest: String,
+    },
     #[error("object {key} is missing from the chain (the chain jumps from {before} to {after})")]
     Missing {
         key: String,
@@ -88,9 +94,119 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct RestoreOptions {
     pub prefix: String,
     pub output: PathBuf,
-    /// Restore the state as of this sequence number (default: the newest).
-    pub txid: Option<u64>,
+    pub target: Target,
     pub force: bool,
+}
+
+/// Which state of the database to rebuild.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Target {
+    /// The newest state in storage.
+    #[default]
+    Latest,
+    /// The state as of this sequence number.
+    Seq(u64),
+    /// The newest state walsync had read from the WAL at or before this
+    /// instant (milliseconds since the Unix epoch), by the time recorded in
+    /// each object's header, not the storage's upload time.
+    Time(u64),
+}
+
+/// What a restore will download: `objects` applied in order reach `seq`,
+/// the state as of `timestamp_ms`.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub objects: Vec<ObjectRef>,
+    /// The object before the first one, if storage still holds it: the
+    /// first must link to it.
+    pub before: Option<ObjectRef>,
+    pub seq: u64,
+    pub timestamp_ms: u64,
+    pub bytes: u64,
+}
+
+/// Lists the chain and picks the objects that reach `target`, reading only
+/// object headers. Nothing is downloaded whole and nothing is written.
+pub async fn resolve(storage: &dyn Storage, prefix: &str, target: Target) -> Result<Resolved> {
+    let objects = chain::list(storage, prefix).await?;
+    if objects.is_empty() {
+        return Err(Error::NoReplica {
+            prefix: prefix.to_string(),
+            storage: storage.describe(),
+        });
+    }
+    let seq = match target {
+        Target::Latest => None,
+        Target::Seq(seq) => Some(seq),
+        Target::Time(ms) => Some(seq_at(storage, prefix, &objects, ms).await?),
+    };
+    let planned = plan(prefix, &objects, seq)?;
+    let Some(last) = planned.last() else {
+        return Err(Error::NoReplica {
+            prefix: prefix.to_string(),
+            storage: storage.describe(),
+        });
+    };
+    let timestamp_ms = chain::read_header(storage, last).await?.timestamp_ms;
+    let before = objects
+        .iter()
+        .find(|o| o.seq + 1 == planned[0].seq)
+        .cloned();
+    Ok(Resolved {
+        before,
+        seq: last.seq,
+        timestamp_ms,
+        bytes: planned.iter().map(|o| o.size).sum(),
+        objects: planned,
+    })
+}
+
+/// The newest sequence recorded at or before `ms`. Object times rise along
+/// the chain, so a binary search over headers finds it in a few reads; only
+/// objects from the first snapshot on can be restored at all.
+async fn seq_at(
+    storage: &dyn Storage,
+    prefix: &str,
+    objects: &[ObjectRef],
+    ms: u64,
+) -> Result<u64> {
+    let first = objects
+        .iter()
+        .position(|o| o.kind == Kind::Snapshot)
+        .ok_or_else(|| Error::NoSnapshot {
+            prefix: prefix.to_string(),
+            target: objects.last().map_or(0, |o| o.seq),
+        })?;
+    let usable = &objects[first..];
+    let earliest = chain::read_header(storage, &usable[0]).await?.timestamp_ms;
+    if earliest > ms {
+        return Err(Error::BeforeEarliest {
+            prefix: prefix.to_string(),
+            at: format_ms(ms),
+            earliest: format!("{} (sequence {})", format_ms(earliest), usable[0].seq),
+        });
+    }
+    // Invariant: usable[lo] is at or before `ms`; everything from `hi` on is after it.
+    let (mut lo, mut hi) = (0, usable.len());
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if chain::read_header(storage, &usable[mid])
+            .await?
+            .timestamp_ms
+            <= ms
+        {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(usable[lo].seq)
+}
+
+/// An RFC 3339 time in UTC with milliseconds, as printed everywhere.
+pub fn format_ms(ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(t).to_string()
 }
 
 #[derive(Debug, Clone)]
@@ -169,14 +285,8 @@ pub async fn restore(storage: &dyn Storage, opts: &RestoreOptions) -> Result<Res
             path: output.clone(),
         });
     }
-    let objects = chain::list(storage, &opts.prefix).await?;
-    if objects.is_empty() {
-        return Err(Error::NoReplica {
-            prefix: opts.prefix.clone(),
-            storage: storage.describe(),
-        });
-    }
-    let plan = plan(&opts.prefix, &objects, opts.txid)?;
+    let resolved = resolve(storage, &opts.prefix, opts.target).await?;
+    let plan = resolved.objects.clone();
     let dir = match output.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -192,10 +302,7 @@ pub async fn restore(storage: &dyn Storage, opts: &RestoreOptions) -> Result<Res
     // snapshot must link to it too: a snapshot of another database renamed
     // into this prefix is refused.
     let mut link: Option<(String, [u8; 32])> = None;
-    if let Some(before) = plan
-        .first()
-        .and_then(|first| objects.iter().find(|o| o.seq + 1 == first.seq))
-    {
+    if let Some(before) = &resolved.before {
         let (_, hash, _) = chain::read_verified(storage, before).await?;
         link = Some((before.key.clone(), hash));
     }
@@ -473,24 +580,35 @@ pub struct Outcome {
     pub result: Result<RestoreReport>,
 }
 
-/// Restores every prefix into `dir/PREFIX.db`, `parallelism` at a time. One
-/// failure does not stop the others.
+/// One restore per prefix into `dir/PREFIX.db`, of the newest state.
+pub fn into_dir(prefixes: Vec<String>, dir: &Path, force: bool) -> Vec<RestoreOptions> {
+    prefixes
+        .into_iter()
+        .map(|prefix| RestoreOptions {
+            output: dir.join(format!("{prefix}.db")),
+            prefix,
+            target: Target::Latest,
+            force,
+        })
+        .collect()
+}
+
+/// Runs the restores `parallelism` at a time. One failure does not stop the others.
 pub async fn restore_all(
     storage: std::sync::Arc<dyn Storage>,
-    prefixes: Vec<String>,
-    dir: &Path,
+    jobs: Vec<RestoreOptions>,
     parallelism: usize,
-    force: bool,
 ) -> Vec<Outcome> {
-    let mut pending = prefixes.into_iter();
+    let mut pending = jobs.into_iter();
     let mut running = tokio::task::JoinSet::new();
     let mut done = Vec::new();
     loop {
         while running.len() < parallelism.max(1) {
-            let Some(prefix) = pending.next() else { break };
-            let output = dir.join(format!("{prefix}.db"));
+            let Some(opts) = pending.next() else { break };
             let storage = storage.clone();
             running.spawn(async move {
+                let prefix = opts.prefix.clone();
+                let output = opts.output.clone();
                 if let Some(parent) = output.parent()
                     && let Err(source) = std::fs::create_dir_all(parent)
                 {
@@ -504,12 +622,6 @@ pub async fn restore_all(
                         result,
                     };
                 }
-                let opts = RestoreOptions {
-                    prefix: prefix.clone(),
-                    output: output.clone(),
-                    txid: None,
-                    force,
-                };
                 let result = restore(storage.as_ref(), &opts).await;
                 Outcome {
                     prefix,
@@ -522,9 +634,9 @@ pub async fn restore_all(
             Some(Ok(outcome)) => done.push(outcome),
             Some(Err(e)) => done.push(Outcome {
                 prefix: "?".into(),
-                output: dir.to_path_buf(),
+                output: PathBuf::from("?"),
                 result: Err(Error::Io {
-                    path: dir.to_path_buf(),
+                    path: PathBuf::from("?"),
                     source: io::Error::other(e),
                 }),
             }),

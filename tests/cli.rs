@@ -326,7 +326,10 @@ async fn watch_and_restore_all_from_a_config_file() {
             "{kind}: {stdout}\n{}",
             String::from_utf8_lossy(&output.stderr)
         );
-        assert!(stdout.contains("3 restored, 0 failed"), "{stdout}");
+        assert!(
+            stdout.contains("3 restored, 0 skipped, 0 failed"),
+            "{stdout}"
+        );
         for i in 0..3 {
             let name = format!("c{i}.db");
             assert_eq!(
@@ -335,5 +338,120 @@ async fn watch_and_restore_all_from_a_config_file() {
                 "{kind}"
             );
         }
+
+        // Restore points, a dry run, and a restore as of now.
+        let (stdout, _) = ok(
+            &store,
+            &["list", "--config", cfg(&config), "--prefix", "tenants/c0"],
+        );
+        assert!(
+            stdout.contains("earliest") && stdout.contains("latest"),
+            "{stdout}"
+        );
+        let planned = dir.path().join("planned.db");
+        let (stdout, _) = ok(
+            &store,
+            &[
+                "restore",
+                "--config",
+                cfg(&config),
+                "--prefix",
+                "tenants/c0",
+                "-o",
+                cfg(&planned),
+                "--dry-run",
+            ],
+        );
+        assert!(stdout.contains("would restore tenants/c0"), "{stdout}");
+        assert!(!planned.exists(), "a dry run writes nothing");
+        let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+        ok(
+            &store,
+            &[
+                "restore",
+                "--config",
+                cfg(&config),
+                "--prefix",
+                "tenants/c0",
+                "-o",
+                cfg(&planned),
+                "--timestamp",
+                &now,
+            ],
+        );
+        assert_eq!(rows(&planned), rows(&data.join("c0.db")), "{kind}");
+
+        // The start-script form: restore in place only what the disk lost.
+        let expected = rows(&data.join("c1.db"));
+        drop(conns);
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(data.join(format!("c1.db{suffix}")));
+        }
+        let (stdout, _) = ok(
+            &store,
+            &[
+                "restore-all",
+                "--config",
+                cfg(&config),
+                "--if-db-not-exists",
+                "--if-replica-exists",
+            ],
+        );
+        assert!(
+            stdout.contains("1 restored, 2 skipped, 0 failed"),
+            "{stdout}"
+        );
+        assert_eq!(rows(&data.join("c1.db")), expected, "{kind}");
+
+        // A first deployment: storage is empty, which is no error then.
+        let empty = dir.path().join("empty.toml");
+        std::fs::write(
+            &empty,
+            format!(
+                "[storage]\nurl = \"{}\"\n[[databases]]\npath = \"{}\"\n",
+                dir.path().join("nothing-here").display(),
+                dir.path().join("fresh.db").display()
+            ),
+        )
+        .unwrap();
+        let (stdout, _) = ok(
+            &store,
+            &[
+                "restore-all",
+                "--config",
+                cfg(&empty),
+                "--if-replica-exists",
+            ],
+        );
+        assert!(
+            stdout.contains("0 restored, 1 skipped, 0 failed"),
+            "{stdout}"
+        );
+        let output = run(walsync().args(["restore-all", "--config", cfg(&empty)]));
+        assert!(
+            !output.status.success(),
+            "without the flag, an empty storage is an error"
+        );
     }
+}
+
+fn cfg(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Runs walsync with the store's environment; it must succeed. Returns stdout and stderr.
+fn ok(store: &TestStore, args: &[&str]) -> (String, String) {
+    let mut cmd = walsync();
+    cmd.args(args);
+    with_store(&mut cmd, store);
+    let output = run(&mut cmd);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout).to_string(),
+        String::from_utf8_lossy(&output.stderr).to_string(),
+    );
+    assert!(
+        output.status.success(),
+        "walsync {args:?}: {stdout}\n{stderr}"
+    );
+    (stdout, stderr)
 }

@@ -80,7 +80,7 @@ fn start(
         config,
         storage: store.storage.clone(),
     };
-    let handle = tokio::spawn(replicator::run(plan, token.clone()));
+    let handle = tokio::spawn(replicator::run(plan, token.clone(), None));
     (token, handle)
 }
 
@@ -112,7 +112,7 @@ async fn restore_rows(store: &TestStore, prefix: &str, dir: &Path) -> Rows {
         &restore::RestoreOptions {
             prefix: prefix.into(),
             output: out.clone(),
-            txid: None,
+            target: restore::Target::Latest,
             force: true,
         },
     )
@@ -171,7 +171,12 @@ async fn fifty_databases_from_a_glob_with_concurrent_writers_restore_all() {
 
         let out = dir.path().join("restored");
         let prefixes = (0..50).map(|i| format!("tenants/t{i:02}")).collect();
-        let outcomes = restore::restore_all(store.storage.clone(), prefixes, &out, 4, false).await;
+        let outcomes = restore::restore_all(
+            store.storage.clone(),
+            restore::into_dir(prefixes, &out, false),
+            4,
+        )
+        .await;
         assert_eq!(outcomes.len(), 50);
         for outcome in outcomes {
             outcome
@@ -466,7 +471,10 @@ async fn restore_all_command_names_failures_and_exits_non_zero() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a missing replica must fail the run");
-    assert!(stdout.contains("1 restored, 1 failed"), "{stdout}");
+    assert!(
+        stdout.contains("1 restored, 0 skipped, 1 failed"),
+        "{stdout}"
+    );
     assert!(stderr.contains("never"), "{stderr}");
     assert_eq!(rows(&out_dir.join("one.db")), rows(&one));
 }
@@ -514,7 +522,13 @@ async fn two_thousand_databases() {
     stop(token, handle).await;
     let out = dir.path().join("restored");
     let prefixes: Vec<String> = (0..n).map(|i| format!("many/db{i:04}")).collect();
-    for outcome in restore::restore_all(store.storage.clone(), prefixes, &out, 8, false).await {
+    for outcome in restore::restore_all(
+        store.storage.clone(),
+        restore::into_dir(prefixes, &out, false),
+        8,
+    )
+    .await
+    {
         outcome.result.unwrap();
         let name = outcome.prefix.trim_start_matches("many/");
         assert_eq!(

@@ -65,7 +65,7 @@ async fn restore_rows(store: &TestStore, prefix: &str, dir: &Path, txid: Option<
         &RestoreOptions {
             prefix: prefix.into(),
             output: out.clone(),
-            txid,
+            target: txid.map_or(restore::Target::Latest, restore::Target::Seq),
             force: true,
         },
     )
@@ -131,6 +131,76 @@ async fn replicate_then_restore_latest_and_past_txid() {
             restore_rows(&store, "app", dir.path(), Some(past)).await,
             past_rows,
             "{kind}: restore to txid {past}"
+        );
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+async fn restore_at(store: &TestStore, prefix: &str, out: &Path, ms: u64) -> Result<Rows, String> {
+    restore::restore(
+        store.storage.as_ref(),
+        &RestoreOptions {
+            prefix: prefix.into(),
+            output: out.to_path_buf(),
+            target: restore::Target::Time(ms),
+            force: true,
+        },
+    )
+    .await
+    .map(|_| rows(out))
+    .map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timestamp_restore_picks_the_newest_state_at_or_before_the_instant() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_in(&dir, "pitr.db");
+        let out = db_in(&dir, "restored.db");
+        let conn = app_conn(&db, 4096);
+        insert(&conn, 10, 100);
+        let before_any = now_ms() - 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let mut r = open_replica(&db, "pitr", &store, opts()).await;
+        r.sync().await.unwrap();
+        // Seven states, each shipped as its own object, 30 ms apart; a
+        // snapshot in the middle so the search also crosses snapshots.
+        let mut states: Vec<(u64, Rows)> = Vec::new();
+        for round in 0..7 {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            states.push((now_ms(), rows(&db)));
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            insert(&conn, 3, 100);
+            if round == 3 {
+                r.force_snapshot("test").await.unwrap();
+            } else {
+                r.sync().await.unwrap();
+            }
+        }
+        for (at, expected) in &states {
+            assert_eq!(
+                &restore_at(&store, "pitr", &out, *at).await.unwrap(),
+                expected,
+                "{kind}: restore as of {at}"
+            );
+        }
+        assert_eq!(
+            restore_at(&store, "pitr", &out, now_ms()).await.unwrap(),
+            rows(&db),
+            "{kind}: now is the head"
+        );
+        let err = restore_at(&store, "pitr", &out, before_any)
+            .await
+            .unwrap_err();
+        assert!(
+            err.contains("no restore point at or before"),
+            "{kind}: {err}"
         );
     }
 }
@@ -321,7 +391,7 @@ async fn vacuum_shrinks_and_every_page_size_round_trips() {
                 &RestoreOptions {
                     prefix: prefix.clone(),
                     output: out.clone(),
-                    txid: None,
+                    target: restore::Target::Latest,
                     force: false,
                 },
             )
@@ -375,7 +445,7 @@ async fn expect_refusal(store: &TestStore, prefix: &str, dir: &Path, key: &str) 
         &RestoreOptions {
             prefix: prefix.into(),
             output: out.clone(),
-            txid: None,
+            target: restore::Target::Latest,
             force: true,
         },
     )
@@ -462,7 +532,7 @@ async fn altered_missing_or_foreign_objects_are_refused_by_name() {
             &RestoreOptions {
                 prefix: "victim".into(),
                 output: out,
-                txid: None,
+                target: restore::Target::Latest,
                 force: false,
             },
         )
@@ -636,7 +706,7 @@ async fn forced_restore_over_a_database_with_a_wal_replaces_it_safely() {
     let opts = RestoreOptions {
         prefix: "src".into(),
         output: target.clone(),
-        txid: None,
+        target: restore::Target::Latest,
         force: true,
     };
     // While an app still reads it, its WAL cannot be folded in: refused, untouched.
