@@ -9,14 +9,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::cli::{
-    Cli, Command, ListArgs, RestoreAllArgs, RestoreArgs, SnapshotArgs, StorageArgs, WatchArgs,
+    Cli, Command, InitArgs, ListArgs, RestoreAllArgs, RestoreArgs, SnapshotArgs, StorageArgs,
+    WatchArgs,
 };
 use crate::config::{Config, StorageConfig, WatchSettings};
 use crate::replica::{Replica, SyncOptions};
 use crate::replicator::{self, DbSpec, Plan};
 use crate::restore::{self, RestoreOptions, Target, format_ms};
 use crate::storage::{self, S3Options, Storage};
-use crate::{chain, config, sidecar};
+use crate::{chain, config, explain, sidecar};
 
 /// Runs a command; returns the exit code (non-zero only from a sidecar app,
 /// errors are returned as such).
@@ -27,7 +28,36 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<u8> {
         Command::RestoreAll(args) => restore_all(args).await.map(|()| 0),
         Command::List(args) => list(args).await.map(|()| 0),
         Command::Snapshot(args) => snapshot(args).await.map(|()| 0),
+        Command::Init(args) => init(&args).map(|()| 0),
+        Command::Explain(args) => {
+            print!("{}", explain::explain(&load_config(&args.config)?)?);
+            Ok(0)
+        }
     }
+}
+
+/// The starter `walsync init` writes; a test checks that it loads.
+pub const STARTER: &str = include_str!("starter.toml");
+
+fn init(args: &InitArgs) -> Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&args.output)
+        .with_context(|| {
+            format!(
+                "creating {} (an existing file is never replaced)",
+                args.output.display()
+            )
+        })?;
+    file.write_all(STARTER.as_bytes())
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    println!(
+        "wrote {}; edit it, check it with `walsync explain --config {0}`, run it with `walsync watch --config {0}`",
+        args.output.display()
+    );
+    Ok(())
 }
 
 fn s3_options(args: &StorageArgs) -> S3Options {

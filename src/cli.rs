@@ -48,6 +48,26 @@ pub enum Command {
     List(ListArgs),
     /// Take a snapshot of a database now and ship it (stop `watch` on it first).
     Snapshot(SnapshotArgs),
+    /// Write a commented starter walsync.toml (a local directory as the
+    /// replica, one database) into the current directory.
+    Init(InitArgs),
+    /// Print the configuration as walsync resolves it: storage, settings, and
+    /// the databases it finds now with their prefixes. Secrets are masked.
+    Explain(ExplainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Where to write it.
+    #[arg(long, short = 'o', value_name = "FILE", default_value = "walsync.toml")]
+    pub output: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// The walsync.toml to explain.
+    #[arg(long, short = 'c', value_name = "FILE", env = "WALSYNC_CONFIG")]
+    pub config: PathBuf,
 }
 
 #[derive(Debug, Args, Clone)]

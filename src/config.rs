@@ -310,7 +310,11 @@ impl Config {
             }
         })?;
         let base_dir = parent_of(path);
-        let storage = Self::storage(&check, raw.storage.unwrap_or_default())?;
+        let mut storage = Self::storage(&check, raw.storage.unwrap_or_default())?;
+        // A local directory is relative to this file, like database paths.
+        if !storage.url.contains("://") && Path::new(&storage.url).is_relative() {
+            storage.url = base_dir.join(&storage.url).display().to_string();
+        }
         let sync = check.sync(
             &SyncOptions::default(),
             &raw.sync.unwrap_or_default(),

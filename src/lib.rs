@@ -3,6 +3,7 @@ pub mod chain;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod explain;
 pub mod replica;
 pub mod replicator;
 pub mod restore;

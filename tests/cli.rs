@@ -455,3 +455,38 @@ fn ok(store: &TestStore, args: &[&str]) -> (String, String) {
     );
     (stdout, stderr)
 }
+
+#[test]
+fn init_writes_a_starter_that_explain_and_watch_accept() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = run(walsync().arg("init").current_dir(dir.path()));
+    assert!(output.status.success(), "{output:?}");
+    let again = run(walsync().arg("init").current_dir(dir.path()));
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success(), "init never replaces a file");
+    assert!(stderr.contains("walsync.toml"), "{stderr}");
+
+    let output = run(walsync()
+        .args(["explain", "--config", "walsync.toml"])
+        .current_dir(dir.path()));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.contains("app.db -> app  (missing)"), "{stdout}");
+
+    // The starter runs as written: create its database and replicate it.
+    drop(app_db(&dir.path().join("app.db")));
+    let mut child = walsync()
+        .args(["watch", "--config"])
+        .arg(dir.path().join("walsync.toml"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let replica = dir.path().join("walsync-replica").join("app");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_dir(&replica).map_or(0, |d| d.count()) == 0 {
+        assert!(Instant::now() < deadline, "nothing replicated");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(terminate(&mut child).success());
+}
