@@ -16,6 +16,7 @@ use crate::config::{Config, StorageConfig, WatchSettings};
 use crate::replica::{Replica, SyncOptions};
 use crate::replicator::{self, DbSpec, Plan};
 use crate::restore::{self, RestoreOptions, Target, format_ms};
+use crate::retention::Retention;
 use crate::storage::{self, S3Options, Storage};
 use crate::{chain, config, explain, sidecar};
 
@@ -97,6 +98,10 @@ fn sync_options(args: &WatchArgs) -> SyncOptions {
         checkpoint_pages: args.checkpoint_pages.max(1),
         checkpoint_interval: args.checkpoint_interval,
         truncate_pages: args.truncate_pages.max(1),
+        retention: Retention {
+            age: args.retention.filter(|d| !d.is_zero()),
+            snapshots: args.retention_snapshots,
+        },
     }
 }
 

@@ -105,7 +105,7 @@ pub struct WatchArgs {
         conflicts_with_all = [
             "storage", "endpoint", "region", "path_style", "prefix", "sync_interval",
             "snapshot_interval", "checkpoint_pages", "checkpoint_interval", "truncate_pages",
-            "shutdown_timeout", "parallelism"
+            "shutdown_timeout", "parallelism", "retention", "retention_snapshots"
         ]
     )]
     pub config: Option<PathBuf>,
@@ -131,6 +131,14 @@ pub struct WatchArgs {
     /// once the WAL holds this many pages.
     #[arg(long, default_value_t = 50_000)]
     pub truncate_pages: u32,
+    /// After each snapshot, delete objects no restore point of this last
+    /// period needs (e.g. 72h). Default: keep everything.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub retention: Option<Duration>,
+    /// After each snapshot, delete objects older than the Nth-newest snapshot.
+    /// With --retention too, an object goes only when both allow it.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub retention_snapshots: Option<u32>,
     /// Time allowed for the final sync after SIGINT/SIGTERM.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,

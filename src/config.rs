@@ -179,6 +179,8 @@ struct RawSync {
     checkpoint_pages: Option<u32>,
     checkpoint_interval: Option<String>,
     truncate_pages: Option<u32>,
+    retention: Option<String>,
+    retention_snapshots: Option<u32>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -205,6 +207,8 @@ struct RawDatabase {
     checkpoint_pages: Option<u32>,
     checkpoint_interval: Option<String>,
     truncate_pages: Option<u32>,
+    retention: Option<String>,
+    retention_snapshots: Option<u32>,
 }
 
 /// Collects errors against one file.
@@ -281,6 +285,25 @@ impl Checker<'_> {
                 return Err(self.err(format!("{} must be at least 1", key("truncate_pages"))));
             }
             sync.truncate_pages = n;
+        }
+        match raw.retention.as_deref() {
+            None => {}
+            Some("off") => sync.retention.age = None,
+            Some(_) => {
+                let age = self.duration(&key("retention"), &raw.retention)?;
+                if age.is_some_and(|d| d.is_zero()) {
+                    return Err(self.err(format!(
+                        "{} = \"0s\" would keep nothing; give a duration or \"off\"",
+                        key("retention")
+                    )));
+                }
+                sync.retention.age = age;
+            }
+        }
+        match raw.retention_snapshots {
+            None => {}
+            Some(0) => sync.retention.snapshots = None,
+            Some(n) => sync.retention.snapshots = Some(n),
         }
         Ok(sync)
     }
@@ -526,6 +549,8 @@ impl Config {
             checkpoint_pages: raw.checkpoint_pages,
             checkpoint_interval: raw.checkpoint_interval.clone(),
             truncate_pages: raw.truncate_pages,
+            retention: raw.retention.clone(),
+            retention_snapshots: raw.retention_snapshots,
         };
         let sync = check.sync(defaults, &overrides, &at)?;
         Ok(Entry {
@@ -890,6 +915,31 @@ mod tests {
             glob_base(Path::new("/data/t/*.db")),
             PathBuf::from("/data/t")
         );
+    }
+
+    #[test]
+    fn retention_defaults_and_per_database_overrides() {
+        let text = r#"
+[storage]
+url = "/replica"
+[sync]
+retention = "72h"
+retention_snapshots = 3
+[[databases]]
+path = "/data/a.db"
+[[databases]]
+path = "/data/b.db"
+retention = "off"
+retention_snapshots = 0
+"#;
+        let config = Config::parse(text, Path::new("/etc/walsync.toml")).unwrap();
+        let a = config.entries[0].sync.retention;
+        assert_eq!(a.age, Some(Duration::from_secs(72 * 3600)));
+        assert_eq!(a.snapshots, Some(3));
+        assert!(config.entries[1].sync.retention.is_off());
+        let zero = text.replace("retention = \"72h\"", "retention = \"0s\"");
+        let err = Config::parse(&zero, Path::new("/etc/walsync.toml")).unwrap_err();
+        assert!(err.to_string().contains("sync.retention"), "{err}");
     }
 
     #[test]

@@ -87,8 +87,14 @@ pub fn explain(config: &Config) -> Result<String, config::Error> {
 }
 
 fn sync(s: &SyncOptions) -> String {
+    let retention = match (s.retention.age, s.retention.snapshots) {
+        (None, None) => "keep everything".to_string(),
+        (Some(age), None) => format!("keep {}", human(age)),
+        (None, Some(n)) => format!("keep {n} snapshots"),
+        (Some(age), Some(n)) => format!("keep {} and {n} snapshots", human(age)),
+    };
     format!(
-        "every {}, snapshot every {}, checkpoint after {} pages or {}, truncate past {} pages",
+        "every {}, snapshot every {}, checkpoint after {} pages or {}, truncate past {} pages, {retention}",
         human(s.sync_interval),
         human(s.snapshot_interval),
         s.checkpoint_pages,

@@ -7,6 +7,7 @@ pub mod explain;
 pub mod replica;
 pub mod replicator;
 pub mod restore;
+pub mod retention;
 pub mod segment;
 pub mod sidecar;
 pub mod storage;

@@ -15,6 +15,7 @@ use crate::chain;
 use crate::db::{
     self, Changes, CheckpointMode, CheckpointOutcome, Database, Detached, Encoded, Link, WalState,
 };
+use crate::retention::{self, Retention};
 use crate::segment::{self, Kind};
 use crate::storage::{self, Storage};
 
@@ -69,6 +70,8 @@ pub struct SyncOptions {
     pub checkpoint_interval: Duration,
     /// TRUNCATE checkpoint (blocks writers briefly) once the WAL holds this many frames.
     pub truncate_pages: u32,
+    /// Which restore points to keep; applied after each snapshot.
+    pub retention: Retention,
 }
 
 impl Default for SyncOptions {
@@ -79,6 +82,7 @@ impl Default for SyncOptions {
             checkpoint_pages: 1000,
             checkpoint_interval: Duration::from_secs(60),
             truncate_pages: 50_000,
+            retention: Retention::default(),
         }
     }
 }
@@ -469,6 +473,19 @@ impl Replica {
         };
         self.upload(encoded, report).await?;
         self.need_snapshot = None;
+        // A new snapshot is what lets older objects go. Retention is
+        // housekeeping: a failure is logged and tried after the next snapshot.
+        if !self.opts.retention.is_off()
+            && let Err(e) = retention::apply(
+                self.storage.as_ref(),
+                &self.prefix,
+                self.opts.retention,
+                now_ms(),
+            )
+            .await
+        {
+            warn!(prefix = %self.prefix, error = %e, "retention failed; kept everything");
+        }
         Ok(())
     }
 

@@ -206,6 +206,128 @@ async fn timestamp_restore_picks_the_newest_state_at_or_before_the_instant() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_only_what_no_kept_restore_point_needs() {
+    use walsync::retention::{self, Retention};
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_in(&dir, "ret.db");
+        let out = db_in(&dir, "restored.db");
+        let conn = app_conn(&db, 4096);
+        let keep_two = SyncOptions {
+            retention: Retention {
+                age: None,
+                snapshots: Some(2),
+            },
+            ..opts()
+        };
+        let mut r = open_replica(&db, "ret", &store, keep_two).await;
+        // Four rounds of: snapshot, then two segments; the state after each object.
+        let mut states: Vec<(u64, Rows)> = Vec::new();
+        let mut snapshot_times = Vec::new();
+        for round in 0..4 {
+            // Snapshots in distinct milliseconds, for the age checks below.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            insert(&conn, 5, 100);
+            if round == 0 {
+                r.sync().await.unwrap();
+            } else {
+                r.force_snapshot("test").await.unwrap();
+            }
+            let head = r.head().unwrap().seq;
+            let header = chain::read_header(
+                store.storage.as_ref(),
+                &chain::list(store.storage.as_ref(), "ret")
+                    .await
+                    .unwrap()
+                    .last()
+                    .unwrap()
+                    .clone(),
+            )
+            .await
+            .unwrap();
+            snapshot_times.push((head, header.timestamp_ms));
+            states.push((head, rows(&db)));
+            for _ in 0..2 {
+                insert(&conn, 5, 100);
+                r.sync().await.unwrap();
+                states.push((r.head().unwrap().seq, rows(&db)));
+            }
+        }
+        let objects = chain::list(store.storage.as_ref(), "ret").await.unwrap();
+        let first_kept = snapshot_times[2].0;
+        assert_eq!(
+            objects.first().map(|o| o.seq),
+            Some(first_kept),
+            "{kind}: everything before the second-newest snapshot is gone"
+        );
+        // Every retained restore point still restores, to exactly its state.
+        for (seq, expected) in states.iter().filter(|(seq, _)| *seq >= first_kept) {
+            restore::restore(
+                store.storage.as_ref(),
+                &RestoreOptions {
+                    prefix: "ret".into(),
+                    output: out.clone(),
+                    target: restore::Target::Seq(*seq),
+                    force: true,
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{kind}: restore to {seq}: {e}"));
+            assert_eq!(&rows(&out), expected, "{kind}: state {seq}");
+        }
+
+        // By age: as of a moment just after the newest snapshot plus the age,
+        // only that snapshot covers the window; a moment earlier, the one before it.
+        let age = Duration::from_secs(3600);
+        let rules = Retention {
+            age: Some(age),
+            snapshots: None,
+        };
+        let newest = snapshot_times[3];
+        let now = newest.1 + 3_600_000;
+        let plan = retention::plan(store.storage.as_ref(), "ret", rules, now)
+            .await
+            .unwrap();
+        assert_eq!(plan.keep_from, Some(newest.0), "{kind}");
+        let plan = retention::plan(store.storage.as_ref(), "ret", rules, now - 1)
+            .await
+            .unwrap();
+        assert_eq!(plan.keep_from, Some(first_kept), "{kind}");
+        assert!(plan.objects.is_empty(), "{kind}");
+        // Both rules: an object goes only when both let it go.
+        let both = Retention {
+            age: Some(age),
+            snapshots: Some(2),
+        };
+        let plan = retention::plan(store.storage.as_ref(), "ret", both, now + 10)
+            .await
+            .unwrap();
+        assert_eq!(plan.keep_from, Some(first_kept), "{kind}");
+        // Nothing ever takes the newest snapshot or what follows it.
+        let all_gone = Retention {
+            age: Some(Duration::from_millis(1)),
+            snapshots: Some(1),
+        };
+        let pruned = retention::apply(store.storage.as_ref(), "ret", all_gone, now * 2)
+            .await
+            .unwrap();
+        assert_eq!(pruned.keep_from, Some(newest.0), "{kind}");
+        restore::restore(
+            store.storage.as_ref(),
+            &RestoreOptions {
+                prefix: "ret".into(),
+                output: out.clone(),
+                target: restore::Target::Latest,
+                force: true,
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(rows(&out), rows(&db), "{kind}: the head still restores");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn app_auto_checkpoints_many_times_without_breaking_the_chain() {
     for (kind, store) in common::all_stores().await {
         let dir = tempfile::tempdir().unwrap();
