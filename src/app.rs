@@ -9,16 +9,17 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::cli::{
-    Cli, Command, InitArgs, ListArgs, RestoreAllArgs, RestoreArgs, SnapshotArgs, StorageArgs,
-    WatchArgs,
+    Cli, Command, InitArgs, ListArgs, RestoreAllArgs, RestoreArgs, SnapshotArgs, StatusArgs,
+    StorageArgs, WatchArgs,
 };
 use crate::config::{Config, StorageConfig, WatchSettings};
 use crate::replica::{Replica, SyncOptions};
 use crate::replicator::{self, DbSpec, Plan};
 use crate::restore::{self, RestoreOptions, Target, format_ms};
 use crate::retention::Retention;
+use crate::status::{self, Board};
 use crate::storage::{self, S3Options, Storage};
-use crate::{chain, config, explain, sidecar};
+use crate::{chain, config, explain, http, sidecar};
 
 /// Runs a command; returns the exit code (non-zero only from a sidecar app,
 /// errors are returned as such).
@@ -30,11 +31,59 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<u8> {
         Command::List(args) => list(args).await.map(|()| 0),
         Command::Snapshot(args) => snapshot(args).await.map(|()| 0),
         Command::Init(args) => init(&args).map(|()| 0),
+        Command::Status(args) => status(&args).await.map(|()| 0),
         Command::Explain(args) => {
             print!("{}", explain::explain(&load_config(&args.config)?)?);
             Ok(0)
         }
     }
+}
+
+/// Asks the running process's listener for its status.
+async fn status(args: &StatusArgs) -> Result<()> {
+    let addr = match (args.listen, &args.config) {
+        (Some(addr), _) => addr,
+        (None, Some(path)) => load_config(path)?.watch.listen.with_context(|| {
+            format!(
+                "{}: [watch] listen is not set, so the running walsync has no listener to ask",
+                path.display()
+            )
+        })?,
+        (None, None) => bail!("give --config or --listen"),
+    };
+    let body = http_get(addr, "/status.json")
+        .await
+        .with_context(|| format!("asking the walsync listening on {addr} (is `watch` running?)"))?;
+    if args.json {
+        println!("{body}");
+        return Ok(());
+    }
+    let snapshot: status::Snapshot =
+        serde_json::from_str(&body).with_context(|| format!("reading the status from {addr}"))?;
+    print!("{}", snapshot.table());
+    let unhealthy = snapshot.unhealthy();
+    if !unhealthy.is_empty() {
+        bail!("{} database(s) unhealthy", unhealthy.len());
+    }
+    Ok(())
+}
+
+/// A GET of our own listener: HTTP/1.0, so the body ends with the connection.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        bail!("{}", head.lines().next().unwrap_or(head));
+    }
+    Ok(body.to_string())
 }
 
 /// The starter `walsync init` writes; a test checks that it loads.
@@ -109,21 +158,41 @@ async fn watch(args: WatchArgs, shutdown: CancellationToken) -> Result<u8> {
     replicator::raise_open_file_limit();
     let app = args.exec.as_deref().map(sidecar::parse).transpose()?;
     let plan = plan(&args).await?;
+    let board = Board::default();
+    let listening = CancellationToken::new();
+    if let Some(addr) = args.listen.or(plan.watch_settings().listen) {
+        let listener = http::bind(addr).await?;
+        tokio::spawn(http::serve(listener, board.clone(), listening.clone()));
+    }
+    let _stop_listening = listening.drop_guard();
     match app {
         None => {
-            replicator::run(plan, shutdown, None).await?;
+            let hooks = replicator::Hooks {
+                first_pass: None,
+                board,
+            };
+            replicator::run(plan, shutdown, hooks).await?;
             Ok(0)
         }
-        Some(argv) => watch_with_app(plan, &argv, shutdown).await,
+        Some(argv) => watch_with_app(plan, &argv, board, shutdown).await,
     }
 }
 
 /// Sidecar mode: replication runs on its own token, so that a signal reaches
 /// the app first and replication ends only after the app's last write.
-async fn watch_with_app(plan: Plan, argv: &[String], shutdown: CancellationToken) -> Result<u8> {
+async fn watch_with_app(
+    plan: Plan,
+    argv: &[String],
+    board: Board,
+    shutdown: CancellationToken,
+) -> Result<u8> {
     let (first_pass, synced_once) = tokio::sync::oneshot::channel();
     let stop = CancellationToken::new();
-    let mut replication = tokio::spawn(replicator::run(plan, stop.clone(), Some(first_pass)));
+    let hooks = replicator::Hooks {
+        first_pass: Some(first_pass),
+        board,
+    };
+    let mut replication = tokio::spawn(replicator::run(plan, stop.clone(), hooks));
     tokio::select! {
         _ = synced_once => {}
         ended = &mut replication => {

@@ -51,6 +51,9 @@ pub enum Command {
     /// Write a commented starter walsync.toml (a local directory as the
     /// replica, one database) into the current directory.
     Init(InitArgs),
+    /// Show what the running `watch` is doing: every database's state, lag,
+    /// head and last error (from its listener, [watch] listen or --listen).
+    Status(StatusArgs),
     /// Print the configuration as walsync resolves it: storage, settings, and
     /// the databases it finds now with their prefixes. Secrets are masked.
     Explain(ExplainArgs),
@@ -61,6 +64,25 @@ pub struct InitArgs {
     /// Where to write it.
     #[arg(long, short = 'o', value_name = "FILE", default_value = "walsync.toml")]
     pub output: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The walsync.toml of the running process (its [watch] listen is asked).
+    #[arg(
+        long,
+        short = 'c',
+        value_name = "FILE",
+        env = "WALSYNC_CONFIG",
+        required_unless_present = "listen"
+    )]
+    pub config: Option<PathBuf>,
+    /// The running process's listener address (instead of --config).
+    #[arg(long, value_name = "ADDR", conflicts_with = "config")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -145,6 +167,10 @@ pub struct WatchArgs {
     /// Databases synced at the same time.
     #[arg(long, default_value_t = 8)]
     pub parallelism: usize,
+    /// Serve /metrics (Prometheus), /health, /status.json and a status page
+    /// on this address, e.g. 127.0.0.1:9090 (overrides [watch] listen).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<std::net::SocketAddr>,
     /// Sidecar mode: run this command (split like a shell would, without
     /// expansion) as a child once every database has been synced once; pass
     /// SIGINT, SIGTERM, SIGHUP, SIGUSR1 and SIGUSR2 on to it; when it exits,

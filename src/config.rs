@@ -80,6 +80,8 @@ pub struct WatchSettings {
     /// Close a database (releasing its descriptors and memory) once it has
     /// not changed for this long; `None` keeps databases open.
     pub close_idle_after: Option<Duration>,
+    /// Serve /metrics, /health and the status page here (off by default).
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for WatchSettings {
@@ -91,6 +93,7 @@ impl Default for WatchSettings {
             shutdown_timeout: Duration::from_secs(30),
             max_open: None,
             close_idle_after: Some(Duration::from_secs(30)),
+            listen: None,
         }
     }
 }
@@ -192,6 +195,7 @@ struct RawWatch {
     shutdown_timeout: Option<String>,
     max_open: Option<usize>,
     close_idle_after: Option<String>,
+    listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -456,6 +460,14 @@ impl Config {
                 return Err(check.err("watch.max_open must be at least 1"));
             }
             watch.max_open = Some(n);
+        }
+        if let Some(addr) = &raw.listen {
+            let parsed = addr.parse().map_err(|_| {
+                check.err(format!(
+                    "watch.listen = {addr:?}: give an address and port, e.g. \"127.0.0.1:9090\""
+                ))
+            })?;
+            watch.listen = Some(parsed);
         }
         Ok(watch)
     }

@@ -185,9 +185,9 @@ impl Detached {
     /// by a process running as root, a reader) is then no reason to open it.
     /// Sound because both files had been quiet for longer than a file-time
     /// tick when closed, so any later write shows as a new modification time.
-    /// A WAL deleted by the app's last connection while the database file
-    /// stayed untouched held nothing new either; the token then records that
-    /// there is no WAL, so that the next generation is read from its start.
+    /// A WAL deleted (or emptied) by the app's last connection while the
+    /// database file stayed untouched held nothing new either; the token then
+    /// records that there is no WAL, so the next generation is read from its start.
     pub fn unchanged_on_disk(&mut self, path: &Path) -> bool {
         let Ok(db) = FileStamp::of(path) else {
             return false;
@@ -195,11 +195,23 @@ impl Detached {
         if db != self.db {
             return false;
         }
+        // An empty WAL holds no frames: the same as none (a reader that is
+        // the last connection creates one and deletes it again on close).
+        let no_wal = || {
+            let mut forgotten = *self;
+            forgotten.wal = None;
+            forgotten.position = None;
+            forgotten
+        };
         match FileStamp::of(&wal_path_of(path)) {
-            Ok(wal) => Some(wal) == self.wal,
+            Ok(wal) if Some(wal) == self.wal => true,
+            Ok(wal) if wal.len == 0 => {
+                *self = no_wal();
+                true
+            }
+            Ok(_) => false,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                self.wal = None;
-                self.position = None;
+                *self = no_wal();
                 true
             }
             Err(_) => false,

@@ -46,9 +46,25 @@ impl Error {
     pub fn is_fatal(&self) -> bool {
         matches!(self, Error::Stopped { .. })
     }
+
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Db(_) => "database",
+            Error::Storage(_) => "storage",
+            Error::Chain(_) => "chain",
+            Error::Stopped { .. } => "stopped",
+            Error::Busy { .. } => "busy",
+            Error::Worker { .. } => "worker",
+        }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Snapshot reasons that metrics count by name; any other is a continuity loss.
+const INITIAL: &str = "no replica in storage yet";
+const INTERVAL: &str = "the snapshot interval elapsed";
 
 /// Lock-free catch-up rounds before a checkpoint ships the tail under the write lock.
 const CATCH_UP_ATTEMPTS: u32 = 3;
@@ -101,6 +117,11 @@ pub struct SyncReport {
     pub snapshots: u32,
     pub bytes: u64,
     pub checkpointed: bool,
+    /// Why each snapshot was taken: `initial`, `interval`, `requested` or
+    /// `continuity` (the chain could not be continued).
+    pub snapshot_reasons: Vec<&'static str>,
+    /// The mode of each checkpoint run: `passive` or `truncate`.
+    pub checkpoint_modes: Vec<&'static str>,
 }
 
 #[derive(Debug)]
@@ -179,7 +200,7 @@ impl Replica {
     async fn load_head(&mut self) -> Result<()> {
         let objects = chain::list(self.storage.as_ref(), &self.prefix).await?;
         let Some(last) = objects.last() else {
-            self.need_snapshot = Some("no replica in storage yet".into());
+            self.need_snapshot = Some(INITIAL.into());
             return Ok(());
         };
         let (header, hash, _) = chain::read_verified(self.storage.as_ref(), last).await?;
@@ -416,8 +437,7 @@ impl Replica {
             self.checkpoint(mode, &mut report).await?;
         }
         if report.segments > 0 && self.snapshot_due() {
-            self.snapshot("the snapshot interval elapsed", &mut report)
-                .await?;
+            self.snapshot(INTERVAL, &mut report).await?;
         }
         Ok(report)
     }
@@ -473,6 +493,12 @@ impl Replica {
         };
         self.upload(encoded, report).await?;
         self.need_snapshot = None;
+        report.snapshot_reasons.push(match reason {
+            INITIAL => "initial",
+            INTERVAL => "interval",
+            r if r.starts_with("requested") => "requested",
+            _ => "continuity",
+        });
         // A new snapshot is what lets older objects go. Retention is
         // housekeeping: a failure is logged and tried after the next snapshot.
         if !self.opts.retention.is_off()
@@ -536,6 +562,10 @@ impl Replica {
             CheckpointOutcome::Busy => {}
             CheckpointOutcome::Done { complete, frames } => {
                 report.checkpointed = true;
+                report.checkpoint_modes.push(match mode {
+                    CheckpointMode::Passive => "passive",
+                    CheckpointMode::Truncate => "truncate",
+                });
                 if complete {
                     self.checkpoint_retry_at = None;
                 }

@@ -31,6 +31,7 @@ use tracing::{debug, error, info, trace, warn};
 use crate::config::{self, Config, WatchSettings};
 use crate::db::wal_path_of;
 use crate::replica::{self, Replica, SyncOptions, SyncReport};
+use crate::status::{self, Board, State};
 use crate::storage::Storage;
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +82,11 @@ pub enum Plan {
 }
 
 impl Plan {
+    /// The watch settings of this plan.
+    pub fn watch_settings(&self) -> &WatchSettings {
+        self.watch()
+    }
+
     fn watch(&self) -> &WatchSettings {
         match self {
             Plan::Fixed { watch, .. } => watch,
@@ -220,6 +226,9 @@ struct Slot {
     rechecks: u32,
     /// Queued to be closed, or being closed.
     closing: bool,
+    /// When the first change that arrived during the running job did
+    /// (Unix ms): what is left unshipped once the job is done.
+    changed_during_job: Option<u64>,
 }
 
 /// Re-checks for a commit caught between its WAL write and its publication:
@@ -230,15 +239,19 @@ const MAX_RECHECKS: u32 = 8;
 /// A finished job: the slot, its replica (if open), what happened.
 type Done = (usize, Option<Replica>, replica::Result<SyncReport>);
 
-/// Replicates the databases of `plan` until `shutdown`. `first_pass`, if
-/// given, is told once every database named at start has been synced once
-/// (or has failed its first attempt, which is logged): the moment sidecar
-/// mode starts the app.
-pub async fn run(
-    plan: Plan,
-    shutdown: CancellationToken,
-    first_pass: Option<oneshot::Sender<()>>,
-) -> Result<()> {
+/// What the loop reports to the rest of the process.
+#[derive(Debug, Default)]
+pub struct Hooks {
+    /// Told once every database named at start has been synced once (or has
+    /// failed its first attempt, which is logged): when sidecar mode starts
+    /// the app.
+    pub first_pass: Option<oneshot::Sender<()>>,
+    /// Where each database's state is posted.
+    pub board: Board,
+}
+
+/// Replicates the databases of `plan` until `shutdown`.
+pub async fn run(plan: Plan, shutdown: CancellationToken, hooks: Hooks) -> Result<()> {
     let (tx, rx) = mpsc::unbounded_channel::<Msg>();
     let routes: Routes = Arc::new(RwLock::new(HashMap::new()));
     let watcher = start_watcher(&plan, routes.clone(), tx)?;
@@ -264,7 +277,8 @@ pub async fn run(
         budget: 0,
         last_trim: None,
         first_pass: HashSet::new(),
-        first_pass_done: first_pass,
+        first_pass_done: hooks.first_pass,
+        board: hooks.board,
     };
     fleet.budget = fleet
         .plan
@@ -372,6 +386,7 @@ struct Fleet {
     /// Databases named at start that have not finished a first sync attempt.
     first_pass: HashSet<usize>,
     first_pass_done: Option<oneshot::Sender<()>>,
+    board: Board,
 }
 
 /// Least wait before another attempt to close an idle database.
@@ -573,6 +588,12 @@ impl Fleet {
             routes.insert(key.clone(), (id, queued.clone()));
         }
         self.by_key.insert(key.clone(), id);
+        self.board.update(&spec.prefix, |d| {
+            d.path = spec.path.display().to_string();
+            d.state = State::Waiting;
+            d.sync_interval_ms = spec.sync.sync_interval.as_millis() as u64;
+            d.pending_since_ms.get_or_insert_with(status::now_ms);
+        });
         self.slots.insert(
             id,
             Slot {
@@ -589,6 +610,7 @@ impl Fleet {
                 seen: None,
                 rechecks: 0,
                 closing: false,
+                changed_during_job: None,
             },
         );
         self.schedule_at(id, Instant::now());
@@ -600,6 +622,7 @@ impl Fleet {
             return;
         };
         info!(db = %slot.spec.path.display(), prefix = %slot.spec.prefix, "released");
+        self.board.remove(&slot.spec.prefix);
         if slot.attached {
             self.attached -= 1;
         }
@@ -628,6 +651,13 @@ impl Fleet {
             return;
         };
         slot.dirty = true;
+        if slot.running {
+            slot.changed_during_job.get_or_insert_with(status::now_ms);
+        } else {
+            self.board.update(&slot.spec.prefix, |d| {
+                d.pending_since_ms.get_or_insert_with(status::now_ms);
+            });
+        }
         if slot.running || slot.replica.as_ref().is_some_and(|r| r.stopped().is_some()) {
             return;
         }
@@ -822,6 +852,7 @@ impl Fleet {
             .as_ref()
             .and_then(|r| r.next_wakeup())
             .map(Instant::from_std);
+        post(&self.board, slot, &result);
         let mut next = None;
         match result {
             Ok(report) => {
@@ -1004,4 +1035,46 @@ async fn sleep_until(at: Option<Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
+}
+
+/// Posts the outcome of a finished job to the board.
+fn post(board: &Board, slot: &mut Slot, result: &replica::Result<SyncReport>) {
+    let changed_during_job = slot.changed_during_job.take();
+    let replica = slot.replica.as_ref();
+    board.update(&slot.spec.prefix, |d| {
+        d.head = replica.and_then(Replica::head).map(|h| h.seq).or(d.head);
+        match result {
+            Ok(report) => {
+                d.state = if replica.is_some_and(Replica::is_attached) {
+                    State::Open
+                } else {
+                    State::Closed
+                };
+                d.last_sync_ms = Some(status::now_ms());
+                d.pending_since_ms = changed_during_job;
+                d.last_error = None;
+                d.segments += u64::from(report.segments);
+                d.bytes += report.bytes;
+                for reason in &report.snapshot_reasons {
+                    *d.snapshots.entry((*reason).to_string()).or_default() += 1;
+                }
+                for mode in &report.checkpoint_modes {
+                    *d.checkpoints.entry((*mode).to_string()).or_default() += 1;
+                }
+            }
+            Err(e) => {
+                d.state = if e.is_fatal() {
+                    State::Stopped
+                } else {
+                    State::Failing
+                };
+                d.pending_since_ms = match (d.pending_since_ms, changed_during_job) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                d.last_error = Some(e.to_string());
+                *d.errors.entry(e.kind().to_string()).or_default() += 1;
+            }
+        }
+    });
 }

@@ -490,3 +490,117 @@ fn init_writes_a_starter_that_explain_and_watch_accept() {
     }
     assert!(terminate(&mut child).success());
 }
+
+/// A GET over plain HTTP/1.0: returns the status code and the body.
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, body.to_string())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_health_and_status_tell_the_truth() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.db");
+        let late = dir.path().join("late.db");
+        let conn = app_db(&good);
+        let addr = format!("127.0.0.1:{}", free_port());
+        let config = dir.path().join("walsync.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[storage]\nurl = \"{}\"\n[sync]\nsync_interval = \"0s\"\n[watch]\nlisten = \"{addr}\"\n\
+                 [[databases]]\npath = \"{}\"\n[[databases]]\npath = \"{}\"\n",
+                store.url,
+                good.display(),
+                late.display()
+            ),
+        )
+        .unwrap();
+        let mut cmd = walsync();
+        cmd.args(["watch", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        with_store(&mut cmd, &store);
+        let mut child = cmd.spawn().unwrap();
+        wait_for_objects(&store, "good", 1).await;
+        for i in 0..5 {
+            conn.execute("INSERT INTO t(v) VALUES (?1)", [format!("row {i}")])
+                .unwrap();
+        }
+        wait_for_objects(&store, "good", 2).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let metrics = loop {
+            let (code, body) = http_get(&addr, "/metrics");
+            assert_eq!(code, 200, "{kind}");
+            if body.contains("walsync_segments_shipped_total{prefix=\"good\"} ")
+                && !body.contains("walsync_segments_shipped_total{prefix=\"good\"} 0")
+            {
+                break body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{kind}: no segments counted\n{body}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(
+            metrics.contains("walsync_snapshots_total{prefix=\"good\",reason=\"initial\"} 1"),
+            "{kind}\n{metrics}"
+        );
+        assert!(
+            metrics.contains("walsync_errors_total{prefix=\"late\",kind=\"database\"}"),
+            "{kind}\n{metrics}"
+        );
+        assert!(metrics.contains("process_resident_memory_bytes "), "{kind}");
+
+        // The missing database makes the process unhealthy, by name.
+        let (code, body) = http_get(&addr, "/health");
+        assert_eq!(code, 503, "{kind}: {body}");
+        assert!(
+            body.contains("late") && !body.contains("good"),
+            "{kind}: {body}"
+        );
+        let (code, page) = http_get(&addr, "/");
+        assert_eq!(code, 200);
+        assert!(page.contains("<table>") && page.contains("good"), "{kind}");
+        let output = run(walsync().args(["status", "--config"]).arg(&config));
+        let table = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            !output.status.success(),
+            "{kind}: status fails while unhealthy"
+        );
+        assert!(
+            table.contains("good") && table.contains("failing"),
+            "{kind}\n{table}"
+        );
+
+        // Once it exists, it is replicated and health recovers.
+        drop(app_db(&late));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http_get(&addr, "/health").0 != 200 {
+            assert!(Instant::now() < deadline, "{kind}: never healthy");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let output = run(walsync().args(["status", "--json", "--listen", &addr]));
+        assert!(output.status.success(), "{kind}");
+        let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(json["databases"].as_array().unwrap().len(), 2, "{kind}");
+        assert!(terminate(&mut child).success());
+    }
+}

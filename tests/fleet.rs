@@ -80,7 +80,11 @@ fn start(
         config,
         storage: store.storage.clone(),
     };
-    let handle = tokio::spawn(replicator::run(plan, token.clone(), None));
+    let handle = tokio::spawn(replicator::run(
+        plan,
+        token.clone(),
+        replicator::Hooks::default(),
+    ));
     (token, handle)
 }
 

@@ -1,0 +1,358 @@
+//! The optional HTTP listener (`--listen` / `[watch] listen`): `/metrics` in
+//! Prometheus text format, `/health`, `/status.json`, and `/`, a status page
+//! for a browser. It only reads the status board; it never touches a database.
+
+use std::convert::Infallible;
+use std::fmt::Write;
+use std::net::SocketAddr;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::restore::format_ms;
+use crate::status::{Board, Snapshot};
+
+/// Binds `addr`; the error names it.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+}
+
+/// Serves until `shutdown`.
+pub async fn serve(listener: TcpListener, board: Board, shutdown: CancellationToken) {
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "serving /metrics, /health and the status page");
+    }
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "status listener: accept failed");
+                    continue;
+                }
+            },
+        };
+        let board = board.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let board = board.clone();
+                async move { Ok::<_, Infallible>(respond(&req, &board)) }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn respond(req: &Request<Incoming>, board: &Board) -> Response<Full<Bytes>> {
+    let snapshot = board.snapshot();
+    match req.uri().path() {
+        "/metrics" => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics(&snapshot),
+        ),
+        "/health" => {
+            let unhealthy = snapshot.unhealthy();
+            if unhealthy.is_empty() {
+                reply(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into())
+            } else {
+                let mut body = String::new();
+                for (prefix, why) in unhealthy {
+                    let _ = writeln!(body, "{prefix}: {why}");
+                }
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain; charset=utf-8",
+                    body,
+                )
+            }
+        }
+        "/status.json" => reply(
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_string(&snapshot).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
+        ),
+        "/" => reply(StatusCode::OK, "text/html; charset=utf-8", page(&snapshot)),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "not found: try /, /metrics, /health or /status.json\n".into(),
+        ),
+    }
+}
+
+fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(value) = content_type.parse() {
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+/// Escapes a Prometheus label value.
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The Prometheus text exposition of the board and the process.
+pub fn metrics(s: &Snapshot) -> String {
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, value) in rows {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let db = |d: &crate::status::DbStatus| format!("prefix=\"{}\"", label(&d.prefix));
+    let per_db = |f: &dyn Fn(&crate::status::DbStatus) -> Option<f64>| {
+        s.databases
+            .iter()
+            .filter_map(|d| f(d).map(|v| (format!("{{{}}}", db(d)), v)))
+            .collect::<Vec<_>>()
+    };
+    family(
+        "walsync_lag_seconds",
+        "gauge",
+        "How long the oldest change not yet in storage has waited (0 when caught up).",
+        per_db(&|d| Some(d.lag_seconds(s.now_ms))),
+    );
+    family(
+        "walsync_last_sync_timestamp_seconds",
+        "gauge",
+        "Unix time of the last successful sync.",
+        per_db(&|d| d.last_sync_ms.map(|t| t as f64 / 1000.0)),
+    );
+    family(
+        "walsync_head_sequence",
+        "gauge",
+        "Newest sequence number in storage.",
+        per_db(&|d| d.head.map(|h| h as f64)),
+    );
+    family(
+        "walsync_wal_bytes",
+        "gauge",
+        "Size of the database's WAL file now.",
+        per_db(&|d| {
+            let wal = crate::db::wal_path_of(std::path::Path::new(&d.path));
+            Some(std::fs::metadata(wal).map_or(0, |m| m.len()) as f64)
+        }),
+    );
+    family(
+        "walsync_segments_shipped_total",
+        "counter",
+        "WAL segments shipped.",
+        per_db(&|d| Some(d.segments as f64)),
+    );
+    family(
+        "walsync_shipped_bytes_total",
+        "counter",
+        "Bytes shipped (segments and snapshots, compressed).",
+        per_db(&|d| Some(d.bytes as f64)),
+    );
+    let by = |f: &dyn Fn(&crate::status::DbStatus) -> &std::collections::BTreeMap<String, u64>,
+              key: &str| {
+        let mut rows = Vec::new();
+        for d in &s.databases {
+            for (k, v) in f(d) {
+                rows.push((format!("{{{},{key}=\"{}\"}}", db(d), label(k)), *v as f64));
+            }
+        }
+        rows
+    };
+    family(
+        "walsync_snapshots_total",
+        "counter",
+        "Snapshots shipped, by reason (initial, interval, requested, continuity).",
+        by(&|d| &d.snapshots, "reason"),
+    );
+    family(
+        "walsync_continuity_losses_total",
+        "counter",
+        "Times the chain could not be continued and a snapshot had to start it again.",
+        per_db(&|d| Some(d.snapshots.get("continuity").copied().unwrap_or(0) as f64)),
+    );
+    family(
+        "walsync_checkpoints_total",
+        "counter",
+        "Checkpoints run, by mode.",
+        by(&|d| &d.checkpoints, "mode"),
+    );
+    family(
+        "walsync_errors_total",
+        "counter",
+        "Failed syncs, by kind of error.",
+        by(&|d| &d.errors, "kind"),
+    );
+    let mut states = std::collections::BTreeMap::<String, u64>::new();
+    for d in &s.databases {
+        *states
+            .entry(format!("{:?}", d.state).to_lowercase())
+            .or_default() += 1;
+    }
+    family(
+        "walsync_databases",
+        "gauge",
+        "Databases by state.",
+        states
+            .into_iter()
+            .map(|(k, v)| (format!("{{state=\"{k}\"}}"), v as f64))
+            .collect(),
+    );
+    let process = process_stats();
+    family(
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident memory.",
+        vec![(String::new(), process.rss_bytes as f64)],
+    );
+    family(
+        "process_open_fds",
+        "gauge",
+        "Open file descriptors.",
+        vec![(String::new(), process.open_fds as f64)],
+    );
+    family(
+        "process_cpu_seconds_total",
+        "counter",
+        "User and system CPU time.",
+        vec![(String::new(), process.cpu_seconds)],
+    );
+    family(
+        "process_start_time_seconds",
+        "gauge",
+        "Unix time the process started.",
+        vec![(String::new(), s.started_ms as f64 / 1000.0)],
+    );
+    out
+}
+
+struct ProcessStats {
+    rss_bytes: u64,
+    open_fds: u64,
+    cpu_seconds: f64,
+}
+
+fn process_stats() -> ProcessStats {
+    // SAFETY: getrusage only writes the struct we pass.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let cpu_seconds = if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } == 0 {
+        let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+        t(usage.ru_utime) + t(usage.ru_stime)
+    } else {
+        0.0
+    };
+    // SAFETY: sysconf only reads a constant.
+    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let rss_bytes = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * page);
+    let open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
+    ProcessStats {
+        rss_bytes,
+        open_fds,
+        cpu_seconds,
+    }
+}
+
+fn html(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A page a person can read: every database, its state, lag and last error.
+fn page(s: &Snapshot) -> String {
+    let unhealthy = s.unhealthy();
+    let mut out = String::from(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>walsync</title>\
+         <style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}\
+         td,th{padding:.3em .8em;border-bottom:1px solid #ddd;text-align:left}\
+         .bad{color:#b00}</style></head><body><h1>walsync</h1>",
+    );
+    let _ = write!(
+        out,
+        "<p>{} databases, {} unhealthy; up since {}. \
+         <a href=\"/metrics\">metrics</a> · <a href=\"/health\">health</a> · \
+         <a href=\"/status.json\">json</a></p>",
+        s.databases.len(),
+        unhealthy.len(),
+        format_ms(s.started_ms)
+    );
+    out.push_str(
+        "<table><tr><th>prefix</th><th>database</th><th>state</th><th>lag</th>\
+         <th>head</th><th>last sync</th><th>last error</th></tr>",
+    );
+    for d in &s.databases {
+        let bad = d.unhealthy(s.now_ms).is_some();
+        let _ = write!(
+            out,
+            "<tr{}><td>{}</td><td>{}</td><td>{}</td><td>{:.1} s</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            if bad { " class=\"bad\"" } else { "" },
+            html(&d.prefix),
+            html(&d.path),
+            format!("{:?}", d.state).to_lowercase(),
+            d.lag_seconds(s.now_ms),
+            d.head.map_or("-".into(), |h| h.to_string()),
+            d.last_sync_ms.map_or("-".into(), format_ms),
+            html(d.last_error.as_deref().unwrap_or(""))
+        );
+    }
+    out.push_str("</table></body></html>\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::{Board, State};
+
+    #[test]
+    fn metrics_are_well_formed_prometheus_text() {
+        let board = Board::default();
+        board.update("tenants/a\"b", |d| {
+            d.state = State::Open;
+            d.segments = 3;
+            d.snapshots.insert("initial".into(), 1);
+        });
+        let text = metrics(&board.snapshot());
+        assert!(
+            text.contains("walsync_segments_shipped_total{prefix=\"tenants/a\\\"b\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "walsync_snapshots_total{prefix=\"tenants/a\\\"b\",reason=\"initial\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("walsync_databases{state=\"open\"} 1"),
+            "{text}"
+        );
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let value = line.rsplit(' ').next().unwrap();
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+        }
+    }
+}
