@@ -10,7 +10,7 @@ use tracing::info;
 
 use crate::cli::{
     Cli, Command, InitArgs, ListArgs, RestoreAllArgs, RestoreArgs, SnapshotArgs, StatusArgs,
-    StorageArgs, WatchArgs,
+    StorageArgs, SyncArgs, WatchArgs,
 };
 use crate::config::{Config, StorageConfig, WatchSettings};
 use crate::replica::{Replica, SyncOptions};
@@ -19,7 +19,7 @@ use crate::restore::{self, RestoreOptions, Target, format_ms};
 use crate::retention::Retention;
 use crate::status::{self, Board};
 use crate::storage::{self, S3Options, Storage};
-use crate::{chain, config, explain, http, sidecar};
+use crate::{chain, config, control, explain, http, sidecar};
 
 /// Runs a command; returns the exit code (non-zero only from a sidecar app,
 /// errors are returned as such).
@@ -32,11 +32,53 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<u8> {
         Command::Snapshot(args) => snapshot(args).await.map(|()| 0),
         Command::Init(args) => init(&args).map(|()| 0),
         Command::Status(args) => status(&args).await.map(|()| 0),
+        Command::Sync(args) => sync(&args).await.map(|()| 0),
         Command::Explain(args) => {
             print!("{}", explain::explain(&load_config(&args.config)?)?);
             Ok(0)
         }
     }
+}
+
+/// Asks the running `watch` to ship now, and with --wait, for the outcome.
+async fn sync(args: &SyncArgs) -> Result<()> {
+    let config = load_config(&args.config)?;
+    let socket = config
+        .watch
+        .control_socket
+        .clone()
+        .unwrap_or_else(|| control::default_socket(&args.config));
+    let answer = tokio::time::timeout(
+        args.timeout,
+        control::request_sync(&socket, args.prefix.as_deref(), args.wait),
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "no answer within {:?} from {}",
+            args.timeout,
+            socket.display()
+        )
+    })??;
+    let mut failed = Vec::new();
+    for line in &answer {
+        if let Some(rest) = line.strip_prefix("error ") {
+            eprintln!("error: {rest}");
+            failed.push(rest.to_string());
+        } else if let Some(rest) = line.strip_prefix("ok ") {
+            let mut words = rest.splitn(2, ' ');
+            let (prefix, seq) = (words.next().unwrap_or(""), words.next().unwrap_or("-"));
+            println!("{prefix}: in storage up to sequence {seq}");
+        } else if let Some(n) = line.strip_prefix("accepted ") {
+            if !args.wait {
+                println!("sync requested for {n} database(s)");
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("{} database(s) could not be synced", failed.len());
+    }
+    Ok(())
 }
 
 /// Asks the running process's listener for its status.
@@ -165,16 +207,24 @@ async fn watch(args: WatchArgs, shutdown: CancellationToken) -> Result<u8> {
         tokio::spawn(http::serve(listener, board.clone(), listening.clone()));
     }
     let _stop_listening = listening.drop_guard();
+    // `walsync sync` finds the process by its configuration file.
+    let control = args.config.as_ref().map(|path| {
+        plan.watch_settings()
+            .control_socket
+            .clone()
+            .unwrap_or_else(|| control::default_socket(path))
+    });
     match app {
         None => {
             let hooks = replicator::Hooks {
                 first_pass: None,
                 board,
+                control,
             };
             replicator::run(plan, shutdown, hooks).await?;
             Ok(0)
         }
-        Some(argv) => watch_with_app(plan, &argv, board, shutdown).await,
+        Some(argv) => watch_with_app(plan, &argv, board, control, shutdown).await,
     }
 }
 
@@ -184,6 +234,7 @@ async fn watch_with_app(
     plan: Plan,
     argv: &[String],
     board: Board,
+    control: Option<PathBuf>,
     shutdown: CancellationToken,
 ) -> Result<u8> {
     let (first_pass, synced_once) = tokio::sync::oneshot::channel();
@@ -191,6 +242,7 @@ async fn watch_with_app(
     let hooks = replicator::Hooks {
         first_pass: Some(first_pass),
         board,
+        control,
     };
     let mut replication = tokio::spawn(replicator::run(plan, stop.clone(), hooks));
     tokio::select! {

@@ -51,6 +51,9 @@ pub enum Command {
     /// Write a commented starter walsync.toml (a local directory as the
     /// replica, one database) into the current directory.
     Init(InitArgs),
+    /// Ask the running `watch` to ship every change now (over its control
+    /// socket); with --wait, return once it is in storage.
+    Sync(SyncArgs),
     /// Show what the running `watch` is doing: every database's state, lag,
     /// head and last error (from its listener, [watch] listen or --listen).
     Status(StatusArgs),
@@ -64,6 +67,23 @@ pub struct InitArgs {
     /// Where to write it.
     #[arg(long, short = 'o', value_name = "FILE", default_value = "walsync.toml")]
     pub output: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    /// The walsync.toml of the running `watch`.
+    #[arg(long, short = 'c', value_name = "FILE", env = "WALSYNC_CONFIG")]
+    pub config: PathBuf,
+    /// Only this database (default: all of them).
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// Return only once every change committed before the request is in
+    /// storage (and say up to which sequence); exit non-zero if one failed.
+    #[arg(long)]
+    pub wait: bool,
+    /// Give up after this long.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Args)]

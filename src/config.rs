@@ -82,6 +82,9 @@ pub struct WatchSettings {
     pub close_idle_after: Option<Duration>,
     /// Serve /metrics, /health and the status page here (off by default).
     pub listen: Option<std::net::SocketAddr>,
+    /// The control socket for `walsync sync`; default: derived from the
+    /// configuration file's path, in the temp directory.
+    pub control_socket: Option<PathBuf>,
 }
 
 impl Default for WatchSettings {
@@ -94,6 +97,7 @@ impl Default for WatchSettings {
             max_open: None,
             close_idle_after: Some(Duration::from_secs(30)),
             listen: None,
+            control_socket: None,
         }
     }
 }
@@ -196,6 +200,7 @@ struct RawWatch {
     max_open: Option<usize>,
     close_idle_after: Option<String>,
     listen: Option<String>,
+    control_socket: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -468,6 +473,9 @@ impl Config {
                 ))
             })?;
             watch.listen = Some(parsed);
+        }
+        if let Some(path) = &raw.control_socket {
+            watch.control_socket = Some(PathBuf::from(check.expand("watch.control_socket", path)?));
         }
         Ok(watch)
     }

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, trace, warn};
 
 use crate::config::{self, Config, WatchSettings};
+use crate::control::{self, SyncRequest};
 use crate::db::wal_path_of;
 use crate::replica::{self, Replica, SyncOptions, SyncReport};
 use crate::status::{self, Board, State};
@@ -229,6 +230,10 @@ struct Slot {
     /// When the first change that arrived during the running job did
     /// (Unix ms): what is left unshipped once the job is done.
     changed_during_job: Option<u64>,
+    /// Jobs (syncs and closes) started so far.
+    jobs_started: u64,
+    /// `walsync sync` requests waiting for the job numbered `.0` to finish.
+    waiters: Vec<(u64, mpsc::UnboundedSender<control::Outcome>)>,
 }
 
 /// Re-checks for a commit caught between its WAL write and its publication:
@@ -248,11 +253,24 @@ pub struct Hooks {
     pub first_pass: Option<oneshot::Sender<()>>,
     /// Where each database's state is posted.
     pub board: Board,
+    /// Serve `walsync sync` requests on this Unix socket.
+    pub control: Option<PathBuf>,
 }
 
 /// Replicates the databases of `plan` until `shutdown`.
 pub async fn run(plan: Plan, shutdown: CancellationToken, hooks: Hooks) -> Result<()> {
     let (tx, rx) = mpsc::unbounded_channel::<Msg>();
+    let (sync_tx, sync_rx) = mpsc::unbounded_channel::<SyncRequest>();
+    let control_stop = CancellationToken::new();
+    let _control_stop = control_stop.clone().drop_guard();
+    if let Some(path) = hooks.control {
+        let listener = control::serve(path, sync_tx, control_stop);
+        tokio::spawn(async move {
+            if let Err(e) = listener.await {
+                error!(error = %e, "control socket failed; `walsync sync` will not reach this process");
+            }
+        });
+    }
     let routes: Routes = Arc::new(RwLock::new(HashMap::new()));
     let watcher = start_watcher(&plan, routes.clone(), tx)?;
     let config_text = plan
@@ -291,7 +309,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken, hooks: Hooks) -> Resul
     fleet.apply(targets);
     fleet.first_pass = fleet.slots.keys().copied().collect();
     fleet.first_pass_progress(None);
-    fleet.run(rx, shutdown).await;
+    fleet.run(rx, sync_rx, shutdown).await;
     fleet.shutdown().await
 }
 
@@ -415,7 +433,12 @@ fn descriptor_budget(parallelism: usize) -> usize {
 const RESCAN_DEBOUNCE: Duration = Duration::from_millis(200);
 
 impl Fleet {
-    async fn run(&mut self, mut rx: mpsc::UnboundedReceiver<Msg>, shutdown: CancellationToken) {
+    async fn run(
+        &mut self,
+        mut rx: mpsc::UnboundedReceiver<Msg>,
+        mut sync_rx: mpsc::UnboundedReceiver<SyncRequest>,
+        shutdown: CancellationToken,
+    ) {
         let watch = self.plan.watch().clone();
         let mut poll = tokio::time::interval(watch.poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -445,6 +468,7 @@ impl Fleet {
                         self.rescan_at.get_or_insert(Instant::now() + RESCAN_DEBOUNCE);
                     }
                 },
+                Some(request) = sync_rx.recv() => self.sync_request(request),
                 _ = poll.tick(), if watch.poll => {
                     self.poll_files();
                     self.rescan();
@@ -611,6 +635,8 @@ impl Fleet {
                 rechecks: 0,
                 closing: false,
                 changed_during_job: None,
+                jobs_started: 0,
+                waiters: Vec::new(),
             },
         );
         self.schedule_at(id, Instant::now());
@@ -623,6 +649,12 @@ impl Fleet {
         };
         info!(db = %slot.spec.path.display(), prefix = %slot.spec.prefix, "released");
         self.board.remove(&slot.spec.prefix);
+        for (_, waiter) in slot.waiters.drain(..) {
+            let _ = waiter.send((
+                slot.spec.prefix.clone(),
+                Err("released while waiting".into()),
+            ));
+        }
         if slot.attached {
             self.attached -= 1;
         }
@@ -748,6 +780,7 @@ impl Fleet {
         }
         slot.running = true;
         slot.dirty = false;
+        slot.jobs_started += 1;
         let replica = slot.replica.take();
         let spec = slot.spec.clone();
         self.in_flight.spawn(async move {
@@ -781,6 +814,7 @@ impl Fleet {
             }
         };
         slot.running = true;
+        slot.jobs_started += 1;
         let mut replica = replica;
         self.in_flight.spawn(async move {
             let result = replica.detach().await.map(|_| SyncReport::default());
@@ -853,6 +887,7 @@ impl Fleet {
             .and_then(|r| r.next_wakeup())
             .map(Instant::from_std);
         post(&self.board, slot, &result);
+        answer_waiters(slot, &result);
         let mut next = None;
         match result {
             Ok(report) => {
@@ -915,8 +950,51 @@ impl Fleet {
             let idle_at = (Instant::from_std(replica.last_change()) + idle).max(now + IDLE_RETRY);
             next = Some(next.map_or(idle_at, |n: Instant| n.min(idle_at)));
         }
+        if !slot.waiters.is_empty() {
+            // A `walsync sync` waits for the next job: now, whatever the interval.
+            next = Some(now);
+        }
         if let Some(at) = next {
             self.schedule_at(id, at.max(now));
+        }
+        self.start_ready();
+    }
+
+    /// A `walsync sync` request: every database it names syncs now, and its
+    /// outcome is reported once a sync that started after the request is done.
+    fn sync_request(&mut self, request: SyncRequest) {
+        let ids: Vec<usize> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| request.prefix.as_ref().is_none_or(|p| *p == s.spec.prefix))
+            .map(|(id, _)| *id)
+            .collect();
+        if ids.is_empty() {
+            let why = match &request.prefix {
+                Some(p) => format!("no database with prefix {p:?} is being replicated"),
+                None => "no databases are being replicated".into(),
+            };
+            let _ = request.accepted.send(Err(why));
+            return;
+        }
+        let _ = request.accepted.send(Ok(ids.len()));
+        let now = Instant::now();
+        for id in ids {
+            let Some(slot) = self.slots.get_mut(&id) else {
+                continue;
+            };
+            if let Some(reason) = slot.replica.as_ref().and_then(Replica::stopped) {
+                let _ = request
+                    .outcomes
+                    .send((slot.spec.prefix.clone(), Err(reason.to_string())));
+                continue;
+            }
+            slot.waiters
+                .push((slot.jobs_started + 1, request.outcomes.clone()));
+            slot.dirty = true;
+            if !slot.running {
+                self.schedule_at(id, now);
+            }
         }
         self.start_ready();
     }
@@ -1076,5 +1154,23 @@ fn post(board: &Board, slot: &mut Slot, result: &replica::Result<SyncReport>) {
                 *d.errors.entry(e.kind().to_string()).or_default() += 1;
             }
         }
+    });
+}
+
+/// Tells the `walsync sync` requests that this job satisfies how it went.
+fn answer_waiters(slot: &mut Slot, result: &replica::Result<SyncReport>) {
+    let done = slot.jobs_started;
+    let head = slot.replica.as_ref().and_then(Replica::head).map(|h| h.seq);
+    let prefix = &slot.spec.prefix;
+    slot.waiters.retain(|(needs, waiter)| {
+        if *needs > done {
+            return true;
+        }
+        let outcome = match result {
+            Ok(_) => Ok(head),
+            Err(e) => Err(e.to_string()),
+        };
+        let _ = waiter.send((prefix.clone(), outcome));
+        false
     });
 }

@@ -604,3 +604,74 @@ async fn metrics_health_and_status_tell_the_truth() {
         assert!(terminate(&mut child).success());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_wait_returns_once_the_data_is_in_storage() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("slow.db");
+        let conn = app_db(&db);
+        let config = dir.path().join("walsync.toml");
+        // An hour between syncs: only `walsync sync` can ship the next change soon.
+        std::fs::write(
+            &config,
+            format!(
+                "[storage]\nurl = \"{}\"\n[sync]\nsync_interval = \"1h\"\n[[databases]]\npath = \"{}\"\n",
+                store.url,
+                db.display()
+            ),
+        )
+        .unwrap();
+        let mut cmd = walsync();
+        cmd.args(["watch", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        with_store(&mut cmd, &store);
+        let mut child = cmd.spawn().unwrap();
+        wait_for_objects(&store, "slow", 1).await;
+        for i in 0..10 {
+            conn.execute("INSERT INTO t(v) VALUES (?1)", [format!("row {i}")])
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = chain::list(store.storage.as_ref(), "slow")
+            .await
+            .unwrap()
+            .len();
+        assert_eq!(before, 1, "{kind}: nothing shipped yet within the interval");
+
+        let (stdout, _) = ok(&store, &["sync", "--config", cfg(&config), "--wait"]);
+        assert!(
+            stdout.contains("slow: in storage up to sequence 2"),
+            "{kind}: {stdout}"
+        );
+        let restored = dir.path().join("restored.db");
+        ok(
+            &store,
+            &[
+                "restore",
+                "--config",
+                cfg(&config),
+                "--prefix",
+                "slow",
+                "-o",
+                cfg(&restored),
+            ],
+        );
+        assert_eq!(rows(&restored), rows(&db), "{kind}");
+
+        let output = run(walsync().args([
+            "sync",
+            "--config",
+            cfg(&config),
+            "--prefix",
+            "nope",
+            "--wait",
+        ]));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{kind}");
+        assert!(stderr.contains("nope"), "{kind}: {stderr}");
+        assert!(terminate(&mut child).success());
+    }
+}
