@@ -10,7 +10,7 @@ use tracing::info;
 
 use crate::cli::{
     Cli, Command, InitArgs, ListArgs, RestoreAllArgs, RestoreArgs, SnapshotArgs, StatusArgs,
-    StorageArgs, SyncArgs, WatchArgs,
+    StorageArgs, SyncArgs, VerifyArgs, WatchArgs,
 };
 use crate::config::{Config, StorageConfig, WatchSettings};
 use crate::replica::{Replica, SyncOptions};
@@ -19,7 +19,7 @@ use crate::restore::{self, RestoreOptions, Target, format_ms};
 use crate::retention::Retention;
 use crate::status::{self, Board};
 use crate::storage::{self, S3Options, Storage};
-use crate::{chain, config, control, explain, http, sidecar};
+use crate::{chain, config, control, explain, http, sidecar, verify};
 
 /// Runs a command; returns the exit code (non-zero only from a sidecar app,
 /// errors are returned as such).
@@ -33,11 +33,55 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<u8> {
         Command::Init(args) => init(&args).map(|()| 0),
         Command::Status(args) => status(&args).await.map(|()| 0),
         Command::Sync(args) => sync(&args).await.map(|()| 0),
+        Command::Verify(args) => verify(&args).await.map(|()| 0),
         Command::Explain(args) => {
             print!("{}", explain::explain(&load_config(&args.config)?)?);
             Ok(0)
         }
     }
+}
+
+async fn verify(args: &VerifyArgs) -> Result<()> {
+    config::validate_prefix(&args.prefix)?;
+    let storage = match &args.config {
+        Some(path) => open_config_storage(&load_config(path)?.storage).await?,
+        None => open_storage(&args.storage, Path::new(config::DEFAULT_REPLICA_DIR)).await?,
+    };
+    let live = args.db.as_deref();
+    let report = verify::verify(
+        storage.as_ref(),
+        &args.prefix,
+        live,
+        &verify::scratch_dir(live),
+    )
+    .await
+    .with_context(|| format!("verifying {} in {}", args.prefix, storage.describe()))?;
+    println!(
+        "{}: {} objects ({} snapshots, {} bytes), head {}",
+        args.prefix,
+        report.objects,
+        report.snapshots,
+        report.bytes,
+        report.head.map_or("-".into(), |h| h.to_string())
+    );
+    if report.restored {
+        println!("  newest state restored and passed PRAGMA integrity_check");
+    }
+    if let Some(pages) = report.compared_pages {
+        println!("  compared {pages} pages with the live database");
+    }
+    for problem in &report.problems {
+        eprintln!("  problem: {problem}");
+    }
+    if !report.problems.is_empty() {
+        bail!(
+            "{}: {} problem(s) found",
+            args.prefix,
+            report.problems.len()
+        );
+    }
+    println!("  ok");
+    Ok(())
 }
 
 /// Asks the running `watch` to ship now, and with --wait, for the outcome.

@@ -48,6 +48,10 @@ pub enum Command {
     List(ListArgs),
     /// Take a snapshot of a database now and ship it (stop `watch` on it first).
     Snapshot(SnapshotArgs),
+    /// Check a database's whole chain in storage: every object's hash, key and
+    /// link, no holes; restore the newest state to a scratch file and check it;
+    /// with --db, compare it page by page with the live database.
+    Verify(VerifyArgs),
     /// Write a commented starter walsync.toml (a local directory as the
     /// replica, one database) into the current directory.
     Init(InitArgs),
@@ -67,6 +71,21 @@ pub struct InitArgs {
     /// Where to write it.
     #[arg(long, short = 'o', value_name = "FILE", default_value = "walsync.toml")]
     pub output: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The database's prefix in storage.
+    #[arg(long)]
+    pub prefix: String,
+    /// The live database to compare with the newest state in storage.
+    #[arg(long, value_name = "PATH")]
+    pub db: Option<PathBuf>,
+    /// Take the storage settings from this walsync.toml.
+    #[arg(long, short = 'c', value_name = "FILE", conflicts_with = "storage")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub storage: StorageArgs,
 }
 
 #[derive(Debug, Args)]

@@ -14,4 +14,5 @@ pub mod segment;
 pub mod sidecar;
 pub mod status;
 pub mod storage;
+pub mod verify;
 pub mod wal;

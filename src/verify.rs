@@ -1,0 +1,214 @@
+//! `walsync verify`: checks a database's whole chain in storage, restores its
+//! newest state to a scratch file, and optionally compares that with the live
+//! database, page by page.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OpenFlags};
+use sha2::{Digest, Sha256};
+
+use crate::chain::{self, ObjectRef};
+use crate::restore::{self, RestoreOptions, Target};
+use crate::segment::Kind;
+use crate::storage::{Storage, to_hex};
+
+/// What a verification found. `problems` empty means everything checked out.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub objects: usize,
+    pub bytes: u64,
+    pub snapshots: usize,
+    pub head: Option<u64>,
+    /// The newest state restored and passed `PRAGMA integrity_check`.
+    pub restored: bool,
+    /// Pages compared with the live database, if one was given.
+    pub compared_pages: Option<u64>,
+    pub problems: Vec<String>,
+}
+
+/// Verifies `prefix`; with `live`, compares the newest state with that file.
+/// Errors are for what stopped the check itself (storage unreachable);
+/// everything wrong with the data is a problem in the report.
+pub async fn verify(
+    storage: &dyn Storage,
+    prefix: &str,
+    live: Option<&Path>,
+    scratch_dir: &Path,
+) -> Result<Report, chain::Error> {
+    let objects = chain::list(storage, prefix).await?;
+    let mut report = Report {
+        objects: objects.len(),
+        bytes: objects.iter().map(|o| o.size).sum(),
+        snapshots: objects.iter().filter(|o| o.kind == Kind::Snapshot).count(),
+        head: objects.last().map(|o| o.seq),
+        ..Report::default()
+    };
+    if objects.is_empty() {
+        report.problems.push(format!("no objects under {prefix:?}"));
+        return Ok(report);
+    }
+    walk(storage, &objects, &mut report).await;
+
+    let scratch = tempfile::Builder::new()
+        .prefix(".walsync-verify-")
+        .tempdir_in(scratch_dir)
+        .map_err(|source| crate::storage::Error::Io {
+            key: scratch_dir.display().to_string(),
+            source,
+        })?;
+    let restored = scratch.path().join("restored.db");
+    let opts = RestoreOptions {
+        prefix: prefix.to_string(),
+        output: restored.clone(),
+        target: Target::Latest,
+        force: false,
+    };
+    match restore::restore(storage, &opts).await {
+        Ok(_) => report.restored = true,
+        Err(e) => report
+            .problems
+            .push(format!("restoring the newest state: {e}")),
+    }
+    if let (true, Some(live)) = (report.restored, live) {
+        match compare(&restored, live) {
+            Ok((pages, differing)) => {
+                report.compared_pages = Some(pages);
+                if !differing.is_empty() {
+                    report.problems.push(format!(
+                        "the live database {} differs from the newest state in storage \
+                         (pages {}); if walsync is running, run `walsync sync --wait` first",
+                        live.display(),
+                        summarize(&differing)
+                    ));
+                }
+            }
+            Err(e) => report
+                .problems
+                .push(format!("comparing with {}: {e}", live.display())),
+        }
+    }
+    Ok(report)
+}
+
+/// Checks every object: trailer hash, header against key, links between
+/// neighbours, and that sequences have no holes.
+async fn walk(storage: &dyn Storage, objects: &[ObjectRef], report: &mut Report) {
+    if objects.first().is_some_and(|o| o.kind != Kind::Snapshot) {
+        report.problems.push(format!(
+            "the chain starts with {}, not a snapshot: nothing before the first snapshot can be restored",
+            objects[0].key
+        ));
+    }
+    let mut prev: Option<(&ObjectRef, [u8; 32])> = None;
+    for object in objects {
+        let (header, hash) = match chain::read_verified(storage, object).await {
+            Ok((header, hash, _)) => (header, hash),
+            Err(e) => {
+                report.problems.push(e.to_string());
+                prev = None;
+                continue;
+            }
+        };
+        if let Some((p, p_hash)) = prev {
+            if object.seq != p.seq + 1 {
+                report.problems.push(format!(
+                    "objects {} to {} are missing (between {} and {})",
+                    p.seq + 1,
+                    object.seq - 1,
+                    p.key,
+                    object.key
+                ));
+            } else if header.prev_hash != p_hash {
+                report.problems.push(format!(
+                    "{} does not link to {}: it names {}, which is not {}",
+                    object.key,
+                    p.key,
+                    to_hex(&header.prev_hash),
+                    to_hex(&p_hash)
+                ));
+            }
+        }
+        prev = Some((object, hash));
+    }
+}
+
+/// Compares two database files page by page; returns the page count and the
+/// pages that differ. The live file is read through SQLite in one read
+/// transaction (so its WAL counts), the restored one as it is.
+fn compare(restored: &Path, live: &Path) -> rusqlite::Result<(u64, Vec<u64>)> {
+    let ours = page_hashes(&immutable(restored)?)?;
+    let conn = Connection::open_with_flags(
+        live,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.execute_batch("BEGIN")?;
+    let theirs = page_hashes(&conn)?;
+    conn.execute_batch("COMMIT")?;
+    let pages = ours.len().max(theirs.len()) as u64;
+    let differing = (0..pages as usize)
+        .filter(|&i| ours.get(i) != theirs.get(i))
+        .map(|i| i as u64 + 1)
+        .collect();
+    Ok((pages, differing))
+}
+
+fn immutable(path: &Path) -> rusqlite::Result<Connection> {
+    Connection::open_with_flags(
+        format!("file:{}?immutable=1", path.display()),
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI,
+    )
+}
+
+fn page_hashes(conn: &Connection) -> rusqlite::Result<Vec<[u8; 32]>> {
+    let mut stmt = conn.prepare("SELECT data FROM sqlite_dbpage ORDER BY pgno")?;
+    let hashes = stmt
+        .query_map([], |row| {
+            let data: Vec<u8> = row.get(0)?;
+            Ok(Sha256::digest(&data).into())
+        })?
+        .collect();
+    hashes
+}
+
+/// `1-3, 7` for [1, 2, 3, 7], capped at a few ranges.
+fn summarize(pages: &[u64]) -> String {
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for &p in pages {
+        match ranges.last_mut() {
+            Some((_, end)) if *end + 1 == p => *end = p,
+            _ => ranges.push((p, p)),
+        }
+    }
+    let shown: Vec<String> = ranges
+        .iter()
+        .take(8)
+        .map(|&(a, b)| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            }
+        })
+        .collect();
+    let more = if ranges.len() > 8 { ", ..." } else { "" };
+    format!("{}{more}", shown.join(", "))
+}
+
+/// Where the scratch restore goes: beside the live database if given (same
+/// filesystem, enough room), else the current directory.
+pub fn scratch_dir(live: Option<&Path>) -> PathBuf {
+    live.and_then(Path::parent)
+        .filter(|p| !p.as_os_str().is_empty())
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_ranges_are_summarized() {
+        assert_eq!(summarize(&[1, 2, 3, 7, 9, 10]), "1-3, 7, 9-10");
+    }
+}
