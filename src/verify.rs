@@ -162,13 +162,11 @@ fn immutable(path: &Path) -> rusqlite::Result<Connection> {
 
 fn page_hashes(conn: &Connection) -> rusqlite::Result<Vec<[u8; 32]>> {
     let mut stmt = conn.prepare("SELECT data FROM sqlite_dbpage ORDER BY pgno")?;
-    let hashes = stmt
-        .query_map([], |row| {
-            let data: Vec<u8> = row.get(0)?;
-            Ok(Sha256::digest(&data).into())
-        })?
-        .collect();
-    hashes
+    stmt.query_map([], |row| {
+        let data: Vec<u8> = row.get(0)?;
+        Ok(Sha256::digest(&data).into())
+    })?
+    .collect()
 }
 
 /// `1-3, 7` for [1, 2, 3, 7], capped at a few ranges.
