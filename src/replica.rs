@@ -175,6 +175,18 @@ impl Replica {
         storage: Arc<dyn Storage>,
         opts: SyncOptions,
     ) -> Result<Self> {
+        Self::open_listed(path, prefix, storage, opts, None).await
+    }
+
+    /// Like [`Replica::open`], with the prefix's objects already listed (a
+    /// fleet lists its whole storage once at start instead of once per database).
+    pub async fn open_listed(
+        path: &Path,
+        prefix: &str,
+        storage: Arc<dyn Storage>,
+        opts: SyncOptions,
+        listed: Option<Vec<chain::ObjectRef>>,
+    ) -> Result<Self> {
         let owned = path.to_path_buf();
         let db = blocking(path, move || Database::open(&owned)).await??;
         let mut replica = Self {
@@ -193,12 +205,15 @@ impl Replica {
             opts,
             stopped: None,
         };
-        replica.load_head().await?;
+        replica.load_head(listed).await?;
         Ok(replica)
     }
 
-    async fn load_head(&mut self) -> Result<()> {
-        let objects = chain::list(self.storage.as_ref(), &self.prefix).await?;
+    async fn load_head(&mut self, listed: Option<Vec<chain::ObjectRef>>) -> Result<()> {
+        let objects = match listed {
+            Some(objects) => objects,
+            None => chain::list(self.storage.as_ref(), &self.prefix).await?,
+        };
         let Some(last) = objects.last() else {
             self.need_snapshot = Some(INITIAL.into());
             return Ok(());

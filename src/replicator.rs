@@ -28,6 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, trace, warn};
 
+use crate::chain::{self, ObjectRef};
 use crate::config::{self, Config, WatchSettings};
 use crate::control::{self, SyncRequest};
 use crate::db::wal_path_of;
@@ -56,12 +57,13 @@ pub struct DbSpec {
 }
 
 impl DbSpec {
-    async fn open(&self) -> replica::Result<Replica> {
-        Replica::open(
+    async fn open(&self, listed: Option<Vec<ObjectRef>>) -> replica::Result<Replica> {
+        Replica::open_listed(
             &self.path,
             &self.prefix,
             self.storage.clone(),
             self.sync.clone(),
+            listed,
         )
         .await
     }
@@ -297,6 +299,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken, hooks: Hooks) -> Resul
         first_pass: HashSet::new(),
         first_pass_done: hooks.first_pass,
         board: hooks.board,
+        listing: None,
     };
     fleet.budget = fleet
         .plan
@@ -306,6 +309,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken, hooks: Hooks) -> Resul
     debug!(budget = fleet.budget, "databases kept open at most");
     fleet.watch_roots();
     let targets = fleet.plan.targets()?;
+    fleet.list_storage(targets.len()).await;
     fleet.apply(targets);
     fleet.first_pass = fleet.slots.keys().copied().collect();
     fleet.first_pass_progress(None);
@@ -405,7 +409,16 @@ struct Fleet {
     first_pass: HashSet<usize>,
     first_pass_done: Option<oneshot::Sender<()>>,
     board: Board,
+    /// The whole storage listed once at start, by prefix, for first opens.
+    listing: Option<(Instant, HashMap<String, Vec<ObjectRef>>)>,
 }
+
+/// Fleets at least this big list their storage once at start rather than
+/// once per database.
+const LIST_ONCE_FROM: usize = 32;
+/// A start-up listing is used for first opens this long; later ones list
+/// their prefix themselves.
+const LISTING_FRESH: Duration = Duration::from_secs(120);
 
 /// Least wait before another attempt to close an idle database.
 const IDLE_RETRY: Duration = Duration::from_millis(250);
@@ -783,10 +796,16 @@ impl Fleet {
         slot.jobs_started += 1;
         let replica = slot.replica.take();
         let spec = slot.spec.clone();
+        let listed = match &mut self.listing {
+            Some((at, objects)) if replica.is_none() && at.elapsed() < LISTING_FRESH => {
+                Some(objects.remove(&spec.prefix).unwrap_or_default())
+            }
+            _ => None,
+        };
         self.in_flight.spawn(async move {
             let mut replica = match replica {
                 Some(r) => r,
-                None => match spec.open().await {
+                None => match spec.open(listed).await {
                     Ok(r) => r,
                     Err(e) => return (id, None, Err(e)),
                 },
@@ -820,6 +839,29 @@ impl Fleet {
             let result = replica.detach().await.map(|_| SyncReport::default());
             (id, Some(replica), result)
         });
+    }
+
+    /// With many databases on one storage, one listing of the whole storage
+    /// (a request per thousand objects) replaces one listing per database.
+    async fn list_storage(&mut self, databases: usize) {
+        let Plan::Config { storage, .. } = &self.plan else {
+            return;
+        };
+        if databases < LIST_ONCE_FROM {
+            return;
+        }
+        match chain::list_databases(storage.as_ref()).await {
+            Ok(found) => {
+                info!(
+                    databases = found.len(),
+                    "listed storage once for the start-up"
+                );
+                self.listing = Some((Instant::now(), found.into_iter().collect()));
+            }
+            Err(e) => {
+                warn!(error = %e, "listing storage failed; each database lists its own prefix")
+            }
+        }
     }
 
     /// Notes that `id` (if any) finished its first sync attempt, and reports
@@ -1068,7 +1110,7 @@ impl Fleet {
                     let mut replica = match replica {
                         Some(r) => r,
                         None if !spec.path.exists() => return (name, Ok(SyncReport::default())),
-                        None => match spec.open().await {
+                        None => match spec.open(None).await {
                             Ok(r) => r,
                             Err(e) => return (name, Err(e)),
                         },

@@ -715,3 +715,49 @@ async fn idle_databases_are_closed_and_reopened_on_change() {
     let snapshots = snapshots(&store, "idle").await;
     assert_eq!(snapshots, 1, "reopening needed no snapshot");
 }
+
+/// A restarted fleet (big enough to list its storage once at start) continues
+/// every chain where it stood: no new snapshots, every row restorable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_fleet_continues_every_chain_from_one_listing() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("fleet");
+        std::fs::create_dir(&data).unwrap();
+        let n = 40;
+        let conns: Vec<Connection> = (0..n)
+            .map(|i| create_db(&data.join(format!("f{i:02}.db")), 2))
+            .collect();
+        let config_path = dir.path().join("walsync.toml");
+        let body = format!(
+            "[[databases]]\ndir = \"{}\"\nprefix = \"f/{{name}}\"\n",
+            data.display()
+        );
+        std::fs::write(&config_path, config_text(&store, &body)).unwrap();
+        for round in 0..2 {
+            let (token, handle) = start(&store, &config_path);
+            for i in 0..n {
+                let prefix = format!("f/f{i:02}");
+                wait_for(&prefix, async || objects(&store, &prefix).await > round).await;
+            }
+            for conn in &conns {
+                conn.execute("INSERT INTO t(v) VALUES (?1)", [format!("round {round}")])
+                    .unwrap();
+            }
+            stop(token, handle).await;
+        }
+        for i in 0..n {
+            let prefix = format!("f/f{i:02}");
+            assert_eq!(
+                snapshots(&store, &prefix).await,
+                1,
+                "{kind} {prefix}: resumed, no new snapshot"
+            );
+            assert_eq!(
+                restore_rows(&store, &prefix, dir.path()).await,
+                rows(&data.join(format!("f{i:02}.db"))),
+                "{kind} {prefix}"
+            );
+        }
+    }
+}
