@@ -10,6 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -45,6 +46,8 @@ pub enum Error {
     Invalid { file: PathBuf, message: String },
     #[error("{file}: cannot read it: {message}")]
     Read { file: PathBuf, message: String },
+    #[error("cannot scan {path} for databases: {message}")]
+    Scan { path: PathBuf, message: String },
 }
 
 /// Validated settings from `walsync.toml`.
@@ -588,7 +591,7 @@ impl Config {
         let mut by_prefix: HashMap<String, usize> = HashMap::new();
         let mut seen_paths: HashSet<PathBuf> = HashSet::new();
         for (index, entry) in self.entries.iter().enumerate() {
-            for (path, rel) in entry.matches() {
+            for (path, rel) in entry.matches()? {
                 let prefix = match &entry.prefix {
                     PrefixRule::Fixed(p) => p.clone(),
                     PrefixRule::Template(t) => render(t, &path, &rel),
@@ -678,23 +681,38 @@ impl Entry {
     }
 
     /// Files this entry matches now, each with its path relative to the base
-    /// (without extension), for `{relpath}`.
-    fn matches(&self) -> Vec<(PathBuf, String)> {
+    /// (without extension), for `{relpath}`. A directory that does not exist
+    /// holds no databases; one that cannot be read (permissions, out of file
+    /// descriptors) is an error, never an empty set, so that a failed scan
+    /// does not release databases that are still there.
+    fn matches(&self) -> Result<Vec<(PathBuf, String)>, Error> {
+        let scan_err = |path: &Path, e: io::Error| Error::Scan {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
         match &self.source {
-            Source::File(path) => vec![(path.clone(), stem_of(path))],
+            Source::File(path) => Ok(vec![(path.clone(), stem_of(path))]),
             Source::Glob { pattern, base } => {
-                let mut found: Vec<(PathBuf, String)> = glob::glob(pattern)
-                    .map(|paths| paths.filter_map(|p| p.ok()).collect::<Vec<_>>())
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter(|p| is_database_file(p))
-                    .map(|p| {
-                        let rel = relpath(base, &p);
-                        (p, rel)
-                    })
-                    .collect();
+                let Ok(paths) = glob::glob(pattern) else {
+                    return Ok(Vec::new());
+                };
+                let mut found = Vec::new();
+                for p in paths {
+                    match p {
+                        Ok(p) if is_database_file(&p) => {
+                            let rel = relpath(base, &p);
+                            found.push((p, rel));
+                        }
+                        Ok(_) => {}
+                        Err(e) if e.error().kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            let path = e.path().to_path_buf();
+                            return Err(scan_err(&path, e.into()));
+                        }
+                    }
+                }
                 found.sort();
-                found
+                Ok(found)
             }
             Source::Dir {
                 dir,
@@ -702,18 +720,23 @@ impl Entry {
                 recursive,
             } => {
                 let Ok(pattern) = glob::Pattern::new(pattern) else {
-                    return Vec::new();
+                    return Ok(Vec::new());
                 };
                 let mut found = Vec::new();
                 let mut stack = vec![dir.clone()];
                 while let Some(d) = stack.pop() {
-                    let Ok(read) = std::fs::read_dir(&d) else {
-                        continue;
+                    let read = match std::fs::read_dir(&d) {
+                        Ok(read) => read,
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(scan_err(&d, e)),
                     };
-                    for entry in read.flatten() {
+                    for entry in read {
+                        let entry = entry.map_err(|e| scan_err(&d, e))?;
                         let path = entry.path();
-                        let Ok(kind) = entry.file_type() else {
-                            continue;
+                        let kind = match entry.file_type() {
+                            Ok(kind) => kind,
+                            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                            Err(e) => return Err(scan_err(&path, e)),
                         };
                         if kind.is_dir() {
                             if *recursive {
@@ -732,7 +755,7 @@ impl Entry {
                     }
                 }
                 found.sort();
-                found
+                Ok(found)
             }
         }
     }
@@ -935,6 +958,26 @@ mod tests {
             glob_base(Path::new("/data/t/*.db")),
             PathBuf::from("/data/t")
         );
+    }
+
+    #[test]
+    fn an_unreadable_directory_is_an_error_not_an_empty_fleet() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let config_path = dir.path().join("walsync.toml");
+        let text = format!(
+            "[storage]\nurl = \"/replica\"\n[[databases]]\ndir = \"{}\"\n",
+            data.display()
+        );
+        let config = Config::parse(&text, &config_path).unwrap();
+        assert!(config.discover().unwrap().is_empty());
+        // Gone: no databases. Unreadable (here: not a directory): an error.
+        std::fs::remove_dir(&data).unwrap();
+        assert!(config.discover().unwrap().is_empty());
+        std::fs::write(&data, b"not a directory").unwrap();
+        let err = config.discover().unwrap_err();
+        assert!(matches!(err, Error::Scan { .. }), "{err}");
     }
 
     #[test]

@@ -229,6 +229,8 @@ struct Slot {
     rechecks: u32,
     /// Queued to be closed, or being closed.
     closing: bool,
+    /// Its running job opens it (counts against the budget until done).
+    opening: bool,
     /// When the first change that arrived during the running job did
     /// (Unix ms): what is left unshipped once the job is done.
     changed_during_job: Option<u64>,
@@ -236,6 +238,13 @@ struct Slot {
     jobs_started: u64,
     /// `walsync sync` requests waiting for the job numbered `.0` to finish.
     waiters: Vec<(u64, mpsc::UnboundedSender<control::Outcome>)>,
+}
+
+impl Slot {
+    /// A sync of it would open the database (first open, or after a close).
+    fn needs_open(&self) -> bool {
+        self.replica.as_ref().is_none_or(|r| !r.is_attached())
+    }
 }
 
 /// Re-checks for a commit caught between its WAL write and its publication:
@@ -290,6 +299,8 @@ pub async fn run(plan: Plan, shutdown: CancellationToken, hooks: Hooks) -> Resul
         ready: VecDeque::new(),
         to_close: VecDeque::new(),
         closing: 0,
+        waiting_room: VecDeque::new(),
+        opening: 0,
         in_flight: JoinSet::new(),
         rescan_at: None,
         config_text,
@@ -395,6 +406,10 @@ struct Fleet {
     to_close: VecDeque<usize>,
     /// Closes queued or running: shedding counts them as done already.
     closing: usize,
+    /// Syncs that would open a database, held back while at the budget.
+    waiting_room: VecDeque<usize>,
+    /// Jobs running that open a database.
+    opening: usize,
     in_flight: JoinSet<Done>,
     /// A rescan is due at this time (events are debounced).
     rescan_at: Option<Instant>,
@@ -647,6 +662,7 @@ impl Fleet {
                 seen: None,
                 rechecks: 0,
                 closing: false,
+                opening: false,
                 changed_during_job: None,
                 jobs_started: 0,
                 waiters: Vec::new(),
@@ -673,6 +689,9 @@ impl Fleet {
         }
         if slot.closing {
             self.closing -= 1;
+        }
+        if slot.opening {
+            self.opening -= 1;
         }
         self.first_pass_progress(Some(id));
         if let Ok(mut routes) = self.routes.write() {
@@ -763,24 +782,29 @@ impl Fleet {
     fn start_ready(&mut self) {
         let limit = self.plan.watch().parallelism.max(1);
         while self.in_flight.len() < limit {
-            let close_first = self.attached >= self.budget;
-            let (first, second) = if close_first {
-                (&mut self.to_close, &mut self.ready)
-            } else {
-                (&mut self.ready, &mut self.to_close)
-            };
-            let (id, close) = match first.pop_front() {
-                Some(id) => (id, close_first),
-                None => match second.pop_front() {
-                    Some(id) => (id, !close_first),
-                    None => return,
-                },
-            };
-            if close {
+            let over = self.attached >= self.budget;
+            let room = self.attached + self.opening < self.budget;
+            if over && let Some(id) = self.to_close.pop_front() {
+                self.start_close(id);
+            } else if room && let Some(id) = self.waiting_room.pop_front() {
+                self.start_sync(id);
+            } else if let Some(id) = self.ready.pop_front() {
+                // Opening one more database past the budget would run the
+                // process out of descriptors: it waits for a close.
+                if !room && self.slots.get(&id).is_some_and(Slot::needs_open) {
+                    self.waiting_room.push_back(id);
+                } else {
+                    self.start_sync(id);
+                }
+            } else if let Some(id) = self.to_close.pop_front() {
                 self.start_close(id);
             } else {
-                self.start_sync(id);
+                break;
             }
+        }
+        // Opens wait for room and nothing is being closed to make it.
+        if !self.waiting_room.is_empty() && self.closing == 0 && self.shed() > 0 {
+            self.start_ready();
         }
     }
 
@@ -794,6 +818,10 @@ impl Fleet {
         slot.running = true;
         slot.dirty = false;
         slot.jobs_started += 1;
+        if slot.needs_open() {
+            slot.opening = true;
+            self.opening += 1;
+        }
         let replica = slot.replica.take();
         let spec = slot.spec.clone();
         let listed = match &mut self.listing {
@@ -892,6 +920,9 @@ impl Fleet {
         slot.running = false;
         slot.last_sync = Some(now);
         slot.replica = replica;
+        if std::mem::take(&mut slot.opening) {
+            self.opening -= 1;
+        }
         if std::mem::take(&mut slot.closing) {
             self.closing -= 1;
         }
@@ -977,6 +1008,8 @@ impl Fleet {
         } else {
             slot.rechecks = 0;
         }
+        // A failing database waits out its backoff, whatever else is due.
+        let wakeup = wakeup.filter(|_| slot.failures == 0);
         let mut next = match (next, wakeup) {
             (Some(a), Some(b)) => Some(a.min(b).max(now)),
             (a, b) => a.or(b),
@@ -1043,26 +1076,37 @@ impl Fleet {
 
     /// Closes the least recently synced open databases at rest, down to 90 %
     /// of the budget, so that shedding happens in batches and not on every sync.
-    fn shed(&mut self) {
-        let target = self.budget - self.budget / 10;
+    fn shed(&mut self) -> usize {
+        let target = self.budget.saturating_sub((self.budget / 10).max(1));
         let mut candidates: Vec<(Option<Instant>, usize)> = self
             .slots
             .iter()
+            // Any open database without unshipped changes may go (closing
+            // seals it first); one merely scheduled for an idle look may too.
             .filter(|(_, s)| {
-                s.attached && !s.running && !s.closing && s.due.is_none() && s.replica.is_some()
+                s.attached && !s.running && !s.closing && !s.dirty && s.replica.is_some()
             })
             .map(|(id, s)| (s.last_sync, *id))
             .collect();
         candidates.sort();
         let excess = self.attached.saturating_sub(self.closing + target);
+        debug!(
+            open = self.attached,
+            closing = self.closing,
+            candidates = candidates.len(),
+            excess,
+            "over the open-database budget: closing the least recently synced"
+        );
+        let mut queued = 0;
         for (_, id) in candidates.into_iter().take(excess) {
             if let Some(slot) = self.slots.get_mut(&id) {
                 slot.closing = true;
                 self.closing += 1;
                 self.to_close.push_back(id);
+                queued += 1;
             }
         }
-        self.start_ready();
+        queued
     }
 
     /// Waits for syncs in flight, then flushes every database once, within the deadline.

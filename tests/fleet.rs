@@ -554,7 +554,8 @@ async fn databases_beyond_max_open_are_closed_at_rest_and_reopened_on_change() {
         let config_path = dir.path().join("walsync.toml");
         let text = config_with_watch(
             &store,
-            "parallelism = 8\nmax_open = 2",
+            // Idle closes too late to happen here: only the budget closes databases.
+            "parallelism = 8\nmax_open = 2\nclose_idle_after = \"1h\"",
             &format!(
                 "[[databases]]\ndir = \"{}\"\nprefix = \"{{name}}\"\n",
                 data.display()
@@ -570,6 +571,21 @@ async fn databases_beyond_max_open_are_closed_at_rest_and_reopened_on_change() {
             // Let syncs finish, databases go quiet and be closed, then change them again.
             tokio::time::sleep(Duration::from_millis(400)).await;
         }
+        // The app goes away without checkpointing on close, as a long-running
+        // app would: what was committed stays in the WAL for walsync.
+        for conn in conns {
+            conn.set_db_config(
+                rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+                true,
+            )
+            .unwrap();
+        }
+        let open = || {
+            (0..6)
+                .filter(|i| open_descriptors(&data.join(format!("x{i}.db"))) > 0)
+                .count()
+        };
+        wait_for("at most max_open databases open", async || open() <= 2).await;
         stop(token, handle).await;
         for i in 0..6 {
             let prefix = format!("x{i}");
@@ -760,4 +776,53 @@ async fn a_restarted_fleet_continues_every_chain_from_one_listing() {
             );
         }
     }
+}
+
+/// Opening stops at the budget: databases wait for others to be closed
+/// rather than run the process out of descriptors, and all get replicated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opens_wait_for_room_under_max_open() {
+    let store = common::fs_store();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("many");
+    std::fs::create_dir(&data).unwrap();
+    let n = 24;
+    for i in 0..n {
+        drop(create_db(&data.join(format!("m{i:02}.db")), 2));
+    }
+    let config_path = dir.path().join("walsync.toml");
+    let text = config_with_watch(
+        &store,
+        "parallelism = 2\nmax_open = 3\nclose_idle_after = \"1h\"",
+        &format!(
+            "[[databases]]\ndir = \"{}\"\nprefix = \"{{name}}\"\n",
+            data.display()
+        ),
+    );
+    std::fs::write(&config_path, text).unwrap();
+    let (token, handle) = start(&store, &config_path);
+    let open_now = || {
+        (0..n)
+            .filter(|i| open_descriptors(&data.join(format!("m{i:02}.db"))) > 0)
+            .count()
+    };
+    let mut most = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        most = most.max(open_now());
+        let mut done = 0;
+        for i in 0..n {
+            if objects(&store, &format!("m{i:02}")).await > 0 {
+                done += 1;
+            }
+        }
+        if done == n {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {done} of {n} replicated");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop(token, handle).await;
+    // max_open, plus one job per parallel slot that may be opening.
+    assert!(most <= 3 + 2, "{most} databases were open at once");
 }
