@@ -307,6 +307,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken, hooks: Hooks) -> Resul
         attached: 0,
         budget: 0,
         last_trim: None,
+        trim_at: None,
         first_pass: HashSet::new(),
         first_pass_done: hooks.first_pass,
         board: hooks.board,
@@ -420,6 +421,8 @@ struct Fleet {
     budget: usize,
     /// When freed memory was last handed back to the system.
     last_trim: Option<Instant>,
+    /// Freed memory is due to be handed back then (after a burst of closes).
+    trim_at: Option<Instant>,
     /// Databases named at start that have not finished a first sync attempt.
     first_pass: HashSet<usize>,
     first_pass_done: Option<oneshot::Sender<()>>,
@@ -472,10 +475,10 @@ impl Fleet {
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next = self.schedule.peek().map(|Reverse((t, _))| *t);
-            let next = match (next, self.rescan_at) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let next = [next, self.rescan_at, self.trim_at]
+                .into_iter()
+                .flatten()
+                .min();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return,
@@ -506,6 +509,7 @@ impl Fleet {
                         self.rescan_at = None;
                         self.rescan();
                     }
+                    self.trim_if_due(Instant::now());
                     self.pop_due();
                 }
             }
@@ -892,6 +896,17 @@ impl Fleet {
         }
     }
 
+    fn trim_if_due(&mut self, now: Instant) {
+        if self.trim_at.is_some_and(|t| t <= now) {
+            self.trim_at = None;
+            self.last_trim = Some(now);
+            // SAFETY: malloc_trim only returns free heap memory to the system.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
+    }
+
     /// Notes that `id` (if any) finished its first sync attempt, and reports
     /// when every database named at start has.
     fn first_pass_progress(&mut self, id: Option<usize>) {
@@ -937,16 +952,13 @@ impl Fleet {
                 closed = true;
             }
         }
-        if closed
-            && self
-                .last_trim
-                .is_none_or(|t| now.duration_since(t) >= TRIM_EVERY)
-        {
-            self.last_trim = Some(now);
-            // SAFETY: malloc_trim only returns free heap memory to the system.
-            unsafe {
-                libc::malloc_trim(0);
-            }
+        if closed {
+            // Closes come in bursts: trim now, or once the burst is over.
+            self.trim_at = Some(match self.last_trim {
+                Some(t) if now.duration_since(t) < TRIM_EVERY => t + TRIM_EVERY,
+                _ => now,
+            });
+            self.trim_if_due(now);
         }
         if self.attached.saturating_sub(self.closing) > self.budget {
             self.shed();
