@@ -105,6 +105,8 @@ async fn sync(args: &SyncArgs) -> Result<()> {
         )
     })??;
     let mut failed = Vec::new();
+    let mut synced = 0;
+    let mut expected = 0;
     for line in &answer {
         if let Some(rest) = line.strip_prefix("error ") {
             eprintln!("error: {rest}");
@@ -113,7 +115,9 @@ async fn sync(args: &SyncArgs) -> Result<()> {
             let mut words = rest.splitn(2, ' ');
             let (prefix, seq) = (words.next().unwrap_or(""), words.next().unwrap_or("-"));
             println!("{prefix}: in storage up to sequence {seq}");
+            synced += 1;
         } else if let Some(n) = line.strip_prefix("accepted ") {
+            expected = n.parse().unwrap_or(0);
             if !args.wait {
                 println!("sync requested for {n} database(s)");
             }
@@ -121,6 +125,9 @@ async fn sync(args: &SyncArgs) -> Result<()> {
     }
     if !failed.is_empty() {
         bail!("{} database(s) could not be synced", failed.len());
+    }
+    if args.wait && synced != expected {
+        bail!("only {synced} of {expected} database(s) confirmed in storage");
     }
     Ok(())
 }
@@ -281,6 +288,7 @@ async fn watch_with_app(
     control: Option<PathBuf>,
     shutdown: CancellationToken,
 ) -> Result<u8> {
+    let forwarder = sidecar::Forwarder::install()?;
     let (first_pass, synced_once) = tokio::sync::oneshot::channel();
     let stop = CancellationToken::new();
     let hooks = replicator::Hooks {
@@ -302,7 +310,13 @@ async fn watch_with_app(
             return Ok(0);
         }
     }
-    let app = sidecar::run(argv).await;
+    if shutdown.is_cancelled() {
+        info!("signal before the app was started: not starting it");
+        stop.cancel();
+        replication.await??;
+        return Ok(0);
+    }
+    let app = sidecar::run(argv, forwarder).await;
     info!("final sync after the app");
     stop.cancel();
     replication.await??;

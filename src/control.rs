@@ -123,10 +123,12 @@ async fn answer(
     write
         .write_all(format!("accepted {count}\n").as_bytes())
         .await?;
-    for _ in 0..count {
+    let mut answered = 0;
+    while answered < count {
         let Some((prefix, result)) = outcomes_rx.recv().await else {
             break;
         };
+        answered += 1;
         let line = match result {
             Ok(seq) => format!(
                 "ok {prefix} {}\n",
@@ -135,6 +137,12 @@ async fn answer(
             Err(message) => format!("error {prefix} {}\n", message.replace('\n', " ")),
         };
         write.write_all(line.as_bytes()).await?;
+    }
+    // Databases released or left behind at shutdown before their sync.
+    for _ in answered..count {
+        write
+            .write_all(b"error - walsync stopped before this database was synced\n")
+            .await?;
     }
     write.write_all(b"done\n").await
 }

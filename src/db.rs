@@ -228,6 +228,9 @@ const DETACH_QUIET: Duration = Duration::from_millis(200);
 struct FileStamp {
     len: u64,
     mtime: (i64, i64),
+    /// A file replaced by another (restore, copy into place) is a change even
+    /// with the same length and time.
+    ino: u64,
 }
 
 impl FileStamp {
@@ -236,11 +239,19 @@ impl FileStamp {
         Ok(FileStamp {
             len: meta.len(),
             mtime: (meta.mtime(), meta.mtime_nsec()),
+            ino: meta.ino(),
         })
     }
 
-    /// Unwritten for at least [`DETACH_QUIET`].
+    /// Unwritten for longer than a file-time tick can hide a write: at least
+    /// [`DETACH_QUIET`], or two seconds where times have whole seconds only
+    /// (some network and FUSE filesystems).
     fn quiet(&self) -> bool {
+        let needed = if self.mtime.1 == 0 {
+            Duration::from_secs(2)
+        } else {
+            DETACH_QUIET
+        };
         let modified = std::time::UNIX_EPOCH
             + Duration::new(
                 self.mtime.0.max(0) as u64,
@@ -248,7 +259,7 @@ impl FileStamp {
             );
         SystemTime::now()
             .duration_since(modified)
-            .is_ok_and(|age| age >= DETACH_QUIET)
+            .is_ok_and(|age| age >= needed)
     }
 }
 

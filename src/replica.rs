@@ -259,6 +259,15 @@ impl Replica {
         self.db.is_some()
     }
 
+    /// Open, with nothing left to ship or retry: closing it would succeed
+    /// once its files are quiet.
+    pub fn can_close(&self) -> bool {
+        self.db.is_some()
+            && self.pending.is_none()
+            && self.need_snapshot.is_none()
+            && self.stopped.is_none()
+    }
+
     /// Closes a database at rest to save file descriptors: only once every
     /// shipped frame is sealed by walsync's own checkpoint (taking one if
     /// needed), so that re-attaching can prove continuity. `Ok(false)` if it

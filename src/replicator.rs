@@ -428,8 +428,12 @@ struct Fleet {
     first_pass_done: Option<oneshot::Sender<()>>,
     board: Board,
     /// The whole storage listed once at start, by prefix, for first opens.
-    listing: Option<(Instant, HashMap<String, Vec<ObjectRef>>)>,
+    listing: Option<StartListing>,
 }
+
+/// The storage listed once at start: when, objects by prefix, and the
+/// prefixes whose first open used it.
+type StartListing = (Instant, HashMap<String, Vec<ObjectRef>>, HashSet<String>);
 
 /// Fleets at least this big list their storage once at start rather than
 /// once per database.
@@ -762,11 +766,13 @@ impl Fleet {
             }
             slot.due = None;
             // A look at an open database idle long enough is a close.
+            // A retry after a failure is a sync, never a close.
             let idle = !slot.dirty
+                && slot.failures == 0
                 && self.plan.watch().close_idle_after.is_some_and(|d| {
                     slot.replica
                         .as_ref()
-                        .is_some_and(|r| r.is_attached() && r.last_change().elapsed() >= d)
+                        .is_some_and(|r| r.can_close() && r.last_change().elapsed() >= d)
                 });
             if idle {
                 if !slot.closing {
@@ -828,10 +834,11 @@ impl Fleet {
         }
         let replica = slot.replica.take();
         let spec = slot.spec.clone();
+        // Only a first open uses the start-up listing: a retry lists again.
         let listed = match &mut self.listing {
-            Some((at, objects)) if replica.is_none() && at.elapsed() < LISTING_FRESH => {
-                Some(objects.remove(&spec.prefix).unwrap_or_default())
-            }
+            Some((at, objects, used)) if replica.is_none() && at.elapsed() < LISTING_FRESH => used
+                .insert(spec.prefix.clone())
+                .then(|| objects.remove(&spec.prefix).unwrap_or_default()),
             _ => None,
         };
         self.in_flight.spawn(async move {
@@ -888,7 +895,7 @@ impl Fleet {
                     databases = found.len(),
                     "listed storage once for the start-up"
                 );
-                self.listing = Some((Instant::now(), found.into_iter().collect()));
+                self.listing = Some((Instant::now(), found.into_iter().collect(), HashSet::new()));
             }
             Err(e) => {
                 warn!(error = %e, "listing storage failed; each database lists its own prefix")
@@ -989,6 +996,9 @@ impl Fleet {
                     error = %e,
                     "replication stopped"
                 );
+                for (_, waiter) in slot.waiters.drain(..) {
+                    let _ = waiter.send((slot.spec.prefix.clone(), Err(e.to_string())));
+                }
                 self.start_ready();
                 return;
             }
@@ -1096,7 +1106,12 @@ impl Fleet {
             // Any open database without unshipped changes may go (closing
             // seals it first); one merely scheduled for an idle look may too.
             .filter(|(_, s)| {
-                s.attached && !s.running && !s.closing && !s.dirty && s.replica.is_some()
+                s.attached
+                    && !s.running
+                    && !s.closing
+                    && !s.dirty
+                    && s.failures == 0
+                    && s.replica.as_ref().is_some_and(Replica::can_close)
             })
             .map(|(id, s)| (s.last_sync, *id))
             .collect();

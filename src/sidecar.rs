@@ -49,17 +49,33 @@ const FORWARDED: [(SignalKind, &str); 5] = [
     (SignalKind::user_defined2(), "SIGUSR2"),
 ];
 
+type Streams = Vec<(tokio::signal::unix::Signal, SignalKind, &'static str)>;
+
+/// The signals to pass on, listened for from before replication starts: a
+/// SIGHUP or SIGUSR1 meant for the app must not kill walsync while it syncs
+/// before starting the app.
+pub struct Forwarder {
+    streams: Streams,
+}
+
+impl Forwarder {
+    pub fn install() -> Result<Self, Error> {
+        let mut streams = Vec::with_capacity(FORWARDED.len());
+        for (kind, name) in FORWARDED {
+            streams.push((signal(kind).map_err(Error::Signals)?, kind, name));
+        }
+        Ok(Self { streams })
+    }
+}
+
 /// Runs the app until it exits, forwarding signals, and returns the exit
 /// code walsync should exit with: the app's, or 128 + the signal that ended it.
-pub async fn run(argv: &[String]) -> Result<u8, Error> {
+pub async fn run(argv: &[String], forwarder: Forwarder) -> Result<u8, Error> {
     let (program, args) = argv.split_first().ok_or_else(|| Error::BadCommand {
         command: String::new(),
         reason: "empty command".into(),
     })?;
-    let mut streams = Vec::with_capacity(FORWARDED.len());
-    for (kind, name) in FORWARDED {
-        streams.push((signal(kind).map_err(Error::Signals)?, kind, name));
-    }
+    let mut streams = forwarder.streams;
     let mut child = Command::new(program)
         .args(args)
         .spawn()
@@ -91,9 +107,7 @@ pub async fn run(argv: &[String]) -> Result<u8, Error> {
 }
 
 /// The first signal to arrive on any of the streams.
-async fn next_signal(
-    streams: &mut [(tokio::signal::unix::Signal, SignalKind, &'static str)],
-) -> (SignalKind, &'static str) {
+async fn next_signal(streams: &mut Streams) -> (SignalKind, &'static str) {
     std::future::poll_fn(|cx| {
         for (stream, kind, name) in streams.iter_mut() {
             if stream.poll_recv(cx).is_ready() {
