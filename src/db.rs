@@ -584,7 +584,15 @@ impl Database {
 
     /// Checks that `state` (from the chain head in storage) still describes
     /// the local WAL, and adopts it if so. Returns the reason if not.
-    pub fn resume(&mut self, state: WalState, page_size: u32) -> Result<Result<(), String>> {
+    /// `head_ms` is the time recorded in the newest object: with no WAL to
+    /// compare, only a database file unwritten since then (by more than a
+    /// coarse file-time tick) proves that nothing was checkpointed unseen.
+    pub fn resume(
+        &mut self,
+        state: WalState,
+        page_size: u32,
+        head_ms: u64,
+    ) -> Result<Result<(), String>> {
         if page_size != self.page_size {
             return Ok(Err(format!(
                 "page size changed from {page_size} to {}",
@@ -593,7 +601,22 @@ impl Database {
         }
         let wal = self.open_wal()?;
         let verdict = match (state, wal) {
-            (WalState::Empty, None) => Ok(()),
+            (WalState::Empty, None) => {
+                let written_ms = std::fs::metadata(&self.path)
+                    .and_then(|m| m.modified())
+                    .map_err(self.io_err())?
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(u64::MAX, |d| d.as_millis() as u64);
+                if written_ms.saturating_add(1000) < head_ms {
+                    Ok(())
+                } else {
+                    Err(
+                        "the database file was written after the newest object in storage \
+                         and has no WAL to show what changed"
+                            .to_string(),
+                    )
+                }
+            }
             (WalState::Empty, Some(_)) => {
                 Err("the WAL has content written while walsync was not running".to_string())
             }

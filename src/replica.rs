@@ -234,8 +234,9 @@ impl Replica {
         };
         let state = WalState::from_range(&header.wal);
         let page_size = header.page_size;
+        let head_ms = header.timestamp_ms;
         let verdict = self
-            .with_db(move |db| db.resume(state, page_size))
+            .with_db(move |db| db.resume(state, page_size, head_ms))
             .await??;
         match verdict {
             Ok(()) => info!(

@@ -826,3 +826,46 @@ async fn opens_wait_for_room_under_max_open() {
     // max_open, plus one job per parallel slot that may be opening.
     assert!(most <= 3 + 2, "{most} databases were open at once");
 }
+
+/// A database whose first open fails at start (here: its file is away) is
+/// retried with a fresh listing of its own prefix, not the start-up listing,
+/// so it continues its chain when it is back instead of colliding with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_first_open_lists_its_own_prefix() {
+    let store = common::fs_store();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("fleet");
+    std::fs::create_dir(&data).unwrap();
+    let n = 34;
+    for i in 0..n {
+        drop(create_db(&data.join(format!("r{i:02}.db")), 2));
+    }
+    let config_path = dir.path().join("walsync.toml");
+    let mut body = format!(
+        "[[databases]]\ndir = \"{}\"\nprefix = \"r/{{name}}\"\n",
+        data.display()
+    );
+    // Named on its own as well, so it stays configured while its file is away.
+    let away = dir.path().join("away.db");
+    drop(create_db(&away, 2));
+    body.push_str(&format!("[[databases]]\npath = \"{}\"\n", away.display()));
+    std::fs::write(&config_path, config_text(&store, &body)).unwrap();
+    let (token, handle) = start(&store, &config_path);
+    wait_for("away", async || objects(&store, "away").await > 0).await;
+    stop(token, handle).await;
+
+    let parked = dir.path().join("parked.db");
+    std::fs::rename(&away, &parked).unwrap();
+    let (token, handle) = start(&store, &config_path);
+    wait_for("the others", async || objects(&store, "r/r33").await > 0).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::rename(&parked, &away).unwrap();
+    {
+        let conn = Connection::open(&away).unwrap();
+        conn.execute("INSERT INTO t(v) VALUES ('back')", [])
+            .unwrap();
+    }
+    wait_for("away again", async || objects(&store, "away").await > 1).await;
+    stop(token, handle).await;
+    assert_eq!(restore_rows(&store, "away", dir.path()).await, rows(&away));
+}

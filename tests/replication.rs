@@ -895,3 +895,37 @@ async fn verify_walks_the_chain_and_compares_with_the_live_database() {
         assert!(!report.restored, "{kind}: a broken chain does not restore");
     }
 }
+
+/// The app writes and checkpoints while walsync is stopped, and its last
+/// connection deletes the WAL: with no WAL to compare, the database file
+/// written after the chain head is what shows it, and a snapshot follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+
+async fn a_change_checkpointed_while_stopped_is_shipped_after_restart() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_in(&dir, "gap.db");
+        drop(app_conn(&db, 4096));
+        let mut r = open_replica(&db, "gap", &store, opts()).await;
+        r.sync().await.unwrap();
+        drop(r);
+        {
+            let conn = app_conn(&db, 4096);
+            insert(&conn, 3, 100);
+        }
+        assert!(!wal_path_of_db(&db).exists());
+        let mut r = open_replica(&db, "gap", &store, opts()).await;
+        r.sync().await.unwrap();
+        assert_eq!(
+            restore_rows(&store, "gap", dir.path(), None).await,
+            rows(&db),
+            "{kind}"
+        );
+    }
+}
+
+fn wal_path_of_db(db: &Path) -> PathBuf {
+    let mut s = db.as_os_str().to_owned();
+    s.push("-wal");
+    PathBuf::from(s)
+}
