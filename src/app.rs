@@ -253,14 +253,14 @@ async fn watch(args: WatchArgs, shutdown: CancellationToken) -> Result<u8> {
     let plan = plan(&args).await?;
     let board = Board::default();
     let listening = CancellationToken::new();
-    if let Some(addr) = args.listen.or(plan.watch_settings().listen) {
+    if let Some(addr) = args.listen.or(plan.watch().listen) {
         let listener = http::bind(addr).await?;
         tokio::spawn(http::serve(listener, board.clone(), listening.clone()));
     }
     let _stop_listening = listening.drop_guard();
     // `walsync sync` finds the process by its configuration file.
     let control = args.config.as_ref().map(|path| {
-        plan.watch_settings()
+        plan.watch()
             .control_socket
             .clone()
             .unwrap_or_else(|| control::default_socket(path))
@@ -393,21 +393,29 @@ async fn restore(args: RestoreArgs) -> Result<()> {
     };
     let target = target(args.txid, args.timestamp);
     if args.dry_run {
+        let planning = || {
+            format!(
+                "planning the restore of {} from {}",
+                args.prefix,
+                storage.describe()
+            )
+        };
         let plan = restore::resolve(storage.as_ref(), &args.prefix, target)
             .await
-            .with_context(|| {
-                format!(
-                    "planning the restore of {} from {}",
-                    args.prefix,
-                    storage.describe()
-                )
-            })?;
+            .with_context(planning)?;
+        // Restore itself reads the time from the verified object; only the
+        // plan has to ask storage for it.
+        let last = plan.objects.last().context("an empty plan")?;
+        let as_of = chain::read_header(storage.as_ref(), last)
+            .await
+            .with_context(planning)?
+            .timestamp_ms;
         println!(
             "would restore {} to {}: sequence {}, as of {}, from {} objects ({} bytes):",
             args.prefix,
             args.output.display(),
             plan.seq,
-            format_ms(plan.timestamp_ms),
+            format_ms(as_of),
             plan.objects.len(),
             plan.bytes
         );

@@ -86,11 +86,7 @@ pub enum Plan {
 
 impl Plan {
     /// The watch settings of this plan.
-    pub fn watch_settings(&self) -> &WatchSettings {
-        self.watch()
-    }
-
-    fn watch(&self) -> &WatchSettings {
+    pub fn watch(&self) -> &WatchSettings {
         match self {
             Plan::Fixed { watch, .. } => watch,
             Plan::Config { config, .. } => &config.watch,

@@ -112,8 +112,7 @@ pub enum Target {
     Time(u64),
 }
 
-/// What a restore will download: `objects` applied in order reach `seq`,
-/// the state as of `timestamp_ms`.
+/// What a restore will download: `objects` applied in order reach `seq`.
 #[derive(Debug, Clone)]
 pub struct Resolved {
     pub objects: Vec<ObjectRef>,
@@ -121,12 +120,11 @@ pub struct Resolved {
     /// first must link to it.
     pub before: Option<ObjectRef>,
     pub seq: u64,
-    pub timestamp_ms: u64,
     pub bytes: u64,
 }
 
-/// Lists the chain and picks the objects that reach `target`, reading only
-/// object headers. Nothing is downloaded whole and nothing is written.
+/// Lists the chain and picks the objects that reach `target` (a time target
+/// reads a few object headers). Nothing is downloaded whole or written.
 pub async fn resolve(storage: &dyn Storage, prefix: &str, target: Target) -> Result<Resolved> {
     let objects = chain::list(storage, prefix).await?;
     if objects.is_empty() {
@@ -147,7 +145,6 @@ pub async fn resolve(storage: &dyn Storage, prefix: &str, target: Target) -> Res
             storage: storage.describe(),
         });
     };
-    let timestamp_ms = chain::read_header(storage, last).await?.timestamp_ms;
     let before = objects
         .iter()
         .find(|o| o.seq + 1 == planned[0].seq)
@@ -155,7 +152,6 @@ pub async fn resolve(storage: &dyn Storage, prefix: &str, target: Target) -> Res
     Ok(Resolved {
         before,
         seq: last.seq,
-        timestamp_ms,
         bytes: planned.iter().map(|o| o.size).sum(),
         objects: planned,
     })
