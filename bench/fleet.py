@@ -104,14 +104,10 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
                         conn.send(trailer)
                         if trailer in (b"\r\n", b"\n", b""):
                             return
-                remaining = size + 2  # data + CRLF
-                while remaining > 0:
-                    piece = self.rfile.read(min(remaining, 1 << 16))
-                    if not piece:
-                        raise ConnectionError("client closed mid-body")
-                    conn.send(piece)
-                    remaining -= len(piece)
-        remaining = int(self.headers.get("Content-Length") or 0)
+                self._copy(conn, size + 2)  # data + CRLF
+        self._copy(conn, int(self.headers.get("Content-Length") or 0))
+
+    def _copy(self, conn, remaining):
         while remaining > 0:
             piece = self.rfile.read(min(remaining, 1 << 16))
             if not piece:

@@ -1242,9 +1242,24 @@ mod tests {
         db.shipped(state);
     }
 
-    fn detach_when_quiet(db: Database) -> Detached {
+    /// Opens the database, ships a snapshot of it, seals and closes it.
+    fn closed_after_snapshot(path: &Path) -> Detached {
+        let mut db = Database::open(path).unwrap();
+        snapshot_state(&mut db);
+        seal(&mut db);
         std::thread::sleep(DETACH_QUIET);
         db.detach().unwrap()
+    }
+
+    fn assert_ships_a_segment(db: &mut Database) {
+        let link = Link {
+            seq: 9,
+            prev_hash: [0; 32],
+        };
+        assert!(matches!(
+            db.read_changes(link).unwrap(),
+            Changes::Segment(_)
+        ));
     }
 
     #[test]
@@ -1253,10 +1268,7 @@ mod tests {
         let path = dir.path().join("a.db");
         let app_conn = app(&path);
         app_conn.execute("INSERT INTO t VALUES (1)", []).unwrap();
-        let mut db = Database::open(&path).unwrap();
-        snapshot_state(&mut db);
-        seal(&mut db);
-        let mut token = detach_when_quiet(db);
+        let mut token = closed_after_snapshot(&path);
         assert!(token.unchanged_on_disk(&path));
 
         let reader = Connection::open(&path).unwrap();
@@ -1275,14 +1287,7 @@ mod tests {
         assert!(!token.unchanged_on_disk(&path), "a commit is a change");
         let (mut db, verdict) = Database::reattach(&path, token).unwrap();
         assert_eq!(verdict, Ok(()), "the new WAL is read from its start");
-        let link = Link {
-            seq: 9,
-            prev_hash: [0; 32],
-        };
-        assert!(matches!(
-            db.read_changes(link).unwrap(),
-            Changes::Segment(_)
-        ));
+        assert_ships_a_segment(&mut db);
     }
 
     #[test]
@@ -1293,37 +1298,21 @@ mod tests {
         app_conn.execute("INSERT INTO t VALUES (1)", []).unwrap();
 
         // Untouched while closed: same generation, continue.
-        let mut db = Database::open(&path).unwrap();
-        snapshot_state(&mut db);
-        seal(&mut db);
-        let token = detach_when_quiet(db);
+        let token = closed_after_snapshot(&path);
         let (_db, verdict) = Database::reattach(&path, token).unwrap();
         assert_eq!(verdict, Ok(()));
         drop(_db);
 
         // One restart by the app while closed: the new generation is whole.
-        let mut db = Database::open(&path).unwrap();
-        snapshot_state(&mut db);
-        seal(&mut db);
-        let token = detach_when_quiet(db);
+        let token = closed_after_snapshot(&path);
         app_conn.execute("INSERT INTO t VALUES (2)", []).unwrap();
         let (mut db, verdict) = Database::reattach(&path, token).unwrap();
         assert_eq!(verdict, Ok(()));
-        let link = Link {
-            seq: 9,
-            prev_hash: [0; 32],
-        };
-        assert!(matches!(
-            db.read_changes(link).unwrap(),
-            Changes::Segment(_)
-        ));
+        assert_ships_a_segment(&mut db);
         drop(db);
 
         // Written, checkpointed and restarted again while closed: refused.
-        let mut db = Database::open(&path).unwrap();
-        snapshot_state(&mut db);
-        seal(&mut db);
-        let token = detach_when_quiet(db);
+        let token = closed_after_snapshot(&path);
         app_conn.execute("INSERT INTO t VALUES (3)", []).unwrap();
         let (_, _, _): (i64, i64, i64) = app_conn
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
@@ -1336,10 +1325,7 @@ mod tests {
         drop(_db);
 
         // The app's last connection closes (checkpoint + WAL deleted) after writing: refused.
-        let mut db = Database::open(&path).unwrap();
-        snapshot_state(&mut db);
-        seal(&mut db);
-        let token = detach_when_quiet(db);
+        let token = closed_after_snapshot(&path);
         app_conn.execute("INSERT INTO t VALUES (5)", []).unwrap();
         drop(app_conn);
         assert!(!wal_path_of(&path).exists());
@@ -1352,10 +1338,7 @@ mod tests {
 
         // ... and without writing: the database file is untouched, continue.
         let app_conn = app(&path);
-        let mut db = Database::open(&path).unwrap();
-        snapshot_state(&mut db);
-        seal(&mut db);
-        let token = detach_when_quiet(db);
+        let token = closed_after_snapshot(&path);
         drop(app_conn);
         let (_db, verdict) = Database::reattach(&path, token).unwrap();
         assert_eq!(verdict, Ok(()));
