@@ -283,21 +283,14 @@ async fn watch_and_restore_all_from_a_config_file() {
         let config = dir.path().join("walsync.toml");
         std::fs::write(
             &config,
-            format!(
-                "[storage]\nurl = \"{}\"\n[sync]\nsync_interval = \"0s\"\n\
+            store.config(&format!(
+                "[sync]\nsync_interval = \"0s\"\n\
                  [[databases]]\npath = \"{}/*.db\"\nprefix = \"tenants/{{name}}\"\n",
-                store.url,
                 data.display()
-            ),
+            )),
         )
         .unwrap();
-        let mut cmd = walsync();
-        cmd.args(["watch", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        with_store(&mut cmd, &store);
-        let mut child = cmd.spawn().unwrap();
+        let mut child = spawn_watch(&store, &config, Stdio::piped());
         for i in 0..3 {
             wait_for_objects(&store, &format!("tenants/c{i}"), 1).await;
         }
@@ -435,6 +428,17 @@ async fn watch_and_restore_all_from_a_config_file() {
     }
 }
 
+/// `walsync watch --config CONFIG` against `store`, stdout discarded.
+fn spawn_watch(store: &TestStore, config: &Path, stderr: Stdio) -> Child {
+    let mut cmd = walsync();
+    cmd.args(["watch", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(stderr);
+    with_store(&mut cmd, store);
+    cmd.spawn().unwrap()
+}
+
 fn cfg(path: &Path) -> &str {
     path.to_str().unwrap()
 }
@@ -522,22 +526,15 @@ async fn metrics_health_and_status_tell_the_truth() {
         let config = dir.path().join("walsync.toml");
         std::fs::write(
             &config,
-            format!(
-                "[storage]\nurl = \"{}\"\n[sync]\nsync_interval = \"0s\"\n[watch]\nlisten = \"{addr}\"\n\
+            store.config(&format!(
+                "[sync]\nsync_interval = \"0s\"\n[watch]\nlisten = \"{addr}\"\n\
                  [[databases]]\npath = \"{}\"\n[[databases]]\npath = \"{}\"\n",
-                store.url,
                 good.display(),
                 late.display()
-            ),
+            )),
         )
         .unwrap();
-        let mut cmd = walsync();
-        cmd.args(["watch", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        with_store(&mut cmd, &store);
-        let mut child = cmd.spawn().unwrap();
+        let mut child = spawn_watch(&store, &config, Stdio::null());
         wait_for_objects(&store, "good", 1).await;
         for i in 0..5 {
             conn.execute("INSERT INTO t(v) VALUES (?1)", [format!("row {i}")])
@@ -615,20 +612,13 @@ async fn sync_wait_returns_once_the_data_is_in_storage() {
         // An hour between syncs: only `walsync sync` can ship the next change soon.
         std::fs::write(
             &config,
-            format!(
-                "[storage]\nurl = \"{}\"\n[sync]\nsync_interval = \"1h\"\n[[databases]]\npath = \"{}\"\n",
-                store.url,
+            store.config(&format!(
+                "[sync]\nsync_interval = \"1h\"\n[[databases]]\npath = \"{}\"\n",
                 db.display()
-            ),
+            )),
         )
         .unwrap();
-        let mut cmd = walsync();
-        cmd.args(["watch", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        with_store(&mut cmd, &store);
-        let mut child = cmd.spawn().unwrap();
+        let mut child = spawn_watch(&store, &config, Stdio::null());
         wait_for_objects(&store, "slow", 1).await;
         for i in 0..10 {
             conn.execute("INSERT INTO t(v) VALUES (?1)", [format!("row {i}")])

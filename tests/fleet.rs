@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -44,12 +44,24 @@ fn config_text(store: &TestStore, body: &str) -> String {
     config_with_watch(store, "parallelism = 8", body)
 }
 
+/// A `[[databases]]` entry for every `*.db` in `data`, with this prefix template.
+fn dir_entry(data: &Path, prefix: &str) -> String {
+    format!(
+        "[[databases]]\ndir = \"{}\"\nprefix = \"{prefix}\"\n",
+        data.display()
+    )
+}
+
+/// How many of these databases this process holds open.
+fn open_databases(paths: impl Iterator<Item = PathBuf>) -> usize {
+    paths.filter(|p| open_descriptors(p) > 0).count()
+}
+
 /// A configuration with these `[watch]` lines.
 fn config_with_watch(store: &TestStore, watch: &str, body: &str) -> String {
-    format!(
-        "[storage]\nurl = \"{}\"\n\n[sync]\nsync_interval = \"0s\"\n\n[watch]\n{watch}\n\n{body}",
-        store.url
-    )
+    store.config(&format!(
+        "\n[sync]\nsync_interval = \"0s\"\n\n[watch]\n{watch}\n\n{body}"
+    ))
 }
 
 async fn snapshots(store: &TestStore, prefix: &str) -> usize {
@@ -500,13 +512,7 @@ async fn two_thousand_databases() {
     let config_path = dir.path().join("walsync.toml");
     std::fs::write(
         &config_path,
-        config_text(
-            &store,
-            &format!(
-                "[[databases]]\ndir = \"{}\"\nprefix = \"many/{{name}}\"\n",
-                data.display()
-            ),
-        ),
+        config_text(&store, &dir_entry(&data, "many/{name}")),
     )
     .unwrap();
     let (token, handle) = start(&store, &config_path);
@@ -556,10 +562,7 @@ async fn databases_beyond_max_open_are_closed_at_rest_and_reopened_on_change() {
             &store,
             // Idle closes too late to happen here: only the budget closes databases.
             "parallelism = 8\nmax_open = 2\nclose_idle_after = \"1h\"",
-            &format!(
-                "[[databases]]\ndir = \"{}\"\nprefix = \"{{name}}\"\n",
-                data.display()
-            ),
+            &dir_entry(&data, "{name}"),
         );
         std::fs::write(&config_path, text).unwrap();
         let (token, handle) = start(&store, &config_path);
@@ -580,11 +583,7 @@ async fn databases_beyond_max_open_are_closed_at_rest_and_reopened_on_change() {
             )
             .unwrap();
         }
-        let open = || {
-            (0..6)
-                .filter(|i| open_descriptors(&data.join(format!("x{i}.db"))) > 0)
-                .count()
-        };
+        let open = || open_databases((0..6).map(|i| data.join(format!("x{i}.db"))));
         wait_for("at most max_open databases open", async || open() <= 2).await;
         stop(token, handle).await;
         for i in 0..6 {
@@ -646,14 +645,7 @@ async fn shutdown_right_after_start_still_ships_every_database() {
         drop(create_db(&data.join(format!("s{i:02}.db")), 2));
     }
     let config_path = dir.path().join("walsync.toml");
-    let text = config_with_watch(
-        &store,
-        "parallelism = 1",
-        &format!(
-            "[[databases]]\ndir = \"{}\"\nprefix = \"{{name}}\"\n",
-            data.display()
-        ),
-    );
+    let text = config_with_watch(&store, "parallelism = 1", &dir_entry(&data, "{name}"));
     std::fs::write(&config_path, text).unwrap();
     let (token, handle) = start(&store, &config_path);
     stop(token, handle).await;
@@ -745,10 +737,7 @@ async fn a_restarted_fleet_continues_every_chain_from_one_listing() {
             .map(|i| create_db(&data.join(format!("f{i:02}.db")), 2))
             .collect();
         let config_path = dir.path().join("walsync.toml");
-        let body = format!(
-            "[[databases]]\ndir = \"{}\"\nprefix = \"f/{{name}}\"\n",
-            data.display()
-        );
+        let body = dir_entry(&data, "f/{name}");
         std::fs::write(&config_path, config_text(&store, &body)).unwrap();
         for round in 0..2 {
             let (token, handle) = start(&store, &config_path);
@@ -794,18 +783,11 @@ async fn opens_wait_for_room_under_max_open() {
     let text = config_with_watch(
         &store,
         "parallelism = 2\nmax_open = 3\nclose_idle_after = \"1h\"",
-        &format!(
-            "[[databases]]\ndir = \"{}\"\nprefix = \"{{name}}\"\n",
-            data.display()
-        ),
+        &dir_entry(&data, "{name}"),
     );
     std::fs::write(&config_path, text).unwrap();
     let (token, handle) = start(&store, &config_path);
-    let open_now = || {
-        (0..n)
-            .filter(|i| open_descriptors(&data.join(format!("m{i:02}.db"))) > 0)
-            .count()
-    };
+    let open_now = || open_databases((0..n).map(|i| data.join(format!("m{i:02}.db"))));
     let mut most = 0;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -841,10 +823,7 @@ async fn a_retried_first_open_lists_its_own_prefix() {
         drop(create_db(&data.join(format!("r{i:02}.db")), 2));
     }
     let config_path = dir.path().join("walsync.toml");
-    let mut body = format!(
-        "[[databases]]\ndir = \"{}\"\nprefix = \"r/{{name}}\"\n",
-        data.display()
-    );
+    let mut body = dir_entry(&data, "r/{name}");
     // Named on its own as well, so it stays configured while its file is away.
     let away = dir.path().join("away.db");
     drop(create_db(&away, 2));

@@ -60,18 +60,29 @@ async fn open_replica(db: &Path, prefix: &str, store: &TestStore, opts: SyncOpti
 
 async fn restore_rows(store: &TestStore, prefix: &str, dir: &Path, txid: Option<u64>) -> Rows {
     let out = dir.join(format!("restored-{prefix}-{}.db", txid.unwrap_or(0)));
+    let target = txid.map_or(restore::Target::Latest, restore::Target::Seq);
+    restore_to(store, prefix, &out, target).await.unwrap()
+}
+
+/// Restores `prefix` as of `target` over `out`; the rows, or the error as text.
+async fn restore_to(
+    store: &TestStore,
+    prefix: &str,
+    out: &Path,
+    target: restore::Target,
+) -> Result<Rows, String> {
     restore::restore(
         store.storage.as_ref(),
         &RestoreOptions {
             prefix: prefix.into(),
-            output: out.clone(),
-            target: txid.map_or(restore::Target::Latest, restore::Target::Seq),
+            output: out.to_path_buf(),
+            target,
             force: true,
         },
     )
     .await
-    .unwrap();
-    rows(&out)
+    .map(|_| rows(out))
+    .map_err(|e| e.to_string())
 }
 
 async fn count_snapshots(storage: &dyn Storage, prefix: &str) -> usize {
@@ -143,18 +154,7 @@ fn now_ms() -> u64 {
 }
 
 async fn restore_at(store: &TestStore, prefix: &str, out: &Path, ms: u64) -> Result<Rows, String> {
-    restore::restore(
-        store.storage.as_ref(),
-        &RestoreOptions {
-            prefix: prefix.into(),
-            output: out.to_path_buf(),
-            target: restore::Target::Time(ms),
-            force: true,
-        },
-    )
-    .await
-    .map(|_| rows(out))
-    .map_err(|e| e.to_string())
+    restore_to(store, prefix, out, restore::Target::Time(ms)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -262,18 +262,10 @@ async fn retention_deletes_only_what_no_kept_restore_point_needs() {
         );
         // Every retained restore point still restores, to exactly its state.
         for (seq, expected) in states.iter().filter(|(seq, _)| *seq >= first_kept) {
-            restore::restore(
-                store.storage.as_ref(),
-                &RestoreOptions {
-                    prefix: "ret".into(),
-                    output: out.clone(),
-                    target: restore::Target::Seq(*seq),
-                    force: true,
-                },
-            )
-            .await
-            .unwrap_or_else(|e| panic!("{kind}: restore to {seq}: {e}"));
-            assert_eq!(&rows(&out), expected, "{kind}: state {seq}");
+            let restored = restore_to(&store, "ret", &out, restore::Target::Seq(*seq))
+                .await
+                .unwrap_or_else(|e| panic!("{kind}: restore to {seq}: {e}"));
+            assert_eq!(&restored, expected, "{kind}: state {seq}");
         }
 
         // By age: as of a moment just after the newest snapshot plus the age,
@@ -312,18 +304,13 @@ async fn retention_deletes_only_what_no_kept_restore_point_needs() {
             .await
             .unwrap();
         assert_eq!(pruned.keep_from, Some(newest.0), "{kind}");
-        restore::restore(
-            store.storage.as_ref(),
-            &RestoreOptions {
-                prefix: "ret".into(),
-                output: out.clone(),
-                target: restore::Target::Latest,
-                force: true,
-            },
-        )
-        .await
-        .unwrap();
-        assert_eq!(rows(&out), rows(&db), "{kind}: the head still restores");
+        assert_eq!(
+            restore_to(&store, "ret", &out, restore::Target::Latest)
+                .await
+                .unwrap(),
+            rows(&db),
+            "{kind}: the head still restores"
+        );
     }
 }
 

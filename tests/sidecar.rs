@@ -62,12 +62,10 @@ fn setup(store: &TestStore) -> Setup {
     let config = dir.path().join("walsync.toml");
     std::fs::write(
         &config,
-        format!(
-            "[storage]\nurl = \"{}\"\n[sync]\nsync_interval = \"0s\"\n\
-             [[databases]]\npath = \"{}\"\nprefix = \"app\"\n",
-            store.url,
+        store.config(&format!(
+            "[sync]\nsync_interval = \"0s\"\n[[databases]]\npath = \"{}\"\nprefix = \"app\"\n",
             db.display()
-        ),
+        )),
     )
     .unwrap();
     let app = dir.path().join("app.py");

@@ -27,6 +27,14 @@ pub struct TestStore {
     _guard: Guard,
 }
 
+impl TestStore {
+    /// A walsync.toml whose `[storage]` is this store, followed by `rest`
+    /// (other sections and the `[[databases]]` entries).
+    pub fn config(&self, rest: &str) -> String {
+        format!("[storage]\nurl = \"{}\"\n{rest}", self.url)
+    }
+}
+
 impl std::fmt::Debug for TestStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TestStore")
