@@ -21,12 +21,12 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags};
 
-use crate::segment::{self, Encoder, Kind, WalRange};
+use crate::segment::{self, Encoder, Kind, WalRange, now_ms};
 use crate::storage::{Payload, SpoolWriter};
 use crate::wal::{self, Position, WalHeader};
 
@@ -282,13 +282,6 @@ pub struct Database {
     sealed: bool,
     /// The last read saw whole transactions SQLite had not published yet.
     unpublished_commits: bool,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn identity_of(path: &Path) -> io::Result<Identity> {

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
@@ -16,7 +16,7 @@ use crate::db::{
     self, Changes, CheckpointMode, CheckpointOutcome, Database, Detached, Encoded, Link, WalState,
 };
 use crate::retention::{self, Retention};
-use crate::segment::{self, Kind};
+use crate::segment::{self, Kind, now_ms};
 use crate::storage::{self, Storage};
 
 #[derive(Debug, thiserror::Error)]
@@ -158,13 +158,6 @@ async fn blocking<T: Send + 'static>(
             path: path.to_path_buf(),
             message: e.to_string(),
         })
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Replica {

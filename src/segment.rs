@@ -391,6 +391,13 @@ fn read_record(r: &mut impl Read, buf: &mut [u8], index: u32, expected: u32) -> 
     })
 }
 
+/// Now, as object headers record time: milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// The key of object `seq` under a database prefix; keys sort in apply order.
 pub fn object_key(db_prefix: &str, seq: u64, kind: Kind) -> String {
     format!("{db_prefix}/{seq:016x}.{}", kind.suffix())
