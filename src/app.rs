@@ -13,6 +13,7 @@ use crate::cli::{
     StorageArgs, SyncArgs, VerifyArgs, WatchArgs,
 };
 use crate::config::{Config, StorageConfig, WatchSettings};
+use crate::encryption::{Key, Keys};
 use crate::replica::{Replica, SyncOptions};
 use crate::replicator::{self, DbSpec, Plan};
 use crate::restore::{self, RestoreOptions, Target, format_ms};
@@ -20,6 +21,9 @@ use crate::retention::Retention;
 use crate::status::{self, Board};
 use crate::storage::{self, S3Options, Storage};
 use crate::{chain, config, control, explain, http, sidecar, verify};
+
+/// Holds the encryption key when no file names it.
+const KEY_ENV: &str = "WALSYNC_ENCRYPTION_KEY";
 
 /// Runs a command; returns the exit code (non-zero only from a sidecar app,
 /// errors are returned as such).
@@ -43,8 +47,9 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<u8> {
 
 async fn verify(args: &VerifyArgs) -> Result<()> {
     config::validate_prefix(&args.prefix)?;
-    let storage = match &args.config {
-        Some(path) => open_config_storage(&load_config(path)?.storage).await?,
+    let config = args.config.as_deref().map(load_config).transpose()?;
+    let storage = match &config {
+        Some(config) => open_config_storage(&config.storage).await?,
         None => open_storage(&args.storage, Path::new(config::DEFAULT_REPLICA_DIR)).await?,
     };
     let live = args.db.as_deref();
@@ -53,6 +58,7 @@ async fn verify(args: &VerifyArgs) -> Result<()> {
         &args.prefix,
         live,
         &verify::scratch_dir(live),
+        reading_keys(config.as_ref(), args.storage.encryption_key_file.as_deref())?,
     )
     .await
     .with_context(|| format!("verifying {} in {}", args.prefix, storage.describe()))?;
@@ -233,8 +239,39 @@ async fn open_storage(args: &StorageArgs, default_dir: &Path) -> Result<Arc<dyn 
         .with_context(|| format!("opening storage {url}"))
 }
 
-fn sync_options(args: &WatchArgs) -> SyncOptions {
-    SyncOptions {
+/// The key named on the command line: `--encryption-key-file`, else
+/// WALSYNC_ENCRYPTION_KEY (empty counts as unset).
+fn cli_keys(key_file: Option<&Path>) -> Result<Option<Arc<Keys>>> {
+    let key = match key_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the encryption key file {}", path.display()))?;
+            Key::from_hex(&text)
+                .with_context(|| format!("encryption key file {}", path.display()))?
+        }
+        None => match std::env::var(KEY_ENV) {
+            Ok(text) if !text.trim().is_empty() => {
+                Key::from_hex(&text).with_context(|| KEY_ENV.to_string())?
+            }
+            Ok(_) | Err(std::env::VarError::NotPresent) => return Ok(None),
+            Err(e) => bail!("{KEY_ENV}: {e}"),
+        },
+    };
+    Ok(Some(Arc::new(Keys::new(key, Vec::new()))))
+}
+
+/// Keys that open objects: every key of the configuration and the command line.
+fn reading_keys(config: Option<&Config>, key_file: Option<&Path>) -> Result<Option<Arc<Keys>>> {
+    let from_cli = cli_keys(key_file)?;
+    let from_config = config.and_then(|c| c.keys.clone());
+    Ok(match (from_config, from_cli) {
+        (Some(a), Some(b)) => Keys::union([a.as_ref(), b.as_ref()]).map(Arc::new),
+        (a, b) => a.or(b),
+    })
+}
+
+fn sync_options(args: &WatchArgs) -> Result<SyncOptions> {
+    Ok(SyncOptions {
         sync_interval: args.sync_interval,
         snapshot_interval: args.snapshot_interval,
         checkpoint_pages: args.checkpoint_pages.max(1),
@@ -244,7 +281,8 @@ fn sync_options(args: &WatchArgs) -> SyncOptions {
             age: args.retention.filter(|d| !d.is_zero()),
             snapshots: args.retention_snapshots,
         },
-    }
+        encryption: cli_keys(args.storage.encryption_key_file.as_deref())?,
+    })
 }
 
 async fn watch(args: WatchArgs, shutdown: CancellationToken) -> Result<u8> {
@@ -344,7 +382,7 @@ async fn plan(args: &WatchArgs) -> Result<Plan> {
         Some(_) => Some(open_storage(&args.storage, Path::new(".")).await?),
         None => None,
     };
-    let sync = sync_options(args);
+    let sync = sync_options(args)?;
     let mut by_dir: HashMap<PathBuf, Arc<dyn Storage>> = HashMap::new();
     let mut specs = Vec::with_capacity(dbs.len());
     for (path, prefix) in dbs {
@@ -387,10 +425,12 @@ fn target(txid: Option<u64>, timestamp: Option<u64>) -> Target {
 
 async fn restore(args: RestoreArgs) -> Result<()> {
     config::validate_prefix(&args.prefix)?;
-    let storage = match &args.config {
-        Some(path) => open_config_storage(&load_config(path)?.storage).await?,
+    let config = args.config.as_deref().map(load_config).transpose()?;
+    let storage = match &config {
+        Some(config) => open_config_storage(&config.storage).await?,
         None => open_storage(&args.storage, &config::default_storage_beside(&args.output)).await?,
     };
+    let keys = reading_keys(config.as_ref(), args.storage.encryption_key_file.as_deref())?;
     let target = target(args.txid, args.timestamp);
     if args.dry_run {
         let planning = || {
@@ -429,6 +469,7 @@ async fn restore(args: RestoreArgs) -> Result<()> {
         output: args.output.clone(),
         target,
         force: args.force,
+        keys,
     };
     let report = restore::restore(storage.as_ref(), &opts)
         .await
@@ -482,6 +523,7 @@ async fn restore_all(args: RestoreAllArgs) -> Result<()> {
         bail!("nothing to restore: no databases in {}", storage.describe());
     }
     let target = args.timestamp.map_or(Target::Latest, Target::Time);
+    let keys = reading_keys(Some(&config), None)?;
     let mut jobs = Vec::new();
     let mut failed: Vec<String> = Vec::new();
     for prefix in prefixes {
@@ -509,6 +551,7 @@ async fn restore_all(args: RestoreAllArgs) -> Result<()> {
             output,
             target,
             force: args.force,
+            keys: keys.clone(),
         });
     }
     for (prefix, why) in &skipped {
@@ -672,14 +715,13 @@ async fn snapshot(args: SnapshotArgs) -> Result<()> {
         &config::default_storage_beside(&args.database),
     )
     .await?;
-    let mut replica = Replica::open(
-        &args.database,
-        &prefix,
-        storage.clone(),
-        SyncOptions::default(),
-    )
-    .await
-    .with_context(|| format!("opening {}", args.database.display()))?;
+    let opts = SyncOptions {
+        encryption: cli_keys(args.storage.encryption_key_file.as_deref())?,
+        ..SyncOptions::default()
+    };
+    let mut replica = Replica::open(&args.database, &prefix, storage.clone(), opts)
+        .await
+        .with_context(|| format!("opening {}", args.database.display()))?;
     let report = replica
         .force_snapshot("requested with `walsync snapshot`")
         .await

@@ -154,7 +154,8 @@ pub fn check_key(object: &ObjectRef, header: &segment::Header) -> Result<()> {
 /// Reads only the header of an object (the first bytes of the stream).
 pub async fn read_header(storage: &dyn Storage, object: &ObjectRef) -> Result<segment::Header> {
     let mut reader = storage.get(&object.key).await?;
-    let mut head = [0u8; segment::HEADER_SIZE];
+    // Enough for an encrypted object's header; any object is longer.
+    let mut head = [0u8; segment::MAX_HEADER_SIZE];
     reader
         .read_exact(&mut head)
         .await

@@ -145,6 +145,13 @@ pub struct StorageArgs {
     /// Force path-style (true) or virtual-hosted-style (false) S3 addressing.
     #[arg(long, value_name = "BOOL")]
     pub path_style: Option<bool>,
+    /// Encrypt new objects (AES-256-GCM, so storage never sees a page) and
+    /// open encrypted ones with the key in this file: 64 hex digits, e.g. from
+    /// `openssl rand -hex 32`. WALSYNC_ENCRYPTION_KEY can hold the key instead.
+    /// With --config, the file's encryption_key applies (restore and verify
+    /// accept both).
+    #[arg(long, value_name = "FILE")]
+    pub encryption_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -166,7 +173,8 @@ pub struct WatchArgs {
         conflicts_with_all = [
             "storage", "endpoint", "region", "path_style", "prefix", "sync_interval",
             "snapshot_interval", "checkpoint_pages", "checkpoint_interval", "truncate_pages",
-            "shutdown_timeout", "parallelism", "retention", "retention_snapshots"
+            "shutdown_timeout", "parallelism", "retention", "retention_snapshots",
+            "encryption_key_file"
         ]
     )]
     pub config: Option<PathBuf>,

@@ -12,10 +12,12 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::encryption::{Key, Keys};
 use crate::replica::SyncOptions;
 use crate::storage::S3Options;
 
@@ -58,6 +60,8 @@ pub struct Config {
     pub storage: StorageConfig,
     pub watch: WatchSettings,
     pub entries: Vec<Entry>,
+    /// Every encryption key the file names: restore opens any object with them.
+    pub keys: Option<Arc<Keys>>,
 }
 
 /// Where replicas go: a URL plus S3 settings.
@@ -191,6 +195,8 @@ struct RawSync {
     truncate_pages: Option<u32>,
     retention: Option<String>,
     retention_snapshots: Option<u32>,
+    encryption_key: Option<String>,
+    previous_encryption_keys: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -221,6 +227,8 @@ struct RawDatabase {
     truncate_pages: Option<u32>,
     retention: Option<String>,
     retention_snapshots: Option<u32>,
+    encryption_key: Option<String>,
+    previous_encryption_keys: Option<Vec<String>>,
 }
 
 /// Collects errors against one file.
@@ -317,7 +325,34 @@ impl Checker<'_> {
             Some(0) => sync.retention.snapshots = None,
             Some(n) => sync.retention.snapshots = Some(n),
         }
+        match (raw.encryption_key.as_deref(), &raw.previous_encryption_keys) {
+            (None, None) => {}
+            (Some("off"), _) => sync.encryption = None,
+            (None, Some(_)) => {
+                return Err(self.err(format!(
+                    "{} needs {} (the key new objects are encrypted with)",
+                    key("previous_encryption_keys"),
+                    key("encryption_key")
+                )));
+            }
+            (Some(current), previous) => {
+                let current = self.key(&key("encryption_key"), current)?;
+                let previous = previous
+                    .iter()
+                    .flatten()
+                    .enumerate()
+                    .map(|(i, k)| self.key(&format!("{}[{i}]", key("previous_encryption_keys")), k))
+                    .collect::<Result<Vec<_>, _>>()?;
+                sync.encryption = Some(Arc::new(Keys::new(current, previous)));
+            }
+        }
         Ok(sync)
+    }
+
+    /// A key from 64 hex digits or `${VAR}`; errors never show the value.
+    fn key(&self, name: &str, value: &str) -> Result<Key, Error> {
+        let text = self.expand(name, value)?;
+        Key::from_hex(&text).map_err(|e| self.err(format!("{name}: {e}")))
     }
 }
 
@@ -363,11 +398,18 @@ impl Config {
         for (i, db) in raw.databases.iter().enumerate() {
             entries.push(Self::entry(&check, &base_dir, i, db, &sync)?);
         }
+        let keys = Keys::union(
+            std::iter::once(&sync)
+                .chain(entries.iter().map(|e| &e.sync))
+                .filter_map(|s| s.encryption.as_deref()),
+        )
+        .map(Arc::new);
         let config = Self {
             source: path.to_path_buf(),
             storage,
             watch,
             entries,
+            keys,
         };
         // Duplicates among the databases that exist now are refused up front.
         config.discover().map_err(|e| match e {
@@ -574,6 +616,8 @@ impl Config {
             truncate_pages: raw.truncate_pages,
             retention: raw.retention.clone(),
             retention_snapshots: raw.retention_snapshots,
+            encryption_key: raw.encryption_key.clone(),
+            previous_encryption_keys: raw.previous_encryption_keys.clone(),
         };
         let sync = check.sync(defaults, &overrides, &at)?;
         Ok(Entry {
@@ -1003,6 +1047,65 @@ retention_snapshots = 0
         let zero = text.replace("retention = \"72h\"", "retention = \"0s\"");
         let err = Config::parse(&zero, Path::new("/etc/walsync.toml")).unwrap_err();
         assert!(err.to_string().contains("sync.retention"), "{err}");
+    }
+
+    #[test]
+    fn encryption_keys_come_from_the_environment_and_are_never_echoed() {
+        let a = "aa".repeat(32);
+        let b = "bb".repeat(32);
+        // SAFETY: no other test reads or writes this variable.
+        unsafe { std::env::set_var("WALSYNC_TEST_KEY_B", &b) };
+        let text = format!(
+            r#"
+[storage]
+url = "/replica"
+[sync]
+encryption_key = "{a}"
+[[databases]]
+path = "/data/a.db"
+[[databases]]
+path = "/data/b.db"
+encryption_key = "${{WALSYNC_TEST_KEY_B}}"
+previous_encryption_keys = ["{a}"]
+[[databases]]
+path = "/data/c.db"
+encryption_key = "off"
+"#
+        );
+        let file = Path::new("/etc/walsync.toml");
+        let config = Config::parse(&text, file).unwrap();
+        let id = |hex: &str| Key::from_hex(hex).unwrap().id();
+        let current = |i: usize| {
+            config.entries[i]
+                .sync
+                .encryption
+                .as_ref()
+                .map(|k| k.current().id())
+        };
+        assert_eq!(current(0), Some(id(&a)));
+        assert_eq!(current(1), Some(id(&b)));
+        assert_eq!(current(2), None);
+        let keys = config.keys.as_ref().unwrap();
+        assert!(keys.find(id(&a)).is_some() && keys.find(id(&b)).is_some());
+        assert_eq!(keys.all().count(), 2);
+
+        let short = text.replace(&a, &a[..62]);
+        let err = Config::parse(&short, file).unwrap_err().to_string();
+        assert!(
+            err.contains("sync.encryption_key") && err.contains("64 hex digits"),
+            "{err}"
+        );
+        assert!(!err.contains(&a[..62]), "{err}");
+        let unset = text.replace("WALSYNC_TEST_KEY_B", "WALSYNC_TEST_KEY_UNSET");
+        let err = Config::parse(&unset, file).unwrap_err().to_string();
+        assert!(
+            err.contains("databases[1].encryption_key") && err.contains("not set"),
+            "{err}"
+        );
+        let orphan = "[storage]\nurl = \"/r\"\n[[databases]]\npath = \"/d/a.db\"\n\
+                      previous_encryption_keys = [\"00\"]\n";
+        let err = Config::parse(orphan, file).unwrap_err().to_string();
+        assert!(err.contains("needs databases[0].encryption_key"), "{err}");
     }
 
     #[test]

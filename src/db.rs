@@ -26,6 +26,7 @@ use std::time::{Duration, SystemTime};
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags};
 
+use crate::encryption::Key;
 use crate::segment::{self, Encoder, Kind, WalRange, now_ms};
 use crate::storage::{Payload, SpoolWriter};
 use crate::wal::{self, Position, WalHeader};
@@ -113,10 +114,12 @@ impl WalState {
 }
 
 /// The link to the object a new segment follows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Link {
     pub seq: u64,
     pub prev_hash: [u8; 32],
+    /// Encrypts the new object's body when set.
+    pub key: Option<Key>,
 }
 
 /// A segment encoded and ready to upload, with the state it ships up to.
@@ -764,12 +767,15 @@ impl Database {
             timestamp_ms: now_ms(),
             wal: state.to_range(from.frame),
             prev_hash: link.prev_hash,
+            sealed: None,
         };
         let seg_err = |source| Error::Segment {
             path: self.path.clone(),
             source,
         };
-        let mut enc = Encoder::new(header_out, SpoolWriter::new()).map_err(seg_err)?;
+        let mut enc =
+            Encoder::new(header_out, link.key.as_ref(), SpoolWriter::new()).map_err(seg_err)?;
+        let header_out = *enc.header();
         let mut buf = vec![0u8; self.page_size as usize];
         for (pgno, index) in pages {
             wal::read_page(&file, &header, index, &mut buf).map_err(self.io_err())?;
@@ -1004,13 +1010,16 @@ impl Database {
             timestamp_ms: now_ms(),
             wal: state.to_range(0),
             prev_hash: link.prev_hash,
+            sealed: None,
         };
         let path = self.path.clone();
         let seg_err = |source| Error::Segment {
             path: path.clone(),
             source,
         };
-        let mut enc = Encoder::new(header, SpoolWriter::new()).map_err(seg_err)?;
+        let mut enc =
+            Encoder::new(header, link.key.as_ref(), SpoolWriter::new()).map_err(seg_err)?;
+        let header = *enc.header();
         {
             let mut stmt = self
                 .conn
@@ -1192,8 +1201,9 @@ mod tests {
         let link = Link {
             seq: 2,
             prev_hash: [0; 32],
+            key: None,
         };
-        let Some(Changes::Segment(tail)) = db.lock_and_read_tail(link).unwrap() else {
+        let Some(Changes::Segment(tail)) = db.lock_and_read_tail(link.clone()).unwrap() else {
             panic!("expected frames");
         };
         db.shipped(tail.state);
@@ -1219,6 +1229,7 @@ mod tests {
         let link = Link {
             seq: 1,
             prev_hash: [0; 32],
+            key: None,
         };
         if let Some(Changes::Segment(seg)) = db.lock_and_read_tail(link).unwrap() {
             db.shipped(seg.state);
@@ -1248,6 +1259,7 @@ mod tests {
         let link = Link {
             seq: 9,
             prev_hash: [0; 32],
+            key: None,
         };
         assert!(matches!(
             db.read_changes(link).unwrap(),

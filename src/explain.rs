@@ -93,8 +93,20 @@ fn sync(s: &SyncOptions) -> String {
         (None, Some(n)) => format!("keep {n} snapshots"),
         (Some(age), Some(n)) => format!("keep {} and {n} snapshots", human(age)),
     };
+    // A key shows as its id only, as object headers record it.
+    let encryption = match &s.encryption {
+        None => "not encrypted".to_string(),
+        Some(keys) => {
+            format!("encrypted with key {}", keys.current().id())
+                + &keys
+                    .all()
+                    .skip(1)
+                    .map(|k| format!(", opens {}", k.id()))
+                    .collect::<String>()
+        }
+    };
     format!(
-        "every {}, snapshot every {}, checkpoint after {} pages or {}, truncate past {} pages, {retention}",
+        "every {}, snapshot every {}, checkpoint after {} pages or {}, truncate past {} pages, {retention}, {encryption}",
         human(s.sync_interval),
         human(s.snapshot_interval),
         s.checkpoint_pages,
@@ -130,10 +142,15 @@ url = "s3://bucket/prod"
 endpoint = "http://127.0.0.1:9000"
 access_key_id = "AKIAEXAMPLEKEY123"
 secret_access_key = "very-secret-value"
+[sync]
+encryption_key = "5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e"
 [[databases]]
 path = "/nonexistent/app.db"
 prefix = "app"
 sync_interval = "0s"
+[[databases]]
+path = "/nonexistent/plain.db"
+encryption_key = "off"
 "#;
         let config = Config::parse(text, Path::new("/etc/walsync.toml")).unwrap();
         let report = explain(&config).unwrap();
@@ -146,5 +163,12 @@ sync_interval = "0s"
             "{report}"
         );
         assert!(report.contains("every 0s"), "{report}");
+        assert!(!report.contains("5e5e5e"), "{report}");
+        let id = crate::encryption::Key::from_bytes(&[0x5e; 32]).id();
+        assert!(
+            report.contains(&format!("encrypted with key {id}")),
+            "{report}"
+        );
+        assert!(report.contains("not encrypted"), "{report}");
     }
 }

@@ -181,7 +181,7 @@ pub fn metrics(s: &Snapshot) -> String {
     family(
         "walsync_snapshots_total",
         "counter",
-        "Snapshots shipped, by reason (initial, interval, requested, continuity).",
+        "Snapshots shipped, by reason (initial, interval, requested, key, continuity).",
         by(&|d| &d.snapshots, "reason"),
     );
     family(

@@ -15,6 +15,7 @@ use crate::chain;
 use crate::db::{
     self, Changes, CheckpointMode, CheckpointOutcome, Database, Detached, Encoded, Link, WalState,
 };
+use crate::encryption::{Key, KeyId, Keys};
 use crate::retention::{self, Retention};
 use crate::segment::{self, Kind, now_ms};
 use crate::storage::{self, Storage};
@@ -65,6 +66,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Snapshot reasons that metrics count by name; any other is a continuity loss.
 const INITIAL: &str = "no replica in storage yet";
 const INTERVAL: &str = "the snapshot interval elapsed";
+/// Objects after a snapshot are all sealed with its key (restore refuses a mix).
+const KEY_CHANGED: &str = "the encryption key changed";
 
 /// Lock-free catch-up rounds before a checkpoint ships the tail under the write lock.
 const CATCH_UP_ATTEMPTS: u32 = 3;
@@ -88,6 +91,8 @@ pub struct SyncOptions {
     pub truncate_pages: u32,
     /// Which restore points to keep; applied after each snapshot.
     pub retention: Retention,
+    /// Encrypts new objects with the current key; opens older ones.
+    pub encryption: Option<Arc<Keys>>,
 }
 
 impl Default for SyncOptions {
@@ -99,6 +104,7 @@ impl Default for SyncOptions {
             checkpoint_interval: Duration::from_secs(60),
             truncate_pages: 50_000,
             retention: Retention::default(),
+            encryption: None,
         }
     }
 }
@@ -133,6 +139,8 @@ pub struct Replica {
     /// Set while the database is closed to save descriptors (see [`Replica::detach`]).
     detached: Option<Detached>,
     head: Option<Head>,
+    /// The key the head object was sealed with.
+    head_key: Option<KeyId>,
     last_snapshot_ms: Option<u64>,
     /// Why the next sync must start with a snapshot.
     need_snapshot: Option<String>,
@@ -189,6 +197,7 @@ impl Replica {
             db: Some(db),
             detached: None,
             head: None,
+            head_key: None,
             last_snapshot_ms: None,
             need_snapshot: None,
             pending: None,
@@ -216,6 +225,7 @@ impl Replica {
             seq: header.seq,
             hash,
         });
+        self.head_key = header.sealed.map(|s| s.key_id);
         self.last_snapshot_ms = match objects.iter().rev().find(|o| o.kind == Kind::Snapshot) {
             Some(s) if s.seq == header.seq => Some(header.timestamp_ms),
             Some(s) => Some(
@@ -240,7 +250,17 @@ impl Replica {
             ),
             Err(reason) => self.need_snapshot = Some(reason),
         }
+        self.snapshot_if_key_changed();
         Ok(())
+    }
+
+    /// A new key (or none where there was one) starts a new chain segment
+    /// with a snapshot, so that one restore never mixes keys.
+    fn snapshot_if_key_changed(&mut self) {
+        let current = self.opts.encryption.as_ref().map(|k| k.current().id());
+        if self.head.is_some() && self.head_key != current && self.need_snapshot.is_none() {
+            self.need_snapshot = Some(KEY_CHANGED.into());
+        }
     }
 
     /// When the database last changed (something was shipped), or was opened.
@@ -324,6 +344,7 @@ impl Replica {
     /// New sync settings from an edited configuration, used from the next sync on.
     pub fn set_options(&mut self, opts: SyncOptions) {
         self.opts = opts;
+        self.snapshot_if_key_changed();
     }
 
     pub fn prefix(&self) -> &str {
@@ -391,15 +412,21 @@ impl Replica {
         Ok(out)
     }
 
+    fn sealing_key(&self) -> Option<Key> {
+        self.opts.encryption.as_ref().map(|k| k.current().clone())
+    }
+
     fn next_link(&self) -> Link {
         match self.head {
             Some(h) => Link {
                 seq: h.seq + 1,
                 prev_hash: h.hash,
+                key: self.sealing_key(),
             },
             None => Link {
                 seq: 1,
                 prev_hash: [0; 32],
+                key: self.sealing_key(),
             },
         }
     }
@@ -513,6 +540,7 @@ impl Replica {
         self.need_snapshot = None;
         report.snapshot_reasons.push(match reason {
             INITIAL => "initial",
+            KEY_CHANGED => "key",
             INTERVAL => "interval",
             r if r.starts_with("requested") => "requested",
             _ => "continuity",
@@ -635,6 +663,7 @@ impl Replica {
             seq: encoded.header.seq,
             hash: encoded.hash,
         });
+        self.head_key = encoded.header.sealed.map(|s| s.key_id);
         self.last_change = Instant::now();
         let state = encoded.state;
         self.with_db(move |db| db.shipped(state)).await?;

@@ -15,7 +15,10 @@ use std::path::{Path, PathBuf};
 
 use tokio::io::AsyncWriteExt;
 
+use std::sync::Arc;
+
 use crate::chain::{self, ObjectRef};
+use crate::encryption::Keys;
 use crate::segment::{self, Kind, PageReader};
 use crate::storage::{self, Storage, to_hex};
 
@@ -66,6 +69,11 @@ pub enum Error {
         found: u32,
         expected: u32,
     },
+    #[error(
+        "object {key} is encrypted differently from {first}, which starts its restore: \
+         refusing an object that was not written with the rest"
+    )]
+    MixedEncryption { key: String, first: String },
     #[error("object {key}: {source}")]
     Corrupt {
         key: String,
@@ -96,6 +104,8 @@ pub struct RestoreOptions {
     pub output: PathBuf,
     pub target: Target,
     pub force: bool,
+    /// Opens encrypted objects (chosen by the key id in each header).
+    pub keys: Option<Arc<Keys>>,
 }
 
 /// Which state of the database to rebuild.
@@ -326,6 +336,23 @@ pub async fn restore(storage: &dyn Storage, opts: &RestoreOptions) -> Result<Res
             source,
         })?;
         chain::check_key(&object, &header)?;
+        // A missing or wrong key is found before anything is written. Within
+        // one plan every object is sealed alike (a key change takes a
+        // snapshot), so a plain object after an encrypted one is an injection.
+        header
+            .key(opts.keys.as_deref())
+            .map_err(|source| Error::Corrupt {
+                key: object.key.clone(),
+                source,
+            })?;
+        if let Some(first) = verified.first()
+            && first.header.sealed.map(|s| s.key_id) != header.sealed.map(|s| s.key_id)
+        {
+            return Err(Error::MixedEncryption {
+                key: object.key.clone(),
+                first: first.object.key.clone(),
+            });
+        }
         if let Some((prev_key, prev_hash)) = &link
             && header.prev_hash != *prev_hash
         {
@@ -371,11 +398,12 @@ pub async fn restore(storage: &dyn Storage, opts: &RestoreOptions) -> Result<Res
     };
     let output = output.clone();
     let force = opts.force;
+    let keys = opts.keys.clone();
     let items: Vec<(String, PathBuf)> = verified
         .into_iter()
         .map(|v| (v.object.key, v.spool))
         .collect();
-    tokio::task::spawn_blocking(move || apply(&items, &output, force))
+    tokio::task::spawn_blocking(move || apply(&items, &output, force, keys.as_deref()))
         .await
         .map_err(|e| Error::Io {
             path: opts.output.clone(),
@@ -411,9 +439,14 @@ fn temp_path_of(output: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-fn apply(items: &[(String, PathBuf)], output: &Path, force: bool) -> Result<()> {
+fn apply(
+    items: &[(String, PathBuf)],
+    output: &Path,
+    force: bool,
+    keys: Option<&Keys>,
+) -> Result<()> {
     let tmp = temp_path_of(output);
-    let result = apply_into(items, &tmp)
+    let result = apply_into(items, &tmp, keys)
         .and_then(|()| check_integrity(&tmp))
         .and_then(|()| place(&tmp, output, force));
     if result.is_err() {
@@ -480,7 +513,7 @@ fn retire_wal_of(output: &Path) -> Result<()> {
     Ok(())
 }
 
-fn apply_into(items: &[(String, PathBuf)], tmp: &Path) -> Result<()> {
+fn apply_into(items: &[(String, PathBuf)], tmp: &Path, keys: Option<&Keys>) -> Result<()> {
     let out = OpenOptions::new()
         .write(true)
         .create(true)
@@ -496,7 +529,7 @@ fn apply_into(items: &[(String, PathBuf)], tmp: &Path) -> Result<()> {
         let file = File::open(spool).map_err(io_at(spool))?;
         let len = file.metadata().map_err(io_at(spool))?.len();
         let mut reader =
-            PageReader::new(BufReader::with_capacity(1 << 20, file), len).map_err(corrupt)?;
+            PageReader::new(BufReader::with_capacity(1 << 20, file), len, keys).map_err(corrupt)?;
         let header = *reader.header();
         page.resize(header.page_size as usize, 0);
         while let Some(pgno) = reader.next_page(&mut page).map_err(corrupt)? {
@@ -585,6 +618,7 @@ pub fn into_dir(prefixes: Vec<String>, dir: &Path, force: bool) -> Vec<RestoreOp
             prefix,
             target: Target::Latest,
             force,
+            keys: None,
         })
         .collect()
 }

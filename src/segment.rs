@@ -14,7 +14,7 @@
 //!   0   8 magic "WALSYNC\x00"
 //!   8   2 format version (1)
 //!  10   1 kind: 1 snapshot (chain start), 2 WAL segment
-//!  11   1 flags (0; anything else is rejected)
+//!  11   1 flags: bit 0 = body encrypted (anything else is rejected)
 //!  12   4 page size in bytes
 //!  16   8 sequence number (equals the number in the object's key)
 //!  24   4 database size in pages after this segment is applied
@@ -26,8 +26,10 @@
 //!  52   4 source WAL frame after the last one covered
 //!  56   8 source WAL running checksum after the last frame covered
 //!  64  32 SHA-256 of the previous object of this database (zero for none)
-//!  96   . body: one zstd frame of page records, each a 4-byte page number
-//!         then `page size` bytes, sorted by page number, no page twice
+//!  96  24 only if encrypted: key id (8), nonce (12), chunk size (4)
+//!   h   . body: one zstd frame of page records, each a 4-byte page number
+//!         then `page size` bytes, sorted by page number, no page twice;
+//!         if encrypted, sealed in chunks (see `encryption`)
 //! end-32 32 SHA-256 of every byte before it
 //! ```
 
@@ -35,9 +37,15 @@ use std::io::{self, Read, Write};
 
 use sha2::{Digest, Sha256};
 
+use crate::encryption::{self, Key, KeyId, Keys, NONCE_SIZE, Opener, Sealer};
+
 pub const MAGIC: [u8; 8] = *b"WALSYNC\0";
 pub const VERSION: u16 = 1;
 pub const HEADER_SIZE: usize = 96;
+/// The header of an encrypted object: the fixed part plus its seal.
+pub const MAX_HEADER_SIZE: usize = HEADER_SIZE + SEAL_SIZE;
+const SEAL_SIZE: usize = 24;
+const FLAG_ENCRYPTED: u8 = 1;
 pub const TRAILER_SIZE: usize = 32;
 const ZSTD_LEVEL: i32 = 3;
 
@@ -58,6 +66,17 @@ pub enum Error {
     BadPageSize(u32),
     #[error("content hash mismatch: the object was altered or truncated")]
     HashMismatch,
+    #[error(
+        "the object is encrypted (key {0}) and no encryption key is set: \
+         set encryption_key in walsync.toml or WALSYNC_ENCRYPTION_KEY"
+    )]
+    MissingKey(KeyId),
+    #[error(
+        "the object is encrypted with key {found}, not with the key(s) given ({given}): wrong key"
+    )]
+    WrongKey { found: KeyId, given: String },
+    #[error("encrypted with chunks of {0} bytes, this walsync knows {CHUNK}", CHUNK = encryption::CHUNK)]
+    UnknownChunkSize(u32),
     #[error("page record {index}: {reason}")]
     BadPage { index: u32, reason: String },
     #[error("body holds {found} page records, header says {expected}")]
@@ -130,15 +149,37 @@ pub struct Header {
     pub timestamp_ms: u64,
     pub wal: WalRange,
     pub prev_hash: [u8; 32],
+    /// Set when the body is encrypted; the encoder fills it in.
+    pub sealed: Option<Seal>,
+}
+
+/// How an encrypted object's body was sealed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seal {
+    pub key_id: KeyId,
+    pub nonce: [u8; NONCE_SIZE],
 }
 
 impl Header {
-    pub fn encode(&self) -> [u8; HEADER_SIZE] {
-        let mut b = [0u8; HEADER_SIZE];
+    /// Bytes the header takes at the start of the object.
+    pub fn encoded_len(&self) -> usize {
+        if self.sealed.is_some() {
+            MAX_HEADER_SIZE
+        } else {
+            HEADER_SIZE
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; self.encoded_len()];
         b[0..8].copy_from_slice(&MAGIC);
         b[8..10].copy_from_slice(&VERSION.to_be_bytes());
         b[10] = self.kind.code();
-        b[11] = 0;
+        b[11] = if self.sealed.is_some() {
+            FLAG_ENCRYPTED
+        } else {
+            0
+        };
         b[12..16].copy_from_slice(&self.page_size.to_be_bytes());
         b[16..24].copy_from_slice(&self.seq.to_be_bytes());
         b[24..28].copy_from_slice(&self.db_pages.to_be_bytes());
@@ -151,9 +192,15 @@ impl Header {
         b[56..60].copy_from_slice(&self.wal.checksum.0.to_be_bytes());
         b[60..64].copy_from_slice(&self.wal.checksum.1.to_be_bytes());
         b[64..96].copy_from_slice(&self.prev_hash);
+        if let Some(seal) = &self.sealed {
+            b[96..104].copy_from_slice(&seal.key_id.0);
+            b[104..116].copy_from_slice(&seal.nonce);
+            b[116..120].copy_from_slice(&(encryption::CHUNK as u32).to_be_bytes());
+        }
         b
     }
 
+    /// Decodes a header from the start of an object (`b` may hold more).
     pub fn decode(b: &[u8]) -> Result<Self> {
         if b.len() < HEADER_SIZE {
             return Err(Error::TooShort(b.len() as u64));
@@ -166,9 +213,28 @@ impl Header {
             return Err(Error::UnsupportedVersion(version));
         }
         let kind = Kind::from_code(b[10])?;
-        if b[11] != 0 {
+        if b[11] & !FLAG_ENCRYPTED != 0 {
             return Err(Error::UnknownFlags(b[11]));
         }
+        let sealed = if b[11] & FLAG_ENCRYPTED != 0 {
+            if b.len() < MAX_HEADER_SIZE {
+                return Err(Error::TooShort(b.len() as u64));
+            }
+            let chunk = u32_at(b, 116);
+            if chunk as usize != encryption::CHUNK {
+                return Err(Error::UnknownChunkSize(chunk));
+            }
+            let mut key_id = [0u8; 8];
+            key_id.copy_from_slice(&b[96..104]);
+            let mut nonce = [0u8; NONCE_SIZE];
+            nonce.copy_from_slice(&b[104..116]);
+            Some(Seal {
+                key_id: KeyId(key_id),
+                nonce,
+            })
+        } else {
+            None
+        };
         let page_size = u32_at(b, 12);
         if !(512..=65536).contains(&page_size) || !page_size.is_power_of_two() {
             return Err(Error::BadPageSize(page_size));
@@ -190,8 +256,34 @@ impl Header {
                 checksum: (u32_at(b, 56), u32_at(b, 60)),
             },
             prev_hash,
+            sealed,
         })
     }
+
+    /// The key among `keys` that opens this object's body (`None`: not encrypted).
+    pub fn key<'k>(&self, keys: Option<&'k Keys>) -> Result<Option<&'k Key>> {
+        let Some(seal) = &self.sealed else {
+            return Ok(None);
+        };
+        let keys = keys.ok_or(Error::MissingKey(seal.key_id))?;
+        keys.find(seal.key_id)
+            .map(Some)
+            .ok_or_else(|| Error::WrongKey {
+                found: seal.key_id,
+                given: keys.ids(),
+            })
+    }
+}
+
+/// Reads a header from the start of an object, returning it with its bytes.
+fn read_header(r: &mut impl Read) -> Result<(Header, Vec<u8>)> {
+    let mut bytes = vec![0u8; HEADER_SIZE];
+    r.read_exact(&mut bytes)?;
+    if bytes[11] & FLAG_ENCRYPTED != 0 {
+        bytes.resize(MAX_HEADER_SIZE, 0);
+        r.read_exact(&mut bytes[HEADER_SIZE..])?;
+    }
+    Ok((Header::decode(&bytes)?, bytes))
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -225,26 +317,75 @@ impl<W: Write> Write for Hashing<W> {
 /// Streams one segment into `W`: header first, then pages in increasing
 /// order, then [`Encoder::finish`] writes the trailer and returns the hash.
 pub struct Encoder<W: Write> {
-    body: zstd::stream::write::Encoder<'static, Hashing<W>>,
+    body: zstd::stream::write::Encoder<'static, BodyWriter<Hashing<W>>>,
     header: Header,
     written: u32,
     last_pgno: u32,
 }
 
+/// The body as stored: compressed, then sealed if a key is given.
+enum BodyWriter<W: Write> {
+    Plain(W),
+    Sealed(Box<Sealer<W>>),
+}
+
+impl<W: Write> BodyWriter<W> {
+    fn finish(self) -> io::Result<W> {
+        match self {
+            BodyWriter::Plain(w) => Ok(w),
+            BodyWriter::Sealed(s) => s.finish(),
+        }
+    }
+}
+
+impl<W: Write> Write for BodyWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            BodyWriter::Plain(w) => w.write(buf),
+            BodyWriter::Sealed(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            BodyWriter::Plain(w) => w.flush(),
+            BodyWriter::Sealed(s) => s.flush(),
+        }
+    }
+}
+
 impl<W: Write> Encoder<W> {
-    pub fn new(header: Header, out: W) -> Result<Self> {
+    /// Starts an object; with a `key`, its body is encrypted (and the
+    /// header's `sealed` is filled in).
+    pub fn new(mut header: Header, key: Option<&Key>, out: W) -> Result<Self> {
+        header.sealed = key.map(|k| Seal {
+            key_id: k.id(),
+            nonce: encryption::new_nonce(),
+        });
         let mut hashing = Hashing {
             inner: out,
             hasher: Sha256::new(),
         };
-        hashing.write_all(&header.encode())?;
-        let body = zstd::stream::write::Encoder::new(hashing, ZSTD_LEVEL)?;
+        let head = header.encode();
+        hashing.write_all(&head)?;
+        let sink = match (key, &header.sealed) {
+            (Some(key), Some(seal)) => {
+                BodyWriter::Sealed(Box::new(Sealer::new(hashing, key, seal.nonce, head)))
+            }
+            _ => BodyWriter::Plain(hashing),
+        };
+        let body = zstd::stream::write::Encoder::new(sink, ZSTD_LEVEL)?;
         Ok(Self {
             body,
             header,
             written: 0,
             last_pgno: 0,
         })
+    }
+
+    /// The header as written (with its seal, if encrypted).
+    pub fn header(&self) -> &Header {
+        &self.header
     }
 
     pub fn add_page(&mut self, pgno: u32, data: &[u8]) -> Result<()> {
@@ -276,7 +417,7 @@ impl<W: Write> Encoder<W> {
                 found: self.written,
             });
         }
-        let mut hashing = self.body.finish()?;
+        let mut hashing = self.body.finish()?.finish()?;
         let hash: [u8; 32] = hashing.hasher.finalize_reset().into();
         hashing.inner.write_all(&hash)?;
         hashing.inner.flush()?;
@@ -290,14 +431,13 @@ pub fn verify(mut r: impl Read, len: u64) -> Result<(Header, [u8; 32])> {
     if len < (HEADER_SIZE + TRAILER_SIZE) as u64 {
         return Err(Error::TooShort(len));
     }
-    let mut head = [0u8; HEADER_SIZE];
-    r.read_exact(&mut head)?;
-    let header = Header::decode(&head)?;
+    let (header, head) = read_header(&mut r)?;
+    let body_len = body_len(&header, len)?;
     let mut hasher = Sha256::new();
-    hasher.update(head);
-    let mut body = (&mut r).take(len - (HEADER_SIZE + TRAILER_SIZE) as u64);
+    hasher.update(&head);
+    let mut body = (&mut r).take(body_len);
     let copied = io::copy(&mut body, &mut HashSink(&mut hasher))?;
-    if copied != len - (HEADER_SIZE + TRAILER_SIZE) as u64 {
+    if copied != body_len {
         return Err(Error::TooShort(len));
     }
     let mut trailer = [0u8; TRAILER_SIZE];
@@ -324,21 +464,28 @@ impl Write for HashSink<'_> {
 /// Reads the pages of a verified object, in order. `r` starts at the object's
 /// first byte and `len` is its length; call [`verify`] on the same bytes first.
 pub struct PageReader<R: Read> {
-    body: zstd::stream::read::Decoder<'static, io::BufReader<io::Take<R>>>,
+    body: zstd::stream::read::Decoder<'static, io::BufReader<BodyReader<io::Take<R>>>>,
     header: Header,
     read: u32,
     last_pgno: u32,
 }
 
 impl<R: Read> PageReader<R> {
-    pub fn new(mut r: R, len: u64) -> Result<Self> {
+    /// `keys` open an encrypted object; a plain one needs none.
+    pub fn new(mut r: R, len: u64, keys: Option<&Keys>) -> Result<Self> {
         if len < (HEADER_SIZE + TRAILER_SIZE) as u64 {
             return Err(Error::TooShort(len));
         }
-        let mut head = [0u8; HEADER_SIZE];
-        r.read_exact(&mut head)?;
-        let header = Header::decode(&head)?;
-        let body = r.take(len - (HEADER_SIZE + TRAILER_SIZE) as u64);
+        let (header, head) = read_header(&mut r)?;
+        let body_len = body_len(&header, len)?;
+        let key = header.key(keys)?;
+        let body = r.take(body_len);
+        let body = match (key, &header.sealed) {
+            (Some(key), Some(seal)) => {
+                BodyReader::Sealed(Box::new(Opener::new(body, key, seal.nonce, head, body_len)))
+            }
+            _ => BodyReader::Plain(body),
+        };
         Ok(Self {
             body: zstd::stream::read::Decoder::new(body)?,
             header,
@@ -379,6 +526,27 @@ impl<R: Read> PageReader<R> {
         self.last_pgno = pgno;
         Ok(Some(pgno))
     }
+}
+
+/// The stored body of an object, opened if it is encrypted.
+enum BodyReader<R: Read> {
+    Plain(R),
+    Sealed(Box<Opener<R>>),
+}
+
+impl<R: Read> Read for BodyReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            BodyReader::Plain(r) => r.read(buf),
+            BodyReader::Sealed(r) => r.read(buf),
+        }
+    }
+}
+
+/// Bytes between the header and the trailer of an object of `len` bytes.
+fn body_len(header: &Header, len: u64) -> Result<u64> {
+    len.checked_sub((header.encoded_len() + TRAILER_SIZE) as u64)
+        .ok_or(Error::TooShort(len))
 }
 
 fn read_record(r: &mut impl Read, buf: &mut [u8], index: u32, expected: u32) -> Result<()> {
@@ -440,11 +608,16 @@ mod tests {
                 checksum: (5, 6),
             },
             prev_hash: [9; 32],
+            sealed: None,
         }
     }
 
     fn encode(h: Header, pages: &[u32]) -> (Vec<u8>, [u8; 32]) {
-        let mut enc = Encoder::new(h, Vec::new()).unwrap();
+        encode_with(h, pages, None)
+    }
+
+    fn encode_with(h: Header, pages: &[u32], key: Option<&Key>) -> (Vec<u8>, [u8; 32]) {
+        let mut enc = Encoder::new(h, key, Vec::new()).unwrap();
         for p in pages {
             enc.add_page(*p, &vec![*p as u8; 1024]).unwrap();
         }
@@ -460,14 +633,81 @@ mod tests {
         let (decoded, vhash) = verify(Cursor::new(&bytes), bytes.len() as u64).unwrap();
         assert_eq!(decoded, h);
         assert_eq!(vhash, hash);
-        let mut r = PageReader::new(Cursor::new(&bytes), bytes.len() as u64).unwrap();
+        assert_eq!(read_pages(&bytes, None).unwrap(), pages);
+    }
+
+    fn read_pages(bytes: &[u8], keys: Option<&Keys>) -> Result<Vec<u32>> {
+        let mut r = PageReader::new(Cursor::new(bytes), bytes.len() as u64, keys)?;
         let mut buf = vec![0u8; 1024];
         let mut seen = Vec::new();
-        while let Some(p) = r.next_page(&mut buf).unwrap() {
+        while let Some(p) = r.next_page(&mut buf)? {
             assert!(buf.iter().all(|b| *b == p as u8));
             seen.push(p);
         }
-        assert_eq!(seen, pages);
+        Ok(seen)
+    }
+
+    fn keys(bytes: &[&[u8; 32]]) -> Keys {
+        let mut all = bytes.iter().map(|b| Key::from_bytes(b));
+        let current = all.next().unwrap();
+        Keys::new(current, all.collect())
+    }
+
+    #[test]
+    fn encrypted_round_trip_needs_the_right_key() {
+        let pages: Vec<u32> = (1..=10).collect();
+        let mut h = header(Kind::Snapshot, &pages);
+        h.db_pages = 10;
+        let ring = keys(&[&[1; 32]]);
+        let (bytes, hash) = encode_with(h, &pages, Some(ring.current()));
+        let (decoded, vhash) = verify(Cursor::new(&bytes), bytes.len() as u64).unwrap();
+        assert_eq!(vhash, hash);
+        assert_eq!(decoded.sealed.map(|s| s.key_id), Some(ring.current().id()));
+        assert_eq!(
+            Header {
+                sealed: None,
+                ..decoded
+            },
+            h
+        );
+        assert_eq!(read_pages(&bytes, Some(&ring)).unwrap(), pages);
+        // An old key among several still opens it.
+        let rotated = keys(&[&[2; 32], &[1; 32]]);
+        assert_eq!(read_pages(&bytes, Some(&rotated)).unwrap(), pages);
+        assert!(matches!(
+            read_pages(&bytes, None),
+            Err(Error::MissingKey(id)) if id == ring.current().id()
+        ));
+        let other = keys(&[&[3; 32]]);
+        let err = read_pages(&bytes, Some(&other)).unwrap_err();
+        assert!(matches!(err, Error::WrongKey { .. }), "{err}");
+        assert!(err.to_string().contains(&ring.current().id().to_string()));
+        // No page content is visible in the stored bytes.
+        let plain = encode(h, &pages).0;
+        assert!(bytes.len() > plain.len());
+        for p in &pages {
+            assert!(!bytes.windows(64).any(|w| w.iter().all(|b| *b == *p as u8)));
+        }
+    }
+
+    #[test]
+    fn an_encrypted_object_altered_with_a_fresh_trailer_is_refused() {
+        // Whoever can write to storage can recompute the SHA-256 trailer but
+        // not the authentication tags, which cover the header too.
+        let pages = [1, 2];
+        let ring = keys(&[&[1; 32]]);
+        let (bytes, _) = encode_with(header(Kind::Wal, &pages), &pages, Some(ring.current()));
+        for at in [24, 33, 64, 100, 130, bytes.len() - 40] {
+            let mut bad = bytes[..bytes.len() - TRAILER_SIZE].to_vec();
+            bad[at] ^= 1;
+            let trailer: [u8; 32] = Sha256::digest(&bad).into();
+            bad.extend_from_slice(&trailer);
+            verify(Cursor::new(&bad), bad.len() as u64).unwrap();
+            assert!(
+                read_pages(&bad, Some(&ring)).is_err(),
+                "flip at {at} accepted"
+            );
+        }
     }
 
     #[test]
@@ -491,7 +731,9 @@ mod tests {
     #[test]
     fn mutated_and_random_inputs_never_panic() {
         let pages = [1, 2, 7];
-        let (valid, _) = encode(header(Kind::Wal, &pages), &pages);
+        let ring = keys(&[&[1; 32]]);
+        let (plain, _) = encode(header(Kind::Wal, &pages), &pages);
+        let (sealed, _) = encode_with(header(Kind::Wal, &pages), &pages, Some(ring.current()));
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = || {
             state ^= state << 13;
@@ -501,7 +743,11 @@ mod tests {
         };
         let mut buf = vec![0u8; 65536];
         for round in 0..3000 {
-            let mut bytes = valid.clone();
+            let mut bytes = if round % 2 == 0 {
+                sealed.clone()
+            } else {
+                plain.clone()
+            };
             match round % 3 {
                 0 => {
                     for _ in 0..1 + next() % 8 {
@@ -520,7 +766,8 @@ mod tests {
             }
             let len = bytes.len() as u64;
             let _ = verify(Cursor::new(&bytes), len);
-            if let Ok(mut reader) = PageReader::new(Cursor::new(&bytes), len) {
+            let keys = (round % 2 == 0).then_some(&ring);
+            if let Ok(mut reader) = PageReader::new(Cursor::new(&bytes), len, keys) {
                 let size = reader.header().page_size as usize;
                 let mut count = 0;
                 while let Ok(Some(_)) = reader.next_page(&mut buf[..size]) {
@@ -544,8 +791,12 @@ mod tests {
         b[10] = 9;
         assert!(matches!(Header::decode(&b), Err(Error::UnknownKind(9))));
         let mut b = h.encode();
+        b[11] = 2;
+        assert!(matches!(Header::decode(&b), Err(Error::UnknownFlags(2))));
+        // The encrypted flag needs the seal after the fixed header.
+        let mut b = h.encode();
         b[11] = 1;
-        assert!(matches!(Header::decode(&b), Err(Error::UnknownFlags(1))));
+        assert!(matches!(Header::decode(&b), Err(Error::TooShort(96))));
         let mut b = h.encode();
         b[0] = b'X';
         assert!(matches!(Header::decode(&b), Err(Error::BadMagic)));
@@ -553,12 +804,12 @@ mod tests {
 
     #[test]
     fn encoder_refuses_unsorted_or_out_of_range_pages() {
-        let mut enc = Encoder::new(header(Kind::Wal, &[1, 2]), Vec::new()).unwrap();
+        let mut enc = Encoder::new(header(Kind::Wal, &[1, 2]), None, Vec::new()).unwrap();
         enc.add_page(2, &[0; 1024]).unwrap();
         assert!(enc.add_page(1, &[0; 1024]).is_err());
-        let mut enc = Encoder::new(header(Kind::Wal, &[11]), Vec::new()).unwrap();
+        let mut enc = Encoder::new(header(Kind::Wal, &[11]), None, Vec::new()).unwrap();
         assert!(enc.add_page(11, &[0; 1024]).is_err());
-        let enc = Encoder::new(header(Kind::Wal, &[1]), Vec::new()).unwrap();
+        let enc = Encoder::new(header(Kind::Wal, &[1]), None, Vec::new()).unwrap();
         assert!(matches!(enc.finish(), Err(Error::PageCountMismatch { .. })));
     }
 

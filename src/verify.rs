@@ -3,11 +3,13 @@
 //! database, page by page.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rusqlite::{Connection, OpenFlags};
 use sha2::{Digest, Sha256};
 
 use crate::chain::{self, ObjectRef};
+use crate::encryption::Keys;
 use crate::restore::{self, RestoreOptions, Target};
 use crate::segment::Kind;
 use crate::storage::{Storage, to_hex};
@@ -34,6 +36,7 @@ pub async fn verify(
     prefix: &str,
     live: Option<&Path>,
     scratch_dir: &Path,
+    keys: Option<Arc<Keys>>,
 ) -> Result<Report, chain::Error> {
     let objects = chain::list(storage, prefix).await?;
     let mut report = Report {
@@ -62,6 +65,7 @@ pub async fn verify(
         output: restored.clone(),
         target: Target::Latest,
         force: false,
+        keys,
     };
     match restore::restore(storage, &opts).await {
         Ok(_) => report.restored = true,

@@ -13,7 +13,9 @@ use common::TestStore;
 
 fn walsync() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_walsync"));
-    cmd.env_remove("WALSYNC_STORAGE").env("WALSYNC_LOG", "info");
+    cmd.env_remove("WALSYNC_STORAGE")
+        .env_remove("WALSYNC_ENCRYPTION_KEY")
+        .env("WALSYNC_LOG", "info");
     cmd
 }
 
@@ -663,5 +665,119 @@ async fn sync_wait_returns_once_the_data_is_in_storage() {
         assert!(!output.status.success(), "{kind}");
         assert!(stderr.contains("nope"), "{kind}: {stderr}");
         assert!(terminate(&mut child).success());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encryption_keys_from_the_environment_or_a_file_and_never_shown() {
+    const KEY: &str = "3c1f6a0d9e8b7c2a5f4e3d2c1b0a99887766554433221100ffeeddccbbaa0918";
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("vault.db");
+        let conn = app_db(&db);
+        let config = dir.path().join("walsync.toml");
+        std::fs::write(
+            &config,
+            store.config(&format!(
+                "[sync]\nencryption_key = \"${{WALSYNC_ENCRYPTION_KEY}}\"\n\
+                 [[databases]]\npath = \"{}\"\n",
+                db.display()
+            )),
+        )
+        .unwrap();
+        let log_path = dir.path().join("watch.log");
+        let mut cmd = walsync();
+        cmd.args(["watch", "--config", cfg(&config)])
+            .env("WALSYNC_ENCRYPTION_KEY", KEY)
+            .env("WALSYNC_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap());
+        with_store(&mut cmd, &store);
+        let mut child = cmd.spawn().unwrap();
+        wait_for_objects(&store, "vault", 1).await;
+        for i in 0..20 {
+            conn.execute("INSERT INTO t(v) VALUES (?1)", [format!("secret {i}")])
+                .unwrap();
+        }
+        let mut sync = walsync();
+        sync.args(["sync", "--config", cfg(&config), "--wait"])
+            .env("WALSYNC_ENCRYPTION_KEY", KEY);
+        let output = run(&mut sync);
+        assert!(output.status.success(), "{kind}: {output:?}");
+        assert!(terminate(&mut child).success(), "{kind}");
+
+        // With the key in the environment, through the configuration.
+        let restored = dir.path().join("restored.db");
+        let mut cmd = walsync();
+        cmd.args([
+            "restore",
+            "--config",
+            cfg(&config),
+            "--prefix",
+            "vault",
+            "-o",
+        ])
+        .arg(&restored)
+        .env("WALSYNC_ENCRYPTION_KEY", KEY);
+        with_store(&mut cmd, &store);
+        let output = run(&mut cmd);
+        assert!(output.status.success(), "{kind}: {output:?}");
+        assert_eq!(rows(&restored), rows(&db), "{kind}");
+
+        // Without a key: one line naming the object, a failure, no file.
+        let plain = dir.path().join("plain.db");
+        let restore = |extra: &[&str]| {
+            let mut cmd = walsync();
+            cmd.args([
+                "restore",
+                "--prefix",
+                "vault",
+                "--storage",
+                &store.url,
+                "-o",
+            ])
+            .arg(&plain)
+            .args(extra);
+            with_store(&mut cmd, &store);
+            run(&mut cmd)
+        };
+        let output = restore(&[]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{kind}");
+        assert!(
+            stderr.contains("vault/0000000000000001.snapshot")
+                && stderr.contains("no encryption key"),
+            "{kind}: {stderr}"
+        );
+        assert_eq!(stderr.trim().lines().count(), 1, "{kind}: {stderr}");
+        assert!(!plain.exists(), "{kind}");
+
+        // A key file that is not a key is named; the right one restores.
+        let key_file = dir.path().join("key");
+        std::fs::write(&key_file, "not a key\n").unwrap();
+        let output = restore(&["--encryption-key-file", cfg(&key_file)]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{kind}");
+        assert!(stderr.contains(cfg(&key_file)), "{kind}: {stderr}");
+        std::fs::write(&key_file, format!("{KEY}\n")).unwrap();
+        let output = restore(&["--encryption-key-file", cfg(&key_file)]);
+        assert!(output.status.success(), "{kind}: {output:?}");
+        assert_eq!(rows(&plain), rows(&db), "{kind}");
+
+        let mut explain = walsync();
+        explain
+            .args(["explain", "--config", cfg(&config)])
+            .env("WALSYNC_ENCRYPTION_KEY", KEY);
+        let output = run(&mut explain);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(stdout.contains("encrypted with key"), "{kind}: {stdout}");
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        assert!(log.contains("shipped segment"), "{kind}: {log}");
+        for shown in [stdout.as_ref(), log.as_str()] {
+            assert!(
+                !shown.contains(KEY) && !shown.contains(&KEY[..16]),
+                "{kind}"
+            );
+        }
     }
 }

@@ -130,6 +130,7 @@ async fn restore_rows(store: &TestStore, prefix: &str, dir: &Path) -> Rows {
             output: out.clone(),
             target: restore::Target::Latest,
             force: true,
+            keys: None,
         },
     )
     .await

@@ -5,10 +5,13 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::Connection;
+use sha2::{Digest, Sha256};
 use walsync::chain;
+use walsync::encryption::{Key, Keys};
 use walsync::replica::{Replica, SyncOptions};
 use walsync::restore::{self, RestoreOptions};
 use walsync::segment::{self, Kind};
@@ -71,6 +74,16 @@ async fn restore_to(
     out: &Path,
     target: restore::Target,
 ) -> Result<Rows, String> {
+    restore_with(store, prefix, out, target, None).await
+}
+
+async fn restore_with(
+    store: &TestStore,
+    prefix: &str,
+    out: &Path,
+    target: restore::Target,
+    keys: Option<Arc<Keys>>,
+) -> Result<Rows, String> {
     restore::restore(
         store.storage.as_ref(),
         &RestoreOptions {
@@ -78,6 +91,7 @@ async fn restore_to(
             output: out.to_path_buf(),
             target,
             force: true,
+            keys,
         },
     )
     .await
@@ -502,6 +516,7 @@ async fn vacuum_shrinks_and_every_page_size_round_trips() {
                     output: out.clone(),
                     target: restore::Target::Latest,
                     force: false,
+                    keys: None,
                 },
             )
             .await
@@ -556,6 +571,7 @@ async fn expect_refusal(store: &TestStore, prefix: &str, dir: &Path, key: &str) 
             output: out.clone(),
             target: restore::Target::Latest,
             force: true,
+            keys: None,
         },
     )
     .await
@@ -620,8 +636,9 @@ async fn altered_missing_or_foreign_objects_are_refused_by_name() {
             timestamp_ms: 0,
             wal: segment::WalRange::default(),
             prev_hash: [7; 32],
+            sealed: None,
         };
-        let mut enc = segment::Encoder::new(forged, Vec::new()).unwrap();
+        let mut enc = segment::Encoder::new(forged, None, Vec::new()).unwrap();
         enc.add_page(1, &[0u8; 4096]).unwrap();
         let (hash, bytes) = enc.finish().unwrap();
         store
@@ -643,10 +660,137 @@ async fn altered_missing_or_foreign_objects_are_refused_by_name() {
                 output: out,
                 target: restore::Target::Latest,
                 force: false,
+                keys: None,
             },
         )
         .await
         .unwrap_or_else(|e| panic!("{kind}: {e}"));
+    }
+}
+
+/// Key rings from raw keys; the first one encrypts.
+fn ring(keys: &[u8]) -> Option<Arc<Keys>> {
+    let mut all = keys.iter().map(|b| Key::from_bytes(&[*b; 32]));
+    let current = all.next()?;
+    Some(Arc::new(Keys::new(current, all.collect())))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_replicas_restore_only_with_their_keys() {
+    // High-entropy, so that compression alone would leave it readable.
+    let marker: Vec<u8> = (0..8u8)
+        .flat_map(|i| Sha256::digest([i]).to_vec())
+        .collect();
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_in(&dir, "secret.db");
+        let conn = app_conn(&db, 4096);
+        let sealed = |keys: Option<Arc<Keys>>| SyncOptions {
+            encryption: keys,
+            ..opts()
+        };
+        conn.execute("INSERT INTO t(v) VALUES (?1)", [&marker])
+            .unwrap();
+        insert(&conn, 50, 300);
+        let mut replica = open_replica(&db, "secret", &store, sealed(ring(&[1]))).await;
+        replica.sync().await.unwrap();
+        conn.execute("INSERT INTO t(v) VALUES (?1)", [&marker])
+            .unwrap();
+        replica.sync().await.unwrap();
+        let first_state = rows(&db);
+        let first_seq = replica.head().unwrap().seq;
+        assert_eq!(first_seq, 2, "{kind}: a snapshot and a segment");
+
+        let storage = store.storage.as_ref();
+        for object in chain::list(storage, "secret").await.unwrap() {
+            let bytes = storage::get_bytes(storage, &object.key).await.unwrap();
+            assert!(
+                !bytes.windows(marker.len()).any(|w| w == marker),
+                "{kind}: {} holds plaintext",
+                object.key
+            );
+            let header = chain::read_header(storage, &object).await.unwrap();
+            assert!(header.sealed.is_some(), "{kind}: {}", object.key);
+        }
+
+        let out = dir.path().join("out.db");
+        let latest = restore::Target::Latest;
+        let err = restore_with(&store, "secret", &out, latest, None)
+            .await
+            .unwrap_err();
+        assert!(
+            err.contains("secret/0000000000000001.snapshot") && err.contains("no encryption key"),
+            "{kind}: {err}"
+        );
+        assert!(!out.exists(), "{kind}: a refused restore wrote a file");
+        let err = restore_with(&store, "secret", &out, latest, ring(&[9]))
+            .await
+            .unwrap_err();
+        assert!(err.contains("wrong key"), "{kind}: {err}");
+        assert_eq!(
+            restore_with(&store, "secret", &out, latest, ring(&[1])).await,
+            Ok(first_state.clone()),
+            "{kind}"
+        );
+
+        // A new key (the old one kept for reading) starts with a snapshot.
+        drop(replica);
+        let mut replica = open_replica(&db, "secret", &store, sealed(ring(&[2, 1]))).await;
+        insert(&conn, 10, 300);
+        let report = replica.sync().await.unwrap();
+        assert_eq!(report.snapshot_reasons, vec!["key"], "{kind}");
+        insert(&conn, 10, 300);
+        replica.sync().await.unwrap();
+        let old = restore::Target::Seq(first_seq);
+        assert_eq!(
+            restore_with(&store, "secret", &out, latest, ring(&[2, 1])).await,
+            Ok(rows(&db)),
+            "{kind}"
+        );
+        assert_eq!(
+            restore_with(&store, "secret", &out, old, ring(&[2, 1])).await,
+            Ok(first_state),
+            "{kind}"
+        );
+        assert_eq!(
+            restore_with(&store, "secret", &out, latest, ring(&[2])).await,
+            Ok(rows(&db)),
+            "{kind}"
+        );
+        let err = restore_with(&store, "secret", &out, old, ring(&[2]))
+            .await
+            .unwrap_err();
+        assert!(err.contains("wrong key"), "{kind}: {err}");
+
+        // A plain object appended to an encrypted chain (by someone who can
+        // write to storage but has no key) links correctly and is still refused.
+        let objects = chain::list(storage, "secret").await.unwrap();
+        let head = objects.last().unwrap();
+        let (head_header, head_hash, _) = chain::read_verified(storage, head).await.unwrap();
+        let seq = head.seq + 1;
+        let injected = segment::object_key("secret", seq, Kind::Wal);
+        let forged = segment::Header {
+            kind: Kind::Wal,
+            seq,
+            page_count: 1,
+            prev_hash: head_hash,
+            sealed: None,
+            ..head_header
+        };
+        let mut enc = segment::Encoder::new(forged, None, Vec::new()).unwrap();
+        enc.add_page(1, &[0u8; 4096]).unwrap();
+        let (hash, bytes) = enc.finish().unwrap();
+        storage
+            .put_new(&injected, Payload::Bytes(bytes), hash)
+            .await
+            .unwrap();
+        let err = restore_with(&store, "secret", &out, latest, ring(&[2, 1]))
+            .await
+            .unwrap_err();
+        assert!(
+            err.contains(&injected) && err.contains("encrypted differently"),
+            "{kind}: {err}"
+        );
     }
 }
 
@@ -817,6 +961,7 @@ async fn forced_restore_over_a_database_with_a_wal_replaces_it_safely() {
         output: target.clone(),
         target: restore::Target::Latest,
         force: true,
+        keys: None,
     };
     // While an app still reads it, its WAL cannot be folded in: refused, untouched.
     let err = restore::restore(store.storage.as_ref(), &opts)
@@ -841,9 +986,15 @@ async fn verify_walks_the_chain_and_compares_with_the_live_database() {
     for (kind, store) in common::all_stores().await {
         let dir = tempfile::tempdir().unwrap();
         let (db, objects) = build_chain(&store, dir.path(), "checked").await;
-        let report = verify::verify(store.storage.as_ref(), "checked", Some(&db), dir.path())
-            .await
-            .unwrap();
+        let report = verify::verify(
+            store.storage.as_ref(),
+            "checked",
+            Some(&db),
+            dir.path(),
+            None,
+        )
+        .await
+        .unwrap();
         assert!(report.problems.is_empty(), "{kind}: {:?}", report.problems);
         assert!(report.restored, "{kind}");
         assert!(report.compared_pages.unwrap() > 0, "{kind}");
@@ -853,9 +1004,15 @@ async fn verify_walks_the_chain_and_compares_with_the_live_database() {
             .unwrap()
             .execute("INSERT INTO t(v) VALUES (x'01')", [])
             .unwrap();
-        let report = verify::verify(store.storage.as_ref(), "checked", Some(&db), dir.path())
-            .await
-            .unwrap();
+        let report = verify::verify(
+            store.storage.as_ref(),
+            "checked",
+            Some(&db),
+            dir.path(),
+            None,
+        )
+        .await
+        .unwrap();
         assert_eq!(report.problems.len(), 1, "{kind}: {:?}", report.problems);
         assert!(
             report.problems[0].contains("differs"),
@@ -871,7 +1028,7 @@ async fn verify_walks_the_chain_and_compares_with_the_live_database() {
         let mid = bytes.len() / 2;
         bytes[mid] ^= 0x01;
         replace_object(store.storage.as_ref(), &key, bytes).await;
-        let report = verify::verify(store.storage.as_ref(), "checked", None, dir.path())
+        let report = verify::verify(store.storage.as_ref(), "checked", None, dir.path(), None)
             .await
             .unwrap();
         assert!(
