@@ -20,7 +20,7 @@ use crate::restore::{self, RestoreOptions, Target, format_ms};
 use crate::retention::Retention;
 use crate::status::{self, Board};
 use crate::storage::{self, S3Options, Storage};
-use crate::{chain, config, control, explain, http, sidecar, verify};
+use crate::{chain, config, control, explain, follow, http, sidecar, verify};
 
 /// Holds the encryption key when no file names it.
 const KEY_ENV: &str = "WALSYNC_ENCRYPTION_KEY";
@@ -30,6 +30,7 @@ const KEY_ENV: &str = "WALSYNC_ENCRYPTION_KEY";
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<u8> {
     match cli.command {
         Command::Watch(args) => watch(args, shutdown).await,
+        Command::Restore(args) if args.follow => follow(args, shutdown).await.map(|()| 0),
         Command::Restore(args) => restore(args).await.map(|()| 0),
         Command::RestoreAll(args) => restore_all(args).await.map(|()| 0),
         Command::List(args) => list(args).await.map(|()| 0),
@@ -423,7 +424,8 @@ fn target(txid: Option<u64>, timestamp: Option<u64>) -> Target {
     }
 }
 
-async fn restore(args: RestoreArgs) -> Result<()> {
+/// The storage and keys a restore reads with.
+async fn restore_source(args: &RestoreArgs) -> Result<(Arc<dyn Storage>, Option<Arc<Keys>>)> {
     config::validate_prefix(&args.prefix)?;
     let config = args.config.as_deref().map(load_config).transpose()?;
     let storage = match &config {
@@ -431,6 +433,48 @@ async fn restore(args: RestoreArgs) -> Result<()> {
         None => open_storage(&args.storage, &config::default_storage_beside(&args.output)).await?,
     };
     let keys = reading_keys(config.as_ref(), args.storage.encryption_key_file.as_deref())?;
+    Ok((storage, keys))
+}
+
+async fn follow(args: RestoreArgs, shutdown: CancellationToken) -> Result<()> {
+    let (storage, keys) = restore_source(&args).await?;
+    let opts = follow::FollowOptions {
+        prefix: args.prefix.clone(),
+        output: args.output.clone(),
+        keys,
+        interval: args.interval,
+        force: args.force,
+    };
+    let report = follow::follow(storage.as_ref(), &opts, shutdown)
+        .await
+        .with_context(|| {
+            format!(
+                "following {} from {} into {}",
+                args.prefix,
+                storage.describe(),
+                args.output.display()
+            )
+        })?;
+    match report.position {
+        Some(pos) => println!(
+            "followed {} into {}: at sequence {} ({} objects applied{})",
+            args.prefix,
+            args.output.display(),
+            pos.seq,
+            report.applied,
+            if report.restored {
+                " after a full restore"
+            } else {
+                ""
+            }
+        ),
+        None => println!("stopped before {} had anything in storage", args.prefix),
+    }
+    Ok(())
+}
+
+async fn restore(args: RestoreArgs) -> Result<()> {
+    let (storage, keys) = restore_source(&args).await?;
     let target = target(args.txid, args.timestamp);
     if args.dry_run {
         let planning = || {

@@ -250,6 +250,16 @@ pub struct RestoreArgs {
     /// Replace FILE if it exists (its -wal and -shm files are removed too).
     #[arg(long)]
     pub force: bool,
+    /// Keep FILE up to date until SIGINT/SIGTERM: restore the newest state
+    /// (waiting for storage to have one), then apply each new object as it
+    /// appears, each in one SQLite transaction, so readers of FILE always see
+    /// a whole committed state. The position is kept in FILE.walsync-follow;
+    /// started again, it goes on from there. Readers must only read FILE.
+    #[arg(long, conflicts_with_all = ["txid", "timestamp", "dry_run"])]
+    pub follow: bool,
+    /// With --follow: time between two looks at storage once caught up.
+    #[arg(long, default_value = "1s", value_parser = parse_duration, requires = "follow")]
+    pub interval: Duration,
     /// Take the storage settings from this walsync.toml.
     #[arg(long, short = 'c', value_name = "FILE", conflicts_with = "storage")]
     pub config: Option<PathBuf>,

@@ -6,6 +6,7 @@ pub mod control;
 pub mod db;
 pub mod encryption;
 pub mod explain;
+pub mod follow;
 pub mod http;
 pub mod replica;
 pub mod replicator;

@@ -223,6 +223,8 @@ pub struct RestoreReport {
     pub db_pages: u32,
     pub page_size: u32,
     pub timestamp_ms: u64,
+    /// The content hash of the newest object applied: the next one links to it.
+    pub hash: [u8; 32],
 }
 
 /// The objects a restore to `target` needs, snapshot first. Checks only keys.
@@ -395,6 +397,7 @@ pub async fn restore(storage: &dyn Storage, opts: &RestoreOptions) -> Result<Res
         db_pages: last.header.db_pages,
         page_size: last.header.page_size,
         timestamp_ms: last.header.timestamp_ms,
+        hash: link.map_or([0; 32], |(_, hash)| hash),
     };
     let output = output.clone();
     let force = opts.force;

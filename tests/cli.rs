@@ -781,3 +781,58 @@ async fn encryption_keys_from_the_environment_or_a_file_and_never_shown() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_follow_tracks_a_running_watch_until_sigterm() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("primary.db");
+        let conn = app_db(&db);
+        let config = dir.path().join("walsync.toml");
+        std::fs::write(
+            &config,
+            store.config(&format!(
+                "[sync]\nsync_interval = \"0s\"\n[[databases]]\npath = \"{}\"\n",
+                db.display()
+            )),
+        )
+        .unwrap();
+        let mut watch = spawn_watch(&store, &config, Stdio::null());
+        let copy = dir.path().join("standby").join("copy.db");
+        std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
+        let mut cmd = walsync();
+        cmd.args(["restore", "--config", cfg(&config), "--prefix", "primary"])
+            .args(["--follow", "--interval", "50ms", "-o"])
+            .arg(&copy)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        with_store(&mut cmd, &store);
+        let mut follower = cmd.spawn().unwrap();
+        for i in 0..50 {
+            conn.execute("INSERT INTO t(v) VALUES (?1)", [format!("row {i}")])
+                .unwrap();
+            if i % 10 == 0 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !copy.exists() || rows(&copy) != rows(&db) {
+            assert!(
+                Instant::now() < deadline,
+                "{kind}: the copy did not catch up"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(terminate(&mut follower).success(), "{kind}");
+        let mut stdout = String::new();
+        std::io::Read::read_to_string(follower.stdout.as_mut().unwrap(), &mut stdout).unwrap();
+        assert!(stdout.contains("followed primary into"), "{kind}: {stdout}");
+        assert!(
+            std::fs::read_to_string(dir.path().join("standby/copy.db.walsync-follow"))
+                .unwrap()
+                .contains("prefix = primary"),
+            "{kind}"
+        );
+        assert!(terminate(&mut watch).success(), "{kind}");
+    }
+}

@@ -12,6 +12,7 @@ use rusqlite::Connection;
 use sha2::{Digest, Sha256};
 use walsync::chain;
 use walsync::encryption::{Key, Keys};
+use walsync::follow;
 use walsync::replica::{Replica, SyncOptions};
 use walsync::restore::{self, RestoreOptions};
 use walsync::segment::{self, Kind};
@@ -1072,4 +1073,153 @@ fn wal_path_of_db(db: &Path) -> PathBuf {
     let mut s = db.as_os_str().to_owned();
     s.push("-wal");
     PathBuf::from(s)
+}
+
+/// Inserts `n` batches of ten rows, one transaction per batch.
+fn insert_batches(conn: &Connection, n: usize) {
+    for _ in 0..n {
+        conn.execute_batch(
+            "BEGIN; WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c WHERE x<10)
+             INSERT INTO t(v) SELECT randomblob(300) FROM c; COMMIT;",
+        )
+        .unwrap();
+    }
+}
+
+fn page_count(path: &Path) -> u32 {
+    Connection::open(path)
+        .unwrap()
+        .query_row("PRAGMA page_count", [], |r| r.get(0))
+        .unwrap()
+}
+
+/// Runs `restore --follow` in the background until the returned token is cancelled.
+fn spawn_follow(
+    store: &TestStore,
+    opts: follow::FollowOptions,
+) -> (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<follow::Result<follow::FollowReport>>,
+) {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let storage = store.storage.clone();
+    let token = stop.clone();
+    let task = tokio::spawn(async move { follow::follow(storage.as_ref(), &opts, token).await });
+    (stop, task)
+}
+
+async fn wait_for_rows(path: &Path, expected: &Rows, kind: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !path.exists() || rows(path) != *expected {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{kind}: the follower did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_keeps_a_replica_current_readers_see_whole_transactions_and_it_resumes() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_in(&dir, "live.db");
+        let conn = app_conn(&db, 4096);
+        insert_batches(&conn, 5);
+        let sealed = SyncOptions {
+            encryption: ring(&[4]),
+            ..opts()
+        };
+        let mut replica = open_replica(&db, "live", &store, sealed).await;
+        replica.sync().await.unwrap();
+
+        let copy = dir.path().join("copy.db");
+        let opts = follow::FollowOptions {
+            prefix: "live".into(),
+            output: copy.clone(),
+            keys: ring(&[4]),
+            interval: Duration::from_millis(20),
+            force: false,
+        };
+        let (stop, task) = spawn_follow(&store, opts.clone());
+        wait_for_rows(&copy, &rows(&db), kind).await;
+
+        // A reader of the copy must only ever see whole transactions.
+        let reading = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let reader = {
+            let (copy, reading) = (copy.clone(), reading.clone());
+            std::thread::spawn(move || {
+                let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY;
+                let conn = Connection::open_with_flags(&copy, flags).unwrap();
+                conn.busy_timeout(Duration::from_secs(10)).unwrap();
+                let mut looks = 0;
+                while reading.load(std::sync::atomic::Ordering::Relaxed) {
+                    let n: i64 = conn
+                        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+                        .unwrap();
+                    assert_eq!(n % 10, 0, "a reader saw {n} rows: half a transaction");
+                    looks += 1;
+                }
+                looks
+            })
+        };
+        for round in 0..12 {
+            insert_batches(&conn, 3);
+            if round == 5 {
+                // Shrinks the file: the copy must drop the freed pages too.
+                conn.execute_batch("DELETE FROM t WHERE id <= 100; VACUUM;")
+                    .unwrap();
+            }
+            if round == 8 {
+                replica.force_snapshot("test").await.unwrap();
+            }
+            replica.sync().await.unwrap();
+        }
+        wait_for_rows(&copy, &rows(&db), kind).await;
+        reading.store(false, std::sync::atomic::Ordering::Relaxed);
+        assert!(reader.join().unwrap() > 0, "{kind}");
+        stop.cancel();
+        let report = task.await.unwrap().unwrap();
+        assert!(
+            report.restored && report.applied >= 12,
+            "{kind}: {report:?}"
+        );
+        assert_eq!(page_count(&copy), page_count(&db), "{kind}");
+        assert_eq!(
+            report.position.unwrap().seq,
+            replica.head().unwrap().seq,
+            "{kind}"
+        );
+
+        // Started again, it goes on from where it stood.
+        insert_batches(&conn, 2);
+        replica.sync().await.unwrap();
+        let (stop, task) = spawn_follow(&store, opts.clone());
+        wait_for_rows(&copy, &rows(&db), kind).await;
+        stop.cancel();
+        let report = task.await.unwrap().unwrap();
+        assert!(
+            !report.restored && report.applied == 1,
+            "{kind}: {report:?}"
+        );
+
+        // A file it did not make is not taken over without --force.
+        let other = dir.path().join("other.db");
+        std::fs::write(&other, b"someone else's").unwrap();
+        let err = follow::follow(
+            store.storage.as_ref(),
+            &follow::FollowOptions {
+                output: other.clone(),
+                ..opts.clone()
+            },
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("not followed") && err.to_string().contains("--force"),
+            "{kind}: {err}"
+        );
+        assert_eq!(std::fs::read(&other).unwrap(), b"someone else's");
+    }
 }

@@ -1,0 +1,482 @@
+//! `restore --follow`: keeps a replica file up to date with its chain in
+//! storage, for readers (a read-only copy, a standby, reporting).
+//!
+//! Each new object is verified as restore verifies it (trailer, key, link to
+//! the object before it, encryption key), then applied through SQLite itself:
+//! its pages go into the file through `sqlite_dbpage` inside one write
+//! transaction, so a reader of the file sees the state before the object or
+//! after it, never a mix. The position reached (sequence and content hash) is
+//! kept beside the file and rewritten after each commit. Applying an object a
+//! second time gives the same file, so a crash between the commit and the
+//! position update costs only a repeat.
+
+use std::fs::File;
+use std::io::{self, BufReader};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, TransactionBehavior, params};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::chain::{self, ObjectRef};
+use crate::encryption::Keys;
+use crate::restore::{self, RestoreOptions, Target};
+use crate::segment::{self, Header, Kind, PageReader};
+use crate::storage::{self, Storage, to_hex};
+
+/// Appended to the replica file's name for the position file.
+pub const POSITION_SUFFIX: &str = ".walsync-follow";
+/// Idle polls between two listings, which find objects deleted by retention
+/// before this replica got them, or a chain replaced under the prefix.
+const LIST_EVERY: u32 = 30;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error(
+        "{path} exists but is not followed (no {}); pass --force to replace it",
+        position.display()
+    )]
+    NotFollowed { path: PathBuf, position: PathBuf },
+    #[error("{path}: {message}")]
+    Position { path: PathBuf, message: String },
+    #[error("{path} follows {found:?}, not {expected:?}")]
+    OtherPrefix {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+    #[error(
+        "object {key} does not follow sequence {seq} applied here: its link is {found}, \
+         expected {expected} (the chain was replaced; restore afresh with --force)"
+    )]
+    BrokenLink {
+        key: String,
+        seq: u64,
+        found: String,
+        expected: String,
+    },
+    #[error(
+        "object {key} is encrypted differently from the object before it and is not a \
+         snapshot: refusing an object that was not written with the rest"
+    )]
+    MixedEncryption { key: String },
+    #[error(
+        "storage no longer holds sequence {next} of {prefix:?} (deleted by retention?) and has \
+         no later snapshot to continue from; restore afresh with --force"
+    )]
+    Gap { prefix: String, next: u64 },
+    #[error(
+        "the chain of {prefix:?} in storage ends at sequence {head}, behind this replica \
+         (at {seq}): it was replaced; restore afresh with --force"
+    )]
+    Behind { prefix: String, head: u64, seq: u64 },
+    #[error("object {key}: page size {found}, the replica has {expected}")]
+    PageSize {
+        key: String,
+        found: u32,
+        expected: u32,
+    },
+    #[error("applying object {key} to {path}: {source}")]
+    Apply {
+        key: String,
+        path: PathBuf,
+        #[source]
+        source: ApplyError,
+    },
+    #[error(transparent)]
+    Restore(#[from] restore::Error),
+    #[error(transparent)]
+    Chain(#[from] chain::Error),
+    #[error("{path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+}
+
+/// Why an object could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Segment(#[from] segment::Error),
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone)]
+pub struct FollowOptions {
+    pub prefix: String,
+    pub output: PathBuf,
+    pub keys: Option<Arc<Keys>>,
+    /// Time between two looks at storage once caught up.
+    pub interval: Duration,
+    /// Replace an existing file that is not followed (restore afresh).
+    pub force: bool,
+}
+
+/// Where a followed replica stands: the newest object applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub seq: u64,
+    pub hash: [u8; 32],
+}
+
+/// What a follow run did until it was stopped.
+#[derive(Debug, Default, Clone)]
+pub struct FollowReport {
+    /// `None` if stopped before storage had anything.
+    pub position: Option<Position>,
+    /// The file was restored afresh (it was missing, or --force).
+    pub restored: bool,
+    /// Objects applied after the first restore (or resume).
+    pub applied: u64,
+}
+
+pub fn position_path(output: &Path) -> PathBuf {
+    let mut s = output.as_os_str().to_owned();
+    s.push(POSITION_SUFFIX);
+    PathBuf::from(s)
+}
+
+/// Follows `opts.prefix` into `opts.output` until `stop` is cancelled.
+pub async fn follow(
+    storage: &dyn Storage,
+    opts: &FollowOptions,
+    stop: CancellationToken,
+) -> Result<FollowReport> {
+    let output = &opts.output;
+    let pos_path = position_path(output);
+    let mut report = FollowReport::default();
+    let saved = read_position(&pos_path, &opts.prefix)?;
+    let mut pos = match saved {
+        Some(pos) if output.exists() && !opts.force => {
+            info!(prefix = %opts.prefix, file = %output.display(), seq = pos.seq, "resuming");
+            pos
+        }
+        _ if output.exists() && !opts.force => {
+            return Err(Error::NotFollowed {
+                path: output.clone(),
+                position: pos_path,
+            });
+        }
+        _ => match first_restore(storage, opts, &stop).await? {
+            Some(pos) => {
+                report.restored = true;
+                write_position(&pos_path, &opts.prefix, pos)?;
+                pos
+            }
+            None => return Ok(report),
+        },
+    };
+    report.position = Some(pos);
+    let mut conn = open_replica(output)?;
+    let mut sealed_with = None;
+    let mut idle_polls = 0u32;
+    loop {
+        while let Some((object, header, hash, file)) =
+            fetch(storage, &opts.prefix, pos.seq + 1).await?
+        {
+            if header.prev_hash != pos.hash {
+                return Err(Error::BrokenLink {
+                    key: object.key,
+                    seq: pos.seq,
+                    found: to_hex(&header.prev_hash),
+                    expected: to_hex(&pos.hash),
+                });
+            }
+            check_seal(&object, &header, &mut sealed_with)?;
+            conn = apply(conn, output, &object, &header, file, opts.keys.clone()).await?;
+            pos = Position {
+                seq: header.seq,
+                hash,
+            };
+            write_position(&pos_path, &opts.prefix, pos)?;
+            report.position = Some(pos);
+            report.applied += 1;
+            idle_polls = 0;
+        }
+        idle_polls += 1;
+        if idle_polls % LIST_EVERY == 0
+            && let Some((object, header, hash, file)) =
+                continue_after_gap(storage, &opts.prefix, pos).await?
+        {
+            check_seal(&object, &header, &mut sealed_with)?;
+            conn = apply(conn, output, &object, &header, file, opts.keys.clone()).await?;
+            pos = Position {
+                seq: header.seq,
+                hash,
+            };
+            write_position(&pos_path, &opts.prefix, pos)?;
+            report.position = Some(pos);
+            report.applied += 1;
+            continue;
+        }
+        tokio::select! {
+            () = stop.cancelled() => return Ok(report),
+            () = tokio::time::sleep(opts.interval) => {}
+        }
+    }
+}
+
+/// Restores the newest state, waiting for storage to have one.
+async fn first_restore(
+    storage: &dyn Storage,
+    opts: &FollowOptions,
+    stop: &CancellationToken,
+) -> Result<Option<Position>> {
+    let restore_opts = RestoreOptions {
+        prefix: opts.prefix.clone(),
+        output: opts.output.clone(),
+        target: Target::Latest,
+        force: opts.force,
+        keys: opts.keys.clone(),
+    };
+    let mut waiting = false;
+    loop {
+        match restore::restore(storage, &restore_opts).await {
+            Ok(r) => {
+                info!(prefix = %opts.prefix, file = %opts.output.display(), seq = r.seq, "restored; following");
+                return Ok(Some(Position {
+                    seq: r.seq,
+                    hash: r.hash,
+                }));
+            }
+            Err(restore::Error::NoReplica { .. }) => {
+                if !waiting {
+                    info!(prefix = %opts.prefix, "nothing in storage yet; waiting for the first object");
+                    waiting = true;
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tokio::select! {
+            () = stop.cancelled() => return Ok(None),
+            () = tokio::time::sleep(opts.interval) => {}
+        }
+    }
+}
+
+type Fetched = (ObjectRef, Header, [u8; 32], File);
+
+/// Object `seq`, verified, if storage has it (a WAL segment or a snapshot).
+async fn fetch(storage: &dyn Storage, prefix: &str, seq: u64) -> Result<Option<Fetched>> {
+    for kind in [Kind::Wal, Kind::Snapshot] {
+        let object = ObjectRef {
+            key: segment::object_key(prefix, seq, kind),
+            seq,
+            kind,
+            size: 0,
+        };
+        match chain::read_verified(storage, &object).await {
+            Ok((header, hash, file)) => return Ok(Some((object, header, hash, file))),
+            Err(chain::Error::Storage(storage::Error::NotFound { .. })) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(None)
+}
+
+/// When the next object is missing but the chain went on (retention deleted
+/// what this replica had not applied yet), the first later snapshot.
+async fn continue_after_gap(
+    storage: &dyn Storage,
+    prefix: &str,
+    pos: Position,
+) -> Result<Option<Fetched>> {
+    let objects = chain::list(storage, prefix).await?;
+    let Some(head) = objects.last() else {
+        return Ok(None);
+    };
+    if head.seq < pos.seq {
+        return Err(Error::Behind {
+            prefix: prefix.to_string(),
+            head: head.seq,
+            seq: pos.seq,
+        });
+    }
+    if head.seq == pos.seq || objects.iter().any(|o| o.seq == pos.seq + 1) {
+        return Ok(None);
+    }
+    let Some(snapshot) = objects
+        .iter()
+        .find(|o| o.seq > pos.seq && o.kind == Kind::Snapshot)
+    else {
+        return Err(Error::Gap {
+            prefix: prefix.to_string(),
+            next: pos.seq + 1,
+        });
+    };
+    warn!(
+        prefix,
+        from = pos.seq + 1,
+        to = snapshot.seq - 1,
+        "objects were deleted before this replica applied them; continuing from the next snapshot"
+    );
+    let (header, hash, file) = chain::read_verified(storage, snapshot).await?;
+    Ok(Some((snapshot.clone(), header, hash, file)))
+}
+
+/// Within a run, objects are sealed alike except across a snapshot (a key
+/// change takes one), as in a restore.
+fn check_seal(
+    object: &ObjectRef,
+    header: &Header,
+    last: &mut Option<Option<segment::Seal>>,
+) -> Result<()> {
+    let id = |s: Option<segment::Seal>| s.map(|s| s.key_id);
+    if header.kind != Kind::Snapshot
+        && let Some(prev) = last
+        && id(*prev) != id(header.sealed)
+    {
+        return Err(Error::MixedEncryption {
+            key: object.key.clone(),
+        });
+    }
+    *last = Some(header.sealed);
+    Ok(())
+}
+
+fn open_replica(path: &Path) -> Result<Connection> {
+    let sql = |source| Error::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    };
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE).map_err(sql)?;
+    // Readers hold the file briefly; a write waits for them rather than failing.
+    conn.busy_timeout(Duration::from_secs(30)).map_err(sql)?;
+    Ok(conn)
+}
+
+/// Applies one verified object in one transaction, on the blocking pool.
+async fn apply(
+    conn: Connection,
+    path: &Path,
+    object: &ObjectRef,
+    header: &Header,
+    file: File,
+    keys: Option<Arc<Keys>>,
+) -> Result<Connection> {
+    let page_size = {
+        let size: u32 = conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .map_err(|source| Error::Sqlite {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        size
+    };
+    if header.page_size != page_size {
+        return Err(Error::PageSize {
+            key: object.key.clone(),
+            found: header.page_size,
+            expected: page_size,
+        });
+    }
+    let mut conn = conn;
+    let (conn, result) = tokio::task::spawn_blocking(move || {
+        let result = apply_pages(&mut conn, file, keys.as_deref());
+        (conn, result)
+    })
+    .await
+    .map_err(|e| Error::Apply {
+        key: object.key.clone(),
+        path: path.to_path_buf(),
+        source: ApplyError::Io(io::Error::other(e)),
+    })?;
+    result.map_err(|source| Error::Apply {
+        key: object.key.clone(),
+        path: path.to_path_buf(),
+        source,
+    })?;
+    info!(key = %object.key, pages = header.page_count, db_pages = header.db_pages, "applied");
+    Ok(conn)
+}
+
+fn apply_pages(conn: &mut Connection, file: File, keys: Option<&Keys>) -> Result<(), ApplyError> {
+    let len = file.metadata()?.len();
+    let mut reader = PageReader::new(BufReader::with_capacity(1 << 20, file), len, keys)?;
+    let header = *reader.header();
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    {
+        let mut insert = tx.prepare("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)")?;
+        let mut page = vec![0u8; header.page_size as usize];
+        while let Some(pgno) = reader.next_page(&mut page)? {
+            insert.execute(params![pgno, page])?;
+        }
+        // Pages past the new end (freed by a VACUUM) go; a NULL insert
+        // truncates, and must come after every page write.
+        let pages: u32 = tx.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        if pages > header.db_pages {
+            insert.execute(params![header.db_pages + 1, rusqlite::types::Null])?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn read_position(path: &Path, prefix: &str) -> Result<Option<Position>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(Error::Position {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            });
+        }
+    };
+    let bad = |what: &str| Error::Position {
+        path: path.to_path_buf(),
+        message: format!("{what}; remove it and restore afresh with --force"),
+    };
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(" = "))
+            .ok_or_else(|| bad(&format!("no {name}")))
+    };
+    let found = field("prefix")?;
+    if found != prefix {
+        return Err(Error::OtherPrefix {
+            path: path.to_path_buf(),
+            found: found.to_string(),
+            expected: prefix.to_string(),
+        });
+    }
+    let seq = field("seq")?.parse().map_err(|_| bad("bad seq"))?;
+    let hex = field("hash")?;
+    let mut hash = [0u8; 32];
+    if hex.len() != 64 {
+        return Err(bad("bad hash"));
+    }
+    for (i, b) in hash.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad("bad hash"))?;
+    }
+    Ok(Some(Position { seq, hash }))
+}
+
+/// Replaces the position file atomically.
+fn write_position(path: &Path, prefix: &str, pos: Position) -> Result<()> {
+    let err = |e: io::Error| Error::Position {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let text = format!(
+        "# where `walsync restore --follow` stands; written after each object\n\
+         prefix = {prefix}\nseq = {}\nhash = {}\n",
+        pos.seq,
+        to_hex(&pos.hash)
+    );
+    std::fs::write(&tmp, text).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)?;
+    Ok(())
+}
