@@ -836,3 +836,48 @@ async fn restore_follow_tracks_a_running_watch_until_sigterm() {
         assert!(terminate(&mut watch).success(), "{kind}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_wait_reports_a_database_that_stopped_instead_of_hanging() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("taken.db");
+        let conn = app_db(&db);
+        let config = dir.path().join("walsync.toml");
+        std::fs::write(
+            &config,
+            store.config(&format!(
+                "[sync]\nsync_interval = \"1h\"\n[[databases]]\npath = \"{}\"\n",
+                db.display()
+            )),
+        )
+        .unwrap();
+        let mut child = spawn_watch(&store, &config, Stdio::null());
+        wait_for_objects(&store, "taken", 1).await;
+        conn.execute("INSERT INTO t(v) VALUES ('lost race')", [])
+            .unwrap();
+        // Another writer took the next sequence: this database must stop,
+        // and the waiting client must hear so.
+        let next = walsync::segment::object_key("taken", 2, walsync::segment::Kind::Wal);
+        store
+            .storage
+            .put_new(
+                &next,
+                walsync::storage::Payload::Bytes(b"someone else".to_vec()),
+                [0; 32],
+            )
+            .await
+            .unwrap();
+        let mut cmd = walsync();
+        cmd.args(["sync", "--config", cfg(&config), "--wait"]);
+        let output = run(&mut cmd);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{kind}: {stderr}");
+        // An answer, not the client's timeout ("no answer within ...").
+        assert!(
+            stderr.contains("taken") && stderr.contains("Another walsync"),
+            "{kind}: {stderr}"
+        );
+        terminate(&mut child);
+    }
+}
