@@ -255,10 +255,10 @@ fn cli_keys(key_file: Option<&Path>) -> Result<Option<Arc<Keys>>> {
                 Key::from_hex(&text).with_context(|| KEY_ENV.to_string())?
             }
             Ok(_) | Err(std::env::VarError::NotPresent) => return Ok(None),
-            Err(e) => bail!("{KEY_ENV}: {e}"),
+            Err(std::env::VarError::NotUnicode(_)) => bail!("{KEY_ENV} is not valid UTF-8"),
         },
     };
-    Ok(Some(Arc::new(Keys::new(key, Vec::new()))))
+    Ok(Some(Arc::new(Keys::new(Some(key), Vec::new()))))
 }
 
 /// Keys that open objects: every key of the configuration and the command line.

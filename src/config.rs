@@ -325,26 +325,30 @@ impl Checker<'_> {
             Some(0) => sync.retention.snapshots = None,
             Some(n) => sync.retention.snapshots = Some(n),
         }
-        match (raw.encryption_key.as_deref(), &raw.previous_encryption_keys) {
-            (None, None) => {}
-            (Some("off"), _) => sync.encryption = None,
-            (None, Some(_)) => {
-                return Err(self.err(format!(
-                    "{} needs {} (the key new objects are encrypted with)",
-                    key("previous_encryption_keys"),
-                    key("encryption_key")
-                )));
-            }
-            (Some(current), previous) => {
-                let current = self.key(&key("encryption_key"), current)?;
-                let previous = previous
+        if raw.encryption_key.is_some() || raw.previous_encryption_keys.is_some() {
+            // What is not given here is inherited; "off" keeps the older keys
+            // for reading and says that stopping encryption is intended.
+            let base = sync.encryption.as_deref();
+            let current = match raw.encryption_key.as_deref() {
+                None => base.and_then(|k| k.current().cloned()),
+                Some("off") => None,
+                Some(value) => Some(self.key(&key("encryption_key"), value)?),
+            };
+            let previous = match &raw.previous_encryption_keys {
+                // A key replaced here (or turned off) still opens what it sealed.
+                None => base
+                    .into_iter()
+                    .flat_map(Keys::all)
+                    .filter(|k| Some(*k) != current.as_ref())
+                    .cloned()
+                    .collect(),
+                Some(list) => list
                     .iter()
-                    .flatten()
                     .enumerate()
                     .map(|(i, k)| self.key(&format!("{}[{i}]", key("previous_encryption_keys")), k))
-                    .collect::<Result<Vec<_>, _>>()?;
-                sync.encryption = Some(Arc::new(Keys::new(current, previous)));
-            }
+                    .collect::<Result<Vec<_>, _>>()?,
+            };
+            sync.encryption = Some(Arc::new(Keys::new(current, previous)));
         }
         Ok(sync)
     }
@@ -1080,7 +1084,8 @@ encryption_key = "off"
                 .sync
                 .encryption
                 .as_ref()
-                .map(|k| k.current().id())
+                .and_then(|k| k.current())
+                .map(|k| k.id())
         };
         assert_eq!(current(0), Some(id(&a)));
         assert_eq!(current(1), Some(id(&b)));
@@ -1102,10 +1107,18 @@ encryption_key = "off"
             err.contains("databases[1].encryption_key") && err.contains("not set"),
             "{err}"
         );
-        let orphan = "[storage]\nurl = \"/r\"\n[[databases]]\npath = \"/d/a.db\"\n\
-                      previous_encryption_keys = [\"00\"]\n";
-        let err = Config::parse(orphan, file).unwrap_err().to_string();
-        assert!(err.contains("needs databases[0].encryption_key"), "{err}");
+        // "off" stops encrypting but keeps every key for reading.
+        let off = &config.entries[2].sync.encryption.as_ref().unwrap();
+        assert!(off.current().is_none() && off.find(id(&a)).is_some());
+        let bad = text.replace(
+            r#"previous_encryption_keys = [""#,
+            r#"previous_encryption_keys = ["00"#,
+        );
+        let err = Config::parse(&bad, file).unwrap_err().to_string();
+        assert!(
+            err.contains("databases[1].previous_encryption_keys[0]"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -60,6 +60,9 @@ impl Key {
         if text.len() != 64 {
             return Err(KeyError::Length(text.chars().count()));
         }
+        if !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(KeyError::NotHex);
+        }
         let mut bytes = [0u8; 32];
         for (i, pair) in text.as_bytes().chunks(2).enumerate() {
             let pair = std::str::from_utf8(pair).map_err(|_| KeyError::NotHex)?;
@@ -100,24 +103,29 @@ impl PartialEq for Key {
 
 impl Eq for Key {}
 
-/// The keys of one database: new objects are sealed with the first; the
-/// others only open objects written before a key change.
+/// The keys of one database: new objects are sealed with the current one;
+/// the others only open objects written before a key change. No current key
+/// means encryption was turned off on purpose (`encryption_key = "off"`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keys {
-    current: Key,
+    current: Option<Key>,
     previous: Vec<Key>,
 }
 
 impl Keys {
-    pub fn new(current: Key, previous: Vec<Key>) -> Self {
+    pub fn new(current: Option<Key>, previous: Vec<Key>) -> Self {
         Self { current, previous }
     }
 
-    pub fn current(&self) -> &Key {
-        &self.current
+    pub fn current(&self) -> Option<&Key> {
+        self.current.as_ref()
     }
 
-    /// Every key of `sets`, once each; the first one found is current.
+    pub fn previous(&self) -> &[Key] {
+        &self.previous
+    }
+
+    /// Every key of `sets`, once each, for reading; the first found is current.
     pub fn union<'a>(sets: impl IntoIterator<Item = &'a Keys>) -> Option<Keys> {
         let mut keys: Vec<Key> = Vec::new();
         for key in sets.into_iter().flat_map(Keys::all) {
@@ -127,12 +135,12 @@ impl Keys {
         }
         let mut keys = keys.into_iter();
         let current = keys.next()?;
-        Some(Keys::new(current, keys.collect()))
+        Some(Keys::new(Some(current), keys.collect()))
     }
 
     /// The current key first.
     pub fn all(&self) -> impl Iterator<Item = &Key> {
-        std::iter::once(&self.current).chain(&self.previous)
+        self.current.iter().chain(&self.previous)
     }
 
     pub fn find(&self, id: KeyId) -> Option<&Key> {
@@ -398,7 +406,11 @@ mod tests {
             Key::from_hex(&"zz".repeat(32)).unwrap_err(),
             KeyError::NotHex
         );
-        let keys = Keys::new(key(1), vec![key(2)]);
+        assert_eq!(
+            Key::from_hex(&"+f".repeat(32)).unwrap_err(),
+            KeyError::NotHex
+        );
+        let keys = Keys::new(Some(key(1)), vec![key(2)]);
         assert_eq!(keys.find(key(2).id()), Some(&key(2)));
         assert_eq!(keys.find(key(3).id()), None);
     }

@@ -97,10 +97,14 @@ fn sync(s: &SyncOptions) -> String {
     let encryption = match &s.encryption {
         None => "not encrypted".to_string(),
         Some(keys) => {
-            format!("encrypted with key {}", keys.current().id())
+            let sealing = match keys.current() {
+                Some(k) => format!("encrypted with key {}", k.id()),
+                None => "not encrypted (turned off)".to_string(),
+            };
+            sealing
                 + &keys
-                    .all()
-                    .skip(1)
+                    .previous()
+                    .iter()
                     .map(|k| format!(", opens {}", k.id()))
                     .collect::<String>()
         }

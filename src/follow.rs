@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::chain::{self, ObjectRef};
-use crate::encryption::Keys;
+use crate::encryption::{KeyId, Keys};
 use crate::restore::{self, RestoreOptions, Target};
 use crate::segment::{self, Header, Kind, PageReader};
 use crate::storage::{self, Storage, to_hex};
@@ -31,6 +31,11 @@ pub const POSITION_SUFFIX: &str = ".walsync-follow";
 /// Idle polls between two listings, which find objects deleted by retention
 /// before this replica got them, or a chain replaced under the prefix.
 const LIST_EVERY: u32 = 30;
+/// Longest wait between two attempts while storage fails.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// SQLite never stores data in the page holding the lock bytes at 1 GiB;
+/// snapshots carry it as zeros and `sqlite_dbpage` refuses to write it.
+const PENDING_BYTE: u64 = 0x4000_0000;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -127,6 +132,19 @@ pub struct FollowOptions {
 pub struct Position {
     pub seq: u64,
     pub hash: [u8; 32],
+    /// The key that object was sealed with: a later object sealed otherwise
+    /// (or not at all) must be a snapshot, as after a real key change.
+    pub key_id: Option<KeyId>,
+}
+
+impl Position {
+    fn after(header: &Header, hash: [u8; 32]) -> Self {
+        Self {
+            seq: header.seq,
+            hash,
+            key_id: header.sealed.map(|s| s.key_id),
+        }
+    }
 }
 
 /// What a follow run did until it was stopped.
@@ -178,52 +196,77 @@ pub async fn follow(
     };
     report.position = Some(pos);
     let mut conn = open_replica(output)?;
-    let mut sealed_with = None;
     let mut idle_polls = 0u32;
+    let mut failures = 0u32;
     loop {
-        while let Some((object, header, hash, file)) =
-            fetch(storage, &opts.prefix, pos.seq + 1).await?
-        {
-            if header.prev_hash != pos.hash {
-                return Err(Error::BrokenLink {
-                    key: object.key,
-                    seq: pos.seq,
-                    found: to_hex(&header.prev_hash),
-                    expected: to_hex(&pos.hash),
-                });
+        let next = match next_object(storage, &opts.prefix, pos, idle_polls).await {
+            Ok(next) => {
+                failures = 0;
+                next
             }
-            check_seal(&object, &header, &mut sealed_with)?;
-            conn = apply(conn, output, &object, &header, file, opts.keys.clone()).await?;
-            pos = Position {
-                seq: header.seq,
-                hash,
-            };
-            write_position(&pos_path, &opts.prefix, pos)?;
-            report.position = Some(pos);
-            report.applied += 1;
-            idle_polls = 0;
-        }
-        idle_polls += 1;
-        if idle_polls % LIST_EVERY == 0
-            && let Some((object, header, hash, file)) =
-                continue_after_gap(storage, &opts.prefix, pos).await?
-        {
-            check_seal(&object, &header, &mut sealed_with)?;
-            conn = apply(conn, output, &object, &header, file, opts.keys.clone()).await?;
-            pos = Position {
-                seq: header.seq,
-                hash,
-            };
-            write_position(&pos_path, &opts.prefix, pos)?;
-            report.position = Some(pos);
-            report.applied += 1;
-            continue;
-        }
-        tokio::select! {
-            () = stop.cancelled() => return Ok(report),
-            () = tokio::time::sleep(opts.interval) => {}
+            // Storage outages outlast the SDK's retries; a follower waits them out.
+            Err(Error::Chain(chain::Error::Storage(e))) => {
+                failures += 1;
+                let wait = opts
+                    .interval
+                    .saturating_mul(1 << failures.min(6))
+                    .min(MAX_BACKOFF);
+                warn!(prefix = %opts.prefix, error = %e, retry_in = ?wait, "storage failed; will retry");
+                tokio::select! {
+                    () = stop.cancelled() => return Ok(report),
+                    () = tokio::time::sleep(wait) => {}
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        match next {
+            Some((object, header, hash, file)) => {
+                check_seal(&object, &header, pos)?;
+                conn = apply(conn, output, &object, &header, file, opts.keys.clone()).await?;
+                pos = Position::after(&header, hash);
+                write_position(&pos_path, &opts.prefix, pos)?;
+                report.position = Some(pos);
+                report.applied += 1;
+                idle_polls = 0;
+                if stop.is_cancelled() {
+                    return Ok(report);
+                }
+            }
+            None => {
+                idle_polls += 1;
+                tokio::select! {
+                    () = stop.cancelled() => return Ok(report),
+                    () = tokio::time::sleep(opts.interval) => {}
+                }
+            }
         }
     }
+}
+
+/// The object after `pos`, verified and linked to it; every `LIST_EVERY`
+/// idle polls, also the snapshot to go on from after a gap.
+async fn next_object(
+    storage: &dyn Storage,
+    prefix: &str,
+    pos: Position,
+    idle_polls: u32,
+) -> Result<Option<Fetched>> {
+    if let Some((object, header, hash, file)) = fetch(storage, prefix, pos.seq + 1).await? {
+        if header.prev_hash != pos.hash {
+            return Err(Error::BrokenLink {
+                key: object.key,
+                seq: pos.seq,
+                found: to_hex(&header.prev_hash),
+                expected: to_hex(&pos.hash),
+            });
+        }
+        return Ok(Some((object, header, hash, file)));
+    }
+    if idle_polls > 0 && idle_polls % LIST_EVERY == 0 {
+        return continue_after_gap(storage, prefix, pos).await;
+    }
+    Ok(None)
 }
 
 /// Restores the newest state, waiting for storage to have one.
@@ -247,6 +290,7 @@ async fn first_restore(
                 return Ok(Some(Position {
                     seq: r.seq,
                     hash: r.hash,
+                    key_id: r.key_id,
                 }));
             }
             Err(restore::Error::NoReplica { .. }) => {
@@ -324,23 +368,14 @@ async fn continue_after_gap(
     Ok(Some((snapshot.clone(), header, hash, file)))
 }
 
-/// Within a run, objects are sealed alike except across a snapshot (a key
-/// change takes one), as in a restore.
-fn check_seal(
-    object: &ObjectRef,
-    header: &Header,
-    last: &mut Option<Option<segment::Seal>>,
-) -> Result<()> {
-    let id = |s: Option<segment::Seal>| s.map(|s| s.key_id);
-    if header.kind != Kind::Snapshot
-        && let Some(prev) = last
-        && id(*prev) != id(header.sealed)
-    {
+/// Objects are sealed like the one before them, except from a snapshot on
+/// (a key change takes one), as within a restore.
+fn check_seal(object: &ObjectRef, header: &Header, pos: Position) -> Result<()> {
+    if header.kind != Kind::Snapshot && header.sealed.map(|s| s.key_id) != pos.key_id {
         return Err(Error::MixedEncryption {
             key: object.key.clone(),
         });
     }
-    *last = Some(header.sealed);
     Ok(())
 }
 
@@ -408,8 +443,11 @@ fn apply_pages(conn: &mut Connection, file: File, keys: Option<&Keys>) -> Result
     {
         let mut insert = tx.prepare("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)")?;
         let mut page = vec![0u8; header.page_size as usize];
+        let lock_page = PENDING_BYTE / u64::from(header.page_size) + 1;
         while let Some(pgno) = reader.next_page(&mut page)? {
-            insert.execute(params![pgno, page])?;
+            if u64::from(pgno) != lock_page {
+                insert.execute(params![pgno, page])?;
+            }
         }
         // Pages past the new end (freed by a VACUUM) go; a NULL insert
         // truncates, and must come after every page write.
@@ -451,18 +489,27 @@ fn read_position(path: &Path, prefix: &str) -> Result<Option<Position>> {
         });
     }
     let seq = field("seq")?.parse().map_err(|_| bad("bad seq"))?;
-    let hex = field("hash")?;
-    let mut hash = [0u8; 32];
-    if hex.len() != 64 {
-        return Err(bad("bad hash"));
-    }
-    for (i, b) in hash.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad("bad hash"))?;
-    }
-    Ok(Some(Position { seq, hash }))
+    let hash = from_hex::<32>(field("hash")?).ok_or_else(|| bad("bad hash"))?;
+    let key_id = match field("key")? {
+        "none" => None,
+        id => Some(KeyId(from_hex::<8>(id).ok_or_else(|| bad("bad key"))?)),
+    };
+    Ok(Some(Position { seq, hash, key_id }))
 }
 
-/// Replaces the position file atomically.
+fn from_hex<const N: usize>(hex: &str) -> Option<[u8; N]> {
+    if hex.len() != 2 * N || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Replaces the position file atomically and durably (a power cut must not
+/// leave an empty one behind).
 fn write_position(path: &Path, prefix: &str, pos: Position) -> Result<()> {
     let err = |e: io::Error| Error::Position {
         path: path.to_path_buf(),
@@ -470,13 +517,73 @@ fn write_position(path: &Path, prefix: &str, pos: Position) -> Result<()> {
     };
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
+    let key = pos.key_id.map_or("none".to_string(), |id| id.to_string());
     let text = format!(
         "# where `walsync restore --follow` stands; written after each object\n\
-         prefix = {prefix}\nseq = {}\nhash = {}\n",
+         prefix = {prefix}\nseq = {}\nhash = {}\nkey = {key}\n",
         pos.seq,
         to_hex(&pos.hash)
     );
-    std::fs::write(&tmp, text).map_err(err)?;
+    let mut file = File::create(&tmp).map_err(err)?;
+    io::Write::write_all(&mut file, text.as_bytes()).map_err(err)?;
+    file.sync_all().map_err(err)?;
     std::fs::rename(&tmp, path).map_err(err)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::segment::{Encoder, WalRange};
+
+    /// A database past 1 GiB has a lock-byte page that snapshots carry as
+    /// zeros; SQLite refuses to write it, so following must skip it.
+    #[test]
+    fn the_lock_byte_page_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "PRAGMA page_size = 65536; PRAGMA journal_mode = WAL; CREATE TABLE t(x);",
+        )
+        .unwrap();
+        let page_size = 65536u32;
+        let lock_page = (PENDING_BYTE / u64::from(page_size) + 1) as u32;
+        let header = Header {
+            kind: Kind::Wal,
+            page_size,
+            seq: 2,
+            db_pages: lock_page + 1,
+            page_count: 3,
+            timestamp_ms: 0,
+            wal: WalRange::default(),
+            prev_hash: [0; 32],
+            sealed: None,
+        };
+        // Page 1 records the new size, as SQLite's own commits do.
+        let mut first: Vec<u8> = conn
+            .query_row("SELECT data FROM sqlite_dbpage WHERE pgno = 1", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        first[28..32].copy_from_slice(&(lock_page + 1).to_be_bytes());
+        let mut enc = Encoder::new(header, None, Vec::new()).unwrap();
+        enc.add_page(1, &first).unwrap();
+        let zeros = vec![0u8; page_size as usize];
+        enc.add_page(lock_page, &zeros).unwrap();
+        enc.add_page(lock_page + 1, &zeros).unwrap();
+        let (_, bytes) = enc.finish().unwrap();
+        let object = dir.path().join("object");
+        std::fs::write(&object, bytes).unwrap();
+
+        let mut conn = conn;
+        apply_pages(&mut conn, File::open(&object).unwrap(), None).unwrap();
+        let pages: u32 = conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(pages, lock_page + 1);
+    }
 }

@@ -40,6 +40,12 @@ pub enum Error {
     Busy { path: PathBuf },
     #[error("{path}: the blocking worker failed: {message}")]
     Worker { path: PathBuf, message: String },
+    #[error(
+        "{prefix}: the chain in storage is encrypted (key {key_id}) and no encryption key is set; \
+         nothing is shipped in plaintext. Set the key (encryption_key, WALSYNC_ENCRYPTION_KEY or \
+         --encryption-key-file), or set encryption_key = \"off\" to stop encrypting on purpose"
+    )]
+    KeyMissing { prefix: String, key_id: KeyId },
 }
 
 impl Error {
@@ -57,6 +63,7 @@ impl Error {
             Error::Stopped { .. } => "stopped",
             Error::Busy { .. } => "busy",
             Error::Worker { .. } => "worker",
+            Error::KeyMissing { .. } => "key",
         }
     }
 }
@@ -250,17 +257,27 @@ impl Replica {
             ),
             Err(reason) => self.need_snapshot = Some(reason),
         }
-        self.snapshot_if_key_changed();
         Ok(())
     }
 
-    /// A new key (or none where there was one) starts a new chain segment
-    /// with a snapshot, so that one restore never mixes keys.
-    fn snapshot_if_key_changed(&mut self) {
-        let current = self.opts.encryption.as_ref().map(|k| k.current().id());
+    /// A new key (or none where there was one) starts with a snapshot, so that
+    /// one restore never mixes keys. Checked before anything is encoded, so
+    /// it holds after a key change, a reload, or a pending upload sealed with
+    /// the old key. An encrypted chain is never continued in plaintext unless
+    /// the configuration says so (`encryption_key = "off"`): a key that went
+    /// missing is an error, not a reason to upload the data in the clear.
+    fn check_key(&mut self) -> Result<()> {
+        let current = self.sealing_key().map(|k| k.id());
+        if let (Some(head_key), None) = (self.head_key, &self.opts.encryption) {
+            return Err(Error::KeyMissing {
+                prefix: self.prefix.clone(),
+                key_id: head_key,
+            });
+        }
         if self.head.is_some() && self.head_key != current && self.need_snapshot.is_none() {
             self.need_snapshot = Some(KEY_CHANGED.into());
         }
+        Ok(())
     }
 
     /// When the database last changed (something was shipped), or was opened.
@@ -344,7 +361,10 @@ impl Replica {
     /// New sync settings from an edited configuration, used from the next sync on.
     pub fn set_options(&mut self, opts: SyncOptions) {
         self.opts = opts;
-        self.snapshot_if_key_changed();
+    }
+
+    pub fn options(&self) -> &SyncOptions {
+        &self.opts
     }
 
     pub fn prefix(&self) -> &str {
@@ -413,7 +433,10 @@ impl Replica {
     }
 
     fn sealing_key(&self) -> Option<Key> {
-        self.opts.encryption.as_ref().map(|k| k.current().clone())
+        self.opts
+            .encryption
+            .as_ref()
+            .and_then(|k| k.current().cloned())
     }
 
     fn next_link(&self) -> Link {
@@ -462,6 +485,7 @@ impl Replica {
         if let Some(pending) = self.pending.take() {
             self.upload(pending, &mut report).await?;
         }
+        self.check_key()?;
         if let Some(reason) = self.need_snapshot.clone() {
             self.snapshot(&reason, &mut report).await?;
             return Ok(report);

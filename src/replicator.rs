@@ -938,6 +938,12 @@ impl Fleet {
         slot.running = false;
         slot.last_sync = Some(now);
         slot.replica = replica;
+        // Settings reloaded while it ran (a key rotation among them) apply now.
+        if let Some(replica) = slot.replica.as_mut()
+            && *replica.options() != slot.spec.sync
+        {
+            replica.set_options(slot.spec.sync.clone());
+        }
         if std::mem::take(&mut slot.opening) {
             self.opening -= 1;
         }

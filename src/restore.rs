@@ -18,7 +18,7 @@ use tokio::io::AsyncWriteExt;
 use std::sync::Arc;
 
 use crate::chain::{self, ObjectRef};
-use crate::encryption::Keys;
+use crate::encryption::{KeyId, Keys};
 use crate::segment::{self, Kind, PageReader};
 use crate::storage::{self, Storage, to_hex};
 
@@ -225,6 +225,8 @@ pub struct RestoreReport {
     pub timestamp_ms: u64,
     /// The content hash of the newest object applied: the next one links to it.
     pub hash: [u8; 32],
+    /// The key the newest object was sealed with, if encrypted.
+    pub key_id: Option<KeyId>,
 }
 
 /// The objects a restore to `target` needs, snapshot first. Checks only keys.
@@ -398,6 +400,7 @@ pub async fn restore(storage: &dyn Storage, opts: &RestoreOptions) -> Result<Res
         page_size: last.header.page_size,
         timestamp_ms: last.header.timestamp_ms,
         hash: link.map_or([0; 32], |(_, hash)| hash),
+        key_id: last.header.sealed.map(|s| s.key_id),
     };
     let output = output.clone();
     let force = opts.force;

@@ -67,8 +67,9 @@ pub enum Error {
     #[error("content hash mismatch: the object was altered or truncated")]
     HashMismatch,
     #[error(
-        "the object is encrypted (key {0}) and no encryption key is set: \
-         set encryption_key in walsync.toml or WALSYNC_ENCRYPTION_KEY"
+        "the object is encrypted (key {0}) and no encryption key is given: set \
+         encryption_key (or previous_encryption_keys) in walsync.toml, \
+         WALSYNC_ENCRYPTION_KEY, or --encryption-key-file"
     )]
     MissingKey(KeyId),
     #[error(
@@ -649,7 +650,7 @@ mod tests {
 
     fn keys(bytes: &[&[u8; 32]]) -> Keys {
         let mut all = bytes.iter().map(|b| Key::from_bytes(b));
-        let current = all.next().unwrap();
+        let current = all.next();
         Keys::new(current, all.collect())
     }
 
@@ -659,10 +660,13 @@ mod tests {
         let mut h = header(Kind::Snapshot, &pages);
         h.db_pages = 10;
         let ring = keys(&[&[1; 32]]);
-        let (bytes, hash) = encode_with(h, &pages, Some(ring.current()));
+        let (bytes, hash) = encode_with(h, &pages, Some(ring.current().unwrap()));
         let (decoded, vhash) = verify(Cursor::new(&bytes), bytes.len() as u64).unwrap();
         assert_eq!(vhash, hash);
-        assert_eq!(decoded.sealed.map(|s| s.key_id), Some(ring.current().id()));
+        assert_eq!(
+            decoded.sealed.map(|s| s.key_id),
+            Some(ring.current().unwrap().id())
+        );
         assert_eq!(
             Header {
                 sealed: None,
@@ -676,12 +680,15 @@ mod tests {
         assert_eq!(read_pages(&bytes, Some(&rotated)).unwrap(), pages);
         assert!(matches!(
             read_pages(&bytes, None),
-            Err(Error::MissingKey(id)) if id == ring.current().id()
+            Err(Error::MissingKey(id)) if id == ring.current().unwrap().id()
         ));
         let other = keys(&[&[3; 32]]);
         let err = read_pages(&bytes, Some(&other)).unwrap_err();
         assert!(matches!(err, Error::WrongKey { .. }), "{err}");
-        assert!(err.to_string().contains(&ring.current().id().to_string()));
+        assert!(
+            err.to_string()
+                .contains(&ring.current().unwrap().id().to_string())
+        );
         // No page content is visible in the stored bytes.
         let plain = encode(h, &pages).0;
         assert!(bytes.len() > plain.len());
@@ -696,7 +703,11 @@ mod tests {
         // not the authentication tags, which cover the header too.
         let pages = [1, 2];
         let ring = keys(&[&[1; 32]]);
-        let (bytes, _) = encode_with(header(Kind::Wal, &pages), &pages, Some(ring.current()));
+        let (bytes, _) = encode_with(
+            header(Kind::Wal, &pages),
+            &pages,
+            Some(ring.current().unwrap()),
+        );
         for at in [24, 33, 64, 100, 130, bytes.len() - 40] {
             let mut bad = bytes[..bytes.len() - TRAILER_SIZE].to_vec();
             bad[at] ^= 1;
@@ -733,7 +744,11 @@ mod tests {
         let pages = [1, 2, 7];
         let ring = keys(&[&[1; 32]]);
         let (plain, _) = encode(header(Kind::Wal, &pages), &pages);
-        let (sealed, _) = encode_with(header(Kind::Wal, &pages), &pages, Some(ring.current()));
+        let (sealed, _) = encode_with(
+            header(Kind::Wal, &pages),
+            &pages,
+            Some(ring.current().unwrap()),
+        );
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = || {
             state ^= state << 13;

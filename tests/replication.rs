@@ -673,7 +673,7 @@ async fn altered_missing_or_foreign_objects_are_refused_by_name() {
 fn ring(keys: &[u8]) -> Option<Arc<Keys>> {
     let mut all = keys.iter().map(|b| Key::from_bytes(&[*b; 32]));
     let current = all.next()?;
-    Some(Arc::new(Keys::new(current, all.collect())))
+    Some(Arc::new(Keys::new(Some(current), all.collect())))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1221,5 +1221,117 @@ async fn follow_keeps_a_replica_current_readers_see_whole_transactions_and_it_re
             "{kind}: {err}"
         );
         assert_eq!(std::fs::read(&other).unwrap(), b"someone else's");
+    }
+}
+
+/// Storage whose next put fails once, as a network error would.
+#[derive(Debug)]
+struct FailNextPut {
+    inner: Arc<dyn Storage>,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl Storage for FailNextPut {
+    async fn put_new(&self, key: &str, body: Payload, sha256: [u8; 32]) -> storage::Result<()> {
+        if self.fail.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Err(storage::Error::Io {
+                key: key.into(),
+                source: std::io::Error::other("injected failure"),
+            });
+        }
+        self.inner.put_new(key, body, sha256).await
+    }
+    async fn get(&self, key: &str) -> storage::Result<storage::ObjectReader> {
+        self.inner.get(key).await
+    }
+    async fn list(&self, prefix: &str) -> storage::Result<Vec<storage::ObjectMeta>> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, key: &str) -> storage::Result<()> {
+        self.inner.delete(key).await
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_change_never_mixes_keys_and_a_lost_key_never_ships_plaintext() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_in(&dir, "rotating.db");
+        let conn = app_conn(&db, 4096);
+        insert(&conn, 20, 100);
+        let flaky = Arc::new(FailNextPut {
+            inner: store.storage.clone(),
+            fail: std::sync::atomic::AtomicBool::new(true),
+        });
+        let with = |keys| SyncOptions {
+            encryption: keys,
+            ..opts()
+        };
+        let mut replica = Replica::open(&db, "rotating", flaky.clone(), with(ring(&[1])))
+            .await
+            .unwrap();
+        // The first snapshot (sealed with key 1) fails and waits to be retried;
+        // meanwhile the key changes. Its retry must not let key 2 follow it.
+        assert!(replica.sync().await.is_err(), "{kind}");
+        replica.set_options(with(ring(&[2, 1])));
+        insert(&conn, 5, 100);
+        replica.sync().await.unwrap();
+        insert(&conn, 5, 100);
+        replica.sync().await.unwrap();
+        let out = dir.path().join("out.db");
+        let latest = restore::Target::Latest;
+        assert_eq!(
+            restore_with(&store, "rotating", &out, latest, ring(&[2, 1])).await,
+            Ok(rows(&db)),
+            "{kind}"
+        );
+        let objects = chain::list(store.storage.as_ref(), "rotating")
+            .await
+            .unwrap();
+        let kinds: Vec<Kind> = objects.iter().map(|o| o.kind).collect();
+        assert_eq!(kinds, [Kind::Snapshot, Kind::Snapshot, Kind::Wal], "{kind}");
+
+        // No key at all (a lost environment variable): an error, nothing shipped.
+        let before = objects.len();
+        replica.set_options(with(None));
+        insert(&conn, 5, 100);
+        let err = replica.sync().await.unwrap_err().to_string();
+        assert!(
+            err.contains("no encryption key is set") && err.contains("rotating"),
+            "{kind}: {err}"
+        );
+        let after = chain::list(store.storage.as_ref(), "rotating")
+            .await
+            .unwrap();
+        assert_eq!(after.len(), before, "{kind}: something was shipped");
+
+        // Turned off on purpose: a plaintext snapshot starts, old keys still read.
+        let off = Some(Arc::new(Keys::new(None, vec![Key::from_bytes(&[2; 32])])));
+        replica.set_options(with(off.clone()));
+        let report = replica.sync().await.unwrap();
+        assert_eq!(report.snapshot_reasons, vec!["key"], "{kind}");
+        let head = chain::list(store.storage.as_ref(), "rotating")
+            .await
+            .unwrap();
+        let header = chain::read_header(store.storage.as_ref(), head.last().unwrap())
+            .await
+            .unwrap();
+        assert!(header.sealed.is_none(), "{kind}");
+        assert_eq!(
+            restore_with(&store, "rotating", &out, latest, None).await,
+            Ok(rows(&db)),
+            "{kind}"
+        );
+        let old = restore::Target::Seq(before as u64);
+        assert!(
+            restore_with(&store, "rotating", &out, old, off)
+                .await
+                .is_ok(),
+            "{kind}"
+        );
     }
 }
