@@ -60,14 +60,7 @@ impl Key {
         if text.len() != 64 {
             return Err(KeyError::Length(text.chars().count()));
         }
-        if !text.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(KeyError::NotHex);
-        }
-        let mut bytes = [0u8; 32];
-        for (i, pair) in text.as_bytes().chunks(2).enumerate() {
-            let pair = std::str::from_utf8(pair).map_err(|_| KeyError::NotHex)?;
-            bytes[i] = u8::from_str_radix(pair, 16).map_err(|_| KeyError::NotHex)?;
-        }
+        let bytes = crate::storage::from_hex::<32>(text).ok_or(KeyError::NotHex)?;
         Ok(Self::from_bytes(&bytes))
     }
 

@@ -24,7 +24,7 @@ use crate::chain::{self, ObjectRef};
 use crate::encryption::{KeyId, Keys};
 use crate::restore::{self, RestoreOptions, Target};
 use crate::segment::{self, Header, Kind, PageReader};
-use crate::storage::{self, Storage, to_hex};
+use crate::storage::{self, Storage, from_hex, to_hex};
 
 /// Appended to the replica file's name for the position file.
 pub const POSITION_SUFFIX: &str = ".walsync-follow";
@@ -495,17 +495,6 @@ fn read_position(path: &Path, prefix: &str) -> Result<Option<Position>> {
         id => Some(KeyId(from_hex::<8>(id).ok_or_else(|| bad("bad key"))?)),
     };
     Ok(Some(Position { seq, hash, key_id }))
-}
-
-fn from_hex<const N: usize>(hex: &str) -> Option<[u8; N]> {
-    if hex.len() != 2 * N || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    let mut out = [0u8; N];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(out)
 }
 
 /// Replaces the position file atomically and durably (a power cut must not

@@ -189,6 +189,18 @@ pub(crate) fn join_key(root: &str, key: &str) -> String {
     }
 }
 
+/// Exactly `2 * N` hex digits back into bytes; `None` for anything else.
+pub(crate) fn from_hex<const N: usize>(hex: &str) -> Option<[u8; N]> {
+    if hex.len() != 2 * N || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
 pub(crate) fn to_hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
     bytes
