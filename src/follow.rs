@@ -212,9 +212,8 @@ pub async fn follow(
                     .saturating_mul(1 << failures.min(6))
                     .min(MAX_BACKOFF);
                 warn!(prefix = %opts.prefix, error = %e, retry_in = ?wait, "storage failed; will retry");
-                tokio::select! {
-                    () = stop.cancelled() => return Ok(report),
-                    () = tokio::time::sleep(wait) => {}
+                if stopped_within(&stop, wait).await {
+                    return Ok(report);
                 }
                 continue;
             }
@@ -235,9 +234,8 @@ pub async fn follow(
             }
             None => {
                 idle_polls += 1;
-                tokio::select! {
-                    () = stop.cancelled() => return Ok(report),
-                    () = tokio::time::sleep(opts.interval) => {}
+                if stopped_within(&stop, opts.interval).await {
+                    return Ok(report);
                 }
             }
         }
@@ -301,10 +299,17 @@ async fn first_restore(
             }
             Err(e) => return Err(e.into()),
         }
-        tokio::select! {
-            () = stop.cancelled() => return Ok(None),
-            () = tokio::time::sleep(opts.interval) => {}
+        if stopped_within(stop, opts.interval).await {
+            return Ok(None);
         }
+    }
+}
+
+/// Waits `wait`; true if `stop` came first.
+async fn stopped_within(stop: &CancellationToken, wait: Duration) -> bool {
+    tokio::select! {
+        () = stop.cancelled() => true,
+        () = tokio::time::sleep(wait) => false,
     }
 }
 
