@@ -441,6 +441,17 @@ fn spawn_watch(store: &TestStore, config: &Path, stderr: Stdio) -> Child {
     cmd.spawn().unwrap()
 }
 
+/// `DIR/walsync.toml` for `store` with one database and one `[sync]` setting.
+fn one_db_config(store: &TestStore, dir: &Path, db: &Path, sync: &str) -> std::path::PathBuf {
+    let config = dir.join("walsync.toml");
+    let text = format!(
+        "[sync]\n{sync}\n[[databases]]\npath = \"{}\"\n",
+        db.display()
+    );
+    std::fs::write(&config, store.config(&text)).unwrap();
+    config
+}
+
 fn cfg(path: &Path) -> &str {
     path.to_str().unwrap()
 }
@@ -610,16 +621,8 @@ async fn sync_wait_returns_once_the_data_is_in_storage() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("slow.db");
         let conn = app_db(&db);
-        let config = dir.path().join("walsync.toml");
         // An hour between syncs: only `walsync sync` can ship the next change soon.
-        std::fs::write(
-            &config,
-            store.config(&format!(
-                "[sync]\nsync_interval = \"1h\"\n[[databases]]\npath = \"{}\"\n",
-                db.display()
-            )),
-        )
-        .unwrap();
+        let config = one_db_config(&store, dir.path(), &db, "sync_interval = \"1h\"");
         let mut child = spawn_watch(&store, &config, Stdio::null());
         wait_for_objects(&store, "slow", 1).await;
         for i in 0..10 {
@@ -675,16 +678,12 @@ async fn encryption_keys_from_the_environment_or_a_file_and_never_shown() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("vault.db");
         let conn = app_db(&db);
-        let config = dir.path().join("walsync.toml");
-        std::fs::write(
-            &config,
-            store.config(&format!(
-                "[sync]\nencryption_key = \"${{WALSYNC_ENCRYPTION_KEY}}\"\n\
-                 [[databases]]\npath = \"{}\"\n",
-                db.display()
-            )),
-        )
-        .unwrap();
+        let config = one_db_config(
+            &store,
+            dir.path(),
+            &db,
+            "encryption_key = \"${WALSYNC_ENCRYPTION_KEY}\"",
+        );
         let log_path = dir.path().join("watch.log");
         let mut cmd = walsync();
         cmd.args(["watch", "--config", cfg(&config)])
@@ -788,15 +787,7 @@ async fn restore_follow_tracks_a_running_watch_until_sigterm() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("primary.db");
         let conn = app_db(&db);
-        let config = dir.path().join("walsync.toml");
-        std::fs::write(
-            &config,
-            store.config(&format!(
-                "[sync]\nsync_interval = \"0s\"\n[[databases]]\npath = \"{}\"\n",
-                db.display()
-            )),
-        )
-        .unwrap();
+        let config = one_db_config(&store, dir.path(), &db, "sync_interval = \"0s\"");
         let mut watch = spawn_watch(&store, &config, Stdio::null());
         let copy = dir.path().join("standby").join("copy.db");
         std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
@@ -843,15 +834,7 @@ async fn sync_wait_reports_a_database_that_stopped_instead_of_hanging() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("taken.db");
         let conn = app_db(&db);
-        let config = dir.path().join("walsync.toml");
-        std::fs::write(
-            &config,
-            store.config(&format!(
-                "[sync]\nsync_interval = \"1h\"\n[[databases]]\npath = \"{}\"\n",
-                db.display()
-            )),
-        )
-        .unwrap();
+        let config = one_db_config(&store, dir.path(), &db, "sync_interval = \"1h\"");
         let mut child = spawn_watch(&store, &config, Stdio::null());
         wait_for_objects(&store, "taken", 1).await;
         conn.execute("INSERT INTO t(v) VALUES ('lost race')", [])
