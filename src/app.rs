@@ -572,7 +572,7 @@ async fn restore_all(args: RestoreAllArgs) -> Result<()> {
     let mut failed: Vec<String> = Vec::new();
     for prefix in prefixes {
         let output = match &args.output_dir {
-            Some(dir) => dir.join(format!("{prefix}.db")),
+            Some(dir) => restore::file_in_dir(dir, &prefix),
             None => match config.path_for(&prefix) {
                 Some(path) => path,
                 None => {

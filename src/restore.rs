@@ -615,12 +615,17 @@ pub struct Outcome {
     pub result: Result<RestoreReport>,
 }
 
+/// Where a database restored into a directory goes: `dir/PREFIX.db`.
+pub fn file_in_dir(dir: &Path, prefix: &str) -> PathBuf {
+    dir.join(format!("{prefix}.db"))
+}
+
 /// One restore per prefix into `dir/PREFIX.db`, of the newest state.
 pub fn into_dir(prefixes: Vec<String>, dir: &Path, force: bool) -> Vec<RestoreOptions> {
     prefixes
         .into_iter()
         .map(|prefix| RestoreOptions {
-            output: dir.join(format!("{prefix}.db")),
+            output: file_in_dir(dir, &prefix),
             prefix,
             target: Target::Latest,
             force,
