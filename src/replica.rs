@@ -267,7 +267,12 @@ impl Replica {
     /// the configuration says so (`encryption_key = "off"`): a key that went
     /// missing is an error, not a reason to upload the data in the clear.
     fn check_key(&mut self) -> Result<()> {
-        let current = self.sealing_key().map(|k| k.id());
+        let current = self
+            .opts
+            .encryption
+            .as_ref()
+            .and_then(|k| k.current())
+            .map(Key::id);
         if let (Some(head_key), None) = (self.head_key, &self.opts.encryption) {
             return Err(Error::KeyMissing {
                 prefix: self.prefix.clone(),
