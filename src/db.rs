@@ -11,6 +11,12 @@
 //! After such a complete checkpoint the WAL is *sealed*: the next generation
 //! (salt-1 one higher) continues the chain without a snapshot.
 //!
+//! SQLite keeps those locks as POSIX advisory locks on the database file and
+//! its `-shm`, and closing *any* descriptor of either file drops every lock the
+//! process holds on it (DESIGN.md invariant 2a). So nothing here opens the
+//! database file, and the one descriptor of the `-shm` we read the WAL-index
+//! through is opened with the connections and closed after them.
+//!
 //! Anything else that changes the WAL under us (a checkpoint made while
 //! walsync was down, a deleted WAL, a replaced database file) is reported as
 //! [`Changes::Lost`], and the caller takes a fresh snapshot.
@@ -29,7 +35,7 @@ use rusqlite::{Connection, OpenFlags};
 use crate::encryption::Key;
 use crate::segment::{self, Encoder, Kind, WalRange, now_ms};
 use crate::storage::{Payload, SpoolWriter};
-use crate::wal::{self, Position, WalHeader};
+use crate::wal::{self, IndexHeader, Position, WalHeader};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -130,6 +136,8 @@ pub struct Encoded {
     pub hash: [u8; 32],
     /// The WAL state once this object is durable.
     pub state: WalState,
+    /// SQLite's commit counter when the WAL-index published exactly `state`.
+    pub commits: Option<u32>,
     /// Whole transactions included (0 for a snapshot).
     pub transactions: u32,
 }
@@ -152,6 +160,15 @@ pub enum CheckpointOutcome {
     Done { complete: bool, frames: u32 },
     /// The WAL is not what was shipped (or a write raced the TRUNCATE): snapshot.
     Lost(&'static str),
+}
+
+/// Whether a WAL generation other than the shipped one continues the chain.
+#[derive(Debug)]
+enum Generation {
+    Follows,
+    /// SQLite has not published the new generation's first commit yet.
+    NotPublished,
+    Lost(String),
 }
 
 const FRAMES_DIFFER: &str =
@@ -285,6 +302,18 @@ pub struct Database {
     sealed: bool,
     /// The last read saw whole transactions SQLite had not published yet.
     unpublished_commits: bool,
+    /// SQLite's commit counter (the WAL-index `iChange`) when the WAL-index
+    /// published exactly `state`: proves, whatever happened to the WAL since,
+    /// how many transactions were committed after the shipped position.
+    commits_at_state: Option<u32>,
+    /// An operation failed part-way: SQLite may have ended the pin or left a
+    /// transaction open. The next operation reopens the connections first.
+    broken: bool,
+    /// The WAL-index, read through one descriptor that lives exactly as long
+    /// as the connections (declared last: fields drop in order, so it closes
+    /// after them). Closing a descriptor of the `-shm` while a connection is
+    /// open would silently drop the pin and the write lock.
+    shm: Option<File>,
 }
 
 fn identity_of(path: &Path) -> io::Result<Identity> {
@@ -341,8 +370,23 @@ impl Database {
             state: WalState::Empty,
             sealed: false,
             unpublished_commits: false,
+            commits_at_state: None,
+            broken: false,
+            shm: None,
         };
         db.pin()?;
+        // The pinned connection has created the `-shm` (unless the VFS keeps
+        // the WAL-index in heap memory, when no other process can share it).
+        db.shm = match File::open(shm_path_of(path)) {
+            Ok(file) => Some(file),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(Error::Io {
+                    path: shm_path_of(path),
+                    source: e,
+                });
+            }
+        };
         Ok(db)
     }
 
@@ -367,7 +411,7 @@ impl Database {
         };
         // A WAL position is only safe to leave once sealed; with no WAL at
         // all, the proof on reattach is the untouched database file alone.
-        if (position.is_some() && !self.sealed) || self.lock_held {
+        if (position.is_some() && !self.sealed) || self.lock_held || self.broken {
             return Err(Box::new(self));
         }
         // File times are coarse (a few ms): a write landing in the same tick
@@ -424,7 +468,7 @@ impl Database {
         match (self.open_wal()?, token.position) {
             (None, _) | (Some(_), None) if untouched => {
                 self.state = WalState::Empty;
-                self.sealed = token.position.is_some();
+                self.sealed = true;
             }
             (None, _) | (Some(_), None) => {
                 return Ok(Err(
@@ -510,6 +554,10 @@ impl Database {
     }
 
     fn unpin(&mut self) -> Result<()> {
+        // SQLite ends a transaction by itself on some errors (I/O, full disk).
+        if self.conn.is_autocommit() {
+            return Ok(());
+        }
         self.conn.execute_batch("ROLLBACK").map_err(self.sql_err())
     }
 
@@ -634,20 +682,18 @@ impl Database {
         };
         if verdict.is_ok() {
             self.state = state;
-            self.sealed = false;
+            // With no WAL at all, the pin taken at open has held ever since
+            // a moment with nothing unshipped: whatever generation comes next
+            // follows, as after a seal.
+            self.sealed = state == WalState::Empty;
+            self.commits_at_state = None;
         }
         Ok(verdict)
     }
 
-    /// The committed frame count SQLite published in the WAL-index, if readable.
-    fn published_frames(&self, header: &WalHeader) -> Result<Option<u32>> {
-        let mut shm = self.path.as_os_str().to_owned();
-        shm.push("-shm");
-        match File::open(PathBuf::from(shm)) {
-            Ok(file) => Ok(wal::published_frames(&file, header)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(self.io_err()(e)),
-        }
+    /// The WAL-index header, if readable.
+    fn index(&self) -> Option<IndexHeader> {
+        self.shm.as_ref().and_then(wal::read_index_header)
     }
 
     /// True if the frame before `pos` is present and carries `pos`'s checksum.
@@ -675,6 +721,57 @@ impl Database {
     /// encodes them as segment `link.seq`. The state advances only when the
     /// caller calls [`Database::shipped`] after the upload is durable.
     pub fn read_changes(&mut self, link: Link) -> Result<Changes> {
+        self.guarded(|db| db.read_changes_pinned(link))
+    }
+
+    /// Runs `op`, first reopening the connections if an earlier operation
+    /// failed part-way. After an error SQLite may have ended the pin or a
+    /// transaction on its own; carrying on with those connections would
+    /// fail forever ("cannot rollback - no transaction is active") or read
+    /// through a pin that no longer holds.
+    fn guarded<T>(&mut self, op: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        if self.broken {
+            self.recover()?;
+        }
+        let out = op(self);
+        if out.is_err() {
+            self.broken = true;
+        }
+        out
+    }
+
+    /// Closes every connection, then opens and pins new ones. The shipped
+    /// position is kept, but not the seal: the pin may have lapsed, so the
+    /// next read must prove continuity again (same generation with the
+    /// shipped frames in place, or SQLite's commit counter).
+    fn recover(&mut self) -> Result<()> {
+        self.close_connections()?;
+        let mut fresh = Database::open(&self.path)?;
+        // The identity and page size the chain was built from stay, so a
+        // replaced file or a new page size is reported, not adopted.
+        fresh.identity = self.identity;
+        fresh.page_size = self.page_size;
+        fresh.state = self.state;
+        fresh.commits_at_state = self.commits_at_state;
+        fresh.sealed = false;
+        *self = fresh;
+        tracing::info!(db = %self.path.display(), "reopened the database after a failure");
+        Ok(())
+    }
+
+    /// Closes the connections and the `-shm` descriptor, in that order: a
+    /// new connection must never exist beside a descriptor about to close.
+    fn close_connections(&mut self) -> Result<()> {
+        self.broken = true;
+        self.lock = None;
+        self.lock_held = false;
+        let closed = Connection::open_in_memory().map_err(self.sql_err())?;
+        drop(std::mem::replace(&mut self.conn, closed));
+        self.shm = None;
+        Ok(())
+    }
+
+    fn read_changes_pinned(&mut self, link: Link) -> Result<Changes> {
         self.ensure_pinned()?;
         match identity_of(&self.path) {
             Ok(id) if id == self.identity => {}
@@ -687,8 +784,13 @@ impl Database {
             Err(e) => return Err(self.io_err()(e)),
         }
         let Some((file, header)) = self.open_wal()? else {
+            // Truncated with nothing committed since the shipped position
+            // (SQLite's commit counter unchanged) loses nothing either.
+            let nothing_since = self
+                .commits_at_state
+                .is_some_and(|c| self.index().is_some_and(|i| i.commits == c));
             return Ok(match self.state {
-                WalState::At(p) if p.frame > 0 && !self.sealed => Changes::Lost(
+                WalState::At(p) if p.frame > 0 && !self.sealed && !nothing_since => Changes::Lost(
                     "the WAL was truncated or deleted before its last frames were shipped".into(),
                 ),
                 _ => Changes::Nothing,
@@ -700,8 +802,9 @@ impl Database {
                 header.page_size, self.page_size
             )));
         }
+        let index = self.index();
+        let published = index.filter(|i| i.describes(&header)).map(|i| i.frames);
         let from = match self.state {
-            WalState::Empty => header.start(),
             WalState::At(pos) if pos.same_generation(&header) => {
                 let len = file.metadata().map_err(self.io_err())?.len();
                 if len < header.frame_offset(u64::from(pos.frame)) {
@@ -716,17 +819,15 @@ impl Database {
                 }
                 pos
             }
-            // Sealed, and pinned ever since: no checkpoint could copy a frame
-            // committed after the seal, so whatever restarted the WAL discarded
-            // only frames already shipped (or never committed).
-            WalState::At(_) if self.sealed => header.start(),
-            WalState::At(_) => {
-                return Ok(Changes::Lost(
-                    "the WAL was restarted by a checkpoint walsync did not make".into(),
-                ));
-            }
+            _ => match self.next_generation(&file, &header, index)? {
+                Generation::Follows => header.start(),
+                Generation::NotPublished => {
+                    self.unpublished_commits = true;
+                    return Ok(Changes::Nothing);
+                }
+                Generation::Lost(reason) => return Ok(Changes::Lost(reason)),
+            },
         };
-        let published = self.published_frames(&header)?;
         if let Some(published) = published
             && published < from.frame
         {
@@ -758,6 +859,9 @@ impl Database {
             .map(|(p, i)| (*p, *i))
             .collect();
         let state = WalState::At(scan.end);
+        let commits = index
+            .filter(|i| i.describes(&header) && i.frames == scan.end.frame)
+            .map(|i| i.commits);
         let header_out = segment::Header {
             kind: Kind::Wal,
             page_size: self.page_size,
@@ -788,32 +892,88 @@ impl Database {
             payload,
             hash,
             state,
+            commits,
             transactions: scan.transactions,
         }))
     }
 
-    /// Records that everything up to `state` is durable in storage.
-    pub fn shipped(&mut self, state: WalState) {
+    /// Decides whether the WAL generation in `header`, which is not the one
+    /// shipped from, continues the chain from its first frame.
+    ///
+    /// After a seal, and pinned ever since, it does if it is the generation
+    /// that must come next: every restart adds one to salt-1 (SQLite's
+    /// `walRestartHdr`, for a writer's restart and for RESTART and TRUNCATE
+    /// checkpoints alike), and no checkpoint could copy a frame committed
+    /// after the seal past our pin, so the restart discarded only frames
+    /// already shipped. Otherwise (two restarts, or a pin that may have lapsed)
+    /// SQLite's commit counter must show that every transaction committed
+    /// since the shipped position is in this generation.
+    fn next_generation(
+        &self,
+        file: &File,
+        header: &WalHeader,
+        index: Option<IndexHeader>,
+    ) -> Result<Generation> {
+        let next_after_seal = match self.state {
+            WalState::Empty => true,
+            WalState::At(pos) => header.salt1 == pos.salt1.wrapping_add(1),
+        };
+        if self.sealed && next_after_seal {
+            return Ok(Generation::Follows);
+        }
+        let Some(before) = self.commits_at_state else {
+            return Ok(Generation::Lost(if self.sealed {
+                "the WAL was restarted more than once since walsync's checkpoint".into()
+            } else {
+                "the WAL was restarted by a checkpoint walsync did not make".into()
+            }));
+        };
+        // The writer puts the new salts in the WAL-index before it writes
+        // the WAL header, and publishes the frames only at commit.
+        let Some(index) = index.filter(|i| i.describes(header)) else {
+            return Ok(Generation::NotPublished);
+        };
+        let scan =
+            wal::scan_until(file, header, header.start(), index.frames).map_err(self.wal_err())?;
+        let committed = index.commits.wrapping_sub(before);
+        if scan.end.frame == index.frames && scan.transactions == committed {
+            Ok(Generation::Follows)
+        } else {
+            Ok(Generation::Lost(format!(
+                "the WAL was restarted by a checkpoint walsync did not make and \
+                 {committed} transactions were committed since the last one shipped, \
+                 {} of them in the WAL",
+                scan.transactions
+            )))
+        }
+    }
+
+    /// Records that everything up to `state` is durable in storage, and
+    /// SQLite's commit counter there if known.
+    pub fn shipped(&mut self, state: WalState, commits: Option<u32>) {
         if state != self.state {
             self.sealed = false;
         }
         self.state = state;
+        self.commits_at_state = commits;
     }
 
     /// First half of a checkpoint: takes the write lock and reads the last
     /// frames, which the caller must ship before calling [`Database::checkpoint`].
     /// `Ok(None)` if the write lock could not be had in time.
     pub fn lock_and_read_tail(&mut self, link: Link) -> Result<Option<Changes>> {
-        if !self.acquire_write_lock()? {
-            return Ok(None);
-        }
-        match self.read_changes(link) {
-            Ok(changes) => Ok(Some(changes)),
-            Err(e) => {
-                let _ = self.release_write_lock();
-                Err(e)
+        self.guarded(|db| {
+            if !db.acquire_write_lock()? {
+                return Ok(None);
             }
-        }
+            match db.read_changes_pinned(link) {
+                Ok(changes) => Ok(Some(changes)),
+                Err(e) => {
+                    let _ = db.release_write_lock();
+                    Err(e)
+                }
+            }
+        })
     }
 
     /// Second half: with the write lock still held and the tail shipped,
@@ -823,9 +983,14 @@ impl Database {
     /// `PRAGMA data_version` on the lock connection proves that no other
     /// connection committed in that gap.
     pub fn checkpoint(&mut self, mode: CheckpointMode) -> Result<CheckpointOutcome> {
-        if !self.lock_held {
+        if !self.lock_held || self.broken {
+            let _ = self.release_write_lock();
             return Ok(CheckpointOutcome::Busy);
         }
+        self.guarded(|db| db.checkpoint_locked(mode))
+    }
+
+    fn checkpoint_locked(&mut self, mode: CheckpointMode) -> Result<CheckpointOutcome> {
         let shipped_frames = self.state.frames();
         let result = match mode {
             CheckpointMode::Passive => self.checkpoint_passive(shipped_frames),
@@ -920,7 +1085,8 @@ impl Database {
                 frames: done.max(0) as u32,
             });
         }
-        self.state = WalState::Empty;
+        // The position stays: SQLite's restart added one to salt-1, so the
+        // generation the app writes next is the one that must follow.
         self.sealed = true;
         Ok(CheckpointOutcome::Done {
             complete: true,
@@ -947,13 +1113,17 @@ impl Database {
     /// the pin there; the pages are then read through that read transaction
     /// (`sqlite_dbpage`) while the app keeps writing.
     pub fn snapshot(&mut self, link: Link) -> Result<Option<Encoded>> {
+        self.guarded(|db| db.snapshot_pinned(link))
+    }
+
+    fn snapshot_pinned(&mut self, link: Link) -> Result<Option<Encoded>> {
         if self.identity_changed()? {
             self.reopen()?;
         }
         if !self.acquire_write_lock()? {
             return Ok(None);
         }
-        let state = match self.snapshot_position() {
+        let (state, commits) = match self.snapshot_position() {
             Ok(state) => state,
             Err(e) => {
                 let _ = self.release_write_lock();
@@ -963,7 +1133,7 @@ impl Database {
         let repinned = self.unpin().and_then(|()| self.pin());
         self.release_write_lock()?;
         repinned?;
-        let encoded = self.encode_snapshot(link, state)?;
+        let encoded = self.encode_snapshot(link, state, commits)?;
         Ok(Some(encoded))
     }
 
@@ -977,26 +1147,39 @@ impl Database {
         }
     }
 
-    /// Opens fresh connections after the database file was replaced.
+    /// Opens fresh connections after the database file was replaced, closing
+    /// the old ones first (the new file's `-shm` may be the old one's).
     fn reopen(&mut self) -> Result<()> {
-        let fresh = Database::open(&self.path)?;
-        *self = fresh;
+        self.close_connections()?;
+        *self = Database::open(&self.path)?;
         Ok(())
     }
 
-    fn snapshot_position(&self) -> Result<WalState> {
+    /// The committed end of the WAL, and SQLite's commit counter there.
+    /// Called under the write lock, so the two agree.
+    fn snapshot_position(&self) -> Result<(WalState, Option<u32>)> {
+        let index = self.index();
         match self.open_wal()? {
-            None => Ok(WalState::Empty),
+            None => Ok((WalState::Empty, index.map(|i| i.commits))),
             Some((file, header)) => {
-                let limit = self.published_frames(&header)?.unwrap_or(u32::MAX);
+                let published = index.filter(|i| i.describes(&header));
+                let limit = published.map_or(u32::MAX, |i| i.frames);
                 let scan = wal::scan_until(&file, &header, header.start(), limit)
                     .map_err(self.wal_err())?;
-                Ok(WalState::At(scan.end))
+                let commits = published
+                    .filter(|i| i.frames == scan.end.frame)
+                    .map(|i| i.commits);
+                Ok((WalState::At(scan.end), commits))
             }
         }
     }
 
-    fn encode_snapshot(&mut self, link: Link, state: WalState) -> Result<Encoded> {
+    fn encode_snapshot(
+        &mut self,
+        link: Link,
+        state: WalState,
+        commits: Option<u32>,
+    ) -> Result<Encoded> {
         let page_count: u32 = self
             .conn
             .query_row("PRAGMA page_count", [], |r| r.get(0))
@@ -1077,6 +1260,7 @@ impl Database {
             payload,
             hash,
             state,
+            commits,
             transactions: 0,
         })
     }
@@ -1133,6 +1317,13 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
 pub fn wal_path_of(db: &Path) -> PathBuf {
     let mut s = db.as_os_str().to_owned();
     s.push("-wal");
+    PathBuf::from(s)
+}
+
+/// The WAL-index (shared memory) file SQLite keeps beside `db`.
+fn shm_path_of(db: &Path) -> PathBuf {
+    let mut s = db.as_os_str().to_owned();
+    s.push("-shm");
     PathBuf::from(s)
 }
 
@@ -1194,7 +1385,8 @@ mod tests {
         let path = dir.path().join("a.db");
         let app = app(&path);
         let mut db = Database::open(&path).unwrap();
-        db.shipped(db.snapshot_position().unwrap());
+        let (state, commits) = db.snapshot_position().unwrap();
+        db.shipped(state, commits);
         for i in 0..20 {
             app.execute("INSERT INTO t VALUES (?1)", [i]).unwrap();
         }
@@ -1206,7 +1398,7 @@ mod tests {
         let Some(Changes::Segment(tail)) = db.lock_and_read_tail(link.clone()).unwrap() else {
             panic!("expected frames");
         };
-        db.shipped(tail.state);
+        db.shipped(tail.state, tail.commits);
         let outcome = db.checkpoint(CheckpointMode::Truncate).unwrap();
         assert_eq!(
             outcome,
@@ -1215,7 +1407,7 @@ mod tests {
                 frames: 0
             }
         );
-        assert_eq!(db.state(), WalState::Empty);
+        assert_eq!(db.state(), tail.state, "the sealed position stays");
         assert_eq!(std::fs::metadata(wal_path_of(&path)).unwrap().len(), 0);
         app.execute("INSERT INTO t VALUES (99)", []).unwrap();
         match db.read_changes(link).unwrap() {
@@ -1232,7 +1424,7 @@ mod tests {
             key: None,
         };
         if let Some(Changes::Segment(seg)) = db.lock_and_read_tail(link).unwrap() {
-            db.shipped(seg.state);
+            db.shipped(seg.state, seg.commits);
         }
         let outcome = db.checkpoint(CheckpointMode::Passive).unwrap();
         assert!(matches!(
@@ -1242,8 +1434,8 @@ mod tests {
     }
 
     fn snapshot_state(db: &mut Database) {
-        let state = db.snapshot_position().unwrap();
-        db.shipped(state);
+        let (state, commits) = db.snapshot_position().unwrap();
+        db.shipped(state, commits);
     }
 
     /// Opens the database, ships a snapshot of it, seals and closes it.
@@ -1265,6 +1457,150 @@ mod tests {
             db.read_changes(link).unwrap(),
             Changes::Segment(_)
         ));
+    }
+
+    /// Runs `script` in a Python process against `path` (bound to `db`, an
+    /// open `sqlite3` connection with no busy wait) and returns what it
+    /// prints. The app must be another process: SQLite's locks are POSIX
+    /// locks, which never conflict within one process.
+    fn other_process(path: &Path, script: &str) -> String {
+        let program = format!(
+            "import sqlite3, sys\n\
+             db = sqlite3.connect(sys.argv[1], timeout=0, isolation_level=None)\n\
+             {script}\n"
+        );
+        let out = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(program)
+            .arg(path)
+            .output()
+            .expect("python3 runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    fn truncate_elsewhere(path: &Path) -> String {
+        other_process(
+            path,
+            "print(db.execute('PRAGMA wal_checkpoint(TRUNCATE)').fetchone()[0])",
+        )
+    }
+
+    /// The pin survives every read: before walsync kept one descriptor of the
+    /// `-shm`, each read closed one and silently dropped the pin, so another
+    /// process could truncate away frames walsync had not sealed.
+    #[test]
+    fn the_pin_and_the_write_lock_hold_against_another_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.db");
+        let app = app(&path);
+        let mut db = Database::open(&path).unwrap();
+        snapshot_state(&mut db);
+        let link = Link {
+            seq: 2,
+            prev_hash: [0; 32],
+            key: None,
+        };
+        for round in 0..3 {
+            app.execute("INSERT INTO t VALUES (?1)", [round]).unwrap();
+            let Changes::Segment(seg) = db.read_changes(link.clone()).unwrap() else {
+                panic!("expected a segment");
+            };
+            db.shipped(seg.state, seg.commits);
+            assert_eq!(truncate_elsewhere(&path), "1", "round {round}: busy");
+        }
+        // While walsync holds the write lock, another process cannot write.
+        app.execute("INSERT INTO t VALUES (9)", []).unwrap();
+        let Some(Changes::Segment(tail)) = db.lock_and_read_tail(link.clone()).unwrap() else {
+            panic!("expected the tail");
+        };
+        let write = other_process(
+            &path,
+            "try:\n    db.execute('INSERT INTO t VALUES (10)')\n    print('wrote')\n\
+             except sqlite3.OperationalError as e:\n    print(e)",
+        );
+        assert_eq!(write, "database is locked");
+        db.shipped(tail.state, tail.commits);
+        assert!(matches!(
+            db.checkpoint(CheckpointMode::Passive).unwrap(),
+            CheckpointOutcome::Done { complete: true, .. }
+        ));
+        // Sealed: now the app may truncate, and the next generation follows.
+        assert_eq!(truncate_elsewhere(&path), "0");
+        app.execute("INSERT INTO t VALUES (11)", []).unwrap();
+        assert!(matches!(
+            db.read_changes(link).unwrap(),
+            Changes::Segment(_)
+        ));
+    }
+
+    /// After a seal, a generation two restarts on follows only if SQLite's
+    /// commit counter shows that nothing was committed in between.
+    #[test]
+    fn a_generation_two_restarts_on_follows_only_with_every_commit_in_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.db");
+        let app = app(&path);
+        app.execute("INSERT INTO t VALUES (1)", []).unwrap();
+        let mut db = Database::open(&path).unwrap();
+        snapshot_state(&mut db);
+        seal(&mut db);
+        let link = Link {
+            seq: 3,
+            prev_hash: [0; 32],
+            key: None,
+        };
+        // Two empty truncations, then a commit: salt-1 moved on by two.
+        assert_eq!(truncate_elsewhere(&path), "0");
+        assert_eq!(truncate_elsewhere(&path), "0");
+        other_process(&path, "db.execute('INSERT INTO t VALUES (2)')");
+        let Changes::Segment(seg) = db.read_changes(link.clone()).unwrap() else {
+            panic!("empty generations in between lose nothing");
+        };
+        db.shipped(seg.state, seg.commits);
+        seal(&mut db);
+
+        // A commit checkpointed and truncated away before walsync read it:
+        // only possible without the pin, so drop it as a broken pin would.
+        db.unpin().unwrap();
+        other_process(&path, "db.execute('INSERT INTO t VALUES (3)')");
+        assert_eq!(truncate_elsewhere(&path), "0");
+        other_process(&path, "db.execute('INSERT INTO t VALUES (4)')");
+        db.pin().unwrap();
+        match db.read_changes(link).unwrap() {
+            Changes::Lost(reason) => assert!(reason.contains("2 transactions"), "{reason}"),
+            other => panic!("a lost commit must be noticed, got {other:?}"),
+        }
+    }
+
+    /// After an error inside SQLite the next operation starts from fresh
+    /// connections instead of failing forever.
+    #[test]
+    fn an_error_reopens_the_connections_on_the_next_operation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.db");
+        let app = app(&path);
+        let mut db = Database::open(&path).unwrap();
+        snapshot_state(&mut db);
+        // As after an I/O error: SQLite ended the pin by itself.
+        db.conn.execute_batch("ROLLBACK").unwrap();
+        db.broken = true;
+        app.execute("INSERT INTO t VALUES (1)", []).unwrap();
+        let link = Link {
+            seq: 2,
+            prev_hash: [0; 32],
+            key: None,
+        };
+        assert!(matches!(
+            db.read_changes(link).unwrap(),
+            Changes::Segment(_)
+        ));
+        assert!(!db.broken);
+        assert!(!db.conn.is_autocommit(), "pinned again");
     }
 
     #[test]

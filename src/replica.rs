@@ -694,8 +694,8 @@ impl Replica {
         });
         self.head_key = encoded.header.sealed.map(|s| s.key_id);
         self.last_change = Instant::now();
-        let state = encoded.state;
-        self.with_db(move |db| db.shipped(state)).await?;
+        let (state, commits) = (encoded.state, encoded.commits);
+        self.with_db(move |db| db.shipped(state, commits)).await?;
         report.bytes += bytes;
         match encoded.header.kind {
             Kind::Wal => {

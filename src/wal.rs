@@ -211,6 +211,73 @@ pub fn scan_until(file: &File, header: &WalHeader, from: Position, limit: u32) -
     Ok(result)
 }
 
+/// The WAL-index header SQLite keeps at the start of the `-shm` file: what
+/// every connection agrees is committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexHeader {
+    pub salt1: u32,
+    pub salt2: u32,
+    /// Frames published as committed in the current generation (`mxFrame`).
+    pub frames: u32,
+    /// SQLite's commit counter (`iChange`): one more for every committed
+    /// transaction, carried across WAL restarts and truncations (only a
+    /// recovery of the WAL-index resets it). The difference between two
+    /// readings is the number of commits in between, wherever they went.
+    pub commits: u32,
+}
+
+impl IndexHeader {
+    /// True if this index describes the WAL generation of `header`.
+    pub fn describes(&self, header: &WalHeader) -> bool {
+        self.salt1 == header.salt1 && self.salt2 == header.salt2
+    }
+}
+
+/// Reads the WAL-index header from `shm` (which must be a descriptor that
+/// lives as long as walsync's connections: see DESIGN.md invariant 2a).
+///
+/// SQLite writes the header's second copy, then the first; a reader that
+/// catches it between the two sees them differ, so a few reads are tried.
+/// `None` when the index is missing, uninitialised or keeps changing.
+pub fn read_index_header(shm: &File) -> Option<IndexHeader> {
+    const TRIES: usize = 16;
+    for _ in 0..TRIES {
+        let mut buf = [0u8; 96];
+        shm.read_exact_at(&mut buf, 0).ok()?;
+        let (first, second) = buf.split_at(48);
+        if first != second {
+            std::thread::yield_now();
+            continue;
+        }
+        let native = |at: usize| {
+            let b = [first[at], first[at + 1], first[at + 2], first[at + 3]];
+            if cfg!(target_endian = "big") {
+                u32::from_be_bytes(b)
+            } else {
+                u32::from_le_bytes(b)
+            }
+        };
+        let version = native(0);
+        let is_init = first[12];
+        if version != FORMAT_VERSION || is_init != 1 {
+            return None;
+        }
+        let expected = (native(40), native(44));
+        if checksum_step(cfg!(target_endian = "big"), (0, 0), &first[..40]) != expected {
+            std::thread::yield_now();
+            continue;
+        }
+        return Some(IndexHeader {
+            // Salts are kept as the WAL header's bytes, big-endian.
+            salt1: be32(first, 32),
+            salt2: be32(first, 36),
+            frames: native(16),
+            commits: native(8),
+        });
+    }
+    None
+}
+
 /// The number of frames SQLite has published as committed in the WAL-index
 /// (`-shm`) for the WAL generation of `header`.
 ///
@@ -221,34 +288,9 @@ pub fn scan_until(file: &File, header: &WalHeader, from: Position, limit: u32) -
 /// capped here. `None` when the index is missing, being written, or describes
 /// another generation; the caller then relies on the frames alone.
 pub fn published_frames(shm: &File, header: &WalHeader) -> Option<u32> {
-    let mut buf = [0u8; 96];
-    shm.read_exact_at(&mut buf, 0).ok()?;
-    let (first, second) = buf.split_at(48);
-    if first != second {
-        return None;
-    }
-    let native = |at: usize| {
-        let b = [first[at], first[at + 1], first[at + 2], first[at + 3]];
-        if cfg!(target_endian = "big") {
-            u32::from_be_bytes(b)
-        } else {
-            u32::from_le_bytes(b)
-        }
-    };
-    let version = native(0);
-    let is_init = first[12];
-    if version != FORMAT_VERSION || is_init != 1 {
-        return None;
-    }
-    let expected = (native(40), native(44));
-    if checksum_step(cfg!(target_endian = "big"), (0, 0), &first[..40]) != expected {
-        return None;
-    }
-    // Salts are kept as the WAL header's bytes, big-endian.
-    if be32(first, 32) != header.salt1 || be32(first, 36) != header.salt2 {
-        return None;
-    }
-    Some(native(16))
+    read_index_header(shm)
+        .filter(|index| index.describes(header))
+        .map(|index| index.frames)
 }
 
 /// Reads the page stored in frame `index`.
