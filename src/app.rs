@@ -161,6 +161,16 @@ async fn status(args: &StatusArgs) -> Result<()> {
     let snapshot: status::Snapshot =
         serde_json::from_str(&body).with_context(|| format!("reading the status from {addr}"))?;
     print!("{}", snapshot.table());
+    // Degraded is reported, not failed: the data is safe, and a container
+    // restarted by a failing health check would not remove the cause.
+    let degraded = snapshot.degraded();
+    if !degraded.is_empty() {
+        eprintln!(
+            "warning: {} database(s) degraded: {}",
+            degraded.len(),
+            status::DEGRADED_HINT
+        );
+    }
     let unhealthy = snapshot.unhealthy();
     if !unhealthy.is_empty() {
         bail!("{} database(s) unhealthy", unhealthy.len());

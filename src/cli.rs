@@ -60,6 +60,12 @@ pub enum Command {
     Sync(SyncArgs),
     /// Show what the running `watch` is doing: every database's state, lag,
     /// head and last error (from its listener, [watch] listen or --listen).
+    ///
+    /// Problems come first. It exits non-zero while a database is unhealthy
+    /// (its sync fails, replication stopped, or changes wait too long). A
+    /// degraded database, one that lost continuity 3 or more times within
+    /// an hour and so keeps costing full snapshots, is shown as `degraded`
+    /// with a warning but does not make it fail: its data is safe.
     Status(StatusArgs),
     /// Print the configuration as walsync resolves it: storage, settings, and
     /// the databases it finds now with their prefixes. Secrets are masked.

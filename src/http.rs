@@ -63,22 +63,7 @@ fn respond(req: &Request<Incoming>, board: &Board) -> Response<Full<Bytes>> {
             "text/plain; version=0.0.4; charset=utf-8",
             metrics(&snapshot),
         ),
-        "/health" => {
-            let unhealthy = snapshot.unhealthy();
-            if unhealthy.is_empty() {
-                reply(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into())
-            } else {
-                let mut body = String::new();
-                for (prefix, why) in unhealthy {
-                    let _ = writeln!(body, "{prefix}: {why}");
-                }
-                reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain; charset=utf-8",
-                    body,
-                )
-            }
-        }
+        "/health" => health(&snapshot),
         "/status.json" => reply(
             StatusCode::OK,
             "application/json",
@@ -91,6 +76,29 @@ fn respond(req: &Request<Incoming>, board: &Board) -> Response<Full<Bytes>> {
             "not found: try /, /metrics, /health or /status.json\n".into(),
         ),
     }
+}
+
+/// `/health`: 503 while a database is unhealthy (one line each). A degraded
+/// database (it keeps losing continuity) is listed too, under `degraded:`,
+/// but leaves the status 200: its data is still safe, and a restart that a
+/// failing health check may trigger would not remove the cause.
+fn health(snapshot: &Snapshot) -> Response<Full<Bytes>> {
+    let unhealthy = snapshot.unhealthy();
+    let degraded = snapshot.degraded();
+    let mut body = String::new();
+    let status = if unhealthy.is_empty() {
+        body.push_str("ok\n");
+        StatusCode::OK
+    } else {
+        for (prefix, why) in &unhealthy {
+            let _ = writeln!(body, "{prefix}: {why}");
+        }
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    for (prefix, why) in &degraded {
+        let _ = writeln!(body, "degraded: {prefix}: {why}");
+    }
+    reply(status, "text/plain; charset=utf-8", body)
 }
 
 fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
@@ -191,6 +199,12 @@ pub fn metrics(s: &Snapshot) -> String {
         per_db(&|d| Some(d.snapshots.get("continuity").copied().unwrap_or(0) as f64)),
     );
     family(
+        "walsync_degraded",
+        "gauge",
+        "1 while the database keeps losing continuity (3 or more continuity snapshots within an hour), else 0.",
+        per_db(&|d| Some(if d.is_degraded(s.now_ms) { 1.0 } else { 0.0 })),
+    );
+    family(
         "walsync_checkpoints_total",
         "counter",
         "Checkpoints run, by mode.",
@@ -281,41 +295,57 @@ fn html(text: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// A page a person can read: every database, its state, lag and last error.
+/// A page a person can read: every database, problems first, with its
+/// state, lag and what is wrong with it.
 fn page(s: &Snapshot) -> String {
     let unhealthy = s.unhealthy();
+    let degraded = s.degraded();
     let mut out = String::from(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>walsync</title>\
          <style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}\
          td,th{padding:.3em .8em;border-bottom:1px solid #ddd;text-align:left}\
-         .bad{color:#b00}</style></head><body><h1>walsync</h1>",
+         .bad{color:#b00}.degraded{color:#a60}</style></head><body><h1>walsync</h1>",
     );
     let _ = write!(
         out,
-        "<p>{} databases, {} unhealthy; up since {}. \
+        "<p>{} databases, {} unhealthy, {} degraded; up since {}. \
          <a href=\"/metrics\">metrics</a> · <a href=\"/health\">health</a> · \
          <a href=\"/status.json\">json</a></p>",
         s.databases.len(),
         unhealthy.len(),
+        degraded.len(),
         format_ms(s.started_ms)
     );
-    out.push_str(
-        "<table><tr><th>prefix</th><th>database</th><th>state</th><th>lag</th>\
-         <th>head</th><th>last sync</th><th>last error</th></tr>",
-    );
-    for d in &s.databases {
-        let bad = d.unhealthy(s.now_ms).is_some();
+    if !degraded.is_empty() {
         let _ = write!(
             out,
-            "<tr{}><td>{}</td><td>{}</td><td>{}</td><td>{:.1} s</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            if bad { " class=\"bad\"" } else { "" },
+            "<p class=\"degraded\">Degraded: these databases keep losing continuity \
+             (each loss is caught and costs a full snapshot): {}.</p>",
+            html(crate::status::DEGRADED_HINT)
+        );
+    }
+    out.push_str(
+        "<table><tr><th>prefix</th><th>database</th><th>state</th><th>lag</th>\
+         <th>head</th><th>last sync</th><th>problem</th></tr>",
+    );
+    for d in s.problems_first() {
+        let class = if d.unhealthy(s.now_ms).is_some() {
+            " class=\"bad\""
+        } else if d.is_degraded(s.now_ms) {
+            " class=\"degraded\""
+        } else {
+            ""
+        };
+        let _ = write!(
+            out,
+            "<tr{class}><td>{}</td><td>{}</td><td>{}</td><td>{:.1} s</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             html(&d.prefix),
             html(&d.path),
-            format!("{:?}", d.state).to_lowercase(),
+            s.shown_state(d),
             d.lag_seconds(s.now_ms),
             d.head.map_or("-".into(), |h| h.to_string()),
             d.last_sync_ms.map_or("-".into(), format_ms),
-            html(d.last_error.as_deref().unwrap_or(""))
+            html(&s.problem(d))
         );
     }
     out.push_str("</table></body></html>\n");
@@ -354,5 +384,61 @@ mod tests {
             let value = line.rsplit(' ').next().unwrap();
             assert!(value.parse::<f64>().is_ok(), "{line}");
         }
+    }
+
+    async fn body(response: Response<Full<Bytes>>) -> (StatusCode, String) {
+        use http_body_util::BodyExt;
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(bytes.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn degraded_is_listed_by_health_and_metrics_without_failing_health() {
+        let board = Board::default();
+        let now = crate::status::now_ms();
+        for prefix in ["calm", "churn"] {
+            board.update(prefix, |d| {
+                d.state = State::Open;
+                d.sync_interval_ms = 1000;
+            });
+        }
+        board.update("churn", |d| {
+            for i in 0..3 {
+                d.record_continuity_loss(now - 1000 + i, "the database file was replaced");
+            }
+        });
+        let (status, text) = body(health(&board.snapshot())).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(text.starts_with("ok\n"), "{text}");
+        assert!(
+            text.contains("degraded: churn: continuity lost 3 times"),
+            "{text}"
+        );
+        assert!(!text.contains("calm"), "{text}");
+        let metrics = metrics(&board.snapshot());
+        assert!(
+            metrics.contains("walsync_degraded{prefix=\"churn\"} 1"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("walsync_degraded{prefix=\"calm\"} 0"),
+            "{metrics}"
+        );
+        let page = page(&board.snapshot());
+        assert!(
+            page.find("<td>churn</td>").unwrap() < page.find("<td>calm</td>").unwrap(),
+            "{page}"
+        );
+
+        // An unhealthy database fails it; the degraded one is still listed.
+        board.update("calm", |d| {
+            d.state = State::Failing;
+            d.last_error = Some("storage down".into());
+        });
+        let (status, text) = body(health(&board.snapshot())).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(text.starts_with("calm: storage down\n"), "{text}");
+        assert!(text.contains("degraded: churn: "), "{text}");
     }
 }

@@ -133,6 +133,8 @@ pub struct SyncReport {
     /// Why each snapshot was taken: `initial`, `interval`, `requested` or
     /// `continuity` (the chain could not be continued).
     pub snapshot_reasons: Vec<&'static str>,
+    /// Why the chain could not be continued, for each `continuity` snapshot.
+    pub continuity_losses: Vec<String>,
     /// The mode of each checkpoint run: `passive` or `truncate`.
     pub checkpoint_modes: Vec<&'static str>,
 }
@@ -567,13 +569,17 @@ impl Replica {
         };
         self.upload(encoded, report).await?;
         self.need_snapshot = None;
-        report.snapshot_reasons.push(match reason {
+        let kind = match reason {
             INITIAL => "initial",
             KEY_CHANGED => "key",
             INTERVAL => "interval",
             r if r.starts_with("requested") => "requested",
             _ => "continuity",
-        });
+        };
+        report.snapshot_reasons.push(kind);
+        if kind == "continuity" {
+            report.continuity_losses.push(reason.to_string());
+        }
         // A new snapshot is what lets older objects go. Retention is
         // housekeeping: a failure is logged and tried after the next snapshot.
         if !self.opts.retention.is_off()

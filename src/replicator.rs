@@ -1234,7 +1234,8 @@ async fn sleep_until(at: Option<Instant>) {
 fn post(board: &Board, slot: &mut Slot, result: &replica::Result<SyncReport>) {
     let changed_during_job = slot.changed_during_job.take();
     let replica = slot.replica.as_ref();
-    board.update(&slot.spec.prefix, |d| {
+    let degraded = board.update(&slot.spec.prefix, |d| {
+        let mut became_degraded = None;
         d.head = replica.and_then(Replica::head).map(|h| h.seq).or(d.head);
         match result {
             Ok(report) => {
@@ -1250,6 +1251,12 @@ fn post(board: &Board, slot: &mut Slot, result: &replica::Result<SyncReport>) {
                 d.bytes += report.bytes;
                 for reason in &report.snapshot_reasons {
                     *d.snapshots.entry((*reason).to_string()).or_default() += 1;
+                }
+                let now = status::now_ms();
+                for why in &report.continuity_losses {
+                    if d.record_continuity_loss(now, why) {
+                        became_degraded = d.degraded_at(now);
+                    }
                 }
                 for mode in &report.checkpoint_modes {
                     *d.checkpoints.entry((*mode).to_string()).or_default() += 1;
@@ -1269,7 +1276,18 @@ fn post(board: &Board, slot: &mut Slot, result: &replica::Result<SyncReport>) {
                 *d.errors.entry(e.kind().to_string()).or_default() += 1;
             }
         }
+        became_degraded
     });
+    // Once per episode: every loss is logged where it happens, this says
+    // that they keep coming and what usually causes that.
+    if let Some(why) = degraded {
+        warn!(
+            db = %slot.spec.path.display(),
+            prefix = %slot.spec.prefix,
+            "database degraded: {why}; {}",
+            status::DEGRADED_HINT
+        );
+    }
 }
 
 /// Tells the `walsync sync` requests that this job satisfies how it went.

@@ -50,16 +50,80 @@ pub struct DbStatus {
     pub checkpoints: BTreeMap<String, u64>,
     /// Failed syncs by kind of error.
     pub errors: BTreeMap<String, u64>,
+    /// Unix milliseconds of the newest continuity losses, oldest first: at
+    /// most [`DEGRADED_LOSSES`], all it takes to tell whether the database is
+    /// degraded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recent_continuity_losses_ms: Vec<u64>,
+    /// Why the chain could last not be continued.
+    #[serde(default)]
+    pub last_continuity_loss: Option<String>,
+    /// Why the database is degraded as of the snapshot's `now_ms`, if it is
+    /// (filled in by [`Board::snapshot`] from the losses above).
+    #[serde(default)]
+    pub degraded: Option<String>,
 }
 
 /// Changes may wait this long beyond `sync_interval` before `/health` fails.
 pub const HEALTH_GRACE: Duration = Duration::from_secs(10);
+
+/// This many continuity losses within [`DEGRADED_WINDOW`] make a database
+/// degraded: one is an event (a restore, a restart after the app
+/// checkpointed), several in an hour are a cause that is still there.
+pub const DEGRADED_LOSSES: usize = 3;
+/// See [`DEGRADED_LOSSES`].
+pub const DEGRADED_WINDOW: Duration = Duration::from_secs(3600);
+
+/// What an operator reads when a database becomes degraded.
+pub const DEGRADED_HINT: &str = "another process is likely checkpointing or restarting the WAL \
+     past what walsync shipped (an app running wal_checkpoint(RESTART) or (TRUNCATE), a second \
+     replicator such as Litestream, or a filesystem without POSIX locks, e.g. some network \
+     filesystems), or the database file keeps being replaced; each loss costs a full snapshot";
 
 impl DbStatus {
     /// Seconds the oldest unshipped change has waited (0 when caught up).
     pub fn lag_seconds(&self, now_ms: u64) -> f64 {
         self.pending_since_ms
             .map_or(0.0, |t| now_ms.saturating_sub(t) as f64 / 1000.0)
+    }
+
+    /// Notes a continuity loss (a snapshot taken because the chain could not
+    /// be continued) at `at_ms`. True if it is the one that made the database
+    /// degraded: it was not just before.
+    pub fn record_continuity_loss(&mut self, at_ms: u64, reason: &str) -> bool {
+        let was = self.is_degraded(at_ms);
+        let losses = &mut self.recent_continuity_losses_ms;
+        if losses.len() >= DEGRADED_LOSSES {
+            losses.drain(..=losses.len() - DEGRADED_LOSSES);
+        }
+        losses.push(at_ms);
+        self.last_continuity_loss = Some(reason.to_string());
+        !was && self.is_degraded(at_ms)
+    }
+
+    /// True while [`DEGRADED_LOSSES`] continuity losses fall within the
+    /// [`DEGRADED_WINDOW`] before `now_ms`.
+    pub fn is_degraded(&self, now_ms: u64) -> bool {
+        let losses = &self.recent_continuity_losses_ms;
+        losses.len() >= DEGRADED_LOSSES
+            && now_ms.saturating_sub(losses[losses.len() - DEGRADED_LOSSES])
+                < DEGRADED_WINDOW.as_millis() as u64
+    }
+
+    /// Why this database is degraded, if it is: it keeps losing continuity.
+    /// Its data is still safe (every loss was caught and snapshotted), so
+    /// this does not make it unhealthy.
+    pub fn degraded_at(&self, now_ms: u64) -> Option<String> {
+        if !self.is_degraded(now_ms) {
+            return None;
+        }
+        let total = self.snapshots.get("continuity").copied().unwrap_or(0);
+        Some(format!(
+            "continuity lost {DEGRADED_LOSSES} times within {} ({total} since walsync started), \
+             last: {}",
+            humantime::format_duration(DEGRADED_WINDOW),
+            self.last_continuity_loss.as_deref().unwrap_or("unknown")
+        ))
     }
 
     /// Why this database is unhealthy, if it is.
@@ -108,14 +172,14 @@ impl Board {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Changes (or creates) the entry for `prefix`.
-    pub fn update(&self, prefix: &str, f: impl FnOnce(&mut DbStatus)) {
+    /// Changes (or creates) the entry for `prefix`; returns what `f` does.
+    pub fn update<R>(&self, prefix: &str, f: impl FnOnce(&mut DbStatus) -> R) -> R {
         let mut dbs = self.lock();
         let entry = dbs.entry(prefix.to_string()).or_insert_with(|| DbStatus {
             prefix: prefix.to_string(),
             ..DbStatus::default()
         });
-        f(entry);
+        f(entry)
     }
 
     pub fn remove(&self, prefix: &str) {
@@ -123,10 +187,15 @@ impl Board {
     }
 
     pub fn snapshot(&self) -> Snapshot {
+        let now = now_ms();
+        let mut databases: Vec<DbStatus> = self.lock().values().cloned().collect();
+        for d in &mut databases {
+            d.degraded = d.degraded_at(now);
+        }
         Snapshot {
             started_ms: self.started_ms,
-            now_ms: now_ms(),
-            databases: self.lock().values().cloned().collect(),
+            now_ms: now,
+            databases,
         }
     }
 }
@@ -140,21 +209,69 @@ impl Snapshot {
             .collect()
     }
 
-    /// A plain-text table, one database per line.
+    /// The databases that keep losing continuity, with why.
+    pub fn degraded(&self) -> Vec<(String, String)> {
+        self.databases
+            .iter()
+            .filter_map(|d| {
+                d.degraded_at(self.now_ms)
+                    .map(|why| (d.prefix.clone(), why))
+            })
+            .collect()
+    }
+
+    /// The databases, problems first: unhealthy, then degraded, then the
+    /// rest, each group by prefix.
+    pub fn problems_first(&self) -> Vec<&DbStatus> {
+        let mut dbs: Vec<&DbStatus> = self.databases.iter().collect();
+        dbs.sort_by_key(|d| {
+            if d.unhealthy(self.now_ms).is_some() {
+                0
+            } else if d.is_degraded(self.now_ms) {
+                1
+            } else {
+                2
+            }
+        });
+        dbs
+    }
+
+    /// What the state column shows: the state, or `degraded` for a database
+    /// that works but keeps losing continuity.
+    pub fn shown_state(&self, d: &DbStatus) -> String {
+        match d.state {
+            State::Failing | State::Stopped => {}
+            _ if d.is_degraded(self.now_ms) => return "degraded".into(),
+            _ => {}
+        }
+        format!("{:?}", d.state).to_lowercase()
+    }
+
+    /// What is wrong with a database, in a few words: its last error, and
+    /// why it is degraded.
+    pub fn problem(&self, d: &DbStatus) -> String {
+        let mut parts: Vec<String> = d.last_error.iter().cloned().collect();
+        if let Some(why) = d.degraded_at(self.now_ms) {
+            parts.push(format!("degraded: {why}"));
+        }
+        parts.join("; ")
+    }
+
+    /// A plain-text table, one database per line, problems first.
     pub fn table(&self) -> String {
         let mut out = format!(
             "{:<32} {:<8} {:>9} {:>10} {:<24} {}\n",
-            "PREFIX", "STATE", "LAG", "HEAD", "LAST SYNC", "LAST ERROR"
+            "PREFIX", "STATE", "LAG", "HEAD", "LAST SYNC", "PROBLEM"
         );
-        for d in &self.databases {
+        for d in self.problems_first() {
             out.push_str(&format!(
                 "{:<32} {:<8} {:>8.1}s {:>10} {:<24} {}\n",
                 d.prefix,
-                format!("{:?}", d.state).to_lowercase(),
+                self.shown_state(d),
                 d.lag_seconds(self.now_ms),
                 d.head.map_or("-".into(), |h| h.to_string()),
                 d.last_sync_ms.map_or("-".into(), crate::restore::format_ms),
-                d.last_error.as_deref().unwrap_or("")
+                self.problem(d)
             ));
         }
         out
@@ -189,5 +306,113 @@ mod tests {
         assert_eq!(unhealthy[1].1, "storage down");
         board.remove("b");
         assert_eq!(board.snapshot().databases.len(), 2);
+    }
+
+    const HOUR: u64 = 3_600_000;
+    const MINUTE: u64 = 60_000;
+
+    fn lose(d: &mut DbStatus, at_ms: u64) -> bool {
+        *d.snapshots.entry("continuity".into()).or_default() += 1;
+        d.record_continuity_loss(at_ms, "the database file was replaced")
+    }
+
+    #[test]
+    fn three_losses_within_an_hour_degrade_once() {
+        let mut d = DbStatus::default();
+        let t = 10 * HOUR;
+        assert!(!lose(&mut d, t));
+        assert!(!lose(&mut d, t + 10 * MINUTE));
+        assert!(!d.is_degraded(t + 10 * MINUTE));
+        assert!(lose(&mut d, t + 30 * MINUTE), "the third within the hour");
+        assert!(d.is_degraded(t + 30 * MINUTE));
+        // Further losses while degraded are not news.
+        assert!(!lose(&mut d, t + 40 * MINUTE));
+        assert!(!lose(&mut d, t + 50 * MINUTE));
+        assert_eq!(
+            d.recent_continuity_losses_ms.len(),
+            DEGRADED_LOSSES,
+            "only the newest are kept"
+        );
+        let why = d.degraded_at(t + 50 * MINUTE).unwrap();
+        assert!(why.contains("3 times within 1h"), "{why}");
+        assert!(why.contains("(5 since walsync started)"), "{why}");
+        assert!(why.contains("the database file was replaced"), "{why}");
+    }
+
+    #[test]
+    fn degraded_ends_when_fewer_fall_within_the_hour_and_can_start_again() {
+        let mut d = DbStatus::default();
+        let t = 10 * HOUR;
+        lose(&mut d, t);
+        lose(&mut d, t + MINUTE);
+        assert!(lose(&mut d, t + 2 * MINUTE));
+        // An hour after the first, only two remain within the window.
+        assert!(d.is_degraded(t + HOUR - 1));
+        assert!(!d.is_degraded(t + HOUR));
+        assert!(d.degraded_at(t + HOUR).is_none());
+        // Losses after recovering: news again once three fall within an hour.
+        assert!(!lose(&mut d, t + HOUR + 30 * MINUTE));
+        assert!(!lose(&mut d, t + HOUR + 31 * MINUTE));
+        assert!(lose(&mut d, t + HOUR + 32 * MINUTE));
+        // Exactly an hour after the oldest of the three is outside the window.
+        let mut edge = DbStatus::default();
+        lose(&mut edge, t);
+        lose(&mut edge, t + MINUTE);
+        assert!(!lose(&mut edge, t + HOUR));
+        // Spread out losses never degrade.
+        let mut spread = DbStatus::default();
+        for i in 0..10 {
+            assert!(!lose(&mut spread, t + i * 31 * MINUTE));
+            assert!(!spread.is_degraded(t + i * 31 * MINUTE));
+        }
+    }
+
+    #[test]
+    fn degraded_is_shown_but_not_unhealthy_and_problems_come_first() {
+        let board = Board::default();
+        let now = now_ms();
+        for prefix in ["a", "b", "c"] {
+            board.update(prefix, |d| {
+                d.state = State::Open;
+                d.sync_interval_ms = 1000;
+            });
+        }
+        board.update("c", |d| {
+            for i in 0..3 {
+                lose(d, now - (3 - i) * MINUTE);
+            }
+        });
+        board.update("b", |d| {
+            d.state = State::Failing;
+            d.last_error = Some("storage down".into());
+        });
+        let snap = board.snapshot();
+        assert!(snap.unhealthy().iter().all(|(p, _)| p != "c"));
+        let degraded = snap.degraded();
+        assert_eq!(degraded.len(), 1);
+        assert_eq!(degraded[0].0, "c");
+        let c = &snap.databases[2];
+        assert_eq!(c.degraded.as_deref(), Some(degraded[0].1.as_str()));
+        let order: Vec<&str> = snap
+            .problems_first()
+            .iter()
+            .map(|d| d.prefix.as_str())
+            .collect();
+        assert_eq!(order, vec!["b", "c", "a"]);
+        let table = snap.table();
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(
+            lines[2].starts_with("c ") && lines[2].contains("degraded"),
+            "{table}"
+        );
+        assert!(
+            lines[2].contains("the database file was replaced"),
+            "{table}"
+        );
+        // What `walsync status` reads back is what was served.
+        let json = serde_json::to_string(&snap).unwrap();
+        let back: Snapshot = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, snap);
+        assert_eq!(back.degraded(), degraded);
     }
 }

@@ -864,3 +864,189 @@ async fn sync_wait_reports_a_database_that_stopped_instead_of_hanging() {
         terminate(&mut child);
     }
 }
+
+/// The entry of `prefix` in `/status.json` (or `walsync status --json`).
+fn db_status<'a>(status: &'a serde_json::Value, prefix: &str) -> &'a serde_json::Value {
+    status["databases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["prefix"] == prefix)
+        .unwrap_or_else(|| panic!("no {prefix} in {status}"))
+}
+
+/// Polls `/status.json` until `done` holds for `prefix`'s entry.
+async fn wait_for_status(
+    addr: &str,
+    prefix: &str,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if std::net::TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "nothing listens on {addr}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        let (code, body) = http_get(addr, "/status.json");
+        assert_eq!(code, 200, "{body}");
+        let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if done(db_status(&status, prefix)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never {what}: {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A database that keeps losing continuity is shown as degraded by /health
+/// (still 200), /status.json, the status page, the metrics and `walsync
+/// status`, and the log says so once. The losses are forced without a pin:
+/// the database file is replaced, again and again, while walsync has it
+/// closed at rest (so no stale WAL of the old file is ever beside the new one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_keeps_losing_continuity_is_reported_degraded() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("app.db");
+        let good = dir.path().join("good.db");
+        drop(app_db(&db));
+        drop(app_db(&good));
+        let addr = format!("127.0.0.1:{}", free_port());
+        let config = dir.path().join("walsync.toml");
+        std::fs::write(
+            &config,
+            store.config(&format!(
+                "[sync]\nsync_interval = \"0s\"\n\
+                 [watch]\nlisten = \"{addr}\"\nclose_idle_after = \"200ms\"\n\
+                 [[databases]]\npath = \"{}\"\n[[databases]]\npath = \"{}\"\n",
+                db.display(),
+                good.display()
+            )),
+        )
+        .unwrap();
+        let mut child = spawn_watch(&store, &config, Stdio::piped());
+        // Drained as it comes, so that the log never blocks walsync.
+        let mut stderr = child.stderr.take().unwrap();
+        let log = std::thread::spawn(move || {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
+            text
+        });
+        let closed = |d: &serde_json::Value| d["state"] == "closed";
+        wait_for_status(&addr, "app", "closed", closed).await;
+
+        for round in 1..=4u64 {
+            // Another database, written by the app, is renamed over it.
+            let other = dir.path().join("other.db");
+            let conn = app_db(&other);
+            conn.execute("INSERT INTO t(v) VALUES (?1)", [format!("round {round}")])
+                .unwrap();
+            drop(conn);
+            std::fs::rename(&other, &db).unwrap();
+            wait_for_status(&addr, "app", "snapshotted after the replacement", |d| {
+                d["snapshots"]["continuity"] == round && closed(d)
+            })
+            .await;
+            let (code, health) = http_get(&addr, "/health");
+            assert_eq!(code, 200, "{kind}: degraded is not unhealthy: {health}");
+            let (_, metrics) = http_get(&addr, "/metrics");
+            let (_, status) = http_get(&addr, "/status.json");
+            let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+            assert!(db_status(&status, "good")["degraded"].is_null(), "{kind}");
+            if round < 3 {
+                assert!(!health.contains("degraded"), "{kind}: {health}");
+                assert!(
+                    metrics.contains("walsync_degraded{prefix=\"app\"} 0"),
+                    "{kind}\n{metrics}"
+                );
+                assert!(db_status(&status, "app")["degraded"].is_null(), "{kind}");
+                continue;
+            }
+            assert!(
+                health.starts_with("ok\n") && health.contains("degraded: app: "),
+                "{kind}: {health}"
+            );
+            assert!(!health.contains("good"), "{kind}: {health}");
+            assert!(
+                metrics.contains("walsync_degraded{prefix=\"app\"} 1")
+                    && metrics.contains("walsync_degraded{prefix=\"good\"} 0"),
+                "{kind}\n{metrics}"
+            );
+            let why = db_status(&status, "app")["degraded"].as_str().unwrap();
+            assert!(
+                why.contains("continuity lost 3 times within 1h")
+                    && why.contains(&format!("({round} since walsync started)"))
+                    && why.contains("the database file was replaced"),
+                "{kind}: {why}"
+            );
+        }
+
+        // `walsync status`: shown first, as degraded, with a warning; not a failure.
+        let output = run(walsync().args(["status", "--listen", &addr]));
+        let table = String::from_utf8_lossy(&output.stdout);
+        let warning = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{kind}: {table}\n{warning}");
+        let first = table.lines().nth(1).unwrap_or_default();
+        assert!(
+            first.starts_with("app ") && first.contains("degraded"),
+            "{kind}\n{table}"
+        );
+        assert!(
+            warning.contains("1 database(s) degraded") && warning.contains("Litestream"),
+            "{kind}: {warning}"
+        );
+        let output = run(walsync().args(["status", "--json", "--listen", &addr]));
+        assert!(output.status.success(), "{kind}");
+        let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert!(
+            db_status(&json, "app")["degraded"]
+                .as_str()
+                .is_some_and(|w| w.contains("the database file was replaced")),
+            "{kind}: {json}"
+        );
+        assert!(db_status(&json, "good")["degraded"].is_null(), "{kind}");
+        let (_, page) = http_get(&addr, "/");
+        assert!(page.contains("1 degraded"), "{kind}");
+        let (app_row, good_row) = (page.find("<td>app</td>"), page.find("<td>good</td>"));
+        assert!(
+            app_row.is_some() && app_row < good_row && page.contains("class=\"degraded\""),
+            "{kind}: problems first\n{page}"
+        );
+
+        assert!(terminate(&mut child).success(), "{kind}");
+        let log = log.join().unwrap();
+        assert_eq!(
+            log.matches("database degraded").count(),
+            1,
+            "{kind}: warned once, not on every loss\n{log}"
+        );
+        let warning = log
+            .lines()
+            .find(|l| l.contains("database degraded"))
+            .unwrap();
+        assert!(
+            warning.contains("WARN")
+                && warning.contains("prefix=app")
+                && warning.contains("the database file was replaced")
+                && warning.contains("wal_checkpoint(RESTART)"),
+            "{kind}: {warning}"
+        );
+        // What is in storage is the newest replacement.
+        let restored = dir.path().join("restored.db");
+        ok(
+            &store,
+            &[
+                "restore",
+                "--config",
+                cfg(&config),
+                "--prefix",
+                "app",
+                "-o",
+                cfg(&restored),
+            ],
+        );
+        assert_eq!(rows(&restored), rows(&db), "{kind}");
+    }
+}
