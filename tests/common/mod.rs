@@ -6,6 +6,7 @@
 //! `WALSYNC_TEST_S3_ENDPOINT` (a moto server in CI).
 #![allow(dead_code, unused_imports)]
 
+pub mod app;
 mod s3server;
 
 use std::sync::Arc;
