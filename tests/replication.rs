@@ -1,6 +1,11 @@
 //! Replication scenarios, each run against a real S3 protocol server and the
 //! local-directory backend, comparing the restored database with the source
 //! row for row.
+//!
+//! The app whose database walsync replicates runs in its own process
+//! (`tests/app/sqlite_app.py` through `tests/common/app.rs`): SQLite's locks
+//! only conflict between processes, so an app inside the test process could
+//! not show a pin or a write lock that walsync lost (DESIGN.md invariant 2a).
 
 mod common;
 
@@ -19,24 +24,19 @@ use walsync::segment::{self, Kind};
 use walsync::storage::{self, Payload, Storage};
 
 use common::TestStore;
+use common::app::{AppOptions, AppProcess};
 
 type Rows = Vec<(i64, Vec<u8>)>;
 
-fn app_conn(path: &Path, page_size: u32) -> Connection {
-    let conn = Connection::open(path).unwrap();
-    conn.busy_timeout(Duration::from_secs(10)).unwrap();
-    conn.pragma_update(None, "page_size", page_size).unwrap();
-    conn.pragma_update(None, "journal_mode", "WAL").unwrap();
-    conn.execute_batch("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v BLOB NOT NULL)")
-        .unwrap();
-    conn
+/// The app, in its own process (tests/common/app.rs): only there do
+/// SQLite's locks conflict with walsync's as they do in production.
+fn app_process(path: &Path, page_size: u32) -> AppProcess {
+    AppProcess::spawn(path, AppOptions::page_size(page_size))
 }
 
-fn insert(conn: &Connection, n: usize, size: usize) {
-    for _ in 0..n {
-        conn.execute("INSERT INTO t(v) VALUES (randomblob(?1))", [size as i64])
-            .unwrap();
-    }
+/// `n` rows of `size` random bytes, one commit each.
+fn insert(app: &mut AppProcess, n: usize, size: usize) {
+    app.insert_each(n, size);
 }
 
 fn rows(path: &Path) -> Rows {
@@ -130,21 +130,20 @@ async fn replicate_then_restore_latest_and_past_txid() {
     for (kind, store) in common::all_stores().await {
         let dir = tempfile::tempdir().unwrap();
         let db = db_in(&dir, "app.db");
-        let conn = app_conn(&db, 4096);
-        insert(&conn, 100, 200);
+        let mut app = app_process(&db, 4096);
+        insert(&mut app, 100, 200);
         let mut r = open_replica(&db, "app", &store, opts()).await;
         let report = r.sync().await.unwrap();
         assert_eq!(report.snapshots, 1, "{kind}: first sync snapshots");
 
-        insert(&conn, 50, 300);
+        insert(&mut app, 50, 300);
         r.sync().await.unwrap();
         let past = r.head().unwrap().seq;
         let past_rows = rows(&db);
 
-        insert(&conn, 50, 5000);
-        conn.execute("DELETE FROM t WHERE id % 7 = 0", []).unwrap();
-        conn.execute("UPDATE t SET v = x'00' WHERE id % 5 = 0", [])
-            .unwrap();
+        insert(&mut app, 50, 5000);
+        app.exec("DELETE FROM t WHERE id % 7 = 0");
+        app.exec("UPDATE t SET v = x'00' WHERE id % 5 = 0");
         let report = r.sync().await.unwrap();
         assert!(report.segments >= 1, "{kind}: changes shipped");
 
@@ -178,8 +177,8 @@ async fn timestamp_restore_picks_the_newest_state_at_or_before_the_instant() {
         let dir = tempfile::tempdir().unwrap();
         let db = db_in(&dir, "pitr.db");
         let out = db_in(&dir, "restored.db");
-        let conn = app_conn(&db, 4096);
-        insert(&conn, 10, 100);
+        let mut app = app_process(&db, 4096);
+        insert(&mut app, 10, 100);
         let before_any = now_ms() - 1;
         tokio::time::sleep(Duration::from_millis(5)).await;
         let mut r = open_replica(&db, "pitr", &store, opts()).await;
@@ -191,7 +190,7 @@ async fn timestamp_restore_picks_the_newest_state_at_or_before_the_instant() {
             tokio::time::sleep(Duration::from_millis(30)).await;
             states.push((now_ms(), rows(&db)));
             tokio::time::sleep(Duration::from_millis(30)).await;
-            insert(&conn, 3, 100);
+            insert(&mut app, 3, 100);
             if round == 3 {
                 r.force_snapshot("test").await.unwrap();
             } else {
@@ -227,7 +226,7 @@ async fn retention_deletes_only_what_no_kept_restore_point_needs() {
         let dir = tempfile::tempdir().unwrap();
         let db = db_in(&dir, "ret.db");
         let out = db_in(&dir, "restored.db");
-        let conn = app_conn(&db, 4096);
+        let mut app = app_process(&db, 4096);
         let keep_two = SyncOptions {
             retention: Retention {
                 age: None,
@@ -242,7 +241,7 @@ async fn retention_deletes_only_what_no_kept_restore_point_needs() {
         for round in 0..4 {
             // Snapshots in distinct milliseconds, for the age checks below.
             tokio::time::sleep(Duration::from_millis(5)).await;
-            insert(&conn, 5, 100);
+            insert(&mut app, 5, 100);
             if round == 0 {
                 r.sync().await.unwrap();
             } else {
@@ -263,7 +262,7 @@ async fn retention_deletes_only_what_no_kept_restore_point_needs() {
             snapshot_times.push((head, header.timestamp_ms));
             states.push((head, rows(&db)));
             for _ in 0..2 {
-                insert(&conn, 5, 100);
+                insert(&mut app, 5, 100);
                 r.sync().await.unwrap();
                 states.push((r.head().unwrap().seq, rows(&db)));
             }
@@ -334,8 +333,8 @@ async fn app_auto_checkpoints_many_times_without_breaking_the_chain() {
     for (kind, store) in common::all_stores().await {
         let dir = tempfile::tempdir().unwrap();
         let db = db_in(&dir, "auto.db");
-        let conn = app_conn(&db, 4096);
-        conn.pragma_update(None, "wal_autocheckpoint", 8).unwrap();
+        let mut app = app_process(&db, 4096);
+        app.pragma("wal_autocheckpoint=8");
         let mut r = open_replica(
             &db,
             "auto",
@@ -348,10 +347,9 @@ async fn app_auto_checkpoints_many_times_without_breaking_the_chain() {
         .await;
         r.sync().await.unwrap();
         for round in 0..30 {
-            insert(&conn, 100, 150);
+            insert(&mut app, 100, 150);
             if round % 3 == 0 {
-                conn.execute("DELETE FROM t WHERE id % 11 = ?1", [round % 11])
-                    .unwrap();
+                app.exec(&format!("DELETE FROM t WHERE id % 11 = {}", round % 11));
             }
             r.sync().await.unwrap();
         }
@@ -385,20 +383,21 @@ async fn app_checkpoints_passive_truncate_restart_while_running() {
     for (kind, store) in common::all_stores().await {
         let dir = tempfile::tempdir().unwrap();
         let db = db_in(&dir, "ck.db");
-        let conn = app_conn(&db, 4096);
-        conn.busy_timeout(Duration::from_millis(50)).unwrap();
+        let mut app = app_process(&db, 4096);
+        app.pragma("busy_timeout=50");
         let mut r = open_replica(&db, "ck", &store, opts()).await;
         r.sync().await.unwrap();
         let modes = ["PASSIVE", "TRUNCATE", "RESTART"];
         for round in 0..12 {
-            insert(&conn, 40, 500);
+            insert(&mut app, 40, 500);
             let mode = modes[round % 3];
-            let _: (i64, i64, i64) = conn
-                .query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })
-                .unwrap();
-            insert(&conn, 10, 100);
+            let ck = app.checkpoint(mode);
+            // The 40 rows just written are not shipped: walsync's pin keeps
+            // the WAL from being restarted past them.
+            if mode != "PASSIVE" {
+                assert_eq!(ck.busy, 1, "{kind}: round {round}, {mode}: {ck:?}");
+            }
+            insert(&mut app, 10, 100);
             if round % 2 == 0 {
                 r.sync().await.unwrap();
             }
@@ -409,6 +408,11 @@ async fn app_checkpoints_passive_truncate_restart_while_running() {
             rows(&db),
             "{kind}"
         );
+        assert_eq!(
+            count_snapshots(store.storage.as_ref(), "ck").await,
+            1,
+            "{kind}: the app's checkpoints broke continuity"
+        );
     }
 }
 
@@ -417,14 +421,14 @@ async fn restart_continues_the_chain_or_snapshots_after_a_gap() {
     for (kind, store) in common::all_stores().await {
         let dir = tempfile::tempdir().unwrap();
         let db = db_in(&dir, "gap.db");
-        let conn = app_conn(&db, 4096);
-        insert(&conn, 50, 100);
+        let mut app = app_process(&db, 4096);
+        insert(&mut app, 50, 100);
         let mut r = open_replica(&db, "gap", &store, opts()).await;
         r.sync().await.unwrap();
         drop(r);
 
         // Stopped, the app writes; nothing checkpoints: the chain just continues.
-        insert(&conn, 30, 100);
+        insert(&mut app, 30, 100);
         let mut r = open_replica(&db, "gap", &store, opts()).await;
         let report = r.sync().await.unwrap();
         assert_eq!(
@@ -435,18 +439,13 @@ async fn restart_continues_the_chain_or_snapshots_after_a_gap() {
         drop(r);
 
         // Stopped, the app writes and truncates the WAL: the gap is detected.
-        insert(&conn, 30, 100);
-        let (busy, _, _): (i64, i64, i64) = conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
-            .unwrap();
-        assert_eq!(busy, 0);
-        insert(&conn, 10, 100);
+        insert(&mut app, 30, 100);
+        assert_eq!(app.checkpoint("TRUNCATE").busy, 0);
+        insert(&mut app, 10, 100);
         let mut r = open_replica(&db, "gap", &store, opts()).await;
         let report = r.sync().await.unwrap();
         assert_eq!(report.snapshots, 1, "{kind}: gap detected, snapshot taken");
-        insert(&conn, 5, 100);
+        insert(&mut app, 5, 100);
         r.sync().await.unwrap();
         assert_eq!(count_snapshots(store.storage.as_ref(), "gap").await, 2);
         assert_eq!(
@@ -462,19 +461,18 @@ async fn rolled_back_transactions_never_appear() {
     for (kind, store) in common::all_stores().await {
         let dir = tempfile::tempdir().unwrap();
         let db = db_in(&dir, "rb.db");
-        let conn = app_conn(&db, 4096);
-        insert(&conn, 10, 100);
+        let mut app = app_process(&db, 4096);
+        insert(&mut app, 10, 100);
         let mut r = open_replica(&db, "rb", &store, opts()).await;
         r.sync().await.unwrap();
-        conn.pragma_update(None, "cache_size", 5).unwrap();
-        conn.execute_batch("BEGIN").unwrap();
-        insert(&conn, 300, 3000);
+        app.pragma("cache_size=5");
+        app.begin();
+        insert(&mut app, 300, 3000);
         // The big transaction has spilled frames into the WAL; none may ship.
         r.sync().await.unwrap();
-        conn.execute_batch("ROLLBACK").unwrap();
-        conn.execute_batch("BEGIN; INSERT INTO t(v) VALUES (x'dead'); ROLLBACK;")
-            .unwrap();
-        insert(&conn, 3, 10);
+        app.rollback();
+        app.ok("script BEGIN; INSERT INTO t(v) VALUES (x'dead'); ROLLBACK;");
+        insert(&mut app, 3, 10);
         r.sync().await.unwrap();
         let restored = restore_rows(&store, "rb", dir.path(), None).await;
         assert_eq!(restored.len(), 13, "{kind}");
@@ -489,24 +487,18 @@ async fn vacuum_shrinks_and_every_page_size_round_trips() {
             let dir = tempfile::tempdir().unwrap();
             let db = db_in(&dir, "vac.db");
             let prefix = format!("vac{page_size}");
-            let conn = app_conn(&db, page_size);
-            let got: u32 = conn
-                .query_row("PRAGMA page_size", [], |r| r.get(0))
-                .unwrap();
+            let mut app = app_process(&db, page_size);
+            let got: u32 = app.pragma("page_size").parse().unwrap();
             assert_eq!(got, page_size);
-            insert(&conn, 400, 700);
+            insert(&mut app, 400, 700);
             let mut r = open_replica(&db, &prefix, &store, opts()).await;
             r.sync().await.unwrap();
-            insert(&conn, 100, 700);
+            insert(&mut app, 100, 700);
             r.sync().await.unwrap();
-            let before: u32 = conn
-                .query_row("PRAGMA page_count", [], |r| r.get(0))
-                .unwrap();
-            conn.execute("DELETE FROM t WHERE id > 20", []).unwrap();
-            conn.execute_batch("VACUUM").unwrap();
-            let after: u32 = conn
-                .query_row("PRAGMA page_count", [], |r| r.get(0))
-                .unwrap();
+            let before: u32 = app.pragma("page_count").parse().unwrap();
+            app.exec("DELETE FROM t WHERE id > 20");
+            app.exec("VACUUM");
+            let after: u32 = app.pragma("page_count").parse().unwrap();
             assert!(after < before, "VACUUM shrank the database");
             r.sync().await.unwrap();
             let out = dir.path().join("out.db");
@@ -539,14 +531,17 @@ async fn build_chain(
     name: &str,
 ) -> (PathBuf, Vec<chain::ObjectRef>) {
     let db = dir.join(format!("{name}.db"));
-    let conn = app_conn(&db, 4096);
-    insert(&conn, 20, 100);
+    let mut app = app_process(&db, 4096);
+    insert(&mut app, 20, 100);
     let mut r = open_replica(&db, name, store, opts()).await;
     r.sync().await.unwrap();
     for _ in 0..3 {
-        insert(&conn, 5, 100);
+        insert(&mut app, 5, 100);
         r.sync().await.unwrap();
     }
+    // walsync stops first, then the app: its last connection checkpoints.
+    drop(r);
+    app.quit();
     let objects = chain::list(store.storage.as_ref(), name).await.unwrap();
     assert_eq!(objects.len(), 4);
     (db, objects)
@@ -669,6 +664,10 @@ async fn altered_missing_or_foreign_objects_are_refused_by_name() {
     }
 }
 
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Key rings from raw keys; the first one encrypts.
 fn ring(keys: &[u8]) -> Option<Arc<Keys>> {
     let mut all = keys.iter().map(|b| Key::from_bytes(&[*b; 32]));
@@ -685,18 +684,16 @@ async fn encrypted_replicas_restore_only_with_their_keys() {
     for (kind, store) in common::all_stores().await {
         let dir = tempfile::tempdir().unwrap();
         let db = db_in(&dir, "secret.db");
-        let conn = app_conn(&db, 4096);
+        let mut app = app_process(&db, 4096);
         let sealed = |keys: Option<Arc<Keys>>| SyncOptions {
             encryption: keys,
             ..opts()
         };
-        conn.execute("INSERT INTO t(v) VALUES (?1)", [&marker])
-            .unwrap();
-        insert(&conn, 50, 300);
+        app.exec(&format!("INSERT INTO t(v) VALUES (x'{}')", hex(&marker)));
+        insert(&mut app, 50, 300);
         let mut replica = open_replica(&db, "secret", &store, sealed(ring(&[1]))).await;
         replica.sync().await.unwrap();
-        conn.execute("INSERT INTO t(v) VALUES (?1)", [&marker])
-            .unwrap();
+        app.exec(&format!("INSERT INTO t(v) VALUES (x'{}')", hex(&marker)));
         replica.sync().await.unwrap();
         let first_state = rows(&db);
         let first_seq = replica.head().unwrap().seq;
@@ -737,10 +734,10 @@ async fn encrypted_replicas_restore_only_with_their_keys() {
         // A new key (the old one kept for reading) starts with a snapshot.
         drop(replica);
         let mut replica = open_replica(&db, "secret", &store, sealed(ring(&[2, 1]))).await;
-        insert(&conn, 10, 300);
+        insert(&mut app, 10, 300);
         let report = replica.sync().await.unwrap();
         assert_eq!(report.snapshot_reasons, vec!["key"], "{kind}");
-        insert(&conn, 10, 300);
+        insert(&mut app, 10, 300);
         replica.sync().await.unwrap();
         let old = restore::Target::Seq(first_seq);
         assert_eq!(
@@ -800,18 +797,18 @@ async fn a_second_writer_on_the_same_prefix_is_stopped_not_interleaved() {
     for (kind, store) in common::all_stores().await {
         let dir = tempfile::tempdir().unwrap();
         let db = db_in(&dir, "two.db");
-        let conn = app_conn(&db, 4096);
-        insert(&conn, 10, 100);
+        let mut app = app_process(&db, 4096);
+        insert(&mut app, 10, 100);
         let mut first = open_replica(&db, "two", &store, opts()).await;
         first.sync().await.unwrap();
         let mut second = open_replica(&db, "two", &store, opts()).await;
-        insert(&conn, 10, 100);
+        insert(&mut app, 10, 100);
         first.sync().await.unwrap();
         let err = second.sync().await.unwrap_err();
         assert!(err.is_fatal(), "{kind}: {err}");
         assert!(err.to_string().contains("two"), "{err}");
         // The stopped writer stays stopped; the first goes on.
-        insert(&conn, 10, 100);
+        insert(&mut app, 10, 100);
         assert!(second.sync().await.is_err());
         first.sync().await.unwrap();
         assert_eq!(
@@ -831,7 +828,7 @@ async fn concurrent_writer_with_syncs_in_between() {
             .with_env_filter("walsync=debug")
             .with_test_writer()
             .try_init();
-        drop(app_conn(&db, 4096));
+        app_process(&db, 4096).quit();
         let mut r = open_replica(
             &db,
             "busy",
@@ -845,10 +842,10 @@ async fn concurrent_writer_with_syncs_in_between() {
         r.sync().await.unwrap();
         let writer_db = db.clone();
         let writer = std::thread::spawn(move || {
-            let conn = app_conn(&writer_db, 4096);
-            conn.pragma_update(None, "wal_autocheckpoint", 20).unwrap();
+            let mut app = app_process(&writer_db, 4096);
+            app.pragma("wal_autocheckpoint=20");
             for i in 0..1500 {
-                insert(&conn, 1, 64 + (i % 500));
+                insert(&mut app, 1, 64 + (i % 500));
             }
         });
         while !writer.is_finished() {
@@ -881,25 +878,25 @@ async fn a_replaced_database_file_is_snapshotted_again() {
     for (kind, store) in common::all_stores().await {
         let dir = tempfile::tempdir().unwrap();
         let db = db_in(&dir, "swap.db");
-        let conn = app_conn(&db, 4096);
-        insert(&conn, 20, 100);
+        let mut app = app_process(&db, 4096);
+        insert(&mut app, 20, 100);
         let mut r = open_replica(&db, "swap", &store, opts()).await;
         r.sync().await.unwrap();
-        drop(conn);
+        app.quit();
 
         // Another file is renamed over the database (a restore from elsewhere, say).
         let other = db_in(&dir, "other.db");
-        let conn = app_conn(&other, 4096);
-        insert(&conn, 7, 33);
-        conn.pragma_update(None, "journal_mode", "DELETE").unwrap();
-        drop(conn);
+        let mut app = app_process(&other, 4096);
+        insert(&mut app, 7, 33);
+        assert_eq!(app.pragma("journal_mode=DELETE"), "delete");
+        app.quit();
         std::fs::rename(&other, &db).unwrap();
         let _ = std::fs::remove_file(walsync::db::wal_path_of(&db));
 
         let report = r.sync().await.unwrap();
         assert_eq!(report.snapshots, 1, "{kind}: replacement detected");
-        let conn = app_conn(&db, 4096);
-        insert(&conn, 3, 10);
+        let mut app = app_process(&db, 4096);
+        insert(&mut app, 3, 10);
         r.sync().await.unwrap();
         assert_eq!(rows(&db).len(), 10);
         assert_eq!(
@@ -915,7 +912,7 @@ async fn snapshot_interval_starts_new_snapshots_only_when_the_database_changes()
     let store = common::fs_store();
     let dir = tempfile::tempdir().unwrap();
     let db = db_in(&dir, "interval.db");
-    let conn = app_conn(&db, 4096);
+    let mut app = app_process(&db, 4096);
     let mut r = open_replica(
         &db,
         "interval",
@@ -933,7 +930,7 @@ async fn snapshot_interval_starts_new_snapshots_only_when_the_database_changes()
         1,
         "idle: none"
     );
-    insert(&conn, 5, 10);
+    insert(&mut app, 5, 10);
     let report = r.sync().await.unwrap();
     assert_eq!((report.segments, report.snapshots), (1, 1));
     assert_eq!(
@@ -950,13 +947,12 @@ async fn forced_restore_over_a_database_with_a_wal_replaces_it_safely() {
 
     // The target is a database of its own, with committed frames in its WAL.
     let target = dir.path().join("target.db");
-    let old = app_conn(&target, 4096);
-    old.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
-    insert(&old, 50, 10);
-    let reader = Connection::open(&target).unwrap();
-    reader
-        .execute_batch("BEGIN; SELECT count(*) FROM t;")
-        .unwrap();
+    let mut old = app_process(&target, 4096);
+    old.pragma("wal_autocheckpoint=0");
+    insert(&mut old, 50, 10);
+    let mut reader = AppProcess::open(&target);
+    reader.begin();
+    assert_eq!(reader.count(), 50);
     let opts = RestoreOptions {
         prefix: "src".into(),
         output: target.clone(),
@@ -971,9 +967,9 @@ async fn forced_restore_over_a_database_with_a_wal_replaces_it_safely() {
     assert!(err.to_string().contains("in use"), "{err}");
     assert_eq!(rows(&target).len(), 50);
 
-    reader.execute_batch("COMMIT").unwrap();
-    drop(reader);
-    drop(old);
+    reader.commit();
+    reader.quit();
+    old.quit();
     restore::restore(store.storage.as_ref(), &opts)
         .await
         .unwrap();
@@ -1001,10 +997,7 @@ async fn verify_walks_the_chain_and_compares_with_the_live_database() {
         assert!(report.compared_pages.unwrap() > 0, "{kind}");
 
         // A change not shipped yet: the live database is ahead, and says so.
-        Connection::open(&db)
-            .unwrap()
-            .execute("INSERT INTO t(v) VALUES (x'01')", [])
-            .unwrap();
+        AppProcess::open(&db).exec("INSERT INTO t(v) VALUES (x'01')");
         let report = verify::verify(
             store.storage.as_ref(),
             "checked",
@@ -1050,13 +1043,14 @@ async fn a_change_checkpointed_while_stopped_is_shipped_after_restart() {
     for (kind, store) in common::all_stores().await {
         let dir = tempfile::tempdir().unwrap();
         let db = db_in(&dir, "gap.db");
-        drop(app_conn(&db, 4096));
+        app_process(&db, 4096).quit();
         let mut r = open_replica(&db, "gap", &store, opts()).await;
         r.sync().await.unwrap();
         drop(r);
         {
-            let conn = app_conn(&db, 4096);
-            insert(&conn, 3, 100);
+            let mut app = app_process(&db, 4096);
+            insert(&mut app, 3, 100);
+            app.quit();
         }
         assert!(!wal_path_of_db(&db).exists());
         let mut r = open_replica(&db, "gap", &store, opts()).await;
@@ -1076,13 +1070,9 @@ fn wal_path_of_db(db: &Path) -> PathBuf {
 }
 
 /// Inserts `n` batches of ten rows, one transaction per batch.
-fn insert_batches(conn: &Connection, n: usize) {
+fn insert_batches(app: &mut AppProcess, n: usize) {
     for _ in 0..n {
-        conn.execute_batch(
-            "BEGIN; WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c WHERE x<10)
-             INSERT INTO t(v) SELECT randomblob(300) FROM c; COMMIT;",
-        )
-        .unwrap();
+        app.insert(10, 300);
     }
 }
 
@@ -1124,8 +1114,8 @@ async fn follow_keeps_a_replica_current_readers_see_whole_transactions_and_it_re
     for (kind, store) in common::all_stores().await {
         let dir = tempfile::tempdir().unwrap();
         let db = db_in(&dir, "live.db");
-        let conn = app_conn(&db, 4096);
-        insert_batches(&conn, 5);
+        let mut app = app_process(&db, 4096);
+        insert_batches(&mut app, 5);
         let sealed = SyncOptions {
             encryption: ring(&[4]),
             ..opts()
@@ -1164,11 +1154,10 @@ async fn follow_keeps_a_replica_current_readers_see_whole_transactions_and_it_re
             })
         };
         for round in 0..12 {
-            insert_batches(&conn, 3);
+            insert_batches(&mut app, 3);
             if round == 5 {
                 // Shrinks the file: the copy must drop the freed pages too.
-                conn.execute_batch("DELETE FROM t WHERE id <= 100; VACUUM;")
-                    .unwrap();
+                app.ok("script DELETE FROM t WHERE id <= 100; VACUUM;");
             }
             if round == 8 {
                 replica.force_snapshot("test").await.unwrap();
@@ -1192,7 +1181,7 @@ async fn follow_keeps_a_replica_current_readers_see_whole_transactions_and_it_re
         );
 
         // Started again, it goes on from where it stood.
-        insert_batches(&conn, 2);
+        insert_batches(&mut app, 2);
         replica.sync().await.unwrap();
         let (stop, task) = spawn_follow(&store, opts.clone());
         wait_for_rows(&copy, &rows(&db), kind).await;
@@ -1261,8 +1250,8 @@ async fn a_key_change_never_mixes_keys_and_a_lost_key_never_ships_plaintext() {
     for (kind, store) in common::all_stores().await {
         let dir = tempfile::tempdir().unwrap();
         let db = db_in(&dir, "rotating.db");
-        let conn = app_conn(&db, 4096);
-        insert(&conn, 20, 100);
+        let mut app = app_process(&db, 4096);
+        insert(&mut app, 20, 100);
         let flaky = Arc::new(FailNextPut {
             inner: store.storage.clone(),
             fail: std::sync::atomic::AtomicBool::new(true),
@@ -1278,9 +1267,9 @@ async fn a_key_change_never_mixes_keys_and_a_lost_key_never_ships_plaintext() {
         // meanwhile the key changes. Its retry must not let key 2 follow it.
         assert!(replica.sync().await.is_err(), "{kind}");
         replica.set_options(with(ring(&[2, 1])));
-        insert(&conn, 5, 100);
+        insert(&mut app, 5, 100);
         replica.sync().await.unwrap();
-        insert(&conn, 5, 100);
+        insert(&mut app, 5, 100);
         replica.sync().await.unwrap();
         let out = dir.path().join("out.db");
         let latest = restore::Target::Latest;
@@ -1298,7 +1287,7 @@ async fn a_key_change_never_mixes_keys_and_a_lost_key_never_ships_plaintext() {
         // No key at all (a lost environment variable): an error, nothing shipped.
         let before = objects.len();
         replica.set_options(with(None));
-        insert(&conn, 5, 100);
+        insert(&mut app, 5, 100);
         let err = replica.sync().await.unwrap_err().to_string();
         assert!(
             err.contains("no encryption key is set") && err.contains("rotating"),
