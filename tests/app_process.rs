@@ -1,0 +1,965 @@
+//! walsync against an app in **another process** (DESIGN.md invariants 2 and
+//! 2a; issue 9). SQLite's WAL locks are POSIX advisory locks, which never
+//! conflict within one process: only an app in its own process can show that
+//! walsync's pin and write lock really hold. The app is
+//! `tests/app/sqlite_app.py` (see `tests/common/app.rs`).
+//!
+//! Every scenario runs against every store (the local directory and S3), the
+//! stores side by side. Durations come from the environment so that the same
+//! tests serve CI and long torture runs (`bench/torture_loop.sh`):
+//! `WALSYNC_TEST_STEADY_SECS` (default 20), `WALSYNC_TEST_BULK_SECS` (the
+//! ignored bulk runs, default 10) and `WALSYNC_TEST_SHORT_BULK_SECS` (the bulk
+//! runs CI always does, default 3).
+
+mod common;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use rusqlite::Connection;
+use sha2::{Digest as _, Sha256};
+use walsync::chain;
+use walsync::db::{Database, Link};
+use walsync::replica::{self, Replica, SyncOptions, SyncReport};
+use walsync::restore::{self, RestoreOptions};
+use walsync::segment::Kind;
+use walsync::storage::Storage;
+
+use common::TestStore;
+use common::app::{AppOptions, AppProcess};
+
+/// Commits per second of the steady-state apps.
+const STEADY_RATE: u32 = 300;
+
+fn env_secs(name: &str, default: f64) -> f64 {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?}: expected seconds")),
+        Err(_) => default,
+    }
+}
+
+fn steady_secs() -> f64 {
+    env_secs("WALSYNC_TEST_STEADY_SECS", 20.0)
+}
+
+fn bulk_secs() -> f64 {
+    env_secs("WALSYNC_TEST_BULK_SECS", 10.0)
+}
+
+fn short_bulk_secs() -> f64 {
+    env_secs("WALSYNC_TEST_SHORT_BULK_SECS", 3.0)
+}
+
+/// Runs `scenario` once per store, the stores concurrently; a panic in any
+/// of them fails the test with its message.
+async fn each_store<F, Fut>(scenario: F)
+where
+    F: Fn(&'static str, TestStore) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut tasks = Vec::new();
+    for (kind, store) in common::all_stores().await {
+        tasks.push(tokio::spawn(scenario(kind, store)));
+    }
+    for task in tasks {
+        if let Err(e) = task.await {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+}
+
+/// What a database holds, compactly: rows, highest id, SHA-256 of every row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Digest {
+    rows: i64,
+    max_id: i64,
+    sha256: String,
+}
+
+fn digest(path: &Path) -> Digest {
+    let conn = Connection::open(path).unwrap();
+    conn.busy_timeout(Duration::from_secs(30)).unwrap();
+    let mut stmt = conn.prepare("SELECT id, v FROM t ORDER BY id").unwrap();
+    let mut rows = stmt.query([]).unwrap();
+    let mut hash = Sha256::new();
+    let (mut n, mut max_id) = (0i64, 0i64);
+    while let Some(row) = rows.next().unwrap() {
+        let id: i64 = row.get(0).unwrap();
+        let v = row.get_ref(1).unwrap();
+        let bytes = v.as_blob().unwrap_or_default();
+        hash.update(id.to_le_bytes());
+        hash.update((bytes.len() as u64).to_le_bytes());
+        hash.update(bytes);
+        n += 1;
+        max_id = id;
+    }
+    Digest {
+        rows: n,
+        max_id,
+        sha256: hash.finalize().iter().map(|b| format!("{b:02x}")).collect(),
+    }
+}
+
+fn has_row(path: &Path, id: i64) -> bool {
+    let conn = Connection::open(path).unwrap();
+    conn.query_row("SELECT count(*) FROM t WHERE id = ?1", [id], |r| {
+        r.get::<_, i64>(0)
+    })
+    .unwrap()
+        == 1
+}
+
+/// `PRAGMA integrity_check` of a file: "ok" or its problems.
+fn integrity(path: &Path) -> String {
+    let conn = Connection::open(path).unwrap();
+    conn.busy_timeout(Duration::from_secs(30)).unwrap();
+    let mut stmt = conn.prepare("PRAGMA integrity_check").unwrap();
+    let lines: Vec<String> = stmt
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    lines.join(" | ")
+}
+
+async fn restore_to(
+    store: &TestStore,
+    prefix: &str,
+    out: &Path,
+    target: restore::Target,
+) -> Result<(), String> {
+    restore::restore(
+        store.storage.as_ref(),
+        &RestoreOptions {
+            prefix: prefix.into(),
+            output: out.to_path_buf(),
+            target,
+            force: true,
+            keys: None,
+        },
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| e.to_string())
+}
+
+/// The newest state in storage, restored beside the source.
+async fn restored_digest(store: &TestStore, prefix: &str, dir: &Path) -> Digest {
+    let out = dir.join(format!("{}-restored.db", prefix.replace('/', "_")));
+    restore_to(store, prefix, &out, restore::Target::Latest)
+        .await
+        .unwrap_or_else(|e| panic!("{prefix}: restore of the head failed: {e}"));
+    digest(&out)
+}
+
+async fn count_snapshots(storage: &dyn Storage, prefix: &str) -> usize {
+    chain::list(storage, prefix)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|o| o.kind == Kind::Snapshot)
+        .count()
+}
+
+/// How many WAL generations (distinct salts) the chain's segments came from.
+async fn wal_generations(storage: &dyn Storage, prefix: &str) -> usize {
+    let mut salts = std::collections::HashSet::new();
+    for object in chain::list(storage, prefix).await.unwrap() {
+        if object.kind == Kind::Wal {
+            let header = chain::read_header(storage, &object).await.unwrap();
+            salts.insert((header.wal.salt1, header.wal.salt2));
+        }
+    }
+    salts.len()
+}
+
+/// Restores every snapshot and a sample of segments (by sequence number):
+/// each must restore (restore itself runs `integrity_check`) and pass
+/// `PRAGMA integrity_check` again here. Returns how many were checked.
+async fn check_restore_points(store: &TestStore, prefix: &str, dir: &Path, kind: &str) -> usize {
+    let objects = chain::list(store.storage.as_ref(), prefix).await.unwrap();
+    let mut seqs: Vec<u64> = objects
+        .iter()
+        .filter(|o| o.kind == Kind::Snapshot)
+        .map(|o| o.seq)
+        .collect();
+    let segments: Vec<u64> = objects
+        .iter()
+        .filter(|o| o.kind == Kind::Wal)
+        .map(|o| o.seq)
+        .collect();
+    // Ten spread over the chain, the last one, and the first after each snapshot.
+    let step = (segments.len() / 10).max(1);
+    seqs.extend(segments.iter().step_by(step));
+    seqs.extend(segments.last());
+    for s in objects.iter().filter(|o| o.kind == Kind::Snapshot) {
+        seqs.extend(segments.iter().find(|&&seq| seq > s.seq));
+    }
+    seqs.sort_unstable();
+    seqs.dedup();
+    let out = dir.join(format!("{}-point.db", prefix.replace('/', "_")));
+    let mut failures = Vec::new();
+    for &seq in &seqs {
+        match restore_to(store, prefix, &out, restore::Target::Seq(seq)).await {
+            Ok(()) => {
+                let check = integrity(&out);
+                if check != "ok" {
+                    failures.push(format!("seq {seq}: integrity_check: {check}"));
+                }
+            }
+            Err(e) => failures.push(format!("seq {seq}: {e}")),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{kind} {prefix}: {} of {} restore points failed: {failures:#?}",
+        failures.len(),
+        seqs.len()
+    );
+    seqs.len()
+}
+
+/// What a run of syncs did, for the assertions after it.
+#[derive(Debug, Default)]
+struct SyncLog {
+    syncs: u64,
+    snapshot_reasons: Vec<&'static str>,
+    checkpoints: u64,
+    /// The write lock or a snapshot's lock could not be had in time.
+    busy: u64,
+    /// Anything else that failed.
+    errors: Vec<String>,
+}
+
+impl SyncLog {
+    fn record(&mut self, result: replica::Result<SyncReport>) {
+        self.syncs += 1;
+        match result {
+            Ok(report) => {
+                self.snapshot_reasons.extend(report.snapshot_reasons);
+                self.checkpoints += report.checkpoint_modes.len() as u64;
+            }
+            Err(replica::Error::Busy { .. }) => self.busy += 1,
+            Err(e) => {
+                if self.errors.len() < 20 {
+                    self.errors.push(e.to_string());
+                }
+            }
+        }
+    }
+
+    /// Continuity snapshots: every snapshot but the first one.
+    fn unexpected_snapshots(&self) -> Vec<&'static str> {
+        self.snapshot_reasons
+            .iter()
+            .copied()
+            .filter(|r| *r != "initial")
+            .collect()
+    }
+}
+
+/// Syncs until nothing is left to ship (commits SQLite was still publishing included).
+async fn sync_to_end(r: &mut Replica, log: &mut SyncLog) {
+    for _ in 0..100 {
+        log.record(r.sync().await);
+        if !r.wants_recheck() && log.errors.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // One more with nothing new: the head is what the source holds.
+    log.record(r.sync().await);
+}
+
+async fn open_replica(db: &Path, prefix: &str, store: &TestStore, opts: SyncOptions) -> Replica {
+    Replica::open(db, prefix, store.storage.clone(), opts)
+        .await
+        .unwrap()
+}
+
+/// Options for tests that drive syncs by hand: everything as `watch`
+/// defaults, except the timer checkpoint that a test would trip by chance.
+fn replica_opts() -> SyncOptions {
+    SyncOptions {
+        sync_interval: Duration::ZERO,
+        checkpoint_interval: Duration::from_secs(3600),
+        ..SyncOptions::default()
+    }
+}
+
+/// Waits for a command started on `app` without blocking the runtime.
+async fn wait_app(app: &mut AppProcess) -> Result<String, String> {
+    loop {
+        if let Some(reply) = app.try_finish(Duration::ZERO) {
+            return reply;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One database replicated through the in-process [`Replica`] API while
+/// its app (another process) runs a loop.
+struct Case {
+    name: &'static str,
+    db: PathBuf,
+    app: AppProcess,
+    replica: Replica,
+    log: SyncLog,
+    loop_reply: Option<Result<String, String>>,
+}
+
+/// Syncs every case every `period` until each app's started loop replied,
+/// then syncs them to the end.
+async fn drive(cases: &mut [Case], period: Duration) {
+    loop {
+        let mut running = false;
+        for c in cases.iter_mut() {
+            if c.loop_reply.is_none() {
+                c.loop_reply = c.app.try_finish(Duration::ZERO);
+                running |= c.loop_reply.is_none();
+            }
+            let result = c.replica.sync().await;
+            c.log.record(result);
+        }
+        if !running {
+            break;
+        }
+        tokio::time::sleep(period).await;
+    }
+    for c in cases.iter_mut() {
+        sync_to_end(&mut c.replica, &mut c.log).await;
+    }
+}
+
+fn steady_app(db: &Path, autocheckpoint: Option<u32>) -> AppProcess {
+    let mut app = AppProcess::spawn(
+        db,
+        AppOptions {
+            autocheckpoint,
+            // Several hundred commits a second even where fsync is slow.
+            synchronous: Some("NORMAL"),
+            ..AppOptions::default()
+        },
+    );
+    app.insert(100, 200);
+    app
+}
+
+async fn steady_state_replica(kind: &'static str, store: TestStore) {
+    let secs = steady_secs();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cases = Vec::new();
+    for (name, autocheckpoint) in [("default", None), ("ac100", Some(100))] {
+        let db = dir.path().join(format!("{name}.db"));
+        let app = steady_app(&db, autocheckpoint);
+        let replica = open_replica(&db, name, &store, replica_opts()).await;
+        cases.push(Case {
+            name,
+            db,
+            app,
+            replica,
+            log: SyncLog::default(),
+            loop_reply: None,
+        });
+    }
+    for c in &mut cases {
+        c.app.start_rate_insert(STEADY_RATE, secs, 200);
+    }
+    drive(&mut cases, Duration::from_millis(100)).await;
+    for c in &mut cases {
+        let name = c.name;
+        let commits = c.loop_reply.take().unwrap();
+        let commits = commits.unwrap_or_else(|e| panic!("{kind} {name}: app failed: {e}"));
+        let snapshots = count_snapshots(store.storage.as_ref(), name).await;
+        let generations = wal_generations(store.storage.as_ref(), name).await;
+        let context = format!(
+            "{kind} {name}: {commits} commits in {secs} s, {snapshots} snapshots, \
+             {generations} WAL generations, {:?}",
+            c.log
+        );
+        assert!(c.log.errors.is_empty(), "{context}");
+        assert_eq!(
+            restored_digest(&store, name, dir.path()).await,
+            digest(&c.db),
+            "{context}"
+        );
+        assert_eq!(
+            c.log.unexpected_snapshots(),
+            Vec::<&str>::new(),
+            "{context}"
+        );
+        assert_eq!(snapshots, 1, "{context}");
+        if secs >= 10.0 {
+            // walsync's own checkpoints restarted the WAL, and the chain went on.
+            assert!(generations > 1, "{context}");
+        }
+    }
+}
+
+/// An app at several hundred commits/s, with SQLite's default
+/// auto-checkpoint and with 100 pages: one snapshot (the first) in all, and
+/// the restore is the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn steady_state_app_process_takes_exactly_one_snapshot() {
+    each_store(steady_state_replica).await;
+}
+
+async fn checkpointer_replica(kind: &'static str, store: TestStore) {
+    let secs = steady_secs();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ck.db");
+    let app = steady_app(&db, None);
+    let mut checkpointer = AppProcess::spawn(
+        &db,
+        AppOptions {
+            busy_timeout_ms: Some(100),
+            ..AppOptions::default()
+        },
+    );
+    let replica = open_replica(&db, "ck", &store, replica_opts()).await;
+    let mut cases = [Case {
+        name: "ck",
+        db: db.clone(),
+        app,
+        replica,
+        log: SyncLog::default(),
+        loop_reply: None,
+    }];
+    // The first snapshot before the checkpointer starts.
+    cases[0].log.record(cases[0].replica.sync().await);
+    cases[0].app.start_rate_insert(STEADY_RATE, secs, 200);
+    checkpointer.start_checkpoint_loop(&["PASSIVE", "FULL", "RESTART", "TRUNCATE"], 200, secs);
+    drive(&mut cases, Duration::from_millis(100)).await;
+    let loops = wait_app(&mut checkpointer).await.unwrap();
+    let [c] = &mut cases;
+    let commits = c.loop_reply.take().unwrap().unwrap();
+    let snapshots = count_snapshots(store.storage.as_ref(), "ck").await;
+    let context = format!(
+        "{kind}: {commits} commits in {secs} s, checkpointer: {loops}; {snapshots} snapshots, {:?}",
+        c.log
+    );
+    assert!(c.log.errors.is_empty(), "{context}");
+    assert_eq!(
+        restored_digest(&store, "ck", dir.path()).await,
+        digest(&db),
+        "{context}"
+    );
+    assert_eq!(
+        c.log.unexpected_snapshots(),
+        Vec::<&str>::new(),
+        "{context}"
+    );
+    assert_eq!(snapshots, 1, "{context}");
+    let counts = common::app::CheckpointLoop::parse_reply(&loops);
+    assert_eq!(counts.errors, 0, "{context}");
+    let (restarts, restart_busy) = counts.mode("RESTART");
+    let (truncates, truncate_busy) = counts.mode("TRUNCATE");
+    assert!(restarts > 0 && truncates > 0, "{context}");
+    // The pin holds frames not yet shipped: the app cannot restart past them.
+    assert!(restart_busy + truncate_busy > 0, "{context}");
+}
+
+/// A second app process runs wal_checkpoint(PASSIVE), (FULL), (RESTART) and
+/// (TRUNCATE) in turn while the first writes: still one snapshot, the
+/// restore is the source, and RESTART/TRUNCATE report busy while frames are
+/// unshipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_checkpointing_app_process_cannot_restart_past_unshipped_frames() {
+    each_store(checkpointer_replica).await;
+}
+
+/// The pin, directly: after walsync has read the WAL (and shipped some of
+/// it), another process's RESTART or TRUNCATE must not get past the frames
+/// it has not shipped yet.
+async fn pin_after_read(kind: &'static str, store: TestStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("pin.db");
+    let mut app = AppProcess::spawn(
+        &db,
+        AppOptions {
+            busy_timeout_ms: Some(100),
+            autocheckpoint: Some(0),
+            ..AppOptions::default()
+        },
+    );
+    app.insert_each(20, 100);
+    let mut r = open_replica(&db, "pin", &store, replica_opts()).await;
+    let mut log = SyncLog::default();
+    log.record(r.sync().await);
+    for mode in ["RESTART", "TRUNCATE"] {
+        app.insert_each(10, 100);
+        // walsync reads the WAL and ships it.
+        log.record(r.sync().await);
+        // Frames it has not read yet.
+        app.insert_each(10, 100);
+        let ck = app.checkpoint(mode);
+        app.insert_each(3, 100);
+        log.record(r.sync().await);
+        let context = format!("{kind}: {mode} returned {ck:?}; {log:?}");
+        assert_eq!(
+            ck.busy, 1,
+            "{context}: the app restarted the WAL past the pin"
+        );
+        assert!(log.errors.is_empty(), "{context}");
+        assert_eq!(log.unexpected_snapshots(), Vec::<&str>::new(), "{context}");
+    }
+    sync_to_end(&mut r, &mut log).await;
+    assert_eq!(
+        restored_digest(&store, "pin", dir.path()).await,
+        digest(&db),
+        "{kind}: {log:?}"
+    );
+    assert_eq!(
+        count_snapshots(store.storage.as_ref(), "pin").await,
+        1,
+        "{kind}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_pin_holds_against_another_process_after_walsync_reads_the_wal() {
+    each_store(pin_after_read).await;
+}
+
+/// The sealed case: after walsync's own complete checkpoint, the app
+/// restarts the WAL with commit A, runs TRUNCATE and commits B before
+/// walsync reads again. With the pin held the TRUNCATE cannot copy A and
+/// reports busy; if it did truncate, the chain cannot simply continue (A
+/// would be missing): walsync must take a snapshot and say why. Either way
+/// the restore is the source. `idle_sync` adds a sync with nothing new
+/// between the seal and the app's commits, as a timer or a reader's file
+/// event would.
+async fn sealed_then_restart_truncate(kind: &'static str, store: TestStore, idle_sync: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("sealed.db");
+    let mut app = AppProcess::spawn(
+        &db,
+        AppOptions {
+            busy_timeout_ms: Some(100),
+            ..AppOptions::default()
+        },
+    );
+    app.insert_each(50, 100);
+    let opts = SyncOptions {
+        checkpoint_pages: 1,
+        ..replica_opts()
+    };
+    let mut r = open_replica(&db, "sealed", &store, opts).await;
+    let mut log = SyncLog::default();
+    log.record(r.sync().await);
+    app.insert_each(5, 100);
+    let report = r.sync().await.unwrap();
+    assert_eq!(report.checkpoint_modes, ["passive"], "{kind}: {report:?}");
+    assert!(
+        r.next_wakeup().is_none(),
+        "{kind}: the checkpoint did not seal the WAL"
+    );
+    if idle_sync {
+        log.record(r.sync().await);
+    }
+    // A has overflow pages of its own, which B's commit does not rewrite:
+    // skipping A's generation loses them even where B's pages carry A's row.
+    let a = app.insert_each(1, 20_000);
+    let ck = app.checkpoint("TRUNCATE");
+    let b = app.insert_each(1, 100);
+    let report = r.sync().await;
+    let context = format!("{kind} (idle sync: {idle_sync}): TRUNCATE {ck:?}, then {report:?}");
+    let report = report.unwrap();
+    sync_to_end(&mut r, &mut log).await;
+    let out = dir.path().join("restored.db");
+    restore_to(&store, "sealed", &out, restore::Target::Latest)
+        .await
+        .unwrap_or_else(|e| panic!("{context}: the restore failed: {e}"));
+    assert!(has_row(&db, a) && has_row(&db, b), "{context}");
+    assert_eq!(integrity(&out), "ok", "{context}");
+    assert!(has_row(&out, a), "{context}: commit A ({a}) was lost");
+    assert!(has_row(&out, b), "{context}: commit B ({b}) was lost");
+    assert_eq!(digest(&out), digest(&db), "{context}");
+    let snapshots = count_snapshots(store.storage.as_ref(), "sealed").await;
+    if ck.busy == 0 {
+        assert!(
+            report.snapshot_reasons.contains(&"continuity"),
+            "{context}: the WAL was truncated past commit A, yet no snapshot says so"
+        );
+    } else {
+        // The pin kept A in the WAL: nothing to recover, so no snapshot either.
+        assert_eq!(snapshots, 1, "{context}; {log:?}");
+    }
+    assert!(log.errors.is_empty(), "{context}; {log:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_a_seal_restart_truncate_and_commit_lose_nothing() {
+    each_store(|kind, store| sealed_then_restart_truncate(kind, store, false)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_a_seal_and_an_idle_sync_restart_truncate_and_commit_lose_nothing() {
+    each_store(|kind, store| sealed_then_restart_truncate(kind, store, true)).await;
+}
+
+/// After a seal, an app that runs TRUNCATE twice with no commit in between
+/// (say a checkpoint on a timer, while idle) moves salt-1 on twice, and
+/// loses nothing: the restore is the source (a snapshot is allowed, but at
+/// most one).
+async fn idle_truncates_after_a_seal(kind: &'static str, store: TestStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("idle.db");
+    let mut app = AppProcess::spawn(
+        &db,
+        AppOptions {
+            busy_timeout_ms: Some(100),
+            ..AppOptions::default()
+        },
+    );
+    app.insert_each(20, 100);
+    let opts = SyncOptions {
+        checkpoint_pages: 1,
+        ..replica_opts()
+    };
+    let mut r = open_replica(&db, "idle", &store, opts).await;
+    let mut log = SyncLog::default();
+    log.record(r.sync().await);
+    app.insert_each(5, 100);
+    log.record(r.sync().await);
+    assert!(r.next_wakeup().is_none(), "{kind}: not sealed; {log:?}");
+    let first = app.checkpoint("TRUNCATE");
+    let second = app.checkpoint("TRUNCATE");
+    app.insert_each(3, 100);
+    sync_to_end(&mut r, &mut log).await;
+    let context = format!("{kind}: TRUNCATE {first:?} then {second:?}; {log:?}");
+    assert!(log.errors.is_empty(), "{context}");
+    assert_eq!(
+        restored_digest(&store, "idle", dir.path()).await,
+        digest(&db),
+        "{context}"
+    );
+    let snapshots = count_snapshots(store.storage.as_ref(), "idle").await;
+    assert!(snapshots <= 2, "{context}: {snapshots} snapshots");
+    if snapshots > 1 {
+        eprintln!("{context}: a snapshot after idle TRUNCATEs (nothing was lost)");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_truncates_after_a_seal_lose_nothing() {
+    each_store(idle_truncates_after_a_seal).await;
+}
+
+/// While walsync holds its write lock (the sealing handshake of a
+/// checkpoint), an app process cannot write: `BEGIN IMMEDIATE` with no busy
+/// timeout gets SQLITE_BUSY, one with a timeout waits, and both go through
+/// once walsync lets go.
+#[test]
+fn an_app_process_waits_for_the_write_lock_walsync_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("lock.db");
+    let mut app = AppProcess::open(&db_path);
+    app.insert_each(10, 100);
+    let mut db = Database::open(&db_path).unwrap();
+    for round in 0..3 {
+        app.insert_each(5, 100);
+        let link = Link {
+            seq: 2 + round,
+            prev_hash: [0; 32],
+            key: None,
+        };
+        // Whatever it read (nothing was shipped, so it may call that a
+        // loss), it holds the write lock until released.
+        let tail = db.lock_and_read_tail(link).unwrap();
+        assert!(tail.is_some(), "round {round}: the write lock was not had");
+        let err = app
+            .begin_write(0)
+            .expect_err("the app took the write lock walsync holds");
+        assert!(
+            err.contains("SQLITE_BUSY") || err.contains("locked"),
+            "round {round}: {err}"
+        );
+        // A writer with a busy timeout waits, and is let in on release.
+        app.start("begin_write 20000");
+        assert_eq!(
+            app.try_finish(Duration::from_millis(500)),
+            None,
+            "round {round}: the app's write did not wait for walsync's lock"
+        );
+        db.release_write_lock().unwrap();
+        app.finish().unwrap();
+        app.ok("insert_each 1 10");
+        app.commit();
+        app.begin_write(0).unwrap();
+        app.rollback();
+        // What was read under the lock is not shipped here: nothing to record.
+    }
+    assert_eq!(app.count(), 10 + 3 * 6);
+}
+
+// ---------------------------------------------------------------------------
+// The real binary: `walsync watch` as its own process, the apps as theirs.
+
+fn walsync() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_walsync"));
+    cmd.env_remove("WALSYNC_STORAGE")
+        .env_remove("WALSYNC_ENCRYPTION_KEY")
+        .env("WALSYNC_LOG", "info");
+    cmd
+}
+
+/// `walsync watch DB... --storage URL ARGS`, logging to a file.
+struct Watch {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Watch {
+    fn spawn(store: &TestStore, dbs: &[&Path], args: &[&str], log: PathBuf) -> Self {
+        let mut cmd = walsync();
+        cmd.arg("watch")
+            .args(dbs)
+            .args(["--storage", &store.url])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in &store.env {
+            cmd.env(k, v);
+        }
+        Self {
+            child: cmd.spawn().unwrap(),
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then its exit status and log.
+    async fn terminate(mut self) -> (ExitStatus, String) {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: plain kill(2) on our own child, which has not been reaped.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "walsync did not exit after SIGTERM:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+async fn wait_for_objects(store: &TestStore, prefix: &str, n: usize, watch: &Watch) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let objects = chain::list(store.storage.as_ref(), prefix).await.unwrap();
+        if objects.len() >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{prefix}: only {} objects in storage; walsync's log:\n{}",
+            objects.len(),
+            watch.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Lines of walsync's log that announce a snapshot after the first one.
+fn continuity_lines(log: &str, prefix: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains("taking a snapshot") && l.contains(&format!("prefix={prefix}")))
+        .filter(|l| !l.contains("no replica in storage yet"))
+        .map(str::to_string)
+        .take(5)
+        .collect()
+}
+
+/// The end of a log, for an assertion message.
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// What a watched app did, for the checks after walsync stopped.
+struct Watched {
+    name: &'static str,
+    db: PathBuf,
+    app: AppProcess,
+    reply: Option<Result<String, String>>,
+}
+
+/// Starts `walsync watch` on the apps' databases, waits for the first
+/// snapshots, lets `start` set each app going, waits for all of them, stops
+/// walsync with SIGTERM and checks: exit 0 with everything flushed, the
+/// source passes integrity_check, the restore of the head is the source,
+/// every snapshot and a sample of segments restore and pass integrity_check,
+/// and there is exactly one snapshot per database.
+async fn watch_run(
+    kind: &'static str,
+    store: &TestStore,
+    dir: &Path,
+    apps: &mut [Watched],
+    args: &[&str],
+    start: impl Fn(&mut AppProcess),
+) {
+    let dbs: Vec<&Path> = apps.iter().map(|a| a.db.as_path()).collect();
+    let watch = Watch::spawn(store, &dbs, args, dir.join("walsync.log"));
+    for a in apps.iter() {
+        wait_for_objects(store, a.name, 1, &watch).await;
+    }
+    for a in apps.iter_mut() {
+        start(&mut a.app);
+    }
+    for a in apps.iter_mut() {
+        a.reply = Some(wait_app(&mut a.app).await);
+    }
+    let (status, log) = watch.terminate().await;
+    let context = |name: &str| {
+        format!(
+            "{kind} {name} (walsync {args:?}); continuity snapshots logged: {:#?}; \
+             end of walsync's log:\n{}",
+            continuity_lines(&log, name),
+            tail(&log)
+        )
+    };
+    assert!(status.success(), "exit {status}: {}", context(""));
+    assert!(log.contains("every database flushed"), "{}", context(""));
+    for a in apps.iter_mut() {
+        let name = a.name;
+        let reply = a.reply.take().unwrap();
+        let commits = reply.unwrap_or_else(|e| panic!("{kind} {name}: the app failed: {e}"));
+        let context = format!("{commits} commits: {}", context(name));
+        assert_eq!(a.app.integrity_check(), "ok", "source: {context}");
+        assert_eq!(integrity(&a.db), "ok", "source: {context}");
+        let source = digest(&a.db);
+        assert_eq!(
+            restored_digest(store, name, dir).await,
+            source,
+            "restore of the head: {context}"
+        );
+        let checked = check_restore_points(store, name, dir, kind).await;
+        assert!(checked >= 1, "{context}");
+        assert_eq!(
+            count_snapshots(store.storage.as_ref(), name).await,
+            1,
+            "snapshots: {context}"
+        );
+    }
+}
+
+fn watched(dir: &Path, name: &'static str, opts: AppOptions) -> Watched {
+    let db = dir.join(format!("{name}.db"));
+    let mut app = AppProcess::spawn(&db, opts);
+    app.insert(100, 200);
+    Watched {
+        name,
+        db,
+        app,
+        reply: None,
+    }
+}
+
+async fn steady_state_watch(kind: &'static str, store: TestStore) {
+    let secs = steady_secs();
+    let dir = tempfile::tempdir().unwrap();
+    let normal = |autocheckpoint| AppOptions {
+        autocheckpoint,
+        synchronous: Some("NORMAL"),
+        ..AppOptions::default()
+    };
+    let mut apps = [
+        watched(dir.path(), "default", normal(None)),
+        watched(dir.path(), "ac100", normal(Some(100))),
+    ];
+    watch_run(kind, &store, dir.path(), &mut apps, &[], |app| {
+        app.start_rate_insert(STEADY_RATE, secs, 200)
+    })
+    .await;
+}
+
+/// The steady state with the real `walsync watch` and its default settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn steady_state_under_walsync_watch_takes_exactly_one_snapshot() {
+    each_store(steady_state_watch).await;
+}
+
+/// Tight-loop writers with `synchronous=NORMAL`, one with auto-checkpoint
+/// off and one with SQLite's default, under `walsync watch` with defaults.
+async fn bulk_writers(kind: &'static str, store: TestStore, secs: f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let normal = |autocheckpoint| AppOptions {
+        autocheckpoint,
+        synchronous: Some("NORMAL"),
+        ..AppOptions::default()
+    };
+    let mut apps = [
+        watched(dir.path(), "bulk_noac", normal(Some(0))),
+        watched(dir.path(), "bulk_ac", normal(None)),
+    ];
+    watch_run(kind, &store, dir.path(), &mut apps, &[], |app| {
+        app.start_loop_insert(secs, 100)
+    })
+    .await;
+}
+
+/// An app writing 64 KiB blobs (freeing older ones, so overflow pages keep
+/// changing hands) under `walsync watch --sync-interval 0`.
+async fn blob_writer(kind: &'static str, store: TestStore, secs: f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = AppOptions {
+        synchronous: Some("NORMAL"),
+        ..AppOptions::default()
+    };
+    let mut apps = [watched(dir.path(), "blobs", opts)];
+    watch_run(
+        kind,
+        &store,
+        dir.path(),
+        &mut apps,
+        &["--sync-interval", "0"],
+        |app| app.start_blob_loop(secs, 65536, 64),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bulk_writers_lose_nothing_and_every_restore_point_is_sound() {
+    each_store(|kind, store| bulk_writers(kind, store, short_bulk_secs())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn blob_writer_with_sync_interval_zero_loses_nothing_and_every_restore_point_is_sound() {
+    each_store(|kind, store| blob_writer(kind, store, short_bulk_secs())).await;
+}
+
+/// The long runs (`WALSYNC_TEST_BULK_SECS`, default 10 s); `bench/torture_loop.sh`
+/// repeats them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "long: run with --ignored, or bench/torture_loop.sh"]
+async fn torture_bulk_writers() {
+    each_store(|kind, store| bulk_writers(kind, store, bulk_secs())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "long: run with --ignored, or bench/torture_loop.sh"]
+async fn torture_blob_writer_with_sync_interval_zero() {
+    each_store(|kind, store| blob_writer(kind, store, bulk_secs())).await;
+}
