@@ -25,10 +25,9 @@ use walsync::db::{Database, Link};
 use walsync::replica::{self, Replica, SyncOptions, SyncReport};
 use walsync::restore::{self, RestoreOptions};
 use walsync::segment::Kind;
-use walsync::storage::Storage;
 
-use common::TestStore;
 use common::app::{AppOptions, AppProcess};
+use common::{TestStore, count_snapshots, wal_generations};
 
 /// Commits per second of the steady-state apps.
 const STEADY_RATE: u32 = 300;
@@ -154,27 +153,6 @@ async fn restored_digest(store: &TestStore, prefix: &str, dir: &Path) -> Digest 
         .await
         .unwrap_or_else(|e| panic!("{prefix}: restore of the head failed: {e}"));
     digest(&out)
-}
-
-async fn count_snapshots(storage: &dyn Storage, prefix: &str) -> usize {
-    chain::list(storage, prefix)
-        .await
-        .unwrap()
-        .iter()
-        .filter(|o| o.kind == Kind::Snapshot)
-        .count()
-}
-
-/// How many WAL generations (distinct salts) the chain's segments came from.
-async fn wal_generations(storage: &dyn Storage, prefix: &str) -> usize {
-    let mut salts = std::collections::HashSet::new();
-    for object in chain::list(storage, prefix).await.unwrap() {
-        if object.kind == Kind::Wal {
-            let header = chain::read_header(storage, &object).await.unwrap();
-            salts.insert((header.wal.salt1, header.wal.salt2));
-        }
-    }
-    salts.len()
 }
 
 /// Restores every snapshot and a sample of segments (by sequence number):

@@ -23,8 +23,8 @@ use walsync::restore::{self, RestoreOptions};
 use walsync::segment::{self, Kind};
 use walsync::storage::{self, Payload, Storage};
 
-use common::TestStore;
 use common::app::{AppOptions, AppProcess};
+use common::{TestStore, count_snapshots, wal_generations};
 
 type Rows = Vec<(i64, Vec<u8>)>;
 
@@ -98,27 +98,6 @@ async fn restore_with(
     .await
     .map(|_| rows(out))
     .map_err(|e| e.to_string())
-}
-
-async fn count_snapshots(storage: &dyn Storage, prefix: &str) -> usize {
-    chain::list(storage, prefix)
-        .await
-        .unwrap()
-        .iter()
-        .filter(|o| o.kind == Kind::Snapshot)
-        .count()
-}
-
-/// How many WAL generations (distinct salts) the chain's segments came from.
-async fn wal_generations(storage: &dyn Storage, prefix: &str) -> usize {
-    let mut salts = std::collections::HashSet::new();
-    for object in chain::list(storage, prefix).await.unwrap() {
-        let header = chain::read_header(storage, &object).await.unwrap();
-        if object.kind == Kind::Wal {
-            salts.insert((header.wal.salt1, header.wal.salt2));
-        }
-    }
-    salts.len()
 }
 
 fn db_in(dir: &tempfile::TempDir, name: &str) -> PathBuf {

@@ -143,3 +143,25 @@ pub fn fs_store() -> TestStore {
 pub async fn all_stores() -> Vec<(&'static str, TestStore)> {
     vec![("fs", fs_store()), ("s3", s3_store().await)]
 }
+
+/// How many snapshots the chain of `prefix` holds.
+pub async fn count_snapshots(storage: &dyn Storage, prefix: &str) -> usize {
+    walsync::chain::list(storage, prefix)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|o| o.kind == walsync::segment::Kind::Snapshot)
+        .count()
+}
+
+/// How many WAL generations (distinct salts) the chain's segments came from.
+pub async fn wal_generations(storage: &dyn Storage, prefix: &str) -> usize {
+    let mut salts = std::collections::HashSet::new();
+    for object in walsync::chain::list(storage, prefix).await.unwrap() {
+        if object.kind == walsync::segment::Kind::Wal {
+            let header = walsync::chain::read_header(storage, &object).await.unwrap();
+            salts.insert((header.wal.salt1, header.wal.salt2));
+        }
+    }
+    salts.len()
+}
