@@ -941,3 +941,51 @@ async fn torture_bulk_writers() {
 async fn torture_blob_writer_with_sync_interval_zero() {
     each_store(|kind, store| blob_writer(kind, store, bulk_secs())).await;
 }
+
+/// walsync killed (SIGKILL) while the app writes, the app's TRUNCATE
+/// checkpoint while it is down, walsync started again: the restart notices
+/// the lost continuity, snapshots once and goes on shipping. Before walsync
+/// reopened its connections after an error, this case could leave every later
+/// sync failing ("cannot rollback - no transaction is active").
+async fn killed_then_truncated(kind: &'static str, store: TestStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("killed.db");
+    let mut app = AppProcess::spawn(&db, AppOptions::default());
+    app.insert(100, 200);
+    let first = Watch::spawn(&store, &[&db], &[], dir.path().join("first.log"));
+    wait_for_objects(&store, "killed", 1, &first).await;
+    app.start_rate_insert(200, 6.0, 200);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    drop(first); // SIGKILL: no final sync, no locks left behind
+    let mut checkpointer = AppProcess::open(&db);
+    let truncated = checkpointer.checkpoint("TRUNCATE");
+    let second = Watch::spawn(&store, &[&db], &[], dir.path().join("second.log"));
+    let commits = wait_app(&mut app)
+        .await
+        .unwrap_or_else(|e| panic!("{kind}: the app failed: {e}"));
+    let (status, log) = second.terminate().await;
+    let context = format!(
+        "{kind}: {commits} commits, TRUNCATE {truncated:?}; log:\n{}",
+        tail(&log)
+    );
+    assert!(status.success(), "exit {status}: {context}");
+    assert!(log.contains("every database flushed"), "{context}");
+    assert!(!log.contains("ERROR"), "{context}");
+    assert_eq!(integrity(&db), "ok", "source: {context}");
+    assert_eq!(
+        restored_digest(&store, "killed", dir.path()).await,
+        digest(&db),
+        "{context}"
+    );
+    // The first snapshot, and at most one for the restart.
+    let snapshots = count_snapshots(store.storage.as_ref(), "killed").await;
+    assert!(
+        (1..=2).contains(&snapshots),
+        "{snapshots} snapshots: {context}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_walsync_restarted_after_the_app_truncated_loses_nothing() {
+    each_store(killed_then_truncated).await;
+}
