@@ -28,7 +28,10 @@ pub enum Command {
     ///
     /// Each database is switched to WAL mode if needed. walsync holds a read
     /// transaction on it and runs its checkpoints itself, so that no committed
-    /// transaction is checkpointed away before it is in storage.
+    /// transaction is checkpointed away before it is in storage. Leave
+    /// checkpoints to it: the app's auto-checkpoint is harmless, but an app's
+    /// own wal_checkpoint(FULL|RESTART|TRUNCATE) waits on that read
+    /// transaction for up to its busy timeout, holding the app's writers.
     Watch(WatchArgs),
     /// Rebuild every database in storage, in place or into a directory, in parallel.
     ///
