@@ -6,6 +6,8 @@ Usage:
         [--seconds 60] [--tools walsync,litestream] [--label NAME] [--results FILE]
         [--walsync PATH] [--litestream PATH] [--venv target/bench-venv]
         [--initial-mb 16] [--drain-seconds 5] [--workdir DIR] [--keep]
+    (CHURN_LITESTREAM_DEBUG=1 sets Litestream's log level to debug: its log then says
+    why it takes each snapshot, "snap=true reason=...")
 
 For each workload and each tool the script
   1. makes a fresh WAL-mode database of about --initial-mb MiB (table t, rows of
@@ -15,9 +17,9 @@ For each workload and each tool the script
      1 s, its own checkpoints), or `litestream replicate -config FILE` with one
      `type: file` replica (its defaults otherwise); and waits for its first snapshot;
   3. starts the app as its OWN process (this file run with --app: Python's sqlite3,
-     SQLite's default wal_autocheckpoint of 1000 pages, synchronous and busy
-     timeout as Python leaves them except timeout=10 s) that commits one row
-     (about 200 random bytes) per transaction at RATE commits/s for --seconds;
+     SQLite's defaults, so wal_autocheckpoint 1000 pages and synchronous FULL, with
+     a 10 s busy timeout) that commits one row (200 random bytes) per transaction
+     at RATE commits/s for --seconds;
      with `+checkpoint`, a second app process (--checkpointer) runs
      `PRAGMA wal_checkpoint(PASSIVE)`, `(FULL)`, `(RESTART)`, `(TRUNCATE)` in turn,
      one call a second, for as long, with a busy timeout of --checkpointer-timeout
@@ -307,6 +309,8 @@ def walsync_start(binary, db, replica, run_dir):
 def litestream_start(binary, db, replica, run_dir):
     cfg = os.path.join(run_dir, "litestream.yml")
     with open(cfg, "w") as f:
+        if os.environ.get("CHURN_LITESTREAM_DEBUG"):  # logs why each snapshot is taken
+            f.write("logging:\n  level: debug\n")
         f.write(f"dbs:\n  - path: {db}\n    replica:\n      type: file\n      path: {replica}\n")
     return [binary, "replicate", "-config", cfg], dict(os.environ)
 
