@@ -786,13 +786,17 @@ impl Database {
         let Some((file, header)) = self.open_wal()? else {
             // Truncated with nothing committed since the shipped position
             // (SQLite's commit counter unchanged) loses nothing either.
-            let nothing_since = self
-                .commits_at_state
-                .is_some_and(|c| self.index().is_some_and(|i| i.commits == c));
+            let nothing_since = || {
+                self.commits_at_state
+                    .is_some_and(|c| self.index().is_some_and(|i| i.commits == c))
+            };
             return Ok(match self.state {
-                WalState::At(p) if p.frame > 0 && !self.sealed && !nothing_since => Changes::Lost(
-                    "the WAL was truncated or deleted before its last frames were shipped".into(),
-                ),
+                WalState::At(p) if p.frame > 0 && !self.sealed && !nothing_since() => {
+                    Changes::Lost(
+                        "the WAL was truncated or deleted before its last frames were shipped"
+                            .into(),
+                    )
+                }
                 _ => Changes::Nothing,
             });
         };
@@ -803,7 +807,7 @@ impl Database {
             )));
         }
         let index = self.index();
-        let published = index.filter(|i| i.describes(&header)).map(|i| i.frames);
+        let published = index.and_then(|i| i.published(&header));
         let from = match self.state {
             WalState::At(pos) if pos.same_generation(&header) => {
                 let len = file.metadata().map_err(self.io_err())?.len();
@@ -859,9 +863,7 @@ impl Database {
             .map(|(p, i)| (*p, *i))
             .collect();
         let state = WalState::At(scan.end);
-        let commits = index
-            .filter(|i| i.describes(&header) && i.frames == scan.end.frame)
-            .map(|i| i.commits);
+        let commits = index.and_then(|i| i.commits_at(scan.end));
         let header_out = segment::Header {
             kind: Kind::Wal,
             page_size: self.page_size,
@@ -1162,13 +1164,11 @@ impl Database {
         match self.open_wal()? {
             None => Ok((WalState::Empty, index.map(|i| i.commits))),
             Some((file, header)) => {
-                let published = index.filter(|i| i.describes(&header));
-                let limit = published.map_or(u32::MAX, |i| i.frames);
-                let scan = wal::scan_until(&file, &header, header.start(), limit)
-                    .map_err(self.wal_err())?;
-                let commits = published
-                    .filter(|i| i.frames == scan.end.frame)
-                    .map(|i| i.commits);
+                let limit = index.and_then(|i| i.published(&header));
+                let scan =
+                    wal::scan_until(&file, &header, header.start(), limit.unwrap_or(u32::MAX))
+                        .map_err(self.wal_err())?;
+                let commits = index.and_then(|i| i.commits_at(scan.end));
                 Ok((WalState::At(scan.end), commits))
             }
         }
@@ -1331,6 +1331,16 @@ fn shm_path_of(db: &Path) -> PathBuf {
 mod tests {
     use super::*;
 
+    /// A link to an object of no chain in particular: the tests here check
+    /// what is read, not the chain.
+    fn link(seq: u64) -> Link {
+        Link {
+            seq,
+            prev_hash: [0; 32],
+            key: None,
+        }
+    }
+
     fn app(path: &Path) -> Connection {
         let conn = Connection::open(path).unwrap();
         conn.pragma_update(None, "journal_mode", "WAL").unwrap();
@@ -1390,11 +1400,7 @@ mod tests {
         for i in 0..20 {
             app.execute("INSERT INTO t VALUES (?1)", [i]).unwrap();
         }
-        let link = Link {
-            seq: 2,
-            prev_hash: [0; 32],
-            key: None,
-        };
+        let link = link(2);
         let Some(Changes::Segment(tail)) = db.lock_and_read_tail(link.clone()).unwrap() else {
             panic!("expected frames");
         };
@@ -1418,11 +1424,7 @@ mod tests {
 
     /// Ships everything and seals it, as the replicator does before detaching.
     fn seal(db: &mut Database) {
-        let link = Link {
-            seq: 1,
-            prev_hash: [0; 32],
-            key: None,
-        };
+        let link = link(1);
         if let Some(Changes::Segment(seg)) = db.lock_and_read_tail(link).unwrap() {
             db.shipped(seg.state, seg.commits);
         }
@@ -1448,11 +1450,7 @@ mod tests {
     }
 
     fn assert_ships_a_segment(db: &mut Database) {
-        let link = Link {
-            seq: 9,
-            prev_hash: [0; 32],
-            key: None,
-        };
+        let link = link(9);
         assert!(matches!(
             db.read_changes(link).unwrap(),
             Changes::Segment(_)
@@ -1500,11 +1498,7 @@ mod tests {
         let app = app(&path);
         let mut db = Database::open(&path).unwrap();
         snapshot_state(&mut db);
-        let link = Link {
-            seq: 2,
-            prev_hash: [0; 32],
-            key: None,
-        };
+        let link = link(2);
         for round in 0..3 {
             app.execute("INSERT INTO t VALUES (?1)", [round]).unwrap();
             let Changes::Segment(seg) = db.read_changes(link.clone()).unwrap() else {
@@ -1549,11 +1543,7 @@ mod tests {
         let mut db = Database::open(&path).unwrap();
         snapshot_state(&mut db);
         seal(&mut db);
-        let link = Link {
-            seq: 3,
-            prev_hash: [0; 32],
-            key: None,
-        };
+        let link = link(3);
         // Two empty truncations, then a commit: salt-1 moved on by two.
         assert_eq!(truncate_elsewhere(&path), "0");
         assert_eq!(truncate_elsewhere(&path), "0");
@@ -1590,11 +1580,7 @@ mod tests {
         db.conn.execute_batch("ROLLBACK").unwrap();
         db.broken = true;
         app.execute("INSERT INTO t VALUES (1)", []).unwrap();
-        let link = Link {
-            seq: 2,
-            prev_hash: [0; 32],
-            key: None,
-        };
+        let link = link(2);
         assert!(matches!(
             db.read_changes(link).unwrap(),
             Changes::Segment(_)

@@ -231,6 +231,25 @@ impl IndexHeader {
     pub fn describes(&self, header: &WalHeader) -> bool {
         self.salt1 == header.salt1 && self.salt2 == header.salt2
     }
+
+    /// The number of frames published as committed for the WAL generation
+    /// of `header`.
+    ///
+    /// A commit frame is written and synced to the WAL before SQLite publishes
+    /// it in the WAL-index. If the writer dies in between and other
+    /// connections keep the WAL-index alive (walsync's do), SQLite treats the
+    /// frame as never committed and overwrites it. The WAL file alone cannot
+    /// tell, so scans are capped here. `None` when the index describes another
+    /// generation; the caller then relies on the frames alone.
+    pub fn published(&self, header: &WalHeader) -> Option<u32> {
+        self.describes(header).then_some(self.frames)
+    }
+
+    /// The commit counter if this index published exactly `end`.
+    pub fn commits_at(&self, end: Position) -> Option<u32> {
+        let here = self.salt1 == end.salt1 && self.salt2 == end.salt2 && self.frames == end.frame;
+        here.then_some(self.commits)
+    }
 }
 
 /// Reads the WAL-index header from `shm` (which must be a descriptor that
@@ -276,21 +295,6 @@ pub fn read_index_header(shm: &File) -> Option<IndexHeader> {
         });
     }
     None
-}
-
-/// The number of frames SQLite has published as committed in the WAL-index
-/// (`-shm`) for the WAL generation of `header`.
-///
-/// A commit frame is written and synced to the WAL before SQLite publishes it
-/// in the WAL-index. If the writer dies in between and other connections keep
-/// the WAL-index alive (walsync's do), SQLite treats the frame as never
-/// committed and overwrites it. The WAL file alone cannot tell, so the scan is
-/// capped here. `None` when the index is missing, being written, or describes
-/// another generation; the caller then relies on the frames alone.
-pub fn published_frames(shm: &File, header: &WalHeader) -> Option<u32> {
-    read_index_header(shm)
-        .filter(|index| index.describes(header))
-        .map(|index| index.frames)
 }
 
 /// Reads the page stored in frame `index`.
@@ -497,7 +501,9 @@ mod tests {
         let shm_path = format!("{}-shm", path.display());
         let (wal, header) = wal_of(&path);
         let shm = File::open(&shm_path).unwrap();
-        let published = published_frames(&shm, &header).unwrap();
+        let published = read_index_header(&shm)
+            .and_then(|i| i.published(&header))
+            .unwrap();
         let full = scan(&wal, &header, header.start()).unwrap();
         assert_eq!(published, full.end.frame);
 
@@ -517,7 +523,9 @@ mod tests {
             unpublished.end.frame > published,
             "the orphan frames are valid on disk"
         );
-        let cap = published_frames(&shm, &header).unwrap();
+        let cap = read_index_header(&shm)
+            .and_then(|i| i.published(&header))
+            .unwrap();
         assert_eq!(cap, published);
         let capped = scan_until(&wal, &header, header.start(), cap).unwrap();
         assert_eq!(capped.end, full.end);
