@@ -27,7 +27,9 @@ use walsync::restore::{self, RestoreOptions};
 use walsync::segment::Kind;
 
 use common::app::{AppOptions, AppProcess};
-use common::{TestStore, count_snapshots, wal_generations};
+use common::{
+    TestStore, count_snapshots, open_replica, replica_opts, wait_for_objects, wal_generations,
+};
 
 /// Commits per second of the steady-state apps.
 const STEADY_RATE: u32 = 300;
@@ -253,23 +255,6 @@ async fn sync_to_end(r: &mut Replica, log: &mut SyncLog) {
     log.record(r.sync().await);
 }
 
-async fn open_replica(db: &Path, prefix: &str, store: &TestStore, opts: SyncOptions) -> Replica {
-    Replica::open(db, prefix, store.storage.clone(), opts)
-        .await
-        .unwrap()
-}
-
-/// Options for tests that drive syncs by hand: everything as `watch`
-/// defaults, except the timer checkpoint that a test would trip by chance.
-fn replica_opts() -> SyncOptions {
-    SyncOptions {
-        sync_interval: Duration::ZERO,
-        checkpoint_interval: Duration::from_secs(3600),
-        ..SyncOptions::default()
-    }
-}
-
-/// Waits for a command started on `app` without blocking the runtime.
 async fn wait_app(app: &mut AppProcess) -> Result<String, String> {
     loop {
         if let Some(reply) = app.try_finish(Duration::ZERO) {
@@ -749,23 +734,6 @@ impl Drop for Watch {
     }
 }
 
-async fn wait_for_objects(store: &TestStore, prefix: &str, n: usize, watch: &Watch) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let objects = chain::list(store.storage.as_ref(), prefix).await.unwrap();
-        if objects.len() >= n {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{prefix}: only {} objects in storage; walsync's log:\n{}",
-            objects.len(),
-            watch.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Lines of walsync's log that announce a snapshot after the first one.
 fn continuity_lines(log: &str, prefix: &str) -> Vec<String> {
     log.lines()
@@ -807,7 +775,10 @@ async fn watch_run(
     let dbs: Vec<&Path> = apps.iter().map(|a| a.db.as_path()).collect();
     let watch = Watch::spawn(store, &dbs, args, dir.join("walsync.log"));
     for a in apps.iter() {
-        wait_for_objects(store, a.name, 1, &watch).await;
+        wait_for_objects(store, a.name, 1, || {
+            format!("walsync's log:\n{}", watch.log())
+        })
+        .await;
     }
     for a in apps.iter_mut() {
         start(&mut a.app);
@@ -959,7 +930,10 @@ async fn killed_then_truncated(kind: &'static str, store: TestStore) {
     let mut app = AppProcess::spawn(&db, AppOptions::default());
     app.insert(100, 200);
     let first = Watch::spawn(&store, &[&db], &[], dir.path().join("first.log"));
-    wait_for_objects(&store, "killed", 1, &first).await;
+    wait_for_objects(&store, "killed", 1, || {
+        format!("walsync's log:\n{}", first.log())
+    })
+    .await;
     app.start_rate_insert(200, 6.0, 200);
     tokio::time::sleep(Duration::from_secs(2)).await;
     drop(first); // SIGKILL: no final sync, no locks left behind

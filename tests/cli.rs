@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use rusqlite::Connection;
 use walsync::chain;
 
-use common::TestStore;
+use common::{TestStore, wait_for_objects};
 
 fn walsync() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_walsync"));
@@ -67,22 +67,6 @@ fn terminate(child: &mut Child) -> std::process::ExitStatus {
     }
 }
 
-async fn wait_for_objects(store: &TestStore, prefix: &str, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let objects = chain::list(store.storage.as_ref(), prefix).await.unwrap();
-        if objects.len() >= n {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {} objects in storage",
-            objects.len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_ships_until_sigterm_and_restore_rebuilds_it() {
     for (kind, store) in common::all_stores().await {
@@ -99,12 +83,12 @@ async fn watch_ships_until_sigterm_and_restore_rebuilds_it() {
             .stderr(Stdio::piped());
         with_store(&mut cmd, &store);
         let mut child = cmd.spawn().unwrap();
-        wait_for_objects(&store, "app", 1).await;
+        wait_for_objects(&store, "app", 1, String::new).await;
         for i in 0..200 {
             conn.execute("INSERT INTO t(v) VALUES (?1)", [format!("row {i}")])
                 .unwrap();
         }
-        wait_for_objects(&store, "app", 2).await;
+        wait_for_objects(&store, "app", 2, String::new).await;
         // The very last write before the signal must still reach storage.
         conn.execute("INSERT INTO t(v) VALUES ('last')", [])
             .unwrap();
@@ -294,7 +278,7 @@ async fn watch_and_restore_all_from_a_config_file() {
         .unwrap();
         let mut child = spawn_watch(&store, &config, Stdio::piped());
         for i in 0..3 {
-            wait_for_objects(&store, &format!("tenants/c{i}"), 1).await;
+            wait_for_objects(&store, &format!("tenants/c{i}"), 1, String::new).await;
         }
         for (i, conn) in conns.iter().enumerate() {
             for j in 0..20 {
@@ -548,12 +532,12 @@ async fn metrics_health_and_status_tell_the_truth() {
         )
         .unwrap();
         let mut child = spawn_watch(&store, &config, Stdio::null());
-        wait_for_objects(&store, "good", 1).await;
+        wait_for_objects(&store, "good", 1, String::new).await;
         for i in 0..5 {
             conn.execute("INSERT INTO t(v) VALUES (?1)", [format!("row {i}")])
                 .unwrap();
         }
-        wait_for_objects(&store, "good", 2).await;
+        wait_for_objects(&store, "good", 2, String::new).await;
         let deadline = Instant::now() + Duration::from_secs(30);
         let metrics = loop {
             let (code, body) = http_get(&addr, "/metrics");
@@ -624,7 +608,7 @@ async fn sync_wait_returns_once_the_data_is_in_storage() {
         // An hour between syncs: only `walsync sync` can ship the next change soon.
         let config = one_db_config(&store, dir.path(), &db, "sync_interval = \"1h\"");
         let mut child = spawn_watch(&store, &config, Stdio::null());
-        wait_for_objects(&store, "slow", 1).await;
+        wait_for_objects(&store, "slow", 1, String::new).await;
         for i in 0..10 {
             conn.execute("INSERT INTO t(v) VALUES (?1)", [format!("row {i}")])
                 .unwrap();
@@ -693,7 +677,7 @@ async fn encryption_keys_from_the_environment_or_a_file_and_never_shown() {
             .stderr(std::fs::File::create(&log_path).unwrap());
         with_store(&mut cmd, &store);
         let mut child = cmd.spawn().unwrap();
-        wait_for_objects(&store, "vault", 1).await;
+        wait_for_objects(&store, "vault", 1, String::new).await;
         for i in 0..20 {
             conn.execute("INSERT INTO t(v) VALUES (?1)", [format!("secret {i}")])
                 .unwrap();
@@ -836,7 +820,7 @@ async fn sync_wait_reports_a_database_that_stopped_instead_of_hanging() {
         let conn = app_db(&db);
         let config = one_db_config(&store, dir.path(), &db, "sync_interval = \"1h\"");
         let mut child = spawn_watch(&store, &config, Stdio::null());
-        wait_for_objects(&store, "taken", 1).await;
+        wait_for_objects(&store, "taken", 1, String::new).await;
         conn.execute("INSERT INTO t(v) VALUES ('lost race')", [])
             .unwrap();
         // Another writer took the next sequence: this database must stop,

@@ -24,7 +24,7 @@ use walsync::segment::{self, Kind};
 use walsync::storage::{self, Payload, Storage};
 
 use common::app::{AppOptions, AppProcess};
-use common::{TestStore, count_snapshots, wal_generations};
+use common::{TestStore, count_snapshots, open_replica, replica_opts, wal_generations};
 
 type Rows = Vec<(i64, Vec<u8>)>;
 
@@ -45,20 +45,6 @@ fn rows(path: &Path) -> Rows {
     stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
         .unwrap()
         .collect::<Result<_, _>>()
-        .unwrap()
-}
-
-fn opts() -> SyncOptions {
-    SyncOptions {
-        sync_interval: Duration::ZERO,
-        checkpoint_interval: Duration::from_secs(3600),
-        ..SyncOptions::default()
-    }
-}
-
-async fn open_replica(db: &Path, prefix: &str, store: &TestStore, opts: SyncOptions) -> Replica {
-    Replica::open(db, prefix, store.storage.clone(), opts)
-        .await
         .unwrap()
 }
 
@@ -111,7 +97,7 @@ async fn replicate_then_restore_latest_and_past_txid() {
         let db = db_in(&dir, "app.db");
         let mut app = app_process(&db, 4096);
         insert(&mut app, 100, 200);
-        let mut r = open_replica(&db, "app", &store, opts()).await;
+        let mut r = open_replica(&db, "app", &store, replica_opts()).await;
         let report = r.sync().await.unwrap();
         assert_eq!(report.snapshots, 1, "{kind}: first sync snapshots");
 
@@ -160,7 +146,7 @@ async fn timestamp_restore_picks_the_newest_state_at_or_before_the_instant() {
         insert(&mut app, 10, 100);
         let before_any = now_ms() - 1;
         tokio::time::sleep(Duration::from_millis(5)).await;
-        let mut r = open_replica(&db, "pitr", &store, opts()).await;
+        let mut r = open_replica(&db, "pitr", &store, replica_opts()).await;
         r.sync().await.unwrap();
         // Seven states, each shipped as its own object, 30 ms apart; a
         // snapshot in the middle so the search also crosses snapshots.
@@ -211,7 +197,7 @@ async fn retention_deletes_only_what_no_kept_restore_point_needs() {
                 age: None,
                 snapshots: Some(2),
             },
-            ..opts()
+            ..replica_opts()
         };
         let mut r = open_replica(&db, "ret", &store, keep_two).await;
         // Four rounds of: snapshot, then two segments; the state after each object.
@@ -320,7 +306,7 @@ async fn app_auto_checkpoints_many_times_without_breaking_the_chain() {
             &store,
             SyncOptions {
                 checkpoint_pages: 40,
-                ..opts()
+                ..replica_opts()
             },
         )
         .await;
@@ -364,7 +350,7 @@ async fn app_checkpoints_passive_truncate_restart_while_running() {
         let db = db_in(&dir, "ck.db");
         let mut app = app_process(&db, 4096);
         app.pragma("busy_timeout=50");
-        let mut r = open_replica(&db, "ck", &store, opts()).await;
+        let mut r = open_replica(&db, "ck", &store, replica_opts()).await;
         r.sync().await.unwrap();
         let modes = ["PASSIVE", "TRUNCATE", "RESTART"];
         for round in 0..12 {
@@ -402,13 +388,13 @@ async fn restart_continues_the_chain_or_snapshots_after_a_gap() {
         let db = db_in(&dir, "gap.db");
         let mut app = app_process(&db, 4096);
         insert(&mut app, 50, 100);
-        let mut r = open_replica(&db, "gap", &store, opts()).await;
+        let mut r = open_replica(&db, "gap", &store, replica_opts()).await;
         r.sync().await.unwrap();
         drop(r);
 
         // Stopped, the app writes; nothing checkpoints: the chain just continues.
         insert(&mut app, 30, 100);
-        let mut r = open_replica(&db, "gap", &store, opts()).await;
+        let mut r = open_replica(&db, "gap", &store, replica_opts()).await;
         let report = r.sync().await.unwrap();
         assert_eq!(
             (report.snapshots, report.segments),
@@ -421,7 +407,7 @@ async fn restart_continues_the_chain_or_snapshots_after_a_gap() {
         insert(&mut app, 30, 100);
         assert_eq!(app.checkpoint("TRUNCATE").busy, 0);
         insert(&mut app, 10, 100);
-        let mut r = open_replica(&db, "gap", &store, opts()).await;
+        let mut r = open_replica(&db, "gap", &store, replica_opts()).await;
         let report = r.sync().await.unwrap();
         assert_eq!(report.snapshots, 1, "{kind}: gap detected, snapshot taken");
         insert(&mut app, 5, 100);
@@ -442,7 +428,7 @@ async fn rolled_back_transactions_never_appear() {
         let db = db_in(&dir, "rb.db");
         let mut app = app_process(&db, 4096);
         insert(&mut app, 10, 100);
-        let mut r = open_replica(&db, "rb", &store, opts()).await;
+        let mut r = open_replica(&db, "rb", &store, replica_opts()).await;
         r.sync().await.unwrap();
         app.pragma("cache_size=5");
         app.begin();
@@ -470,7 +456,7 @@ async fn vacuum_shrinks_and_every_page_size_round_trips() {
             let got: u32 = app.pragma("page_size").parse().unwrap();
             assert_eq!(got, page_size);
             insert(&mut app, 400, 700);
-            let mut r = open_replica(&db, &prefix, &store, opts()).await;
+            let mut r = open_replica(&db, &prefix, &store, replica_opts()).await;
             r.sync().await.unwrap();
             insert(&mut app, 100, 700);
             r.sync().await.unwrap();
@@ -512,7 +498,7 @@ async fn build_chain(
     let db = dir.join(format!("{name}.db"));
     let mut app = app_process(&db, 4096);
     insert(&mut app, 20, 100);
-    let mut r = open_replica(&db, name, store, opts()).await;
+    let mut r = open_replica(&db, name, store, replica_opts()).await;
     r.sync().await.unwrap();
     for _ in 0..3 {
         insert(&mut app, 5, 100);
@@ -666,7 +652,7 @@ async fn encrypted_replicas_restore_only_with_their_keys() {
         let mut app = app_process(&db, 4096);
         let sealed = |keys: Option<Arc<Keys>>| SyncOptions {
             encryption: keys,
-            ..opts()
+            ..replica_opts()
         };
         app.exec(&format!("INSERT INTO t(v) VALUES (x'{}')", hex(&marker)));
         insert(&mut app, 50, 300);
@@ -778,9 +764,9 @@ async fn a_second_writer_on_the_same_prefix_is_stopped_not_interleaved() {
         let db = db_in(&dir, "two.db");
         let mut app = app_process(&db, 4096);
         insert(&mut app, 10, 100);
-        let mut first = open_replica(&db, "two", &store, opts()).await;
+        let mut first = open_replica(&db, "two", &store, replica_opts()).await;
         first.sync().await.unwrap();
-        let mut second = open_replica(&db, "two", &store, opts()).await;
+        let mut second = open_replica(&db, "two", &store, replica_opts()).await;
         insert(&mut app, 10, 100);
         first.sync().await.unwrap();
         let err = second.sync().await.unwrap_err();
@@ -814,7 +800,7 @@ async fn concurrent_writer_with_syncs_in_between() {
             &store,
             SyncOptions {
                 checkpoint_pages: 30,
-                ..opts()
+                ..replica_opts()
             },
         )
         .await;
@@ -859,7 +845,7 @@ async fn a_replaced_database_file_is_snapshotted_again() {
         let db = db_in(&dir, "swap.db");
         let mut app = app_process(&db, 4096);
         insert(&mut app, 20, 100);
-        let mut r = open_replica(&db, "swap", &store, opts()).await;
+        let mut r = open_replica(&db, "swap", &store, replica_opts()).await;
         r.sync().await.unwrap();
         app.quit();
 
@@ -898,7 +884,7 @@ async fn snapshot_interval_starts_new_snapshots_only_when_the_database_changes()
         &store,
         SyncOptions {
             snapshot_interval: Duration::ZERO,
-            ..opts()
+            ..replica_opts()
         },
     )
     .await;
@@ -1023,7 +1009,7 @@ async fn a_change_checkpointed_while_stopped_is_shipped_after_restart() {
         let dir = tempfile::tempdir().unwrap();
         let db = db_in(&dir, "gap.db");
         app_process(&db, 4096).quit();
-        let mut r = open_replica(&db, "gap", &store, opts()).await;
+        let mut r = open_replica(&db, "gap", &store, replica_opts()).await;
         r.sync().await.unwrap();
         drop(r);
         {
@@ -1032,7 +1018,7 @@ async fn a_change_checkpointed_while_stopped_is_shipped_after_restart() {
             app.quit();
         }
         assert!(!wal_path_of_db(&db).exists());
-        let mut r = open_replica(&db, "gap", &store, opts()).await;
+        let mut r = open_replica(&db, "gap", &store, replica_opts()).await;
         r.sync().await.unwrap();
         assert_eq!(
             restore_rows(&store, "gap", dir.path(), None).await,
@@ -1097,7 +1083,7 @@ async fn follow_keeps_a_replica_current_readers_see_whole_transactions_and_it_re
         insert_batches(&mut app, 5);
         let sealed = SyncOptions {
             encryption: ring(&[4]),
-            ..opts()
+            ..replica_opts()
         };
         let mut replica = open_replica(&db, "live", &store, sealed).await;
         replica.sync().await.unwrap();
@@ -1237,7 +1223,7 @@ async fn a_key_change_never_mixes_keys_and_a_lost_key_never_ships_plaintext() {
         });
         let with = |keys| SyncOptions {
             encryption: keys,
-            ..opts()
+            ..replica_opts()
         };
         let mut replica = Replica::open(&db, "rotating", flaky.clone(), with(ring(&[1])))
             .await

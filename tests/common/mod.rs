@@ -12,6 +12,7 @@ mod s3server;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use walsync::replica::{Replica, SyncOptions};
 use walsync::storage::Storage;
 use walsync::storage::fs::FsStorage;
 use walsync::storage::s3::S3Storage;
@@ -164,4 +165,47 @@ pub async fn wal_generations(storage: &dyn Storage, prefix: &str) -> usize {
         }
     }
     salts.len()
+}
+
+/// Options for tests that drive syncs by hand: everything as `watch`
+/// defaults, except the timer checkpoint that a test would trip by chance.
+pub fn replica_opts() -> SyncOptions {
+    SyncOptions {
+        sync_interval: std::time::Duration::ZERO,
+        checkpoint_interval: std::time::Duration::from_secs(3600),
+        ..SyncOptions::default()
+    }
+}
+
+/// A replica of `db` under `prefix` in `store`, as `watch` would open it.
+pub async fn open_replica(
+    db: &std::path::Path,
+    prefix: &str,
+    store: &TestStore,
+    opts: SyncOptions,
+) -> Replica {
+    Replica::open(db, prefix, store.storage.clone(), opts)
+        .await
+        .unwrap()
+}
+
+/// Waits up to a minute for `prefix` to hold at least `n` objects; `why`
+/// adds what explains a failure (say, walsync's log).
+pub async fn wait_for_objects(store: &TestStore, prefix: &str, n: usize, why: impl Fn() -> String) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let objects = walsync::chain::list(store.storage.as_ref(), prefix)
+            .await
+            .unwrap();
+        if objects.len() >= n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{prefix}: only {} objects in storage; {}",
+            objects.len(),
+            why()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
