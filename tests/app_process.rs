@@ -15,7 +15,7 @@ mod common;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
@@ -23,12 +23,13 @@ use sha2::{Digest as _, Sha256};
 use walsync::chain;
 use walsync::db::{Database, Link};
 use walsync::replica::{self, Replica, SyncOptions, SyncReport};
-use walsync::restore::{self, RestoreOptions};
+use walsync::restore;
 use walsync::segment::Kind;
 
 use common::app::{AppOptions, AppProcess};
 use common::{
     TestStore, count_snapshots, open_replica, replica_opts, wait_for_objects, wal_generations,
+    walsync,
 };
 
 /// Commits per second of the steady-state apps.
@@ -133,19 +134,7 @@ async fn restore_to(
     out: &Path,
     target: restore::Target,
 ) -> Result<(), String> {
-    restore::restore(
-        store.storage.as_ref(),
-        &RestoreOptions {
-            prefix: prefix.into(),
-            output: out.to_path_buf(),
-            target,
-            force: true,
-            keys: None,
-        },
-    )
-    .await
-    .map(|_| ())
-    .map_err(|e| e.to_string())
+    common::restore(store, prefix, out, target, None).await
 }
 
 /// The newest state in storage, restored beside the source.
@@ -668,14 +657,6 @@ fn an_app_process_waits_for_the_write_lock_walsync_holds() {
 
 // ---------------------------------------------------------------------------
 // The real binary: `walsync watch` as its own process, the apps as theirs.
-
-fn walsync() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_walsync"));
-    cmd.env_remove("WALSYNC_STORAGE")
-        .env_remove("WALSYNC_ENCRYPTION_KEY")
-        .env("WALSYNC_LOG", "info");
-    cmd
-}
 
 /// `walsync watch DB... --storage URL ARGS`, logging to a file.
 struct Watch {

@@ -9,15 +9,7 @@ use std::time::{Duration, Instant};
 use rusqlite::Connection;
 use walsync::chain;
 
-use common::{TestStore, wait_for_objects};
-
-fn walsync() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_walsync"));
-    cmd.env_remove("WALSYNC_STORAGE")
-        .env_remove("WALSYNC_ENCRYPTION_KEY")
-        .env("WALSYNC_LOG", "info");
-    cmd
-}
+use common::{TestStore, wait_for_objects, walsync};
 
 fn with_store(cmd: &mut Command, store: &TestStore) {
     for (k, v) in &store.env {

@@ -71,19 +71,9 @@ async fn restore_with(
     target: restore::Target,
     keys: Option<Arc<Keys>>,
 ) -> Result<Rows, String> {
-    restore::restore(
-        store.storage.as_ref(),
-        &RestoreOptions {
-            prefix: prefix.into(),
-            output: out.to_path_buf(),
-            target,
-            force: true,
-            keys,
-        },
-    )
-    .await
-    .map(|_| rows(out))
-    .map_err(|e| e.to_string())
+    common::restore(store, prefix, out, target, keys)
+        .await
+        .map(|()| rows(out))
 }
 
 fn db_in(dir: &tempfile::TempDir, name: &str) -> PathBuf {

@@ -209,3 +209,36 @@ pub async fn wait_for_objects(store: &TestStore, prefix: &str, n: usize, why: im
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// The `walsync` binary, with nothing from the caller's environment that
+/// would point it elsewhere, logging at info.
+pub fn walsync() -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_walsync"));
+    cmd.env_remove("WALSYNC_STORAGE")
+        .env_remove("WALSYNC_ENCRYPTION_KEY")
+        .env("WALSYNC_LOG", "info");
+    cmd
+}
+
+/// Restores `prefix` to `out` (replacing it), as `walsync restore --force` does.
+pub async fn restore(
+    store: &TestStore,
+    prefix: &str,
+    out: &std::path::Path,
+    target: walsync::restore::Target,
+    keys: Option<Arc<walsync::encryption::Keys>>,
+) -> Result<(), String> {
+    walsync::restore::restore(
+        store.storage.as_ref(),
+        &walsync::restore::RestoreOptions {
+            prefix: prefix.into(),
+            output: out.to_path_buf(),
+            target,
+            force: true,
+            keys,
+        },
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| e.to_string())
+}
