@@ -99,6 +99,30 @@ async fn put_then_get_returns_same_bytes() {
 }
 
 #[tokio::test]
+async fn ranged_reads_return_exactly_the_bytes_asked_for() {
+    for (name, store) in common::all_stores().await {
+        let s = &*store.storage;
+        let data = pseudo_random(10_000, 3);
+        s.put_new("range/obj", bytes(&data), sha(&data))
+            .await
+            .unwrap();
+        let head = s.get_range("range/obj", 0, 120).await.unwrap();
+        assert_eq!(head, data[..120], "{name}");
+        let tail = s.get_range("range/obj", 10_000 - 32, 32).await.unwrap();
+        assert_eq!(tail, data[10_000 - 32..], "{name}");
+        let middle = s.get_range("range/obj", 4321, 1000).await.unwrap();
+        assert_eq!(middle, data[4321..5321], "{name}");
+        // Past the end: what there is.
+        let over = s.get_range("range/obj", 9_990, 100).await.unwrap();
+        assert_eq!(over, data[9_990..], "{name}");
+        match s.get_range("range/missing", 0, 10).await {
+            Err(Error::NotFound { key }) => assert_eq!(key, "range/missing", "{name}"),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
 async fn second_put_of_a_key_is_already_exists() {
     for (name, store) in common::all_stores().await {
         let s = &*store.storage;

@@ -186,6 +186,27 @@ impl Storage for FsStorage {
         }
     }
 
+    async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let path = self.path_of(key)?;
+        let owned = key.to_string();
+        blocking(key, move || {
+            let mut file = match File::open(&path) {
+                Ok(file) => file,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Err(Error::NotFound { key: owned });
+                }
+                Err(e) => return Err(io_err(&owned)(e)),
+            };
+            file.seek(SeekFrom::Start(offset)).map_err(io_err(&owned))?;
+            let mut buf = Vec::new();
+            file.take(len)
+                .read_to_end(&mut buf)
+                .map_err(io_err(&owned))?;
+            Ok(buf)
+        })
+        .await
+    }
+
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
         let root = self.root.clone();
         let owned = prefix.to_string();

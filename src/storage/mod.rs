@@ -70,6 +70,24 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Opens `key` for streaming reads.
     async fn get(&self, key: &str) -> Result<ObjectReader>;
 
+    /// Reads `len` bytes of `key` from `offset`: an object's header or its
+    /// trailer without downloading the rest. Fewer bytes where the object ends
+    /// sooner. Backends override this with a ranged read; the default streams.
+    async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        use tokio::io::AsyncReadExt;
+        let io = |source| Error::Io {
+            key: key.to_string(),
+            source,
+        };
+        let mut reader = self.get(key).await?;
+        tokio::io::copy(&mut (&mut reader).take(offset), &mut tokio::io::sink())
+            .await
+            .map_err(io)?;
+        let mut buf = Vec::new();
+        reader.take(len).read_to_end(&mut buf).await.map_err(io)?;
+        Ok(buf)
+    }
+
     /// Lists every object whose key starts with `prefix`, sorted by key.
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>>;
 

@@ -628,6 +628,41 @@ impl Storage for S3Storage {
         }
     }
 
+    async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let full = self.check_key("GetObject", key)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let range = format!("bytes={offset}-{}", offset + len - 1);
+        match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .range(range)
+            .send()
+            .await
+        {
+            Ok(out) => {
+                let body = out.body.collect().await.map_err(|e| Error::Io {
+                    key: key.to_string(),
+                    source: std::io::Error::other(e),
+                })?;
+                Ok(body.into_bytes().to_vec())
+            }
+            Err(err) => {
+                let failure = Failure::new(err);
+                if failure.is_not_found() {
+                    Err(Error::NotFound {
+                        key: key.to_string(),
+                    })
+                } else {
+                    Err(failure.into_error("GetObject", &full))
+                }
+            }
+        }
+    }
+
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
         let full_prefix = join_key(&self.prefix, prefix);
         let strip = if self.prefix.is_empty() {
