@@ -33,7 +33,8 @@ For each workload and each tool the script
      objects, bytes, and snapshots.
 
 What counts as a snapshot (a copy of every page of the database):
-  * walsync: an object named *.snapshot (docs/format.md); the reason for each is
+  * walsync: an object marked by an empty *.is-snapshot beside it (*.snapshot in
+    the first key layout; docs/format.md); the reason for each is
     taken from walsync's log ("taking a snapshot" reason=...).
   * Litestream 0.5: it writes LTX files to DIR/ltx/<level>/<minTXID>-<maxTXID>.ltx.
     A snapshot is an LTX file written at level 0 that holds every page of the
@@ -323,9 +324,13 @@ def litestream_restore(binary, replica, out):
     return [binary, "restore", "-o", out, f"file://{replica}"]
 
 
+# A snapshot's mark (today's layout) or its key (the first layout).
+WALSYNC_SNAPSHOT = (".is-snapshot", ".snapshot")
+
+
 def walsync_ready(replica):
     d = os.path.join(replica, "app")
-    return os.path.isdir(d) and any(n.endswith(".snapshot") for n in os.listdir(d))
+    return os.path.isdir(d) and any(n.endswith(WALSYNC_SNAPSHOT) for n in os.listdir(d))
 
 
 def litestream_ready(replica):
@@ -334,7 +339,7 @@ def litestream_ready(replica):
 
 
 def walsync_count(objects, log_path):
-    snaps = sorted(k for k in objects if k.endswith(".snapshot"))
+    snaps = sorted(k for k in objects if k.endswith(WALSYNC_SNAPSHOT))
     reasons = {}
     try:
         with open(log_path, errors="replace") as f:

@@ -171,6 +171,9 @@ async fn status(args: &StatusArgs) -> Result<()> {
             status::DEGRADED_HINT
         );
     }
+    for (prefix, why) in snapshot.forked() {
+        eprintln!("warning: {prefix}: {why}");
+    }
     let unhealthy = snapshot.unhealthy();
     if !unhealthy.is_empty() {
         bail!("{} database(s) unhealthy", unhealthy.len());
@@ -516,6 +519,9 @@ async fn restore(args: RestoreArgs) -> Result<()> {
         for object in &plan.objects {
             println!("  {}  {} bytes", object.key, object.size);
         }
+        if let Some(branch) = &plan.fork {
+            println!("note: {}", branch.describe());
+        }
         return Ok(());
     }
     let opts = RestoreOptions {
@@ -667,6 +673,7 @@ async fn list(args: ListArgs) -> Result<()> {
         "{:<32} {:>8} {:>10} {:>10} {:>14} {:>14}  LAST SYNC",
         "PREFIX", "OBJECTS", "HEAD SEQ", "SNAPSHOT", "STORED BYTES", "DB BYTES"
     );
+    let mut attention = 0;
     for (prefix, objects) in dbs {
         let Some(head) = objects.last() else { continue };
         let snapshot = objects
@@ -692,6 +699,16 @@ async fn list(args: ListArgs) -> Result<()> {
             bytes,
             db_bytes,
             time
+        );
+        if let Some(forked) = chain::describe_forks(&objects) {
+            println!("  needs attention: {forked}");
+            attention += 1;
+        }
+    }
+    if attention > 0 {
+        eprintln!(
+            "warning: {attention} database(s) need attention; `walsync verify --prefix NAME` \
+             shows which branch restore follows"
         );
     }
     Ok(())
@@ -749,6 +766,9 @@ async fn restore_points(storage: &dyn Storage, prefix: &str) -> Result<()> {
             format_ms(h.timestamp_ms),
             snapshot.size
         );
+    }
+    if let Some(forked) = chain::describe_forks(&objects) {
+        println!("  needs attention: {forked}");
     }
     Ok(())
 }

@@ -23,8 +23,6 @@ pub enum Error {
         expected: u64,
         found: u64,
     },
-    #[error("objects {a} and {b} have the same sequence number")]
-    Duplicate { a: String, b: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -34,66 +32,166 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct ObjectRef {
     pub key: String,
     pub seq: u64,
+    /// What the key or its snapshot mark says. An object in today's layout
+    /// whose mark is missing (walsync stopped between the two writes) lists
+    /// as a segment and may still turn out to be a snapshot when read.
     pub kind: Kind,
     pub size: u64,
+    /// The key of its snapshot mark, if it has one.
+    pub mark: Option<String>,
+}
+
+impl ObjectRef {
+    /// Whether the key itself says the kind (the first layout).
+    pub fn is_legacy(&self) -> bool {
+        !self.key.ends_with(segment::OBJECT_SUFFIX)
+    }
+}
+
+/// Builds the objects of one database from listed `(name, key, size)`
+/// entries: objects of both layouts, with snapshot marks folded into the
+/// objects they mark. Sorted by sequence; several objects may share one (a
+/// fork, see [`forks`]). A mark whose object is gone is dropped.
+fn collect(entries: impl IntoIterator<Item = (segment::Name, String, u64)>) -> Vec<ObjectRef> {
+    let mut marks = std::collections::HashMap::new();
+    let mut out = Vec::new();
+    for (name, key, size) in entries {
+        let (seq, kind) = match name {
+            segment::Name::SnapshotMark(seq) => {
+                marks.insert(seq, key);
+                continue;
+            }
+            segment::Name::Object(seq) => (seq, Kind::Wal),
+            segment::Name::Legacy(seq, kind) => (seq, kind),
+        };
+        out.push(ObjectRef {
+            key,
+            seq,
+            kind,
+            size,
+            mark: None,
+        });
+    }
+    for object in &mut out {
+        if !object.is_legacy()
+            && let Some(mark) = marks.remove(&object.seq)
+        {
+            object.kind = Kind::Snapshot;
+            object.mark = Some(mark);
+        }
+    }
+    out.sort_by(|a, b| a.seq.cmp(&b.seq).then(a.key.cmp(&b.key)));
+    out
 }
 
 /// Lists the objects of the database stored under `prefix`, in apply order.
 /// Keys that are not walsync objects (or that lie deeper) are ignored.
 pub async fn list(storage: &dyn Storage, prefix: &str) -> Result<Vec<ObjectRef>> {
     let listed = storage.list(&format!("{prefix}/")).await?;
-    let mut out: Vec<ObjectRef> = listed
-        .into_iter()
-        .filter_map(|meta| {
-            let name = meta.key.strip_prefix(prefix)?.strip_prefix('/')?;
-            let (seq, kind) = segment::parse_object_name(name)?;
-            Some(ObjectRef {
-                key: meta.key,
-                seq,
-                kind,
-                size: meta.size,
-            })
-        })
-        .collect();
-    out.sort_by(|a, b| a.seq.cmp(&b.seq).then(a.key.cmp(&b.key)));
-    for pair in out.windows(2) {
-        if pair[0].seq == pair[1].seq {
-            return Err(Error::Duplicate {
-                a: pair[0].key.clone(),
-                b: pair[1].key.clone(),
-            });
-        }
-    }
-    Ok(out)
+    Ok(collect(listed.into_iter().filter_map(|meta| {
+        let name = meta.key.strip_prefix(prefix)?.strip_prefix('/')?;
+        let name = segment::parse_object_name(name)?;
+        Some((name, meta.key, meta.size))
+    })))
 }
 
 /// Every database prefix that holds walsync objects under the storage root.
 pub async fn list_databases(storage: &dyn Storage) -> Result<Vec<(String, Vec<ObjectRef>)>> {
     let listed = storage.list("").await?;
-    let mut dbs: Vec<(String, Vec<ObjectRef>)> = Vec::new();
+    let mut grouped: std::collections::BTreeMap<String, Vec<(segment::Name, String, u64)>> =
+        std::collections::BTreeMap::new();
     for meta in listed {
         let Some((prefix, name)) = meta.key.rsplit_once('/') else {
             continue;
         };
-        let Some((seq, kind)) = segment::parse_object_name(name) else {
+        let Some(name) = segment::parse_object_name(name) else {
             continue;
         };
-        let object = ObjectRef {
-            key: meta.key.clone(),
-            seq,
-            kind,
-            size: meta.size,
-        };
-        match dbs.last_mut() {
-            Some((p, objects)) if p == prefix => objects.push(object),
-            _ => dbs.push((prefix.to_string(), vec![object])),
+        grouped
+            .entry(prefix.to_string())
+            .or_default()
+            .push((name, meta.key.clone(), meta.size));
+    }
+    Ok(grouped
+        .into_iter()
+        .map(|(prefix, entries)| (prefix, collect(entries)))
+        .filter(|(_, objects)| !objects.is_empty())
+        .collect())
+}
+
+/// The sequence numbers that more than one object claims, with those objects:
+/// two writers on one prefix (an old walsync whose keys named the kind, a
+/// store that ignored a conditional write). Restore follows one branch.
+pub fn forks(objects: &[ObjectRef]) -> Vec<(u64, Vec<&ObjectRef>)> {
+    let mut out: Vec<(u64, Vec<&ObjectRef>)> = Vec::new();
+    for pair in objects.windows(2) {
+        if pair[0].seq != pair[1].seq {
+            continue;
+        }
+        match out.last_mut() {
+            Some((seq, claims)) if *seq == pair[0].seq => claims.push(&pair[1]),
+            _ => out.push((pair[0].seq, vec![&pair[0], &pair[1]])),
         }
     }
-    dbs.sort_by(|a, b| a.0.cmp(&b.0));
-    for (_, objects) in &mut dbs {
-        objects.sort_by_key(|o| o.seq);
+    out
+}
+
+/// One line naming each fork, for `list`, `verify` and the status page.
+pub fn describe_forks(objects: &[ObjectRef]) -> Option<String> {
+    let forks = forks(objects);
+    if forks.is_empty() {
+        return None;
     }
-    Ok(dbs)
+    let parts: Vec<String> = forks
+        .iter()
+        .map(|(seq, claims)| {
+            let keys: Vec<&str> = claims.iter().map(|o| o.key.as_str()).collect();
+            format!("sequence {seq} is claimed by {}", keys.join(" and "))
+        })
+        .collect();
+    Some(format!(
+        "the chain forks (two writers on one prefix): {}",
+        parts.join("; ")
+    ))
+}
+
+/// What an object says about its place in the chain, read from its first and
+/// last bytes only: enough to see which object a fork's branches continue.
+/// The claim is checked when the object is downloaded whole.
+#[derive(Debug, Clone, Copy)]
+pub struct Link {
+    pub header: segment::Header,
+    /// The content hash its trailer claims.
+    pub hash: [u8; 32],
+}
+
+/// Reads an object's header and trailer with two ranged reads.
+pub async fn read_link(storage: &dyn Storage, object: &ObjectRef) -> Result<Link> {
+    let corrupt = |source| Error::Segment {
+        key: object.key.clone(),
+        source,
+    };
+    let min = (segment::HEADER_SIZE + segment::TRAILER_SIZE) as u64;
+    if object.size < min {
+        return Err(corrupt(segment::Error::TooShort(object.size)));
+    }
+    let head_len =
+        (segment::MAX_HEADER_SIZE as u64).min(object.size - segment::TRAILER_SIZE as u64);
+    let head = storage.get_range(&object.key, 0, head_len).await?;
+    let header = segment::Header::decode(&head).map_err(corrupt)?;
+    check_key(object, &header)?;
+    let tail = storage
+        .get_range(
+            &object.key,
+            object.size - segment::TRAILER_SIZE as u64,
+            segment::TRAILER_SIZE as u64,
+        )
+        .await?;
+    let hash: [u8; 32] = tail
+        .as_slice()
+        .try_into()
+        .map_err(|_| corrupt(segment::Error::TooShort(object.size)))?;
+    Ok(Link { header, hash })
 }
 
 /// Reads and checks the whole object, returning its header and content hash.
@@ -130,7 +228,8 @@ pub async fn read_verified(
     Ok((header, hash, file))
 }
 
-/// Checks that a header agrees with the key it was stored under.
+/// Checks that a header agrees with the key it was stored under (and with
+/// its snapshot mark). An unmarked object in today's layout may be either kind.
 pub fn check_key(object: &ObjectRef, header: &segment::Header) -> Result<()> {
     if header.seq != object.seq {
         return Err(Error::SeqMismatch {
@@ -139,7 +238,8 @@ pub fn check_key(object: &ObjectRef, header: &segment::Header) -> Result<()> {
             found: header.seq,
         });
     }
-    if header.kind != object.kind {
+    let unmarked = !object.is_legacy() && object.mark.is_none();
+    if header.kind != object.kind && !unmarked {
         return Err(Error::Segment {
             key: object.key.clone(),
             source: segment::Error::UnknownKind(match header.kind {

@@ -198,8 +198,9 @@ pub async fn follow(
     let mut conn = open_replica(output)?;
     let mut idle_polls = 0u32;
     let mut failures = 0u32;
+    let mut legacy_too = true;
     loop {
-        let next = match next_object(storage, &opts.prefix, pos, idle_polls).await {
+        let next = match next_object(storage, &opts.prefix, pos, idle_polls, legacy_too).await {
             Ok(next) => {
                 failures = 0;
                 next
@@ -222,6 +223,7 @@ pub async fn follow(
         match next {
             Some((object, header, hash, file)) => {
                 check_seal(&object, &header, pos)?;
+                legacy_too &= object.is_legacy();
                 conn = apply(conn, output, &object, &header, file, opts.keys.clone()).await?;
                 pos = Position::after(&header, hash);
                 write_position(&pos_path, &opts.prefix, pos)?;
@@ -249,8 +251,11 @@ async fn next_object(
     prefix: &str,
     pos: Position,
     idle_polls: u32,
+    legacy_too: bool,
 ) -> Result<Option<Fetched>> {
-    if let Some((object, header, hash, file)) = fetch(storage, prefix, pos.seq + 1).await? {
+    if let Some((object, header, hash, file)) =
+        fetch(storage, prefix, pos.seq + 1, pos.hash, legacy_too).await?
+    {
         if header.prev_hash != pos.hash {
             return Err(Error::BrokenLink {
                 key: object.key,
@@ -316,21 +321,47 @@ async fn stopped_within(stop: &CancellationToken, wait: Duration) -> bool {
 type Fetched = (ObjectRef, Header, [u8; 32], File);
 
 /// Object `seq`, verified, if storage has it (a WAL segment or a snapshot).
-async fn fetch(storage: &dyn Storage, prefix: &str, seq: u64) -> Result<Option<Fetched>> {
-    for kind in [Kind::Wal, Kind::Snapshot] {
+/// Where several objects claim `seq` (a fork), the one that links to
+/// `prev_hash`; the first layout's keys are tried only while `legacy_too`
+/// (until an object in today's layout has been applied: a chain never goes
+/// back to the old keys), so an idle poll costs one request.
+async fn fetch(
+    storage: &dyn Storage,
+    prefix: &str,
+    seq: u64,
+    prev_hash: [u8; 32],
+    legacy_too: bool,
+) -> Result<Option<Fetched>> {
+    let mut keys = vec![segment::object_key(prefix, seq)];
+    if legacy_too {
+        keys.push(segment::legacy_object_key(prefix, seq, Kind::Wal));
+        keys.push(segment::legacy_object_key(prefix, seq, Kind::Snapshot));
+    }
+    let mut unlinked = None;
+    for key in keys {
+        let kind = match segment::parse_object_name(key.rsplit('/').next().unwrap_or_default()) {
+            Some(segment::Name::Legacy(_, kind)) => kind,
+            _ => Kind::Wal,
+        };
         let object = ObjectRef {
-            key: segment::object_key(prefix, seq, kind),
+            key,
             seq,
             kind,
             size: 0,
+            mark: None,
         };
         match chain::read_verified(storage, &object).await {
-            Ok((header, hash, file)) => return Ok(Some((object, header, hash, file))),
+            Ok((header, hash, file)) if header.prev_hash == prev_hash => {
+                return Ok(Some((object, header, hash, file)));
+            }
+            Ok(fetched) => {
+                unlinked.get_or_insert((object, fetched.0, fetched.1, fetched.2));
+            }
             Err(chain::Error::Storage(storage::Error::NotFound { .. })) => {}
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(None)
+    Ok(unlinked)
 }
 
 /// When the next object is missing but the chain went on (retention deleted

@@ -98,6 +98,9 @@ fn health(snapshot: &Snapshot) -> Response<Full<Bytes>> {
     for (prefix, why) in &degraded {
         let _ = writeln!(body, "degraded: {prefix}: {why}");
     }
+    for (prefix, why) in &snapshot.forked() {
+        let _ = writeln!(body, "forked: {prefix}: {why}");
+    }
     reply(status, "text/plain; charset=utf-8", body)
 }
 
@@ -203,6 +206,12 @@ pub fn metrics(s: &Snapshot) -> String {
         "gauge",
         "1 while the database keeps losing continuity (3 or more continuity snapshots within an hour), else 0.",
         per_db(&|d| Some(if d.is_degraded(s.now_ms) { 1.0 } else { 0.0 })),
+    );
+    family(
+        "walsync_forked",
+        "gauge",
+        "1 when the chain in storage forks (two objects claim one sequence: two writers on one prefix), else 0.",
+        per_db(&|d| Some(if d.forked.is_some() { 1.0 } else { 0.0 })),
     );
     family(
         "walsync_checkpoints_total",
@@ -331,7 +340,7 @@ fn page(s: &Snapshot) -> String {
     for d in s.problems_first() {
         let class = if d.unhealthy(s.now_ms).is_some() {
             " class=\"bad\""
-        } else if d.is_degraded(s.now_ms) {
+        } else if d.is_degraded(s.now_ms) || d.forked.is_some() {
             " class=\"degraded\""
         } else {
             ""

@@ -7,6 +7,7 @@ pub mod db;
 pub mod encryption;
 pub mod explain;
 pub mod follow;
+pub mod fork;
 pub mod http;
 pub mod replica;
 pub mod replicator;

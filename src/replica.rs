@@ -16,6 +16,7 @@ use crate::db::{
     self, Changes, CheckpointMode, CheckpointOutcome, Database, Detached, Encoded, Link, WalState,
 };
 use crate::encryption::{Key, KeyId, Keys};
+use crate::fork;
 use crate::retention::{self, Retention};
 use crate::segment::{self, Kind, now_ms};
 use crate::storage::{self, Storage};
@@ -162,6 +163,10 @@ pub struct Replica {
     checkpoint_retry_at: Option<Instant>,
     opts: SyncOptions,
     stopped: Option<String>,
+    /// A snapshot in storage whose mark is not written yet.
+    unmarked: Option<u64>,
+    /// What is wrong with the chain as listed at start: it forks.
+    forked: Option<String>,
 }
 
 /// Runs SQLite or file work of the database at `path` on the blocking pool.
@@ -215,6 +220,8 @@ impl Replica {
             checkpoint_retry_at: None,
             opts,
             stopped: None,
+            unmarked: None,
+            forked: None,
         };
         replica.load_head(listed).await?;
         Ok(replica)
@@ -225,18 +232,43 @@ impl Replica {
             Some(objects) => objects,
             None => chain::list(self.storage.as_ref(), &self.prefix).await?,
         };
-        let Some(last) = objects.last() else {
+        let Some(newest) = objects.last().map(|o| o.seq) else {
             self.need_snapshot = Some(INITIAL.into());
             return Ok(());
         };
-        let (header, hash, _) = chain::read_verified(self.storage.as_ref(), last).await?;
+        // Where two objects claim the newest sequence, the one restore
+        // follows is the head to link to, and a snapshot starts afresh from
+        // it: which of them this database's WAL goes on from is unknowable.
+        self.forked = chain::describe_forks(&objects);
+        let head_forked = chain::forks(&objects)
+            .last()
+            .is_some_and(|(seq, _)| *seq == newest);
+        let last = if head_forked {
+            let branch = fork::follow(self.storage.as_ref(), objects.clone()).await?;
+            branch
+                .objects
+                .last()
+                .filter(|o| o.seq == newest)
+                .or_else(|| objects.last())
+                .cloned()
+        } else {
+            objects.last().cloned()
+        };
+        let Some(last) = last else {
+            self.need_snapshot = Some(INITIAL.into());
+            return Ok(());
+        };
+        let (header, hash, _) = chain::read_verified(self.storage.as_ref(), &last).await?;
+        if header.kind == Kind::Snapshot && !last.is_legacy() && last.mark.is_none() {
+            self.unmarked = Some(header.seq);
+        }
         self.head = Some(Head {
             seq: header.seq,
             hash,
         });
         self.head_key = header.sealed.map(|s| s.key_id);
         self.last_snapshot_ms = match objects.iter().rev().find(|o| o.kind == Kind::Snapshot) {
-            Some(s) if s.seq == header.seq => Some(header.timestamp_ms),
+            _ if header.kind == Kind::Snapshot => Some(header.timestamp_ms),
             Some(s) => Some(
                 chain::read_header(self.storage.as_ref(), s)
                     .await?
@@ -259,7 +291,48 @@ impl Replica {
             ),
             Err(reason) => self.need_snapshot = Some(reason),
         }
+        if head_forked && self.need_snapshot.is_none() {
+            self.need_snapshot = Some(format!(
+                "two objects claim the newest sequence {newest}, so which one this database \
+                 continues is unknown"
+            ));
+        }
+        if let Some(forked) = &self.forked {
+            warn!(
+                db = %self.path.display(),
+                prefix = %self.prefix,
+                "{forked}; restore follows the branch that reaches furthest from a snapshot"
+            );
+        }
         Ok(())
+    }
+
+    /// Why the chain in storage needs attention (it forks), as found at start.
+    pub fn forked(&self) -> Option<&str> {
+        self.forked.as_deref()
+    }
+
+    /// Writes the mark of the newest snapshot, which makes it findable from a
+    /// listing. The snapshot is durable without it: a failure here is retried
+    /// by the next sync, and restore finds an unmarked snapshot by reading it.
+    async fn mark_snapshot(&mut self) -> Result<()> {
+        let Some(seq) = self.unmarked else {
+            return Ok(());
+        };
+        let key = segment::snapshot_mark_key(&self.prefix, seq);
+        let empty: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest([]).into();
+        match self
+            .storage
+            .put_new(&key, storage::Payload::Bytes(Vec::new()), empty)
+            .await
+        {
+            // A mark found already is this one, written by an attempt whose answer was lost.
+            Ok(()) | Err(storage::Error::AlreadyExists { .. }) => {
+                self.unmarked = None;
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// A new key (or none where there was one) starts with a snapshot, so that
@@ -492,6 +565,7 @@ impl Replica {
         if let Some(pending) = self.pending.take() {
             self.upload(pending, &mut report).await?;
         }
+        self.mark_snapshot().await?;
         self.check_key()?;
         if let Some(reason) = self.need_snapshot.clone() {
             self.snapshot(&reason, &mut report).await?;
@@ -664,7 +738,7 @@ impl Replica {
     }
 
     async fn upload(&mut self, encoded: Encoded, report: &mut SyncReport) -> Result<()> {
-        let key = segment::object_key(&self.prefix, encoded.header.seq, encoded.header.kind);
+        let key = segment::object_key(&self.prefix, encoded.header.seq);
         let body = encoded
             .payload
             .try_clone()
@@ -720,6 +794,16 @@ impl Replica {
                 report.snapshots += 1;
                 self.need_snapshot = None;
                 self.last_snapshot_ms = Some(encoded.header.timestamp_ms);
+                self.unmarked = Some(encoded.header.seq);
+                if let Err(e) = self.mark_snapshot().await {
+                    warn!(
+                        db = %self.path.display(),
+                        prefix = %self.prefix,
+                        seq = encoded.header.seq,
+                        error = %e,
+                        "could not mark the snapshot; will retry"
+                    );
+                }
                 info!(
                     db = %self.path.display(),
                     prefix = %self.prefix,

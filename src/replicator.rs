@@ -1237,6 +1237,9 @@ fn post(board: &Board, slot: &mut Slot, result: &replica::Result<SyncReport>) {
     let degraded = board.update(&slot.spec.prefix, |d| {
         let mut became_degraded = None;
         d.head = replica.and_then(Replica::head).map(|h| h.seq).or(d.head);
+        if let Some(forked) = replica.and_then(Replica::forked) {
+            d.forked = Some(forked.to_string());
+        }
         match result {
             Ok(report) => {
                 d.state = if replica.is_some_and(Replica::is_attached) {

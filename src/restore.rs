@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use crate::chain::{self, ObjectRef};
 use crate::encryption::{KeyId, Keys};
+use crate::fork::{self, Branch};
 use crate::segment::{self, Kind, PageReader};
 use crate::storage::{self, Storage, to_hex};
 
@@ -70,10 +71,10 @@ pub enum Error {
         expected: u32,
     },
     #[error(
-        "object {key} is encrypted differently from {first}, which starts its restore: \
-         refusing an object that was not written with the rest"
+        "object {key} is encrypted differently from {prev}, the object before it, and is \
+         not a snapshot: refusing an object that was not written with the rest"
     )]
-    MixedEncryption { key: String, first: String },
+    MixedEncryption { key: String, prev: String },
     #[error("object {key}: {source}")]
     Corrupt {
         key: String,
@@ -131,12 +132,20 @@ pub struct Resolved {
     pub before: Option<ObjectRef>,
     pub seq: u64,
     pub bytes: u64,
+    /// Where the chain forks, the branch followed and the objects left off.
+    pub fork: Option<Branch>,
 }
 
 /// Lists the chain and picks the objects that reach `target` (a time target
-/// reads a few object headers). Nothing is downloaded whole or written.
+/// reads a few object headers; a fork, the ends of the objects around it).
+/// Nothing is downloaded whole or written.
 pub async fn resolve(storage: &dyn Storage, prefix: &str, target: Target) -> Result<Resolved> {
-    let objects = chain::list(storage, prefix).await?;
+    let listed = chain::list(storage, prefix).await?;
+    let forked = !chain::forks(&listed).is_empty();
+    let branch = fork::follow(storage, listed).await?;
+    let mut objects = branch.objects.clone();
+    let fork = forked.then_some(branch);
+    find_unmarked_start(storage, &mut objects).await?;
     if objects.is_empty() {
         return Err(Error::NoReplica {
             prefix: prefix.to_string(),
@@ -164,7 +173,24 @@ pub async fn resolve(storage: &dyn Storage, prefix: &str, target: Target) -> Res
         seq: last.seq,
         bytes: planned.iter().map(|o| o.size).sum(),
         objects: planned,
+        fork,
     })
+}
+
+/// A chain whose snapshots all lack their marks (walsync stopped between a
+/// snapshot and its mark, and retention has since removed the older ones)
+/// still starts with a snapshot: its first object, which the header tells.
+async fn find_unmarked_start(storage: &dyn Storage, objects: &mut [ObjectRef]) -> Result<()> {
+    if objects.iter().any(|o| o.kind == Kind::Snapshot) {
+        return Ok(());
+    }
+    if let Some(first) = objects.first_mut()
+        && !first.is_legacy()
+        && chain::read_header(storage, first).await?.kind == Kind::Snapshot
+    {
+        first.kind = Kind::Snapshot;
+    }
+    Ok(())
 }
 
 /// The newest sequence recorded at or before `ms`. Object times rise along
@@ -227,6 +253,8 @@ pub struct RestoreReport {
     pub hash: [u8; 32],
     /// The key the newest object was sealed with, if encrypted.
     pub key_id: Option<KeyId>,
+    /// Set when the chain forks: the branch restored and the objects left off.
+    pub fork: Option<Branch>,
 }
 
 /// The objects a restore to `target` needs, snapshot first. Checks only keys.
@@ -261,7 +289,7 @@ pub fn plan(prefix: &str, objects: &[ObjectRef], target: Option<u64>) -> Result<
             && object.seq != prev.seq + 1
         {
             return Err(Error::Missing {
-                key: segment::object_key(prefix, prev.seq + 1, Kind::Wal),
+                key: segment::object_key(prefix, prev.seq + 1),
                 before: prev.key.clone(),
                 after: object.key.clone(),
             });
@@ -272,7 +300,7 @@ pub fn plan(prefix: &str, objects: &[ObjectRef], target: Option<u64>) -> Result<
         && last.seq != target
     {
         return Err(Error::Missing {
-            key: segment::object_key(prefix, last.seq + 1, Kind::Wal),
+            key: segment::object_key(prefix, last.seq + 1),
             before: last.key.clone(),
             after: "the requested sequence".into(),
         });
@@ -340,21 +368,23 @@ pub async fn restore(storage: &dyn Storage, opts: &RestoreOptions) -> Result<Res
             source,
         })?;
         chain::check_key(&object, &header)?;
-        // A missing or wrong key is found before anything is written. Within
-        // one plan every object is sealed alike (a key change takes a
-        // snapshot), so a plain object after an encrypted one is an injection.
+        // A missing or wrong key is found before anything is written. Objects
+        // are sealed like the one before them except from a snapshot on (a
+        // key change takes one), so a plain object after an encrypted one is
+        // an injection.
         header
             .key(opts.keys.as_deref())
             .map_err(|source| Error::Corrupt {
                 key: object.key.clone(),
                 source,
             })?;
-        if let Some(first) = verified.first()
-            && first.header.sealed.map(|s| s.key_id) != header.sealed.map(|s| s.key_id)
+        if let Some(prev) = verified.last()
+            && header.kind != Kind::Snapshot
+            && prev.header.sealed.map(|s| s.key_id) != header.sealed.map(|s| s.key_id)
         {
             return Err(Error::MixedEncryption {
                 key: object.key.clone(),
-                first: first.object.key.clone(),
+                prev: prev.object.key.clone(),
             });
         }
         if let Some((prev_key, prev_hash)) = &link
@@ -401,7 +431,11 @@ pub async fn restore(storage: &dyn Storage, opts: &RestoreOptions) -> Result<Res
         timestamp_ms: last.header.timestamp_ms,
         hash: link.map_or([0; 32], |(_, hash)| hash),
         key_id: last.header.sealed.map(|s| s.key_id),
+        fork: resolved.fork.clone(),
     };
+    if let Some(branch) = &report.fork {
+        tracing::warn!(prefix = %opts.prefix, "{}", branch.describe());
+    }
     let output = output.clone();
     let force = opts.force;
     let keys = opts.keys.clone();
@@ -573,10 +607,11 @@ mod tests {
 
     fn obj(seq: u64, kind: Kind) -> ObjectRef {
         ObjectRef {
-            key: segment::object_key("db", seq, kind),
+            key: segment::legacy_object_key("db", seq, kind),
             seq,
             kind,
             size: 1,
+            mark: None,
         }
     }
 
@@ -597,7 +632,7 @@ mod tests {
         ));
         let gap = vec![obj(1, Kind::Snapshot), obj(3, Kind::Wal)];
         match plan("db", &gap, None) {
-            Err(Error::Missing { key, .. }) => assert_eq!(key, "db/0000000000000002.wal"),
+            Err(Error::Missing { key, .. }) => assert_eq!(key, "db/0000000000000002.seg"),
             other => panic!("{other:?}"),
         }
         assert!(matches!(

@@ -104,6 +104,11 @@ pub async fn apply(
     let pruned = plan(storage, prefix, rules, now_ms).await?;
     for object in &pruned.objects {
         storage.delete(&object.key).await?;
+        // The mark goes after its snapshot: a mark left by an interrupted run
+        // names nothing and is ignored; a snapshot left unmarked would not be.
+        if let Some(mark) = &object.mark {
+            storage.delete(mark).await?;
+        }
     }
     if !pruned.objects.is_empty() {
         info!(

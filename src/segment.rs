@@ -567,13 +567,54 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Suffix of every object key in today's layout: one key per sequence
+/// number, whatever the kind, so that two writers of one sequence collide on
+/// the create-only put and the second is refused by the store.
+pub const OBJECT_SUFFIX: &str = "seg";
+/// Suffix of the empty object that marks a snapshot. Keys cannot say the kind
+/// any more, and restore, retention and `list` must find snapshots from a
+/// listing alone; the mark is written after its snapshot, so a mark never
+/// names an object that is not there or not a snapshot.
+pub const SNAPSHOT_MARK_SUFFIX: &str = "is-snapshot";
+
 /// The key of object `seq` under a database prefix; keys sort in apply order.
-pub fn object_key(db_prefix: &str, seq: u64, kind: Kind) -> String {
+pub fn object_key(db_prefix: &str, seq: u64) -> String {
+    format!("{db_prefix}/{seq:016x}.{OBJECT_SUFFIX}")
+}
+
+/// The key that marks object `seq` as a snapshot.
+pub fn snapshot_mark_key(db_prefix: &str, seq: u64) -> String {
+    format!("{db_prefix}/{seq:016x}.{SNAPSHOT_MARK_SUFFIX}")
+}
+
+/// The key of object `seq` in the first layout, which named the kind
+/// (`<seq>.snapshot`, `<seq>.wal`). Still read; never written.
+pub fn legacy_object_key(db_prefix: &str, seq: u64, kind: Kind) -> String {
     format!("{db_prefix}/{seq:016x}.{}", kind.suffix())
 }
 
-/// Parses the last path component of a key made by [`object_key`].
-pub fn parse_object_name(name: &str) -> Option<(u64, Kind)> {
+/// What the last path component of a key is, if walsync wrote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Name {
+    /// An object in today's layout; its kind is in its header (and its mark).
+    Object(u64),
+    /// An object in the first layout, whose key names its kind.
+    Legacy(u64, Kind),
+    /// The mark of snapshot `seq`.
+    SnapshotMark(u64),
+}
+
+impl Name {
+    pub fn seq(self) -> u64 {
+        match self {
+            Name::Object(seq) | Name::Legacy(seq, _) | Name::SnapshotMark(seq) => seq,
+        }
+    }
+}
+
+/// Parses the last path component of a key made by [`object_key`],
+/// [`snapshot_mark_key`] or [`legacy_object_key`].
+pub fn parse_object_name(name: &str) -> Option<Name> {
     let (seq, suffix) = name.split_once('.')?;
     if seq.len() != 16
         || !seq
@@ -582,10 +623,12 @@ pub fn parse_object_name(name: &str) -> Option<(u64, Kind)> {
     {
         return None;
     }
-    Some((
-        u64::from_str_radix(seq, 16).ok()?,
-        Kind::from_suffix(suffix)?,
-    ))
+    let seq = u64::from_str_radix(seq, 16).ok()?;
+    match suffix {
+        OBJECT_SUFFIX => Some(Name::Object(seq)),
+        SNAPSHOT_MARK_SUFFIX => Some(Name::SnapshotMark(seq)),
+        _ => Some(Name::Legacy(seq, Kind::from_suffix(suffix)?)),
+    }
 }
 
 #[cfg(test)]
@@ -830,13 +873,25 @@ mod tests {
 
     #[test]
     fn keys_sort_in_apply_order_and_parse_back() {
-        let a = object_key("app", 9, Kind::Wal);
-        let b = object_key("app", 10, Kind::Snapshot);
-        assert_eq!(a, "app/0000000000000009.wal");
+        let a = object_key("app", 9);
+        let b = object_key("app", 10);
+        assert_eq!(a, "app/0000000000000009.seg");
         assert!(a < b);
         assert_eq!(
+            parse_object_name("000000000000000a.seg"),
+            Some(Name::Object(10))
+        );
+        assert_eq!(
+            parse_object_name("000000000000000a.is-snapshot"),
+            Some(Name::SnapshotMark(10))
+        );
+        assert_eq!(
             parse_object_name("000000000000000a.snapshot"),
-            Some((10, Kind::Snapshot))
+            Some(Name::Legacy(10, Kind::Snapshot))
+        );
+        assert_eq!(
+            legacy_object_key("app", 9, Kind::Wal),
+            "app/0000000000000009.wal"
         );
         assert_eq!(parse_object_name("000000000000000A.wal"), None);
         assert_eq!(parse_object_name("0a.wal"), None);

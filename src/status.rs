@@ -62,6 +62,10 @@ pub struct DbStatus {
     /// (filled in by [`Board::snapshot`] from the losses above).
     #[serde(default)]
     pub degraded: Option<String>,
+    /// Why the chain in storage needs attention: two objects claim one
+    /// sequence (found when the database was opened). Restore still works.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forked: Option<String>,
 }
 
 /// Changes may wait this long beyond `sync_interval` before `/health` fails.
@@ -220,14 +224,22 @@ impl Snapshot {
             .collect()
     }
 
-    /// The databases, problems first: unhealthy, then degraded, then the
-    /// rest, each group by prefix.
+    /// The databases whose chain in storage forks, with where.
+    pub fn forked(&self) -> Vec<(String, String)> {
+        self.databases
+            .iter()
+            .filter_map(|d| d.forked.clone().map(|why| (d.prefix.clone(), why)))
+            .collect()
+    }
+
+    /// The databases, problems first: unhealthy, then degraded or forked,
+    /// then the rest, each group by prefix.
     pub fn problems_first(&self) -> Vec<&DbStatus> {
         let mut dbs: Vec<&DbStatus> = self.databases.iter().collect();
         dbs.sort_by_key(|d| {
             if d.unhealthy(self.now_ms).is_some() {
                 0
-            } else if d.is_degraded(self.now_ms) {
+            } else if d.is_degraded(self.now_ms) || d.forked.is_some() {
                 1
             } else {
                 2
@@ -253,6 +265,9 @@ impl Snapshot {
         let mut parts: Vec<String> = d.last_error.iter().cloned().collect();
         if let Some(why) = d.degraded_at(self.now_ms) {
             parts.push(format!("degraded: {why}"));
+        }
+        if let Some(why) = &d.forked {
+            parts.push(why.clone());
         }
         parts.join("; ")
     }

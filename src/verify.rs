@@ -68,7 +68,12 @@ pub async fn verify(
         keys,
     };
     match restore::restore(storage, &opts).await {
-        Ok(_) => report.restored = true,
+        Ok(restored) => {
+            report.restored = true;
+            if let Some(branch) = restored.fork {
+                report.problems.push(branch.describe());
+            }
+        }
         Err(e) => report
             .problems
             .push(format!("restoring the newest state: {e}")),
@@ -95,44 +100,53 @@ pub async fn verify(
 }
 
 /// Checks every object: trailer hash, header against key, links between
-/// neighbours, and that sequences have no holes.
+/// neighbours, and that sequences have no holes. Where two objects claim one
+/// sequence (a fork), each must link to one of the objects before it.
 async fn walk(storage: &dyn Storage, objects: &[ObjectRef], report: &mut Report) {
-    if objects.first().is_some_and(|o| o.kind != Kind::Snapshot) {
+    if objects
+        .first()
+        .is_some_and(|o| o.kind != Kind::Snapshot && o.is_legacy())
+    {
         report.problems.push(format!(
             "the chain starts with {}, not a snapshot: nothing before the first snapshot can be restored",
             objects[0].key
         ));
     }
-    let mut prev: Option<(&ObjectRef, [u8; 32])> = None;
+    // The sequence before and its objects that verified, with their hashes;
+    // none verified means its own problem is reported and links are not.
+    let mut prev: (Option<u64>, Vec<(&ObjectRef, [u8; 32])>) = (None, Vec::new());
+    let mut current: (Option<u64>, Vec<(&ObjectRef, [u8; 32])>) = (None, Vec::new());
     for object in objects {
+        if current.0 != Some(object.seq) {
+            prev = std::mem::replace(&mut current, (Some(object.seq), Vec::new()));
+        }
         let (header, hash) = match chain::read_verified(storage, object).await {
             Ok((header, hash, _)) => (header, hash),
             Err(e) => {
                 report.problems.push(e.to_string());
-                prev = None;
                 continue;
             }
         };
-        if let Some((p, p_hash)) = prev {
-            if object.seq != p.seq + 1 {
-                report.problems.push(format!(
-                    "objects {} to {} are missing (between {} and {})",
-                    p.seq + 1,
-                    object.seq - 1,
-                    p.key,
-                    object.key
-                ));
-            } else if header.prev_hash != p_hash {
-                report.problems.push(format!(
-                    "{} does not link to {}: it names {}, which is not {}",
-                    object.key,
-                    p.key,
-                    to_hex(&header.prev_hash),
-                    to_hex(&p_hash)
-                ));
-            }
+        current.1.push((object, hash));
+        let Some(prev_seq) = prev.0 else { continue };
+        if object.seq != prev_seq + 1 {
+            report.problems.push(format!(
+                "objects {} to {} are missing (before {})",
+                prev_seq + 1,
+                object.seq - 1,
+                object.key
+            ));
+        } else if !prev.1.is_empty() && !prev.1.iter().any(|(_, h)| *h == header.prev_hash) {
+            let names: Vec<&str> = prev.1.iter().map(|(o, _)| o.key.as_str()).collect();
+            let hashes: Vec<String> = prev.1.iter().map(|(_, h)| to_hex(h)).collect();
+            report.problems.push(format!(
+                "{} does not link to {}: it names {}, which is not {}",
+                object.key,
+                names.join(" or "),
+                to_hex(&header.prev_hash),
+                hashes.join(" or ")
+            ));
         }
-        prev = Some((object, hash));
     }
 }
 

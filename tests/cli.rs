@@ -720,8 +720,7 @@ async fn encryption_keys_from_the_environment_or_a_file_and_never_shown() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{kind}");
         assert!(
-            stderr.contains("vault/0000000000000001.snapshot")
-                && stderr.contains("no encryption key"),
+            stderr.contains("vault/0000000000000001.seg") && stderr.contains("no encryption key"),
             "{kind}: {stderr}"
         );
         assert_eq!(stderr.trim().lines().count(), 1, "{kind}: {stderr}");
@@ -817,7 +816,7 @@ async fn sync_wait_reports_a_database_that_stopped_instead_of_hanging() {
             .unwrap();
         // Another writer took the next sequence: this database must stop,
         // and the waiting client must hear so.
-        let next = walsync::segment::object_key("taken", 2, walsync::segment::Kind::Wal);
+        let next = walsync::segment::object_key("taken", 2);
         store
             .storage
             .put_new(
@@ -1024,5 +1023,167 @@ async fn a_database_that_keeps_losing_continuity_is_reported_degraded() {
             ],
         );
         assert_eq!(rows(&restored), rows(&db), "{kind}");
+    }
+}
+
+/// Runs `walsync sync --config CONFIG --wait`; its output.
+fn sync_wait(config: &Path) -> Output {
+    run(walsync().args(["sync", "--config", cfg(config), "--wait"]))
+}
+
+/// Waits for the listener at `addr` to answer `/health`.
+async fn wait_for_listener(addr: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {addr}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The issue-10 report, as the user ran it: `walsync snapshot` beside a
+/// running `watch` takes the next sequence, and the watch that loses the race
+/// stops that database loudly instead of shipping a second object for it.
+/// Then a fork planted the way an older walsync allowed (`3.wal` beside
+/// `3.seg`): list, verify, /health and restore all see it, and restore
+/// still rebuilds the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_beside_watch_stops_the_loser_and_a_fork_is_restored_through() {
+    for (kind, store) in common::all_stores().await {
+        let storage = store.storage.as_ref();
+        let url = store.url.as_str();
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("race.db");
+        let conn = app_db(&db);
+        let insert = |v: &str| {
+            conn.execute("INSERT INTO t(v) VALUES (?1)", [v]).unwrap();
+        };
+        insert("before");
+        let addr = format!("127.0.0.1:{}", free_port());
+        let config = dir.path().join("walsync.toml");
+        std::fs::write(
+            &config,
+            store.config(&format!(
+                "[sync]\nsync_interval = \"1h\"\n[watch]\nlisten = \"{addr}\"\n\
+                 [[databases]]\npath = \"{}\"\n",
+                db.display()
+            )),
+        )
+        .unwrap();
+        let log = dir.path().join("watch.log");
+        let start_watch = || {
+            let file = std::fs::File::create(&log).unwrap();
+            spawn_watch(&store, &config, Stdio::from(file))
+        };
+        let mut watch = start_watch();
+        wait_for_objects(&store, "race", 1, String::new).await;
+        wait_for_listener(&addr).await;
+        insert("during");
+        ok(
+            &store,
+            &["snapshot", cfg(&db), "--prefix", "race", "--storage", url],
+        );
+        insert("after");
+        let output = sync_wait(&config);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let listing = chain::list(storage, "race").await.unwrap();
+        assert!(
+            !output.status.success(),
+            "{kind}: {stderr} {listing:?} {}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        assert!(stderr.contains("race"), "{kind}: {stderr}");
+        let (code, health) = http_get(&addr, "/health");
+        assert_eq!(code, 503, "{kind}: {health}");
+        terminate(&mut watch);
+        let logged = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            logged.contains("another writer owns this prefix"),
+            "{kind}: {logged}"
+        );
+        let objects = chain::list(storage, "race").await.unwrap();
+        assert_eq!(objects.len(), 2, "{kind}: {objects:?}");
+        assert!(chain::forks(&objects).is_empty(), "{kind}");
+        let (listed, _) = ok(&store, &["list", "--storage", url]);
+        assert!(!listed.contains("needs attention"), "{kind}: {listed}");
+        let out = dir.path().join("out.db");
+        ok(
+            &store,
+            &[
+                "restore",
+                "--prefix",
+                "race",
+                "-o",
+                cfg(&out),
+                "--storage",
+                url,
+            ],
+        );
+        assert_eq!(rows(&out).len(), 2, "{kind}: the snapshot's state");
+
+        // A second writer's object for sequence 3, stored under the first
+        // layout's key beside the running watch's own.
+        common::copy_chain(storage, "race", "race-twin").await;
+        let mut twin = walsync::replica::Replica::open(
+            &db,
+            "race-twin",
+            store.storage.clone(),
+            common::replica_opts(),
+        )
+        .await
+        .unwrap();
+        twin.sync().await.unwrap();
+        assert_eq!(twin.head().unwrap().seq, 3, "{kind}");
+        drop(twin);
+        let mut watch = start_watch();
+        wait_for_listener(&addr).await;
+        assert!(sync_wait(&config).status.success(), "{kind}");
+        let planted = common::plant_legacy(storage, "race-twin", 3, "race").await;
+        insert("later");
+        assert!(sync_wait(&config).status.success(), "{kind}");
+        terminate(&mut watch);
+
+        let mut watch = start_watch();
+        wait_for_listener(&addr).await;
+        assert!(sync_wait(&config).status.success(), "{kind}");
+        let (code, health) = http_get(&addr, "/health");
+        assert_eq!(code, 200, "{kind}: a fork alone is not unhealthy: {health}");
+        assert!(
+            health.contains("forked: race: ") && health.contains(&planted),
+            "{kind}: {health}"
+        );
+        let (_, metrics) = http_get(&addr, "/metrics");
+        assert!(
+            metrics.contains("walsync_forked{prefix=\"race\"} 1"),
+            "{kind}"
+        );
+        terminate(&mut watch);
+        let (listed, _) = ok(&store, &["list", "--storage", url]);
+        assert!(
+            listed.contains("needs attention") && listed.contains(&planted),
+            "{kind}: {listed}"
+        );
+        let mut cmd = walsync();
+        cmd.args(["verify", "--prefix", "race", "--storage", url]);
+        with_store(&mut cmd, &store);
+        let output = run(&mut cmd);
+        let report = String::from_utf8_lossy(&output.stdout).to_string()
+            + &String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{kind}: {report}");
+        assert!(report.contains(&planted), "{kind}: {report}");
+        let (_, stderr) = ok(
+            &store,
+            &[
+                "restore",
+                "--prefix",
+                "race",
+                "-o",
+                cfg(&out),
+                "--force",
+                "--storage",
+                url,
+            ],
+        );
+        assert!(stderr.contains(&planted), "{kind}: {stderr}");
+        assert_eq!(rows(&out), rows(&db), "{kind}");
     }
 }

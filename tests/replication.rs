@@ -24,7 +24,10 @@ use walsync::segment::{self, Kind};
 use walsync::storage::{self, Payload, Storage};
 
 use common::app::{AppOptions, AppProcess};
-use common::{TestStore, count_snapshots, open_replica, replica_opts, wal_generations};
+use common::{
+    TestStore, copy_chain, count_snapshots, open_replica, plant_legacy, replica_opts,
+    wal_generations,
+};
 
 type Rows = Vec<(i64, Vec<u8>)>;
 
@@ -577,7 +580,7 @@ async fn altered_missing_or_foreign_objects_are_refused_by_name() {
         // object before it says it does not belong here.
         let head = chain::list(store.storage.as_ref(), "victim").await.unwrap();
         let seq = head.last().unwrap().seq + 1;
-        let next = segment::object_key("victim", seq, Kind::Snapshot);
+        let next = segment::object_key("victim", seq);
         let forged = segment::Header {
             kind: Kind::Snapshot,
             page_size: 4096,
@@ -595,6 +598,13 @@ async fn altered_missing_or_foreign_objects_are_refused_by_name() {
         store
             .storage
             .put_new(&next, Payload::Bytes(bytes), hash)
+            .await
+            .unwrap();
+        let mark = segment::snapshot_mark_key("victim", seq);
+        let empty: [u8; 32] = Sha256::digest([]).into();
+        store
+            .storage
+            .put_new(&mark, Payload::Bytes(Vec::new()), empty)
             .await
             .unwrap();
         let err = expect_refusal(&store, "victim", dir.path(), &next).await;
@@ -672,7 +682,7 @@ async fn encrypted_replicas_restore_only_with_their_keys() {
             .await
             .unwrap_err();
         assert!(
-            err.contains("secret/0000000000000001.snapshot") && err.contains("no encryption key"),
+            err.contains("secret/0000000000000001.seg") && err.contains("no encryption key"),
             "{kind}: {err}"
         );
         assert!(!out.exists(), "{kind}: a refused restore wrote a file");
@@ -721,7 +731,7 @@ async fn encrypted_replicas_restore_only_with_their_keys() {
         let head = objects.last().unwrap();
         let (head_header, head_hash, _) = chain::read_verified(storage, head).await.unwrap();
         let seq = head.seq + 1;
-        let injected = segment::object_key("secret", seq, Kind::Wal);
+        let injected = segment::object_key("secret", seq);
         let forged = segment::Header {
             kind: Kind::Wal,
             seq,
@@ -1277,5 +1287,295 @@ async fn a_key_change_never_mixes_keys_and_a_lost_key_never_ships_plaintext() {
                 .is_ok(),
             "{kind}"
         );
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum ForkKind {
+    TwoSnapshots,
+    SnapshotAndSegment,
+    TwoSegments,
+}
+
+/// Every kind of fork, on every store: restore follows the branch that goes
+/// on, names the other, and restores exactly the source's rows; verify
+/// reports the fork as a problem without refusing the chain; a writer that
+/// starts on the forked prefix says so and goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forked_chain_restores_through_the_branch_that_goes_on() {
+    for (kind, store) in common::all_stores().await {
+        let storage = store.storage.as_ref();
+        for fork in [
+            ForkKind::TwoSnapshots,
+            ForkKind::SnapshotAndSegment,
+            ForkKind::TwoSegments,
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let db = db_in(&dir, "fork.db");
+            let (main, twin) = (format!("main-{fork:?}"), format!("twin-{fork:?}"));
+            let mut app = app_process(&db, 4096);
+            insert(&mut app, 20, 100);
+            let mut a = open_replica(&db, &main, &store, replica_opts()).await;
+            a.sync().await.unwrap();
+            insert(&mut app, 5, 100);
+            a.sync().await.unwrap();
+            let head = a.head().unwrap().seq;
+            copy_chain(storage, &main, &twin).await;
+            let mut b = open_replica(&db, &twin, &store, replica_opts()).await;
+            insert(&mut app, 5, 100);
+            // The second writer's object for head + 1 ...
+            match fork {
+                ForkKind::TwoSnapshots | ForkKind::SnapshotAndSegment => {
+                    b.force_snapshot("test").await.unwrap();
+                }
+                ForkKind::TwoSegments => {
+                    b.sync().await.unwrap();
+                }
+            }
+            assert_eq!(b.head().unwrap().seq, head + 1, "{kind} {fork:?}");
+            drop(b);
+            // ... and the first writer's, with more in it, then one more.
+            insert(&mut app, 5, 100);
+            match fork {
+                ForkKind::TwoSnapshots => {
+                    a.force_snapshot("test").await.unwrap();
+                }
+                ForkKind::SnapshotAndSegment | ForkKind::TwoSegments => {
+                    a.sync().await.unwrap();
+                }
+            }
+            insert(&mut app, 5, 100);
+            a.sync().await.unwrap();
+            assert_eq!(a.head().unwrap().seq, head + 2, "{kind} {fork:?}");
+            let planted = plant_legacy(storage, &twin, head + 1, &main).await;
+
+            let objects = chain::list(storage, &main).await.unwrap();
+            assert_eq!(chain::forks(&objects).len(), 1, "{kind} {fork:?}");
+            let out = dir.path().join("out.db");
+            let report = restore::restore(
+                storage,
+                &RestoreOptions {
+                    prefix: main.clone(),
+                    output: out.clone(),
+                    target: restore::Target::Latest,
+                    force: true,
+                    keys: None,
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{kind} {fork:?}: {e}"));
+            assert_eq!(report.seq, head + 2, "{kind} {fork:?}");
+            assert_eq!(rows(&out), rows(&db), "{kind} {fork:?}");
+            let branch = report.fork.expect("the fork is reported");
+            let left: Vec<&str> = branch.left.iter().map(|o| o.key.as_str()).collect();
+            assert_eq!(left, [planted.as_str()], "{kind} {fork:?}");
+            assert!(branch.describe().contains(&planted), "{kind} {fork:?}");
+
+            // A state before the fork is reachable too.
+            let before_fork = restore_to(&store, &main, &out, restore::Target::Seq(head))
+                .await
+                .unwrap();
+            assert_eq!(before_fork.len(), 25, "{kind} {fork:?}");
+
+            let verified = walsync::verify::verify(storage, &main, Some(&db), dir.path(), None)
+                .await
+                .unwrap();
+            assert!(
+                verified.restored,
+                "{kind} {fork:?}: {:?}",
+                verified.problems
+            );
+            assert_eq!(
+                verified.problems.len(),
+                1,
+                "{kind} {fork:?}: {:?}",
+                verified.problems
+            );
+            assert!(
+                verified.problems[0].contains(&planted),
+                "{kind} {fork:?}: {:?}",
+                verified.problems
+            );
+
+            // A writer starting on the forked prefix says so and goes on.
+            drop(a);
+            let mut again = open_replica(&db, &main, &store, replica_opts()).await;
+            assert!(
+                again.forked().is_some_and(|f| f.contains(&planted)),
+                "{kind} {fork:?}"
+            );
+            insert(&mut app, 5, 100);
+            let report = again.sync().await.unwrap();
+            assert_eq!(
+                report.snapshots, 0,
+                "{kind} {fork:?}: the head itself is not forked"
+            );
+            assert_eq!(
+                restore_rows(&store, &main, dir.path(), None).await,
+                rows(&db),
+                "{kind} {fork:?}"
+            );
+            app.quit();
+        }
+    }
+}
+
+/// Two objects claim the newest sequence: restore takes the one read last;
+/// a writer starting there cannot know which it continues and snapshots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_at_the_head_restores_the_newest_and_a_new_writer_snapshots() {
+    for (kind, store) in common::all_stores().await {
+        let storage = store.storage.as_ref();
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_in(&dir, "head.db");
+        let mut app = app_process(&db, 4096);
+        insert(&mut app, 20, 100);
+        let mut a = open_replica(&db, "head", &store, replica_opts()).await;
+        a.sync().await.unwrap();
+        let head = a.head().unwrap().seq;
+        copy_chain(storage, "head", "head-twin").await;
+        let mut b = open_replica(&db, "head-twin", &store, replica_opts()).await;
+        insert(&mut app, 5, 100);
+        b.sync().await.unwrap();
+        drop(b);
+        insert(&mut app, 5, 100);
+        a.sync().await.unwrap();
+        drop(a);
+        let planted = plant_legacy(storage, "head-twin", head + 1, "head").await;
+        // The first writer's object was read later: it is the newest state.
+        assert_eq!(
+            restore_rows(&store, "head", dir.path(), None).await,
+            rows(&db),
+            "{kind}"
+        );
+
+        let mut again = open_replica(&db, "head", &store, replica_opts()).await;
+        assert!(
+            again.forked().is_some_and(|f| f.contains(&planted)),
+            "{kind}"
+        );
+        let report = again.sync().await.unwrap();
+        assert_eq!(report.snapshots, 1, "{kind}");
+        assert_eq!(again.head().unwrap().seq, head + 2, "{kind}");
+        insert(&mut app, 5, 100);
+        again.sync().await.unwrap();
+        assert_eq!(
+            restore_rows(&store, "head", dir.path(), None).await,
+            rows(&db),
+            "{kind}"
+        );
+        app.quit();
+    }
+}
+
+/// The issue's own case: `walsync snapshot` while a writer runs takes the
+/// next sequence; the writer that loses the race is stopped by the store
+/// (one key per sequence) instead of shipping beside it, and the prefix
+/// stays restorable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_racing_a_segment_for_one_sequence_stops_the_loser() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_in(&dir, "race.db");
+        let mut app = app_process(&db, 4096);
+        insert(&mut app, 20, 100);
+        let mut watcher = open_replica(&db, "race", &store, replica_opts()).await;
+        watcher.sync().await.unwrap();
+        let mut one_off = open_replica(&db, "race", &store, replica_opts()).await;
+        insert(&mut app, 5, 100);
+        one_off.force_snapshot("requested").await.unwrap();
+        insert(&mut app, 5, 100);
+        let err = watcher.sync().await.unwrap_err();
+        assert!(err.is_fatal(), "{kind}: {err}");
+        assert!(err.to_string().contains("already exists"), "{kind}: {err}");
+        let objects = chain::list(store.storage.as_ref(), "race").await.unwrap();
+        assert!(chain::forks(&objects).is_empty(), "{kind}: {objects:?}");
+        assert_eq!(
+            restore_rows(&store, "race", dir.path(), None).await.len(),
+            25,
+            "{kind}"
+        );
+        app.quit();
+    }
+}
+
+/// Chains written in the first layout (`<seq>.snapshot`, `<seq>.wal`) still
+/// restore, and a writer continues them in today's layout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chains_in_the_first_layout_restore_and_continue() {
+    for (kind, store) in common::all_stores().await {
+        let storage = store.storage.as_ref();
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_in(&dir, "old.db");
+        let mut app = app_process(&db, 4096);
+        insert(&mut app, 20, 100);
+        let mut r = open_replica(&db, "new", &store, replica_opts()).await;
+        r.sync().await.unwrap();
+        for _ in 0..2 {
+            insert(&mut app, 5, 100);
+            r.sync().await.unwrap();
+        }
+        drop(r);
+        for object in chain::list(storage, "new").await.unwrap() {
+            plant_legacy(storage, "new", object.seq, "old").await;
+        }
+        let objects = chain::list(storage, "old").await.unwrap();
+        assert!(objects.iter().all(|o| o.is_legacy()), "{kind}");
+        assert_eq!(objects[0].kind, Kind::Snapshot, "{kind}");
+        assert_eq!(
+            restore_rows(&store, "old", dir.path(), None).await,
+            rows(&db),
+            "{kind}"
+        );
+        let mut r = open_replica(&db, "old", &store, replica_opts()).await;
+        insert(&mut app, 5, 100);
+        let report = r.sync().await.unwrap();
+        assert_eq!((report.segments, report.snapshots), (1, 0), "{kind}");
+        let objects = chain::list(storage, "old").await.unwrap();
+        assert!(!objects.last().unwrap().is_legacy(), "{kind}");
+        assert_eq!(
+            restore_rows(&store, "old", dir.path(), None).await,
+            rows(&db),
+            "{kind}"
+        );
+        app.quit();
+    }
+}
+
+/// A snapshot whose mark was never written (walsync stopped in between) is
+/// marked by the next writer, and restores without it meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_without_its_mark_still_restores_and_is_marked_again() {
+    for (kind, store) in common::all_stores().await {
+        let storage = store.storage.as_ref();
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_in(&dir, "unmarked.db");
+        let mut app = app_process(&db, 4096);
+        insert(&mut app, 20, 100);
+        let mut r = open_replica(&db, "unmarked", &store, replica_opts()).await;
+        r.sync().await.unwrap();
+        drop(r);
+        storage
+            .delete(&segment::snapshot_mark_key("unmarked", 1))
+            .await
+            .unwrap();
+        let objects = chain::list(storage, "unmarked").await.unwrap();
+        assert_eq!(
+            objects[0].kind,
+            Kind::Wal,
+            "{kind}: listed without its mark"
+        );
+        assert_eq!(
+            restore_rows(&store, "unmarked", dir.path(), None).await,
+            rows(&db),
+            "{kind}"
+        );
+        let mut r = open_replica(&db, "unmarked", &store, replica_opts()).await;
+        insert(&mut app, 5, 100);
+        let report = r.sync().await.unwrap();
+        assert_eq!(report.snapshots, 0, "{kind}");
+        let objects = chain::list(storage, "unmarked").await.unwrap();
+        assert_eq!(objects[0].kind, Kind::Snapshot, "{kind}: marked again");
+        app.quit();
     }
 }

@@ -242,3 +242,37 @@ pub async fn restore(
     .map(|_| ())
     .map_err(|e| e.to_string())
 }
+
+/// Copies every object of `from` (and its snapshot mark) under `to`: a
+/// second writer that starts from the same chain.
+pub async fn copy_chain(storage: &dyn Storage, from: &str, to: &str) {
+    for object in walsync::chain::list(storage, from).await.unwrap() {
+        for key in std::iter::once(&object.key).chain(object.mark.as_ref()) {
+            let bytes = walsync::storage::get_bytes(storage, key).await.unwrap();
+            let name = key.rsplit('/').next().unwrap();
+            storage
+                .put_new(
+                    &format!("{to}/{name}"),
+                    walsync::storage::Payload::Bytes(bytes),
+                    [0; 32],
+                )
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// Stores object `seq` of `from` under `into` with the first layout's key,
+/// which names the kind: how an old walsync (or a store that ignores
+/// conditional writes) let a second writer's object sit beside the first's.
+pub async fn plant_legacy(storage: &dyn Storage, from: &str, seq: u64, into: &str) -> String {
+    let key = walsync::segment::object_key(from, seq);
+    let bytes = walsync::storage::get_bytes(storage, &key).await.unwrap();
+    let header = walsync::segment::Header::decode(&bytes).unwrap();
+    let planted = walsync::segment::legacy_object_key(into, seq, header.kind);
+    storage
+        .put_new(&planted, walsync::storage::Payload::Bytes(bytes), [0; 32])
+        .await
+        .unwrap();
+    planted
+}
