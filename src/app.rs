@@ -717,9 +717,12 @@ async fn list(args: ListArgs) -> Result<()> {
 /// One database's restore points: each snapshot starts one, and every
 /// object after it up to the head is a state `restore` can reach.
 async fn restore_points(storage: &dyn Storage, prefix: &str) -> Result<()> {
-    let objects = chain::list(storage, prefix)
+    let mut objects = chain::list(storage, prefix)
         .await
         .with_context(|| format!("listing {prefix} in {}", storage.describe()))?;
+    chain::find_unmarked_start(storage, &mut objects)
+        .await
+        .with_context(|| format!("reading the first object of {prefix}"))?;
     let (Some(first), Some(head)) = (
         objects
             .iter()

@@ -17,6 +17,16 @@ pub enum Error {
         #[source]
         source: segment::Error,
     },
+    #[error(
+        "object {key}: its header says it is a {found:?} object, its key or mark says {listed:?}"
+    )]
+    KindMismatch {
+        key: String,
+        listed: Kind,
+        found: Kind,
+    },
+    #[error("object {key} cannot be reached from any snapshot: {why}")]
+    Unreachable { key: String, why: String },
     #[error("object {key}: header says sequence {found}, the key says {expected}")]
     SeqMismatch {
         key: String,
@@ -117,6 +127,23 @@ pub async fn list_databases(storage: &dyn Storage) -> Result<Vec<(String, Vec<Ob
         .map(|(prefix, entries)| (prefix, collect(entries)))
         .filter(|(_, objects)| !objects.is_empty())
         .collect())
+}
+
+/// A chain whose snapshots all lack their marks (walsync stopped between a
+/// snapshot and its mark, and retention has since removed the older ones)
+/// still starts with a snapshot: its first object, which the header tells.
+/// Marks it so. One header read, and only for such a chain.
+pub async fn find_unmarked_start(storage: &dyn Storage, objects: &mut [ObjectRef]) -> Result<()> {
+    if objects.iter().any(|o| o.kind == Kind::Snapshot) {
+        return Ok(());
+    }
+    if let Some(first) = objects.first_mut()
+        && !first.is_legacy()
+        && read_header(storage, first).await?.kind == Kind::Snapshot
+    {
+        first.kind = Kind::Snapshot;
+    }
+    Ok(())
 }
 
 /// The sequence numbers that more than one object claims, with those objects:
@@ -240,12 +267,10 @@ pub fn check_key(object: &ObjectRef, header: &segment::Header) -> Result<()> {
     }
     let unmarked = !object.is_legacy() && object.mark.is_none();
     if header.kind != object.kind && !unmarked {
-        return Err(Error::Segment {
+        return Err(Error::KindMismatch {
             key: object.key.clone(),
-            source: segment::Error::UnknownKind(match header.kind {
-                Kind::Snapshot => 1,
-                Kind::Wal => 2,
-            }),
+            listed: object.kind,
+            found: header.kind,
         });
     }
     Ok(())

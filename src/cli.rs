@@ -40,12 +40,18 @@ pub enum Command {
     /// one atomically. A failure does not stop the others; the summary names them
     /// and the exit status is non-zero. A container start script is one line:
     /// `walsync restore-all -c walsync.toml --if-db-not-exists --if-replica-exists`.
+    /// Each file gets its state record beside it (DB-walsync-state-ID), so the
+    /// `watch` that follows ships nothing until the app writes.
     RestoreAll(RestoreAllArgs),
     /// Rebuild one database from storage into a new file.
     ///
     /// Every object is verified (content hash, chain link, sequence) before a page
-    /// is written; the file is written beside FILE, checked with
-    /// PRAGMA integrity_check and then renamed into place.
+    /// is written, and the state of the database after each object is checked
+    /// against the digest its writer recorded; the file is written beside FILE,
+    /// checked with PRAGMA integrity_check and then renamed into place, with its
+    /// state record (FILE-walsync-state-ID) beside it. Where two writers forked the
+    /// chain, the branch that reaches the newest state is restored and the
+    /// objects left off are named.
     Restore(RestoreArgs),
     /// List the databases in storage with their chain heads.
     List(ListArgs),

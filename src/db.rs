@@ -34,6 +34,7 @@ use rusqlite::{Connection, OpenFlags};
 
 use crate::encryption::Key;
 use crate::segment::{self, Encoder, Kind, WalRange, now_ms};
+use crate::state::{self, Record, page_hash};
 use crate::storage::{Payload, SpoolWriter};
 use crate::wal::{self, IndexHeader, Position, WalHeader};
 
@@ -140,13 +141,42 @@ pub struct Encoded {
     pub commits: Option<u32>,
     /// Whole transactions included (0 for a snapshot).
     pub transactions: u32,
+    /// How the state record changes once this object is durable.
+    pub change: StateChange,
+}
+
+/// How an object changes the record of the shipped state (see `state`).
+#[derive(Debug)]
+pub enum StateChange {
+    /// The state before was not known: the object carries no digest, and
+    /// there is no record until the next snapshot.
+    Unknown,
+    /// These pages changed (sorted, with their hashes), giving this sum.
+    Pages(Box<(state::Sum, Vec<(u32, u128)>)>),
+    /// A whole new record, built while every page was read.
+    Replace(Box<state::Builder>),
+}
+
+/// What [`Database::delta`] found, after continuity was lost.
+#[derive(Debug)]
+pub enum Delta {
+    /// Ship these pages; the chain goes on from the new position.
+    Ship(Box<Encoded>),
+    /// The database is exactly the state shipped: nothing to upload, the
+    /// chain goes on from `state`.
+    Same {
+        state: WalState,
+        commits: Option<u32>,
+    },
+    /// A delta cannot be made (no checked record): take a snapshot, for this reason.
+    Snapshot(String),
 }
 
 /// What [`Database::read_changes`] found.
 #[derive(Debug)]
 pub enum Changes {
     Nothing,
-    Segment(Encoded),
+    Segment(Box<Encoded>),
     /// Continuity with what was shipped is broken; take a snapshot.
     Lost(String),
 }
@@ -309,6 +339,13 @@ pub struct Database {
     /// An operation failed part-way: SQLite may have ended the pin or left a
     /// transaction open. The next operation reopens the connections first.
     broken: bool,
+    /// The record of the state shipped, checked against the chain head.
+    record: Option<Record>,
+    /// Why there is no usable record, when one was looked for.
+    no_record: Option<String>,
+    /// Where this database's record for its destination is kept; none is
+    /// kept until the caller says where.
+    record_path: Option<PathBuf>,
     /// The WAL-index, read through one descriptor that lives exactly as long
     /// as the connections (declared last: fields drop in order, so it closes
     /// after them). Closing a descriptor of the `-shm` while a connection is
@@ -372,6 +409,9 @@ impl Database {
             unpublished_commits: false,
             commits_at_state: None,
             broken: false,
+            record: None,
+            no_record: None,
+            record_path: None,
             shm: None,
         };
         db.pin()?;
@@ -865,6 +905,8 @@ impl Database {
         let state = WalState::At(scan.end);
         let commits = index.and_then(|i| i.commits_at(scan.end));
         let header_out = segment::Header {
+            version: segment::VERSION,
+            state: None,
             kind: Kind::Wal,
             page_size: self.page_size,
             seq: link.seq,
@@ -882,21 +924,36 @@ impl Database {
         let mut enc =
             Encoder::new(header_out, link.key.as_ref(), SpoolWriter::new()).map_err(seg_err)?;
         let header_out = *enc.header();
+        let mut header_out = header_out;
         let mut buf = vec![0u8; self.page_size as usize];
+        let mut hashes = Vec::with_capacity(pages.len());
         for (pgno, index) in pages {
             wal::read_page(&file, &header, index, &mut buf).map_err(self.io_err())?;
             enc.add_page(pgno, &buf).map_err(seg_err)?;
+            hashes.push((pgno, page_hash(pgno, &buf)));
         }
-        let (hash, spool) = enc.finish().map_err(seg_err)?;
+        let change = match &self.record {
+            Some(record) => StateChange::Pages(Box::new((
+                record.advance(db_pages, &hashes).map_err(self.io_err())?,
+                hashes,
+            ))),
+            None => StateChange::Unknown,
+        };
+        header_out.state = match &change {
+            StateChange::Pages(change) => Some(change.0.digest()),
+            _ => None,
+        };
+        let (hash, spool) = enc.finish(header_out.state).map_err(seg_err)?;
         let payload = spool.finish().map_err(self.io_err())?;
-        Ok(Changes::Segment(Encoded {
+        Ok(Changes::Segment(Box::new(Encoded {
             header: header_out,
             payload,
             hash,
             state,
             commits,
             transactions: scan.transactions,
-        }))
+            change,
+        })))
     }
 
     /// Decides whether the WAL generation in `header`, which is not the one
@@ -958,6 +1015,102 @@ impl Database {
         }
         self.state = state;
         self.commits_at_state = commits;
+    }
+
+    /// Brings the state record up to `head`, the object just made durable.
+    /// A record that cannot be written is dropped (and the next snapshot
+    /// makes a new one): it is a saving, never a reason to stop shipping.
+    pub fn record_shipped(&mut self, change: StateChange, head: state::Head) {
+        let Some(path) = self.record_path.clone() else {
+            return;
+        };
+        let result = match (change, self.record.take()) {
+            (StateChange::Replace(builder), _) => builder.place(&path, head).map(Some),
+            (StateChange::Pages(change), Some(mut record)) => {
+                let (sum, pages) = *change;
+                record.apply(sum, &pages, head).map(|()| Some(record))
+            }
+            (StateChange::Pages(_) | StateChange::Unknown, None) => Ok(None),
+            (StateChange::Unknown, Some(_)) => state::forget(&path).map(|()| None),
+        };
+        self.record = result.unwrap_or_else(|e| {
+            tracing::warn!(
+                db = %self.path.display(),
+                error = %e,
+                "could not update the state record; the next continuity loss takes a full snapshot"
+            );
+            let _ = state::forget(&path);
+            None
+        });
+    }
+
+    /// Uses the record beside the database if it describes `head`, whose
+    /// state digest is `digest`; otherwise says why not.
+    pub fn load_record(
+        &mut self,
+        head: state::Head,
+        digest: Option<state::Digest>,
+    ) -> std::result::Result<(), String> {
+        let result = self.find_record(head, digest);
+        self.no_record = result.as_ref().err().cloned();
+        result
+    }
+
+    fn find_record(
+        &mut self,
+        head: state::Head,
+        digest: Option<state::Digest>,
+    ) -> std::result::Result<(), String> {
+        self.record = None;
+        let Some(digest) = digest else {
+            return Err(
+                "the chain head records no state digest (written by an older walsync, \
+                        or without a state record)"
+                    .into(),
+            );
+        };
+        let Some(path) = self.record_path.clone() else {
+            return Err("no state record is kept for this database".into());
+        };
+        let mut record = match Record::open(&path) {
+            Ok(Some(record)) => record,
+            Ok(None) => return Err(format!("there is no state record ({})", path.display())),
+            Err(e) => {
+                return Err(format!(
+                    "the state record {} is unreadable: {e}",
+                    path.display()
+                ));
+            }
+        };
+        if record.sum.page_size != self.page_size {
+            return Err(format!(
+                "the state record has page size {}, the database {}",
+                record.sum.page_size, self.page_size
+            ));
+        }
+        record.check(head, &digest)?;
+        self.record = Some(record);
+        Ok(())
+    }
+
+    /// Whether a checked state record is at hand (a delta can be made).
+    pub fn has_record(&self) -> bool {
+        self.record.is_some()
+    }
+
+    /// Keeps the state record at `path` (see [`state::record_path`]).
+    pub fn keep_record_at(&mut self, path: PathBuf) {
+        self.record_path = Some(path);
+    }
+
+    /// Hands the checked record over while the database is closed (it is a
+    /// few dozen bytes; checking it again on every reopen would read it whole).
+    pub fn take_record(&mut self) -> Option<Record> {
+        self.record.take()
+    }
+
+    pub fn restore_record(&mut self, record: Option<Record>) {
+        self.record = record;
     }
 
     /// First half of a checkpoint: takes the write lock and reads the last
@@ -1153,7 +1306,12 @@ impl Database {
     /// the old ones first (the new file's `-shm` may be the old one's).
     fn reopen(&mut self) -> Result<()> {
         self.close_connections()?;
+        // The record describes what was shipped, not the file: it is what a
+        // delta of the new file is made against.
+        let (record, record_path) = (self.record.take(), self.record_path.take());
         *self = Database::open(&self.path)?;
+        self.record = record;
+        self.record_path = record_path;
         Ok(())
     }
 
@@ -1180,11 +1338,9 @@ impl Database {
         state: WalState,
         commits: Option<u32>,
     ) -> Result<Encoded> {
-        let page_count: u32 = self
-            .conn
-            .query_row("PRAGMA page_count", [], |r| r.get(0))
-            .map_err(self.sql_err())?;
+        let page_count = self.page_count()?;
         let header = segment::Header {
+            version: segment::VERSION,
             kind: Kind::Snapshot,
             page_size: self.page_size,
             seq: link.seq,
@@ -1194,6 +1350,7 @@ impl Database {
             wal: state.to_range(0),
             prev_hash: link.prev_hash,
             sealed: None,
+            state: None,
         };
         let path = self.path.clone();
         let seg_err = |source| Error::Segment {
@@ -1202,53 +1359,23 @@ impl Database {
         };
         let mut enc =
             Encoder::new(header, link.key.as_ref(), SpoolWriter::new()).map_err(seg_err)?;
-        let header = *enc.header();
-        {
-            let mut stmt = self
-                .conn
-                .prepare("SELECT pgno, data FROM sqlite_dbpage('main') ORDER BY pgno")
-                .map_err(|e| match &e {
-                    rusqlite::Error::SqliteFailure(_, Some(msg))
-                        if msg.contains("no such table") =>
-                    {
-                        Error::Unsupported {
-                            path: path.clone(),
-                            reason: "this SQLite build lacks sqlite_dbpage \
-                                     (build with LIBSQLITE3_FLAGS=-DSQLITE_ENABLE_DBPAGE_VTAB)"
-                                .into(),
-                        }
-                    }
-                    _ => Error::Sqlite {
-                        path: path.clone(),
-                        source: e,
-                    },
-                })?;
-            let mut rows = stmt.query([]).map_err(self_sql(&path))?;
-            while let Some(row) = rows.next().map_err(self_sql(&path))? {
-                let pgno: u32 = row.get(0).map_err(self_sql(&path))?;
-                let data = row.get_ref(1).map_err(self_sql(&path))?;
-                let bytes = data.as_blob().map_err(|e| Error::Sqlite {
-                    path: path.clone(),
-                    source: e.into(),
-                })?;
-                if pgno > page_count {
-                    break;
-                }
-                if bytes.len() == self.page_size as usize {
-                    enc.add_page(pgno, bytes).map_err(seg_err)?;
-                } else {
-                    // sqlite_dbpage returns no data for the lock-byte page.
-                    enc.add_page(pgno, &vec![0u8; self.page_size as usize])
-                        .map_err(seg_err)?;
-                }
+        let mut header = *enc.header();
+        // A new record comes with every snapshot; without one (a directory
+        // walsync cannot write to) the snapshot still ships.
+        let mut builder = self.record_builder();
+        self.for_each_page(page_count, |pgno, page| {
+            enc.add_page(pgno, page).map_err(seg_err)?;
+            if let Some(b) = &mut builder
+                && b.push(page_hash(pgno, page)).is_err()
+            {
+                builder = None;
             }
-        }
-        let (hash, mut spool) = enc.finish().map_err(seg_err)?;
+            Ok(())
+        })?;
+        header.state = builder.as_ref().map(|b| b.sum().digest());
+        let (hash, mut spool) = enc.finish(header.state).map_err(seg_err)?;
         spool.flush().map_err(self.io_err())?;
-        // The pages just streamed need not stay cached for an idle database.
-        self.conn
-            .execute_batch("PRAGMA shrink_memory")
-            .map_err(self.sql_err())?;
+        self.shrink_memory()?;
         let payload = spool.finish().map_err(self.io_err())?;
         // The pin moved under the write lock with no new frame, so a seal of
         // this very position still holds.
@@ -1262,7 +1389,234 @@ impl Database {
             state,
             commits,
             transactions: 0,
+            change: builder.map_or(StateChange::Unknown, |b| StateChange::Replace(Box::new(b))),
         })
+    }
+
+    /// After continuity was lost: the pages of the database that differ
+    /// from the state record, as one object that brings the shipped state
+    /// to the database's current one. Reads every page once to compare, and
+    /// the differing ones once more to encode (all in one read transaction).
+    pub fn delta(&mut self, link: Link) -> Result<Option<Delta>> {
+        self.guarded(|db| db.delta_pinned(link))
+    }
+
+    fn delta_pinned(&mut self, link: Link) -> Result<Option<Delta>> {
+        if self.identity_changed()? {
+            self.reopen()?;
+        }
+        let Some(record) = self.record.clone() else {
+            let why = self
+                .no_record
+                .as_deref()
+                .unwrap_or("there is no state record");
+            return Ok(Some(Delta::Snapshot(format!("no delta: {why}"))));
+        };
+        if record.sum.page_size != self.page_size {
+            return Ok(Some(Delta::Snapshot(format!(
+                "the page size changed from {} to {}",
+                record.sum.page_size, self.page_size
+            ))));
+        }
+        if !self.acquire_write_lock()? {
+            return Ok(None);
+        }
+        let (state, commits) = match self.snapshot_position() {
+            Ok(state) => state,
+            Err(e) => {
+                let _ = self.release_write_lock();
+                return Err(e);
+            }
+        };
+        let repinned = self.unpin().and_then(|()| self.pin());
+        self.release_write_lock()?;
+        repinned?;
+
+        let page_count = self.page_count()?;
+        let Some(mut builder) = self.record_builder() else {
+            return Ok(Some(Delta::Snapshot(
+                "a new state record cannot be written".into(),
+            )));
+        };
+        let mut old = record.entries().map_err(self.io_err())?;
+        let mut differing: Vec<u32> = Vec::new();
+        let page_size = self.page_size;
+        let io_err = |e| Error::Io {
+            path: record.path().to_path_buf(),
+            source: e,
+        };
+        let mut failed: Option<io::Error> = None;
+        self.for_each_page(page_count, |pgno, page| {
+            let hash = page_hash(pgno, page);
+            if let Err(e) = builder.push(hash) {
+                failed.get_or_insert(e);
+            }
+            // Pages past the old end are always shipped, zeros or not, so
+            // that no reader has to make up pages the object does not hold.
+            let was = match old.next() {
+                Some(Ok(was)) => Some(was),
+                Some(Err(e)) => {
+                    failed.get_or_insert(e);
+                    None
+                }
+                None => None,
+            };
+            if was != Some(hash) {
+                differing.push(pgno);
+            }
+            Ok(())
+        })?;
+        if let Some(e) = failed {
+            return Err(io_err(e));
+        }
+        if differing.is_empty() && page_count == record.sum.pages {
+            self.shrink_memory()?;
+            if state != self.state {
+                self.sealed = false;
+            }
+            return Ok(Some(Delta::Same { state, commits }));
+        }
+        let mut header = segment::Header {
+            version: segment::VERSION,
+            kind: Kind::Delta,
+            page_size,
+            seq: link.seq,
+            db_pages: page_count,
+            page_count: differing.len() as u32,
+            timestamp_ms: now_ms(),
+            wal: state.to_range(0),
+            prev_hash: link.prev_hash,
+            sealed: None,
+            state: None,
+        };
+        let path = self.path.clone();
+        let seg_err = |source| Error::Segment {
+            path: path.clone(),
+            source,
+        };
+        let mut enc =
+            Encoder::new(header, link.key.as_ref(), SpoolWriter::new()).map_err(seg_err)?;
+        header = *enc.header();
+        {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT data FROM sqlite_dbpage('main') WHERE pgno = ?1")
+                .map_err(self_sql(&path))?;
+            let zeros = vec![0u8; page_size as usize];
+            for pgno in differing {
+                let data: Vec<u8> = stmt
+                    .query_row([pgno], |r| r.get(0))
+                    .map_err(self_sql(&path))?;
+                // sqlite_dbpage returns no data for the lock-byte page.
+                let page = if data.len() == page_size as usize {
+                    &data
+                } else {
+                    &zeros
+                };
+                enc.add_page(pgno, page).map_err(seg_err)?;
+            }
+        }
+        header.state = Some(builder.sum().digest());
+        let (hash, mut spool) = enc.finish(header.state).map_err(seg_err)?;
+        spool.flush().map_err(self.io_err())?;
+        self.shrink_memory()?;
+        let payload = spool.finish().map_err(self.io_err())?;
+        if state != self.state {
+            self.sealed = false;
+        }
+        Ok(Some(Delta::Ship(Box::new(Encoded {
+            header,
+            payload,
+            hash,
+            state,
+            commits,
+            transactions: 0,
+            change: StateChange::Replace(Box::new(builder)),
+        }))))
+    }
+
+    fn page_count(&self) -> Result<u32> {
+        self.conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .map_err(self.sql_err())
+    }
+
+    /// A builder for a new state record, or `None` (logged) if none can be
+    /// written beside the database.
+    fn record_builder(&self) -> Option<state::Builder> {
+        let path = self.record_path.as_ref()?;
+        state::Builder::new(path, self.page_size)
+            .map_err(|e| {
+                tracing::warn!(
+                    db = %self.path.display(),
+                    error = %e,
+                    "cannot write a state record beside the database; \
+                     a continuity loss will cost a full snapshot"
+                );
+            })
+            .ok()
+    }
+
+    /// The pages just streamed need not stay cached for an idle database.
+    fn shrink_memory(&self) -> Result<()> {
+        self.conn
+            .execute_batch("PRAGMA shrink_memory")
+            .map_err(self.sql_err())
+    }
+
+    /// Calls `f` with every page from 1 to `page_count`, in order, as the
+    /// pinned read transaction sees it.
+    fn for_each_page(
+        &self,
+        page_count: u32,
+        mut f: impl FnMut(u32, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let path = &self.path;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT pgno, data FROM sqlite_dbpage('main') ORDER BY pgno")
+            .map_err(|e| match &e {
+                rusqlite::Error::SqliteFailure(_, Some(msg)) if msg.contains("no such table") => {
+                    Error::Unsupported {
+                        path: path.clone(),
+                        reason: "this SQLite build lacks sqlite_dbpage \
+                                 (build with LIBSQLITE3_FLAGS=-DSQLITE_ENABLE_DBPAGE_VTAB)"
+                            .into(),
+                    }
+                }
+                _ => Error::Sqlite {
+                    path: path.clone(),
+                    source: e,
+                },
+            })?;
+        let zeros = vec![0u8; self.page_size as usize];
+        let mut rows = stmt.query([]).map_err(self_sql(path))?;
+        let mut expected = 1u32;
+        while let Some(row) = rows.next().map_err(self_sql(path))? {
+            let pgno: u32 = row.get(0).map_err(self_sql(path))?;
+            if pgno > page_count {
+                break;
+            }
+            if pgno != expected {
+                return Err(Error::Unsupported {
+                    path: path.clone(),
+                    reason: format!("sqlite_dbpage skipped from page {expected} to {pgno}"),
+                });
+            }
+            expected += 1;
+            let data = row.get_ref(1).map_err(self_sql(path))?;
+            let bytes = data.as_blob().map_err(|e| Error::Sqlite {
+                path: path.clone(),
+                source: e.into(),
+            })?;
+            // sqlite_dbpage returns no data for the lock-byte page.
+            if bytes.len() == self.page_size as usize {
+                f(pgno, bytes)?;
+            } else {
+                f(pgno, &zeros)?;
+            }
+        }
+        Ok(())
     }
 }
 

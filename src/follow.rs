@@ -578,6 +578,8 @@ mod tests {
         let page_size = 65536u32;
         let lock_page = (PENDING_BYTE / u64::from(page_size) + 1) as u32;
         let header = Header {
+            version: crate::segment::VERSION,
+            state: None,
             kind: Kind::Wal,
             page_size,
             seq: 2,
@@ -600,7 +602,7 @@ mod tests {
         let zeros = vec![0u8; page_size as usize];
         enc.add_page(lock_page, &zeros).unwrap();
         enc.add_page(lock_page + 1, &zeros).unwrap();
-        let (_, bytes) = enc.finish().unwrap();
+        let (_, bytes) = enc.finish(None).unwrap();
         let object = dir.path().join("object");
         std::fs::write(&object, bytes).unwrap();
 

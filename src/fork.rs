@@ -63,24 +63,46 @@ pub async fn follow(storage: &dyn Storage, objects: Vec<ObjectRef>) -> chain::Re
             || seq.checked_sub(1).is_some_and(|s| forks.contains(&s))
     };
     let mut links: Vec<Read> = Vec::with_capacity(objects.len());
+    let mut unreadable = Vec::new();
     for object in &objects {
         links.push(if !near(object.seq) {
             Read::Skipped
         } else {
             match chain::read_link(storage, object).await {
                 Ok(link) => Read::Link(link),
-                // A branch that does not verify is not followed; where there
-                // is no choice, restore names the object when it refuses it.
-                Err(chain::Error::Segment { .. } | chain::Error::SeqMismatch { .. })
-                    if forks.contains(&object.seq) =>
-                {
+                // A claimant that does not hold up is on no branch; if the
+                // chain needed it, it is what the refusal names.
+                Err(
+                    e @ (chain::Error::Segment { .. }
+                    | chain::Error::SeqMismatch { .. }
+                    | chain::Error::KindMismatch { .. }),
+                ) if forks.contains(&object.seq) => {
+                    unreadable.push(e);
                     Read::Unreadable
                 }
                 Err(e) => return Err(e),
             }
         });
     }
-    Ok(choose(objects, &links))
+    let claimants: Vec<ObjectRef> = objects
+        .iter()
+        .filter(|o| forks.contains(&o.seq))
+        .cloned()
+        .collect();
+    match choose(objects, &links) {
+        Ok(branch) => Ok(branch),
+        Err(unreachable) => {
+            // Objects no snapshot reaches: the chain is broken, not forked.
+            // Name the claimant that broke it if one does not verify.
+            if let Some(e) = unreadable.into_iter().next() {
+                return Err(e);
+            }
+            for claimant in &claimants {
+                chain::read_verified(storage, claimant).await?;
+            }
+            Err(unreachable)
+        }
+    }
 }
 
 /// What was read of an object to place it.
@@ -102,8 +124,11 @@ impl Read {
     }
 }
 
-/// The choice itself, pure over the listing and what was read.
-fn choose(objects: Vec<ObjectRef>, links: &[Read]) -> Branch {
+/// The choice itself, pure over the listing and what was read. Refuses a
+/// chain in which an object newer than the followed branch's end cannot be
+/// reached from any snapshot: that is a hole or a broken link, which a fork
+/// must not turn into a quiet restore of an older state.
+fn choose(objects: Vec<ObjectRef>, links: &[Read]) -> chain::Result<Branch> {
     let mut at_seq: HashMap<u64, Vec<usize>> = HashMap::new();
     for (i, object) in objects.iter().enumerate() {
         at_seq.entry(object.seq).or_default().push(i);
@@ -131,10 +156,19 @@ fn choose(objects: Vec<ObjectRef>, links: &[Read]) -> Branch {
         })
         .collect();
     // Whether a snapshot lies on the way back, in sequence order so that
-    // every parent is settled before its children.
+    // every parent is settled before its children. A snapshot starts a
+    // branch only where it links to the object before it, or where there is
+    // none: one that links to nothing listed belongs to another chain.
+    let nothing_before = |i: usize| {
+        objects[i]
+            .seq
+            .checked_sub(1)
+            .is_none_or(|s| !at_seq.contains_key(&s))
+    };
     let mut rooted = vec![false; objects.len()];
     for i in 0..objects.len() {
-        rooted[i] = is_snapshot(i) || parent[i].is_some_and(|p| rooted[p]);
+        rooted[i] = (is_snapshot(i) && (parent[i].is_some() || nothing_before(i)))
+            || parent[i].is_some_and(|p| rooted[p]);
     }
     let newest_read = |i: usize| links[i].link().map_or(0, |l| l.header.timestamp_ms);
     let end = (0..objects.len()).filter(|&i| rooted[i]).max_by(|&a, &b| {
@@ -143,13 +177,33 @@ fn choose(objects: Vec<ObjectRef>, links: &[Read]) -> Branch {
             // Of two objects alike in both, the first key: deterministic.
             .then(objects[b].key.cmp(&objects[a].key))
     });
-    let Some(end) = end else {
-        // Nothing restorable on any branch: restore reports the missing snapshot.
-        return Branch {
-            objects,
-            left: Vec::new(),
+    let unreachable = |i: usize| {
+        let object = &objects[i];
+        let before = object.seq.saturating_sub(1);
+        let why = if nothing_before(i) {
+            format!("no object of sequence {before} is listed before it")
+        } else {
+            format!(
+                "it does not link to any object of sequence {before}, nor do those reach a snapshot"
+            )
         };
+        chain::Error::Unreachable {
+            key: object.key.clone(),
+            why,
+        }
     };
+    let Some(end) = end else {
+        return Err(unreachable(0));
+    };
+    if let Some(newer) = (0..objects.len()).find(|&i| objects[i].seq > objects[end].seq) {
+        // Name where its branch breaks: back along its links to the object
+        // whose own link leads nowhere.
+        let mut broken = newer;
+        while let Some(p) = parent[broken].filter(|&p| !rooted[p]) {
+            broken = p;
+        }
+        return Err(unreachable(broken));
+    }
     let mut on_branch = vec![false; objects.len()];
     let mut cursor = Some(end);
     while let Some(i) = cursor {
@@ -165,10 +219,10 @@ fn choose(objects: Vec<ObjectRef>, links: &[Read]) -> Branch {
             left.push(object);
         }
     }
-    Branch {
+    Ok(Branch {
         objects: followed,
         left,
-    }
+    })
 }
 
 #[cfg(test)]
@@ -189,6 +243,8 @@ mod tests {
     fn link(seq: u64, kind: Kind, prev: u8, own: u8, ms: u64) -> Read {
         Read::Link(Link {
             header: Header {
+                version: crate::segment::VERSION,
+                state: None,
                 kind,
                 page_size: 4096,
                 seq,
@@ -224,7 +280,7 @@ mod tests {
             link(3, Kind::Wal, 2, 3, 30),
             link(4, Kind::Wal, 3, 4, 40),
         ];
-        let branch = choose(objects, &links);
+        let branch = choose(objects, &links).unwrap();
         assert_eq!(
             keys(&branch.objects),
             ["1.snapshot", "2.wal", "3.wal", "4.seg"]
@@ -244,7 +300,7 @@ mod tests {
             link(2, Kind::Wal, 1, 2, 25),
             link(2, Kind::Wal, 1, 3, 20),
         ];
-        let branch = choose(objects, &links);
+        let branch = choose(objects, &links).unwrap();
         assert_eq!(keys(&branch.objects), ["1.snapshot", "2.seg"]);
         assert_eq!(keys(&branch.left), ["2.wal"]);
     }
@@ -267,7 +323,7 @@ mod tests {
             link(3, Kind::Wal, 2, 3, 30),
             Read::Skipped,
         ];
-        let branch = choose(objects, &links);
+        let branch = choose(objects, &links).unwrap();
         assert_eq!(
             keys(&branch.objects),
             ["1.snapshot", "2.seg", "3.seg", "4.seg"]
@@ -276,9 +332,10 @@ mod tests {
     }
 
     #[test]
-    fn a_branch_that_does_not_reach_a_snapshot_is_not_followed() {
-        // 3.wal's parent is unknown (links to nothing listed): it cannot be
-        // restored, so the snapshot at 3 is the newest state.
+    fn a_break_past_the_fork_is_refused_not_restored_around() {
+        // 3.wal links to nothing listed; 4.wal goes on from it. The snapshot
+        // at 3 would be a quiet restore of an older state: refused, naming
+        // where the chain breaks.
         let objects = vec![
             obj(1, "1.snapshot", Kind::Snapshot),
             obj(2, "2.wal", Kind::Wal),
@@ -293,9 +350,54 @@ mod tests {
             link(3, Kind::Wal, 7, 8, 31),
             link(4, Kind::Wal, 8, 4, 40),
         ];
-        let branch = choose(objects, &links);
-        assert_eq!(keys(&branch.objects), ["1.snapshot", "2.wal", "3.seg"]);
-        assert_eq!(keys(&branch.left), ["3.wal", "4.wal"]);
+        match choose(objects, &links) {
+            Err(chain::Error::Unreachable { key, .. }) => assert_eq!(key, "3.wal"),
+            other => panic!("{other:?}"),
+        }
+        // A hole after a fork: 5 is missing, 6 cannot be reached.
+        let objects = vec![
+            obj(1, "1.snapshot", Kind::Snapshot),
+            obj(2, "2.seg", Kind::Wal),
+            obj(2, "2.wal", Kind::Wal),
+            obj(3, "3.seg", Kind::Wal),
+            obj(4, "4.seg", Kind::Wal),
+            obj(6, "6.seg", Kind::Wal),
+        ];
+        let links = vec![
+            link(1, Kind::Snapshot, 0, 1, 10),
+            link(2, Kind::Wal, 1, 2, 20),
+            link(2, Kind::Wal, 1, 9, 21),
+            link(3, Kind::Wal, 2, 3, 30),
+            Read::Skipped,
+            Read::Skipped,
+        ];
+        match choose(objects, &links) {
+            Err(chain::Error::Unreachable { key, why }) => {
+                assert_eq!(key, "6.seg");
+                assert!(why.contains("sequence 5"), "{why}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_snapshot_at_a_fork_that_links_to_nothing_is_not_a_start() {
+        // Another database's snapshot planted beside the real 3, newer.
+        let objects = vec![
+            obj(1, "1.snapshot", Kind::Snapshot),
+            obj(2, "2.wal", Kind::Wal),
+            obj(3, "3.snapshot", Kind::Snapshot),
+            obj(3, "3.wal", Kind::Wal),
+        ];
+        let links = vec![
+            Read::Skipped,
+            link(2, Kind::Wal, 1, 2, 20),
+            link(3, Kind::Snapshot, 99, 98, 99),
+            link(3, Kind::Wal, 2, 3, 30),
+        ];
+        let branch = choose(objects, &links).unwrap();
+        assert_eq!(keys(&branch.objects), ["1.snapshot", "2.wal", "3.wal"]);
+        assert_eq!(keys(&branch.left), ["3.snapshot"]);
     }
 
     #[test]
@@ -312,7 +414,7 @@ mod tests {
             link(2, Kind::Wal, 1, 2, 20),
             link(3, Kind::Wal, 2, 3, 30),
         ];
-        let branch = choose(objects, &links);
+        let branch = choose(objects, &links).unwrap();
         assert_eq!(keys(&branch.objects), ["1.snapshot", "2.wal", "3.seg"]);
         assert_eq!(keys(&branch.left), ["2.seg"]);
     }

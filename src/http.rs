@@ -199,7 +199,13 @@ pub fn metrics(s: &Snapshot) -> String {
         "walsync_continuity_losses_total",
         "counter",
         "Times the chain could not be continued and a snapshot had to start it again.",
-        per_db(&|d| Some(d.snapshots.get("continuity").copied().unwrap_or(0) as f64)),
+        per_db(&|d| Some(d.continuity_losses as f64)),
+    );
+    family(
+        "walsync_deltas_total",
+        "counter",
+        "Continuity losses shipped as only the pages that differed from what was shipped (or as nothing), instead of a snapshot.",
+        per_db(&|d| Some(d.deltas as f64)),
     );
     family(
         "walsync_degraded",

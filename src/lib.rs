@@ -15,6 +15,7 @@ pub mod restore;
 pub mod retention;
 pub mod segment;
 pub mod sidecar;
+pub mod state;
 pub mod status;
 pub mod storage;
 pub mod verify;

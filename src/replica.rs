@@ -13,12 +13,14 @@ use tracing::{debug, info, warn};
 
 use crate::chain;
 use crate::db::{
-    self, Changes, CheckpointMode, CheckpointOutcome, Database, Detached, Encoded, Link, WalState,
+    self, Changes, CheckpointMode, CheckpointOutcome, Database, Delta, Detached, Encoded, Link,
+    WalState,
 };
 use crate::encryption::{Key, KeyId, Keys};
 use crate::fork;
 use crate::retention::{self, Retention};
 use crate::segment::{self, Kind, now_ms};
+use crate::state;
 use crate::storage::{self, Storage};
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +131,9 @@ pub struct Head {
 pub struct SyncReport {
     pub segments: u32,
     pub snapshots: u32,
+    /// Continuity losses shipped as only the pages that differed (or as
+    /// nothing, where none did) instead of a snapshot.
+    pub deltas: u32,
     pub bytes: u64,
     pub checkpointed: bool,
     /// Why each snapshot was taken: `initial`, `interval`, `requested` or
@@ -167,6 +172,21 @@ pub struct Replica {
     unmarked: Option<u64>,
     /// What is wrong with the chain as listed at start: it forks.
     forked: Option<String>,
+    /// The state digest the head object records, if it does.
+    head_state: Option<state::Digest>,
+    /// The checked state record, kept while the database is closed.
+    parked_record: Option<state::Record>,
+}
+
+/// Why a snapshot was taken, as a metric label.
+fn snapshot_kind(reason: &str) -> &'static str {
+    match reason {
+        INITIAL => "initial",
+        KEY_CHANGED => "key",
+        INTERVAL => "interval",
+        r if r.starts_with("requested") => "requested",
+        _ => "continuity",
+    }
 }
 
 /// Runs SQLite or file work of the database at `path` on the blocking pool.
@@ -203,7 +223,15 @@ impl Replica {
         listed: Option<Vec<chain::ObjectRef>>,
     ) -> Result<Self> {
         let owned = path.to_path_buf();
-        let db = blocking(path, move || Database::open(&owned)).await??;
+        let record_path =
+            state::record_path(path, &state::destination(&storage.describe(), prefix));
+        let db = blocking(path, move || {
+            Database::open(&owned).map(|mut db| {
+                db.keep_record_at(record_path);
+                db
+            })
+        })
+        .await??;
         let mut replica = Self {
             prefix: prefix.to_string(),
             path: path.to_path_buf(),
@@ -222,6 +250,8 @@ impl Replica {
             stopped: None,
             unmarked: None,
             forked: None,
+            head_state: None,
+            parked_record: None,
         };
         replica.load_head(listed).await?;
         Ok(replica)
@@ -276,12 +306,25 @@ impl Replica {
             ),
             None => None,
         };
+        self.head_state = header.state;
         let state = WalState::from_range(&header.wal);
         let page_size = header.page_size;
         let head_ms = header.timestamp_ms;
-        let verdict = self
-            .with_db(move |db| db.resume(state, page_size, head_ms))
-            .await??;
+        let record_head = state::Head {
+            seq: header.seq,
+            hash,
+        };
+        let digest = header.state;
+        let (verdict, record) = self
+            .with_db(move |db| {
+                let verdict = db.resume(state, page_size, head_ms);
+                (verdict, db.load_record(record_head, digest))
+            })
+            .await?;
+        let verdict = verdict?;
+        if let Err(why) = record {
+            debug!(db = %self.path.display(), prefix = %self.prefix, why, "no state record to use");
+        }
         match verdict {
             Ok(()) => info!(
                 db = %self.path.display(),
@@ -407,10 +450,22 @@ impl Replica {
         let Some(db) = self.db.take() else {
             return Ok(false);
         };
-        let detached = blocking(&self.path, move || db.detach()).await?;
+        let detached = blocking(&self.path, move || {
+            let mut db = db;
+            let record = db.take_record();
+            match db.detach() {
+                Ok(token) => Ok((token, record)),
+                Err(mut db) => {
+                    db.restore_record(record);
+                    Err(db)
+                }
+            }
+        })
+        .await?;
         match detached {
-            Ok(token) => {
+            Ok((token, record)) => {
                 self.detached = Some(token);
+                self.parked_record = record;
                 debug!(db = %self.path.display(), "closed until its next change");
                 Ok(true)
             }
@@ -427,8 +482,19 @@ impl Replica {
             return Ok(());
         };
         let path = self.path.clone();
-        let (db, verdict) =
-            blocking(&self.path, move || Database::reattach(&path, token)).await??;
+        let record = self.parked_record.take();
+        let record_path = state::record_path(
+            &self.path,
+            &state::destination(&self.storage.describe(), &self.prefix),
+        );
+        let (db, verdict) = blocking(&self.path, move || {
+            Database::reattach(&path, token).map(|(mut db, verdict)| {
+                db.keep_record_at(record_path);
+                db.restore_record(record);
+                (db, verdict)
+            })
+        })
+        .await??;
         self.db = Some(db);
         self.detached = None;
         debug!(db = %self.path.display(), ok = verdict.is_ok(), "reopened");
@@ -574,7 +640,7 @@ impl Replica {
         let link = self.next_link();
         match self.with_db(move |db| db.read_changes(link)).await?? {
             Changes::Nothing => {}
-            Changes::Segment(enc) => self.upload(enc, &mut report).await?,
+            Changes::Segment(enc) => self.upload(*enc, &mut report).await?,
             Changes::Lost(reason) => {
                 self.snapshot(&reason, &mut report).await?;
                 return Ok(report);
@@ -623,11 +689,28 @@ impl Replica {
         if let Some(pending) = self.pending.take() {
             self.upload(pending, &mut report).await?;
         }
-        self.snapshot(reason, &mut report).await?;
+        self.full_snapshot(reason, &mut report).await?;
         Ok(report)
     }
 
+    /// Starts the chain again for `reason`: after a continuity loss with only
+    /// the pages that differ where the state record allows, else (and for
+    /// every other reason) with a full snapshot.
     async fn snapshot(&mut self, reason: &str, report: &mut SyncReport) -> Result<()> {
+        if snapshot_kind(reason) != "continuity" {
+            return self.full_snapshot(reason, report).await;
+        }
+        match self.delta(reason, report).await? {
+            None => Ok(()),
+            Some(why) => {
+                self.full_snapshot(&format!("{reason}; {why}"), report)
+                    .await
+            }
+        }
+    }
+
+    async fn full_snapshot(&mut self, reason: &str, report: &mut SyncReport) -> Result<()> {
+        let kind = snapshot_kind(reason);
         if self.head.is_some() {
             warn!(db = %self.path.display(), prefix = %self.prefix, reason, "taking a snapshot");
         } else {
@@ -643,13 +726,6 @@ impl Replica {
         };
         self.upload(encoded, report).await?;
         self.need_snapshot = None;
-        let kind = match reason {
-            INITIAL => "initial",
-            KEY_CHANGED => "key",
-            INTERVAL => "interval",
-            r if r.starts_with("requested") => "requested",
-            _ => "continuity",
-        };
         report.snapshot_reasons.push(kind);
         if kind == "continuity" {
             report.continuity_losses.push(reason.to_string());
@@ -668,6 +744,55 @@ impl Replica {
             warn!(prefix = %self.prefix, error = %e, "retention failed; kept everything");
         }
         Ok(())
+    }
+
+    /// After a continuity loss, ships only the pages that differ from the
+    /// state shipped (`state`), or nothing if none do. `Ok(None)` when done;
+    /// `Ok(Some(why))` when a snapshot must be taken instead.
+    async fn delta(&mut self, reason: &str, report: &mut SyncReport) -> Result<Option<String>> {
+        let current = self
+            .opts
+            .encryption
+            .as_ref()
+            .and_then(|k| k.current())
+            .map(Key::id);
+        if self.head.is_none() || self.head_key != current {
+            return Ok(Some("the chain head was sealed with another key".into()));
+        }
+        let link = self.next_link();
+        let delta = self.with_db(move |db| db.delta(link)).await??;
+        let Some(delta) = delta else {
+            return Err(Error::Busy {
+                path: self.path.clone(),
+            });
+        };
+        match delta {
+            Delta::Snapshot(why) => return Ok(Some(why)),
+            Delta::Ship(encoded) => {
+                warn!(
+                    db = %self.path.display(),
+                    prefix = %self.prefix,
+                    reason,
+                    pages = encoded.header.page_count,
+                    of = encoded.header.db_pages,
+                    "continuity lost; shipping only the pages that differ from what was shipped"
+                );
+                self.upload(*encoded, report).await?;
+            }
+            Delta::Same { state, commits } => {
+                warn!(
+                    db = %self.path.display(),
+                    prefix = %self.prefix,
+                    reason,
+                    "continuity lost, but the database is exactly what was shipped; nothing to upload"
+                );
+                self.with_db(move |db| db.shipped(state, commits)).await?;
+                self.need_snapshot = None;
+                report.deltas += 1;
+            }
+        }
+        report.continuity_losses.push(reason.to_string());
+        Ok(None)
     }
 
     async fn checkpoint(&mut self, mode: CheckpointMode, report: &mut SyncReport) -> Result<()> {
@@ -696,11 +821,11 @@ impl Replica {
                 }
                 Changes::Segment(enc) if attempt < CATCH_UP_ATTEMPTS => {
                     self.with_db(|db| db.release_write_lock()).await??;
-                    self.upload(enc, report).await?;
+                    self.upload(*enc, report).await?;
                 }
                 Changes::Segment(enc) => {
                     let shipped =
-                        tokio::time::timeout(UPLOAD_UNDER_LOCK, self.upload(enc, report)).await;
+                        tokio::time::timeout(UPLOAD_UNDER_LOCK, self.upload(*enc, report)).await;
                     if !matches!(shipped, Ok(Ok(()))) {
                         self.with_db(|db| db.release_write_lock()).await??;
                         // A timed-out upload is still pending and retried byte for byte.
@@ -774,8 +899,18 @@ impl Replica {
         });
         self.head_key = encoded.header.sealed.map(|s| s.key_id);
         self.last_change = Instant::now();
+        self.head_state = encoded.header.state;
         let (state, commits) = (encoded.state, encoded.commits);
-        self.with_db(move |db| db.shipped(state, commits)).await?;
+        let record_head = state::Head {
+            seq: encoded.header.seq,
+            hash: encoded.hash,
+        };
+        let change = encoded.change;
+        self.with_db(move |db| {
+            db.shipped(state, commits);
+            db.record_shipped(change, record_head);
+        })
+        .await?;
         report.bytes += bytes;
         match encoded.header.kind {
             Kind::Wal => {
@@ -788,6 +923,19 @@ impl Replica {
                     pages = encoded.header.page_count,
                     transactions = encoded.transactions,
                     "shipped segment"
+                );
+            }
+            Kind::Delta => {
+                report.deltas += 1;
+                self.need_snapshot = None;
+                info!(
+                    db = %self.path.display(),
+                    prefix = %self.prefix,
+                    seq = encoded.header.seq,
+                    bytes,
+                    pages = encoded.header.page_count,
+                    db_pages = encoded.header.db_pages,
+                    "shipped the pages that differ from what was shipped"
                 );
             }
             Kind::Snapshot => {

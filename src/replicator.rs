@@ -1237,8 +1237,8 @@ fn post(board: &Board, slot: &mut Slot, result: &replica::Result<SyncReport>) {
     let degraded = board.update(&slot.spec.prefix, |d| {
         let mut became_degraded = None;
         d.head = replica.and_then(Replica::head).map(|h| h.seq).or(d.head);
-        if let Some(forked) = replica.and_then(Replica::forked) {
-            d.forked = Some(forked.to_string());
+        if let Some(replica) = replica {
+            d.forked = replica.forked().map(str::to_string);
         }
         match result {
             Ok(report) => {
@@ -1251,6 +1251,8 @@ fn post(board: &Board, slot: &mut Slot, result: &replica::Result<SyncReport>) {
                 d.pending_since_ms = changed_during_job;
                 d.last_error = None;
                 d.segments += u64::from(report.segments);
+                d.deltas += u64::from(report.deltas);
+                d.continuity_losses += report.continuity_losses.len() as u64;
                 d.bytes += report.bytes;
                 for reason in &report.snapshot_reasons {
                     *d.snapshots.entry((*reason).to_string()).or_default() += 1;

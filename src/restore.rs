@@ -21,6 +21,7 @@ use crate::chain::{self, ObjectRef};
 use crate::encryption::{KeyId, Keys};
 use crate::fork::{self, Branch};
 use crate::segment::{self, Kind, PageReader};
+use crate::state::{self, Record, page_hash};
 use crate::storage::{self, Storage, to_hex};
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +76,11 @@ pub enum Error {
          not a snapshot: refusing an object that was not written with the rest"
     )]
     MixedEncryption { key: String, prev: String },
+    #[error(
+        "object {key}: the database restored up to it is not the state its writer recorded \
+         (its state digest differs); refusing it"
+    )]
+    StateMismatch { key: String },
     #[error("object {key}: {source}")]
     Corrupt {
         key: String,
@@ -140,12 +146,12 @@ pub struct Resolved {
 /// reads a few object headers; a fork, the ends of the objects around it).
 /// Nothing is downloaded whole or written.
 pub async fn resolve(storage: &dyn Storage, prefix: &str, target: Target) -> Result<Resolved> {
-    let listed = chain::list(storage, prefix).await?;
+    let mut listed = chain::list(storage, prefix).await?;
+    chain::find_unmarked_start(storage, &mut listed).await?;
     let forked = !chain::forks(&listed).is_empty();
     let branch = fork::follow(storage, listed).await?;
-    let mut objects = branch.objects.clone();
+    let objects = branch.objects.clone();
     let fork = forked.then_some(branch);
-    find_unmarked_start(storage, &mut objects).await?;
     if objects.is_empty() {
         return Err(Error::NoReplica {
             prefix: prefix.to_string(),
@@ -175,22 +181,6 @@ pub async fn resolve(storage: &dyn Storage, prefix: &str, target: Target) -> Res
         objects: planned,
         fork,
     })
-}
-
-/// A chain whose snapshots all lack their marks (walsync stopped between a
-/// snapshot and its mark, and retention has since removed the older ones)
-/// still starts with a snapshot: its first object, which the header tells.
-async fn find_unmarked_start(storage: &dyn Storage, objects: &mut [ObjectRef]) -> Result<()> {
-    if objects.iter().any(|o| o.kind == Kind::Snapshot) {
-        return Ok(());
-    }
-    if let Some(first) = objects.first_mut()
-        && !first.is_legacy()
-        && chain::read_header(storage, first).await?.kind == Kind::Snapshot
-    {
-        first.kind = Kind::Snapshot;
-    }
-    Ok(())
 }
 
 /// The newest sequence recorded at or before `ms`. Object times rise along
@@ -289,7 +279,7 @@ pub fn plan(prefix: &str, objects: &[ObjectRef], target: Option<u64>) -> Result<
             && object.seq != prev.seq + 1
         {
             return Err(Error::Missing {
-                key: segment::object_key(prefix, prev.seq + 1),
+                key: key_like(prefix, prev, prev.seq + 1),
                 before: prev.key.clone(),
                 after: object.key.clone(),
             });
@@ -300,12 +290,21 @@ pub fn plan(prefix: &str, objects: &[ObjectRef], target: Option<u64>) -> Result<
         && last.seq != target
     {
         return Err(Error::Missing {
-            key: segment::object_key(prefix, last.seq + 1),
+            key: key_like(prefix, last, last.seq + 1),
             before: last.key.clone(),
             after: "the requested sequence".into(),
         });
     }
     Ok(plan)
+}
+
+/// The key object `seq` would have in the layout of `neighbour`.
+fn key_like(prefix: &str, neighbour: &ObjectRef, seq: u64) -> String {
+    if neighbour.is_legacy() {
+        segment::legacy_object_key(prefix, seq, Kind::Wal)
+    } else {
+        segment::object_key(prefix, seq)
+    }
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
@@ -411,6 +410,7 @@ pub async fn restore(storage: &dyn Storage, opts: &RestoreOptions) -> Result<Res
         verified.push(Verified {
             object,
             header,
+            hash,
             spool,
         });
     }
@@ -439,16 +439,24 @@ pub async fn restore(storage: &dyn Storage, opts: &RestoreOptions) -> Result<Res
     let output = output.clone();
     let force = opts.force;
     let keys = opts.keys.clone();
-    let items: Vec<(String, PathBuf)> = verified
+    let items: Vec<Item> = verified
         .into_iter()
-        .map(|v| (v.object.key, v.spool))
+        .map(|v| Item {
+            key: v.object.key,
+            spool: v.spool,
+            hash: v.hash,
+            state: v.header.state,
+        })
         .collect();
-    tokio::task::spawn_blocking(move || apply(&items, &output, force, keys.as_deref()))
-        .await
-        .map_err(|e| Error::Io {
-            path: opts.output.clone(),
-            source: io::Error::other(e),
-        })??;
+    let destination = state::destination(&storage.describe(), &opts.prefix);
+    tokio::task::spawn_blocking(move || {
+        apply(&items, &output, force, keys.as_deref(), &destination)
+    })
+    .await
+    .map_err(|e| Error::Io {
+        path: opts.output.clone(),
+        source: io::Error::other(e),
+    })??;
     drop(scratch);
     Ok(report)
 }
@@ -457,7 +465,17 @@ pub async fn restore(storage: &dyn Storage, opts: &RestoreOptions) -> Result<Res
 struct Verified {
     object: ObjectRef,
     header: segment::Header,
+    hash: [u8; 32],
     spool: PathBuf,
+}
+
+/// What applying one object needs.
+struct Item {
+    key: String,
+    spool: PathBuf,
+    hash: [u8; 32],
+    /// The state digest the object says the database has after it.
+    state: Option<state::Digest>,
 }
 
 async fn download(storage: &dyn Storage, key: &str, to: &Path) -> Result<()> {
@@ -480,19 +498,29 @@ fn temp_path_of(output: &Path) -> PathBuf {
 }
 
 fn apply(
-    items: &[(String, PathBuf)],
+    items: &[Item],
     output: &Path,
     force: bool,
     keys: Option<&Keys>,
+    destination: &str,
 ) -> Result<()> {
     let tmp = temp_path_of(output);
-    let result = apply_into(items, &tmp, keys)
-        .and_then(|()| check_integrity(&tmp))
-        .and_then(|()| place(&tmp, output, force));
+    let tmp_record = state::record_path(&tmp, destination);
+    let result = apply_into(items, &tmp, &tmp_record, keys)
+        .and_then(|record| check_integrity(&tmp).map(|()| record))
+        .and_then(|record| place(&tmp, output, force).map(|()| record));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(&tmp_record);
     }
-    result?;
+    // The record of what was written lets the first `watch` continue the
+    // chain without shipping anything; a record of what the file held before
+    // would only be a stale one.
+    let record_path = state::record_path(output, destination);
+    match result? {
+        Some(mut record) => record.rename(&record_path).map_err(io_at(&record_path))?,
+        None => state::forget(&record_path).map_err(io_at(&record_path))?,
+    }
     let dir = match output.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -553,35 +581,88 @@ fn retire_wal_of(output: &Path) -> Result<()> {
     Ok(())
 }
 
-fn apply_into(items: &[(String, PathBuf)], tmp: &Path, keys: Option<&Keys>) -> Result<()> {
+/// Writes every object's pages into `tmp`, keeping the state record beside
+/// it and checking, after each object that records one, that the state
+/// digest of what was written is the one the writer had. Returns the record
+/// if the last object's digest is known (it describes the file written).
+fn apply_into(
+    items: &[Item],
+    tmp: &Path,
+    record_path: &Path,
+    keys: Option<&Keys>,
+) -> Result<Option<Record>> {
     let out = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .open(tmp)
         .map_err(io_at(tmp))?;
+    let mut record: Option<Record> = None;
     let mut page = Vec::new();
-    for (key, spool) in items {
+    for item in items {
         let corrupt = |source| Error::Corrupt {
-            key: key.clone(),
+            key: item.key.clone(),
             source,
         };
-        let file = File::open(spool).map_err(io_at(spool))?;
-        let len = file.metadata().map_err(io_at(spool))?.len();
+        let file = File::open(&item.spool).map_err(io_at(&item.spool))?;
+        let len = file.metadata().map_err(io_at(&item.spool))?.len();
         let mut reader =
             PageReader::new(BufReader::with_capacity(1 << 20, file), len, keys).map_err(corrupt)?;
         let header = *reader.header();
+        let head = state::Head {
+            seq: header.seq,
+            hash: item.hash,
+        };
         page.resize(header.page_size as usize, 0);
+        // A snapshot holds every page in order: its record is built as it
+        // streams. Anything else changes some pages of the record before it.
+        let mut builder = match header.kind {
+            Kind::Snapshot => Some(
+                state::Builder::new(record_path, header.page_size).map_err(io_at(record_path))?,
+            ),
+            _ => None,
+        };
+        let mut changed = Vec::new();
         while let Some(pgno) = reader.next_page(&mut page).map_err(corrupt)? {
             out.write_all_at(&page, u64::from(pgno - 1) * u64::from(header.page_size))
                 .map_err(io_at(tmp))?;
+            let hash = page_hash(pgno, &page);
+            match &mut builder {
+                Some(b) => b.push(hash).map_err(io_at(record_path))?,
+                None => changed.push((pgno, hash)),
+            }
         }
         // Pages past the new end are gone, also if a later object grows the file again.
         out.set_len(u64::from(header.db_pages) * u64::from(header.page_size))
             .map_err(io_at(tmp))?;
+        record = Some(match (builder, record.take()) {
+            (Some(b), _) => b.place(record_path, head).map_err(io_at(record_path))?,
+            (None, Some(mut r)) => {
+                let sum = r
+                    .advance(header.db_pages, &changed)
+                    .map_err(io_at(record_path))?;
+                r.apply(sum, &changed, head).map_err(io_at(record_path))?;
+                r
+            }
+            (None, None) => {
+                // Plans start at a snapshot (its header is checked against
+                // its listing); this is not reached.
+                return Err(Error::NoSnapshot {
+                    prefix: item.key.clone(),
+                    target: header.seq,
+                });
+            }
+        });
+        if let (Some(expected), Some(r)) = (item.state, &record)
+            && r.sum.digest() != expected
+        {
+            return Err(Error::StateMismatch {
+                key: item.key.clone(),
+            });
+        }
     }
     out.sync_all().map_err(io_at(tmp))?;
-    Ok(())
+    Ok(record.filter(|_| items.last().is_some_and(|i| i.state.is_some())))
 }
 
 fn check_integrity(path: &Path) -> Result<()> {
@@ -632,7 +713,7 @@ mod tests {
         ));
         let gap = vec![obj(1, Kind::Snapshot), obj(3, Kind::Wal)];
         match plan("db", &gap, None) {
-            Err(Error::Missing { key, .. }) => assert_eq!(key, "db/0000000000000002.seg"),
+            Err(Error::Missing { key, .. }) => assert_eq!(key, "db/0000000000000002.wal"),
             other => panic!("{other:?}"),
         }
         assert!(matches!(

@@ -22,6 +22,7 @@ use std::time::Duration;
 use tracing::info;
 
 use crate::chain::{self, ObjectRef};
+use crate::fork;
 use crate::segment::Kind;
 use crate::storage::Storage;
 
@@ -60,7 +61,13 @@ pub async fn plan(
     if rules.is_off() {
         return Ok(Pruned::default());
     }
-    let objects = chain::list(storage, prefix).await?;
+    // Only the branch restore follows decides what is kept: a snapshot on a
+    // forked-off branch restores nothing after it. What lies off the branch
+    // goes with everything else before the kept snapshot.
+    let mut listed = chain::list(storage, prefix).await?;
+    chain::find_unmarked_start(storage, &mut listed).await?;
+    let all = listed.clone();
+    let objects = fork::follow(storage, listed).await?.objects;
     let snapshots: Vec<&ObjectRef> = objects
         .iter()
         .filter(|o| o.kind == Kind::Snapshot)
@@ -86,7 +93,7 @@ pub async fn plan(
         }
         keep_from = keep_from.min(covering);
     }
-    let doomed: Vec<ObjectRef> = objects.into_iter().filter(|o| o.seq < keep_from).collect();
+    let doomed: Vec<ObjectRef> = all.into_iter().filter(|o| o.seq < keep_from).collect();
     Ok(Pruned {
         bytes: doomed.iter().map(|o| o.size).sum(),
         objects: doomed,

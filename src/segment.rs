@@ -12,8 +12,9 @@
 //! ```text
 //! off len field
 //!   0   8 magic "WALSYNC\x00"
-//!   8   2 format version (1)
-//!  10   1 kind: 1 snapshot (chain start), 2 WAL segment
+//!   8   2 format version (2; 1 is read, it has no state digest)
+//!  10   1 kind: 1 snapshot (chain start), 2 WAL segment, 3 delta (the
+//!         pages that differ from the state before it, after a continuity loss)
 //!  11   1 flags: bit 0 = body encrypted (anything else is rejected)
 //!  12   4 page size in bytes
 //!  16   8 sequence number (equals the number in the object's key)
@@ -30,6 +31,8 @@
 //!   h   . body: one zstd frame of page records, each a 4-byte page number
 //!         then `page size` bytes, sorted by page number, no page twice;
 //!         if encrypted, sealed in chunks (see `encryption`)
+//! end-64 32 version 2 only: the state digest after this object (`state`;
+//!         zero when the writer did not know it)
 //! end-32 32 SHA-256 of every byte before it
 //! ```
 
@@ -40,13 +43,19 @@ use sha2::{Digest, Sha256};
 use crate::encryption::{self, Key, KeyId, Keys, NONCE_SIZE, Opener, Sealer};
 
 pub const MAGIC: [u8; 8] = *b"WALSYNC\0";
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
+/// The first format: no state digest in the trailer. Still read.
+pub const VERSION_1: u16 = 1;
 pub const HEADER_SIZE: usize = 96;
 /// The header of an encrypted object: the fixed part plus its seal.
 pub const MAX_HEADER_SIZE: usize = HEADER_SIZE + SEAL_SIZE;
 const SEAL_SIZE: usize = 24;
 const FLAG_ENCRYPTED: u8 = 1;
+/// The trailer of a version-1 object: its content hash. Every object is at
+/// least this plus a header long.
 pub const TRAILER_SIZE: usize = 32;
+/// The trailer of a version-2 object: state digest, then content hash.
+pub const TRAILER_SIZE_V2: usize = 64;
 const ZSTD_LEVEL: i32 = 3;
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +103,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Kind {
     Snapshot,
     Wal,
+    /// The pages that differ from the state before it, read from the
+    /// database (not the WAL) after continuity was lost. Not a chain start.
+    Delta,
 }
 
 impl Kind {
@@ -101,6 +113,7 @@ impl Kind {
         match self {
             Kind::Snapshot => 1,
             Kind::Wal => 2,
+            Kind::Delta => 3,
         }
     }
 
@@ -108,15 +121,17 @@ impl Kind {
         match code {
             1 => Ok(Kind::Snapshot),
             2 => Ok(Kind::Wal),
+            3 => Ok(Kind::Delta),
             other => Err(Error::UnknownKind(other)),
         }
     }
 
-    /// The key suffix for this kind.
+    /// The key suffix for this kind in the first layout (which had no deltas).
     pub fn suffix(self) -> &'static str {
         match self {
             Kind::Snapshot => "snapshot",
             Kind::Wal => "wal",
+            Kind::Delta => "delta",
         }
     }
 
@@ -142,6 +157,8 @@ pub struct WalRange {
 /// The fixed-size head of a segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
+    /// The format version the object was written in ([`VERSION`] when encoding).
+    pub version: u16,
     pub kind: Kind,
     pub page_size: u32,
     pub seq: u64,
@@ -152,6 +169,10 @@ pub struct Header {
     pub prev_hash: [u8; 32],
     /// Set when the body is encrypted; the encoder fills it in.
     pub sealed: Option<Seal>,
+    /// The state digest after this object, from the trailer of a version-2
+    /// object: filled in by [`verify`] and by the encoder's caller, never
+    /// by [`Header::decode`] (the trailer comes last). `None` where unknown.
+    pub state: Option<crate::state::Digest>,
 }
 
 /// How an encrypted object's body was sealed.
@@ -174,7 +195,7 @@ impl Header {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; self.encoded_len()];
         b[0..8].copy_from_slice(&MAGIC);
-        b[8..10].copy_from_slice(&VERSION.to_be_bytes());
+        b[8..10].copy_from_slice(&self.version.to_be_bytes());
         b[10] = self.kind.code();
         b[11] = if self.sealed.is_some() {
             FLAG_ENCRYPTED
@@ -210,10 +231,13 @@ impl Header {
             return Err(Error::BadMagic);
         }
         let version = u16::from_be_bytes([b[8], b[9]]);
-        if version != VERSION {
+        if version != VERSION && version != VERSION_1 {
             return Err(Error::UnsupportedVersion(version));
         }
         let kind = Kind::from_code(b[10])?;
+        if kind == Kind::Delta && version == VERSION_1 {
+            return Err(Error::UnknownKind(b[10]));
+        }
         if b[11] & !FLAG_ENCRYPTED != 0 {
             return Err(Error::UnknownFlags(b[11]));
         }
@@ -243,6 +267,7 @@ impl Header {
         let mut prev_hash = [0u8; 32];
         prev_hash.copy_from_slice(&b[64..96]);
         Ok(Self {
+            version,
             kind,
             page_size,
             seq: u64_at(b, 16),
@@ -258,7 +283,17 @@ impl Header {
             },
             prev_hash,
             sealed,
+            state: None,
         })
+    }
+
+    /// Bytes the trailer takes at the end of the object.
+    pub fn trailer_len(&self) -> usize {
+        if self.version == VERSION_1 {
+            TRAILER_SIZE
+        } else {
+            TRAILER_SIZE_V2
+        }
     }
 
     /// The key among `keys` that opens this object's body (`None`: not encrypted).
@@ -359,6 +394,8 @@ impl<W: Write> Encoder<W> {
     /// Starts an object; with a `key`, its body is encrypted (and the
     /// header's `sealed` is filled in).
     pub fn new(mut header: Header, key: Option<&Key>, out: W) -> Result<Self> {
+        header.version = VERSION;
+        header.state = None;
         header.sealed = key.map(|k| Seal {
             key_id: k.id(),
             nonce: encryption::new_nonce(),
@@ -411,7 +448,9 @@ impl<W: Write> Encoder<W> {
     }
 
     /// Finishes the object; returns its content hash and the sink.
-    pub fn finish(self) -> Result<([u8; 32], W)> {
+    /// Ends the object with `state`, the digest of the database state after
+    /// it (`None`: not known to the writer; restore then cannot check it).
+    pub fn finish(self, state: Option<crate::state::Digest>) -> Result<([u8; 32], W)> {
         if self.written != self.header.page_count {
             return Err(Error::PageCountMismatch {
                 expected: self.header.page_count,
@@ -419,6 +458,7 @@ impl<W: Write> Encoder<W> {
             });
         }
         let mut hashing = self.body.finish()?.finish()?;
+        hashing.write_all(&state.unwrap_or([0; 32]))?;
         let hash: [u8; 32] = hashing.hasher.finalize_reset().into();
         hashing.inner.write_all(&hash)?;
         hashing.inner.flush()?;
@@ -440,6 +480,13 @@ pub fn verify(mut r: impl Read, len: u64) -> Result<(Header, [u8; 32])> {
     let copied = io::copy(&mut body, &mut HashSink(&mut hasher))?;
     if copied != body_len {
         return Err(Error::TooShort(len));
+    }
+    let mut header = header;
+    if header.version != VERSION_1 {
+        let mut state = [0u8; 32];
+        r.read_exact(&mut state)?;
+        hasher.update(state);
+        header.state = (state != [0; 32]).then_some(state);
     }
     let mut trailer = [0u8; TRAILER_SIZE];
     r.read_exact(&mut trailer)?;
@@ -546,7 +593,7 @@ impl<R: Read> Read for BodyReader<R> {
 
 /// Bytes between the header and the trailer of an object of `len` bytes.
 fn body_len(header: &Header, len: u64) -> Result<u64> {
-    len.checked_sub((header.encoded_len() + TRAILER_SIZE) as u64)
+    len.checked_sub((header.encoded_len() + header.trailer_len()) as u64)
         .ok_or(Error::TooShort(len))
 }
 
@@ -638,6 +685,8 @@ mod tests {
 
     fn header(kind: Kind, pages: &[u32]) -> Header {
         Header {
+            version: VERSION,
+            state: None,
             kind,
             page_size: 1024,
             seq: 7,
@@ -665,8 +714,37 @@ mod tests {
         for p in pages {
             enc.add_page(*p, &vec![*p as u8; 1024]).unwrap();
         }
-        let (hash, bytes) = enc.finish().unwrap();
+        let (hash, bytes) = enc.finish(None).unwrap();
         (bytes, hash)
+    }
+
+    #[test]
+    fn the_state_digest_comes_back_and_first_format_objects_still_read() {
+        let pages = [1, 3];
+        let mut enc = Encoder::new(header(Kind::Delta, &pages), None, Vec::new()).unwrap();
+        for p in pages {
+            enc.add_page(p, &vec![p as u8; 1024]).unwrap();
+        }
+        let (_, bytes) = enc.finish(Some([5; 32])).unwrap();
+        let (h, _) = verify(Cursor::new(&bytes), bytes.len() as u64).unwrap();
+        assert_eq!(
+            (h.version, h.kind, h.state),
+            (VERSION, Kind::Delta, Some([5; 32]))
+        );
+        assert_eq!(read_pages(&bytes, None).unwrap(), pages);
+
+        // The same object as the first format wrote it: version 1, no digest.
+        let mut v1 = bytes[..bytes.len() - TRAILER_SIZE_V2].to_vec();
+        v1[8..10].copy_from_slice(&VERSION_1.to_be_bytes());
+        v1[10] = Kind::Wal.code();
+        let trailer: [u8; 32] = Sha256::digest(&v1).into();
+        v1.extend_from_slice(&trailer);
+        let (h, hash) = verify(Cursor::new(&v1), v1.len() as u64).unwrap();
+        assert_eq!((h.version, h.state, hash), (VERSION_1, None, trailer));
+        assert_eq!(read_pages(&v1, None).unwrap(), pages);
+        // A delta did not exist in the first format.
+        v1[10] = Kind::Delta.code();
+        assert!(matches!(Header::decode(&v1), Err(Error::UnknownKind(3))));
     }
 
     #[test]
@@ -751,7 +829,10 @@ mod tests {
             &pages,
             Some(ring.current().unwrap()),
         );
-        for at in [24, 33, 64, 100, 130, bytes.len() - 40] {
+        // The state digest (the 32 bytes before the trailer) is covered by
+        // the trailer only: altering it makes restore refuse, as deleting
+        // the object would; it cannot change a page.
+        for at in [24, 33, 64, 100, 130, bytes.len() - TRAILER_SIZE_V2 - 8] {
             let mut bad = bytes[..bytes.len() - TRAILER_SIZE].to_vec();
             bad[at] ^= 1;
             let trailer: [u8; 32] = Sha256::digest(&bad).into();
@@ -840,10 +921,10 @@ mod tests {
     fn decoder_rejects_what_it_does_not_understand() {
         let h = header(Kind::Wal, &[]);
         let mut b = h.encode();
-        b[8..10].copy_from_slice(&2u16.to_be_bytes());
+        b[8..10].copy_from_slice(&3u16.to_be_bytes());
         assert!(matches!(
             Header::decode(&b),
-            Err(Error::UnsupportedVersion(2))
+            Err(Error::UnsupportedVersion(3))
         ));
         let mut b = h.encode();
         b[10] = 9;
@@ -868,7 +949,10 @@ mod tests {
         let mut enc = Encoder::new(header(Kind::Wal, &[11]), None, Vec::new()).unwrap();
         assert!(enc.add_page(11, &[0; 1024]).is_err());
         let enc = Encoder::new(header(Kind::Wal, &[1]), None, Vec::new()).unwrap();
-        assert!(matches!(enc.finish(), Err(Error::PageCountMismatch { .. })));
+        assert!(matches!(
+            enc.finish(None),
+            Err(Error::PageCountMismatch { .. })
+        ));
     }
 
     #[test]

@@ -46,6 +46,13 @@ pub struct DbStatus {
     pub bytes: u64,
     /// Snapshots by why they were taken.
     pub snapshots: BTreeMap<String, u64>,
+    /// Continuity losses shipped as only the pages that differed (or as
+    /// nothing) instead of a snapshot.
+    #[serde(default)]
+    pub deltas: u64,
+    /// Times the chain could not be continued (a snapshot or a delta followed).
+    #[serde(default)]
+    pub continuity_losses: u64,
     /// Checkpoints by mode.
     pub checkpoints: BTreeMap<String, u64>,
     /// Failed syncs by kind of error.
@@ -121,7 +128,7 @@ impl DbStatus {
         if !self.is_degraded(now_ms) {
             return None;
         }
-        let total = self.snapshots.get("continuity").copied().unwrap_or(0);
+        let total = self.continuity_losses;
         Some(format!(
             "continuity lost {DEGRADED_LOSSES} times within {} ({total} since walsync started), \
              last: {}",
@@ -327,7 +334,7 @@ mod tests {
     const MINUTE: u64 = 60_000;
 
     fn lose(d: &mut DbStatus, at_ms: u64) -> bool {
-        *d.snapshots.entry("continuity".into()).or_default() += 1;
+        d.continuity_losses += 1;
         d.record_continuity_loss(at_ms, "the database file was replaced")
     }
 

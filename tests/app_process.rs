@@ -950,3 +950,332 @@ async fn killed_then_truncated(kind: &'static str, store: TestStore) {
 async fn a_killed_walsync_restarted_after_the_app_truncated_loses_nothing() {
     each_store(killed_then_truncated).await;
 }
+
+// ---------------------------------------------------------------------------
+// Lost continuity ships only the pages that changed (issue 10, part 2).
+
+impl Watch {
+    /// `walsync watch --config CONFIG`, logging to `log`.
+    fn with_config(store: &TestStore, config: &Path, log: PathBuf) -> Self {
+        let mut cmd = walsync();
+        cmd.args(["watch", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in &store.env {
+            cmd.env(k, v);
+        }
+        Self {
+            child: cmd.spawn().unwrap(),
+            log,
+        }
+    }
+}
+
+/// `DIR/walsync.toml`: `[watch]` and `[sync]` lines, then one database per
+/// `(path, prefix)`.
+fn config_for(store: &TestStore, dir: &Path, settings: &str, dbs: &[(&Path, &str)]) -> PathBuf {
+    let mut text = settings.to_string();
+    for (path, prefix) in dbs {
+        text.push_str(&format!(
+            "\n[[databases]]\npath = \"{}\"\nprefix = \"{prefix}\"\n",
+            path.display()
+        ));
+    }
+    let config = dir.join("walsync.toml");
+    std::fs::write(&config, store.config(&text)).unwrap();
+    config
+}
+
+/// Each object's kind and page count, read from its header.
+async fn kinds_and_pages(store: &TestStore, prefix: &str) -> Vec<(Kind, u32)> {
+    let mut out = Vec::new();
+    for object in chain::list(store.storage.as_ref(), prefix).await.unwrap() {
+        let header = chain::read_header(store.storage.as_ref(), &object)
+            .await
+            .unwrap();
+        out.push((header.kind, header.page_count));
+    }
+    out
+}
+
+/// A database of `rows` rows of 1 KiB (about a page each), its app gone.
+fn seeded_db(dir: &Path, name: &str, rows: usize) -> PathBuf {
+    let db = dir.join(name);
+    let mut app = AppProcess::open(&db);
+    app.insert(rows, 1000);
+    app.quit();
+    db
+}
+
+async fn request_per_connection_app(kind: &'static str, store: TestStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = seeded_db(dir.path(), "php.db", 300);
+    let config = config_for(
+        &store,
+        dir.path(),
+        "[watch]\nclose_idle_after = \"1s\"\n[sync]\nsync_interval = \"1s\"\n",
+        &[(&db, "php")],
+    );
+    let watch = Watch::with_config(&store, &config, dir.path().join("walsync.log"));
+    wait_for_objects(&store, "php", 1, || watch.log()).await;
+    for round in 0..3 {
+        // Long enough for walsync to close the idle database; then a
+        // request opens its connection, writes one row and closes it. The
+        // last close checkpoints and deletes the WAL before walsync looks.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let mut app = AppProcess::open(&db);
+        app.insert(1, 100);
+        app.quit();
+        wait_for_objects(&store, "php", 2 + round, || watch.log()).await;
+    }
+    let (status, log) = watch.terminate().await;
+    assert!(status.success(), "{kind}: {}", tail(&log));
+    let objects = kinds_and_pages(&store, "php").await;
+    let snapshots = objects.iter().filter(|(k, _)| *k == Kind::Snapshot).count();
+    let deltas = objects.iter().filter(|(k, _)| *k == Kind::Delta).count();
+    assert_eq!(snapshots, 1, "{kind}: {objects:?}\n{}", tail(&log));
+    assert!(
+        deltas >= 1,
+        "{kind}: the request never found the WAL gone? {objects:?}\n{}",
+        tail(&log)
+    );
+    for (k, pages) in &objects[1..] {
+        assert!(
+            *pages <= 8,
+            "{kind}: a {k:?} of {pages} pages for one row: {objects:?}"
+        );
+    }
+    assert_eq!(
+        restored_digest(&store, "php", dir.path()).await,
+        digest(&db),
+        "{kind}"
+    );
+}
+
+/// An app that opens a connection per request, writes one row and closes it
+/// (the last close checkpoints and deletes the WAL) while walsync has the
+/// idle database closed: each write costs a few pages, never a snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_per_request_app_costs_pages_not_snapshots() {
+    each_store(request_per_connection_app).await;
+}
+
+async fn restore_all_then_watch(kind: &'static str, store: TestStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    let a = seeded_db(&src, "a.db", 200);
+    let b = seeded_db(&src, "b.db", 50);
+    let config = config_for(&store, &src, "", &[(&a, "a"), (&b, "b")]);
+    let watch = Watch::with_config(&store, &config, dir.path().join("first.log"));
+    wait_for_objects(&store, "a", 1, || watch.log()).await;
+    wait_for_objects(&store, "b", 1, || watch.log()).await;
+    let (status, _) = watch.terminate().await;
+    assert!(status.success());
+
+    let out = dir.path().join("out");
+    let mut cmd = walsync();
+    cmd.args(["restore-all", "--config"])
+        .arg(&config)
+        .arg("--output-dir")
+        .arg(&out);
+    for (k, v) in &store.env {
+        cmd.env(k, v);
+    }
+    let restored = cmd.output().unwrap();
+    assert!(
+        restored.status.success(),
+        "{kind}: {}",
+        String::from_utf8_lossy(&restored.stderr)
+    );
+    let find = |name: &str| -> PathBuf {
+        walk(&out)
+            .into_iter()
+            .find(|p| p.ends_with(name))
+            .unwrap_or_else(|| panic!("{name} not restored under {}", out.display()))
+    };
+    let (ra, rb) = (find("a.db"), find("b.db"));
+    let before: Vec<usize> = vec![
+        chain::list(store.storage.as_ref(), "a")
+            .await
+            .unwrap()
+            .len(),
+        chain::list(store.storage.as_ref(), "b")
+            .await
+            .unwrap()
+            .len(),
+    ];
+    let moved = dir.path().join("moved");
+    std::fs::create_dir(&moved).unwrap();
+    let config = config_for(&store, &moved, "", &[(&ra, "a"), (&rb, "b")]);
+    let watch = Watch::with_config(&store, &config, dir.path().join("second.log"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after: Vec<usize> = vec![
+        chain::list(store.storage.as_ref(), "a")
+            .await
+            .unwrap()
+            .len(),
+        chain::list(store.storage.as_ref(), "b")
+            .await
+            .unwrap()
+            .len(),
+    ];
+    assert_eq!(
+        after,
+        before,
+        "{kind}: walsync shipped the databases it was given back:\n{}",
+        tail(&watch.log())
+    );
+    let mut app = AppProcess::open(&ra);
+    app.insert(1, 100);
+    app.quit();
+    wait_for_objects(&store, "a", before[0] + 1, || watch.log()).await;
+    let (status, log) = watch.terminate().await;
+    assert!(status.success(), "{kind}: {}", tail(&log));
+    let objects = kinds_and_pages(&store, "a").await;
+    assert_eq!(
+        objects.iter().filter(|(k, _)| *k == Kind::Snapshot).count(),
+        1,
+        "{kind}: {objects:?}"
+    );
+    assert_eq!(
+        restored_digest(&store, "a", dir.path()).await,
+        digest(&ra),
+        "{kind}"
+    );
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// `restore-all`, then `watch` on what it wrote: nothing is shipped until
+/// an app writes (the state record restore left proves the files are the
+/// chain heads), and then only what the app wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_all_then_watch_ships_nothing_until_the_app_writes() {
+    each_store(restore_all_then_watch).await;
+}
+
+/// Where walsync keeps the state record of `db` replicated to `prefix` in `store`.
+fn record_of(store: &TestStore, db: &Path, prefix: &str) -> PathBuf {
+    walsync::state::record_path(
+        db,
+        &walsync::state::destination(&store.storage.describe(), prefix),
+    )
+}
+
+/// How a test spoils the state record before walsync restarts.
+#[derive(Debug, Clone, Copy)]
+enum Spoil {
+    Keep,
+    Altered,
+    Stale,
+    Foreign,
+}
+
+async fn changed_while_stopped(kind: &'static str, store: TestStore, spoil: Spoil) {
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("stopped-{spoil:?}").to_lowercase();
+    let db = seeded_db(dir.path(), &format!("{name}.db"), 2000);
+    let other = seeded_db(dir.path(), "other.db", 20);
+    let config = config_for(
+        &store,
+        dir.path(),
+        "",
+        &[(&db, name.as_str()), (&other, "other")],
+    );
+    let record = record_of(&store, &db, &name);
+    let watch = Watch::with_config(&store, &config, dir.path().join("first.log"));
+    wait_for_objects(&store, &name, 1, || watch.log()).await;
+    wait_for_objects(&store, "other", 1, || watch.log()).await;
+    let early = std::fs::read(&record).unwrap();
+    let mut app = AppProcess::open(&db);
+    app.insert(1, 100);
+    wait_for_objects(&store, &name, 2, || watch.log()).await;
+    app.quit();
+    let (status, _) = watch.terminate().await;
+    assert!(status.success());
+    // While walsync is stopped: ten rows rewritten, then the app's last
+    // close checkpoints them into the file and deletes the WAL.
+    let mut app = AppProcess::open(&db);
+    app.exec("UPDATE t SET v = randomblob(1000) WHERE id % 200 = 7");
+    app.quit();
+    match spoil {
+        Spoil::Keep => {}
+        Spoil::Altered => {
+            let mut bytes = std::fs::read(&record).unwrap();
+            let at = bytes.len() - 100;
+            bytes[at] ^= 0x40;
+            std::fs::write(&record, bytes).unwrap();
+        }
+        Spoil::Stale => std::fs::write(&record, early).unwrap(),
+        Spoil::Foreign => {
+            std::fs::copy(record_of(&store, &other, "other"), &record).unwrap();
+        }
+    }
+    let before = chain::list(store.storage.as_ref(), &name)
+        .await
+        .unwrap()
+        .len();
+    let watch = Watch::with_config(&store, &config, dir.path().join("second.log"));
+    wait_for_objects(&store, &name, before + 1, || watch.log()).await;
+    let (status, log) = watch.terminate().await;
+    assert!(status.success(), "{kind} {spoil:?}: {}", tail(&log));
+    let objects = kinds_and_pages(&store, &name).await;
+    let (last_kind, last_pages) = *objects.last().unwrap();
+    match spoil {
+        Spoil::Keep => {
+            assert_eq!(
+                last_kind,
+                Kind::Delta,
+                "{kind}: {objects:?}\n{}",
+                tail(&log)
+            );
+            assert!(
+                (10..=40).contains(&last_pages),
+                "{kind}: {last_pages} pages shipped for 10 changed rows"
+            );
+        }
+        _ => {
+            assert_eq!(last_kind, Kind::Snapshot, "{kind} {spoil:?}: {objects:?}");
+            let why = log
+                .lines()
+                .find(|l| l.contains("taking a snapshot") && l.contains(&name))
+                .unwrap_or_else(|| panic!("{kind} {spoil:?}: no snapshot logged:\n{}", tail(&log)))
+                .to_string();
+            assert!(why.contains("state record"), "{kind} {spoil:?}: {why}");
+        }
+    }
+    assert_eq!(
+        restored_digest(&store, &name, dir.path()).await,
+        digest(&db),
+        "{kind} {spoil:?}"
+    );
+}
+
+/// Ten rows changed while walsync was stopped: the restart ships about the
+/// pages that changed, not the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_made_while_stopped_ship_as_the_pages_that_changed() {
+    each_store(|kind, store| changed_while_stopped(kind, store, Spoil::Keep)).await;
+}
+
+/// A state record that does not describe the chain head (altered, stale, or
+/// another database's) is found out before use: a full snapshot, with why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_that_does_not_describe_the_head_costs_a_snapshot() {
+    for spoil in [Spoil::Altered, Spoil::Stale, Spoil::Foreign] {
+        each_store(move |kind, store| changed_while_stopped(kind, store, spoil)).await;
+    }
+}

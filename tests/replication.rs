@@ -401,11 +401,16 @@ async fn restart_continues_the_chain_or_snapshots_after_a_gap() {
         assert_eq!(app.checkpoint("TRUNCATE").busy, 0);
         insert(&mut app, 10, 100);
         let mut r = open_replica(&db, "gap", &store, replica_opts()).await;
+        // The state record shows which pages differ: only those are shipped.
         let report = r.sync().await.unwrap();
-        assert_eq!(report.snapshots, 1, "{kind}: gap detected, snapshot taken");
+        assert_eq!(
+            (report.snapshots, report.deltas),
+            (0, 1),
+            "{kind}: gap detected, the pages that differ shipped"
+        );
         insert(&mut app, 5, 100);
         r.sync().await.unwrap();
-        assert_eq!(count_snapshots(store.storage.as_ref(), "gap").await, 2);
+        assert_eq!(count_snapshots(store.storage.as_ref(), "gap").await, 1);
         assert_eq!(
             restore_rows(&store, "gap", dir.path(), None).await,
             rows(&db),
@@ -538,7 +543,12 @@ async fn expect_refusal(store: &TestStore, prefix: &str, dir: &Path, key: &str) 
     let leftovers: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().contains("walsync"))
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            // The writers' state records beside their databases are not leftovers.
+            name.contains("walsync")
+                && (name.contains("walsync-tmp") || name.starts_with(".walsync"))
+        })
         .collect();
     assert!(
         leftovers.is_empty(),
@@ -582,6 +592,8 @@ async fn altered_missing_or_foreign_objects_are_refused_by_name() {
         let seq = head.last().unwrap().seq + 1;
         let next = segment::object_key("victim", seq);
         let forged = segment::Header {
+            version: segment::VERSION,
+            state: None,
             kind: Kind::Snapshot,
             page_size: 4096,
             seq,
@@ -594,7 +606,7 @@ async fn altered_missing_or_foreign_objects_are_refused_by_name() {
         };
         let mut enc = segment::Encoder::new(forged, None, Vec::new()).unwrap();
         enc.add_page(1, &[0u8; 4096]).unwrap();
-        let (hash, bytes) = enc.finish().unwrap();
+        let (hash, bytes) = enc.finish(None).unwrap();
         store
             .storage
             .put_new(&next, Payload::Bytes(bytes), hash)
@@ -733,6 +745,7 @@ async fn encrypted_replicas_restore_only_with_their_keys() {
         let seq = head.seq + 1;
         let injected = segment::object_key("secret", seq);
         let forged = segment::Header {
+            version: segment::VERSION,
             kind: Kind::Wal,
             seq,
             page_count: 1,
@@ -742,7 +755,7 @@ async fn encrypted_replicas_restore_only_with_their_keys() {
         };
         let mut enc = segment::Encoder::new(forged, None, Vec::new()).unwrap();
         enc.add_page(1, &[0u8; 4096]).unwrap();
-        let (hash, bytes) = enc.finish().unwrap();
+        let (hash, bytes) = enc.finish(None).unwrap();
         storage
             .put_new(&injected, Payload::Bytes(bytes), hash)
             .await
@@ -839,7 +852,7 @@ async fn concurrent_writer_with_syncs_in_between() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replaced_database_file_is_snapshotted_again() {
+async fn a_replaced_database_file_ships_what_differs_from_what_was_shipped() {
     for (kind, store) in common::all_stores().await {
         let dir = tempfile::tempdir().unwrap();
         let db = db_in(&dir, "swap.db");
@@ -859,7 +872,11 @@ async fn a_replaced_database_file_is_snapshotted_again() {
         let _ = std::fs::remove_file(walsync::db::wal_path_of(&db));
 
         let report = r.sync().await.unwrap();
-        assert_eq!(report.snapshots, 1, "{kind}: replacement detected");
+        assert_eq!(
+            (report.snapshots, report.deltas),
+            (0, 1),
+            "{kind}: replacement detected"
+        );
         let mut app = app_process(&db, 4096);
         insert(&mut app, 3, 10);
         r.sync().await.unwrap();
@@ -1454,6 +1471,20 @@ async fn a_fork_at_the_head_restores_the_newest_and_a_new_writer_snapshots() {
             again.forked().is_some_and(|f| f.contains(&planted)),
             "{kind}"
         );
+        // Its state record describes the followed head (its own object),
+        // which is exactly the database: nothing needs shipping.
+        let report = again.sync().await.unwrap();
+        assert_eq!((report.snapshots, report.deltas), (0, 1), "{kind}");
+        assert_eq!(again.head().unwrap().seq, head + 1, "{kind}");
+        drop(again);
+        // Without its record, it cannot know which object it continues: a snapshot.
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.to_string_lossy().contains("-walsync-state-") {
+                std::fs::remove_file(path).unwrap();
+            }
+        }
+        let mut again = open_replica(&db, "head", &store, replica_opts()).await;
         let report = again.sync().await.unwrap();
         assert_eq!(report.snapshots, 1, "{kind}");
         assert_eq!(again.head().unwrap().seq, head + 2, "{kind}");
@@ -1577,5 +1608,69 @@ async fn a_snapshot_without_its_mark_still_restores_and_is_marked_again() {
         let objects = chain::list(storage, "unmarked").await.unwrap();
         assert_eq!(objects[0].kind, Kind::Snapshot, "{kind}: marked again");
         app.quit();
+    }
+}
+
+/// Every object records the state digest after it; restore recomputes it
+/// after each object, leaves the record of what it wrote beside the file,
+/// and refuses, by name, an object whose result is not what its writer had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_checks_the_state_digest_after_every_object() {
+    for (kind, store) in common::all_stores().await {
+        let storage = store.storage.as_ref();
+        let dir = tempfile::tempdir().unwrap();
+        let (db, objects) = build_chain(&store, dir.path(), "digest").await;
+        for object in &objects {
+            let (header, _, _) = chain::read_verified(storage, object).await.unwrap();
+            assert!(
+                header.state.is_some(),
+                "{kind}: {} has no digest",
+                object.key
+            );
+        }
+        let out = dir.path().join("out.db");
+        assert_eq!(
+            restore_to(&store, "digest", &out, restore::Target::Latest).await,
+            Ok(rows(&db)),
+            "{kind}"
+        );
+        let record_path = walsync::state::record_path(
+            &out,
+            &walsync::state::destination(&storage.describe(), "digest"),
+        );
+        let head = objects.last().unwrap();
+        let (head_header, head_hash, _) = chain::read_verified(storage, head).await.unwrap();
+        let mut record = walsync::state::Record::open(&record_path).unwrap().unwrap();
+        record
+            .check(
+                walsync::state::Head {
+                    seq: head.seq,
+                    hash: head_hash,
+                },
+                &head_header.state.unwrap(),
+            )
+            .unwrap_or_else(|e| panic!("{kind}: {e}"));
+
+        // The head again, same pages and link, another digest.
+        let bytes = storage::get_bytes(storage, &head.key).await.unwrap();
+        let mut reader =
+            segment::PageReader::new(std::io::Cursor::new(&bytes), bytes.len() as u64, None)
+                .unwrap();
+        let mut enc = segment::Encoder::new(*reader.header(), None, Vec::new()).unwrap();
+        let mut page = vec![0u8; head_header.page_size as usize];
+        while let Some(pgno) = reader.next_page(&mut page).unwrap() {
+            enc.add_page(pgno, &page).unwrap();
+        }
+        let (_, forged) = enc.finish(Some([9; 32])).unwrap();
+        replace_object(storage, &head.key, forged).await;
+        let err = expect_refusal(&store, "digest", dir.path(), &head.key).await;
+        assert!(err.contains("state digest"), "{kind}: {err}");
+        // The state before it is still there to have.
+        assert!(
+            restore_to(&store, "digest", &out, restore::Target::Seq(head.seq - 1))
+                .await
+                .is_ok(),
+            "{kind}"
+        );
     }
 }

@@ -112,9 +112,11 @@ async fn ranged_reads_return_exactly_the_bytes_asked_for() {
         assert_eq!(tail, data[10_000 - 32..], "{name}");
         let middle = s.get_range("range/obj", 4321, 1000).await.unwrap();
         assert_eq!(middle, data[4321..5321], "{name}");
-        // Past the end: what there is.
+        // Past the end: what there is, or nothing.
         let over = s.get_range("range/obj", 9_990, 100).await.unwrap();
         assert_eq!(over, data[9_990..], "{name}");
+        let beyond = s.get_range("range/obj", 20_000, 10).await.unwrap();
+        assert!(beyond.is_empty(), "{name}");
         match s.get_range("range/missing", 0, 10).await {
             Err(Error::NotFound { key }) => assert_eq!(key, "range/missing", "{name}"),
             other => panic!("{name}: {other:?}"),

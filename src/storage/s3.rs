@@ -648,10 +648,23 @@ impl Storage for S3Storage {
                     key: key.to_string(),
                     source: std::io::Error::other(e),
                 })?;
-                Ok(body.into_bytes().to_vec())
+                let body = body.into_bytes();
+                // A store (or proxy) that ignores Range sends the whole object.
+                if body.len() as u64 > len {
+                    let start = usize::try_from(offset)
+                        .unwrap_or(usize::MAX)
+                        .min(body.len());
+                    let end = start.saturating_add(len as usize).min(body.len());
+                    return Ok(body[start..end].to_vec());
+                }
+                Ok(body.to_vec())
             }
             Err(err) => {
                 let failure = Failure::new(err);
+                // Past the end: there is nothing there, as on a local directory.
+                if failure.status == Some(416) || failure.code.as_deref() == Some("InvalidRange") {
+                    return Ok(Vec::new());
+                }
                 if failure.is_not_found() {
                     Err(Error::NotFound {
                         key: key.to_string(),
