@@ -100,6 +100,18 @@ def change_rows(db, rows, changed):
     con.close()
 
 
+def compare_ms(log):
+    """The time walsync's last page-by-page comparison took, from its log."""
+    ms = None
+    with open(log, errors="replace") as f:
+        for line in f:
+            if "compared every page with the state record" in line:
+                for part in line.split():
+                    if part.startswith("ms="):
+                        ms = int(part[3:])
+    return ms
+
+
 def restart(binary, db, replica, log):
     before = len(objects(replica))
     t0 = time.time()
@@ -141,7 +153,8 @@ def run(args, n):
     kind, pages, db_pages, size_b, took = restart(args.walsync, db, replica, log)
     print(
         f"  restart after {args.changed} rows changed: a {kind} of {pages} of {db_pages} pages, "
-        f"{size_b / 1024:.0f} KiB uploaded, shipped {took:.2f} s after start"
+        f"{size_b / 1024:.0f} KiB uploaded, shipped {took:.2f} s after start "
+        f"(reading and comparing every page: {compare_ms(log)} ms)"
     )
 
     for record in glob.glob(db + "-walsync-state-*"):

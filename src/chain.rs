@@ -183,8 +183,9 @@ pub fn describe_forks(objects: &[ObjectRef]) -> Option<String> {
 }
 
 /// What an object says about its place in the chain, read from its first and
-/// last bytes only: enough to see which object a fork's branches continue.
-/// The claim is checked when the object is downloaded whole.
+/// last bytes only: enough to see which object a fork's branches continue, or
+/// what the chain head a writer links to says. The claim is checked when the
+/// object is downloaded whole (by restore and verify).
 #[derive(Debug, Clone, Copy)]
 pub struct Link {
     pub header: segment::Header,
@@ -205,17 +206,23 @@ pub async fn read_link(storage: &dyn Storage, object: &ObjectRef) -> Result<Link
     let head_len =
         (segment::MAX_HEADER_SIZE as u64).min(object.size - segment::TRAILER_SIZE as u64);
     let head = storage.get_range(&object.key, 0, head_len).await?;
-    let header = segment::Header::decode(&head).map_err(corrupt)?;
+    let mut header = segment::Header::decode(&head).map_err(corrupt)?;
     check_key(object, &header)?;
+    let trailer = header.trailer_len() as u64;
+    if object.size < header.encoded_len() as u64 + trailer {
+        return Err(corrupt(segment::Error::TooShort(object.size)));
+    }
     let tail = storage
-        .get_range(
-            &object.key,
-            object.size - segment::TRAILER_SIZE as u64,
-            segment::TRAILER_SIZE as u64,
-        )
+        .get_range(&object.key, object.size - trailer, trailer)
         .await?;
-    let hash: [u8; 32] = tail
-        .as_slice()
+    if tail.len() as u64 != trailer {
+        return Err(corrupt(segment::Error::TooShort(object.size)));
+    }
+    let (state, hash) = tail.split_at(tail.len() - segment::TRAILER_SIZE);
+    if !state.is_empty() && state.iter().any(|b| *b != 0) {
+        header.state = state.try_into().ok();
+    }
+    let hash: [u8; 32] = hash
         .try_into()
         .map_err(|_| corrupt(segment::Error::TooShort(object.size)))?;
     Ok(Link { header, hash })

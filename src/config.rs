@@ -815,7 +815,9 @@ fn is_database_file(path: &Path) -> bool {
     !(name.ends_with("-wal")
         || name.ends_with("-shm")
         || name.ends_with("-journal")
-        || name.contains(".walsync-tmp"))
+        || name.contains(".walsync-tmp")
+        || name.contains("-walsync-state-")
+        || name.starts_with(".walsync-state-"))
 }
 
 fn check_template(template: &str) -> Result<(), String> {

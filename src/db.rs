@@ -794,6 +794,9 @@ impl Database {
         fresh.state = self.state;
         fresh.commits_at_state = self.commits_at_state;
         fresh.sealed = false;
+        fresh.record = self.record.take();
+        fresh.record_path = self.record_path.take();
+        fresh.no_record = self.no_record.take();
         *self = fresh;
         tracing::info!(db = %self.path.display(), "reopened the database after a failure");
         Ok(())
@@ -917,14 +920,14 @@ impl Database {
             prev_hash: link.prev_hash,
             sealed: None,
         };
+        let path = self.path.clone();
         let seg_err = |source| Error::Segment {
-            path: self.path.clone(),
+            path: path.clone(),
             source,
         };
         let mut enc =
             Encoder::new(header_out, link.key.as_ref(), SpoolWriter::new()).map_err(seg_err)?;
-        let header_out = *enc.header();
-        let mut header_out = header_out;
+        let mut header_out = *enc.header();
         let mut buf = vec![0u8; self.page_size as usize];
         let mut hashes = Vec::with_capacity(pages.len());
         for (pgno, index) in pages {
@@ -932,11 +935,12 @@ impl Database {
             enc.add_page(pgno, &buf).map_err(seg_err)?;
             hashes.push((pgno, page_hash(pgno, &buf)));
         }
-        let change = match &self.record {
-            Some(record) => StateChange::Pages(Box::new((
-                record.advance(db_pages, &hashes).map_err(self.io_err())?,
-                hashes,
-            ))),
+        let change = match self.record.as_ref().map(|r| r.advance(db_pages, &hashes)) {
+            Some(Ok(sum)) => StateChange::Pages(Box::new((sum, hashes))),
+            Some(Err(e)) => {
+                self.drop_record(&e.to_string());
+                StateChange::Unknown
+            }
             None => StateChange::Unknown,
         };
         header_out.state = match &change {
@@ -1091,6 +1095,22 @@ impl Database {
         record.check(head, &digest)?;
         self.record = Some(record);
         Ok(())
+    }
+
+    /// Stops using the record (it cannot be read, or is not the one that was
+    /// checked) and removes it: objects carry no digest until the next
+    /// snapshot makes a new one.
+    fn drop_record(&mut self, why: &str) {
+        if let Some(record) = self.record.take() {
+            tracing::warn!(
+                db = %self.path.display(),
+                record = %record.path().display(),
+                why,
+                "stopped using the state record; the next continuity loss takes a full snapshot"
+            );
+            let _ = state::forget(record.path());
+        }
+        self.no_record = Some(format!("the state record could not be used: {why}"));
     }
 
     /// Whether a checked state record is at hand (a delta can be made).
@@ -1438,14 +1458,25 @@ impl Database {
                 "a new state record cannot be written".into(),
             )));
         };
-        let mut old = record.entries().map_err(self.io_err())?;
+        let mut old = match record.entries() {
+            Ok(old) => old,
+            Err(e) => {
+                self.drop_record(&e.to_string());
+                return Ok(Some(Delta::Snapshot(format!(
+                    "no delta: the state record could not be used: {e}"
+                ))));
+            }
+        };
+        // The old entries are summed again as they are read: what is
+        // compared against must be exactly the state that was checked.
+        let mut old_sum = state::Sum {
+            sum: 0,
+            ..record.sum
+        };
         let mut differing: Vec<u32> = Vec::new();
         let page_size = self.page_size;
-        let io_err = |e| Error::Io {
-            path: record.path().to_path_buf(),
-            source: e,
-        };
         let mut failed: Option<io::Error> = None;
+        let started = std::time::Instant::now();
         self.for_each_page(page_count, |pgno, page| {
             let hash = page_hash(pgno, page);
             if let Err(e) = builder.push(hash) {
@@ -1454,7 +1485,10 @@ impl Database {
             // Pages past the old end are always shipped, zeros or not, so
             // that no reader has to make up pages the object does not hold.
             let was = match old.next() {
-                Some(Ok(was)) => Some(was),
+                Some(Ok(was)) => {
+                    old_sum.add(was);
+                    Some(was)
+                }
                 Some(Err(e)) => {
                     failed.get_or_insert(e);
                     None
@@ -1466,8 +1500,33 @@ impl Database {
             }
             Ok(())
         })?;
+        for was in old.by_ref() {
+            match was {
+                Ok(was) => old_sum.add(was),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
         if let Some(e) = failed {
-            return Err(io_err(e));
+            let why = e.to_string();
+            self.drop_record(&why);
+            return Ok(Some(Delta::Snapshot(format!(
+                "no delta: the state record could not be read: {why}"
+            ))));
+        }
+        tracing::info!(
+            db = %self.path.display(),
+            pages = page_count,
+            differ = differing.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "compared every page with the state record"
+        );
+        if old_sum != record.sum {
+            self.drop_record("its pages changed since it was checked");
+            return Ok(Some(Delta::Snapshot(
+                "no delta: the state record changed since it was checked".into(),
+            )));
         }
         if differing.is_empty() && page_count == record.sum.pages {
             self.shrink_memory()?;

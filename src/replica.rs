@@ -288,7 +288,11 @@ impl Replica {
             self.need_snapshot = Some(INITIAL.into());
             return Ok(());
         };
-        let (header, hash, _) = chain::read_verified(self.storage.as_ref(), &last).await?;
+        // The head's two ends say all a writer needs (what it links to, its
+        // WAL position, its state digest); reading a large snapshot whole at
+        // every start would cost the database's size. Restore and verify
+        // check it whole, and a claim that is false fails there, by name.
+        let chain::Link { header, hash } = chain::read_link(self.storage.as_ref(), &last).await?;
         if header.kind == Kind::Snapshot && !last.is_legacy() && last.mark.is_none() {
             self.unmarked = Some(header.seq);
         }
@@ -483,14 +487,19 @@ impl Replica {
         };
         let path = self.path.clone();
         let record = self.parked_record.take();
-        let record_path = state::record_path(
-            &self.path,
-            &state::destination(&self.storage.describe(), &self.prefix),
-        );
+        let record_path = self.record_path();
+        let head = self.record_head();
+        let digest = self.head_state;
         let (db, verdict) = blocking(&self.path, move || {
             Database::reattach(&path, token).map(|(mut db, verdict)| {
                 db.keep_record_at(record_path);
                 db.restore_record(record);
+                // Whatever replaced or rewrote the file while it was closed
+                // may have replaced the record too: check it again now that
+                // it is about to be used.
+                if let (Err(_), Some(head)) = (&verdict, head) {
+                    let _ = db.load_record(head, digest);
+                }
                 (db, verdict)
             })
         })
@@ -561,7 +570,19 @@ impl Replica {
             // A previous worker died holding it. Reopen, and start over from a
             // snapshot: frames read from a fresh position could skip some.
             let path = self.path.clone();
-            let db = blocking(&self.path, move || Database::open(&path)).await??;
+            let record_path = self.record_path();
+            let head = self.record_head();
+            let digest = self.head_state;
+            let db = blocking(&self.path, move || {
+                Database::open(&path).map(|mut db| {
+                    db.keep_record_at(record_path);
+                    if let Some(head) = head {
+                        let _ = db.load_record(head, digest);
+                    }
+                    db
+                })
+            })
+            .await??;
             self.db = Some(db);
             self.need_snapshot = Some("walsync reopened the database after a failure".into());
             return Err(Error::Worker {
@@ -576,6 +597,22 @@ impl Replica {
         .await?;
         self.db = Some(db);
         Ok(out)
+    }
+
+    /// Where this database's state record for this destination is kept.
+    fn record_path(&self) -> PathBuf {
+        state::record_path(
+            &self.path,
+            &state::destination(&self.storage.describe(), &self.prefix),
+        )
+    }
+
+    /// The chain head, as a state record names it.
+    fn record_head(&self) -> Option<state::Head> {
+        self.head.map(|h| state::Head {
+            seq: h.seq,
+            hash: h.hash,
+        })
     }
 
     fn sealing_key(&self) -> Option<Key> {
@@ -700,6 +737,9 @@ impl Replica {
         if snapshot_kind(reason) != "continuity" {
             return self.full_snapshot(reason, report).await;
         }
+        // Remembered until something ships: a delta that fails part-way
+        // (busy, an error) must not let the loss be forgotten.
+        self.need_snapshot = Some(reason.to_string());
         match self.delta(reason, report).await? {
             None => Ok(()),
             Some(why) => {

@@ -214,15 +214,31 @@ impl Record {
         Ok(())
     }
 
+    /// Opens the file and makes sure it is still the record that was
+    /// checked: another writer's record (a restore put in place, a second
+    /// process) under this name must never be read as this one.
+    fn open_checked(&self, write: bool) -> io::Result<File> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(&self.path)?;
+        let mut head = [0u8; RECORD_HEADER as usize];
+        file.read_exact_at(&mut head, 0)?;
+        if head[..] != header_bytes(self.sum, self.head, &self.digest)[..] {
+            return Err(bad("the state record was changed by something else"));
+        }
+        Ok(file)
+    }
+
     /// Every page hash, from page 1, read sequentially.
     pub fn entries(&self) -> io::Result<impl Iterator<Item = io::Result<u128>>> {
-        entries(File::open(&self.path)?, self.sum.pages)
+        entries(self.open_checked(false)?, self.sum.pages)
     }
 
     /// The sum after an object of `db_pages` pages that changes `pages`
     /// (sorted, each within `db_pages`) is applied to this state. Writes nothing.
     pub fn advance(&self, db_pages: u32, pages: &[(u32, u128)]) -> io::Result<Sum> {
-        let file = File::open(&self.path)?;
+        let file = self.open_checked(false)?;
         let page = |pgno: u32| read_entry(&file, pgno);
         let mut sum = self.sum;
         let old = sum.pages;
@@ -246,7 +262,7 @@ impl Record {
     /// length, then the header naming `head`. Not synced: a record torn by a
     /// crash fails [`Record::check`] and is not used.
     pub fn apply(&mut self, sum: Sum, pages: &[(u32, u128)], head: Head) -> io::Result<()> {
-        let file = OpenOptions::new().write(true).open(&self.path)?;
+        let file = self.open_checked(true)?;
         for pgno in grown_unwritten(self.sum.pages, sum.pages, pages) {
             write_entry(&file, pgno, zero_page_hash(pgno, sum.page_size))?;
         }
@@ -457,6 +473,22 @@ mod tests {
         record.apply(after, &snapshot, HEAD).unwrap();
         let mut reopened = Record::open(record.path()).unwrap().unwrap();
         reopened.check(HEAD, &after.digest()).unwrap();
+    }
+
+    #[test]
+    fn a_record_replaced_after_its_check_is_not_read_as_the_checked_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut record = build(dir.path(), &[1, 2, 3], HEAD);
+        record.check(HEAD, &sum_of(&[1, 2, 3]).digest()).unwrap();
+        // Another record (a restore's, say) put in its place.
+        let other = Head {
+            seq: 3,
+            hash: [3; 32],
+        };
+        drop(build(dir.path(), &[1, 2, 4], other));
+        assert!(record.entries().is_err());
+        assert!(record.advance(3, &[]).is_err());
+        assert!(record.apply(record.sum, &[], HEAD).is_err());
     }
 
     #[test]

@@ -1674,3 +1674,46 @@ async fn restore_checks_the_state_digest_after_every_object() {
         );
     }
 }
+
+/// A restore of an older state over a database walsync has closed at rest
+/// puts the restore's state record in place of walsync's. walsync must not
+/// read it as its own: the file is now another state than the head, and it
+/// is shipped (so that the newest state in storage is the file again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_over_a_closed_database_is_shipped_not_taken_for_the_head() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_in(&dir, "rolled.db");
+        let mut app = app_process(&db, 4096);
+        insert(&mut app, 20, 100);
+        let mut r = open_replica(&db, "rolled", &store, replica_opts()).await;
+        r.sync().await.unwrap();
+        insert(&mut app, 5, 100);
+        r.sync().await.unwrap();
+        let older = r.head().unwrap().seq;
+        insert(&mut app, 5, 100);
+        r.sync().await.unwrap();
+        app.quit();
+        r.sync().await.unwrap();
+        let mut closed = false;
+        for _ in 0..50 {
+            if r.detach().await.unwrap() {
+                closed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(closed, "{kind}: walsync never closed the idle database");
+        common::restore(&store, "rolled", &db, restore::Target::Seq(older), None)
+            .await
+            .unwrap();
+        assert_eq!(rows(&db).len(), 25, "{kind}");
+        r.sync().await.unwrap();
+        let restored = restore_rows(&store, "rolled", dir.path(), None).await;
+        assert!(
+            restored == rows(&db),
+            "{kind}: the newest state in storage ({} rows) is not the file (25 rows)",
+            restored.len()
+        );
+    }
+}
