@@ -371,7 +371,11 @@ async fn continue_after_gap(
     prefix: &str,
     pos: Position,
 ) -> Result<Option<Fetched>> {
-    let objects = chain::list(storage, prefix).await?;
+    // The branch restore would follow: a snapshot on a forked-off branch
+    // would not link to anything after it.
+    let mut listed = chain::list(storage, prefix).await?;
+    chain::find_unmarked_start(storage, &mut listed).await?;
+    let objects = crate::fork::follow(storage, listed).await?.objects;
     let Some(head) = objects.last() else {
         return Ok(None);
     };
