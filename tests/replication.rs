@@ -1717,3 +1717,47 @@ async fn a_restore_over_a_closed_database_is_shipped_not_taken_for_the_head() {
         );
     }
 }
+
+/// A delta of an encrypted chain is sealed with the chain's key: restore
+/// needs the key for it, and gets exactly the source with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delta_of_an_encrypted_chain_is_sealed_like_the_rest() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_in(&dir, "sealed.db");
+        let mut app = app_process(&db, 4096);
+        insert(&mut app, 40, 500);
+        let opts = || SyncOptions {
+            encryption: ring(&[6]),
+            ..replica_opts()
+        };
+        let mut r = open_replica(&db, "sealed", &store, opts()).await;
+        r.sync().await.unwrap();
+        drop(r);
+        // While walsync is stopped: a write, checkpointed and truncated away.
+        insert(&mut app, 3, 500);
+        assert_eq!(app.checkpoint("TRUNCATE").busy, 0);
+        let mut r = open_replica(&db, "sealed", &store, opts()).await;
+        let report = r.sync().await.unwrap();
+        assert_eq!((report.snapshots, report.deltas), (0, 1), "{kind}");
+        let objects = chain::list(store.storage.as_ref(), "sealed").await.unwrap();
+        let (header, _, _) = chain::read_verified(store.storage.as_ref(), objects.last().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(header.kind, Kind::Delta, "{kind}");
+        assert!(header.sealed.is_some(), "{kind}: a delta shipped in the clear");
+        let out = dir.path().join("out.db");
+        let latest = restore::Target::Latest;
+        assert_eq!(
+            restore_with(&store, "sealed", &out, latest, ring(&[6])).await,
+            Ok(rows(&db)),
+            "{kind}"
+        );
+        assert!(
+            restore_with(&store, "sealed", &out, latest, None)
+                .await
+                .is_err(),
+            "{kind}"
+        );
+    }
+}
