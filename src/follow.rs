@@ -24,6 +24,7 @@ use crate::chain::{self, ObjectRef};
 use crate::encryption::{KeyId, Keys};
 use crate::restore::{self, RestoreOptions, Target};
 use crate::segment::{self, Header, Kind, PageReader};
+use crate::state::{self, Record, page_hash};
 use crate::storage::{self, Storage, from_hex, to_hex};
 
 /// Appended to the replica file's name for the position file.
@@ -112,6 +113,11 @@ pub enum ApplyError {
     Sqlite(#[from] rusqlite::Error),
     #[error(transparent)]
     Io(#[from] io::Error),
+    #[error(
+        "the replica with it applied is not the state its writer recorded (its state digest \
+         differs); nothing of it was applied"
+    )]
+    StateMismatch,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -195,6 +201,14 @@ pub async fn follow(
         },
     };
     report.position = Some(pos);
+    // The state record restore left, kept current object by object: each
+    // object is checked against the digest its writer recorded, and the file
+    // can be promoted (watched) without shipping it again.
+    let record_path = state::record_path(
+        output,
+        &state::destination(&storage.describe(), &opts.prefix),
+    );
+    let mut record = follow_record(&record_path, pos);
     let mut conn = open_replica(output)?;
     let mut idle_polls = 0u32;
     let mut failures = 0u32;
@@ -224,7 +238,16 @@ pub async fn follow(
             Some((object, header, hash, file)) => {
                 check_seal(&object, &header, pos)?;
                 legacy_too &= object.is_legacy();
-                conn = apply(conn, output, &object, &header, file, opts.keys.clone()).await?;
+                (conn, record) = apply(
+                    conn,
+                    output,
+                    &object,
+                    (&header, hash),
+                    file,
+                    opts.keys.clone(),
+                    record,
+                )
+                .await?;
                 pos = Position::after(&header, hash);
                 write_position(&pos_path, &opts.prefix, pos)?;
                 report.position = Some(pos);
@@ -430,15 +453,37 @@ fn open_replica(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
-/// Applies one verified object in one transaction, on the blocking pool.
+/// The record beside a followed file, if it describes `pos` and its pages
+/// sum to its own digest; otherwise none is kept (and a stale one removed).
+fn follow_record(path: &Path, pos: Position) -> Option<Record> {
+    let head = state::Head {
+        seq: pos.seq,
+        hash: pos.hash,
+    };
+    let mut record = Record::open(path).ok().flatten()?;
+    let digest = record.digest();
+    match record.check(head, &digest) {
+        Ok(()) => Some(record),
+        Err(why) => {
+            info!(record = %path.display(), why, "not keeping the state record of this replica");
+            let _ = state::forget(path);
+            None
+        }
+    }
+}
+
+/// Applies one verified object in one transaction, on the blocking pool,
+/// checking the state after it against the digest the object records (where
+/// the record of the state before it is at hand) before committing.
 async fn apply(
     conn: Connection,
     path: &Path,
     object: &ObjectRef,
-    header: &Header,
+    (header, hash): (&Header, [u8; 32]),
     file: File,
     keys: Option<Arc<Keys>>,
-) -> Result<Connection> {
+    record: Option<Record>,
+) -> Result<(Connection, Option<Record>)> {
     let page_size = {
         let size: u32 = conn
             .query_row("PRAGMA page_size", [], |r| r.get(0))
@@ -456,9 +501,22 @@ async fn apply(
         });
     }
     let mut conn = conn;
+    let expected = header.state;
+    let head = state::Head {
+        seq: header.seq,
+        hash,
+    };
     let (conn, result) = tokio::task::spawn_blocking(move || {
-        let result = apply_pages(&mut conn, file, keys.as_deref());
-        (conn, result)
+        let mut record = record;
+        let result = apply_pages(
+            &mut conn,
+            file,
+            keys.as_deref(),
+            &mut record,
+            expected,
+            head,
+        );
+        (conn, result.map(|()| record))
     })
     .await
     .map_err(|e| Error::Apply {
@@ -466,25 +524,36 @@ async fn apply(
         path: path.to_path_buf(),
         source: ApplyError::Io(io::Error::other(e)),
     })?;
-    result.map_err(|source| Error::Apply {
+    let record = result.map_err(|source| Error::Apply {
         key: object.key.clone(),
         path: path.to_path_buf(),
         source,
     })?;
     info!(key = %object.key, pages = header.page_count, db_pages = header.db_pages, "applied");
-    Ok(conn)
+    Ok((conn, record))
 }
 
-fn apply_pages(conn: &mut Connection, file: File, keys: Option<&Keys>) -> Result<(), ApplyError> {
+fn apply_pages(
+    conn: &mut Connection,
+    file: File,
+    keys: Option<&Keys>,
+    record: &mut Option<Record>,
+    expected: Option<state::Digest>,
+    head: state::Head,
+) -> Result<(), ApplyError> {
     let len = file.metadata()?.len();
     let mut reader = PageReader::new(BufReader::with_capacity(1 << 20, file), len, keys)?;
     let header = *reader.header();
+    let mut hashes = Vec::new();
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     {
         let mut insert = tx.prepare("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)")?;
         let mut page = vec![0u8; header.page_size as usize];
         let lock_page = PENDING_BYTE / u64::from(header.page_size) + 1;
         while let Some(pgno) = reader.next_page(&mut page)? {
+            if record.is_some() {
+                hashes.push((pgno, page_hash(pgno, &page)));
+            }
             if u64::from(pgno) != lock_page {
                 insert.execute(params![pgno, page])?;
             }
@@ -496,7 +565,31 @@ fn apply_pages(conn: &mut Connection, file: File, keys: Option<&Keys>) -> Result
             insert.execute(params![header.db_pages + 1, rusqlite::types::Null])?;
         }
     }
+    let after = match record.as_ref().map(|r| r.advance(header.db_pages, &hashes)) {
+        Some(Ok(sum)) => Some(sum),
+        Some(Err(e)) => {
+            warn!(error = %e, "the state record of this replica cannot be read; not keeping it");
+            if let Some(r) = record.take() {
+                let _ = state::forget(r.path());
+            }
+            None
+        }
+        None => None,
+    };
+    if let (Some(sum), Some(expected)) = (after, expected)
+        && sum.digest() != expected
+    {
+        // Dropping the transaction rolls every page of it back.
+        return Err(ApplyError::StateMismatch);
+    }
     tx.commit()?;
+    if let (Some(sum), Some(r)) = (after, record.as_mut())
+        && let Err(e) = r.apply(sum, &hashes, head)
+    {
+        warn!(error = %e, "the state record of this replica cannot be written; not keeping it");
+        let _ = state::forget(r.path());
+        *record = None;
+    }
     Ok(())
 }
 
@@ -611,7 +704,19 @@ mod tests {
         std::fs::write(&object, bytes).unwrap();
 
         let mut conn = conn;
-        apply_pages(&mut conn, File::open(&object).unwrap(), None).unwrap();
+        let head = state::Head {
+            seq: 1,
+            hash: [0; 32],
+        };
+        apply_pages(
+            &mut conn,
+            File::open(&object).unwrap(),
+            None,
+            &mut None,
+            None,
+            head,
+        )
+        .unwrap();
         let pages: u32 = conn
             .query_row("PRAGMA page_count", [], |r| r.get(0))
             .unwrap();

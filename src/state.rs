@@ -280,6 +280,11 @@ impl Record {
         &self.path
     }
 
+    /// The digest the record says its state has (proven by [`Record::check`]).
+    pub fn digest(&self) -> Digest {
+        self.digest
+    }
+
     /// Moves the record to `to` (restore: from beside the temp file to
     /// beside the restored database).
     pub fn rename(&mut self, to: &Path) -> io::Result<()> {

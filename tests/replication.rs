@@ -1173,6 +1173,27 @@ async fn follow_keeps_a_replica_current_readers_see_whole_transactions_and_it_re
             !report.restored && report.applied == 1,
             "{kind}: {report:?}"
         );
+        // Every object was checked against its state digest, and the record
+        // beside the copy describes the head: the copy can be promoted.
+        let objects = chain::list(store.storage.as_ref(), "live").await.unwrap();
+        let head = objects.last().unwrap();
+        let (head_header, head_hash, _) = chain::read_verified(store.storage.as_ref(), head)
+            .await
+            .unwrap();
+        let record_path = walsync::state::record_path(
+            &copy,
+            &walsync::state::destination(&store.storage.describe(), "live"),
+        );
+        let mut record = walsync::state::Record::open(&record_path).unwrap().unwrap();
+        record
+            .check(
+                walsync::state::Head {
+                    seq: head.seq,
+                    hash: head_hash,
+                },
+                &head_header.state.unwrap(),
+            )
+            .unwrap_or_else(|e| panic!("{kind}: {e}"));
 
         // A file it did not make is not taken over without --force.
         let other = dir.path().join("other.db");
@@ -1611,6 +1632,21 @@ async fn a_snapshot_without_its_mark_still_restores_and_is_marked_again() {
     }
 }
 
+/// Rewrites object `key` with the same pages and link but another state digest.
+async fn forge_digest(storage: &dyn Storage, key: &str) {
+    let bytes = storage::get_bytes(storage, key).await.unwrap();
+    let mut reader =
+        segment::PageReader::new(std::io::Cursor::new(&bytes), bytes.len() as u64, None).unwrap();
+    let header = *reader.header();
+    let mut enc = segment::Encoder::new(header, None, Vec::new()).unwrap();
+    let mut page = vec![0u8; header.page_size as usize];
+    while let Some(pgno) = reader.next_page(&mut page).unwrap() {
+        enc.add_page(pgno, &page).unwrap();
+    }
+    let (_, forged) = enc.finish(Some([9; 32])).unwrap();
+    replace_object(storage, key, forged).await;
+}
+
 /// Every object records the state digest after it; restore recomputes it
 /// after each object, leaves the record of what it wrote beside the file,
 /// and refuses, by name, an object whose result is not what its writer had.
@@ -1652,17 +1688,7 @@ async fn restore_checks_the_state_digest_after_every_object() {
             .unwrap_or_else(|e| panic!("{kind}: {e}"));
 
         // The head again, same pages and link, another digest.
-        let bytes = storage::get_bytes(storage, &head.key).await.unwrap();
-        let mut reader =
-            segment::PageReader::new(std::io::Cursor::new(&bytes), bytes.len() as u64, None)
-                .unwrap();
-        let mut enc = segment::Encoder::new(*reader.header(), None, Vec::new()).unwrap();
-        let mut page = vec![0u8; head_header.page_size as usize];
-        while let Some(pgno) = reader.next_page(&mut page).unwrap() {
-            enc.add_page(pgno, &page).unwrap();
-        }
-        let (_, forged) = enc.finish(Some([9; 32])).unwrap();
-        replace_object(storage, &head.key, forged).await;
+        forge_digest(storage, &head.key).await;
         let err = expect_refusal(&store, "digest", dir.path(), &head.key).await;
         assert!(err.contains("state digest"), "{kind}: {err}");
         // The state before it is still there to have.
@@ -1745,7 +1771,10 @@ async fn a_delta_of_an_encrypted_chain_is_sealed_like_the_rest() {
             .await
             .unwrap();
         assert_eq!(header.kind, Kind::Delta, "{kind}");
-        assert!(header.sealed.is_some(), "{kind}: a delta shipped in the clear");
+        assert!(
+            header.sealed.is_some(),
+            "{kind}: a delta shipped in the clear"
+        );
         let out = dir.path().join("out.db");
         let latest = restore::Target::Latest;
         assert_eq!(
@@ -1758,6 +1787,54 @@ async fn a_delta_of_an_encrypted_chain_is_sealed_like_the_rest() {
                 .await
                 .is_err(),
             "{kind}"
+        );
+    }
+}
+
+/// `restore --follow` checks every object it applies against the state
+/// digest its writer recorded, and applies nothing of one that differs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_refuses_an_object_whose_state_digest_differs() {
+    for (kind, store) in common::all_stores().await {
+        let storage = store.storage.as_ref();
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_in(&dir, "src.db");
+        let copy = db_in(&dir, "copy.db");
+        let mut app = app_process(&db, 4096);
+        insert(&mut app, 20, 100);
+        let mut r = open_replica(&db, "watched", &store, replica_opts()).await;
+        r.sync().await.unwrap();
+        let opts = follow::FollowOptions {
+            prefix: "watched".into(),
+            output: copy.clone(),
+            keys: None,
+            interval: Duration::from_millis(20),
+            force: false,
+        };
+        let (stop, task) = spawn_follow(&store, opts.clone());
+        wait_for_rows(&copy, &rows(&db), kind).await;
+        stop.cancel();
+        task.await.unwrap().unwrap();
+        let before = rows(&copy);
+        insert(&mut app, 5, 100);
+        r.sync().await.unwrap();
+        let head = chain::list(storage, "watched")
+            .await
+            .unwrap()
+            .pop()
+            .unwrap();
+        forge_digest(storage, &head.key).await;
+        let err = follow::follow(storage, &opts, tokio_util::sync::CancellationToken::new())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&head.key) && err.contains("state digest"),
+            "{kind}: {err}"
+        );
+        assert!(
+            rows(&copy) == before,
+            "{kind}: part of the object was applied"
         );
     }
 }
