@@ -28,7 +28,10 @@ fi
 # --exec takes one string and splits it like a shell: quote every argument.
 command=""
 for arg in "$@"; do
-    quoted=$(printf '%s' "$arg" | sed "s/'/'\\\\''/g")
+    # The trailing "." keeps the argument's own trailing newlines, which
+    # command substitution would strip; it is taken off again below.
+    quoted=$(printf '%s.' "$arg" | sed "s/'/'\\\\''/g")
+    quoted=${quoted%.}
     command="$command '$quoted'"
 done
 exec "$walsync" watch --config "$config" --exec "$command"

@@ -553,12 +553,17 @@ async fn restore_all(args: RestoreAllArgs) -> Result<()> {
     let storage = open_config_storage(&config.storage).await?;
     // Every database in storage, plus every configured one (which then fails
     // by name if storage has nothing for it, unless --if-replica-exists).
-    let stored: Vec<String> = chain::list_databases(storage.as_ref())
+    let listed = chain::list_databases(storage.as_ref())
         .await
-        .with_context(|| format!("listing {}", storage.describe()))?
-        .into_iter()
-        .map(|(prefix, _)| prefix)
-        .collect();
+        .with_context(|| format!("listing {}", storage.describe()))?;
+    // A name from storage reaches a file name only if it is one walsync.toml
+    // could hold; the others are named (escaped) and fail the run.
+    let mut failed: Vec<String> = Vec::new();
+    for (name, why) in &listed.refused {
+        eprintln!("failed {name:?}: not a valid database name in storage (it {why}); not restored");
+        failed.push(format!("{name:?}"));
+    }
+    let stored: Vec<String> = listed.found.into_iter().map(|(prefix, _)| prefix).collect();
     let mut prefixes = stored.clone();
     let mut skipped: Vec<(String, &str)> = Vec::new();
     for target in config.discover()? {
@@ -584,8 +589,7 @@ async fn restore_all(args: RestoreAllArgs) -> Result<()> {
     }
     let target = args.timestamp.map_or(Target::Latest, Target::Time);
     let keys = reading_keys(Some(&config), None)?;
-    let mut jobs = Vec::new();
-    let mut failed: Vec<String> = Vec::new();
+    let mut jobs: Vec<RestoreOptions> = Vec::new();
     for prefix in prefixes {
         let output = match &args.output_dir {
             Some(dir) => restore::file_in_dir(dir, &prefix),
@@ -613,6 +617,20 @@ async fn restore_all(args: RestoreAllArgs) -> Result<()> {
             force: args.force,
             keys: keys.clone(),
         });
+    }
+    // Two databases restored to one file would leave one of them there under
+    // the other's name: refused before anything is written.
+    let mut by_output: std::collections::HashMap<PathBuf, &str> = std::collections::HashMap::new();
+    for job in &jobs {
+        if let Some(other) = by_output.insert(same_file_key(&job.output), &job.prefix) {
+            bail!(
+                "{other} and {} would both be restored to {}; give one of them its own path in \
+                 {} (or use --output-dir), nothing was restored",
+                job.prefix,
+                job.output.display(),
+                args.config.display()
+            );
+        }
     }
     for (prefix, why) in &skipped {
         println!("skipped {prefix}: {why}");
@@ -653,6 +671,19 @@ async fn restore_all(args: RestoreAllArgs) -> Result<()> {
     Ok(())
 }
 
+/// A path as the filesystem sees it: the real directory (links resolved,
+/// where it exists) joined with the file name, so that two spellings of one
+/// file compare equal.
+fn same_file_key(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    match (absolute.parent(), absolute.file_name()) {
+        (Some(dir), Some(name)) => dir
+            .canonicalize()
+            .map_or_else(|_| absolute.clone(), |dir| dir.join(name)),
+        _ => absolute,
+    }
+}
+
 async fn list(args: ListArgs) -> Result<()> {
     let storage = match &args.config {
         Some(path) => open_config_storage(&load_config(path)?.storage).await?,
@@ -662,9 +693,13 @@ async fn list(args: ListArgs) -> Result<()> {
         config::validate_prefix(prefix)?;
         return restore_points(storage.as_ref(), prefix).await;
     }
-    let dbs = chain::list_databases(storage.as_ref())
+    let listed = chain::list_databases(storage.as_ref())
         .await
         .with_context(|| format!("listing {}", storage.describe()))?;
+    for (name, why) in &listed.refused {
+        eprintln!("warning: ignoring {name:?} in storage: not a valid database name (it {why})");
+    }
+    let dbs = listed.found;
     if dbs.is_empty() {
         println!("no databases in {}", storage.describe());
         return Ok(());

@@ -105,8 +105,43 @@ pub async fn list(storage: &dyn Storage, prefix: &str) -> Result<Vec<ObjectRef>>
     })))
 }
 
+/// What is wrong with a database name (a prefix), if anything: the one rule
+/// for names in walsync.toml and for names found in storage, which reach
+/// file names (restore-all) and terminals (list) only after passing it.
+pub fn name_problem(prefix: &str) -> Option<&'static str> {
+    if prefix.is_empty() {
+        return Some("is empty");
+    }
+    if prefix.starts_with('/') {
+        return Some("must not start with '/'");
+    }
+    if prefix.ends_with('/') {
+        return Some("must not end with '/'");
+    }
+    if prefix.split('/').any(|s| s.is_empty()) {
+        return Some("has an empty path segment ('//')");
+    }
+    if prefix.split('/').any(|s| s == ".." || s == ".") {
+        return Some("must not contain '.' or '..' segments");
+    }
+    if prefix.chars().any(|c| c.is_control() || c == '\\') {
+        return Some("must not contain control characters or '\\'");
+    }
+    None
+}
+
+/// The databases found under a storage root.
+#[derive(Debug, Default)]
+pub struct Databases {
+    /// Each valid name with its objects, by name.
+    pub found: Vec<(String, Vec<ObjectRef>)>,
+    /// Names that fail [`name_problem`], with why; nothing is done with them
+    /// but to report them (print them with `{:?}`: they may hold anything).
+    pub refused: Vec<(String, &'static str)>,
+}
+
 /// Every database prefix that holds walsync objects under the storage root.
-pub async fn list_databases(storage: &dyn Storage) -> Result<Vec<(String, Vec<ObjectRef>)>> {
+pub async fn list_databases(storage: &dyn Storage) -> Result<Databases> {
     let listed = storage.list("").await?;
     let mut grouped: std::collections::BTreeMap<String, Vec<(segment::Name, String, u64)>> =
         std::collections::BTreeMap::new();
@@ -122,11 +157,18 @@ pub async fn list_databases(storage: &dyn Storage) -> Result<Vec<(String, Vec<Ob
             .or_default()
             .push((name, meta.key.clone(), meta.size));
     }
-    Ok(grouped
-        .into_iter()
-        .map(|(prefix, entries)| (prefix, collect(entries)))
-        .filter(|(_, objects)| !objects.is_empty())
-        .collect())
+    let mut out = Databases::default();
+    for (prefix, entries) in grouped {
+        if let Some(why) = name_problem(&prefix) {
+            out.refused.push((prefix, why));
+            continue;
+        }
+        let objects = collect(entries);
+        if !objects.is_empty() {
+            out.found.push((prefix, objects));
+        }
+    }
+    Ok(out)
 }
 
 /// A chain whose snapshots all lack their marks (walsync stopped between a

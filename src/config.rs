@@ -266,7 +266,7 @@ impl Checker<'_> {
             } else if let Some(body) = after.strip_prefix('{') {
                 let end = body
                     .find('}')
-                    .ok_or_else(|| self.err(format!("{key}: unclosed ${{ in {value:?}")))?;
+                    .ok_or_else(|| self.err(format!("{key}: unclosed ${{ (no closing }})")))?;
                 let name = &body[..end];
                 let var = std::env::var(name).map_err(|_| {
                     self.err(format!("{key}: environment variable {name} is not set"))
@@ -377,7 +377,8 @@ impl Config {
             let line = e
                 .span()
                 .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
-            let message = e.message().trim().replace('\n', " ");
+            // The parser quotes the value it choked on; a value may be a secret.
+            let message = without_quoted(e.message().trim()).replace('\n', " ");
             match line {
                 Some(line) => check.err(format!("line {line}: {message}")),
                 None => check.err(message),
@@ -438,7 +439,17 @@ impl Config {
                 if raw.prefix.is_some() {
                     return Err(check.err("storage.prefix goes with bucket; put it in the url"));
                 }
+                // An empty value (an unset-but-empty ${VAR}, say) would be read
+                // as a relative path, the config's own directory.
+                if url.trim().is_empty() {
+                    return Err(
+                        check.err("storage.url is empty (give s3://bucket/prefix or a directory)")
+                    );
+                }
                 url
+            }
+            (None, Some(bucket)) if bucket.trim().is_empty() => {
+                return Err(check.err("storage.bucket is empty"));
             }
             (None, Some(bucket)) => match expand("storage.prefix", &raw.prefix)? {
                 Some(prefix) => format!("s3://{bucket}/{}", prefix.trim_matches('/')),
@@ -820,6 +831,25 @@ fn is_database_file(path: &Path) -> bool {
         || name.starts_with(".walsync-state-"))
 }
 
+/// `text` with whatever stands between double quotes replaced by `…`.
+fn without_quoted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut inside = false;
+    for c in text.chars() {
+        if c == '"' {
+            if !inside {
+                out.push_str("\"…");
+            } else {
+                out.push('"');
+            }
+            inside = !inside;
+        } else if !inside {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn check_template(template: &str) -> Result<(), String> {
     let mut rest = template;
     let mut has_placeholder = false;
@@ -895,31 +925,13 @@ fn parent_of(path: &Path) -> PathBuf {
 
 /// Checks that a database prefix stays inside the storage root.
 pub fn validate_prefix(prefix: &str) -> Result<(), Error> {
-    let bad = |reason| {
-        Err(Error::BadPrefix {
+    match crate::chain::name_problem(prefix) {
+        Some(reason) => Err(Error::BadPrefix {
             prefix: prefix.to_string(),
             reason,
-        })
-    };
-    if prefix.is_empty() {
-        return bad("is empty");
+        }),
+        None => Ok(()),
     }
-    if prefix.starts_with('/') {
-        return bad("must not start with '/'");
-    }
-    if prefix.ends_with('/') {
-        return bad("must not end with '/'");
-    }
-    if prefix.split('/').any(|s| s.is_empty()) {
-        return bad("has an empty path segment ('//')");
-    }
-    if prefix.split('/').any(|s| s == ".." || s == ".") {
-        return bad("must not contain '.' or '..' segments");
-    }
-    if prefix.chars().any(|c| c.is_control() || c == '\\') {
-        return bad("must not contain control characters or '\\'");
-    }
-    Ok(())
 }
 
 /// The default prefix of a database: its file name without extension.
@@ -1008,6 +1020,49 @@ mod tests {
             glob_base(Path::new("/data/t/*.db")),
             PathBuf::from("/data/t")
         );
+    }
+
+    #[test]
+    fn config_errors_name_the_key_never_the_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("walsync.toml");
+        for bad in [
+            "[sync]\nprevious_encryption_keys = \"SECRET-KEY-VALUE\"\n",
+            "[sync]\nencryption_key = 5\n[storage]\nsecret_access_key = [\"SECRET-KEY-VALUE\"]\n",
+            "[storage]\nsecret_access_key = \"${SECRET-KEY-VALUE\"\n",
+        ] {
+            std::fs::write(
+                &path,
+                format!("{bad}[[databases]]\npath = \"/data/app.db\"\n[storage]\nurl = \"/r\"\n"),
+            )
+            .unwrap();
+            let err = Config::load(&path).unwrap_err().to_string();
+            assert!(!err.contains("SECRET-KEY-VALUE"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_empty_storage_url_is_an_error_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("walsync.toml");
+        // SAFETY: set before anything else in this test reads the environment.
+        unsafe { std::env::set_var("WALSYNC_TEST_EMPTY_URL", "") };
+        for storage in [
+            "url = \"${WALSYNC_TEST_EMPTY_URL}\"",
+            "url = \"\"",
+            "bucket = \"\"",
+        ] {
+            std::fs::write(
+                &path,
+                format!("[storage]\n{storage}\n[[databases]]\npath = \"/data/app.db\"\n"),
+            )
+            .unwrap();
+            let err = Config::load(&path).unwrap_err().to_string();
+            assert!(
+                err.contains("is empty") && err.contains("storage."),
+                "{storage}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -12,11 +12,13 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+
+use crate::listen;
 
 /// A database's answer to a sync request: its head after the sync, or why not.
 pub type Outcome = (String, Result<Option<u64>, String>);
@@ -33,55 +35,153 @@ pub struct SyncRequest {
 }
 
 /// Where the control socket of the `watch` using `config` lives unless
-/// walsync.toml says otherwise: in the temp directory, named after the
-/// configuration file's full path, so `sync` finds it from the same file.
+/// walsync.toml says otherwise: in a directory only this user can enter
+/// (`$XDG_RUNTIME_DIR/walsync`, else `walsync-UID` in the temp directory),
+/// named after the configuration file's full path, so `sync` finds it from
+/// the same file and no other user can put a socket there first.
 pub fn default_socket(config: &Path) -> PathBuf {
     let full = config
         .canonicalize()
         .unwrap_or_else(|_| config.to_path_buf());
     let digest = Sha256::digest(full.as_os_str().as_encoded_bytes());
     let name: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-    std::env::temp_dir().join(format!("walsync-{name}.sock"))
+    private_dir().join(format!("walsync-{name}.sock"))
 }
 
-/// Listens on `path` until `shutdown`, passing requests to `requests`.
-pub async fn serve(
-    path: PathBuf,
-    requests: mpsc::UnboundedSender<SyncRequest>,
-    shutdown: CancellationToken,
-) -> io::Result<()> {
+fn private_dir() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(dir) => PathBuf::from(dir).join("walsync"),
+        None => std::env::temp_dir().join(format!("walsync-{}", my_uid())),
+    }
+}
+
+fn my_uid() -> u32 {
+    // SAFETY: geteuid(2) cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Makes sure the directory of `socket` exists, belongs to this user and
+/// is closed to everyone else; refuses otherwise, naming the owner.
+fn secure_dir(socket: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", dir.display()))),
+    }
+    let meta = std::fs::symlink_metadata(dir)?;
+    if meta.is_dir() && meta.uid() == my_uid() && meta.mode() & 0o077 != 0 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    if !meta.is_dir() || meta.uid() != my_uid() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{}: belongs to uid {}, not to this user ({}); refusing to put the control socket there",
+                dir.display(),
+                meta.uid(),
+                my_uid()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a peer that is another user: requests (and answers) only ever
+/// pass between processes of the same user.
+fn check_peer(stream: &UnixStream) -> io::Result<()> {
+    let peer = stream.peer_cred()?.uid();
+    if peer != my_uid() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "the other end of the control socket is uid {peer}, not this user ({})",
+                my_uid()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Binds the control socket at `path`, refusing (with the reason) a path
+/// another user holds or a live walsync serves: `watch` does not start
+/// without the socket it promised.
+pub async fn bind(path: &Path) -> io::Result<UnixListener> {
+    // Only in a directory of our own: no other user can have made it first.
+    if path.starts_with(private_dir()) {
+        secure_dir(path)?;
+    }
+    // A socket of another user is never replaced nor talked to.
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::MetadataExt;
+        if meta.uid() != my_uid() {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{}: belongs to uid {}, not to this user; refusing to use it",
+                    path.display(),
+                    meta.uid()
+                ),
+            ));
+        }
+    }
     // A socket left by a walsync that died is replaced; a live one is not.
-    if UnixStream::connect(&path).await.is_ok() {
+    if UnixStream::connect(path).await.is_ok() {
         return Err(io::Error::new(
             io::ErrorKind::AddrInUse,
             format!("{}: another walsync is listening there", path.display()),
         ));
     }
-    let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path)
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     info!(socket = %path.display(), "control socket ready (walsync sync)");
+    Ok(listener)
+}
+
+/// Serves `listener` (bound at `path`) until `shutdown`, passing requests to
+/// `requests`, then removes the socket.
+pub async fn serve(
+    listener: UnixListener,
+    path: PathBuf,
+    requests: mpsc::UnboundedSender<SyncRequest>,
+    shutdown: CancellationToken,
+) {
+    let mut gate = listen::Gate::new("control socket");
     loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            permit = gate.slot() => permit,
+        };
+        let Some(permit) = permit else { break };
         let stream = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
-                    warn!(error = %e, "control socket: accept failed");
+                    gate.failed(&e).await;
                     continue;
                 }
             },
         };
+        if let Err(e) = check_peer(&stream) {
+            warn!(error = %e, "control socket: refused a connection");
+            continue;
+        }
         let requests = requests.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             if let Err(e) = answer(stream, requests).await {
                 warn!(error = %e, "control socket: request failed");
             }
         });
     }
     let _ = std::fs::remove_file(&path);
-    Ok(())
 }
 
 async fn answer(
@@ -90,7 +190,11 @@ async fn answer(
 ) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    BufReader::new(read).read_line(&mut line).await?;
+    // A client that sends nothing (or no end of line) holds a slot only so long.
+    let mut limited = BufReader::new(read).take(1024);
+    tokio::time::timeout(listen::REQUEST_TIMEOUT, limited.read_line(&mut line))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request line in time"))??;
     let mut words = line.split_whitespace();
     let prefix = match (words.next(), words.next(), words.next()) {
         (Some("sync"), prefix, None) => prefix.map(str::to_string),
@@ -163,6 +267,9 @@ pub async fn request_sync(
             ),
         )
     })?;
+    // An answer from another user's process would say nothing of our data.
+    check_peer(&stream)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", socket.display())))?;
     let (read, mut write) = stream.into_split();
     let request = match prefix {
         Some(p) => format!("sync {p}\n"),

@@ -17,9 +17,17 @@ pub fn explain(config: &Config) -> Result<String, config::Error> {
     let s3 = &storage.s3;
     // Writing to a String cannot fail.
     let _ = writeln!(out, "configuration  {}", config.source.display());
-    let _ = writeln!(out, "storage        {}", storage.url);
+    let _ = writeln!(
+        out,
+        "storage        {}",
+        crate::storage::redact_userinfo(&storage.url)
+    );
     if let Some(endpoint) = &s3.endpoint {
-        let _ = writeln!(out, "  endpoint     {endpoint}");
+        let _ = writeln!(
+            out,
+            "  endpoint     {}",
+            crate::storage::redact_userinfo(endpoint)
+        );
     }
     if let Some(region) = &s3.region {
         let _ = writeln!(out, "  region       {region}");
@@ -143,7 +151,7 @@ mod tests {
         let text = r#"
 [storage]
 url = "s3://bucket/prod"
-endpoint = "http://127.0.0.1:9000"
+endpoint = "http://admin:endpoint-pass@127.0.0.1:9000"
 access_key_id = "AKIAEXAMPLEKEY123"
 secret_access_key = "very-secret-value"
 [sync]
@@ -162,6 +170,10 @@ encryption_key = "off"
         assert!(report.contains("AKIA****"), "{report}");
         assert!(!report.contains("EXAMPLEKEY123"), "{report}");
         assert!(!report.contains("very-secret-value"), "{report}");
+        assert!(
+            report.contains("http://127.0.0.1:9000") && !report.contains("endpoint-pass"),
+            "{report}"
+        );
         assert!(
             report.contains("/nonexistent/app.db -> app  (missing)"),
             "{report}"

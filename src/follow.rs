@@ -637,8 +637,6 @@ fn write_position(path: &Path, prefix: &str, pos: Position) -> Result<()> {
         path: path.to_path_buf(),
         message: e.to_string(),
     };
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
     let key = pos.key_id.map_or("none".to_string(), |id| id.to_string());
     let text = format!(
         "# where `walsync restore --follow` stands; written after each object\n\
@@ -646,10 +644,12 @@ fn write_position(path: &Path, prefix: &str, pos: Position) -> Result<()> {
         pos.seq,
         to_hex(&pos.hash)
     );
-    let mut file = File::create(&tmp).map_err(err)?;
-    io::Write::write_all(&mut file, text.as_bytes()).map_err(err)?;
-    file.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)?;
+    // Written to a new file of our own, then renamed over the position: a
+    // link at a guessable temp name is never written through.
+    let mut tmp = crate::sidefile::temp_beside(path, "tmp").map_err(err)?;
+    io::Write::write_all(&mut tmp, text.as_bytes()).map_err(err)?;
+    tmp.as_file().sync_all().map_err(err)?;
+    tmp.persist(path).map_err(|e| err(e.error))?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
     }

@@ -11,11 +11,12 @@ use hyper::body::{Bytes, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
+use crate::listen;
 use crate::restore::format_ms;
 use crate::status::{Board, Snapshot};
 
@@ -26,31 +27,42 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
 }
 
-/// Serves until `shutdown`.
+/// Serves until `shutdown`, within the limits of [`crate::listen`]: at most
+/// [`listen::MAX_CONNECTIONS`] at once, each with [`listen::REQUEST_TIMEOUT`]
+/// to send its headers and [`listen::CONNECTION_TIMEOUT`] in all.
 pub async fn serve(listener: TcpListener, board: Board, shutdown: CancellationToken) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "serving /metrics, /health and the status page");
     }
+    let mut gate = listen::Gate::new("http");
     loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            permit = gate.slot() => permit,
+        };
+        let Some(permit) = permit else { return };
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    warn!(error = %e, "status listener: accept failed");
+                    gate.failed(&e).await;
                     continue;
                 }
             },
         };
         let board = board.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service = service_fn(move |req| {
                 let board = board.clone();
                 async move { Ok::<_, Infallible>(respond(&req, &board)) }
             });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(listen::REQUEST_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(listen::CONNECTION_TIMEOUT, connection).await;
         });
     }
 }

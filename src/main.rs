@@ -6,6 +6,36 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+/// Libraries whose debug and trace lines carry request headers (credentials,
+/// session tokens): kept at warn unless `WALSYNC_LOG` names them itself.
+const QUIET_UNLESS_ASKED: &[&str] = &[
+    "aws_config",
+    "aws_runtime",
+    "aws_sdk_s3",
+    "aws_sigv4",
+    "aws_smithy_http_client",
+    "aws_smithy_runtime",
+    "aws_smithy_runtime_api",
+    "h2",
+    "hyper",
+    "hyper_util",
+    "rustls",
+];
+
+/// The log filter from `WALSYNC_LOG` (default `info`).
+fn log_filter(spec: Option<&str>) -> EnvFilter {
+    let spec = spec.filter(|s| !s.trim().is_empty()).unwrap_or("info");
+    let mut filter = EnvFilter::try_new(spec).unwrap_or_else(|_| EnvFilter::new("info"));
+    for target in QUIET_UNLESS_ASKED {
+        if !spec.contains(target)
+            && let Ok(directive) = format!("{target}=warn").parse()
+        {
+            filter = filter.add_directive(directive);
+        }
+    }
+    filter
+}
+
 fn main() -> ExitCode {
     // glibc gives each thread that allocates its own arena; with tokio's
     // blocking pool that is many arenas of freed-but-kept memory. Two suffice.
@@ -15,9 +45,7 @@ fn main() -> ExitCode {
     }
     let cli = walsync::cli::Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("WALSYNC_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(log_filter(std::env::var("WALSYNC_LOG").ok().as_deref()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();

@@ -43,6 +43,8 @@ pub enum Error {
     Watch(#[source] notify::Error),
     #[error(transparent)]
     Config(#[from] config::Error),
+    #[error("control socket: {0}")]
+    Control(#[source] std::io::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -271,12 +273,8 @@ pub async fn run(plan: Plan, shutdown: CancellationToken, hooks: Hooks) -> Resul
     let control_stop = CancellationToken::new();
     let _control_stop = control_stop.clone().drop_guard();
     if let Some(path) = hooks.control {
-        let listener = control::serve(path, sync_tx, control_stop);
-        tokio::spawn(async move {
-            if let Err(e) = listener.await {
-                error!(error = %e, "control socket failed; `walsync sync` will not reach this process");
-            }
-        });
+        let listener = control::bind(&path).await.map_err(Error::Control)?;
+        tokio::spawn(control::serve(listener, path, sync_tx, control_stop));
     }
     let routes: Routes = Arc::new(RwLock::new(HashMap::new()));
     let watcher = start_watcher(&plan, routes.clone(), tx)?;
@@ -886,12 +884,19 @@ impl Fleet {
             return;
         }
         match chain::list_databases(storage.as_ref()).await {
-            Ok(found) => {
+            Ok(listed) => {
                 info!(
-                    databases = found.len(),
+                    databases = listed.found.len(),
                     "listed storage once for the start-up"
                 );
-                self.listing = Some((Instant::now(), found.into_iter().collect(), HashSet::new()));
+                for (name, why) in &listed.refused {
+                    warn!(name = ?name, why, "ignoring a database name in storage that is not valid");
+                }
+                self.listing = Some((
+                    Instant::now(),
+                    listed.found.into_iter().collect(),
+                    HashSet::new(),
+                ));
             }
             Err(e) => {
                 warn!(error = %e, "listing storage failed; each database lists its own prefix")

@@ -4,11 +4,13 @@
 //! or before the target sequence, downloads every object of the plan into a
 //! scratch directory beside the output, and verifies each one (trailer hash,
 //! header against key, link to the previous object, page size) before a
-//! single page is written. Only then does it apply the pages into
-//! `FILE.walsync-tmp`, fsync it, run `PRAGMA integrity_check`, and rename it
-//! over `FILE`. A failed restore leaves any existing `FILE` untouched.
+//! single page is written. Only then does it apply the pages into a temp
+//! file of its own beside `FILE` (`.FILE.walsync-tmp-XXXXXX`, created
+//! exclusively), fsync it, run `PRAGMA integrity_check`, and rename it over
+//! `FILE`. A failed restore leaves any existing `FILE` untouched; a second
+//! restore to the same `FILE` meanwhile is refused.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, BufReader};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -21,6 +23,7 @@ use crate::chain::{self, ObjectRef};
 use crate::encryption::{KeyId, Keys};
 use crate::fork::{self, Branch};
 use crate::segment::{self, Kind, PageReader};
+use crate::sidefile;
 use crate::state::{self, Record, page_hash};
 use crate::storage::{self, Storage, to_hex};
 
@@ -33,6 +36,26 @@ pub enum Error {
         "{path} is in use (its WAL could not be checkpointed); stop the app using it, then restore again"
     )]
     InUse { path: PathBuf },
+    #[error(
+        "object {key} declares a database of {declared} bytes, more than the {free} bytes free \
+         beside the output: refusing it"
+    )]
+    TooLarge {
+        key: String,
+        declared: u64,
+        free: u64,
+    },
+    #[error(
+        "object {key} declares {declared} pages but its page 1 says the database has {says}: \
+         refusing it"
+    )]
+    SizeMismatch {
+        key: String,
+        declared: u32,
+        says: u32,
+    },
+    #[error("another restore to {path} is running; wait for it to finish")]
+    Busy { path: PathBuf },
     #[error("no replica found under prefix {prefix:?} in {storage}")]
     NoReplica { prefix: String, storage: String },
     #[error("sequence {target} is past the newest object of {prefix:?} (sequence {head})")]
@@ -324,11 +347,15 @@ pub async fn restore(storage: &dyn Storage, opts: &RestoreOptions) -> Result<Res
     }
     let resolved = resolve(storage, &opts.prefix, opts.target).await?;
     let plan = resolved.objects.clone();
-    let dir = match output.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let dir = sidefile::dir_of(output);
     std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+    // One restore to a file at a time: a second is told at once, instead of
+    // racing the first to the rename.
+    let lock = sidefile::TargetLock::try_acquire(output)
+        .map_err(io_at(output))?
+        .ok_or_else(|| Error::Busy {
+            path: output.clone(),
+        })?;
     let scratch = tempfile::Builder::new()
         .prefix(".walsync-restore-")
         .tempdir_in(&dir)
@@ -458,6 +485,7 @@ pub async fn restore(storage: &dyn Storage, opts: &RestoreOptions) -> Result<Res
         source: io::Error::other(e),
     })??;
     drop(scratch);
+    drop(lock);
     Ok(report)
 }
 
@@ -491,12 +519,6 @@ async fn download(storage: &dyn Storage, key: &str, to: &Path) -> Result<()> {
     Ok(())
 }
 
-fn temp_path_of(output: &Path) -> PathBuf {
-    let mut s = output.as_os_str().to_owned();
-    s.push(".walsync-tmp");
-    PathBuf::from(s)
-}
-
 fn apply(
     items: &[Item],
     output: &Path,
@@ -504,15 +526,18 @@ fn apply(
     keys: Option<&Keys>,
     destination: &str,
 ) -> Result<()> {
-    let tmp = temp_path_of(output);
+    // A new file of our own, never one someone put at a name we chose.
+    let tmp_file = sidefile::temp_beside(output, "tmp").map_err(io_at(output))?;
+    let tmp = tmp_file.path().to_path_buf();
     let tmp_record = state::record_path(&tmp, destination);
-    let result = apply_into(items, &tmp, &tmp_record, keys)
+    let result = apply_into(items, tmp_file.as_file(), &tmp, &tmp_record, keys)
         .and_then(|record| check_integrity(&tmp).map(|()| record))
         .and_then(|record| place(&tmp, output, force).map(|()| record));
     if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
         let _ = std::fs::remove_file(&tmp_record);
     }
+    // Gone already if placed; removed here if not.
+    drop(tmp_file);
     // The record of what was written lets the first `watch` continue the
     // chain without shipping anything; a record of what the file held before
     // would only be a stale one.
@@ -521,10 +546,7 @@ fn apply(
         Some(mut record) => record.rename(&record_path).map_err(io_at(&record_path))?,
         None => state::forget(&record_path).map_err(io_at(&record_path))?,
     }
-    let dir = match output.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let dir = sidefile::dir_of(output);
     File::open(&dir)
         .and_then(|d| d.sync_all())
         .map_err(io_at(&dir))?;
@@ -587,16 +609,11 @@ fn retire_wal_of(output: &Path) -> Result<()> {
 /// if the last object's digest is known (it describes the file written).
 fn apply_into(
     items: &[Item],
+    out: &File,
     tmp: &Path,
     record_path: &Path,
     keys: Option<&Keys>,
 ) -> Result<Option<Record>> {
-    let out = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(tmp)
-        .map_err(io_at(tmp))?;
     let mut record: Option<Record> = None;
     let mut page = Vec::new();
     for item in items {
@@ -622,8 +639,32 @@ fn apply_into(
             ),
             _ => None,
         };
+        // A small object can declare a huge database: what it declares must
+        // fit on the disk, and agree with what its page 1 says.
+        let declared = u64::from(header.db_pages) * u64::from(header.page_size);
+        let written = out.metadata().map_err(io_at(tmp))?.len();
+        if declared > written {
+            let free = free_space(tmp).map_err(io_at(tmp))?;
+            if declared - written > free {
+                return Err(Error::TooLarge {
+                    key: item.key.clone(),
+                    declared,
+                    free,
+                });
+            }
+        }
         let mut changed = Vec::new();
         while let Some(pgno) = reader.next_page(&mut page).map_err(corrupt)? {
+            if pgno == 1
+                && let Some(says) = header_page_count(&page)
+                && says != header.db_pages
+            {
+                return Err(Error::SizeMismatch {
+                    key: item.key.clone(),
+                    declared: header.db_pages,
+                    says,
+                });
+            }
             out.write_all_at(&page, u64::from(pgno - 1) * u64::from(header.page_size))
                 .map_err(io_at(tmp))?;
             let hash = page_hash(pgno, &page);
@@ -663,6 +704,31 @@ fn apply_into(
     }
     out.sync_all().map_err(io_at(tmp))?;
     Ok(record.filter(|_| items.last().is_some_and(|i| i.state.is_some())))
+}
+
+/// The database size page 1's header gives, where SQLite would trust it
+/// (non-zero, and written by the commit that last changed the file: the
+/// version-valid-for number equals the change counter).
+fn header_page_count(page1: &[u8]) -> Option<u32> {
+    if page1.len() < 100 || !page1.starts_with(b"SQLite format 3\0") {
+        return None;
+    }
+    let be =
+        |at: usize| u32::from_be_bytes([page1[at], page1[at + 1], page1[at + 2], page1[at + 3]]);
+    let (counter, size, valid_for) = (be(24), be(28), be(92));
+    (size != 0 && valid_for == counter).then_some(size)
+}
+
+/// Bytes an unprivileged writer may still use on the filesystem of `path`.
+fn free_space(path: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: statvfs(3) on a NUL-terminated path into a zeroed struct we own.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut stat) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
 fn check_integrity(path: &Path) -> Result<()> {

@@ -76,13 +76,32 @@ pub async fn run(argv: &[String], forwarder: Forwarder) -> Result<u8, Error> {
         reason: "empty command".into(),
     })?;
     let mut streams = forwarder.streams;
-    let mut child = Command::new(program)
-        .args(args)
-        .spawn()
-        .map_err(|source| Error::Spawn {
-            program: program.clone(),
-            source,
-        })?;
+    // Signals that came while walsync synced before starting the app were
+    // caught so they would not kill walsync; the app did not exist yet, and
+    // must not get them the instant it starts, before it can set handlers.
+    drop_pending(&mut streams);
+    let parent = std::process::id();
+    let mut command = Command::new(program);
+    command.args(args);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            // The app dies with walsync: an app running on, unreplicated,
+            // after walsync was killed would lose what it writes.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Killed already, between fork and prctl: do not run at all.
+            if libc::getppid() as u32 != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(|source| Error::Spawn {
+        program: program.clone(),
+        source,
+    })?;
     let pid = child.id();
     info!(pid, command = %argv.join(" "), "started the app");
     let status = loop {
@@ -104,6 +123,19 @@ pub async fn run(argv: &[String], forwarder: Forwarder) -> Result<u8, Error> {
     let code = exit_code(status);
     info!(%status, code, "the app exited");
     Ok(code)
+}
+
+/// Discards every signal already caught, logging which.
+fn drop_pending(streams: &mut Streams) {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    for (stream, _, name) in streams.iter_mut() {
+        while let std::task::Poll::Ready(Some(())) = stream.poll_recv(&mut cx) {
+            info!(
+                signal = *name,
+                "dropping a signal that came before the app started"
+            );
+        }
+    }
 }
 
 /// The first signal to arrive on any of the streams.

@@ -1838,3 +1838,63 @@ async fn follow_refuses_an_object_whose_state_digest_differs() {
         );
     }
 }
+
+/// Issue 11, 4: a tiny object cannot fill the disk. One declaring a
+/// database larger than the free space is refused before a page is written;
+/// one whose page 1 says another size than it declares is refused at page 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_declaring_a_huge_database_is_refused_before_writing_it() {
+    for (kind, store) in common::all_stores().await {
+        let storage = store.storage.as_ref();
+        let dir = tempfile::tempdir().unwrap();
+        let (db, objects) = build_chain(&store, dir.path(), "bomb").await;
+        let head = objects.last().unwrap();
+        let (head_header, head_hash, _) = chain::read_verified(storage, head).await.unwrap();
+        let mut page1 = vec![0u8; 4096];
+        {
+            use std::os::unix::fs::FileExt;
+            std::fs::File::open(&db)
+                .unwrap()
+                .read_exact_at(&mut page1, 0)
+                .unwrap();
+        }
+        let forge = |db_pages: u32, with_page1: bool| {
+            let pages: Vec<u32> = if with_page1 { vec![1, 2] } else { vec![2] };
+            let header = segment::Header {
+                kind: Kind::Wal,
+                seq: head.seq + 1,
+                db_pages,
+                page_count: pages.len() as u32,
+                prev_hash: head_hash,
+                state: None,
+                ..head_header
+            };
+            let mut enc = segment::Encoder::new(header, None, Vec::new()).unwrap();
+            for p in pages {
+                let data = if p == 1 {
+                    page1.clone()
+                } else {
+                    vec![7u8; 4096]
+                };
+                enc.add_page(p, &data).unwrap();
+            }
+            enc.finish(None).unwrap()
+        };
+        let key = segment::object_key("bomb", head.seq + 1);
+        // 2^28 pages of 4 KiB: a terabyte.
+        let (hash, bytes) = forge(1 << 28, false);
+        assert!(bytes.len() < 1000, "{kind}");
+        storage
+            .put_new(&key, Payload::Bytes(bytes), hash)
+            .await
+            .unwrap();
+        let err = expect_refusal(&store, "bomb", dir.path(), &key).await;
+        assert!(err.contains("free"), "{kind}: {err}");
+        // Page 1 says the database has its real size; the object says more.
+        let (hash, bytes) = forge(5000, true);
+        replace_object(storage, &key, bytes).await;
+        let _ = hash;
+        let err = expect_refusal(&store, "bomb", dir.path(), &key).await;
+        assert!(err.contains("page 1 says"), "{kind}: {err}");
+    }
+}

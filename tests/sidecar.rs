@@ -209,3 +209,127 @@ async fn exec_starts_the_app_after_the_first_sync_and_ships_its_last_write() {
         );
     }
 }
+
+/// Issue 11, 10: a SIGHUP that comes while walsync syncs before starting the
+/// app is dropped, not delivered the instant the app starts (which would
+/// kill it before it can set handlers); and the app dies with walsync, even
+/// when walsync is SIGKILLed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_before_the_app_starts_are_dropped_and_the_app_dies_with_walsync() {
+    let store = common::fs_store();
+    let s = setup(&store);
+    {
+        // Big and incompressible: the first snapshot takes a moment.
+        let conn = Connection::open(&s.db).unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        conn.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT); CREATE TABLE blob(b);")
+            .unwrap();
+        conn.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 60000) \
+             INSERT INTO blob SELECT randomblob(3000) FROM n",
+            [],
+        )
+        .unwrap();
+    }
+    let exec = format!(
+        "python3 '{}' '{}' '{}' serve",
+        s.app.display(),
+        s.db.display(),
+        s.seen.display()
+    );
+    let log_path = s.dir.path().join("walsync.log");
+    let mut child = command(WALSYNC, &store)
+        .args(["watch", "--config"])
+        .arg(&s.config)
+        .args(["--exec", &exec])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !log().contains("taking a snapshot") {
+        assert!(Instant::now() < deadline, "no snapshot started:\n{}", log());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let hup = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    while !s.seen.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the app never started:\n{}",
+            log()
+        );
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("walsync exited {status} before the app ran:\n{}", log());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        log().contains("dropping a signal that came before the app started"),
+        "the SIGHUP came after the app started; the test proves nothing:\n{}",
+        log()
+    );
+    // The app is running; SIGKILL walsync: the app must not run on.
+    let children = Command::new("pgrep")
+        .args(["-P", &child.id().to_string()])
+        .output()
+        .unwrap();
+    let app_pid: i32 = String::from_utf8_lossy(&children.stdout)
+        .split_whitespace()
+        .next()
+        .expect("the app is walsync's child")
+        .parse()
+        .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // SAFETY: kill(pid, 0) only asks whether the process exists.
+    while unsafe { libc::kill(app_pid, 0) } == 0 {
+        // A zombie not yet reaped by init also answers; look at its state.
+        let state = std::fs::read_to_string(format!("/proc/{app_pid}/stat")).unwrap_or_default();
+        if state.split_whitespace().nth(2) == Some("Z") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the app runs on after walsync was killed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Issue 11, 10: the entrypoint passes every argument to `--exec` exactly,
+/// trailing newlines and quotes included.
+#[test]
+fn the_entrypoint_passes_arguments_exactly() {
+    let entrypoint = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/entrypoint.sh");
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("walsync");
+    let got = dir.path().join("exec");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = watch ]; then printf '%s' \"$5\" > '{}'; fi\n",
+            got.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let status = Command::new(entrypoint)
+        .env("WALSYNC_BIN", &fake)
+        .env("WALSYNC_CONFIG", dir.path().join("walsync.toml"))
+        .args(["app", "line\n", "it's", "two words"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exec = std::fs::read_to_string(&got).unwrap();
+    assert_eq!(
+        walsync::sidecar::parse(&exec).unwrap(),
+        vec!["app", "line\n", "it's", "two words"]
+    );
+}

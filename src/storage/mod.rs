@@ -198,6 +198,20 @@ pub async fn open(url: &str, s3: &S3Options) -> Result<Arc<dyn Storage>> {
     }
 }
 
+/// Drops any `user:password@` from a URL before it is shown or logged.
+pub fn redact_userinfo(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let authority_end = rest.find('/').unwrap_or(rest.len());
+            match rest[..authority_end].rfind('@') {
+                Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
+                None => url.to_string(),
+            }
+        }
+        None => url.to_string(),
+    }
+}
+
 /// Joins a root prefix and a relative key with exactly one `/`.
 pub(crate) fn join_key(root: &str, key: &str) -> String {
     if root.is_empty() {

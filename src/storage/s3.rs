@@ -575,20 +575,6 @@ async fn abort_upload(client: &Client, bucket: &str, key: &str, upload_id: &str)
     }
 }
 
-/// Drops any `user:password@` from an endpoint URL before it is logged.
-fn redact_endpoint(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => {
-            let authority_end = rest.find('/').unwrap_or(rest.len());
-            match rest[..authority_end].rfind('@') {
-                Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
-                None => url.to_string(),
-            }
-        }
-        None => url.to_string(),
-    }
-}
-
 #[async_trait]
 impl Storage for S3Storage {
     async fn put_new(&self, key: &str, body: Payload, sha256: [u8; 32]) -> Result<()> {
@@ -690,6 +676,7 @@ impl Storage for S3Storage {
                 .client
                 .list_objects_v2()
                 .bucket(&self.bucket)
+                .encoding_type(aws_sdk_s3::types::EncodingType::Url)
                 .set_continuation_token(token.take());
             if !full_prefix.is_empty() {
                 request = request.prefix(&full_prefix);
@@ -698,8 +685,20 @@ impl Storage for S3Storage {
                 .send()
                 .await
                 .map_err(|err| Failure::new(err).into_error("ListObjectsV2", &full_prefix))?;
+            // Keys come URL-encoded where the store honours the request
+            // (it says so); one that does not decode to UTF-8 is no key
+            // walsync wrote.
+            let encoded = page.encoding_type() == Some(&aws_sdk_s3::types::EncodingType::Url);
             for object in page.contents() {
-                let Some(full) = object.key() else { continue };
+                let Some(raw) = object.key() else { continue };
+                let full = if encoded {
+                    match percent_encoding::percent_decode_str(raw).decode_utf8() {
+                        Ok(full) => full,
+                        Err(_) => continue,
+                    }
+                } else {
+                    std::borrow::Cow::Borrowed(raw)
+                };
                 if !full.starts_with(&full_prefix) {
                     continue;
                 }
@@ -756,7 +755,7 @@ impl Storage for S3Storage {
             format!("s3://{}/{}", self.bucket, self.prefix)
         };
         match &self.endpoint {
-            Some(endpoint) => format!("{location} (endpoint {})", redact_endpoint(endpoint)),
+            Some(endpoint) => format!("{location} (endpoint {})", super::redact_userinfo(endpoint)),
             None => location,
         }
     }
@@ -779,11 +778,11 @@ mod tests {
     #[test]
     fn endpoint_redaction() {
         assert_eq!(
-            redact_endpoint("http://127.0.0.1:9000"),
+            crate::storage::redact_userinfo("http://127.0.0.1:9000"),
             "http://127.0.0.1:9000"
         );
         assert_eq!(
-            redact_endpoint("https://user:pw@host.example/x@y"),
+            crate::storage::redact_userinfo("https://user:pw@host.example/x@y"),
             "https://host.example/x@y"
         );
     }

@@ -276,3 +276,8 @@ pub async fn plant_legacy(storage: &dyn Storage, from: &str, seq: u64, into: &st
         .unwrap();
     planted
 }
+
+/// Whether `restore --follow` into `output` has written its position file.
+pub fn position_written(output: &std::path::Path) -> bool {
+    walsync::follow::position_path(output).exists()
+}
