@@ -383,12 +383,7 @@ async fn plan(args: &WatchArgs) -> Result<Plan> {
     }
     let dbs = config::databases(&args.databases, args.prefix.as_deref())?;
     for (path, _) in &dbs {
-        if !path.is_file() {
-            bail!(
-                "database {} does not exist (create it first, or fix the path)",
-                path.display()
-            );
-        }
+        check_database_path(path)?;
     }
     // One storage client for all databases; without --storage, one local
     // directory beside each database directory.
@@ -671,6 +666,33 @@ async fn restore_all(args: RestoreAllArgs) -> Result<()> {
     Ok(())
 }
 
+/// A database named on the command line must be a file: say what is wrong
+/// with it (missing, a directory, a FIFO) before anything starts.
+fn check_database_path(path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "database {} does not exist (create it first, or fix the path)",
+            path.display()
+        ),
+        Err(e) => bail!("database {}: {e}", path.display()),
+    };
+    let kind = meta.file_type();
+    let what = if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if !kind.is_file() {
+        "not a regular file"
+    } else {
+        return Ok(());
+    };
+    bail!("database {} is {what}, not a file", path.display())
+}
+
 /// A path as the filesystem sees it: the real directory (links resolved,
 /// where it exists) joined with the file name, so that two spellings of one
 /// file compare equal.
@@ -819,9 +841,7 @@ async fn snapshot(args: SnapshotArgs) -> Result<()> {
         }
         None => config::default_prefix(&args.database)?,
     };
-    if !args.database.is_file() {
-        bail!("database {} does not exist", args.database.display());
-    }
+    check_database_path(&args.database)?;
     let storage = open_storage(
         &args.storage,
         &config::default_storage_beside(&args.database),

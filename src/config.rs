@@ -758,7 +758,12 @@ impl Entry {
                 let mut found = Vec::new();
                 for p in paths {
                     match p {
-                        Ok(p) if is_database_file(&p) => {
+                        // Only regular files: a directory or FIFO a glob
+                        // happens to match holds no database.
+                        Ok(p)
+                            if is_database_file(&p)
+                                && std::fs::metadata(&p).is_ok_and(|m| m.is_file()) =>
+                        {
                             let rel = relpath(base, &p);
                             found.push((p, rel));
                         }

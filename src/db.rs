@@ -43,6 +43,8 @@ use crate::wal::{self, IndexHeader, Position, WalHeader};
 pub enum Error {
     #[error("database {path} does not exist")]
     Missing { path: PathBuf },
+    #[error("database {path} is {what}, not a file")]
+    NotAFile { path: PathBuf, what: &'static str },
     #[error("SQLite error on {path}: {source}")]
     Sqlite {
         path: PathBuf,
@@ -367,6 +369,29 @@ impl Database {
     /// The state starts as unknown-to-storage; call [`Database::resume`] or
     /// [`Database::snapshot`] before reading changes.
     pub fn open(path: &Path) -> Result<Self> {
+        // SQLite would open a directory or a FIFO and fail (or hang) later
+        // with an unhelpful message; say what the path is instead.
+        if let Ok(meta) = std::fs::metadata(path) {
+            use std::os::unix::fs::FileTypeExt;
+            let kind = meta.file_type();
+            let what = if kind.is_dir() {
+                Some("a directory")
+            } else if kind.is_fifo() {
+                Some("a FIFO")
+            } else if kind.is_socket() {
+                Some("a socket")
+            } else if kind.is_block_device() || kind.is_char_device() {
+                Some("a device")
+            } else {
+                None
+            };
+            if let Some(what) = what {
+                return Err(Error::NotAFile {
+                    path: path.to_path_buf(),
+                    what,
+                });
+            }
+        }
         let identity = identity_of(path).map_err(|e| {
             if e.kind() == io::ErrorKind::NotFound {
                 Error::Missing {

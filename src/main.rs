@@ -68,10 +68,27 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, each cause once: many messages
+/// already include their source's text, which the chain would repeat.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 async fn cancel_on_signal(shutdown: CancellationToken) {
@@ -89,4 +106,19 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
     }
     tracing::info!("signal received");
     shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_cause_is_printed_once() {
+        let inner = std::io::Error::other("disk full");
+        let outer = anyhow::Error::new(inner).context("writing /data/x.db: disk full");
+        assert_eq!(one_line(&outer), "writing /data/x.db: disk full");
+        let outer =
+            anyhow::Error::new(std::io::Error::other("disk full")).context("writing /data/x.db");
+        assert_eq!(one_line(&outer), "writing /data/x.db: disk full");
+    }
 }

@@ -1633,3 +1633,51 @@ async fn the_most_verbose_log_shows_no_secret() {
     assert!(!log.contains(&secret), "the secret key is in the log");
     assert!(!log.contains(token), "the session token is in the log");
 }
+
+/// Issue 11, 9: a directory or FIFO given as a database is named for what it
+/// is, globs match only files, and each cause of an error is printed once.
+#[test]
+fn bad_database_paths_say_what_they_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("sub.db");
+    std::fs::create_dir(&sub).unwrap();
+    let fifo = dir.path().join("pipe.db");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) on a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    drop(app_db(&dir.path().join("real.db")));
+    for (path, what) in [(&sub, "is a directory"), (&fifo, "is a FIFO")] {
+        for args in [
+            vec!["watch", path.to_str().unwrap()],
+            vec!["snapshot", path.to_str().unwrap()],
+        ] {
+            let output = run(walsync().args(&args).current_dir(dir.path()));
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(!output.status.success(), "{args:?}: {stderr}");
+            assert!(
+                stderr.contains(what) && !stderr.contains("does not exist"),
+                "{args:?}: {stderr}"
+            );
+            assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+        }
+    }
+    // A glob that matches a directory, a FIFO and a database finds the database.
+    let config = dir.path().join("walsync.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\nurl = \"{}\"\n[[databases]]\npath = \"{}/*.db\"\n",
+            dir.path().join("replica").display(),
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let output = run(walsync().args(["explain", "--config"]).arg(&config));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{text}");
+    assert!(text.contains("real.db"), "{text}");
+    assert!(
+        !text.contains("sub.db") && !text.contains("pipe.db"),
+        "{text}"
+    );
+}
