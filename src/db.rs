@@ -1320,11 +1320,22 @@ impl Database {
         if self.identity_changed()? {
             self.reopen()?;
         }
+        let Some((state, commits)) = self.pin_committed_end()? else {
+            return Ok(None);
+        };
+        let encoded = self.encode_snapshot(link, state, commits)?;
+        Ok(Some(encoded))
+    }
+
+    /// Moves the pin to the committed end of the WAL, read under the write
+    /// lock so that the pinned state is exactly that position; returns it and
+    /// SQLite's commit counter there. `None` if the write lock could not be had.
+    fn pin_committed_end(&mut self) -> Result<Option<(WalState, Option<u32>)>> {
         if !self.acquire_write_lock()? {
             return Ok(None);
         }
-        let (state, commits) = match self.snapshot_position() {
-            Ok(state) => state,
+        let position = match self.snapshot_position() {
+            Ok(position) => position,
             Err(e) => {
                 let _ = self.release_write_lock();
                 return Err(e);
@@ -1333,8 +1344,7 @@ impl Database {
         let repinned = self.unpin().and_then(|()| self.pin());
         self.release_write_lock()?;
         repinned?;
-        let encoded = self.encode_snapshot(link, state, commits)?;
-        Ok(Some(encoded))
+        Ok(Some(position))
     }
 
     fn identity_changed(&self) -> Result<bool> {
@@ -1463,19 +1473,9 @@ impl Database {
                 record.sum.page_size, self.page_size
             ))));
         }
-        if !self.acquire_write_lock()? {
+        let Some((state, commits)) = self.pin_committed_end()? else {
             return Ok(None);
-        }
-        let (state, commits) = match self.snapshot_position() {
-            Ok(state) => state,
-            Err(e) => {
-                let _ = self.release_write_lock();
-                return Err(e);
-            }
         };
-        let repinned = self.unpin().and_then(|()| self.pin());
-        self.release_write_lock()?;
-        repinned?;
 
         let page_count = self.page_count()?;
         let Some(mut builder) = self.record_builder() else {

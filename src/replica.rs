@@ -389,12 +389,7 @@ impl Replica {
     /// the configuration says so (`encryption_key = "off"`): a key that went
     /// missing is an error, not a reason to upload the data in the clear.
     fn check_key(&mut self) -> Result<()> {
-        let current = self
-            .opts
-            .encryption
-            .as_ref()
-            .and_then(|k| k.current())
-            .map(Key::id);
+        let current = self.sealing_key().as_ref().map(Key::id);
         if let (Some(head_key), None) = (self.head_key, &self.opts.encryption) {
             return Err(Error::KeyMissing {
                 prefix: self.prefix.clone(),
@@ -790,12 +785,7 @@ impl Replica {
     /// state shipped (`state`), or nothing if none do. `Ok(None)` when done;
     /// `Ok(Some(why))` when a snapshot must be taken instead.
     async fn delta(&mut self, reason: &str, report: &mut SyncReport) -> Result<Option<String>> {
-        let current = self
-            .opts
-            .encryption
-            .as_ref()
-            .and_then(|k| k.current())
-            .map(Key::id);
+        let current = self.sealing_key().as_ref().map(Key::id);
         if self.head.is_none() || self.head_key != current {
             return Ok(Some("the chain head was sealed with another key".into()));
         }
