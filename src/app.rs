@@ -688,9 +688,26 @@ fn check_database_path(path: &Path) -> Result<()> {
     } else if !kind.is_file() {
         "not a regular file"
     } else {
-        return Ok(());
+        return check_sqlite_header(path);
     };
     bail!("database {} is {what}, not a file", path.display())
+}
+
+/// A file that is not SQLite (or cannot be read) fails here, once and
+/// clearly, instead of being retried. An empty file is a new database.
+fn check_sqlite_header(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(16);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(16).read_to_end(&mut head))
+        .with_context(|| format!("database {} cannot be read", path.display()))?;
+    if !head.is_empty() && head != b"SQLite format 3\0" {
+        bail!(
+            "database {} is not a SQLite database (it does not start with the SQLite header)",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 /// A path as the filesystem sees it: the real directory (links resolved,

@@ -1661,6 +1661,16 @@ fn bad_database_paths_say_what_they_are() {
             assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
         }
     }
+    // A file that is not SQLite fails at once, not retried forever.
+    let text_file = dir.path().join("notes.db");
+    std::fs::write(&text_file, "just some notes, not a database\n").unwrap();
+    let output = run(walsync()
+        .args(["watch", text_file.to_str().unwrap()])
+        .current_dir(dir.path()));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("is not a SQLite database"), "{stderr}");
+    std::fs::remove_file(&text_file).unwrap();
     // A glob that matches a directory, a FIFO and a database finds the database.
     let config = dir.path().join("walsync.toml");
     std::fs::write(
