@@ -954,11 +954,15 @@ impl Database {
             Encoder::new(header_out, link.key.as_ref(), SpoolWriter::new()).map_err(seg_err)?;
         let mut header_out = *enc.header();
         let mut buf = vec![0u8; self.page_size as usize];
-        let mut hashes = Vec::with_capacity(pages.len());
+        // Page hashes only serve the record: without one, none are taken.
+        let tracked = self.record.is_some();
+        let mut hashes = Vec::with_capacity(if tracked { pages.len() } else { 0 });
         for (pgno, index) in pages {
             wal::read_page(&file, &header, index, &mut buf).map_err(self.io_err())?;
             enc.add_page(pgno, &buf).map_err(seg_err)?;
-            hashes.push((pgno, page_hash(pgno, &buf)));
+            if tracked {
+                hashes.push((pgno, page_hash(pgno, &buf)));
+            }
         }
         let change = match self.record.as_ref().map(|r| r.advance(db_pages, &hashes)) {
             Some(Ok(sum)) => StateChange::Pages(Box::new((sum, hashes))),

@@ -615,6 +615,9 @@ fn apply_into(
     keys: Option<&Keys>,
 ) -> Result<Option<Record>> {
     let mut record: Option<Record> = None;
+    // A chain whose objects record no state digest (the first format) has
+    // nothing to check and no record worth leaving: no page is hashed.
+    let tracked = items.iter().any(|i| i.state.is_some());
     let mut page = Vec::new();
     for item in items {
         let corrupt = |source| Error::Corrupt {
@@ -634,7 +637,7 @@ fn apply_into(
         // A snapshot holds every page in order: its record is built as it
         // streams. Anything else changes some pages of the record before it.
         let mut builder = match header.kind {
-            Kind::Snapshot => Some(
+            Kind::Snapshot if tracked => Some(
                 state::Builder::new(record_path, header.page_size).map_err(io_at(record_path))?,
             ),
             _ => None,
@@ -667,6 +670,9 @@ fn apply_into(
             }
             out.write_all_at(&page, u64::from(pgno - 1) * u64::from(header.page_size))
                 .map_err(io_at(tmp))?;
+            if !tracked {
+                continue;
+            }
             let hash = page_hash(pgno, &page);
             match &mut builder {
                 Some(b) => b.push(hash).map_err(io_at(record_path))?,
@@ -676,6 +682,9 @@ fn apply_into(
         // Pages past the new end are gone, also if a later object grows the file again.
         out.set_len(u64::from(header.db_pages) * u64::from(header.page_size))
             .map_err(io_at(tmp))?;
+        if !tracked {
+            continue;
+        }
         record = Some(match (builder, record.take()) {
             (Some(b), _) => b.place(record_path, head).map_err(io_at(record_path))?,
             (None, Some(mut r)) => {
