@@ -669,7 +669,6 @@ async fn restore_all(args: RestoreAllArgs) -> Result<()> {
 /// A database named on the command line must be a file: say what is wrong
 /// with it (missing, a directory, a FIFO) before anything starts.
 fn check_database_path(path: &Path) -> Result<()> {
-    use std::os::unix::fs::FileTypeExt;
     let meta = match std::fs::metadata(path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
@@ -678,23 +677,16 @@ fn check_database_path(path: &Path) -> Result<()> {
         ),
         Err(e) => bail!("database {}: {e}", path.display()),
     };
-    let kind = meta.file_type();
-    let what = if kind.is_dir() {
-        "a directory"
-    } else if kind.is_fifo() {
-        "a FIFO"
-    } else if kind.is_socket() {
-        "a socket"
-    } else if !kind.is_file() {
-        "not a regular file"
-    } else {
-        return check_sqlite_header(path);
-    };
-    bail!("database {} is {what}, not a file", path.display())
+    match crate::db::not_a_file(&meta) {
+        Some(what) => bail!("database {} is {what}, not a file", path.display()),
+        None => check_sqlite_header(path),
+    }
 }
 
 /// A file that is not SQLite (or cannot be read) fails here, once and
 /// clearly, instead of being retried. An empty file is a new database.
+/// (Its descriptor is closed before any connection to it exists in this
+/// process, so no SQLite lock can go with it: DESIGN.md 2a.)
 fn check_sqlite_header(path: &Path) -> Result<()> {
     use std::io::Read;
     let mut head = Vec::with_capacity(16);

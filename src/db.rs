@@ -355,6 +355,26 @@ pub struct Database {
     shm: Option<File>,
 }
 
+/// What a path that is not a regular file is instead ("a directory", "a
+/// FIFO" ...), for errors that say so instead of "does not exist".
+pub fn not_a_file(meta: &std::fs::Metadata) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = meta.file_type();
+    if kind.is_file() {
+        None
+    } else if kind.is_dir() {
+        Some("a directory")
+    } else if kind.is_fifo() {
+        Some("a FIFO")
+    } else if kind.is_socket() {
+        Some("a socket")
+    } else if kind.is_block_device() || kind.is_char_device() {
+        Some("a device")
+    } else {
+        Some("not a regular file")
+    }
+}
+
 fn identity_of(path: &Path) -> io::Result<Identity> {
     let meta = std::fs::metadata(path)?;
     Ok(Identity {
@@ -371,26 +391,11 @@ impl Database {
     pub fn open(path: &Path) -> Result<Self> {
         // SQLite would open a directory or a FIFO and fail (or hang) later
         // with an unhelpful message; say what the path is instead.
-        if let Ok(meta) = std::fs::metadata(path) {
-            use std::os::unix::fs::FileTypeExt;
-            let kind = meta.file_type();
-            let what = if kind.is_dir() {
-                Some("a directory")
-            } else if kind.is_fifo() {
-                Some("a FIFO")
-            } else if kind.is_socket() {
-                Some("a socket")
-            } else if kind.is_block_device() || kind.is_char_device() {
-                Some("a device")
-            } else {
-                None
-            };
-            if let Some(what) = what {
-                return Err(Error::NotAFile {
-                    path: path.to_path_buf(),
-                    what,
-                });
-            }
+        if let Some(what) = std::fs::metadata(path).ok().and_then(|m| not_a_file(&m)) {
+            return Err(Error::NotAFile {
+                path: path.to_path_buf(),
+                what,
+            });
         }
         let identity = identity_of(path).map_err(|e| {
             if e.kind() == io::ErrorKind::NotFound {
@@ -932,27 +937,19 @@ impl Database {
             .collect();
         let state = WalState::At(scan.end);
         let commits = index.and_then(|i| i.commits_at(scan.end));
-        let header_out = segment::Header {
-            version: segment::VERSION,
-            state: None,
-            kind: Kind::Wal,
-            page_size: self.page_size,
-            seq: link.seq,
+        let mut enc = self.start_object(
+            &link,
+            Kind::Wal,
             db_pages,
-            page_count: pages.len() as u32,
-            timestamp_ms: now_ms(),
-            wal: state.to_range(from.frame),
-            prev_hash: link.prev_hash,
-            sealed: None,
-        };
+            pages.len() as u32,
+            state.to_range(from.frame),
+        )?;
+        let mut header_out = *enc.header();
         let path = self.path.clone();
         let seg_err = |source| Error::Segment {
             path: path.clone(),
             source,
         };
-        let mut enc =
-            Encoder::new(header_out, link.key.as_ref(), SpoolWriter::new()).map_err(seg_err)?;
-        let mut header_out = *enc.header();
         let mut buf = vec![0u8; self.page_size as usize];
         // Page hashes only serve the record: without one, none are taken.
         let tracked = self.record.is_some();
@@ -1398,27 +1395,19 @@ impl Database {
         commits: Option<u32>,
     ) -> Result<Encoded> {
         let page_count = self.page_count()?;
-        let header = segment::Header {
-            version: segment::VERSION,
-            kind: Kind::Snapshot,
-            page_size: self.page_size,
-            seq: link.seq,
-            db_pages: page_count,
+        let mut enc = self.start_object(
+            &link,
+            Kind::Snapshot,
             page_count,
-            timestamp_ms: now_ms(),
-            wal: state.to_range(0),
-            prev_hash: link.prev_hash,
-            sealed: None,
-            state: None,
-        };
+            page_count,
+            state.to_range(0),
+        )?;
+        let mut header = *enc.header();
         let path = self.path.clone();
         let seg_err = |source| Error::Segment {
             path: path.clone(),
             source,
         };
-        let mut enc =
-            Encoder::new(header, link.key.as_ref(), SpoolWriter::new()).map_err(seg_err)?;
-        let mut header = *enc.header();
         // A new record comes with every snapshot; without one (a directory
         // walsync cannot write to) the snapshot still ships.
         let mut builder = self.record_builder();
@@ -1564,27 +1553,19 @@ impl Database {
             }
             return Ok(Some(Delta::Same { state, commits }));
         }
-        let mut header = segment::Header {
-            version: segment::VERSION,
-            kind: Kind::Delta,
-            page_size,
-            seq: link.seq,
-            db_pages: page_count,
-            page_count: differing.len() as u32,
-            timestamp_ms: now_ms(),
-            wal: state.to_range(0),
-            prev_hash: link.prev_hash,
-            sealed: None,
-            state: None,
-        };
+        let mut enc = self.start_object(
+            &link,
+            Kind::Delta,
+            page_count,
+            differing.len() as u32,
+            state.to_range(0),
+        )?;
+        let mut header = *enc.header();
         let path = self.path.clone();
         let seg_err = |source| Error::Segment {
             path: path.clone(),
             source,
         };
-        let mut enc =
-            Encoder::new(header, link.key.as_ref(), SpoolWriter::new()).map_err(seg_err)?;
-        header = *enc.header();
         {
             let mut stmt = self
                 .conn
@@ -1621,6 +1602,37 @@ impl Database {
             transactions: 0,
             change: StateChange::Replace(Box::new(builder)),
         }))))
+    }
+
+    /// Starts object `link.seq`: the header all its kinds share, sealed with
+    /// the link's key. Its pages follow, then `finish` with the state digest.
+    fn start_object(
+        &self,
+        link: &Link,
+        kind: Kind,
+        db_pages: u32,
+        page_count: u32,
+        wal: WalRange,
+    ) -> Result<Encoder<SpoolWriter>> {
+        let header = segment::Header {
+            version: segment::VERSION,
+            kind,
+            page_size: self.page_size,
+            seq: link.seq,
+            db_pages,
+            page_count,
+            timestamp_ms: now_ms(),
+            wal,
+            prev_hash: link.prev_hash,
+            sealed: None,
+            state: None,
+        };
+        Encoder::new(header, link.key.as_ref(), SpoolWriter::new()).map_err(|source| {
+            Error::Segment {
+                path: self.path.clone(),
+                source,
+            }
+        })
     }
 
     fn page_count(&self) -> Result<u32> {
