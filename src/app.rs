@@ -378,6 +378,15 @@ async fn watch_with_app(
 async fn plan(args: &WatchArgs) -> Result<Plan> {
     if let Some(path) = &args.config {
         let config = load_config(path)?;
+        // A file the configuration names by path is checked like one named on
+        // the command line; one a pattern finds later is stopped on its own.
+        for entry in &config.entries {
+            if let config::Source::File(db) = &entry.source
+                && db.symlink_metadata().is_ok()
+            {
+                check_database_path(db)?;
+            }
+        }
         let storage = open_config_storage(&config.storage).await?;
         return Ok(Plan::Config { config, storage });
     }

@@ -71,6 +71,19 @@ pub enum Error {
     },
     #[error("{path}: {reason}")]
     Unsupported { path: PathBuf, reason: String },
+    /// SQLite refuses the file's header: retrying cannot help.
+    #[error(
+        "database {path} is not a SQLite database (SQLite says: file is not a database); \
+         fix the file, or the pattern that matched it, and restart walsync"
+    )]
+    NotSqlite { path: PathBuf },
+}
+
+impl Error {
+    /// True when the file itself is the problem and retrying cannot help.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Error::NotSqlite { .. } | Error::NotAFile { .. })
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -409,9 +422,17 @@ impl Database {
                 }
             }
         })?;
-        let sql = |source| Error::Sqlite {
-            path: path.to_path_buf(),
-            source,
+        let sql = |source: rusqlite::Error| {
+            if source.sqlite_error_code() == Some(rusqlite::ErrorCode::NotADatabase) {
+                Error::NotSqlite {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                Error::Sqlite {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            }
         };
         let conn = open_connection(path).map_err(sql)?;
         let mode: String = conn

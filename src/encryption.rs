@@ -61,6 +61,7 @@ impl Key {
             return Err(KeyError::Length(text.chars().count()));
         }
         let bytes = crate::storage::from_hex::<32>(text).ok_or(KeyError::NotHex)?;
+        crate::redact::secret(text);
         Ok(Self::from_bytes(&bytes))
     }
 

@@ -7,7 +7,8 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 /// Libraries whose debug and trace lines carry request headers (credentials,
-/// session tokens): kept at warn unless `WALSYNC_LOG` names them itself.
+/// session tokens): kept at warn unless `WALSYNC_LOG` names them itself, and
+/// masked by [`walsync::redact`] even then.
 const QUIET_UNLESS_ASKED: &[&str] = &[
     "aws_config",
     "aws_runtime",
@@ -44,9 +45,10 @@ fn main() -> ExitCode {
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
     let cli = walsync::cli::Cli::parse();
+    walsync::redact::secrets_from_env();
     tracing_subscriber::fmt()
         .with_env_filter(log_filter(std::env::var("WALSYNC_LOG").ok().as_deref()))
-        .with_writer(std::io::stderr)
+        .with_writer(walsync::redact::Stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

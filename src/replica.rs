@@ -54,7 +54,11 @@ pub enum Error {
 impl Error {
     /// True when retrying cannot help: replication of this database stops.
     pub fn is_fatal(&self) -> bool {
-        matches!(self, Error::Stopped { .. })
+        match self {
+            Error::Stopped { .. } => true,
+            Error::Db(e) => e.is_permanent(),
+            _ => false,
+        }
     }
 
     /// A short label for metrics.

@@ -236,9 +236,20 @@ struct Slot {
     jobs_started: u64,
     /// `walsync sync` requests waiting for the job numbered `.0` to finish.
     waiters: Vec<(u64, mpsc::UnboundedSender<control::Outcome>)>,
+    /// Why its file could not be opened as a database at all (not SQLite,
+    /// not a file): it is left alone until walsync restarts or the file is
+    /// removed, instead of being retried and logged forever.
+    refused: Option<String>,
 }
 
 impl Slot {
+    /// Why replication of this database stopped for good, if it did.
+    fn stopped(&self) -> Option<&str> {
+        self.refused
+            .as_deref()
+            .or_else(|| self.replica.as_ref().and_then(Replica::stopped))
+    }
+
     /// A sync of it would open the database (first open, or after a close).
     fn needs_open(&self) -> bool {
         self.replica.as_ref().is_none_or(|r| !r.is_attached())
@@ -668,6 +679,7 @@ impl Fleet {
                 changed_during_job: None,
                 jobs_started: 0,
                 waiters: Vec::new(),
+                refused: None,
             },
         );
         self.schedule_at(id, Instant::now());
@@ -724,7 +736,7 @@ impl Fleet {
                 d.pending_since_ms.get_or_insert_with(status::now_ms);
             });
         }
-        if slot.running || slot.replica.as_ref().is_some_and(|r| r.stopped().is_some()) {
+        if slot.running || slot.stopped().is_some() {
             return;
         }
         let at = match slot.last_sync {
@@ -1003,6 +1015,9 @@ impl Fleet {
                     error = %e,
                     "replication stopped"
                 );
+                if slot.replica.is_none() {
+                    slot.refused = Some(e.to_string());
+                }
                 for (_, waiter) in slot.waiters.drain(..) {
                     let _ = waiter.send((slot.spec.prefix.clone(), Err(e.to_string())));
                 }
@@ -1087,7 +1102,7 @@ impl Fleet {
             let Some(slot) = self.slots.get_mut(&id) else {
                 continue;
             };
-            if let Some(reason) = slot.replica.as_ref().and_then(Replica::stopped) {
+            if let Some(reason) = slot.stopped() {
                 let _ = request
                     .outcomes
                     .send((slot.spec.prefix.clone(), Err(reason.to_string())));
@@ -1172,10 +1187,9 @@ impl Fleet {
         let mut queue: VecDeque<(DbSpec, Option<Replica>)> = self
             .slots
             .values_mut()
-            .filter(|s| !s.running)
+            .filter(|s| !s.running && s.stopped().is_none())
             .filter(|s| s.dirty || s.replica.as_ref().is_none_or(Replica::is_attached))
             .map(|s| (s.spec.clone(), s.replica.take()))
-            .filter(|(_, r)| r.as_ref().is_none_or(|r| r.stopped().is_none()))
             .collect();
         let mut flushes = JoinSet::new();
         loop {

@@ -23,7 +23,8 @@ pub enum State {
     Closed,
     /// Its last sync failed; retried with backoff.
     Failing,
-    /// Replication stopped for good (another writer on its prefix).
+    /// Replication stopped for good (another writer on its prefix, or a
+    /// file that is not a SQLite database).
     Stopped,
 }
 

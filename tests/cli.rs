@@ -1606,32 +1606,50 @@ fn the_control_socket_talks_only_to_this_user() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_most_verbose_log_shows_no_secret() {
     let store = common::s3_store().await;
-    let secret = store
-        .env
-        .iter()
-        .find(|(k, _)| k == "AWS_SECRET_ACCESS_KEY")
-        .map(|(_, v)| v.clone())
-        .unwrap();
     let token = "session-token-that-must-not-show";
-    let mut cmd = walsync();
-    cmd.args(["list", "--storage", &store.url])
-        .env("WALSYNC_LOG", "trace")
-        .env("AWS_SESSION_TOKEN", token);
-    with_store(&mut cmd, &store);
     // moto's key is `test`, a word any log holds; it checks no signature,
     // so a key no log could hold by chance is used there instead.
     let secret = if common::server_kind() == "moto" {
-        let secret = "secret-key-that-must-not-show".to_string();
-        cmd.env("AWS_SECRET_ACCESS_KEY", &secret);
-        secret
+        "secret-key-that-must-not-show".to_string()
     } else {
-        secret
+        store
+            .env
+            .iter()
+            .find(|(k, _)| k == "AWS_SECRET_ACCESS_KEY")
+            .map(|(_, v)| v.clone())
+            .unwrap()
     };
-    let output = run(&mut cmd);
-    let log = String::from_utf8_lossy(&output.stderr).to_string()
-        + &String::from_utf8_lossy(&output.stdout);
-    assert!(!log.contains(&secret), "the secret key is in the log");
-    assert!(!log.contains(token), "the session token is in the log");
+    // Also with the S3 client's own targets asked for by name, which print
+    // the signed request (the session token among its headers).
+    for level in [
+        "trace",
+        "trace,aws_sigv4=trace,aws_smithy_runtime=trace,aws_smithy_runtime_api=trace,\
+         aws_sdk_s3=trace,aws_config=trace,hyper_util=trace",
+    ] {
+        let mut cmd = walsync();
+        cmd.args(["list", "--storage", &store.url])
+            .env("WALSYNC_LOG", level)
+            .env("AWS_SESSION_TOKEN", token);
+        with_store(&mut cmd, &store);
+        cmd.env("AWS_SECRET_ACCESS_KEY", &secret);
+        let output = run(&mut cmd);
+        let log = String::from_utf8_lossy(&output.stderr).to_string()
+            + &String::from_utf8_lossy(&output.stdout);
+        assert!(
+            !log.contains(&secret),
+            "{level}: the secret key is in the log"
+        );
+        assert!(
+            !log.contains(token),
+            "{level}: the session token is in the log"
+        );
+        if level != "trace" {
+            assert!(
+                log.contains("x-amz-security-token"),
+                "{level}: the signed request was not logged, so nothing was tested"
+            );
+        }
+    }
 }
 
 /// Issue 11, 9: a directory or FIFO given as a database is named for what it
@@ -1690,4 +1708,108 @@ fn bad_database_paths_say_what_they_are() {
         !text.contains("sub.db") && !text.contains("pipe.db"),
         "{text}"
     );
+}
+
+/// Issue 11, 9: in a fleet, a file a pattern matches that is not SQLite is
+/// stopped once with a clear reason (status, log), not retried forever, and
+/// the others replicate; a file the configuration names by path that is not
+/// SQLite fails `watch` at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_is_not_sqlite_is_stopped_once_and_the_fleet_goes_on() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.db");
+        let notes = dir.path().join("notes.db");
+        let conn = app_db(&good);
+        std::fs::write(&notes, "just some notes, not a database\n").unwrap();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let config = dir.path().join("walsync.toml");
+        std::fs::write(
+            &config,
+            store.config(&format!(
+                "[sync]\nsync_interval = \"0s\"\n[watch]\nlisten = \"{addr}\"\n\
+                 [[databases]]\npath = \"{}/*.db\"\n",
+                dir.path().display()
+            )),
+        )
+        .unwrap();
+        let mut child = spawn_watch(&store, &config, Stdio::piped());
+        let mut stderr = child.stderr.take().unwrap();
+        let log = std::thread::spawn(move || {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
+            text
+        });
+        wait_for_status(&addr, "notes", "stopped", |d| d["state"] == "stopped").await;
+        // The file keeps changing; the good database keeps shipping.
+        for round in 0..5 {
+            let mut text = std::fs::read_to_string(&notes).unwrap();
+            text.push_str(&format!("note {round}\n"));
+            std::fs::write(&notes, text).unwrap();
+            conn.execute("INSERT INTO t(v) VALUES (?1)", [format!("row {round}")])
+                .unwrap();
+            wait_for_objects(&store, "good", 2 + round, String::new).await;
+        }
+        let (_, status) = http_get(&addr, "/status.json");
+        let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+        let notes_status = db_status(&status, "notes");
+        assert!(
+            notes_status["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("is not a SQLite database")),
+            "{kind}: {notes_status}"
+        );
+        assert_eq!(objects(&store, "notes").await, 0, "{kind}");
+        terminate(&mut child);
+        let log = log.join().unwrap();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("notes.db") && !l.contains(" INFO "))
+            .collect();
+        assert_eq!(lines.len(), 1, "{kind}: said once\n{log}");
+        assert!(
+            lines[0].contains("ERROR") && lines[0].contains("is not a SQLite database"),
+            "{kind}: {log}"
+        );
+        let restored = dir.path().join("restored.db");
+        ok(
+            &store,
+            &[
+                "restore",
+                "--config",
+                cfg(&config),
+                "--prefix",
+                "good",
+                "-o",
+                cfg(&restored),
+            ],
+        );
+        assert_eq!(rows(&restored), rows(&good), "{kind}");
+
+        // Named by path: refused at start, naming the file.
+        let named = dir.path().join("named.toml");
+        std::fs::write(
+            &named,
+            store.config(&format!("[[databases]]\npath = \"{}\"\n", notes.display())),
+        )
+        .unwrap();
+        let mut cmd = walsync();
+        cmd.args(["watch", "--config", cfg(&named)]);
+        with_store(&mut cmd, &store);
+        let output = run(&mut cmd);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{kind}: {stderr}");
+        assert!(
+            stderr.contains("notes.db") && stderr.contains("is not a SQLite database"),
+            "{kind}: {stderr}"
+        );
+        assert_eq!(stderr.trim().lines().count(), 1, "{kind}: {stderr}");
+    }
+}
+
+async fn objects(store: &TestStore, prefix: &str) -> usize {
+    walsync::chain::list(store.storage.as_ref(), prefix)
+        .await
+        .unwrap()
+        .len()
 }

@@ -135,6 +135,10 @@ pub struct StaticCredentials {
 
 impl StaticCredentials {
     pub fn new(access_key_id: String, secret: String, session_token: Option<String>) -> Self {
+        crate::redact::secret(&secret);
+        if let Some(token) = &session_token {
+            crate::redact::secret(token);
+        }
         Self {
             access_key_id,
             secret_access_key: secret,
