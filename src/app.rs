@@ -21,6 +21,7 @@ use crate::retention::Retention;
 use crate::status::{self, Board};
 use crate::storage::{self, S3Options, Storage};
 use crate::{chain, config, control, explain, follow, http, sidecar, verify};
+use crate::{say, sayln};
 
 /// Holds the encryption key when no file names it.
 const KEY_ENV: &str = "WALSYNC_ENCRYPTION_KEY";
@@ -40,7 +41,8 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<u8> {
         Command::Sync(args) => sync(&args).await.map(|()| 0),
         Command::Verify(args) => verify(&args).await.map(|()| 0),
         Command::Explain(args) => {
-            print!("{}", explain::explain(&load_config(&args.config)?)?);
+            let path = required_config(args.config)?;
+            say!("{}", explain::explain(&load_config(&path)?)?);
             Ok(0)
         }
     }
@@ -48,10 +50,14 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<u8> {
 
 async fn verify(args: &VerifyArgs) -> Result<()> {
     config::validate_prefix(&args.prefix)?;
-    let config = args.config.as_deref().map(load_config).transpose()?;
+    let config = reading_config(
+        args.config.as_ref(),
+        &args.storage,
+        config::Uses::STORAGE_AND_KEYS,
+    )?;
     let storage = match &config {
         Some(config) => open_config_storage(&config.storage).await?,
-        None => open_storage(&args.storage, Path::new(config::DEFAULT_REPLICA_DIR)).await?,
+        None => open_default_replica(&args.storage, Path::new(config::DEFAULT_REPLICA_DIR)).await?,
     };
     let live = args.db.as_deref();
     let report = verify::verify(
@@ -63,7 +69,7 @@ async fn verify(args: &VerifyArgs) -> Result<()> {
     )
     .await
     .with_context(|| format!("verifying {} in {}", args.prefix, storage.describe()))?;
-    println!(
+    sayln!(
         "{}: {} objects ({} snapshots, {} bytes), head {}",
         args.prefix,
         report.objects,
@@ -72,10 +78,10 @@ async fn verify(args: &VerifyArgs) -> Result<()> {
         report.head.map_or("-".into(), |h| h.to_string())
     );
     if report.restored {
-        println!("  newest state restored and passed PRAGMA integrity_check");
+        sayln!("  newest state restored and passed PRAGMA integrity_check");
     }
     if let Some(pages) = report.compared_pages {
-        println!("  compared {pages} pages with the live database");
+        sayln!("  compared {pages} pages with the live database");
     }
     for problem in &report.problems {
         eprintln!("  problem: {problem}");
@@ -87,18 +93,19 @@ async fn verify(args: &VerifyArgs) -> Result<()> {
             report.problems.len()
         );
     }
-    println!("  ok");
+    sayln!("  ok");
     Ok(())
 }
 
 /// Asks the running `watch` to ship now, and with --wait, for the outcome.
 async fn sync(args: &SyncArgs) -> Result<()> {
-    let config = load_config(&args.config)?;
+    let path = required_config(args.config.clone())?;
+    let config = load_config_for(&path, config::Uses::CONTROL_SOCKET)?;
     let socket = config
         .watch
         .control_socket
         .clone()
-        .unwrap_or_else(|| control::default_socket(&args.config));
+        .unwrap_or_else(|| control::default_socket(&path));
     let answer = tokio::time::timeout(
         args.timeout,
         control::request_sync(&socket, args.prefix.as_deref(), args.wait),
@@ -121,12 +128,12 @@ async fn sync(args: &SyncArgs) -> Result<()> {
         } else if let Some(rest) = line.strip_prefix("ok ") {
             let mut words = rest.splitn(2, ' ');
             let (prefix, seq) = (words.next().unwrap_or(""), words.next().unwrap_or("-"));
-            println!("{prefix}: in storage up to sequence {seq}");
+            sayln!("{prefix}: in storage up to sequence {seq}");
             synced += 1;
         } else if let Some(n) = line.strip_prefix("accepted ") {
             expected = n.parse().unwrap_or(0);
             if !args.wait {
-                println!("sync requested for {n} database(s)");
+                sayln!("sync requested for {n} database(s)");
             }
         }
     }
@@ -141,26 +148,30 @@ async fn sync(args: &SyncArgs) -> Result<()> {
 
 /// Asks the running process's listener for its status.
 async fn status(args: &StatusArgs) -> Result<()> {
-    let addr = match (args.listen, &args.config) {
-        (Some(addr), _) => addr,
-        (None, Some(path)) => load_config(path)?.watch.listen.with_context(|| {
-            format!(
-                "{}: [watch] listen is not set, so the running walsync has no listener to ask",
-                path.display()
-            )
-        })?,
-        (None, None) => bail!("give --config or --listen"),
+    let addr = match args.listen {
+        Some(addr) => addr,
+        None => {
+            let path = required_config(args.config.clone())
+                .context("give --listen ADDR, or the walsync.toml whose [watch] listen to ask")?;
+            load_config_for(&path, config::Uses::LISTEN)?.watch.listen.with_context(|| {
+                format!(
+                    "{}: [watch] listen is not set, so the running walsync has no listener to ask",
+                    path.display()
+                )
+            })?
+        }
     };
+    let addr = crate::listen::reachable(addr);
     let body = http_get(addr, "/status.json")
         .await
         .with_context(|| format!("asking the walsync listening on {addr} (is `watch` running?)"))?;
     if args.json {
-        println!("{body}");
+        sayln!("{body}");
         return Ok(());
     }
     let snapshot: status::Snapshot =
         serde_json::from_str(&body).with_context(|| format!("reading the status from {addr}"))?;
-    print!("{}", snapshot.table());
+    say!("{}", snapshot.table());
     // Degraded is reported, not failed: the data is safe, and a container
     // restarted by a failing health check would not remove the cause.
     let degraded = snapshot.degraded();
@@ -216,7 +227,7 @@ fn init(args: &InitArgs) -> Result<()> {
         })?;
     file.write_all(STARTER.as_bytes())
         .with_context(|| format!("writing {}", args.output.display()))?;
-    println!(
+    sayln!(
         "wrote {}; edit it, check it with `walsync explain --config {0}`, run it with `walsync watch --config {0}`",
         args.output.display()
     );
@@ -234,6 +245,11 @@ fn s3_options(args: &StorageArgs) -> S3Options {
 
 fn load_config(path: &Path) -> Result<Config> {
     Ok(Config::load(path)?)
+}
+
+/// Like [`load_config`], for a command that reads only what `uses` names.
+fn load_config_for(path: &Path, uses: config::Uses) -> Result<Config> {
+    Ok(Config::load_for(path, uses)?)
 }
 
 async fn open_config_storage(storage: &StorageConfig) -> Result<Arc<dyn Storage>> {
@@ -311,11 +327,11 @@ async fn watch(args: WatchArgs, shutdown: CancellationToken) -> Result<u8> {
     }
     let _stop_listening = listening.drop_guard();
     // `walsync sync` finds the process by its configuration file.
-    let control = args.config.as_ref().map(|path| {
+    let control = plan.config_file().map(|path| {
         plan.watch()
             .control_socket
             .clone()
-            .unwrap_or_else(|| control::default_socket(path))
+            .unwrap_or_else(|| control::default_socket(&path))
     });
     match app {
         None => {
@@ -324,7 +340,7 @@ async fn watch(args: WatchArgs, shutdown: CancellationToken) -> Result<u8> {
                 board,
                 control,
             };
-            replicator::run(plan, shutdown, hooks).await?;
+            clean(replicator::run(plan, shutdown, hooks).await?)?;
             Ok(0)
         }
         Some(argv) => watch_with_app(plan, &argv, board, control, shutdown).await,
@@ -358,25 +374,49 @@ async fn watch_with_app(
         _ = shutdown.cancelled() => {
             info!("signal before the app was started: not starting it");
             stop.cancel();
-            replication.await??;
-            return Ok(0);
+            return clean(replication.await??).map(|()| 0);
         }
     }
     if shutdown.is_cancelled() {
         info!("signal before the app was started: not starting it");
         stop.cancel();
-        replication.await??;
-        return Ok(0);
+        return clean(replication.await??).map(|()| 0);
     }
     let app = sidecar::run(argv, forwarder).await;
     info!("final sync after the app");
     stop.cancel();
-    replication.await??;
-    Ok(app?)
+    let outcome = replication.await??;
+    let status = app?;
+    // The app's own failure is its status; a clean app whose last writes
+    // were not all shipped is a failure of walsync's.
+    if status == 0 {
+        clean(outcome)?;
+    } else if !outcome.is_clean() {
+        tracing::error!("{outcome}");
+    }
+    Ok(status)
+}
+
+/// An error naming what was left undone, unless nothing was.
+fn clean(outcome: replicator::Outcome) -> Result<()> {
+    if !outcome.is_clean() {
+        bail!("{outcome}");
+    }
+    Ok(())
 }
 
 async fn plan(args: &WatchArgs) -> Result<Plan> {
-    if let Some(path) = &args.config {
+    let config_path = match &args.config {
+        Some(path) => Some(path.clone()),
+        None if args.databases.is_empty() => Some(config::locate().with_context(|| {
+            format!(
+                "nothing to watch: name the database files, or give --config FILE ({})",
+                config::where_looked()
+            )
+        })?),
+        None => None,
+    };
+    if let Some(path) = &config_path {
         let config = load_config(path)?;
         // A file the configuration names by path is checked like one named on
         // the command line; one a pattern finds later is stopped on its own.
@@ -444,10 +484,17 @@ fn target(txid: Option<u64>, timestamp: Option<u64>) -> Target {
 /// The storage and keys a restore reads with.
 async fn restore_source(args: &RestoreArgs) -> Result<(Arc<dyn Storage>, Option<Arc<Keys>>)> {
     config::validate_prefix(&args.prefix)?;
-    let config = args.config.as_deref().map(load_config).transpose()?;
+    let config = reading_config(
+        args.config.as_ref(),
+        &args.storage,
+        config::Uses::STORAGE_AND_KEYS,
+    )?;
     let storage = match &config {
         Some(config) => open_config_storage(&config.storage).await?,
-        None => open_storage(&args.storage, &config::default_storage_beside(&args.output)).await?,
+        None => {
+            open_default_replica(&args.storage, &config::default_storage_beside(&args.output))
+                .await?
+        }
     };
     let keys = reading_keys(config.as_ref(), args.storage.encryption_key_file.as_deref())?;
     Ok((storage, keys))
@@ -473,7 +520,7 @@ async fn follow(args: RestoreArgs, shutdown: CancellationToken) -> Result<()> {
             )
         })?;
     match report.position {
-        Some(pos) => println!(
+        Some(pos) => sayln!(
             "followed {} into {}: at sequence {} ({} objects applied{})",
             args.prefix,
             args.output.display(),
@@ -485,7 +532,7 @@ async fn follow(args: RestoreArgs, shutdown: CancellationToken) -> Result<()> {
                 ""
             }
         ),
-        None => println!("stopped before {} had anything in storage", args.prefix),
+        None => sayln!("stopped before {} had anything in storage", args.prefix),
     }
     Ok(())
 }
@@ -511,7 +558,7 @@ async fn restore(args: RestoreArgs) -> Result<()> {
             .await
             .with_context(planning)?
             .timestamp_ms;
-        println!(
+        sayln!(
             "would restore {} to {}: sequence {}, as of {}, from {} objects ({} bytes):",
             args.prefix,
             args.output.display(),
@@ -521,10 +568,10 @@ async fn restore(args: RestoreArgs) -> Result<()> {
             plan.bytes
         );
         for object in &plan.objects {
-            println!("  {}  {} bytes", object.key, object.size);
+            sayln!("  {}  {} bytes", object.key, object.size);
         }
         if let Some(branch) = &plan.fork {
-            println!("note: {}", branch.describe());
+            sayln!("note: {}", branch.describe());
         }
         return Ok(());
     }
@@ -538,7 +585,7 @@ async fn restore(args: RestoreArgs) -> Result<()> {
     let report = restore::restore(storage.as_ref(), &opts)
         .await
         .with_context(|| format!("restoring {} from {}", args.prefix, storage.describe()))?;
-    println!(
+    sayln!(
         "restored {} to {}: sequence {} ({} objects, {} bytes downloaded), {} pages of {} bytes, as of {}",
         args.prefix,
         args.output.display(),
@@ -553,7 +600,8 @@ async fn restore(args: RestoreArgs) -> Result<()> {
 }
 
 async fn restore_all(args: RestoreAllArgs) -> Result<()> {
-    let config = load_config(&args.config)?;
+    let config_path = required_config(args.config.clone())?;
+    let config = load_config(&config_path)?;
     let storage = open_config_storage(&config.storage).await?;
     // Every database in storage, plus every configured one (which then fails
     // by name if storage has nothing for it, unless --if-replica-exists).
@@ -583,7 +631,7 @@ async fn restore_all(args: RestoreAllArgs) -> Result<()> {
     prefixes.sort();
     if prefixes.is_empty() && skipped.is_empty() {
         if args.if_replica_exists {
-            println!(
+            sayln!(
                 "restore-all: nothing in {} yet; nothing to do",
                 storage.describe()
             );
@@ -599,13 +647,14 @@ async fn restore_all(args: RestoreAllArgs) -> Result<()> {
             Some(dir) => restore::file_in_dir(dir, &prefix),
             None => match config.path_for(&prefix) {
                 Some(path) => path,
+                // Another app's database in the same bucket, say: not ours
+                // to place, and no reason to fail the ones that are.
                 None => {
-                    eprintln!(
-                        "failed {prefix}: no database in {} maps to this prefix; \
-                         restore it with --output-dir",
-                        args.config.display()
-                    );
-                    failed.push(prefix);
+                    skipped.push((
+                        prefix,
+                        "not configured: no database in the configuration maps to this prefix \
+                         (restore it with --output-dir or `walsync restore --prefix`)",
+                    ));
                     continue;
                 }
             },
@@ -632,20 +681,21 @@ async fn restore_all(args: RestoreAllArgs) -> Result<()> {
                  {} (or use --output-dir), nothing was restored",
                 job.prefix,
                 job.output.display(),
-                args.config.display()
+                config_path.display()
             );
         }
     }
     for (prefix, why) in &skipped {
-        println!("skipped {prefix}: {why}");
+        sayln!("skipped {prefix}: {why}");
     }
     let outcomes = restore::restore_all(storage.clone(), jobs, args.parallelism).await;
     let mut restored = 0;
+    let mut late = 0;
     for outcome in &outcomes {
         match &outcome.result {
             Ok(report) => {
                 restored += 1;
-                println!(
+                sayln!(
                     "restored {} to {} (sequence {}, {} pages, as of {})",
                     outcome.prefix,
                     outcome.output.display(),
@@ -654,15 +704,29 @@ async fn restore_all(args: RestoreAllArgs) -> Result<()> {
                     format_ms(report.timestamp_ms)
                 );
             }
+            // Asked for a time before the database was first replicated:
+            // there was nothing to restore, which is not a failure.
+            Err(
+                e @ restore::Error::BeforeEarliest {
+                    not_yet_replicated: true,
+                    ..
+                },
+            ) => {
+                sayln!(
+                    "skipped {}: not replicated yet at that time ({e})",
+                    outcome.prefix
+                );
+                late += 1;
+            }
             Err(e) => {
                 eprintln!("failed {}: {e}", outcome.prefix);
                 failed.push(outcome.prefix.clone());
             }
         }
     }
-    println!(
+    sayln!(
         "restore-all: {restored} restored, {} skipped, {} failed",
-        skipped.len(),
+        skipped.len() + late,
         failed.len()
     );
     if !failed.is_empty() {
@@ -673,6 +737,49 @@ async fn restore_all(args: RestoreAllArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The configuration a command that needs one reads: `--config`, else the
+/// one [`config::locate`] finds.
+fn required_config(explicit: Option<PathBuf>) -> Result<PathBuf> {
+    match explicit.or_else(config::locate) {
+        Some(path) => Ok(path),
+        None => bail!(
+            "no configuration: give --config FILE ({})",
+            config::where_looked()
+        ),
+    }
+}
+
+/// The configuration a command that can also work from `--storage` reads:
+/// `--config`, else (without --storage) the one [`config::locate`] finds.
+fn reading_config(
+    explicit: Option<&PathBuf>,
+    storage: &StorageArgs,
+    uses: config::Uses,
+) -> Result<Option<Config>> {
+    let path = match explicit {
+        Some(path) => Some(path.clone()),
+        None if storage.storage.is_none() => config::locate(),
+        None => None,
+    };
+    path.map(|p| load_config_for(&p, uses)).transpose()
+}
+
+/// The storage a reading command uses without a configuration: `--storage`,
+/// else the default replica directory, which must exist (a missing one is
+/// said, with where it was looked for, instead of listing nothing).
+async fn open_default_replica(args: &StorageArgs, default: &Path) -> Result<Arc<dyn Storage>> {
+    if args.storage.is_none() && !default.is_dir() {
+        bail!(
+            "no storage given and no replica at {}: give --storage URL or --config FILE ({}); \
+             `watch DB` keeps its replica beside each database, e.g. --storage data/{}",
+            default.display(),
+            config::where_looked(),
+            config::DEFAULT_REPLICA_DIR
+        );
+    }
+    open_storage(args, default).await
 }
 
 /// A database named on the command line must be a file: say what is wrong
@@ -725,9 +832,10 @@ fn same_file_key(path: &Path) -> PathBuf {
 }
 
 async fn list(args: ListArgs) -> Result<()> {
-    let storage = match &args.config {
-        Some(path) => open_config_storage(&load_config(path)?.storage).await?,
-        None => open_storage(&args.storage, Path::new(config::DEFAULT_REPLICA_DIR)).await?,
+    let storage = match reading_config(args.config.as_ref(), &args.storage, config::Uses::STORAGE)?
+    {
+        Some(config) => open_config_storage(&config.storage).await?,
+        None => open_default_replica(&args.storage, Path::new(config::DEFAULT_REPLICA_DIR)).await?,
     };
     if let Some(prefix) = &args.prefix {
         config::validate_prefix(prefix)?;
@@ -741,12 +849,17 @@ async fn list(args: ListArgs) -> Result<()> {
     }
     let dbs = listed.found;
     if dbs.is_empty() {
-        println!("no databases in {}", storage.describe());
+        sayln!("no databases in {}", storage.describe());
         return Ok(());
     }
-    println!(
+    sayln!(
         "{:<32} {:>8} {:>10} {:>10} {:>14} {:>14}  LAST SYNC",
-        "PREFIX", "OBJECTS", "HEAD SEQ", "SNAPSHOT", "STORED BYTES", "DB BYTES"
+        "PREFIX",
+        "OBJECTS",
+        "HEAD SEQ",
+        "SNAPSHOT",
+        "STORED BYTES",
+        "DB BYTES"
     );
     let mut attention = 0;
     for (prefix, objects) in dbs {
@@ -765,7 +878,7 @@ async fn list(args: ListArgs) -> Result<()> {
             ),
             Err(e) => ("?".into(), format!("unreadable: {e}")),
         };
-        println!(
+        sayln!(
             "{:<32} {:>8} {:>10} {:>10} {:>14} {:>14}  {}",
             prefix,
             objects.len(),
@@ -776,7 +889,7 @@ async fn list(args: ListArgs) -> Result<()> {
             time
         );
         if let Some(forked) = chain::describe_forks(&objects) {
-            println!("  needs attention: {forked}");
+            sayln!("  needs attention: {forked}");
             attention += 1;
         }
     }
@@ -816,29 +929,29 @@ async fn restore_points(storage: &dyn Storage, prefix: &str) -> Result<()> {
     };
     let earliest = header(first).await?;
     let latest = header(head).await?;
-    println!("{prefix} in {}", storage.describe());
-    println!(
+    sayln!("{prefix} in {}", storage.describe());
+    sayln!(
         "  earliest  sequence {:>10}  {}",
         first.seq,
         format_ms(earliest.timestamp_ms)
     );
-    println!(
+    sayln!(
         "  latest    sequence {:>10}  {}",
         head.seq,
         format_ms(latest.timestamp_ms)
     );
-    println!(
+    sayln!(
         "  {} objects, {} bytes stored",
         objects.len(),
         objects.iter().map(|o| o.size).sum::<u64>()
     );
-    println!("  snapshots (each starts a restorable run up to the next):");
+    sayln!("  snapshots (each starts a restorable run up to the next):");
     for snapshot in objects
         .iter()
         .filter(|o| o.kind == crate::segment::Kind::Snapshot)
     {
         let h = header(snapshot).await?;
-        println!(
+        sayln!(
             "    sequence {:>10}  {}  {} bytes",
             snapshot.seq,
             format_ms(h.timestamp_ms),
@@ -846,7 +959,7 @@ async fn restore_points(storage: &dyn Storage, prefix: &str) -> Result<()> {
         );
     }
     if let Some(forked) = chain::describe_forks(&objects) {
-        println!("  needs attention: {forked}");
+        sayln!("  needs attention: {forked}");
     }
     Ok(())
 }
@@ -877,7 +990,7 @@ async fn snapshot(args: SnapshotArgs) -> Result<()> {
         .await
         .with_context(|| format!("snapshot of {}", args.database.display()))?;
     let head = replica.head().map(|h| h.seq).unwrap_or(0);
-    println!(
+    sayln!(
         "snapshot of {} shipped to {} as sequence {} ({} bytes)",
         args.database.display(),
         storage.describe(),

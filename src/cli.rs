@@ -24,7 +24,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Replicate databases continuously until SIGINT/SIGTERM (then flush and exit 0).
+    /// Replicate databases continuously until SIGINT/SIGTERM, then flush and exit.
     ///
     /// Each database is switched to WAL mode if needed. walsync holds a read
     /// transaction on it and runs its checkpoints itself, so that no committed
@@ -32,6 +32,12 @@ pub enum Command {
     /// checkpoints to it: the app's auto-checkpoint is harmless, but an app's
     /// own wal_checkpoint(FULL|RESTART|TRUNCATE) waits on that read
     /// transaction for up to its busy timeout, holding the app's writers.
+    ///
+    /// Exit status: 0 when every database was flushed at exit; 1 when walsync
+    /// could not start, a database could not be flushed before exit, or the
+    /// replication of one stopped for good (another writer on its prefix, a
+    /// file that is not SQLite); 2 for a command-line mistake. With --exec,
+    /// the app's status, or 1 if the app exited 0 but walsync failed.
     Watch(WatchArgs),
     /// Rebuild every database in storage, in place or into a directory, in parallel.
     ///
@@ -96,7 +102,9 @@ pub struct VerifyArgs {
     /// The live database to compare with the newest state in storage.
     #[arg(long, value_name = "PATH")]
     pub db: Option<PathBuf>,
-    /// Take the storage settings from this walsync.toml.
+    /// Take the storage settings from this walsync.toml. Without it and
+    /// without --storage: the file WALSYNC_CONFIG names, else ./walsync.toml
+    /// if it exists, else the directory walsync-replica here.
     #[arg(long, short = 'c', value_name = "FILE", conflicts_with = "storage")]
     pub config: Option<PathBuf>,
     #[command(flatten)]
@@ -105,9 +113,10 @@ pub struct VerifyArgs {
 
 #[derive(Debug, Args)]
 pub struct SyncArgs {
-    /// The walsync.toml of the running `watch`.
-    #[arg(long, short = 'c', value_name = "FILE", env = "WALSYNC_CONFIG")]
-    pub config: PathBuf,
+    /// The walsync.toml of the running `watch`. Default: the file
+    /// WALSYNC_CONFIG names, else ./walsync.toml.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Only this database (default: all of them).
     #[arg(long)]
     pub prefix: Option<String>,
@@ -122,17 +131,13 @@ pub struct SyncArgs {
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// The walsync.toml of the running process (its [watch] listen is asked).
-    #[arg(
-        long,
-        short = 'c',
-        value_name = "FILE",
-        env = "WALSYNC_CONFIG",
-        required_unless_present = "listen"
-    )]
+    /// The walsync.toml of the running process (its [watch] listen is
+    /// asked). Default: the file WALSYNC_CONFIG names, else ./walsync.toml.
+    #[arg(long, short = 'c', value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// The running process's listener address (instead of --config).
-    #[arg(long, value_name = "ADDR", conflicts_with = "config")]
+    /// The running process's listener address (instead of --config):
+    /// 127.0.0.1:9090, localhost:9090 or :9090.
+    #[arg(long, value_name = "ADDR", conflicts_with = "config", value_parser = crate::listen::parse_addr)]
     pub listen: Option<std::net::SocketAddr>,
     /// Print JSON instead of a table.
     #[arg(long)]
@@ -141,9 +146,10 @@ pub struct StatusArgs {
 
 #[derive(Debug, Args)]
 pub struct ExplainArgs {
-    /// The walsync.toml to explain.
-    #[arg(long, short = 'c', value_name = "FILE", env = "WALSYNC_CONFIG")]
-    pub config: PathBuf,
+    /// The walsync.toml to explain. Default: the file WALSYNC_CONFIG names,
+    /// else ./walsync.toml.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -172,19 +178,16 @@ pub struct StorageArgs {
 #[derive(Debug, Args)]
 pub struct WatchArgs {
     /// The database files to replicate (or use --config).
-    #[arg(
-        value_name = "DB",
-        required_unless_present = "config",
-        conflicts_with = "config"
-    )]
+    #[arg(value_name = "DB", conflicts_with = "config")]
     pub databases: Vec<PathBuf>,
     /// Read databases, storage and settings from this walsync.toml; edits to it
     /// are picked up while running (an invalid edit is refused and logged).
+    /// Without it and without DB: the file WALSYNC_CONFIG names, else
+    /// ./walsync.toml.
     #[arg(
         long,
         short = 'c',
         value_name = "FILE",
-        env = "WALSYNC_CONFIG",
         conflicts_with_all = [
             "storage", "endpoint", "region", "path_style", "prefix", "sync_interval",
             "snapshot_interval", "checkpoint_pages", "checkpoint_interval", "truncate_pages",
@@ -230,8 +233,9 @@ pub struct WatchArgs {
     #[arg(long, default_value_t = 8)]
     pub parallelism: usize,
     /// Serve /metrics (Prometheus), /health, /status.json and a status page
-    /// on this address, e.g. 127.0.0.1:9090 (overrides [watch] listen).
-    #[arg(long, value_name = "ADDR")]
+    /// on this address: 127.0.0.1:9090, localhost:9090, or :9090 for every
+    /// interface (overrides [watch] listen).
+    #[arg(long, value_name = "ADDR", value_parser = crate::listen::parse_addr)]
     pub listen: Option<std::net::SocketAddr>,
     /// Sidecar mode: run this command (split like a shell would, without
     /// expansion) as a child once every database has been synced once; pass
@@ -275,7 +279,9 @@ pub struct RestoreArgs {
     /// With --follow: time between two looks at storage once caught up.
     #[arg(long, default_value = "1s", value_parser = parse_duration, requires = "follow")]
     pub interval: Duration,
-    /// Take the storage settings from this walsync.toml.
+    /// Take the storage settings from this walsync.toml. Without it and
+    /// without --storage: the file WALSYNC_CONFIG names, else ./walsync.toml
+    /// if it exists, else the directory walsync-replica here.
     #[arg(long, short = 'c', value_name = "FILE", conflicts_with = "storage")]
     pub config: Option<PathBuf>,
     #[command(flatten)]
@@ -284,9 +290,10 @@ pub struct RestoreArgs {
 
 #[derive(Debug, Args)]
 pub struct RestoreAllArgs {
-    /// The walsync.toml whose storage (and databases) to restore.
-    #[arg(long, short = 'c', value_name = "FILE", env = "WALSYNC_CONFIG")]
-    pub config: PathBuf,
+    /// The walsync.toml whose storage (and databases) to restore. Default:
+    /// the file WALSYNC_CONFIG names, else ./walsync.toml.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Where to write the databases, as DIR/PREFIX.db. Without it each
     /// database is restored in place, at the path walsync.toml gives it.
     #[arg(long, value_name = "DIR")]
@@ -316,7 +323,9 @@ pub struct ListArgs {
     /// and latest state it can be restored to) instead of every database.
     #[arg(long)]
     pub prefix: Option<String>,
-    /// Take the storage settings from this walsync.toml.
+    /// Take the storage settings from this walsync.toml. Without it and
+    /// without --storage: the file WALSYNC_CONFIG names, else ./walsync.toml
+    /// if it exists, else the directory walsync-replica here.
     #[arg(long, short = 'c', value_name = "FILE", conflicts_with = "storage")]
     pub config: Option<PathBuf>,
     #[command(flatten)]

@@ -23,6 +23,25 @@ use crate::storage::S3Options;
 
 /// The directory used as storage when none is configured: beside the database.
 pub const DEFAULT_REPLICA_DIR: &str = "walsync-replica";
+/// Names the configuration of every command given none.
+pub const CONFIG_ENV: &str = "WALSYNC_CONFIG";
+/// The configuration a command reads in its directory when given none.
+pub const DEFAULT_CONFIG_FILE: &str = "walsync.toml";
+
+/// The configuration a command given none reads: the file `WALSYNC_CONFIG`
+/// names, else `./walsync.toml` if it exists.
+pub fn locate() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os(CONFIG_ENV).filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(path));
+    }
+    let here = Path::new(DEFAULT_CONFIG_FILE);
+    here.is_file().then(|| here.to_path_buf())
+}
+
+/// What [`locate`] looked for, for an error that found nothing.
+pub fn where_looked() -> String {
+    format!("{CONFIG_ENV} is not set and there is no ./{DEFAULT_CONFIG_FILE}")
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
@@ -46,10 +65,59 @@ pub enum Error {
     DuplicatePath(PathBuf),
     #[error("{file}: {message}")]
     Invalid { file: PathBuf, message: String },
+    #[error("{file}: {key}: environment variable {var} is not set")]
+    Unset {
+        file: PathBuf,
+        key: String,
+        var: String,
+    },
     #[error("{file}: cannot read it: {message}")]
     Read { file: PathBuf, message: String },
     #[error("cannot scan {path} for databases: {message}")]
     Scan { path: PathBuf, message: String },
+}
+
+/// The parts of walsync.toml a command reads. A `${VAR}` left unset
+/// elsewhere in the file is no error for it: `list` needs no encryption key,
+/// `status` no credentials. Every other mistake is an error for every command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Uses {
+    pub storage: bool,
+    pub keys: bool,
+    pub databases: bool,
+    pub control_socket: bool,
+}
+
+impl Uses {
+    /// `watch`, `restore-all`, `explain`.
+    pub const ALL: Uses = Uses {
+        storage: true,
+        keys: true,
+        databases: true,
+        control_socket: true,
+    };
+    /// `list`: where storage is.
+    pub const STORAGE: Uses = Uses {
+        storage: true,
+        keys: false,
+        databases: false,
+        control_socket: false,
+    };
+    /// `restore`, `verify`: storage and the keys that open it.
+    pub const STORAGE_AND_KEYS: Uses = Uses {
+        keys: true,
+        ..Uses::STORAGE
+    };
+    /// `status`: only `[watch] listen`, which takes no variables.
+    pub const LISTEN: Uses = Uses {
+        storage: false,
+        ..Uses::STORAGE
+    };
+    /// `sync`: the control socket.
+    pub const CONTROL_SOCKET: Uses = Uses {
+        control_socket: true,
+        ..Uses::LISTEN
+    };
 }
 
 /// Validated settings from `walsync.toml`.
@@ -65,7 +133,7 @@ pub struct Config {
 }
 
 /// Where replicas go: a URL plus S3 settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StorageConfig {
     pub url: String,
     pub s3: S3Options,
@@ -234,9 +302,19 @@ struct RawDatabase {
 /// Collects errors against one file.
 struct Checker<'a> {
     file: &'a Path,
+    uses: Uses,
 }
 
 impl Checker<'_> {
+    /// `Ok(None)` for a part the command does not read that names an unset
+    /// variable; the part is then left out.
+    fn unless_unused<T>(&self, used: bool, result: Result<T, Error>) -> Result<Option<T>, Error> {
+        match result {
+            Err(Error::Unset { .. }) if !used => Ok(None),
+            other => other.map(Some),
+        }
+    }
+
     fn err(&self, message: impl fmt::Display) -> Error {
         Error::Invalid {
             file: self.file.to_path_buf(),
@@ -268,8 +346,10 @@ impl Checker<'_> {
                     .find('}')
                     .ok_or_else(|| self.err(format!("{key}: unclosed ${{ (no closing }})")))?;
                 let name = &body[..end];
-                let var = std::env::var(name).map_err(|_| {
-                    self.err(format!("{key}: environment variable {name} is not set"))
+                let var = std::env::var(name).map_err(|_| Error::Unset {
+                    file: self.file.to_path_buf(),
+                    key: key.to_string(),
+                    var: name.to_string(),
                 })?;
                 out.push_str(&var);
                 rest = &body[end + 1..];
@@ -326,6 +406,22 @@ impl Checker<'_> {
             Some(n) => sync.retention.snapshots = Some(n),
         }
         if raw.encryption_key.is_some() || raw.previous_encryption_keys.is_some() {
+            let keys = self.keys(&sync, raw, &key);
+            if let Some(keys) = self.unless_unused(self.uses.keys, keys)? {
+                sync.encryption = Some(keys);
+            }
+        }
+        Ok(sync)
+    }
+
+    /// The keys `raw` gives, on top of those `sync` inherits.
+    fn keys(
+        &self,
+        sync: &SyncOptions,
+        raw: &RawSync,
+        key: &dyn Fn(&str) -> String,
+    ) -> Result<Arc<Keys>, Error> {
+        {
             // What is not given here is inherited; "off" keeps the older keys
             // for reading and says that stopping encryption is intended.
             let base = sync.encryption.as_deref();
@@ -348,9 +444,8 @@ impl Checker<'_> {
                     .map(|(i, k)| self.key(&format!("{}[{i}]", key("previous_encryption_keys")), k))
                     .collect::<Result<Vec<_>, _>>()?,
             };
-            sync.encryption = Some(Arc::new(Keys::new(current, previous)));
+            Ok(Arc::new(Keys::new(current, previous)))
         }
-        Ok(sync)
     }
 
     /// A key from 64 hex digits or `${VAR}`; errors never show the value.
@@ -363,20 +458,33 @@ impl Checker<'_> {
 impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, Error> {
+        Self::load_for(path, Uses::ALL)
+    }
+
+    /// Reads and validates `path` for a command that reads only what `uses`
+    /// names: an unset variable elsewhere leaves that part out.
+    pub fn load_for(path: &Path, uses: Uses) -> Result<Self, Error> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::Read {
             file: path.to_path_buf(),
             message: e.to_string(),
         })?;
-        Self::parse(&text, path)
+        Self::parse_for(&text, path, uses)
     }
 
     /// Validates a configuration text as if read from `path`.
     pub fn parse(text: &str, path: &Path) -> Result<Self, Error> {
-        let check = Checker { file: path };
+        Self::parse_for(text, path, Uses::ALL)
+    }
+
+    fn parse_for(text: &str, path: &Path, uses: Uses) -> Result<Self, Error> {
+        let check = Checker { file: path, uses };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let line = e
-                .span()
-                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            // Counted by line breaks before the span: a span that starts a
+            // line (an unknown key) is on the line after the last break.
+            let line = e.span().map(|s| {
+                let before = &text.as_bytes()[..s.start.min(text.len())];
+                before.iter().filter(|&&b| b == b'\n').count() + 1
+            });
             // The parser quotes the value it choked on; a value may be a secret.
             let message = without_quoted(e.message().trim()).replace('\n', " ");
             match line {
@@ -384,8 +492,13 @@ impl Config {
                 None => check.err(message),
             }
         })?;
-        let base_dir = parent_of(path);
-        let mut storage = Self::storage(&check, raw.storage.unwrap_or_default())?;
+        // Absolute, so that paths and `{relpath}` do not depend on the
+        // directory walsync was started from.
+        let base_dir = std::path::absolute(parent_of(path)).unwrap_or_else(|_| parent_of(path));
+        let storage = Self::storage(&check, raw.storage.unwrap_or_default());
+        let mut storage = check
+            .unless_unused(uses.storage, storage)?
+            .unwrap_or_default();
         // A local directory is relative to this file, like database paths.
         if !storage.url.contains("://") && Path::new(&storage.url).is_relative() {
             storage.url = base_dir.join(&storage.url).display().to_string();
@@ -401,7 +514,8 @@ impl Config {
         }
         let mut entries = Vec::with_capacity(raw.databases.len());
         for (i, db) in raw.databases.iter().enumerate() {
-            entries.push(Self::entry(&check, &base_dir, i, db, &sync)?);
+            let entry = Self::entry(&check, &base_dir, i, db, &sync);
+            entries.extend(check.unless_unused(uses.databases, entry)?);
         }
         let keys = Keys::union(
             std::iter::once(&sync)
@@ -527,15 +641,15 @@ impl Config {
             watch.max_open = Some(n);
         }
         if let Some(addr) = &raw.listen {
-            let parsed = addr.parse().map_err(|_| {
-                check.err(format!(
-                    "watch.listen = {addr:?}: give an address and port, e.g. \"127.0.0.1:9090\""
-                ))
-            })?;
+            let parsed = crate::listen::parse_addr(addr)
+                .map_err(|e| check.err(format!("watch.listen: {e}")))?;
             watch.listen = Some(parsed);
         }
         if let Some(path) = &raw.control_socket {
-            watch.control_socket = Some(PathBuf::from(check.expand("watch.control_socket", path)?));
+            let path = check.expand("watch.control_socket", path);
+            watch.control_socket = check
+                .unless_unused(check.uses.control_socket, path)?
+                .map(PathBuf::from);
         }
         Ok(watch)
     }
@@ -645,7 +759,10 @@ impl Config {
     /// The databases the entries name right now, each with its prefix.
     /// A single-file entry is listed even if the file does not exist yet.
     pub fn discover(&self) -> Result<Vec<Target>, Error> {
-        let check = Checker { file: &self.source };
+        let check = Checker {
+            file: &self.source,
+            uses: Uses::ALL,
+        };
         let mut targets: Vec<Target> = Vec::new();
         let mut by_prefix: HashMap<String, usize> = HashMap::new();
         let mut seen_paths: HashSet<PathBuf> = HashSet::new();

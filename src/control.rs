@@ -176,8 +176,18 @@ pub async fn serve(
         let requests = requests.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(e) = answer(stream, requests).await {
-                warn!(error = %e, "control socket: request failed");
+            match answer(stream, requests).await {
+                Ok(()) => {}
+                // A `walsync sync` without --wait does not read the answer.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    tracing::debug!(error = %e, "control socket: the client left before the answer");
+                }
+                Err(e) => warn!(error = %e, "control socket: request failed"),
             }
         });
     }

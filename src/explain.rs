@@ -56,6 +56,19 @@ pub fn explain(config: &Config) -> Result<String, config::Error> {
             .max_open
             .map_or("from the open-file limit".into(), |n| n.to_string()),
     );
+    let _ = writeln!(
+        out,
+        "  listen       {}",
+        watch
+            .listen
+            .map_or("off (no /metrics, /health or status page)".into(), |a| a
+                .to_string())
+    );
+    let socket = watch
+        .control_socket
+        .clone()
+        .unwrap_or_else(|| crate::control::default_socket(&config.source));
+    let _ = writeln!(out, "  control      {} (walsync sync)", socket.display());
     for (index, entry) in config.entries.iter().enumerate() {
         let source = match &entry.source {
             Source::File(path) => format!("file {}", path.display()),

@@ -10,6 +10,7 @@ pub mod follow;
 pub mod fork;
 pub mod http;
 pub mod listen;
+pub mod out;
 pub mod redact;
 pub mod replica;
 pub mod replicator;

@@ -64,3 +64,75 @@ impl Gate {
         tokio::time::sleep(ACCEPT_PAUSE).await;
     }
 }
+
+/// The forms of a listen address users type: `127.0.0.1:9090`, `[::1]:9090`,
+/// `localhost:9090` (any host name), and Litestream's `:9090` (every
+/// interface).
+pub fn parse_addr(text: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
+    let bad = |why: &str| {
+        format!(
+            "{text:?} is not a listen address ({why}); use HOST:PORT, e.g. 127.0.0.1:9090, \
+             localhost:9090, or :9090 for every interface"
+        )
+    };
+    let text = text.trim();
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err(bad("no port"));
+    };
+    let port: u16 = port.parse().map_err(|_| bad("the port is not a number"))?;
+    if host.is_empty() {
+        return Ok(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)));
+    }
+    if host.eq_ignore_ascii_case("localhost") {
+        return Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+    }
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| bad(&format!("cannot resolve {host}: {e}")))?
+        .next()
+        .ok_or_else(|| bad(&format!("{host} has no address")))
+}
+
+/// Where a client reaches a listener bound to `addr`: a listener on every
+/// interface is asked on loopback.
+pub fn reachable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    let mut addr = addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    addr
+}
+
+#[cfg(test)]
+mod addr_tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses_in_the_forms_users_type() {
+        assert_eq!(
+            parse_addr("127.0.0.1:9090").unwrap().to_string(),
+            "127.0.0.1:9090"
+        );
+        assert_eq!(parse_addr(":9090").unwrap().to_string(), "0.0.0.0:9090");
+        assert_eq!(
+            parse_addr("localhost:9090").unwrap().to_string(),
+            "127.0.0.1:9090"
+        );
+        assert_eq!(parse_addr("[::1]:9090").unwrap().to_string(), "[::1]:9090");
+        for bad in ["9090", "localhost", ":http", "host:99999"] {
+            let e = parse_addr(bad).unwrap_err();
+            assert!(e.contains(bad) && e.contains(":9090"), "{e}");
+        }
+        assert_eq!(
+            reachable(parse_addr(":9090").unwrap()).to_string(),
+            "127.0.0.1:9090"
+        );
+    }
+}

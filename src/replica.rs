@@ -65,7 +65,9 @@ impl Error {
     pub fn kind(&self) -> &'static str {
         match self {
             Error::Db(_) => "database",
-            Error::Storage(_) => "storage",
+            // A chain that could not be read because storage failed is a
+            // storage error (a missing bucket, bad credentials).
+            Error::Storage(_) | Error::Chain(chain::Error::Storage(_)) => "storage",
             Error::Chain(_) => "chain",
             Error::Stopped { .. } => "stopped",
             Error::Busy { .. } => "busy",
@@ -750,7 +752,9 @@ impl Replica {
 
     async fn full_snapshot(&mut self, reason: &str, report: &mut SyncReport) -> Result<()> {
         let kind = snapshot_kind(reason);
-        if self.head.is_some() {
+        // Only a lost continuity asks something of the operator; the first,
+        // periodic, requested and new-key snapshots are routine.
+        if kind == "continuity" {
             warn!(db = %self.path.display(), prefix = %self.prefix, reason, "taking a snapshot");
         } else {
             info!(db = %self.path.display(), prefix = %self.prefix, reason, "taking a snapshot");

@@ -133,7 +133,8 @@ impl Plan {
             .collect()
     }
 
-    fn config_file(&self) -> Option<PathBuf> {
+    /// The walsync.toml this plan comes from, if any (links resolved).
+    pub fn config_file(&self) -> Option<PathBuf> {
         match self {
             Plan::Fixed { .. } => None,
             Plan::Config { config, .. } => Some(canonical(&config.source)),
@@ -278,7 +279,48 @@ pub struct Hooks {
 }
 
 /// Replicates the databases of `plan` until `shutdown`.
-pub async fn run(plan: Plan, shutdown: CancellationToken, hooks: Hooks) -> Result<()> {
+/// What was left undone when replication ended: empty for a clean exit.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// Databases whose final sync failed or did not finish in time.
+    pub unflushed: Vec<String>,
+    /// Databases whose replication stopped for good, with why.
+    pub stopped: Vec<(PathBuf, String)>,
+}
+
+impl Outcome {
+    pub fn is_clean(&self) -> bool {
+        self.unflushed.is_empty() && self.stopped.is_empty()
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if !self.unflushed.is_empty() {
+            parts.push(format!(
+                "{} database(s) could not be flushed before exit: {}",
+                self.unflushed.len(),
+                self.unflushed.join(", ")
+            ));
+        }
+        if !self.stopped.is_empty() {
+            let names: Vec<String> = self
+                .stopped
+                .iter()
+                .map(|(path, _)| path.display().to_string())
+                .collect();
+            parts.push(format!(
+                "replication of {} database(s) stopped (see the log): {}",
+                self.stopped.len(),
+                names.join(", ")
+            ));
+        }
+        f.write_str(&parts.join("; "))
+    }
+}
+
+pub async fn run(plan: Plan, shutdown: CancellationToken, hooks: Hooks) -> Result<Outcome> {
     let (tx, rx) = mpsc::unbounded_channel::<Msg>();
     let (sync_tx, sync_rx) = mpsc::unbounded_channel::<SyncRequest>();
     let control_stop = CancellationToken::new();
@@ -1159,7 +1201,7 @@ impl Fleet {
     }
 
     /// Waits for syncs in flight, then flushes every database once, within the deadline.
-    async fn shutdown(mut self) -> Result<()> {
+    async fn shutdown(mut self) -> Result<Outcome> {
         let watch = self.plan.watch().clone();
         let deadline = Instant::now() + watch.shutdown_timeout;
         info!("shutting down: final sync of every database");
@@ -1231,14 +1273,22 @@ impl Fleet {
         if unflushed.is_empty() {
             info!("every database flushed");
         } else {
-            // Named, loudly; the others were flushed, so the exit stays clean.
             error!(
                 count = unflushed.len(),
                 databases = %unflushed.join(", "),
                 "could not be flushed before exit"
             );
         }
-        Ok(())
+        let mut stopped: Vec<(PathBuf, String)> = self
+            .slots
+            .values()
+            .filter_map(|s| {
+                s.stopped()
+                    .map(|why| (s.spec.path.clone(), why.to_string()))
+            })
+            .collect();
+        stopped.sort();
+        Ok(Outcome { unflushed, stopped })
     }
 }
 

@@ -71,6 +71,9 @@ pub enum Error {
         prefix: String,
         at: String,
         earliest: String,
+        /// The earliest is the chain's very first object: the database was
+        /// not replicated yet at that time (rather than pruned by retention).
+        not_yet_replicated: bool,
     },
     #[error("object {key} is missing from the chain (the chain jumps from {before} to {after})")]
     Missing {
@@ -229,6 +232,7 @@ async fn seq_at(
             prefix: prefix.to_string(),
             at: format_ms(ms),
             earliest: format!("{} (sequence {})", format_ms(earliest), usable[0].seq),
+            not_yet_replicated: usable[0].seq == 1,
         });
     }
     // Invariant: usable[lo] is at or before `ms`; everything from `hi` on is after it.

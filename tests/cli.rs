@@ -4,7 +4,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use rusqlite::Connection;
 use walsync::chain;
@@ -213,6 +213,8 @@ fn bad_input_gets_one_clear_line_and_a_failure_exit() {
                 "nothing-here".into(),
                 "-o".into(),
                 dir.path().join("y.db").display().to_string(),
+                "--storage".into(),
+                dir.path().display().to_string(),
             ],
             "nothing-here",
         ),
@@ -1760,11 +1762,18 @@ async fn a_file_that_is_not_sqlite_is_stopped_once_and_the_fleet_goes_on() {
             "{kind}: {notes_status}"
         );
         assert_eq!(objects(&store, "notes").await, 0, "{kind}");
-        terminate(&mut child);
+        // A stopped database makes the exit a failure, named on the last line.
+        assert!(!terminate(&mut child).success(), "{kind}");
         let log = log.join().unwrap();
+        let last = log.trim().lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("error: replication of 1 database(s) stopped")
+                && last.contains("notes.db"),
+            "{kind}: {log}"
+        );
         let lines: Vec<&str> = log
             .lines()
-            .filter(|l| l.contains("notes.db") && !l.contains(" INFO "))
+            .filter(|l| l.contains("notes.db") && !l.contains(" INFO ") && *l != last)
             .collect();
         assert_eq!(lines.len(), 1, "{kind}: said once\n{log}");
         assert!(
@@ -1812,4 +1821,472 @@ async fn objects(store: &TestStore, prefix: &str) -> usize {
         .await
         .unwrap()
         .len()
+}
+
+// ---- Issue 12: what a new user trips over ----
+
+/// Spawns `walsync watch` with no arguments, in `cwd`, with `env` added.
+fn spawn_bare_watch(store: &TestStore, cwd: &Path, env: &[(&str, &Path)]) -> Child {
+    let mut cmd = walsync();
+    cmd.arg("watch")
+        .current_dir(cwd)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    with_store(&mut cmd, store);
+    cmd.spawn().unwrap()
+}
+
+/// Issue 12, 1, 2 and 11: every command finds the configuration through
+/// WALSYNC_CONFIG or ./walsync.toml; its relative paths are relative to the
+/// file whichever directory walsync starts in; without any, a command says
+/// where it looked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_configuration_is_found_and_its_paths_do_not_depend_on_the_working_directory() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("data/eu/acme.db");
+        std::fs::create_dir_all(db.parent().unwrap()).unwrap();
+        let conn = app_db(&db);
+        conn.execute("INSERT INTO t(v) VALUES ('first')", [])
+            .unwrap();
+        let config = dir.path().join("walsync.toml");
+        std::fs::write(
+            &config,
+            store.config(
+                "[sync]\nsync_interval = \"0s\"\n\
+                 [[databases]]\npath = \"data/**/*.db\"\nprefix = \"tenants/{relpath}\"\n",
+            ),
+        )
+        .unwrap();
+        // Started in the configuration's directory, found as ./walsync.toml.
+        let mut child = spawn_bare_watch(&store, dir.path(), &[]);
+        wait_for_objects(&store, "tenants/eu/acme", 1, String::new).await;
+        assert!(terminate(&mut child).success(), "{kind}");
+        conn.execute("INSERT INTO t(v) VALUES ('second')", [])
+            .unwrap();
+        // Started from / through WALSYNC_CONFIG: the same prefix, the same chain.
+        let mut child = spawn_bare_watch(&store, Path::new("/"), &[("WALSYNC_CONFIG", &config)]);
+        wait_for_objects(&store, "tenants/eu/acme", 2, String::new).await;
+        assert!(terminate(&mut child).success(), "{kind}");
+
+        let env_run = |args: &[&str], cwd: &Path, with_env: bool| {
+            let mut cmd = walsync();
+            cmd.args(args).current_dir(cwd);
+            if with_env {
+                cmd.env("WALSYNC_CONFIG", &config);
+            }
+            with_store(&mut cmd, &store);
+            run(&mut cmd)
+        };
+        let elsewhere = tempfile::tempdir().unwrap();
+        for (cwd, with_env) in [(elsewhere.path(), true), (dir.path(), false)] {
+            let output = env_run(&["list"], cwd, with_env);
+            let listing = String::from_utf8_lossy(&output.stdout);
+            assert!(output.status.success(), "{kind}: {output:?}");
+            assert!(
+                listing.contains("tenants/eu/acme") && !listing.contains("tenants/data"),
+                "{kind}: {listing}"
+            );
+            let output = env_run(&["verify", "--prefix", "tenants/eu/acme"], cwd, with_env);
+            assert!(output.status.success(), "{kind}: {output:?}");
+            let output = env_run(&["explain"], cwd, with_env);
+            let text = String::from_utf8_lossy(&output.stdout);
+            assert!(
+                output.status.success() && text.contains("-> tenants/eu/acme"),
+                "{kind}: {text}"
+            );
+            assert!(
+                text.contains("listen       off") && text.contains("control      "),
+                "{kind}: explain names the listener and the control socket\n{text}"
+            );
+        }
+        let out = elsewhere.path().join("acme.db");
+        let output = env_run(
+            &["restore", "--prefix", "tenants/eu/acme", "-o", cfg(&out)],
+            elsewhere.path(),
+            true,
+        );
+        assert!(output.status.success(), "{kind}: {output:?}");
+        assert_eq!(rows(&out), rows(&db), "{kind}");
+
+        // Nothing given, nothing found: said, with where it looked.
+        let empty = tempfile::tempdir().unwrap();
+        for args in [vec!["list"], vec!["restore", "--prefix", "x", "-o", "x.db"]] {
+            let output = run(walsync().args(&args).current_dir(empty.path()));
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(!output.status.success(), "{kind} {args:?}: {stderr}");
+            assert!(
+                stderr.contains("walsync-replica")
+                    && stderr.contains("WALSYNC_CONFIG")
+                    && stderr.contains("walsync.toml"),
+                "{kind} {args:?}: {stderr}"
+            );
+        }
+        for args in [
+            vec!["watch"],
+            vec!["restore-all"],
+            vec!["sync"],
+            vec!["explain"],
+        ] {
+            let output = run(walsync().args(&args).current_dir(empty.path()));
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(!output.status.success(), "{kind} {args:?}: {stderr}");
+            assert!(
+                stderr.contains("WALSYNC_CONFIG") && stderr.contains("walsync.toml"),
+                "{kind} {args:?}: {stderr}"
+            );
+            assert_eq!(
+                stderr.trim().lines().count(),
+                1,
+                "{kind} {args:?}: {stderr}"
+            );
+        }
+    }
+}
+
+/// Issue 12, 3: a reader that goes away ends the output quietly.
+#[test]
+fn a_closed_stdout_ends_the_output_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica = dir.path().join("walsync-replica");
+    for name in ["a", "b", "c"] {
+        let db = dir.path().join(format!("{name}.db"));
+        drop(app_db(&db));
+        let output = run(walsync()
+            .args(["snapshot", cfg(&db), "--storage", cfg(&replica)])
+            .current_dir(dir.path()));
+        assert!(output.status.success(), "{output:?}");
+    }
+    for args in [
+        vec!["list", "--storage", cfg(&replica)],
+        vec!["list", "--storage", cfg(&replica), "--prefix", "a"],
+        vec!["--help"],
+    ] {
+        let mut child = walsync()
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // `| head -0`: the reader is gone before the first line.
+        drop(child.stdout.take());
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{args:?}: {stderr}");
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
+/// Issue 12, 4: `watch` exits non-zero when a database could not be flushed
+/// before exit.
+#[test]
+fn watch_exits_non_zero_when_the_final_flush_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let conn = app_db(&db);
+    let replica = dir.path().join("replica");
+    let mut child = walsync()
+        .args([
+            "watch",
+            cfg(&db),
+            "--storage",
+            cfg(&replica),
+            "--sync-interval",
+            "1h",
+        ])
+        .args(["--shutdown-timeout", "3s"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let prefix_dir = replica.join("app");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_dir(&prefix_dir)
+        .map(|d| d.count())
+        .unwrap_or(0)
+        == 0
+    {
+        assert!(Instant::now() < deadline, "nothing replicated");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A commit that only the final sync would ship, to a store that is gone.
+    conn.execute("INSERT INTO t(v) VALUES ('unshipped')", [])
+        .unwrap();
+    std::fs::rename(&replica, dir.path().join("moved")).unwrap();
+    std::fs::write(&replica, "not a directory").unwrap();
+    let status = terminate(&mut child);
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    let last = stderr.trim().lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: ")
+            && last.contains("could not be flushed")
+            && last.contains("app.db"),
+        "{stderr}"
+    );
+}
+
+/// Issue 12, 6, 7 and 9: errors name the right line; a command resolves
+/// only the variables it uses; `listen` takes what users type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configuration_details_a_new_user_meets() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    drop(app_db(&db));
+    let config = dir.path().join("walsync.toml");
+    std::fs::write(
+        &config,
+        "[storage]\nurl = \"replica\"\n\n[sync]\nsync_interval = \"1s\"\nbogus = 1\n\n\
+         [[databases]]\npath = \"app.db\"\n",
+    )
+    .unwrap();
+    let output = run(walsync().args(["explain", "-c", cfg(&config)]));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("line 6") && stderr.contains("bogus"),
+        "{stderr}"
+    );
+
+    // The key is needed to restore, not to list.
+    let port = free_port();
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\nurl = \"replica\"\n[sync]\nencryption_key = \"${{WALSYNC_TEST_UNSET_KEY}}\"\n\
+             [watch]\nlisten = \":{port}\"\n[[databases]]\npath = \"app.db\"\n"
+        ),
+    )
+    .unwrap();
+    let output = run(walsync()
+        .args(["snapshot", cfg(&db), "--storage"])
+        .arg(dir.path().join("replica")));
+    assert!(output.status.success(), "{output:?}");
+    let output = run(walsync().args(["list", "-c", cfg(&config)]));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("app"),
+        "{output:?}"
+    );
+    let output = run(walsync()
+        .args(["restore", "-c", cfg(&config), "--prefix", "app", "-o"])
+        .arg(dir.path().join("out.db")));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("sync.encryption_key") && stderr.contains("WALSYNC_TEST_UNSET_KEY"),
+        "{stderr}"
+    );
+    // `status` reads only [watch] listen (`:PORT`, asked on loopback).
+    let output = run(walsync().args(["status", "-c", cfg(&config)]));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains(&format!("127.0.0.1:{port}")) && !stderr.contains("not set"),
+        "{stderr}"
+    );
+
+    // `--listen` in the forms users type; a wrong one says which forms work.
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = walsync()
+        .args(["watch", cfg(&db), "--listen", &format!("localhost:{port}")])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_listener(&addr).await;
+    let output = run(walsync().args(["status", "--listen", &format!(":{port}")]));
+    assert!(output.status.success(), "{output:?}");
+    assert!(terminate(&mut child).success());
+    let output = run(walsync().args(["watch", cfg(&db), "--listen", "9090"]));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("\"9090\"")
+            && stderr.contains("localhost:9090")
+            && stderr.contains(":9090 for every interface"),
+        "{stderr}"
+    );
+}
+
+/// Issue 12, 8: a healthy busy fleet (periodic snapshots, checkpoints,
+/// retention, `sync` clients that do not wait) logs no warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_busy_fleet_logs_no_warning() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let conns: Vec<Connection> = (0..3)
+            .map(|i| app_db(&dir.path().join(format!("db{i}.db"))))
+            .collect();
+        let config = dir.path().join("walsync.toml");
+        std::fs::write(
+            &config,
+            store.config(&format!(
+                "[sync]\nsync_interval = \"100ms\"\nsnapshot_interval = \"1s\"\n\
+                 checkpoint_pages = 4\ncheckpoint_interval = \"200ms\"\nretention_snapshots = 2\n\
+                 [[databases]]\npath = \"{}/*.db\"\n",
+                dir.path().display()
+            )),
+        )
+        .unwrap();
+        let mut child = spawn_watch(&store, &config, Stdio::piped());
+        let mut stderr = child.stderr.take().unwrap();
+        let log = std::thread::spawn(move || {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
+            text
+        });
+        for i in 0..3 {
+            wait_for_objects(&store, &format!("db{i}"), 1, String::new).await;
+        }
+        for round in 0..40 {
+            for conn in &conns {
+                conn.execute("INSERT INTO t(v) VALUES (?1)", [format!("{round:0>200}")])
+                    .unwrap();
+            }
+            if round % 10 == 0 {
+                let mut cmd = walsync();
+                cmd.args(["sync", "-c", cfg(&config)]);
+                let output = run(&mut cmd);
+                assert!(output.status.success(), "{kind}: {output:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(terminate(&mut child).success(), "{kind}");
+        let log = log.join().unwrap();
+        assert!(
+            log.matches("reason=\"the snapshot interval elapsed\"")
+                .count()
+                >= 3,
+            "{kind}: periodic snapshots were taken\n{log}"
+        );
+        let noisy: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .collect();
+        assert!(noisy.is_empty(), "{kind}: {noisy:#?}");
+        drop(conns);
+        for i in 0..3 {
+            let out = dir.path().join(format!("restored{i}.out"));
+            ok(
+                &store,
+                &[
+                    "restore",
+                    "-c",
+                    cfg(&config),
+                    "--prefix",
+                    &format!("db{i}"),
+                    "-o",
+                    cfg(&out),
+                ],
+            );
+            assert_eq!(
+                rows(&out),
+                rows(&dir.path().join(format!("db{i}.db"))),
+                "{kind}"
+            );
+        }
+    }
+}
+
+/// Issue 12, 12: a missing bucket counts as a storage error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_bucket_is_a_storage_error() {
+    let store = common::s3_store().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    drop(app_db(&db));
+    let addr = format!("127.0.0.1:{}", free_port());
+    let config = dir.path().join("walsync.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\nurl = \"s3://no-such-bucket-walsync\"\n[watch]\nlisten = \"{addr}\"\n\
+             [[databases]]\npath = \"{}\"\n",
+            db.display()
+        ),
+    )
+    .unwrap();
+    let mut child = spawn_watch(&store, &config, Stdio::null());
+    wait_for_listener(&addr).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, metrics) = http_get(&addr, "/metrics");
+        if metrics.contains("walsync_errors_total{prefix=\"app\",kind=\"storage\"}") {
+            assert!(!metrics.contains("kind=\"chain\""), "{metrics}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    terminate(&mut child);
+}
+
+/// Issue 12, 12: `restore-all` in place restores what the configuration
+/// names and lists other prefixes as not configured; `--timestamp` before a
+/// database was first replicated skips it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_all_skips_what_is_not_configured_or_not_yet_replicated() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, other) = (dir.path().join("old.db"), dir.path().join("other.db"));
+        let conn = app_db(&old);
+        conn.execute("INSERT INTO t(v) VALUES ('early')", [])
+            .unwrap();
+        let snapshot = |db: &Path| {
+            let mut cmd = walsync();
+            cmd.args(["snapshot", cfg(db), "--storage", &store.url]);
+            with_store(&mut cmd, &store);
+            assert!(run(&mut cmd).status.success(), "{kind}");
+        };
+        snapshot(&old);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let between = SystemTime::now();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let young = dir.path().join("young.db");
+        drop(app_db(&young));
+        snapshot(&young);
+        drop(app_db(&other));
+        snapshot(&other);
+        // The configuration names old and young, not other (another app's).
+        let config = dir.path().join("walsync.toml");
+        let restored = dir.path().join("restored");
+        std::fs::create_dir(&restored).unwrap();
+        std::fs::write(
+            &config,
+            store.config(&format!(
+                "[[databases]]\npath = \"{0}/old.db\"\n[[databases]]\npath = \"{0}/young.db\"\n",
+                restored.display()
+            )),
+        )
+        .unwrap();
+        let at = humantime::format_rfc3339_seconds(between).to_string();
+        let (stdout, _) = ok(
+            &store,
+            &["restore-all", "-c", cfg(&config), "--timestamp", &at],
+        );
+        assert!(stdout.contains("restored old"), "{kind}: {stdout}");
+        assert!(
+            stdout.contains("skipped young: not replicated yet at that time"),
+            "{kind}: {stdout}"
+        );
+        assert!(
+            stdout.contains("skipped other: not configured"),
+            "{kind}: {stdout}"
+        );
+        assert!(
+            stdout.contains("1 restored, 2 skipped, 0 failed"),
+            "{kind}: {stdout}"
+        );
+        assert_eq!(rows(&restored.join("old.db")), rows(&old), "{kind}");
+        assert!(!restored.join("young.db").exists(), "{kind}");
+    }
 }

@@ -79,7 +79,7 @@ fn start(
     config_path: &Path,
 ) -> (
     CancellationToken,
-    tokio::task::JoinHandle<replicator::Result<()>>,
+    tokio::task::JoinHandle<replicator::Result<replicator::Outcome>>,
 ) {
     // Logs are captured per test and shown when one fails.
     let _ = tracing_subscriber::fmt()
@@ -100,7 +100,10 @@ fn start(
     (token, handle)
 }
 
-async fn stop(token: CancellationToken, handle: tokio::task::JoinHandle<replicator::Result<()>>) {
+async fn stop(
+    token: CancellationToken,
+    handle: tokio::task::JoinHandle<replicator::Result<replicator::Outcome>>,
+) {
     token.cancel();
     handle.await.unwrap().unwrap();
 }

@@ -215,6 +215,7 @@ pub async fn wait_for_objects(store: &TestStore, prefix: &str, n: usize, why: im
 pub fn walsync() -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_walsync"));
     cmd.env_remove("WALSYNC_STORAGE")
+        .env_remove("WALSYNC_CONFIG")
         .env_remove("WALSYNC_ENCRYPTION_KEY")
         .env("WALSYNC_LOG", "info");
     cmd
