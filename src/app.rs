@@ -428,6 +428,11 @@ async fn plan(args: &WatchArgs) -> Result<Plan> {
             }
         }
         let storage = open_config_storage(&config.storage).await?;
+        check_storage(
+            storage.as_ref(),
+            args.keep_retrying || config.watch.keep_retrying,
+        )
+        .await?;
         return Ok(Plan::Config { config, storage });
     }
     let dbs = config::databases(&args.databases, args.prefix.as_deref())?;
@@ -440,6 +445,9 @@ async fn plan(args: &WatchArgs) -> Result<Plan> {
         Some(_) => Some(open_storage(&args.storage, Path::new(".")).await?),
         None => None,
     };
+    if let Some(storage) = &configured {
+        check_storage(storage.as_ref(), args.keep_retrying).await?;
+    }
     let sync = sync_options(args)?;
     let mut by_dir: HashMap<PathBuf, Arc<dyn Storage>> = HashMap::new();
     let mut specs = Vec::with_capacity(dbs.len());
@@ -737,6 +745,33 @@ async fn restore_all(args: RestoreAllArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Listed once before anything starts, each storage shows whether it can
+/// work at all: a bucket that does not exist or credentials the store
+/// refuses fail `watch` now, in the store's own words, instead of being
+/// retried forever. A fault that may pass (a timeout, a 503) is logged and
+/// replication starts, retrying as always.
+async fn check_storage(storage: &dyn Storage, keep_retrying: bool) -> Result<()> {
+    /// A prefix no database is given: the listing is empty and cheap, yet
+    /// needs the permission replication lists with (what it finds is unused).
+    const NOTHING: &str = ".walsync-start-check/";
+    match storage.list(NOTHING).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.is_lasting() && !keep_retrying => bail!(
+            "storage {} cannot be used: {e}. Fix the bucket, credentials or permissions, \
+             or pass --keep-retrying ([watch] keep_retrying = true) to start anyway and retry",
+            storage.describe()
+        ),
+        Err(e) => {
+            tracing::warn!(
+                storage = %storage.describe(),
+                error = %e,
+                "storage failed the start-up check; replication retries until it answers"
+            );
+            Ok(())
+        }
+    }
 }
 
 /// The configuration a command that needs one reads: `--config`, else the

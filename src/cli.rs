@@ -237,6 +237,12 @@ pub struct WatchArgs {
     /// interface (overrides [watch] listen).
     #[arg(long, value_name = "ADDR", value_parser = crate::listen::parse_addr)]
     pub listen: Option<std::net::SocketAddr>,
+    /// Start even when storage refuses the start-up check for good (no such
+    /// bucket, credentials or permissions refused) and keep retrying, for a
+    /// bucket or credentials that appear later. Without it such a refusal
+    /// fails `watch` at once. Same as [watch] keep_retrying = true.
+    #[arg(long)]
+    pub keep_retrying: bool,
     /// Sidecar mode: run this command (split like a shell would, without
     /// expansion) as a child once every database has been synced once; pass
     /// SIGINT, SIGTERM, SIGHUP, SIGUSR1 and SIGUSR2 on to it; when it exits,

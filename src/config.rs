@@ -160,6 +160,9 @@ pub struct WatchSettings {
     /// The control socket for `walsync sync`; default: derived from the
     /// configuration file's path, in the temp directory.
     pub control_socket: Option<PathBuf>,
+    /// Start even when storage refuses the start-up check for good (no such
+    /// bucket, credentials refused), and keep retrying.
+    pub keep_retrying: bool,
 }
 
 impl Default for WatchSettings {
@@ -173,6 +176,7 @@ impl Default for WatchSettings {
             close_idle_after: Some(Duration::from_secs(30)),
             listen: None,
             control_socket: None,
+            keep_retrying: false,
         }
     }
 }
@@ -278,6 +282,7 @@ struct RawWatch {
     close_idle_after: Option<String>,
     listen: Option<String>,
     control_socket: Option<String>,
+    keep_retrying: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -640,6 +645,7 @@ impl Config {
             }
             watch.max_open = Some(n);
         }
+        watch.keep_retrying = raw.keep_retrying.unwrap_or(false);
         if let Some(addr) = &raw.listen {
             let parsed = crate::listen::parse_addr(addr)
                 .map_err(|e| check.err(format!("watch.listen: {e}")))?;

@@ -2197,24 +2197,53 @@ async fn a_healthy_busy_fleet_logs_no_warning() {
     }
 }
 
-/// Issue 12, 12: a missing bucket counts as a storage error.
+/// Issue 12, 5 and 12: a missing bucket or refused credentials fail `watch`
+/// at start in the store's words; asked to keep retrying, it starts, and the
+/// failures count as storage errors.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_missing_bucket_is_a_storage_error() {
+async fn storage_that_cannot_work_fails_at_start_unless_asked_to_keep_retrying() {
     let store = common::s3_store().await;
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("app.db");
     drop(app_db(&db));
     let addr = format!("127.0.0.1:{}", free_port());
     let config = dir.path().join("walsync.toml");
-    std::fs::write(
-        &config,
+    let text = |keep: bool| {
         format!(
-            "[storage]\nurl = \"s3://no-such-bucket-walsync\"\n[watch]\nlisten = \"{addr}\"\n\
+            "[storage]\nurl = \"s3://no-such-bucket-walsync\"\n\
+             [watch]\nlisten = \"{addr}\"\nkeep_retrying = {keep}\n\
              [[databases]]\npath = \"{}\"\n",
             db.display()
-        ),
-    )
-    .unwrap();
+        )
+    };
+    std::fs::write(&config, text(false)).unwrap();
+    let mut cmd = walsync();
+    cmd.args(["watch", "-c", cfg(&config)]);
+    with_store(&mut cmd, &store);
+    let output = run(&mut cmd);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("NoSuchBucket") && stderr.contains("--keep-retrying"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.lines().filter(|l| l.starts_with("error:")).count(),
+        1,
+        "{stderr}"
+    );
+    // A secret key the store refuses (moto checks no signature).
+    if common::server_kind() != "moto" {
+        let mut cmd = walsync();
+        cmd.args(["watch", cfg(&db), "--storage", &store.url]);
+        with_store(&mut cmd, &store);
+        cmd.env("AWS_SECRET_ACCESS_KEY", "not-the-secret-key-at-all");
+        let output = run(&mut cmd);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{stderr}");
+        assert!(stderr.contains("SignatureDoesNotMatch"), "{stderr}");
+    }
+    std::fs::write(&config, text(true)).unwrap();
     let mut child = spawn_watch(&store, &config, Stdio::null());
     wait_for_listener(&addr).await;
     let deadline = Instant::now() + Duration::from_secs(30);

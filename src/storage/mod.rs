@@ -40,7 +40,29 @@ pub enum Error {
         op: &'static str,
         key: String,
         message: String,
+        /// The service's error code (`NoSuchBucket`, `AccessDenied`), if it sent one.
+        code: Option<String>,
     },
+}
+
+/// Error codes no retry can cure: the bucket, the credentials or the
+/// permissions are wrong until someone changes them.
+const LASTING: &[&str] = &[
+    "NoSuchBucket",
+    "InvalidBucketName",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AccessDenied",
+    "AllAccessDisabled",
+    "AuthorizationHeaderMalformed",
+];
+
+impl Error {
+    /// True when the store refused for a reason that lasts until someone
+    /// fixes the bucket, the credentials or the permissions.
+    pub fn is_lasting(&self) -> bool {
+        matches!(self, Error::S3 { code: Some(code), .. } if LASTING.contains(&code.as_str()))
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

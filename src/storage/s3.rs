@@ -164,6 +164,7 @@ impl S3Storage {
                 op,
                 key: key.to_string(),
                 message: "invalid object key".into(),
+                code: None,
             });
         }
         Ok(self.full_key(key))
@@ -272,6 +273,7 @@ impl S3Storage {
                 op: "CreateMultipartUpload",
                 key: full.to_string(),
                 message: "response carries no upload id".into(),
+                code: None,
             });
         };
         let mut guard = AbortGuard {
@@ -325,6 +327,7 @@ impl S3Storage {
                         op: "CompleteMultipartUpload",
                         key: full.to_string(),
                         message: "object missing right after its upload completed".into(),
+                        code: None,
                     }),
                 }
             }
@@ -391,6 +394,7 @@ impl S3Storage {
                     op: "UploadPart",
                     key: full.to_string(),
                     message: format!("response for part {number} carries no ETag"),
+                    code: None,
                 });
             };
             parts.push(
@@ -482,6 +486,7 @@ impl Failure {
             op,
             key: full_key.to_string(),
             message: self.message,
+            code: self.code,
         }
     }
 }
@@ -717,6 +722,7 @@ impl Storage for S3Storage {
                         op: "ListObjectsV2",
                         key: full_prefix,
                         message: "truncated listing without a continuation token".into(),
+                        code: None,
                     });
                 }
                 _ => break,
