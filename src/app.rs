@@ -489,30 +489,65 @@ fn target(txid: Option<u64>, timestamp: Option<u64>) -> Target {
     }
 }
 
-/// The storage and keys a restore reads with.
-async fn restore_source(args: &RestoreArgs) -> Result<(Arc<dyn Storage>, Option<Arc<Keys>>)> {
-    config::validate_prefix(&args.prefix)?;
+/// What a restore reads and writes, resolved from its arguments.
+struct RestoreJob {
+    prefix: String,
+    output: PathBuf,
+    storage: Arc<dyn Storage>,
+    keys: Option<Arc<Keys>>,
+}
+
+/// Resolves `restore DB` (in place, its prefix from the configuration or its
+/// file name) or `restore --prefix NAME -o FILE`, and opens the storage.
+async fn restore_job(args: &RestoreArgs) -> Result<RestoreJob> {
     let config = reading_config(
         args.config.as_ref(),
         &args.storage,
         config::Uses::STORAGE_AND_KEYS,
     )?;
+    let (prefix, output) = match (&args.database, &args.prefix, &args.output) {
+        (Some(db), _, _) => {
+            let prefix = match &config {
+                Some(config) => config.prefix_for(db).with_context(|| {
+                    format!(
+                        "no database entry of {} matches {}; give --prefix NAME -o FILE",
+                        config.source.display(),
+                        db.display()
+                    )
+                })?,
+                None => config::default_prefix(db)?,
+            };
+            (prefix, db.clone())
+        }
+        (None, Some(prefix), Some(output)) => (prefix.clone(), output.clone()),
+        _ => bail!("give the database path DB, or --prefix NAME and -o FILE"),
+    };
+    config::validate_prefix(&prefix)?;
     let storage = match &config {
         Some(config) => open_config_storage(&config.storage).await?,
         None => {
-            open_default_replica(&args.storage, &config::default_storage_beside(&args.output))
-                .await?
+            open_default_replica(&args.storage, &config::default_storage_beside(&output)).await?
         }
     };
     let keys = reading_keys(config.as_ref(), args.storage.encryption_key_file.as_deref())?;
-    Ok((storage, keys))
+    Ok(RestoreJob {
+        prefix,
+        output,
+        storage,
+        keys,
+    })
 }
 
 async fn follow(args: RestoreArgs, shutdown: CancellationToken) -> Result<()> {
-    let (storage, keys) = restore_source(&args).await?;
+    let RestoreJob {
+        prefix,
+        output,
+        storage,
+        keys,
+    } = restore_job(&args).await?;
     let opts = follow::FollowOptions {
-        prefix: args.prefix.clone(),
-        output: args.output.clone(),
+        prefix: prefix.clone(),
+        output: output.clone(),
         keys,
         interval: args.interval,
         force: args.force,
@@ -521,17 +556,15 @@ async fn follow(args: RestoreArgs, shutdown: CancellationToken) -> Result<()> {
         .await
         .with_context(|| {
             format!(
-                "following {} from {} into {}",
-                args.prefix,
+                "following {prefix} from {} into {}",
                 storage.describe(),
-                args.output.display()
+                output.display()
             )
         })?;
     match report.position {
         Some(pos) => sayln!(
-            "followed {} into {}: at sequence {} ({} objects applied{})",
-            args.prefix,
-            args.output.display(),
+            "followed {prefix} into {}: at sequence {} ({} objects applied{})",
+            output.display(),
             pos.seq,
             report.applied,
             if report.restored {
@@ -540,25 +573,37 @@ async fn follow(args: RestoreArgs, shutdown: CancellationToken) -> Result<()> {
                 ""
             }
         ),
-        None => sayln!("stopped before {} had anything in storage", args.prefix),
+        None => sayln!("stopped before {prefix} had anything in storage"),
     }
     Ok(())
 }
 
 async fn restore(args: RestoreArgs) -> Result<()> {
-    let (storage, keys) = restore_source(&args).await?;
+    let RestoreJob {
+        prefix,
+        output,
+        storage,
+        keys,
+    } = restore_job(&args).await?;
+    if args.if_db_not_exists && output.symlink_metadata().is_ok() {
+        sayln!("skipped {prefix}: {} exists", output.display());
+        return Ok(());
+    }
     let target = target(args.txid, args.timestamp);
     if args.dry_run {
         let planning = || {
             format!(
-                "planning the restore of {} from {}",
-                args.prefix,
+                "planning the restore of {prefix} from {}",
                 storage.describe()
             )
         };
-        let plan = restore::resolve(storage.as_ref(), &args.prefix, target)
-            .await
-            .with_context(planning)?;
+        let plan = match restore::resolve(storage.as_ref(), &prefix, target).await {
+            Err(restore::Error::NoReplica { .. }) if args.if_replica_exists => {
+                sayln!("skipped {prefix}: nothing in {} yet", storage.describe());
+                return Ok(());
+            }
+            other => other.with_context(planning)?,
+        };
         // Restore itself reads the time from the verified object; only the
         // plan has to ask storage for it.
         let last = plan.objects.last().context("an empty plan")?;
@@ -567,9 +612,8 @@ async fn restore(args: RestoreArgs) -> Result<()> {
             .with_context(planning)?
             .timestamp_ms;
         sayln!(
-            "would restore {} to {}: sequence {}, as of {}, from {} objects ({} bytes):",
-            args.prefix,
-            args.output.display(),
+            "would restore {prefix} to {}: sequence {}, as of {}, from {} objects ({} bytes):",
+            output.display(),
             plan.seq,
             format_ms(as_of),
             plan.objects.len(),
@@ -584,19 +628,24 @@ async fn restore(args: RestoreArgs) -> Result<()> {
         return Ok(());
     }
     let opts = RestoreOptions {
-        prefix: args.prefix.clone(),
-        output: args.output.clone(),
+        prefix: prefix.clone(),
+        output: output.clone(),
         target,
         force: args.force,
         keys,
     };
-    let report = restore::restore(storage.as_ref(), &opts)
-        .await
-        .with_context(|| format!("restoring {} from {}", args.prefix, storage.describe()))?;
+    let report = match restore::restore(storage.as_ref(), &opts).await {
+        Err(restore::Error::NoReplica { .. }) if args.if_replica_exists => {
+            sayln!("skipped {prefix}: nothing in {} yet", storage.describe());
+            return Ok(());
+        }
+        other => {
+            other.with_context(|| format!("restoring {prefix} from {}", storage.describe()))?
+        }
+    };
     sayln!(
-        "restored {} to {}: sequence {} ({} objects, {} bytes downloaded), {} pages of {} bytes, as of {}",
-        args.prefix,
-        args.output.display(),
+        "restored {prefix} to {}: sequence {} ({} objects, {} bytes downloaded), {} pages of {} bytes, as of {}",
+        output.display(),
         report.seq,
         report.objects,
         report.bytes,
@@ -872,18 +921,35 @@ async fn list(args: ListArgs) -> Result<()> {
         Some(config) => open_config_storage(&config.storage).await?,
         None => open_default_replica(&args.storage, Path::new(config::DEFAULT_REPLICA_DIR)).await?,
     };
+    let mut under = String::new();
     if let Some(prefix) = &args.prefix {
-        config::validate_prefix(prefix)?;
-        return restore_points(storage.as_ref(), prefix).await;
+        let name = prefix.strip_suffix('/').unwrap_or(prefix);
+        config::validate_prefix(name)?;
+        if !prefix.ends_with('/') {
+            let objects = chain::list(storage.as_ref(), name)
+                .await
+                .with_context(|| format!("listing {name} in {}", storage.describe()))?;
+            if !objects.is_empty() {
+                return restore_points(storage.as_ref(), name, objects, args.all).await;
+            }
+        }
+        under = format!("{name}/");
     }
-    let listed = chain::list_databases(storage.as_ref())
+    let listed = chain::list_databases_under(storage.as_ref(), &under)
         .await
-        .with_context(|| format!("listing {}", storage.describe()))?;
+        .with_context(|| format!("listing {under} in {}", storage.describe()))?;
     for (name, why) in &listed.refused {
         eprintln!("warning: ignoring {name:?} in storage: not a valid database name (it {why})");
     }
     let dbs = listed.found;
     if dbs.is_empty() {
+        if !under.is_empty() {
+            bail!(
+                "no database {} (nor any below it) in {}",
+                under.trim_end_matches('/'),
+                storage.describe()
+            );
+        }
         sayln!("no databases in {}", storage.describe());
         return Ok(());
     }
@@ -939,10 +1005,12 @@ async fn list(args: ListArgs) -> Result<()> {
 
 /// One database's restore points: each snapshot starts one, and every
 /// object after it up to the head is a state `restore` can reach.
-async fn restore_points(storage: &dyn Storage, prefix: &str) -> Result<()> {
-    let mut objects = chain::list(storage, prefix)
-        .await
-        .with_context(|| format!("listing {prefix} in {}", storage.describe()))?;
+async fn restore_points(
+    storage: &dyn Storage,
+    prefix: &str,
+    mut objects: Vec<chain::ObjectRef>,
+    all: bool,
+) -> Result<()> {
     chain::find_unmarked_start(storage, &mut objects)
         .await
         .with_context(|| format!("reading the first object of {prefix}"))?;
@@ -980,6 +1048,27 @@ async fn restore_points(storage: &dyn Storage, prefix: &str) -> Result<()> {
         objects.len(),
         objects.iter().map(|o| o.size).sum::<u64>()
     );
+    if all {
+        // One header read per object: what --all asks for, and only then.
+        let restorable = objects
+            .iter()
+            .skip_while(|o| o.kind != crate::segment::Kind::Snapshot);
+        sayln!("  every restore point (restore --txid SEQ or --timestamp TIME):");
+        for object in restorable {
+            let h = header(object).await?;
+            sayln!(
+                "    sequence {:>10}  {}  {:<8}  {} bytes",
+                object.seq,
+                format_ms(h.timestamp_ms),
+                format!("{:?}", h.kind).to_lowercase(),
+                object.size
+            );
+        }
+        if let Some(forked) = chain::describe_forks(&objects) {
+            sayln!("  needs attention: {forked}");
+        }
+        return Ok(());
+    }
     sayln!("  snapshots (each starts a restorable run up to the next):");
     for snapshot in objects
         .iter()

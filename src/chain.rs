@@ -142,7 +142,13 @@ pub struct Databases {
 
 /// Every database prefix that holds walsync objects under the storage root.
 pub async fn list_databases(storage: &dyn Storage) -> Result<Databases> {
-    let listed = storage.list("").await?;
+    list_databases_under(storage, "").await
+}
+
+/// The databases whose names start with `under` (`tenants/`), from one
+/// listing of that part of the storage.
+pub async fn list_databases_under(storage: &dyn Storage, under: &str) -> Result<Databases> {
+    let listed = storage.list(under).await?;
     let mut grouped: std::collections::BTreeMap<String, Vec<(segment::Name, String, u64)>> =
         std::collections::BTreeMap::new();
     for meta in listed {

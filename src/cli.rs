@@ -253,12 +253,31 @@ pub struct WatchArgs {
 
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
+    /// Restore this database in place: its prefix comes from the
+    /// configuration (path, glob or dir entry), or without one is its file
+    /// name, and its replica the walsync-replica directory beside it, as
+    /// `watch DB` made it. Instead of --prefix and -o.
+    #[arg(value_name = "DB", conflicts_with_all = ["prefix", "output"])]
+    pub database: Option<PathBuf>,
     /// The database's prefix in storage (see `walsync list`).
-    #[arg(long)]
-    pub prefix: String,
+    #[arg(long, required_unless_present = "database")]
+    pub prefix: Option<String>,
     /// The file to create.
-    #[arg(short = 'o', long = "output", value_name = "FILE")]
-    pub output: PathBuf,
+    #[arg(
+        short = 'o',
+        long = "output",
+        value_name = "FILE",
+        required_unless_present = "database"
+    )]
+    pub output: Option<PathBuf>,
+    /// Do nothing (and succeed) when the file to create exists: restore only
+    /// what the disk lost, in a start script.
+    #[arg(long, conflicts_with = "force")]
+    pub if_db_not_exists: bool,
+    /// Succeed without restoring when storage holds nothing for the database
+    /// yet (a first deployment).
+    #[arg(long)]
+    pub if_replica_exists: bool,
     /// Restore the state as of this sequence number (decimal, or hex with 0x);
     /// default: the newest.
     #[arg(long, value_name = "SEQ", value_parser = parse_seq)]
@@ -327,8 +346,14 @@ pub struct RestoreAllArgs {
 pub struct ListArgs {
     /// Show one database's restore points (its snapshots, and the earliest
     /// and latest state it can be restored to) instead of every database.
+    /// Ending in `/` (`tenants/`), or naming no database but some below it:
+    /// the databases below it.
     #[arg(long)]
     pub prefix: Option<String>,
+    /// With --prefix NAME: every state it can be restored to (one per
+    /// object), with its sequence, time and size, not only the snapshots.
+    #[arg(long, requires = "prefix")]
+    pub all: bool,
     /// Take the storage settings from this walsync.toml. Without it and
     /// without --storage: the file WALSYNC_CONFIG names, else ./walsync.toml
     /// if it exists, else the directory walsync-replica here.

@@ -814,9 +814,54 @@ impl Config {
     pub fn path_for(&self, prefix: &str) -> Option<PathBuf> {
         self.entries.iter().find_map(|entry| entry.path_for(prefix))
     }
+
+    /// The prefix of the database at `path` by this configuration, whether
+    /// or not the file exists (restoring in place): the first entry that
+    /// names or matches it. A relative `path` is relative to the working
+    /// directory, as on any command line.
+    pub fn prefix_for(&self, path: &Path) -> Option<String> {
+        let path = lexical(&std::path::absolute(path).ok()?);
+        self.entries
+            .iter()
+            .find_map(|entry| entry.prefix_for(&path))
+    }
 }
 
 impl Entry {
+    /// The prefix this entry gives `path` (absolute), whether or not the
+    /// file exists: the reverse of [`Entry::path_for`].
+    fn prefix_for(&self, path: &Path) -> Option<String> {
+        let rule = |rel: &str| match &self.prefix {
+            PrefixRule::Fixed(p) => p.clone(),
+            PrefixRule::Template(t) => render(t, path, rel),
+        };
+        match &self.source {
+            Source::File(file) => (lexical(file) == path).then(|| rule(&stem_of(path))),
+            Source::Glob { pattern, base } => {
+                let (pattern, base) = (lexical(Path::new(pattern)), lexical(base));
+                let options = glob::MatchOptions {
+                    require_literal_separator: true,
+                    ..glob::MatchOptions::new()
+                };
+                glob::Pattern::new(&pattern.to_string_lossy())
+                    .is_ok_and(|p| p.matches_path_with(path, options))
+                    .then(|| rule(&relpath(&base, path)))
+            }
+            Source::Dir {
+                dir,
+                pattern,
+                recursive,
+            } => {
+                let dir = lexical(dir);
+                let rel = path.strip_prefix(&dir).ok()?;
+                let name = rel.file_name()?.to_str()?;
+                let fits = (*recursive || rel.components().count() == 1)
+                    && glob::Pattern::new(pattern).is_ok_and(|p| p.matches(name));
+                fits.then(|| rule(&relpath(&dir, path)))
+            }
+        }
+    }
+
     fn path_for(&self, prefix: &str) -> Option<PathBuf> {
         let template = match (&self.source, &self.prefix) {
             (Source::File(path), PrefixRule::Fixed(p)) => {
@@ -1042,6 +1087,25 @@ fn glob_base(pattern: &Path) -> PathBuf {
         base.push(component);
     }
     base
+}
+
+/// `path` with `.` and `a/..` taken out by their spelling alone, so that two
+/// spellings of one path compare equal.
+fn lexical(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 fn parent_of(path: &Path) -> PathBuf {
@@ -1335,5 +1399,20 @@ prefix = "deep/{relpath}"
         assert_eq!(at("deep/a/b"), Some(PathBuf::from("/data/deep/a/b.db")));
         assert_eq!(at("tenants/a/b"), None, "{{name}} never holds a slash");
         assert_eq!(at("elsewhere/x/y"), None);
+
+        // And back: the prefix of a path, existing or not.
+        let of = |p: &str| config.prefix_for(Path::new(p));
+        assert_eq!(of("/data/app.db").as_deref(), Some("main"));
+        assert_eq!(of("/data/x/../app.db").as_deref(), Some("main"));
+        assert_eq!(of("/data/tenants/acme.db").as_deref(), Some("tenants/acme"));
+        assert_eq!(
+            of("/data/tenants/sub/acme.db"),
+            None,
+            "dir is not recursive"
+        );
+        assert_eq!(of("/data/shards/s1.sqlite").as_deref(), Some("s1"));
+        assert_eq!(of("/data/shards/x/s1.sqlite"), None, "* stops at a slash");
+        assert_eq!(of("/data/deep/a/b.db").as_deref(), Some("deep/a/b"));
+        assert_eq!(of("/data/other.db"), None);
     }
 }

@@ -2319,3 +2319,110 @@ async fn restore_all_skips_what_is_not_configured_or_not_yet_replicated() {
         assert!(!restored.join("young.db").exists(), "{kind}");
     }
 }
+
+/// Issue 12, 10: `restore DB` finds the prefix from the configuration (a
+/// dir entry here) or, without one, from the file name and the replica
+/// beside it, and restores in place; `list --prefix tenants/` lists what is
+/// below; `list --prefix NAME --all` lists every restore point.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_by_path_and_listing_below_a_prefix() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("data")).unwrap();
+        let (acme, beta) = (
+            dir.path().join("data/acme.db"),
+            dir.path().join("data/beta.db"),
+        );
+        for db in [&acme, &beta] {
+            let conn = app_db(db);
+            conn.execute("INSERT INTO t(v) VALUES ('one')", []).unwrap();
+        }
+        let config = dir.path().join("walsync.toml");
+        std::fs::write(
+            &config,
+            store.config(
+                "[sync]\nsync_interval = \"0s\"\n\
+                 [[databases]]\ndir = \"data\"\nprefix = \"tenants/{name}\"\n",
+            ),
+        )
+        .unwrap();
+        let mut child = spawn_watch(&store, &config, Stdio::null());
+        wait_for_objects(&store, "tenants/beta", 1, String::new).await;
+        wait_for_objects(&store, "tenants/acme", 1, String::new).await;
+        let conn = app_db(&acme);
+        conn.execute("INSERT INTO t(v) VALUES ('two')", []).unwrap();
+        drop(conn);
+        wait_for_objects(&store, "tenants/acme", 2, String::new).await;
+        assert!(terminate(&mut child).success(), "{kind}");
+        let expected = rows(&acme);
+
+        let in_dir = |args: &[&str]| {
+            let mut cmd = walsync();
+            cmd.args(args).current_dir(dir.path());
+            with_store(&mut cmd, &store);
+            run(&mut cmd)
+        };
+        let output = in_dir(&["list", "--prefix", "tenants/"]);
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{kind}: {output:?}");
+        assert!(
+            text.contains("tenants/acme") && text.contains("tenants/beta"),
+            "{kind}: {text}"
+        );
+        let output = in_dir(&["list", "--prefix", "tenants"]);
+        assert!(
+            String::from_utf8_lossy(&output.stdout).contains("tenants/beta"),
+            "{kind}"
+        );
+        let output = in_dir(&["list", "--prefix", "tenants/acme", "--all"]);
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{kind}: {output:?}");
+        let points: Vec<&str> = text.lines().filter(|l| l.contains("sequence")).collect();
+        assert!(
+            points.len() >= 4
+                && points.iter().any(|l| l.contains("snapshot"))
+                && points.iter().any(|l| l.contains(" wal ")),
+            "{kind}: {text}"
+        );
+
+        // The disk lost acme: restored in place by its path.
+        std::fs::remove_file(&acme).unwrap();
+        let _ = std::fs::remove_file(dir.path().join("data/acme.db-wal"));
+        let _ = std::fs::remove_file(dir.path().join("data/acme.db-shm"));
+        let output = in_dir(&["restore", "data/acme.db"]);
+        assert!(output.status.success(), "{kind}: {output:?}");
+        assert_eq!(rows(&acme), expected, "{kind}");
+        // Present: left alone. Not in storage yet: nothing to do.
+        let output = in_dir(&["restore", "data/acme.db", "--if-db-not-exists"]);
+        assert!(output.status.success(), "{kind}: {output:?}");
+        assert!(
+            String::from_utf8_lossy(&output.stdout).contains("skipped"),
+            "{kind}"
+        );
+        let output = in_dir(&["restore", "data/new.db", "--if-replica-exists"]);
+        assert!(output.status.success(), "{kind}: {output:?}");
+        assert!(!dir.path().join("data/new.db").exists(), "{kind}");
+        let output = in_dir(&["restore", "elsewhere/x.db"]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{kind}");
+        assert!(
+            stderr.contains("no database entry") && stderr.contains("x.db"),
+            "{kind}: {stderr}"
+        );
+    }
+
+    // Without a configuration: as `watch DB` made it, beside the database.
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("notes.db");
+    let conn = app_db(&db);
+    conn.execute("INSERT INTO t(v) VALUES ('kept')", [])
+        .unwrap();
+    drop(conn);
+    let output = run(walsync().args(["snapshot", cfg(&db)]));
+    assert!(output.status.success(), "{output:?}");
+    let expected = rows(&db);
+    std::fs::remove_file(&db).unwrap();
+    let output = run(walsync().args(["restore", cfg(&db)]));
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(rows(&db), expected);
+}
