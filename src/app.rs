@@ -29,6 +29,13 @@ const KEY_ENV: &str = "WALSYNC_ENCRYPTION_KEY";
 /// Runs a command; returns the exit code (non-zero only from a sidecar app,
 /// errors are returned as such).
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<u8> {
+    // Nothing retries a reading command after it gives up: it tries harder.
+    if matches!(
+        cli.command,
+        Command::Restore(_) | Command::RestoreAll(_) | Command::Verify(_) | Command::List(_)
+    ) {
+        storage::retry::be_patient();
+    }
     match cli.command {
         Command::Watch(args) => watch(args, shutdown).await,
         Command::Restore(args) if args.follow => follow(args, shutdown).await.map(|()| 0),

@@ -61,6 +61,15 @@ impl Error {
         }
     }
 
+    /// True when storage refused for a reason that lasts until someone
+    /// fixes the bucket, the credentials or the permissions.
+    pub fn is_lasting(&self) -> bool {
+        match self {
+            Error::Storage(e) | Error::Chain(chain::Error::Storage(e)) => e.is_lasting(),
+            _ => false,
+        }
+    }
+
     /// A short label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -414,6 +423,11 @@ impl Replica {
     }
 
     /// True while the database is open (holding its descriptors and its pin).
+    /// The database's page size, while it is open.
+    pub fn page_size(&self) -> Option<u32> {
+        self.db.as_ref().map(Database::page_size)
+    }
+
     pub fn is_attached(&self) -> bool {
         self.db.is_some()
     }

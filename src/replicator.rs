@@ -241,6 +241,9 @@ struct Slot {
     /// not a file): it is left alone until walsync restarts or the file is
     /// removed, instead of being retried and logged forever.
     refused: Option<String>,
+    /// When the log last said that this database's WAL outgrew
+    /// `truncate_pages` while its syncs fail.
+    wal_warned: Option<Instant>,
 }
 
 impl Slot {
@@ -261,6 +264,63 @@ impl Slot {
 /// 2 ms doubling, at most this many in a row (an orphaned tail from a crashed
 /// writer never gets published).
 const MAX_RECHECKS: u32 = 8;
+
+/// How often the log repeats that a WAL keeps growing while storage fails.
+const WAL_WARN_EVERY: Duration = Duration::from_secs(300);
+
+/// While its syncs fail, a database's WAL is kept whole (nothing unshipped
+/// is ever checkpointed away), so it grows with every commit. Past
+/// `truncate_pages` the log says so loudly, then every few minutes: the disk
+/// is what runs out next.
+fn warn_if_wal_outgrows(slot: &mut Slot, now: Instant) {
+    // One failed sync is a blip; three in a row (fifteen failed requests)
+    // is a store that is down.
+    if slot.failures < 3
+        || slot
+            .wal_warned
+            .is_some_and(|at| now.duration_since(at) < WAL_WARN_EVERY)
+    {
+        return;
+    }
+    let page_size = slot
+        .replica
+        .as_ref()
+        .and_then(Replica::page_size)
+        .unwrap_or(4096);
+    let limit = u64::from(slot.spec.sync.truncate_pages) * u64::from(page_size);
+    let wal = crate::db::wal_path_of(&slot.spec.path);
+    let Ok(bytes) = std::fs::metadata(&wal).map(|m| m.len()) else {
+        return;
+    };
+    if bytes > limit {
+        error!(
+            db = %slot.spec.path.display(),
+            prefix = %slot.spec.prefix,
+            wal_bytes = bytes,
+            failures = slot.failures,
+            "storage keeps failing and this database's WAL has grown past truncate_pages; \
+             it is kept whole (nothing unshipped is discarded) and shipped once storage \
+             answers: watch the free disk space"
+        );
+        slot.wal_warned = Some(now);
+    }
+}
+
+/// How long a database waits after its `failures`-th failed sync in a row.
+/// Most failures pass (a store's bad minute, a busy write lock): 0.5 s
+/// doubling to 5 s, so that a database ships again within seconds of its
+/// store coming back, however long it was gone. A refusal that lasts until someone acts (no such bucket,
+/// credentials refused) waits 2 s doubling to 60 s.
+fn sync_backoff(error: &replica::Error, failures: u32) -> Duration {
+    let (first, cap) = if error.is_lasting() {
+        (Duration::from_secs(2), Duration::from_secs(60))
+    } else {
+        (Duration::from_millis(500), Duration::from_secs(5))
+    };
+    first
+        .saturating_mul(1 << failures.saturating_sub(1).min(10))
+        .min(cap)
+}
 
 /// A finished job: the slot, its replica (if open), what happened.
 type Done = (usize, Option<Replica>, replica::Result<SyncReport>);
@@ -722,6 +782,7 @@ impl Fleet {
                 jobs_started: 0,
                 waiters: Vec::new(),
                 refused: None,
+                wal_warned: None,
             },
         );
         self.schedule_at(id, Instant::now());
@@ -1048,6 +1109,7 @@ impl Fleet {
                     info!(db = %slot.spec.path.display(), "replicating again");
                 }
                 slot.failures = 0;
+                slot.wal_warned = None;
                 debug!(db = %slot.spec.path.display(), ?report, "synced");
             }
             Err(e) if e.is_fatal() => {
@@ -1068,8 +1130,7 @@ impl Fleet {
             }
             Err(e) => {
                 slot.failures += 1;
-                let backoff =
-                    Duration::from_secs(1 << slot.failures.min(6)).min(Duration::from_secs(60));
+                let backoff = sync_backoff(&e, slot.failures);
                 warn!(
                     db = %slot.spec.path.display(),
                     prefix = %slot.spec.prefix,
@@ -1078,6 +1139,7 @@ impl Fleet {
                     "sync failed"
                 );
                 next = Some(now + backoff);
+                warn_if_wal_outgrows(slot, now);
             }
         }
         if slot.dirty && slot.failures == 0 {

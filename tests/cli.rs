@@ -2426,3 +2426,296 @@ async fn restore_by_path_and_listing_below_a_prefix() {
     assert!(output.status.success(), "{output:?}");
     assert_eq!(rows(&db), expected);
 }
+
+// ---- Issue 13: storage that misbehaves ----
+
+/// Every row of an app's table `t` (its `v` is a blob).
+fn app_rows(path: &Path) -> Vec<(i64, Vec<u8>)> {
+    let conn = Connection::open(path).unwrap();
+    let mut stmt = conn.prepare("SELECT id, v FROM t ORDER BY id").unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// The newest sequence of each prefix, read from the store directly.
+async fn heads(store: &TestStore, prefixes: &[String]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for prefix in prefixes {
+        let objects = chain::list(store.storage.as_ref(), prefix).await.unwrap();
+        out.push(objects.last().map_or(0, |o| o.seq));
+    }
+    out
+}
+
+/// Issue 13, 1: through a proxy that answers 500 and 503, delays, resets
+/// connections, cuts bodies and loses the responses of applied writes (30%
+/// of requests, one kind at a time), then drops every request for a while,
+/// every database keeps shipping (no database without a new object for more
+/// than 5 s), recovers within 10 s of the outage, skips no sequence, takes
+/// no extra snapshot, and restores equal to its app's database. Apps run in
+/// their own processes; walsync is the binary. `WALSYNC_FAULT_PHASE_SECS`
+/// lengthens each phase (default 4 s), `WALSYNC_FAULT_SEED` replays a run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_faults_never_stop_any_database_from_shipping() {
+    use common::app::AppProcess;
+    use common::faults::{FaultProxy, Plan};
+    let phase = Duration::from_secs(
+        std::env::var("WALSYNC_FAULT_PHASE_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(4),
+    );
+    // Long enough for every database's backoff to reach its cap, as in an
+    // outage of any length.
+    let outage = phase * 3;
+    let store = common::s3_store().await;
+    let upstream = store
+        .env
+        .iter()
+        .find(|(k, _)| k == "AWS_ENDPOINT_URL_S3")
+        .map(|(_, v)| v.clone())
+        .unwrap();
+    let proxy = FaultProxy::start(&upstream).await;
+    let dir = tempfile::tempdir().unwrap();
+    let prefixes: Vec<String> = (0..3).map(|i| format!("db{i}")).collect();
+    let paths: Vec<PathBuf> = prefixes
+        .iter()
+        .map(|p| dir.path().join(format!("{p}.db")))
+        .collect();
+    let faulty = [
+        (
+            "500",
+            Plan {
+                error_500: 0.3,
+                ..Plan::healthy()
+            },
+        ),
+        (
+            "503 SlowDown",
+            Plan {
+                slow_down: 0.3,
+                ..Plan::healthy()
+            },
+        ),
+        (
+            "delays",
+            Plan {
+                delay: 0.3,
+                delay_for: Duration::from_secs(2),
+                ..Plan::healthy()
+            },
+        ),
+        (
+            "lost responses",
+            Plan {
+                lost_response: 0.3,
+                ..Plan::healthy()
+            },
+        ),
+        (
+            "resets",
+            Plan {
+                reset: 0.3,
+                ..Plan::healthy()
+            },
+        ),
+        (
+            "cut bodies",
+            Plan {
+                cut_body: 0.3,
+                ..Plan::healthy()
+            },
+        ),
+    ];
+    let total = phase * (faulty.len() as u32 + 1) + outage + Duration::from_secs(12);
+    let mut apps: Vec<AppProcess> = paths.iter().map(|p| AppProcess::open(p)).collect();
+    let config = dir.path().join("walsync.toml");
+    std::fs::write(
+        &config,
+        store.config(&format!(
+            "[sync]\nsync_interval = \"100ms\"\ncheckpoint_pages = 20\ntruncate_pages = 60\n\
+             [[databases]]\npath = \"{}/*.db\"\n",
+            dir.path().display()
+        )),
+    )
+    .unwrap();
+    let mut cmd = walsync();
+    cmd.args(["watch", "-c", cfg(&config)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    with_store(&mut cmd, &store);
+    cmd.env("AWS_ENDPOINT_URL_S3", &proxy.endpoint);
+    let mut child = cmd.spawn().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
+        text
+    });
+    for p in &prefixes {
+        wait_for_objects(&store, p, 1, String::new).await;
+    }
+    for app in &mut apps {
+        app.start_rate_insert(20, total.as_secs_f64(), 100);
+    }
+
+    let mut last = heads(&store, &prefixes).await;
+    let mut changed = vec![Instant::now(); prefixes.len()];
+    let mut stalls: Vec<String> = Vec::new();
+    for (name, plan) in std::iter::once(("healthy", Plan::healthy())).chain(faulty) {
+        proxy.set_plan(plan);
+        let until = Instant::now() + phase;
+        while Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let now = Instant::now();
+            for (i, seq) in heads(&store, &prefixes).await.into_iter().enumerate() {
+                if seq > last[i] {
+                    last[i] = seq;
+                    changed[i] = now;
+                } else if now - changed[i] > Duration::from_secs(5) {
+                    stalls.push(format!(
+                        "{name}: {} shipped nothing for {:?}",
+                        prefixes[i],
+                        now - changed[i]
+                    ));
+                    changed[i] = now;
+                }
+            }
+        }
+    }
+    // The store is gone for a while, then back.
+    proxy.set_plan(Plan {
+        outage: true,
+        ..Plan::healthy()
+    });
+    tokio::time::sleep(outage).await;
+    let before_healing = heads(&store, &prefixes).await;
+    proxy.set_plan(Plan::healthy());
+    let healed = Instant::now();
+    let mut recovered = vec![None; prefixes.len()];
+    while recovered.iter().any(Option::is_none) && healed.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for (i, seq) in heads(&store, &prefixes).await.into_iter().enumerate() {
+            if seq > before_healing[i] && recovered[i].is_none() {
+                recovered[i] = Some(healed.elapsed());
+            }
+        }
+    }
+
+    let apps = tokio::task::spawn_blocking(move || {
+        for app in &mut apps {
+            app.finish_count();
+        }
+        apps
+    })
+    .await
+    .unwrap();
+    let mut sync = walsync();
+    sync.args(["sync", "-c", cfg(&config), "--wait"]);
+    let synced = run(&mut sync);
+    let status = terminate(&mut child);
+    let log = log.join().unwrap();
+    let counts = proxy.counts();
+    eprintln!(
+        "fault proxy: {} requests, {} forwarded, {} 500, {} 503, {} delayed, {} reset, {} cut, {} lost",
+        common::faults::Counts::get(&counts.requests),
+        common::faults::Counts::get(&counts.forwarded),
+        common::faults::Counts::get(&counts.error_500),
+        common::faults::Counts::get(&counts.slow_down),
+        common::faults::Counts::get(&counts.delayed),
+        common::faults::Counts::get(&counts.reset),
+        common::faults::Counts::get(&counts.cut_body),
+        common::faults::Counts::get(&counts.lost_response),
+    );
+    eprintln!("recovered after the outage in {recovered:?}");
+    assert!(synced.status.success(), "sync --wait: {synced:?}\n{log}");
+    assert!(status.success(), "{log}");
+    assert!(stalls.is_empty(), "{stalls:#?}\n{log}");
+    // The WAL grew while the store was gone: said loudly, once per database.
+    let grown = log.matches("has grown past truncate_pages").count();
+    assert!((1..=3).contains(&grown), "{grown}\n{log}");
+    for (i, r) in recovered.iter().enumerate() {
+        assert!(
+            r.is_some_and(|r| r < Duration::from_secs(10)),
+            "{}: recovered in {r:?}",
+            prefixes[i]
+        );
+    }
+    drop(apps);
+    for (prefix, path) in prefixes.iter().zip(&paths) {
+        let objects = chain::list(store.storage.as_ref(), prefix).await.unwrap();
+        let seqs: Vec<u64> = objects.iter().map(|o| o.seq).collect();
+        let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
+        assert_eq!(
+            seqs, expected,
+            "{prefix}: every sequence once, none skipped"
+        );
+        assert_eq!(
+            common::count_snapshots(store.storage.as_ref(), prefix).await,
+            1,
+            "{prefix}: faults cost no snapshot"
+        );
+        let out = dir.path().join(format!("{prefix}.restored"));
+        ok(
+            &store,
+            &[
+                "restore",
+                "--storage",
+                &store.url,
+                "--prefix",
+                prefix,
+                "-o",
+                cfg(&out),
+            ],
+        );
+        assert_eq!(app_rows(&out), app_rows(path), "{prefix}");
+        ok(
+            &store,
+            &[
+                "verify",
+                "--storage",
+                &store.url,
+                "--prefix",
+                prefix,
+                "--db",
+                cfg(path),
+            ],
+        );
+    }
+    // A restore through the faulty store: bodies cut short are resumed
+    // where they broke off, failed requests retried.
+    proxy.set_plan(Plan {
+        cut_body: 0.3,
+        reset: 0.1,
+        error_500: 0.1,
+        ..Plan::healthy()
+    });
+    let cut_before = common::faults::Counts::get(&proxy.counts().cut_body);
+    // One database (a restore reads its objects one at a time: slow here).
+    for (prefix, path) in prefixes.iter().zip(&paths).take(1) {
+        let out = dir.path().join(format!("{prefix}.through-faults"));
+        let mut cmd = walsync();
+        cmd.args([
+            "restore",
+            "--storage",
+            &store.url,
+            "--prefix",
+            prefix,
+            "-o",
+            cfg(&out),
+        ]);
+        with_store(&mut cmd, &store);
+        cmd.env("AWS_ENDPOINT_URL_S3", &proxy.endpoint)
+            .env("WALSYNC_LOG", "walsync=debug");
+        let output = run(&mut cmd);
+        assert!(
+            output.status.success(),
+            "{prefix}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(app_rows(&out), app_rows(path), "{prefix}");
+    }
+    assert!(common::faults::Counts::get(&proxy.counts().cut_body) > cut_before + 5);
+}

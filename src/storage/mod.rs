@@ -7,6 +7,8 @@
 //! writer on the same prefix is detected rather than silently interleaved.
 
 pub mod fs;
+mod resume;
+pub mod retry;
 pub mod s3;
 mod spool;
 

@@ -23,6 +23,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
+use super::retry::{Pace, attempts, backoff};
 use super::spool::SPOOL_MEMORY_LIMIT;
 use super::{
     Error, ObjectMeta, ObjectReader, Payload, Result, S3Options, Storage, join_key, to_hex,
@@ -38,13 +39,11 @@ const FALLBACK_REGION: &str = "us-east-1";
 const PART_SIZE: u64 = 8 * 1024 * 1024;
 const MAX_PARTS: u64 = 10_000;
 
-/// Total attempts per request (first try plus retries), with the SDK's
-/// standard exponential backoff and jitter.
-const MAX_ATTEMPTS: u32 = 5;
-
 #[derive(Debug, Clone)]
 pub struct S3Storage {
     client: Client,
+    /// Paces every attempt of every request of this process to this store.
+    pace: std::sync::Arc<Pace>,
     bucket: String,
     /// Key prefix without leading or trailing `/`; may be empty.
     prefix: String,
@@ -60,9 +59,9 @@ pub fn tune_config(builder: aws_sdk_s3::config::Builder) -> aws_sdk_s3::config::
         .timeout_config(timeout_config())
 }
 
-/// The SDK's standard retry mode: exponential backoff with jitter.
+/// The SDK does not retry: walsync does, per request ([`super::retry`]).
 fn retry_config() -> RetryConfig {
-    RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS)
+    RetryConfig::disabled()
 }
 
 /// Timeouts that catch a hung connection without cutting off a slow 8 MiB part upload.
@@ -128,6 +127,7 @@ impl S3Storage {
     pub fn with_client(client: Client, bucket: &str, prefix: &str) -> Self {
         Self {
             client,
+            pace: std::sync::Arc::new(Pace::default()),
             bucket: bucket.to_string(),
             prefix: prefix.trim_matches('/').to_string(),
             endpoint: None,
@@ -152,6 +152,37 @@ impl S3Storage {
         join_key(&self.prefix, key)
     }
 
+    /// Sends one request under walsync's retry policy ([`super::retry`]):
+    /// a fault that may pass (5xx, throttling, a reset, a timeout) is tried
+    /// again, up to [`attempts`] times in all, each attempt paced.
+    async fn send<T, E, F, Fut>(
+        &self,
+        op: &'static str,
+        key: &str,
+        mut attempt: F,
+    ) -> std::result::Result<T, Failure>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, SdkError<E, HttpResponse>>>,
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        let mut tries = 0;
+        loop {
+            self.pace.wait().await;
+            tries += 1;
+            let failure = match attempt().await {
+                Ok(out) => return Ok(out),
+                Err(err) => Failure::new(err),
+            };
+            if !failure.transient || tries >= attempts() {
+                return Err(failure.after(tries));
+            }
+            let wait = backoff(tries);
+            tracing::debug!(op, key, attempt = tries, error = %failure.message, ?wait, "retrying");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
     /// Same key rules as the local backend, so both accept exactly the same keys.
     fn check_key(&self, op: &'static str, key: &str) -> Result<String> {
         if key.is_empty()
@@ -170,21 +201,41 @@ impl S3Storage {
         Ok(self.full_key(key))
     }
 
+    /// The object `full` from byte `offset` on, only if it is still the
+    /// version `etag` names.
+    async fn get_from(&self, full: &str, etag: Option<&str>, offset: u64) -> Result<ObjectReader> {
+        let range = format!("bytes={offset}-");
+        let out = self
+            .send("GetObject", full, || {
+                self.client
+                    .get_object()
+                    .bucket(&self.bucket)
+                    .key(full)
+                    .range(&range)
+                    .set_if_match(etag.map(str::to_owned))
+                    .send()
+            })
+            .await
+            .map_err(|failure| failure.into_error("GetObject", full))?;
+        Ok(Box::new(out.body.into_async_read()))
+    }
+
     /// Whether `full` exists, and the sha256 recorded on it if any.
     async fn existing(&self, full: &str) -> Result<Existing> {
         match self
-            .client
-            .head_object()
-            .bucket(&self.bucket)
-            .key(full)
-            .send()
+            .send("HeadObject", full, || {
+                self.client
+                    .head_object()
+                    .bucket(&self.bucket)
+                    .key(full)
+                    .send()
+            })
             .await
         {
             Ok(out) => Ok(Existing::Present(
                 out.metadata().and_then(|m| m.get(SHA256_METADATA)).cloned(),
             )),
-            Err(err) => {
-                let failure = Failure::new(err);
+            Err(failure) => {
                 if failure.is_not_found() {
                     Ok(Existing::Missing)
                 } else {
@@ -211,20 +262,24 @@ impl S3Storage {
     }
 
     async fn put_single(&self, key: &str, full: &str, body: Vec<u8>, sha: &str) -> Result<()> {
+        let body = hyper::body::Bytes::from(body);
+        // A retry after a lost response finds the key taken (412): by our
+        // own first attempt, which the sha256 tells apart from another writer.
         let result = self
-            .client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(full)
-            .body(ByteStream::from(body))
-            .metadata(SHA256_METADATA, sha)
-            .if_none_match("*")
-            .send()
+            .send("PutObject", full, || {
+                self.client
+                    .put_object()
+                    .bucket(&self.bucket)
+                    .key(full)
+                    .body(ByteStream::from(body.clone()))
+                    .metadata(SHA256_METADATA, sha)
+                    .if_none_match("*")
+                    .send()
+            })
             .await;
         match result {
             Ok(_) => Ok(()),
-            Err(err) => {
-                let failure = Failure::new(err);
+            Err(failure) => {
                 if failure.is_exists_conflict() {
                     self.resolve_conflict(key, full, sha).await
                 } else {
@@ -260,14 +315,16 @@ impl S3Storage {
         }
 
         let created = self
-            .client
-            .create_multipart_upload()
-            .bucket(&self.bucket)
-            .key(full)
-            .metadata(SHA256_METADATA, sha)
-            .send()
+            .send("CreateMultipartUpload", full, || {
+                self.client
+                    .create_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(full)
+                    .metadata(SHA256_METADATA, sha)
+                    .send()
+            })
             .await
-            .map_err(|err| Failure::new(err).into_error("CreateMultipartUpload", full))?;
+            .map_err(|failure| failure.into_error("CreateMultipartUpload", full))?;
         let Some(upload_id) = created.upload_id().map(str::to_owned) else {
             return Err(Error::S3 {
                 op: "CreateMultipartUpload",
@@ -292,18 +349,20 @@ impl S3Storage {
         };
 
         let result = self
-            .client
-            .complete_multipart_upload()
-            .bucket(&self.bucket)
-            .key(full)
-            .upload_id(&upload_id)
-            .multipart_upload(
-                CompletedMultipartUpload::builder()
-                    .set_parts(Some(parts))
-                    .build(),
-            )
-            .if_none_match("*")
-            .send()
+            .send("CompleteMultipartUpload", full, || {
+                self.client
+                    .complete_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(full)
+                    .upload_id(&upload_id)
+                    .multipart_upload(
+                        CompletedMultipartUpload::builder()
+                            .set_parts(Some(parts.clone()))
+                            .build(),
+                    )
+                    .if_none_match("*")
+                    .send()
+            })
             .await;
         match result {
             Ok(_) => {
@@ -331,8 +390,7 @@ impl S3Storage {
                     }),
                 }
             }
-            Err(err) => {
-                let failure = Failure::new(err);
+            Err(failure) => {
                 guard.abort().await;
                 if failure.is_exists_conflict() {
                     self.resolve_conflict(key, full, sha).await
@@ -378,17 +436,20 @@ impl S3Storage {
             })?;
             let mut buf = vec![0u8; size];
             file.read_exact(&mut buf).await.map_err(io_err(full))?;
+            let buf = hyper::body::Bytes::from(buf);
             let out = self
-                .client
-                .upload_part()
-                .bucket(&self.bucket)
-                .key(full)
-                .upload_id(upload_id)
-                .part_number(number)
-                .body(ByteStream::from(buf))
-                .send()
+                .send("UploadPart", full, || {
+                    self.client
+                        .upload_part()
+                        .bucket(&self.bucket)
+                        .key(full)
+                        .upload_id(upload_id)
+                        .part_number(number)
+                        .body(ByteStream::from(buf.clone()))
+                        .send()
+                })
                 .await
-                .map_err(|err| Failure::new(err).into_error("UploadPart", full))?;
+                .map_err(|failure| failure.into_error("UploadPart", full))?;
             let Some(e_tag) = out.e_tag() else {
                 return Err(Error::S3 {
                     op: "UploadPart",
@@ -444,6 +505,10 @@ struct Failure {
     status: Option<u16>,
     code: Option<String>,
     message: String,
+    /// A fault that may pass: worth another attempt.
+    transient: bool,
+    /// Attempts made, once given up.
+    attempts: u32,
     /// Everything the SDK knows (raw response included), for debug logs.
     detail: String,
 }
@@ -456,13 +521,35 @@ impl Failure {
         let status = err.raw_response().map(|r| r.status().as_u16());
         let code = err.code().map(str::to_owned);
         let message = readable_message(&err, status);
+        let transient = match &err {
+            SdkError::ServiceError(_) => {
+                status.is_some_and(|s| s >= 500 || s == 429)
+                    || matches!(
+                        code.as_deref(),
+                        Some(
+                            "SlowDown" | "RequestTimeout" | "InternalError" | "ServiceUnavailable"
+                        )
+                    )
+            }
+            // A request that could not even be built will not build next time.
+            SdkError::ConstructionFailure(_) => false,
+            // Timeouts, resets, refused connections, bodies cut short.
+            _ => true,
+        };
         Self {
             status,
             code,
             message,
+            transient,
+            attempts: 1,
             detail: DisplayErrorContext(&err).to_string(),
         }
     }
+    fn after(mut self, attempts: u32) -> Self {
+        self.attempts = attempts;
+        self
+    }
+
     /// 412 PreconditionFailed, or 409 ConditionalRequestConflict (a racing conditional write).
     fn is_exists_conflict(&self) -> bool {
         self.status == Some(412)
@@ -482,10 +569,15 @@ impl Failure {
 
     fn into_error(self, op: &'static str, full_key: &str) -> Error {
         tracing::debug!(op, key = full_key, detail = %self.detail, "S3 request failed");
+        let message = if self.attempts > 1 {
+            format!("{} (after {} attempts)", self.message, self.attempts)
+        } else {
+            self.message
+        };
         Error::S3 {
             op,
             key: full_key.to_string(),
-            message: self.message,
+            message,
             code: self.code,
         }
     }
@@ -598,16 +690,37 @@ impl Storage for S3Storage {
     async fn get(&self, key: &str) -> Result<ObjectReader> {
         let full = self.check_key("GetObject", key)?;
         match self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(&full)
-            .send()
+            .send("GetObject", &full, || {
+                self.client
+                    .get_object()
+                    .bucket(&self.bucket)
+                    .key(&full)
+                    .send()
+            })
             .await
         {
-            Ok(out) => Ok(Box::new(out.body.into_async_read())),
-            Err(err) => {
-                let failure = Failure::new(err);
+            Ok(out) => {
+                // The rest of this very object (the same ETag), from where
+                // the stream broke off.
+                let len = out.content_length().and_then(|l| u64::try_from(l).ok());
+                let etag = out.e_tag().map(str::to_owned);
+                let this = self.clone();
+                let reopen: super::resume::Reopen = Box::new(move |offset, resumed| {
+                    let (this, full, etag) = (this.clone(), full.clone(), etag.clone());
+                    Box::pin(async move {
+                        tokio::time::sleep(backoff(resumed)).await;
+                        this.get_from(&full, etag.as_deref(), offset)
+                            .await
+                            .map_err(io::Error::other)
+                    })
+                });
+                Ok(Box::new(super::resume::Resuming::new(
+                    Box::new(out.body.into_async_read()),
+                    len,
+                    reopen,
+                )))
+            }
+            Err(failure) => {
                 if failure.is_not_found() {
                     Err(Error::NotFound {
                         key: key.to_string(),
@@ -626,12 +739,14 @@ impl Storage for S3Storage {
         }
         let range = format!("bytes={offset}-{}", offset + len - 1);
         match self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(&full)
-            .range(range)
-            .send()
+            .send("GetObject", &full, || {
+                self.client
+                    .get_object()
+                    .bucket(&self.bucket)
+                    .key(&full)
+                    .range(&range)
+                    .send()
+            })
             .await
         {
             Ok(out) => {
@@ -650,8 +765,7 @@ impl Storage for S3Storage {
                 }
                 Ok(body.to_vec())
             }
-            Err(err) => {
-                let failure = Failure::new(err);
+            Err(failure) => {
                 // Past the end: there is nothing there, as on a local directory.
                 if failure.status == Some(416) || failure.code.as_deref() == Some("InvalidRange") {
                     return Ok(Vec::new());
@@ -686,10 +800,10 @@ impl Storage for S3Storage {
             if !full_prefix.is_empty() {
                 request = request.prefix(&full_prefix);
             }
-            let page = request
-                .send()
+            let page = self
+                .send("ListObjectsV2", &full_prefix, || request.clone().send())
                 .await
-                .map_err(|err| Failure::new(err).into_error("ListObjectsV2", &full_prefix))?;
+                .map_err(|failure| failure.into_error("ListObjectsV2", &full_prefix))?;
             // Keys come URL-encoded where the store honours the request
             // (it says so); one that does not decode to UTF-8 is no key
             // walsync wrote.
@@ -735,16 +849,17 @@ impl Storage for S3Storage {
     async fn delete(&self, key: &str) -> Result<()> {
         let full = self.check_key("DeleteObject", key)?;
         match self
-            .client
-            .delete_object()
-            .bucket(&self.bucket)
-            .key(&full)
-            .send()
+            .send("DeleteObject", &full, || {
+                self.client
+                    .delete_object()
+                    .bucket(&self.bucket)
+                    .key(&full)
+                    .send()
+            })
             .await
         {
             Ok(_) => Ok(()),
-            Err(err) => {
-                let failure = Failure::new(err);
+            Err(failure) => {
                 if failure.is_not_found() {
                     Ok(())
                 } else {

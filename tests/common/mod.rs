@@ -7,6 +7,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod app;
+pub mod faults;
 mod s3server;
 
 use std::sync::Arc;
