@@ -57,8 +57,10 @@ pub enum Error {
         #[source]
         source: wal::Error,
     },
-    #[error("I/O on {path}: {source}")]
+    #[error("{what} {path}: {source}")]
     Io {
+        /// What was being done, e.g. "reading a page from the WAL of".
+        what: &'static str,
         path: PathBuf,
         #[source]
         source: io::Error,
@@ -417,6 +419,7 @@ impl Database {
                 }
             } else {
                 Error::Io {
+                    what: "reading the metadata of",
                     path: path.to_path_buf(),
                     source: e,
                 }
@@ -473,6 +476,7 @@ impl Database {
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => {
                 return Err(Error::Io {
+                    what: "opening the WAL-index",
                     path: shm_path_of(path),
                     source: e,
                 });
@@ -555,7 +559,9 @@ impl Database {
         }
         // A restart that could hide frames needs a checkpoint that writes
         // them into the database file first; an untouched file rules that out.
-        let untouched = FileStamp::of(&self.path).map_err(self.io_err())? == token.db;
+        let untouched = FileStamp::of(&self.path)
+            .map_err(self.io_err("reading the size and time of"))?
+            == token.db;
         match (self.open_wal()?, token.position) {
             (None, _) | (Some(_), None) if untouched => {
                 self.state = WalState::Empty;
@@ -607,8 +613,9 @@ impl Database {
         }
     }
 
-    fn io_err(&self) -> impl FnOnce(io::Error) -> Error + '_ {
+    fn io_err(&self, what: &'static str) -> impl FnOnce(io::Error) -> Error + '_ {
         move |source| Error::Io {
+            what,
             path: self.path.clone(),
             source,
         }
@@ -709,7 +716,7 @@ impl Database {
         let file = match File::open(&self.wal_path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(self.io_err()(e)),
+            Err(e) => return Err(self.io_err("opening the WAL of")(e)),
         };
         match WalHeader::read_from(&file).map_err(self.wal_err())? {
             Some(h) => Ok(Some((file, h))),
@@ -739,7 +746,7 @@ impl Database {
             (WalState::Empty, None) => {
                 let written_ms = std::fs::metadata(&self.path)
                     .and_then(|m| m.modified())
-                    .map_err(self.io_err())?
+                    .map_err(self.io_err("reading the modification time of"))?
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(u64::MAX, |d| d.as_millis() as u64);
                 if written_ms.saturating_add(1000) < head_ms {
@@ -797,7 +804,7 @@ impl Database {
         match file.read_exact_at(&mut fh, header.frame_offset(u64::from(pos.frame - 1))) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(false),
-            Err(e) => return Err(self.io_err()(e)),
+            Err(e) => return Err(self.io_err("reading a frame header from the WAL of")(e)),
         }
         let ck = (
             u32::from_be_bytes([fh[16], fh[17], fh[18], fh[19]]),
@@ -875,7 +882,7 @@ impl Database {
                     path: self.path.clone(),
                 });
             }
-            Err(e) => return Err(self.io_err()(e)),
+            Err(e) => return Err(self.io_err("reading the metadata of")(e)),
         }
         let Some((file, header)) = self.open_wal()? else {
             // Truncated with nothing committed since the shipped position
@@ -904,7 +911,10 @@ impl Database {
         let published = index.and_then(|i| i.published(&header));
         let from = match self.state {
             WalState::At(pos) if pos.same_generation(&header) => {
-                let len = file.metadata().map_err(self.io_err())?.len();
+                let len = file
+                    .metadata()
+                    .map_err(self.io_err("reading the size of the WAL of"))?
+                    .len();
                 if len < header.frame_offset(u64::from(pos.frame)) {
                     return Ok(Changes::Lost(
                         "the WAL is shorter than the position already shipped".into(),
@@ -976,7 +986,8 @@ impl Database {
         let tracked = self.record.is_some();
         let mut hashes = Vec::with_capacity(if tracked { pages.len() } else { 0 });
         for (pgno, index) in pages {
-            wal::read_page(&file, &header, index, &mut buf).map_err(self.io_err())?;
+            wal::read_page(&file, &header, index, &mut buf)
+                .map_err(self.io_err("reading a page from the WAL of"))?;
             enc.add_page(pgno, &buf).map_err(seg_err)?;
             if tracked {
                 hashes.push((pgno, page_hash(pgno, &buf)));
@@ -995,7 +1006,9 @@ impl Database {
             _ => None,
         };
         let (hash, spool) = enc.finish(header_out.state).map_err(seg_err)?;
-        let payload = spool.finish().map_err(self.io_err())?;
+        let payload = spool
+            .finish()
+            .map_err(self.io_err("writing the segment spool file of"))?;
         Ok(Changes::Segment(Box::new(Encoded {
             header: header_out,
             payload,
@@ -1375,7 +1388,7 @@ impl Database {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::Missing {
                 path: self.path.clone(),
             }),
-            Err(e) => Err(self.io_err()(e)),
+            Err(e) => Err(self.io_err("reading the metadata of")(e)),
         }
     }
 
@@ -1443,9 +1456,13 @@ impl Database {
         })?;
         header.state = builder.as_ref().map(|b| b.sum().digest());
         let (hash, mut spool) = enc.finish(header.state).map_err(seg_err)?;
-        spool.flush().map_err(self.io_err())?;
+        spool
+            .flush()
+            .map_err(self.io_err("writing the snapshot spool file of"))?;
         self.shrink_memory()?;
-        let payload = spool.finish().map_err(self.io_err())?;
+        let payload = spool
+            .finish()
+            .map_err(self.io_err("writing the segment spool file of"))?;
         // The pin moved under the write lock with no new frame, so a seal of
         // this very position still holds.
         if state != self.state {
@@ -1608,9 +1625,13 @@ impl Database {
         }
         header.state = Some(builder.sum().digest());
         let (hash, mut spool) = enc.finish(header.state).map_err(seg_err)?;
-        spool.flush().map_err(self.io_err())?;
+        spool
+            .flush()
+            .map_err(self.io_err("writing the snapshot spool file of"))?;
         self.shrink_memory()?;
-        let payload = spool.finish().map_err(self.io_err())?;
+        let payload = spool
+            .finish()
+            .map_err(self.io_err("writing the segment spool file of"))?;
         if state != self.state {
             self.sealed = false;
         }

@@ -62,7 +62,17 @@ fn main() -> ExitCode {
         }
     };
     let shutdown = CancellationToken::new();
-    runtime.spawn(cancel_on_signal(shutdown.clone()));
+    // Installed before any work starts: a SIGTERM from then on is a clean
+    // stop, never the default death.
+    match runtime.block_on(async { signals() }) {
+        Some(signals) => {
+            runtime.spawn(cancel_on_signal(signals, shutdown.clone()));
+        }
+        None => {
+            eprintln!("error: cannot install signal handlers");
+            return ExitCode::FAILURE;
+        }
+    }
     let result = runtime.block_on(walsync::app::run(cli, shutdown));
     // The final flush has its own deadline; work still queued after it must
     // not keep the process alive.
@@ -93,15 +103,17 @@ fn one_line(e: &anyhow::Error) -> String {
     out
 }
 
-async fn cancel_on_signal(shutdown: CancellationToken) {
+type Signals = (tokio::signal::unix::Signal, tokio::signal::unix::Signal);
+
+fn signals() -> Option<Signals> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
+    Some((
+        signal(SignalKind::terminate()).ok()?,
+        signal(SignalKind::interrupt()).ok()?,
+    ))
+}
+
+async fn cancel_on_signal((mut term, mut int): Signals, shutdown: CancellationToken) {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}

@@ -2719,3 +2719,218 @@ async fn storage_faults_never_stop_any_database_from_shipping() {
     }
     assert!(common::faults::Counts::get(&proxy.counts().cut_body) > cut_before + 5);
 }
+
+/// A replayable random number source for the torture (xorshift64*).
+struct Dice(u64);
+
+impl Dice {
+    fn from_env() -> Self {
+        let seed = std::env::var("WALSYNC_TORTURE_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(7, |d| d.as_nanos() as u64)
+            })
+            | 1;
+        eprintln!("torture: seed {seed} (replay with WALSYNC_TORTURE_SEED={seed})");
+        Self(seed)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1)
+    }
+}
+
+fn sigkill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Issue 13, 2: walsync is SIGKILLed at random moments while an app (its
+/// own process) commits, and the app is killed mid-commit now and then; a
+/// restore is killed too. After every round: `sync --wait` succeeds, the
+/// restore equals the source, `verify` passes, and a killed restore left its
+/// target either as it was or wholly replaced. Snapshots every second and
+/// small checkpoint thresholds put the kills mid upload, mid snapshot and
+/// mid checkpoint. `WALSYNC_TORTURE_ROUNDS` (default 3 per store) sets the
+/// length; the ignored `crash_torture_long` runs 100 rounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_torture() {
+    let rounds = std::env::var("WALSYNC_TORTURE_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    torture(rounds).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: 100 rounds per store; run with --ignored"]
+async fn crash_torture_long() {
+    torture(100).await;
+}
+
+async fn torture(rounds: u32) {
+    use common::app::AppProcess;
+    let mut dice = Dice::from_env();
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("app.db");
+        let config = dir.path().join("walsync.toml");
+        std::fs::write(
+            &config,
+            store.config(&format!(
+                "[sync]\nsync_interval = \"50ms\"\nsnapshot_interval = \"1s\"\n\
+                 checkpoint_pages = 50\ncheckpoint_interval = \"300ms\"\ntruncate_pages = 400\n\
+                 [[databases]]\npath = \"{}\"\n",
+                db.display()
+            )),
+        )
+        .unwrap();
+        let spawn = || {
+            let mut cmd = walsync();
+            cmd.args(["watch", "-c", cfg(&config)])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            with_store(&mut cmd, &store);
+            cmd.spawn().unwrap()
+        };
+        let mut app = AppProcess::open(&db);
+        let target = dir.path().join("restored.db");
+        let copy = dir.path().join("copy.db");
+        let follow_log = dir.path().join("follow.log");
+        for round in 0..rounds {
+            let secs = 1.0 + dice.below(2000) as f64 / 1000.0;
+            let size = [100, 2_000, 20_000][dice.below(3) as usize];
+            app.start_rate_insert(100 + dice.below(300) as u32, secs, size);
+            let started = Instant::now();
+            // Killed twice at random moments, then left running.
+            for _ in 0..2 {
+                let mut watch = spawn();
+                tokio::time::sleep(Duration::from_millis(50 + dice.below(900))).await;
+                sigkill(&mut watch);
+            }
+            // Now and then the app dies mid-commit, and a new one goes on.
+            let app_killed = dice.below(3) == 0;
+            if app_killed {
+                tokio::time::sleep(Duration::from_millis(dice.below(500))).await;
+                drop(app);
+                app = AppProcess::open(&db);
+            }
+            let mut watch = spawn();
+            let rest = Duration::from_secs_f64(secs).saturating_sub(started.elapsed());
+            tokio::time::sleep(rest + Duration::from_millis(200)).await;
+            if !app_killed {
+                app = tokio::task::spawn_blocking(move || {
+                    app.finish_count();
+                    app
+                })
+                .await
+                .unwrap();
+            }
+            let mut sync = walsync();
+            sync.args(["sync", "-c", cfg(&config), "--wait"]);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let output = run(&mut sync);
+                if output.status.success() {
+                    break;
+                }
+                // The control socket may not be up yet after the restart.
+                assert!(
+                    Instant::now() < deadline,
+                    "{kind} round {round}: {output:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let expected = app_rows(&db);
+            let fresh = dir.path().join(format!("round{round}.db"));
+            ok(
+                &store,
+                &[
+                    "restore",
+                    "-c",
+                    cfg(&config),
+                    "--prefix",
+                    "app",
+                    "-o",
+                    cfg(&fresh),
+                ],
+            );
+            assert_eq!(app_rows(&fresh), expected, "{kind} round {round}");
+            ok(&store, &["verify", "-c", cfg(&config), "--prefix", "app"]);
+            // A live copy killed at a random moment goes on from where it
+            // was when started again, and catches up.
+            let follow = || {
+                let mut cmd = walsync();
+                cmd.args(["restore", "-c", cfg(&config), "--prefix", "app", "--follow"])
+                    .args(["--interval", "100ms", "-o", cfg(&copy)])
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(&follow_log).unwrap());
+                with_store(&mut cmd, &store);
+                cmd.spawn().unwrap()
+            };
+            let mut following = follow();
+            tokio::time::sleep(Duration::from_millis(dice.below(1000))).await;
+            sigkill(&mut following);
+            let mut following = follow();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let started = || {
+                std::fs::read_to_string(&follow_log).is_ok_and(|l| l.contains("walsync::follow"))
+            };
+            while !started() || !copy.exists() || app_rows(&copy) != expected {
+                assert!(
+                    Instant::now() < deadline,
+                    "{kind} round {round}: the live copy never caught up"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let status = terminate(&mut following);
+            assert!(
+                status.success(),
+                "{kind} round {round}: {status:?} {}",
+                std::fs::read_to_string(&follow_log).unwrap_or_default()
+            );
+            // A restore killed over an existing file leaves it whole: the
+            // old database or the new one, never a mix.
+            let before = std::fs::read(&target).ok();
+            let mut cmd = walsync();
+            cmd.args([
+                "restore",
+                "-c",
+                cfg(&config),
+                "--prefix",
+                "app",
+                "--force",
+                "-o",
+                cfg(&target),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+            with_store(&mut cmd, &store);
+            let mut restore = cmd.spawn().unwrap();
+            tokio::time::sleep(Duration::from_millis(dice.below(150))).await;
+            sigkill(&mut restore);
+            match (&before, std::fs::read(&target).ok()) {
+                (old, now) if *old == now => {}
+                (_, Some(_)) => assert_eq!(app_rows(&target), expected, "{kind} round {round}"),
+                (_, None) => panic!("{kind} round {round}: the target vanished"),
+            }
+            assert!(terminate(&mut watch).success(), "{kind} round {round}");
+            std::fs::remove_file(&fresh).unwrap();
+            eprintln!(
+                "torture {kind}: round {round} ok ({} rows, app killed: {app_killed})",
+                expected.len()
+            );
+        }
+        let conn = Connection::open(&db).unwrap();
+        let check: String = conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(check, "ok", "{kind}: the source survived");
+    }
+}
