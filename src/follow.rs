@@ -604,6 +604,12 @@ fn read_position(path: &Path, prefix: &str) -> Result<Option<Position>> {
             });
         }
     };
+    parse_position(&text, path, prefix).map(Some)
+}
+
+/// The position file's text (`prefix = `, `seq = `, `hash = `, `key = `
+/// lines), as read from `path`, for `prefix`.
+pub fn parse_position(text: &str, path: &Path, prefix: &str) -> Result<Position> {
     let bad = |what: &str| Error::Position {
         path: path.to_path_buf(),
         message: format!("{what}; remove it and restore afresh with --force"),
@@ -627,7 +633,7 @@ fn read_position(path: &Path, prefix: &str) -> Result<Option<Position>> {
         "none" => None,
         id => Some(KeyId(from_hex::<8>(id).ok_or_else(|| bad("bad key"))?)),
     };
-    Ok(Some(Position { seq, hash, key_id }))
+    Ok(Position { seq, hash, key_id })
 }
 
 /// Replaces the position file atomically and durably (a power cut must not
