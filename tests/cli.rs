@@ -2529,7 +2529,10 @@ async fn storage_faults_never_stop_any_database_from_shipping() {
             },
         ),
     ];
-    let total = phase * (faulty.len() as u32 + 1) + outage + Duration::from_secs(12);
+    // Every phase, the outage, the recovery and a healthy stretch after it.
+    let after_healing = phase * 2;
+    let total =
+        phase * (faulty.len() as u32 + 1) + outage + after_healing + Duration::from_secs(12);
     let mut apps: Vec<AppProcess> = paths.iter().map(|p| AppProcess::open(p)).collect();
     let config = dir.path().join("walsync.toml");
     std::fs::write(
@@ -2604,6 +2607,30 @@ async fn storage_faults_never_stop_any_database_from_shipping() {
         }
     }
 
+    // Healthy again: how long commits wait to be shipped. The apps commit
+    // every 50 ms, so just before a head moves, its oldest unshipped commit
+    // is about as old as the time since the head moved before: the gaps
+    // between new objects, as seen from storage, bound the lag.
+    let mut waits: Vec<Duration> = Vec::new();
+    let mut last = heads(&store, &prefixes).await;
+    let mut changed = vec![Instant::now(); prefixes.len()];
+    let until = Instant::now() + after_healing;
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = Instant::now();
+        for (i, seq) in heads(&store, &prefixes).await.into_iter().enumerate() {
+            if seq > last[i] {
+                last[i] = seq;
+                waits.push(now - changed[i]);
+                changed[i] = now;
+            }
+        }
+    }
+    let now = Instant::now();
+    waits.extend(changed.iter().map(|c| now - *c));
+    waits.sort();
+    let lag_p99 = waits[(waits.len() * 99 / 100).min(waits.len() - 1)];
+
     let apps = tokio::task::spawn_blocking(move || {
         for app in &mut apps {
             app.finish_count();
@@ -2630,12 +2657,21 @@ async fn storage_faults_never_stop_any_database_from_shipping() {
         common::faults::Counts::get(&counts.lost_response),
     );
     eprintln!("recovered after the outage in {recovered:?}");
+    eprintln!(
+        "healthy again: lag p50 {:?}, p99 {lag_p99:?} ({} samples)",
+        waits[waits.len() / 2],
+        waits.len()
+    );
     assert!(synced.status.success(), "sync --wait: {synced:?}\n{log}");
     assert!(status.success(), "{log}");
     assert!(stalls.is_empty(), "{stalls:#?}\n{log}");
     // The WAL grew while the store was gone: said loudly, once per database.
     let grown = log.matches("has grown past truncate_pages").count();
     assert!((1..=3).contains(&grown), "{grown}\n{log}");
+    assert!(
+        lag_p99 < Duration::from_secs(5),
+        "lag p99 {lag_p99:?}\n{log}"
+    );
     for (i, r) in recovered.iter().enumerate() {
         assert!(
             r.is_some_and(|r| r < Duration::from_secs(10)),
