@@ -640,6 +640,7 @@ async fn restore(args: RestoreArgs) -> Result<()> {
         target,
         force: args.force,
         keys,
+        parallelism: args.parallelism,
     };
     let report = match restore::restore(storage.as_ref(), &opts).await {
         Err(restore::Error::NoReplica { .. }) if args.if_replica_exists => {
@@ -733,6 +734,7 @@ async fn restore_all(args: RestoreAllArgs) -> Result<()> {
             target,
             force: args.force,
             keys: keys.clone(),
+            parallelism: restore::FETCH_PARALLELISM,
         });
     }
     // Two databases restored to one file would leave one of them there under

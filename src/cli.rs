@@ -304,6 +304,15 @@ pub struct RestoreArgs {
     /// With --follow: time between two looks at storage once caught up.
     #[arg(long, default_value = "1s", value_parser = parse_duration, requires = "follow")]
     pub interval: Duration,
+    /// Objects downloaded at the same time; each is still checked against
+    /// the one before it and applied in order.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = crate::restore::FETCH_PARALLELISM,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256)
+    )]
+    pub parallelism: usize,
     /// Take the storage settings from this walsync.toml. Without it and
     /// without --storage: the file WALSYNC_CONFIG names, else ./walsync.toml
     /// if it exists, else the directory walsync-replica here.

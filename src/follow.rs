@@ -307,6 +307,7 @@ async fn first_restore(
         target: Target::Latest,
         force: opts.force,
         keys: opts.keys.clone(),
+        parallelism: restore::FETCH_PARALLELISM,
     };
     let mut waiting = false;
     loop {

@@ -15,6 +15,7 @@ use std::io::{self, BufReader};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 
 use std::sync::Arc;
@@ -139,7 +140,13 @@ pub struct RestoreOptions {
     pub force: bool,
     /// Opens encrypted objects (chosen by the key id in each header).
     pub keys: Option<Arc<Keys>>,
+    /// Objects fetched at once.
+    pub parallelism: usize,
 }
+
+/// Objects one restore fetches at once unless told otherwise: enough to hide
+/// a store's first-byte latency, few enough to stay polite.
+pub const FETCH_PARALLELISM: usize = 8;
 
 /// Which state of the database to rebuild.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -376,28 +383,17 @@ pub async fn restore(storage: &dyn Storage, opts: &RestoreOptions) -> Result<Res
     }
     let mut verified: Vec<Verified> = Vec::with_capacity(plan.len());
     let mut bytes = 0u64;
-    for object in plan {
-        let spool = scratch.path().join(format!("{:016x}", object.seq));
-        download(storage, &object.key, &spool).await?;
-        let spool_for_check = spool.clone();
-        let (header, hash) = tokio::task::spawn_blocking(move || -> Result<_> {
-            let file = File::open(&spool_for_check).map_err(io_at(&spool_for_check))?;
-            let len = file.metadata().map_err(io_at(&spool_for_check))?.len();
-            Ok(segment::verify(
-                BufReader::with_capacity(1 << 20, file),
-                len,
-            ))
-        })
-        .await
-        .map_err(|e| Error::Io {
-            path: spool.clone(),
-            source: io::Error::other(e),
-        })??
-        .map_err(|source| Error::Corrupt {
-            key: object.key.clone(),
-            source,
-        })?;
-        chain::check_key(&object, &header)?;
+    let spool_dir = scratch.path().to_path_buf();
+    // Objects are fetched and decoded several at a time, in chain order;
+    // the links between them are checked below, one after another.
+    let fetched = futures_util::stream::iter(
+        plan.into_iter()
+            .map(|object| fetch_checked(storage, &spool_dir, object)),
+    )
+    .buffered(opts.parallelism.max(1));
+    let mut fetched = std::pin::pin!(fetched);
+    while let Some(next) = fetched.next().await {
+        let (object, header, hash, spool) = next?;
         // A missing or wrong key is found before anything is written. Objects
         // are sealed like the one before them except from a snapshot on (a
         // key change takes one), so a plain object after an encrypted one is
@@ -508,6 +504,37 @@ struct Item {
     hash: [u8; 32],
     /// The state digest the object says the database has after it.
     state: Option<state::Digest>,
+}
+
+/// Downloads one object into `scratch` and checks it on its own: its
+/// checksums, and that its header matches its key.
+async fn fetch_checked(
+    storage: &dyn Storage,
+    scratch: &Path,
+    object: ObjectRef,
+) -> Result<(ObjectRef, segment::Header, [u8; 32], PathBuf)> {
+    let spool = scratch.join(format!("{:016x}", object.seq));
+    download(storage, &object.key, &spool).await?;
+    let spool_for_check = spool.clone();
+    let (header, hash) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let file = File::open(&spool_for_check).map_err(io_at(&spool_for_check))?;
+        let len = file.metadata().map_err(io_at(&spool_for_check))?.len();
+        Ok(segment::verify(
+            BufReader::with_capacity(1 << 20, file),
+            len,
+        ))
+    })
+    .await
+    .map_err(|e| Error::Io {
+        path: spool.clone(),
+        source: io::Error::other(e),
+    })??
+    .map_err(|source| Error::Corrupt {
+        key: object.key.clone(),
+        source,
+    })?;
+    chain::check_key(&object, &header)?;
+    Ok((object, header, hash, spool))
 }
 
 async fn download(storage: &dyn Storage, key: &str, to: &Path) -> Result<()> {
@@ -825,6 +852,7 @@ pub fn into_dir(prefixes: Vec<String>, dir: &Path, force: bool) -> Vec<RestoreOp
             target: Target::Latest,
             force,
             keys: None,
+            parallelism: FETCH_PARALLELISM,
         })
         .collect()
 }

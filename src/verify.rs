@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use futures_util::StreamExt;
 use rusqlite::{Connection, OpenFlags};
 use sha2::{Digest, Sha256};
 
@@ -66,6 +67,7 @@ pub async fn verify(
         target: Target::Latest,
         force: false,
         keys,
+        parallelism: restore::FETCH_PARALLELISM,
     };
     match restore::restore(storage, &opts).await {
         Ok(restored) => {
@@ -116,11 +118,19 @@ async fn walk(storage: &dyn Storage, objects: &[ObjectRef], report: &mut Report)
     // none verified means its own problem is reported and links are not.
     let mut prev: (Option<u64>, Vec<(&ObjectRef, [u8; 32])>) = (None, Vec::new());
     let mut current: (Option<u64>, Vec<(&ObjectRef, [u8; 32])>) = (None, Vec::new());
+    // Read and hashed several at a time; the links are checked in order.
+    let fetched = futures_util::stream::iter(objects.iter())
+        .map(|object| chain::read_verified(storage, object))
+        .buffered(restore::FETCH_PARALLELISM);
+    let mut fetched = std::pin::pin!(fetched);
     for object in objects {
+        let Some(read) = fetched.next().await else {
+            break;
+        };
         if current.0 != Some(object.seq) {
             prev = std::mem::replace(&mut current, (Some(object.seq), Vec::new()));
         }
-        let (header, hash) = match chain::read_verified(storage, object).await {
+        let (header, hash) = match read {
             Ok((header, hash, _)) => (header, hash),
             Err(e) => {
                 report.problems.push(e.to_string());

@@ -2787,6 +2787,139 @@ fn sigkill(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// Issue 14, 3: a restore fetches several objects at once but checks and
+/// applies them in chain order. Through a proxy that adds latency to every
+/// request, a restore of a long chain with `--parallelism 16` has many
+/// requests in flight, reads each object exactly once (as many GETs as one
+/// object at a time), and equals the source; a corrupt object in the middle
+/// is refused by name and leaves no file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parallel_restore_reads_each_object_once_in_chain_order() {
+    use common::app::AppProcess;
+    use common::faults::{Counts, FaultProxy, Plan};
+    let store = common::s3_store().await;
+    let upstream = store
+        .env
+        .iter()
+        .find(|(k, _)| k == "AWS_ENDPOINT_URL_S3")
+        .map(|(_, v)| v.clone())
+        .unwrap();
+    let proxy = FaultProxy::start(&upstream).await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let mut app = AppProcess::open(&db);
+    let config = dir.path().join("walsync.toml");
+    std::fs::write(
+        &config,
+        store.config(&format!(
+            "[sync]\nsync_interval = \"0s\"\n[[databases]]\npath = \"{}\"\nprefix = \"long\"\n",
+            db.display()
+        )),
+    )
+    .unwrap();
+    let mut cmd = walsync();
+    cmd.args(["watch", "-c", cfg(&config)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    with_store(&mut cmd, &store);
+    let mut child = cmd.spawn().unwrap();
+    wait_for_objects(&store, "long", 1, String::new).await;
+    for _ in 0..60 {
+        app.insert(1, 200);
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    let mut sync = walsync();
+    sync.args(["sync", "-c", cfg(&config), "--wait"]);
+    with_store(&mut sync, &store);
+    assert!(run(&mut sync).status.success());
+    assert!(terminate(&mut child).success());
+    drop(app);
+    let objects = chain::list(store.storage.as_ref(), "long").await.unwrap();
+    assert!(objects.len() >= 20, "{} objects", objects.len());
+
+    proxy.set_plan(Plan {
+        delay: 1.0,
+        delay_for: Duration::from_millis(20),
+        ..Plan::healthy()
+    });
+    let restore = |parallelism: &str, out: &Path| {
+        let mut cmd = walsync();
+        cmd.args([
+            "restore",
+            "--storage",
+            &store.url,
+            "--prefix",
+            "long",
+            "-o",
+            cfg(out),
+            "--parallelism",
+            parallelism,
+        ]);
+        with_store(&mut cmd, &store);
+        cmd.env("AWS_ENDPOINT_URL_S3", &proxy.endpoint);
+        run(&mut cmd)
+    };
+    let counts = proxy.counts();
+    let mut gets = Vec::new();
+    for parallelism in ["1", "16"] {
+        let out = dir.path().join(format!("restored-{parallelism}.db"));
+        let before = Counts::get(&counts.object_gets);
+        counts
+            .max_in_flight
+            .store(0, std::sync::atomic::Ordering::SeqCst);
+        let started = Instant::now();
+        let output = restore(parallelism, &out);
+        eprintln!(
+            "--parallelism {parallelism}: {} objects through 20 ms of latency in {:?}",
+            objects.len(),
+            started.elapsed()
+        );
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(app_rows(&out), app_rows(&db), "--parallelism {parallelism}");
+        gets.push(Counts::get(&counts.object_gets) - before);
+        let most = Counts::get(&counts.max_in_flight);
+        if parallelism == "1" {
+            assert_eq!(most, 1, "one object at a time");
+        } else {
+            assert!(most >= 4, "only {most} requests at once");
+        }
+    }
+    assert_eq!(
+        gets[0], gets[1],
+        "each object read once, however many at once"
+    );
+    assert!(
+        gets[1] >= objects.len() as u64 - 1,
+        "{gets:?} for {} objects",
+        objects.len()
+    );
+
+    // A corrupt object in the middle: refused by name, nothing written,
+    // whatever was in flight after it.
+    let key = objects[objects.len() / 2].key.clone();
+    let mut bytes = walsync::storage::get_bytes(store.storage.as_ref(), &key)
+        .await
+        .unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    store.storage.delete(&key).await.unwrap();
+    store
+        .storage
+        .put_new(&key, walsync::storage::Payload::Bytes(bytes), [0; 32])
+        .await
+        .unwrap();
+    let out = dir.path().join("refused.db");
+    let output = restore("16", &out);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains(&key), "{stderr}");
+    assert!(!out.exists());
+}
+
 /// Issue 13, 2: walsync is SIGKILLed at random moments while an app (its
 /// own process) commits, and the app is killed mid-commit now and then; a
 /// restore is killed too. After every round: `sync --wait` succeeds, the
@@ -2813,160 +2946,174 @@ async fn crash_torture_long() {
 async fn torture(rounds: u32) {
     use common::app::AppProcess;
     let mut dice = Dice::from_env();
+    // A fresh database every EPOCH rounds keeps a round's cost flat: `verify`
+    // reads the whole chain, which grows by a few snapshots each round.
+    const EPOCH: u32 = 10;
     for (kind, store) in common::all_stores().await {
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("app.db");
-        let config = dir.path().join("walsync.toml");
-        std::fs::write(
-            &config,
-            store.config(&format!(
-                "[sync]\nsync_interval = \"50ms\"\nsnapshot_interval = \"1s\"\n\
+        for first in (0..rounds).step_by(EPOCH as usize) {
+            let prefix = format!("e{first}");
+            let dir = tempfile::tempdir().unwrap();
+            let db = dir.path().join(format!("{prefix}.db"));
+            let config = dir.path().join("walsync.toml");
+            std::fs::write(
+                &config,
+                store.config(&format!(
+                    "[sync]\nsync_interval = \"50ms\"\nsnapshot_interval = \"1s\"\n\
                  checkpoint_pages = 50\ncheckpoint_interval = \"300ms\"\ntruncate_pages = 400\n\
                  [[databases]]\npath = \"{}\"\n",
-                db.display()
-            )),
-        )
-        .unwrap();
-        let spawn = || {
-            let mut cmd = walsync();
-            cmd.args(["watch", "-c", cfg(&config)])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            with_store(&mut cmd, &store);
-            cmd.spawn().unwrap()
-        };
-        let mut app = AppProcess::open(&db);
-        let target = dir.path().join("restored.db");
-        let copy = dir.path().join("copy.db");
-        let follow_log = dir.path().join("follow.log");
-        for round in 0..rounds {
-            let secs = 1.0 + dice.below(2000) as f64 / 1000.0;
-            let size = [100, 2_000, 20_000][dice.below(3) as usize];
-            app.start_rate_insert(100 + dice.below(300) as u32, secs, size);
-            let started = Instant::now();
-            // Killed twice at random moments, then left running.
-            for _ in 0..2 {
-                let mut watch = spawn();
-                tokio::time::sleep(Duration::from_millis(50 + dice.below(900))).await;
-                sigkill(&mut watch);
-            }
-            // Now and then the app dies mid-commit, and a new one goes on.
-            let app_killed = dice.below(3) == 0;
-            if app_killed {
-                tokio::time::sleep(Duration::from_millis(dice.below(500))).await;
-                drop(app);
-                app = AppProcess::open(&db);
-            }
-            let mut watch = spawn();
-            let rest = Duration::from_secs_f64(secs).saturating_sub(started.elapsed());
-            tokio::time::sleep(rest + Duration::from_millis(200)).await;
-            if !app_killed {
-                app = tokio::task::spawn_blocking(move || {
-                    app.finish_count();
-                    app
-                })
-                .await
-                .unwrap();
-            }
-            let mut sync = walsync();
-            sync.args(["sync", "-c", cfg(&config), "--wait"]);
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                let output = run(&mut sync);
-                if output.status.success() {
-                    break;
+                    db.display()
+                )),
+            )
+            .unwrap();
+            let spawn = || {
+                let mut cmd = walsync();
+                cmd.args(["watch", "-c", cfg(&config)])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null());
+                with_store(&mut cmd, &store);
+                cmd.spawn().unwrap()
+            };
+            let mut app = AppProcess::open(&db);
+            let target = dir.path().join("restored.db");
+            let copy = dir.path().join("copy.db");
+            let follow_log = dir.path().join("follow.log");
+            for round in first..(first + EPOCH).min(rounds) {
+                let secs = 1.0 + dice.below(2000) as f64 / 1000.0;
+                let size = [100, 2_000, 20_000][dice.below(3) as usize];
+                app.start_rate_insert(100 + dice.below(300) as u32, secs, size);
+                let started = Instant::now();
+                // Killed twice at random moments, then left running.
+                for _ in 0..2 {
+                    let mut watch = spawn();
+                    tokio::time::sleep(Duration::from_millis(50 + dice.below(900))).await;
+                    sigkill(&mut watch);
                 }
-                // The control socket may not be up yet after the restart.
-                assert!(
-                    Instant::now() < deadline,
-                    "{kind} round {round}: {output:?}"
+                // Now and then the app dies mid-commit, and a new one goes on.
+                let app_killed = dice.below(3) == 0;
+                if app_killed {
+                    tokio::time::sleep(Duration::from_millis(dice.below(500))).await;
+                    drop(app);
+                    app = AppProcess::open(&db);
+                }
+                let mut watch = spawn();
+                let rest = Duration::from_secs_f64(secs).saturating_sub(started.elapsed());
+                tokio::time::sleep(rest + Duration::from_millis(200)).await;
+                if !app_killed {
+                    app = tokio::task::spawn_blocking(move || {
+                        app.finish_count();
+                        app
+                    })
+                    .await
+                    .unwrap();
+                }
+                let mut sync = walsync();
+                sync.args(["sync", "-c", cfg(&config), "--wait"]);
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    let output = run(&mut sync);
+                    if output.status.success() {
+                        break;
+                    }
+                    // The control socket may not be up yet after the restart.
+                    assert!(
+                        Instant::now() < deadline,
+                        "{kind} round {round}: {output:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let expected = app_rows(&db);
+                let fresh = dir.path().join(format!("round{round}.db"));
+                ok(
+                    &store,
+                    &[
+                        "restore",
+                        "-c",
+                        cfg(&config),
+                        "--prefix",
+                        &prefix,
+                        "-o",
+                        cfg(&fresh),
+                    ],
                 );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            let expected = app_rows(&db);
-            let fresh = dir.path().join(format!("round{round}.db"));
-            ok(
-                &store,
-                &[
+                assert_eq!(app_rows(&fresh), expected, "{kind} round {round}");
+                ok(&store, &["verify", "-c", cfg(&config), "--prefix", &prefix]);
+                // A live copy killed at a random moment goes on from where it
+                // was when started again, and catches up.
+                let follow = || {
+                    let mut cmd = walsync();
+                    cmd.args([
+                        "restore",
+                        "-c",
+                        cfg(&config),
+                        "--prefix",
+                        &prefix,
+                        "--follow",
+                    ])
+                    .args(["--interval", "100ms", "-o", cfg(&copy)])
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(&follow_log).unwrap());
+                    with_store(&mut cmd, &store);
+                    cmd.spawn().unwrap()
+                };
+                let mut following = follow();
+                tokio::time::sleep(Duration::from_millis(dice.below(1000))).await;
+                sigkill(&mut following);
+                let mut following = follow();
+                let deadline = Instant::now() + Duration::from_secs(30);
+                let started = || {
+                    std::fs::read_to_string(&follow_log)
+                        .is_ok_and(|l| l.contains("walsync::follow"))
+                };
+                while !started() || !copy.exists() || app_rows(&copy) != expected {
+                    assert!(
+                        Instant::now() < deadline,
+                        "{kind} round {round}: the live copy never caught up"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let status = terminate(&mut following);
+                assert!(
+                    status.success(),
+                    "{kind} round {round}: {status:?} {}",
+                    std::fs::read_to_string(&follow_log).unwrap_or_default()
+                );
+                // A restore killed over an existing file leaves it whole: the
+                // old database or the new one, never a mix.
+                let before = std::fs::read(&target).ok();
+                let mut cmd = walsync();
+                cmd.args([
                     "restore",
                     "-c",
                     cfg(&config),
                     "--prefix",
-                    "app",
+                    &prefix,
+                    "--force",
                     "-o",
-                    cfg(&fresh),
-                ],
-            );
-            assert_eq!(app_rows(&fresh), expected, "{kind} round {round}");
-            ok(&store, &["verify", "-c", cfg(&config), "--prefix", "app"]);
-            // A live copy killed at a random moment goes on from where it
-            // was when started again, and catches up.
-            let follow = || {
-                let mut cmd = walsync();
-                cmd.args(["restore", "-c", cfg(&config), "--prefix", "app", "--follow"])
-                    .args(["--interval", "100ms", "-o", cfg(&copy)])
-                    .stdout(Stdio::null())
-                    .stderr(std::fs::File::create(&follow_log).unwrap());
+                    cfg(&target),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
                 with_store(&mut cmd, &store);
-                cmd.spawn().unwrap()
-            };
-            let mut following = follow();
-            tokio::time::sleep(Duration::from_millis(dice.below(1000))).await;
-            sigkill(&mut following);
-            let mut following = follow();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let started = || {
-                std::fs::read_to_string(&follow_log).is_ok_and(|l| l.contains("walsync::follow"))
-            };
-            while !started() || !copy.exists() || app_rows(&copy) != expected {
-                assert!(
-                    Instant::now() < deadline,
-                    "{kind} round {round}: the live copy never caught up"
+                let mut restore = cmd.spawn().unwrap();
+                tokio::time::sleep(Duration::from_millis(dice.below(150))).await;
+                sigkill(&mut restore);
+                match (&before, std::fs::read(&target).ok()) {
+                    (old, now) if *old == now => {}
+                    (_, Some(_)) => assert_eq!(app_rows(&target), expected, "{kind} round {round}"),
+                    (_, None) => panic!("{kind} round {round}: the target vanished"),
+                }
+                assert!(terminate(&mut watch).success(), "{kind} round {round}");
+                std::fs::remove_file(&fresh).unwrap();
+                eprintln!(
+                    "torture {kind}: round {round} ok ({} rows, app killed: {app_killed})",
+                    expected.len()
                 );
-                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            let status = terminate(&mut following);
-            assert!(
-                status.success(),
-                "{kind} round {round}: {status:?} {}",
-                std::fs::read_to_string(&follow_log).unwrap_or_default()
-            );
-            // A restore killed over an existing file leaves it whole: the
-            // old database or the new one, never a mix.
-            let before = std::fs::read(&target).ok();
-            let mut cmd = walsync();
-            cmd.args([
-                "restore",
-                "-c",
-                cfg(&config),
-                "--prefix",
-                "app",
-                "--force",
-                "-o",
-                cfg(&target),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-            with_store(&mut cmd, &store);
-            let mut restore = cmd.spawn().unwrap();
-            tokio::time::sleep(Duration::from_millis(dice.below(150))).await;
-            sigkill(&mut restore);
-            match (&before, std::fs::read(&target).ok()) {
-                (old, now) if *old == now => {}
-                (_, Some(_)) => assert_eq!(app_rows(&target), expected, "{kind} round {round}"),
-                (_, None) => panic!("{kind} round {round}: the target vanished"),
-            }
-            assert!(terminate(&mut watch).success(), "{kind} round {round}");
-            std::fs::remove_file(&fresh).unwrap();
-            eprintln!(
-                "torture {kind}: round {round} ok ({} rows, app killed: {app_killed})",
-                expected.len()
-            );
+            let conn = Connection::open(&db).unwrap();
+            let check: String = conn
+                .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(check, "ok", "{kind}: the source survived");
         }
-        let conn = Connection::open(&db).unwrap();
-        let check: String = conn
-            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(check, "ok", "{kind}: the source survived");
     }
 }

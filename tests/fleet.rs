@@ -134,6 +134,7 @@ async fn restore_rows(store: &TestStore, prefix: &str, dir: &Path) -> Rows {
             target: restore::Target::Latest,
             force: true,
             keys: None,
+            parallelism: walsync::restore::FETCH_PARALLELISM,
         },
     )
     .await

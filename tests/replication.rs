@@ -473,6 +473,7 @@ async fn vacuum_shrinks_and_every_page_size_round_trips() {
                     target: restore::Target::Latest,
                     force: false,
                     keys: None,
+                    parallelism: walsync::restore::FETCH_PARALLELISM,
                 },
             )
             .await
@@ -531,6 +532,7 @@ async fn expect_refusal(store: &TestStore, prefix: &str, dir: &Path, key: &str) 
             target: restore::Target::Latest,
             force: true,
             keys: None,
+            parallelism: walsync::restore::FETCH_PARALLELISM,
         },
     )
     .await
@@ -634,6 +636,7 @@ async fn altered_missing_or_foreign_objects_are_refused_by_name() {
                 target: restore::Target::Latest,
                 force: false,
                 keys: None,
+                parallelism: walsync::restore::FETCH_PARALLELISM,
             },
         )
         .await
@@ -941,6 +944,7 @@ async fn forced_restore_over_a_database_with_a_wal_replaces_it_safely() {
         target: restore::Target::Latest,
         force: true,
         keys: None,
+        parallelism: walsync::restore::FETCH_PARALLELISM,
     };
     // While an app still reads it, its WAL cannot be folded in: refused, untouched.
     let err = restore::restore(store.storage.as_ref(), &opts)
@@ -1398,6 +1402,7 @@ async fn a_forked_chain_restores_through_the_branch_that_goes_on() {
                     target: restore::Target::Latest,
                     force: true,
                     keys: None,
+                    parallelism: walsync::restore::FETCH_PARALLELISM,
                 },
             )
             .await

@@ -56,6 +56,28 @@ pub struct Counts {
     pub reset: AtomicU64,
     pub cut_body: AtomicU64,
     pub lost_response: AtomicU64,
+    /// GETs of one object (listings not counted).
+    pub object_gets: AtomicU64,
+    /// Requests being handled now, and the most there ever were at once.
+    pub in_flight: AtomicU64,
+    pub max_in_flight: AtomicU64,
+}
+
+/// Counts a request out of `in_flight` however its handling ends.
+struct InFlight<'a>(&'a Counts);
+
+impl<'a> InFlight<'a> {
+    fn enter(counts: &'a Counts) -> Self {
+        let now = counts.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        counts.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        Self(counts)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Counts {
@@ -216,6 +238,13 @@ async fn handle(
 ) -> Result<Response<ProxyBody>, std::io::Error> {
     let counts = &state.counts;
     counts.requests.fetch_add(1, Ordering::Relaxed);
+    let _in_flight = InFlight::enter(counts);
+    if req.method() == hyper::Method::GET
+        && req.uri().path().trim_matches('/').contains('/')
+        && !req.uri().query().unwrap_or("").contains("list-type")
+    {
+        counts.object_gets.fetch_add(1, Ordering::Relaxed);
+    }
     let changes = matches!(req.method().as_str(), "PUT" | "POST" | "DELETE");
     let fault = state.choose(changes);
     match fault {

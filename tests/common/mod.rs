@@ -238,6 +238,7 @@ pub async fn restore(
             target,
             force: true,
             keys,
+            parallelism: walsync::restore::FETCH_PARALLELISM,
         },
     )
     .await

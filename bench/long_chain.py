@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Restore time of a long chain: many small objects since the last snapshot.
+
+Usage: bench/long_chain.py [--commits 2000] [--moto] [--storage URL]
+                           [--parallelism 1,8,16] [--walsync PATH] [--keep]
+
+Runs `walsync watch` with `sync_interval = 0` next to an app process that
+makes --commits small commits a few milliseconds apart, so that nearly every
+commit becomes its own object, as a busy database's day of 1 s syncs does.
+Then it restores the head once per --parallelism value (objects fetched at
+once) and prints, for each, the objects read, wall time and peak RSS, and
+checks the restored rows equal the source's.
+
+Storage: a local directory by default; --moto starts moto from
+target/ci-venv (made by .ci/run) on a free port with a fresh bucket;
+--storage s3://bucket/prefix uses the usual AWS_* variables.
+"""
+import argparse
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_measured(cmd, env):
+    """Runs cmd; returns wall seconds, peak RSS in MiB and its stdout."""
+    start = time.monotonic()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        elapsed = time.monotonic() - start
+        out.seek(0)
+        err.seek(0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            sys.exit(f"{' '.join(cmd)} failed:\n{err.read().decode(errors='replace')}")
+        return elapsed, usage.ru_maxrss / 1024, out.read().decode()
+
+
+def start_moto(work):
+    venv = os.path.join(ROOT, "target", "ci-venv", "bin", "moto_server")
+    if not os.path.exists(venv):
+        sys.exit(f"{venv} not found: run .ci/run once, or give --storage")
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    log = open(os.path.join(work, "moto.log"), "w")
+    proc = subprocess.Popen([venv, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(
+                urllib.request.Request(f"{endpoint}/bench", method="PUT"), timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        sys.exit("moto did not start")
+    env = {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_S3": endpoint,
+    }
+    return proc, "s3://bench/chain", env
+
+
+def rows(path):
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return conn.execute("SELECT count(*), coalesce(sum(length(v)), 0) FROM t").fetchone()
+    finally:
+        conn.close()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--commits", type=int, default=2000)
+    ap.add_argument("--storage", help="storage URL (default: a local directory)")
+    ap.add_argument("--moto", action="store_true", help="start moto and use it")
+    ap.add_argument("--parallelism", default="1,8,16")
+    ap.add_argument("--walsync", default=os.path.join(ROOT, "target", "release", "walsync"))
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = ap.parse_args()
+    if not os.path.exists(args.walsync):
+        sys.exit(f"{args.walsync} not found: cargo build --release")
+
+    work = tempfile.mkdtemp(prefix="walsync-chain-", dir=os.environ.get("BENCH_DIR"))
+    moto = None
+    env = dict(os.environ, WALSYNC_LOG="warn")
+    try:
+        if args.moto:
+            moto, storage, extra = start_moto(work)
+            env.update(extra)
+        else:
+            storage = args.storage or os.path.join(work, "replica")
+        db = os.path.join(work, "chain.db")
+        conn = sqlite3.connect(db, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+        config = os.path.join(work, "walsync.toml")
+        with open(config, "w") as f:
+            f.write(f'[storage]\nurl = "{storage}"\n[sync]\nsync_interval = "0s"\n'
+                    f'[[databases]]\npath = "{db}"\nprefix = "chain"\n')
+        watch = subprocess.Popen([args.walsync, "watch", "-c", config], env=env,
+                                 stderr=open(os.path.join(work, "watch.log"), "w"))
+        time.sleep(1)
+        t0 = time.monotonic()
+        for i in range(args.commits):
+            conn.execute("INSERT INTO t(v) VALUES (randomblob(200))")
+            time.sleep(0.003)
+        subprocess.run([args.walsync, "sync", "-c", config, "--wait"], env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+        written = time.monotonic() - t0
+        watch.terminate()
+        watch.wait()
+        source = rows(db)
+        conn.close()
+        print(f"{args.commits} commits shipped in {written:.1f} s to {storage}")
+        print()
+        print("| parallelism | objects | wall time | peak RSS | rows equal |")
+        print("|---|---|---|---|---|")
+        for p in [int(x) for x in args.parallelism.split(",")]:
+            out = os.path.join(work, f"restored-{p}.db")
+            secs, rss, said = run_measured(
+                [args.walsync, "restore", "-c", config, "--prefix", "chain", "-o", out,
+                 "--parallelism", str(p)], env)
+            objects = said.split("(")[1].split(" objects")[0] if " objects" in said else "?"
+            same = rows(out) == source
+            print(f"| {p} | {objects} | {secs:.2f} s | {rss:.0f} MiB | {same} |")
+            if not same:
+                sys.exit(f"restored rows {rows(out)} differ from the source's {source}")
+    finally:
+        if moto:
+            moto.terminate()
+            moto.wait()
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
