@@ -74,7 +74,7 @@ async fn watch_ships_until_sigterm_and_restore_rebuilds_it() {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         with_store(&mut cmd, &store);
-        let mut child = cmd.spawn().unwrap();
+        let mut child = common::Reaped::new(cmd.spawn().unwrap());
         wait_for_objects(&store, "app", 1, String::new).await;
         for i in 0..200 {
             conn.execute("INSERT INTO t(v) VALUES (?1)", [format!("row {i}")])
@@ -409,14 +409,14 @@ async fn watch_and_restore_all_from_a_config_file() {
 }
 
 /// `walsync watch --config CONFIG` against `store`, stdout discarded.
-fn spawn_watch(store: &TestStore, config: &Path, stderr: Stdio) -> Child {
+fn spawn_watch(store: &TestStore, config: &Path, stderr: Stdio) -> common::Reaped {
     let mut cmd = walsync();
     cmd.args(["watch", "--config"])
         .arg(config)
         .stdout(Stdio::null())
         .stderr(stderr);
     with_store(&mut cmd, store);
-    cmd.spawn().unwrap()
+    common::Reaped::new(cmd.spawn().unwrap())
 }
 
 /// `DIR/walsync.toml` for `store` with one database and one `[sync]` setting.
@@ -670,7 +670,7 @@ async fn encryption_keys_from_the_environment_or_a_file_and_never_shown() {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log_path).unwrap());
         with_store(&mut cmd, &store);
-        let mut child = cmd.spawn().unwrap();
+        let mut child = common::Reaped::new(cmd.spawn().unwrap());
         wait_for_objects(&store, "vault", 1, String::new).await;
         for i in 0..20 {
             conn.execute("INSERT INTO t(v) VALUES (?1)", [format!("secret {i}")])
@@ -775,7 +775,7 @@ async fn restore_follow_tracks_a_running_watch_until_sigterm() {
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
         with_store(&mut cmd, &store);
-        let mut follower = cmd.spawn().unwrap();
+        let mut follower = common::Reaped::new(cmd.spawn().unwrap());
         for i in 0..50 {
             conn.execute("INSERT INTO t(v) VALUES (?1)", [format!("row {i}")])
                 .unwrap();
@@ -1230,12 +1230,12 @@ async fn restores_to_one_file_never_mix_databases() {
                     .stdout(Stdio::piped())
                     .stderr(Stdio::piped());
                 with_store(&mut cmd, &store);
-                cmd.spawn().unwrap()
+                common::Reaped::new(cmd.spawn().unwrap())
             };
             let (first, second) = (spawn("alpha"), spawn("beta"));
             let outputs = [
-                first.wait_with_output().unwrap(),
-                second.wait_with_output().unwrap(),
+                first.into_inner().wait_with_output().unwrap(),
+                second.into_inner().wait_with_output().unwrap(),
             ];
             for output in &outputs {
                 let stderr = String::from_utf8_lossy(&output.stderr);
@@ -1343,7 +1343,7 @@ async fn links_at_old_side_file_names_are_never_written_through() {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
         with_store(&mut cmd, &store);
-        let mut child = cmd.spawn().unwrap();
+        let mut child = common::Reaped::new(cmd.spawn().unwrap());
         let deadline = Instant::now() + Duration::from_secs(30);
         while !common::position_written(&follow) {
             assert!(Instant::now() < deadline, "{kind}: never followed");
@@ -1826,7 +1826,7 @@ async fn objects(store: &TestStore, prefix: &str) -> usize {
 // ---- Issue 12: what a new user trips over ----
 
 /// Spawns `walsync watch` with no arguments, in `cwd`, with `env` added.
-fn spawn_bare_watch(store: &TestStore, cwd: &Path, env: &[(&str, &Path)]) -> Child {
+fn spawn_bare_watch(store: &TestStore, cwd: &Path, env: &[(&str, &Path)]) -> common::Reaped {
     let mut cmd = walsync();
     cmd.arg("watch")
         .current_dir(cwd)
@@ -1836,7 +1836,7 @@ fn spawn_bare_watch(store: &TestStore, cwd: &Path, env: &[(&str, &Path)]) -> Chi
         cmd.env(k, v);
     }
     with_store(&mut cmd, store);
-    cmd.spawn().unwrap()
+    common::Reaped::new(cmd.spawn().unwrap())
 }
 
 /// Issue 12, 1, 2 and 11: every command finds the configuration through
@@ -2550,7 +2550,7 @@ async fn storage_faults_never_stop_any_database_from_shipping() {
         .stderr(Stdio::piped());
     with_store(&mut cmd, &store);
     cmd.env("AWS_ENDPOINT_URL_S3", &proxy.endpoint);
-    let mut child = cmd.spawn().unwrap();
+    let mut child = common::Reaped::new(cmd.spawn().unwrap());
     let mut stderr = child.stderr.take().unwrap();
     let log = std::thread::spawn(move || {
         let mut text = String::new();
@@ -2822,7 +2822,7 @@ async fn a_parallel_restore_reads_each_object_once_in_chain_order() {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     with_store(&mut cmd, &store);
-    let mut child = cmd.spawn().unwrap();
+    let mut child = common::Reaped::new(cmd.spawn().unwrap());
     wait_for_objects(&store, "long", 1, String::new).await;
     for _ in 0..60 {
         app.insert(1, 200);
@@ -2971,7 +2971,7 @@ async fn torture(rounds: u32) {
                     .stdout(Stdio::null())
                     .stderr(Stdio::null());
                 with_store(&mut cmd, &store);
-                cmd.spawn().unwrap()
+                common::Reaped::new(cmd.spawn().unwrap())
             };
             let mut app = AppProcess::open(&db);
             let target = dir.path().join("restored.db");
@@ -3053,7 +3053,7 @@ async fn torture(rounds: u32) {
                     .stdout(Stdio::null())
                     .stderr(std::fs::File::create(&follow_log).unwrap());
                     with_store(&mut cmd, &store);
-                    cmd.spawn().unwrap()
+                    common::Reaped::new(cmd.spawn().unwrap())
                 };
                 let mut following = follow();
                 tokio::time::sleep(Duration::from_millis(dice.below(1000))).await;
@@ -3094,7 +3094,7 @@ async fn torture(rounds: u32) {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
                 with_store(&mut cmd, &store);
-                let mut restore = cmd.spawn().unwrap();
+                let mut restore = common::Reaped::new(cmd.spawn().unwrap());
                 tokio::time::sleep(Duration::from_millis(dice.below(150))).await;
                 sigkill(&mut restore);
                 match (&before, std::fs::read(&target).ok()) {
