@@ -1,6 +1,7 @@
 pub mod app;
 pub mod chain;
 pub mod cli;
+pub mod compact;
 pub mod config;
 pub mod control;
 pub mod db;

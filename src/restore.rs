@@ -749,7 +749,7 @@ fn apply_into(
 /// The database size page 1's header gives, where SQLite would trust it
 /// (non-zero, and written by the commit that last changed the file: the
 /// version-valid-for number equals the change counter).
-fn header_page_count(page1: &[u8]) -> Option<u32> {
+pub(crate) fn header_page_count(page1: &[u8]) -> Option<u32> {
     if page1.len() < 100 || !page1.starts_with(b"SQLite format 3\0") {
         return None;
     }

@@ -1,0 +1,395 @@
+//! Compaction's core: the pages that one object must hold to stand for a run
+//! of consecutive objects of a database.
+//!
+//! Applying the objects one by one writes each object's pages and then cuts
+//! or extends the file to the object's database size (see
+//! `restore::apply_into`). One object stands for the run when applying it
+//! alone leaves the same file: for every page of the final database, the
+//! newest version written in the run, unless the file was cut below that
+//! page after that write (then the page reads as zeros, as a file cut and
+//! grown again does); a page the run never touched is left out.
+//!
+//! Memory stays small whatever the run: each page's newest version lives in
+//! a spool file (one slot per page, rewritten in place), and only a map from
+//! page number to slot is kept, a few bytes per page.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+/// Why a run cannot be merged.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("page size changes within the run ({found} after {expected})")]
+    PageSize { found: u32, expected: u32 },
+    #[error("page {pgno} is past the database size of its object ({db_pages} pages)")]
+    PastEnd { pgno: u32, db_pages: u32 },
+    #[error("pages of one object must come in increasing order (page {pgno} after {after})")]
+    Order { pgno: u32, after: u32 },
+    #[error("page 1 says the database has {says} pages, the run ends with {db_pages}")]
+    SizeMismatch { says: u32, db_pages: u32 },
+    #[error("nothing to merge")]
+    Empty,
+    #[error(transparent)]
+    Segment(#[from] crate::segment::Error),
+    #[error("compaction spool file: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// The run merged so far.
+pub struct Merge {
+    page_size: u32,
+    spool: File,
+    /// Slots in use; a page's slot is `index * page_size` in the spool.
+    slots: u64,
+    /// Page number → slot of its newest version, for pages written since
+    /// the file was last cut below them.
+    newest: BTreeMap<u32, u64>,
+    /// Free slots of pages dropped by a cut, reused before the spool grows.
+    free: Vec<u64>,
+    /// Database size after the last object added.
+    db_pages: Option<u32>,
+    /// Every page above this was beyond the end of the file at some point of
+    /// the run: if not written since, it reads as zeros.
+    zero_above: u32,
+}
+
+impl Merge {
+    /// An empty run whose spool is a temp file in `dir` (removed on drop).
+    pub fn new(page_size: u32, dir: &Path) -> io::Result<Self> {
+        Ok(Self {
+            page_size,
+            spool: tempfile::tempfile_in(dir)?,
+            slots: 0,
+            newest: BTreeMap::new(),
+            free: Vec::new(),
+            db_pages: None,
+            zero_above: u32::MAX,
+        })
+    }
+
+    /// Adds the next object of the run: its page size, its database size
+    /// after it, and its pages in increasing order.
+    pub fn add<'p>(
+        &mut self,
+        page_size: u32,
+        db_pages: u32,
+        pages: impl IntoIterator<Item = (u32, &'p [u8])>,
+    ) -> Result<(), Error> {
+        self.check_page_size(page_size)?;
+        let mut after = 0;
+        for (pgno, data) in pages {
+            self.put(pgno, data, db_pages, &mut after)?;
+        }
+        self.end_object(db_pages);
+        Ok(())
+    }
+
+    /// Adds the next object of the run as a decoder reads it.
+    pub fn add_object<R: std::io::Read>(
+        &mut self,
+        reader: &mut crate::segment::PageReader<R>,
+    ) -> Result<(), Error> {
+        let header = *reader.header();
+        self.check_page_size(header.page_size)?;
+        let mut page = vec![0u8; header.page_size as usize];
+        let mut after = 0;
+        while let Some(pgno) = reader.next_page(&mut page)? {
+            self.put(pgno, &page, header.db_pages, &mut after)?;
+        }
+        self.end_object(header.db_pages);
+        Ok(())
+    }
+
+    fn check_page_size(&self, page_size: u32) -> Result<(), Error> {
+        if page_size == self.page_size {
+            Ok(())
+        } else {
+            Err(Error::PageSize {
+                found: page_size,
+                expected: self.page_size,
+            })
+        }
+    }
+
+    /// Writes one page of the object being added into the page's slot.
+    fn put(&mut self, pgno: u32, data: &[u8], db_pages: u32, after: &mut u32) -> Result<(), Error> {
+        if pgno <= *after {
+            return Err(Error::Order {
+                pgno,
+                after: *after,
+            });
+        }
+        *after = pgno;
+        if pgno > db_pages {
+            return Err(Error::PastEnd { pgno, db_pages });
+        }
+        let slot = match self.newest.get(&pgno) {
+            Some(&slot) => slot,
+            None => {
+                let slot = self.free.pop().unwrap_or_else(|| {
+                    self.slots += 1;
+                    self.slots - 1
+                });
+                self.newest.insert(pgno, slot);
+                slot
+            }
+        };
+        self.spool
+            .write_all_at(data, slot * u64::from(self.page_size))?;
+        Ok(())
+    }
+
+    /// Ends the object being added: the file is cut or grown to `db_pages`.
+    fn end_object(&mut self, db_pages: u32) {
+        for (_, slot) in self.newest.split_off(&(db_pages.saturating_add(1))) {
+            self.free.push(slot);
+        }
+        self.zero_above = self.zero_above.min(db_pages);
+        self.db_pages = Some(db_pages);
+    }
+
+    /// The database size after the run.
+    pub fn db_pages(&self) -> Option<u32> {
+        self.db_pages
+    }
+
+    /// Pages the merged object holds.
+    pub fn page_count(&self) -> u32 {
+        let Some(db_pages) = self.db_pages else {
+            return 0;
+        };
+        let zeros = (self.zero_above.min(db_pages) + 1..=db_pages)
+            .filter(|p| !self.newest.contains_key(p))
+            .count();
+        (self.newest.len() + zeros) as u32
+    }
+
+    /// Hands the merged object's pages to `emit` in increasing order: the
+    /// newest version of every page still written, and zeros for pages the
+    /// run cut away and did not write again. Refuses a run whose newest page 1
+    /// disagrees with its final size, as restore would refuse the object.
+    pub fn pages(
+        &self,
+        mut emit: impl FnMut(u32, &[u8]) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let db_pages = self.db_pages.ok_or(Error::Empty)?;
+        let size = self.page_size as usize;
+        let mut page = vec![0u8; size];
+        let zeros = vec![0u8; size];
+        let mut written = self.newest.iter().peekable();
+        let first_zero = self.zero_above.min(db_pages).saturating_add(1);
+        let mut zero = first_zero;
+        loop {
+            // The lower of the next written page and the next zero page.
+            while zero <= db_pages && self.newest.contains_key(&zero) {
+                zero += 1;
+            }
+            let zero_left = zero <= db_pages;
+            let take_written = match written.peek() {
+                None if !zero_left => return Ok(()),
+                None => false,
+                Some((p, _)) => !zero_left || **p < zero,
+            };
+            if !take_written {
+                emit(zero, &zeros)?;
+                zero += 1;
+                continue;
+            }
+            let Some((&p, &slot)) = written.next() else {
+                return Ok(());
+            };
+            self.spool
+                .read_exact_at(&mut page, slot * u64::from(self.page_size))?;
+            if p == 1
+                && let Some(says) = crate::restore::header_page_count(&page)
+                && says != db_pages
+            {
+                return Err(Error::SizeMismatch { says, db_pages });
+            }
+            emit(p, &page)?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAGE: usize = 16;
+
+    /// One object: its database size after it and its pages.
+    type Object = (u32, Vec<(u32, Vec<u8>)>);
+
+    /// Restore's way: write each object's pages, then cut or grow the file.
+    fn apply(file: &mut Vec<u8>, object: &Object) {
+        let (db_pages, pages) = object;
+        for (pgno, data) in pages {
+            let at = (*pgno as usize - 1) * PAGE;
+            if file.len() < at + PAGE {
+                file.resize(at + PAGE, 0);
+            }
+            file[at..at + PAGE].copy_from_slice(data);
+        }
+        file.resize(*db_pages as usize * PAGE, 0);
+    }
+
+    fn merged(objects: &[Object]) -> Object {
+        let dir = tempfile::tempdir().unwrap();
+        let mut merge = Merge::new(PAGE as u32, dir.path()).unwrap();
+        for (db_pages, pages) in objects {
+            merge
+                .add(
+                    PAGE as u32,
+                    *db_pages,
+                    pages.iter().map(|(p, d)| (*p, d.as_slice())),
+                )
+                .unwrap();
+        }
+        let mut pages = Vec::new();
+        merge
+            .pages(|p, d| {
+                pages.push((p, d.to_vec()));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(pages.len() as u32, merge.page_count());
+        (merge.db_pages().unwrap(), pages)
+    }
+
+    /// A small deterministic generator: runs are replayable from the seed.
+    struct Dice(u64);
+
+    impl Dice {
+        fn below(&mut self, n: u32) -> u32 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % u64::from(n)) as u32
+        }
+    }
+
+    fn random_run(dice: &mut Dice, start_pages: u32) -> Vec<Object> {
+        let mut db_pages = start_pages;
+        (0..1 + dice.below(12))
+            .map(|_| {
+                // Mostly small changes; now and then a cut or a jump.
+                db_pages = match dice.below(6) {
+                    0 => dice.below(db_pages + 1),
+                    1 => db_pages + dice.below(8),
+                    _ => db_pages,
+                };
+                let mut pages: Vec<u32> = (1..=db_pages).filter(|_| dice.below(3) == 0).collect();
+                pages.dedup();
+                let pages = pages
+                    .into_iter()
+                    .map(|p| (p, vec![(dice.below(250) + 1) as u8; PAGE]))
+                    .collect();
+                (db_pages, pages)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_merged_object_leaves_the_file_the_run_leaves() {
+        for seed in 1..2000u64 {
+            let mut dice = Dice(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let start = dice.below(10);
+            let base: Vec<u8> = (0..start as usize * PAGE)
+                .map(|i| (i % 200) as u8)
+                .collect();
+            let run = random_run(&mut dice, start);
+            let mut one_by_one = base.clone();
+            for object in &run {
+                apply(&mut one_by_one, object);
+            }
+            let merged = merged(&run);
+            let mut at_once = base.clone();
+            apply(&mut at_once, &merged);
+            assert_eq!(
+                at_once, one_by_one,
+                "seed {seed}: {run:?} merged to {merged:?}"
+            );
+            // Each page once, in order, none past the end.
+            assert!(merged.1.windows(2).all(|w| w[0].0 < w[1].0), "seed {seed}");
+            assert!(merged.1.iter().all(|(p, _)| *p >= 1 && *p <= merged.0));
+        }
+    }
+
+    #[test]
+    fn a_page_cut_away_and_not_written_again_is_zeros_and_untouched_pages_are_left_out() {
+        let a = |n: u8| vec![n; PAGE];
+        let run = vec![
+            (6, vec![(2, a(1)), (5, a(2))]),
+            (3, vec![(1, a(3))]),
+            (6, vec![(4, a(4))]),
+        ];
+        let (db_pages, pages) = merged(&run);
+        assert_eq!(db_pages, 6);
+        let got: Vec<(u32, u8)> = pages.iter().map(|(p, d)| (*p, d[0])).collect();
+        // Page 3 was never written and never cut: left as it was. Page 5 was
+        // cut away by the second object: zeros, not its old version.
+        assert_eq!(got, vec![(1, 3), (2, 1), (4, 4), (5, 0), (6, 0)]);
+    }
+
+    #[test]
+    fn the_newest_version_wins_and_the_spool_holds_one_slot_per_page() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut merge = Merge::new(PAGE as u32, dir.path()).unwrap();
+        for n in 1..=100u8 {
+            let data = vec![n; PAGE];
+            merge.add(PAGE as u32, 2, [(2, data.as_slice())]).unwrap();
+        }
+        assert_eq!(merge.slots, 1);
+        let mut seen = Vec::new();
+        merge
+            .pages(|p, d| {
+                seen.push((p, d[0]));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(seen, vec![(2, 100)]);
+    }
+
+    #[test]
+    fn a_run_that_cannot_stand_as_one_object_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let page = vec![0u8; PAGE];
+        let mut merge = Merge::new(PAGE as u32, dir.path()).unwrap();
+        assert!(matches!(
+            merge.add(32, 1, [(1, page.as_slice())]),
+            Err(Error::PageSize { .. })
+        ));
+        assert!(matches!(
+            merge.add(PAGE as u32, 1, [(2, page.as_slice())]),
+            Err(Error::PastEnd { .. })
+        ));
+        assert!(matches!(
+            merge.add(PAGE as u32, 3, [(2, page.as_slice()), (2, page.as_slice())]),
+            Err(Error::Order { .. })
+        ));
+        let empty = Merge::new(PAGE as u32, dir.path()).unwrap();
+        assert!(matches!(empty.pages(|_, _| Ok(())), Err(Error::Empty)));
+    }
+
+    #[test]
+    fn page_one_must_agree_with_the_final_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut page1 = vec![0u8; 4096];
+        page1[..16].copy_from_slice(b"SQLite format 3\0");
+        page1[28..32].copy_from_slice(&5u32.to_be_bytes());
+        let mut merge = Merge::new(4096, dir.path()).unwrap();
+        merge.add(4096, 5, [(1, page1.as_slice())]).unwrap();
+        assert!(merge.pages(|_, _| Ok(())).is_ok());
+        merge.add(4096, 7, std::iter::empty()).unwrap();
+        assert!(matches!(
+            merge.pages(|_, _| Ok(())),
+            Err(Error::SizeMismatch {
+                says: 5,
+                db_pages: 7
+            })
+        ));
+    }
+}
