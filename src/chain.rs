@@ -321,7 +321,9 @@ pub fn check_key(object: &ObjectRef, header: &segment::Header) -> Result<()> {
         });
     }
     let unmarked = !object.is_legacy() && object.mark.is_none();
-    if header.kind != object.kind && !unmarked {
+    // An unmarked object may be a snapshot or a segment, never a run: a run
+    // under a sequence's own key would stand in for objects it does not name.
+    if header.kind != object.kind && (!unmarked || header.kind == Kind::Run) {
         return Err(Error::KindMismatch {
             key: object.key.clone(),
             listed: object.kind,
@@ -374,4 +376,53 @@ pub async fn spool_object(
         .await
         .map_err(io)?;
     Ok(out.into_std().await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_under_a_sequence_key_is_refused_marked_or_not() {
+        let header = segment::Header {
+            version: segment::VERSION,
+            kind: Kind::Run,
+            page_size: 4096,
+            seq: 7,
+            db_pages: 1,
+            page_count: 0,
+            timestamp_ms: 0,
+            wal: segment::WalRange::default(),
+            prev_hash: [0; 32],
+            sealed: None,
+            run: Some(segment::Run {
+                first: 3,
+                last_hash: [0; 32],
+            }),
+            state: None,
+        };
+        for mark in [None, Some("p/0000000000000007.is-snapshot".to_string())] {
+            let object = ObjectRef {
+                key: segment::object_key("p", 7),
+                seq: 7,
+                kind: if mark.is_some() {
+                    Kind::Snapshot
+                } else {
+                    Kind::Wal
+                },
+                size: 200,
+                mark,
+            };
+            assert!(matches!(
+                check_key(&object, &header),
+                Err(Error::KindMismatch { .. })
+            ));
+            let segment = segment::Header {
+                kind: object.kind,
+                run: None,
+                ..header
+            };
+            assert!(check_key(&object, &segment).is_ok());
+        }
+    }
 }

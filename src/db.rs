@@ -1667,6 +1667,7 @@ impl Database {
             wal,
             prev_hash: link.prev_hash,
             sealed: None,
+            run: None,
             state: None,
         };
         Encoder::new(header, link.key.as_ref(), SpoolWriter::new()).map_err(|source| {

@@ -693,6 +693,7 @@ mod tests {
             wal: WalRange::default(),
             prev_hash: [0; 32],
             sealed: None,
+            run: None,
         };
         // Page 1 records the new size, as SQLite's own commits do.
         let mut first: Vec<u8> = conn

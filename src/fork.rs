@@ -69,7 +69,7 @@ pub async fn follow(storage: &dyn Storage, objects: Vec<ObjectRef>) -> chain::Re
             Read::Skipped
         } else {
             match chain::read_link(storage, object).await {
-                Ok(link) => Read::Link(link),
+                Ok(link) => Read::Link(Box::new(link)),
                 // A claimant that does not hold up is on no branch; if the
                 // chain needed it, it is what the refusal names.
                 Err(
@@ -105,12 +105,13 @@ pub async fn follow(storage: &dyn Storage, objects: Vec<ObjectRef>) -> chain::Re
     }
 }
 
-/// What was read of an object to place it.
-#[derive(Debug, Clone, Copy)]
+/// What was read of an object to place it (one per listed object: the
+/// rare link is boxed so the common case stays small).
+#[derive(Debug, Clone)]
 enum Read {
     /// Not near a fork: placed by its sequence number alone.
     Skipped,
-    Link(Link),
+    Link(Box<Link>),
     /// At a fork, and its header or size does not hold up: on no branch.
     Unreadable,
 }
@@ -241,7 +242,7 @@ mod tests {
     }
 
     fn link(seq: u64, kind: Kind, prev: u8, own: u8, ms: u64) -> Read {
-        Read::Link(Link {
+        Read::Link(Box::new(Link {
             header: Header {
                 version: crate::segment::VERSION,
                 state: None,
@@ -254,9 +255,10 @@ mod tests {
                 wal: WalRange::default(),
                 prev_hash: [prev; 32],
                 sealed: None,
+                run: None,
             },
             hash: [own; 32],
-        })
+        }))
     }
 
     fn keys(objects: &[ObjectRef]) -> Vec<&str> {

@@ -990,6 +990,8 @@ impl Replica {
                     "shipped the pages that differ from what was shipped"
                 );
             }
+            // Runs are written by compaction, never shipped from the WAL.
+            Kind::Run => {}
             Kind::Snapshot => {
                 report.snapshots += 1;
                 self.need_snapshot = None;

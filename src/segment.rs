@@ -47,9 +47,11 @@ pub const VERSION: u16 = 2;
 /// The first format: no state digest in the trailer. Still read.
 pub const VERSION_1: u16 = 1;
 pub const HEADER_SIZE: usize = 96;
-/// The header of an encrypted object: the fixed part plus its seal.
-pub const MAX_HEADER_SIZE: usize = HEADER_SIZE + SEAL_SIZE;
+/// The longest header: the fixed part, a seal and a run's extent.
+pub const MAX_HEADER_SIZE: usize = HEADER_SIZE + SEAL_SIZE + RUN_SIZE;
 const SEAL_SIZE: usize = 24;
+/// A run's first sequence number and the hash of the last object it stands for.
+const RUN_SIZE: usize = 40;
 const FLAG_ENCRYPTED: u8 = 1;
 /// The trailer of a version-1 object: its content hash. Every object is at
 /// least this plus a header long.
@@ -93,6 +95,8 @@ pub enum Error {
     PageCountMismatch { expected: u32, found: u32 },
     #[error("body has data after the last page record")]
     TrailingData,
+    #[error("a run of objects {first} to {last} is not a run")]
+    BadRun { first: u64, last: u64 },
     #[error("{0}")]
     Io(#[from] io::Error),
 }
@@ -106,6 +110,9 @@ pub enum Kind {
     /// The pages that differ from the state before it, read from the
     /// database (not the WAL) after continuity was lost. Not a chain start.
     Delta,
+    /// Stands for a run of consecutive objects (see [`Run`]): applied onto
+    /// the state before the run, it leaves the state after it.
+    Run,
 }
 
 impl Kind {
@@ -114,6 +121,7 @@ impl Kind {
             Kind::Snapshot => 1,
             Kind::Wal => 2,
             Kind::Delta => 3,
+            Kind::Run => 4,
         }
     }
 
@@ -122,6 +130,7 @@ impl Kind {
             1 => Ok(Kind::Snapshot),
             2 => Ok(Kind::Wal),
             3 => Ok(Kind::Delta),
+            4 => Ok(Kind::Run),
             other => Err(Error::UnknownKind(other)),
         }
     }
@@ -132,6 +141,7 @@ impl Kind {
             Kind::Snapshot => "snapshot",
             Kind::Wal => "wal",
             Kind::Delta => "delta",
+            Kind::Run => "run",
         }
     }
 
@@ -169,10 +179,21 @@ pub struct Header {
     pub prev_hash: [u8; 32],
     /// Set when the body is encrypted; the encoder fills it in.
     pub sealed: Option<Seal>,
+    /// For a [`Kind::Run`]: which objects it stands for.
+    pub run: Option<Run>,
     /// The state digest after this object, from the trailer of a version-2
     /// object: filled in by [`verify`] and by the encoder's caller, never
     /// by [`Header::decode`] (the trailer comes last). `None` where unknown.
     pub state: Option<crate::state::Digest>,
+}
+
+/// The objects a [`Kind::Run`] stands for: sequences `first..=seq`. Its
+/// `prev_hash` links to the object before `first`; the object after `seq`
+/// links to `last_hash`, the hash of the object it replaces at `seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    pub first: u64,
+    pub last_hash: [u8; 32],
 }
 
 /// How an encrypted object's body was sealed.
@@ -185,11 +206,9 @@ pub struct Seal {
 impl Header {
     /// Bytes the header takes at the start of the object.
     pub fn encoded_len(&self) -> usize {
-        if self.sealed.is_some() {
-            MAX_HEADER_SIZE
-        } else {
-            HEADER_SIZE
-        }
+        HEADER_SIZE
+            + if self.sealed.is_some() { SEAL_SIZE } else { 0 }
+            + if self.kind == Kind::Run { RUN_SIZE } else { 0 }
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -219,6 +238,11 @@ impl Header {
             b[104..116].copy_from_slice(&seal.nonce);
             b[116..120].copy_from_slice(&(encryption::CHUNK as u32).to_be_bytes());
         }
+        if let Some(run) = &self.run {
+            let at = b.len() - RUN_SIZE;
+            b[at..at + 8].copy_from_slice(&run.first.to_be_bytes());
+            b[at + 8..at + RUN_SIZE].copy_from_slice(&run.last_hash);
+        }
         b
     }
 
@@ -235,14 +259,14 @@ impl Header {
             return Err(Error::UnsupportedVersion(version));
         }
         let kind = Kind::from_code(b[10])?;
-        if kind == Kind::Delta && version == VERSION_1 {
+        if matches!(kind, Kind::Delta | Kind::Run) && version == VERSION_1 {
             return Err(Error::UnknownKind(b[10]));
         }
         if b[11] & !FLAG_ENCRYPTED != 0 {
             return Err(Error::UnknownFlags(b[11]));
         }
         let sealed = if b[11] & FLAG_ENCRYPTED != 0 {
-            if b.len() < MAX_HEADER_SIZE {
+            if b.len() < HEADER_SIZE + SEAL_SIZE {
                 return Err(Error::TooShort(b.len() as u64));
             }
             let chunk = u32_at(b, 116);
@@ -266,11 +290,27 @@ impl Header {
         }
         let mut prev_hash = [0u8; 32];
         prev_hash.copy_from_slice(&b[64..96]);
+        let seq = u64_at(b, 16);
+        let run = if kind == Kind::Run {
+            let at = HEADER_SIZE + if sealed.is_some() { SEAL_SIZE } else { 0 };
+            if b.len() < at + RUN_SIZE {
+                return Err(Error::TooShort(b.len() as u64));
+            }
+            let first = u64_at(b, at);
+            if first == 0 || first > seq {
+                return Err(Error::BadRun { first, last: seq });
+            }
+            let mut last_hash = [0u8; 32];
+            last_hash.copy_from_slice(&b[at + 8..at + RUN_SIZE]);
+            Some(Run { first, last_hash })
+        } else {
+            None
+        };
         Ok(Self {
             version,
             kind,
             page_size,
-            seq: u64_at(b, 16),
+            seq,
             db_pages: u32_at(b, 24),
             page_count: u32_at(b, 28),
             timestamp_ms: u64_at(b, 32),
@@ -283,6 +323,7 @@ impl Header {
             },
             prev_hash,
             sealed,
+            run,
             state: None,
         })
     }
@@ -315,8 +356,17 @@ impl Header {
 fn read_header(r: &mut impl Read) -> Result<(Header, Vec<u8>)> {
     let mut bytes = vec![0u8; HEADER_SIZE];
     r.read_exact(&mut bytes)?;
-    if bytes[11] & FLAG_ENCRYPTED != 0 {
-        bytes.resize(MAX_HEADER_SIZE, 0);
+    let extra = if bytes[11] & FLAG_ENCRYPTED != 0 {
+        SEAL_SIZE
+    } else {
+        0
+    } + if bytes[10] == Kind::Run.code() {
+        RUN_SIZE
+    } else {
+        0
+    };
+    if extra > 0 {
+        bytes.resize(HEADER_SIZE + extra, 0);
         r.read_exact(&mut bytes[HEADER_SIZE..])?;
     }
     Ok((Header::decode(&bytes)?, bytes))
@@ -394,6 +444,16 @@ impl<W: Write> Encoder<W> {
     /// Starts an object; with a `key`, its body is encrypted (and the
     /// header's `sealed` is filled in).
     pub fn new(mut header: Header, key: Option<&Key>, out: W) -> Result<Self> {
+        if (header.kind == Kind::Run) != header.run.is_some()
+            || header
+                .run
+                .is_some_and(|r| r.first == 0 || r.first > header.seq)
+        {
+            return Err(Error::BadRun {
+                first: header.run.map_or(0, |r| r.first),
+                last: header.seq,
+            });
+        }
         header.version = VERSION;
         header.state = None;
         header.sealed = key.map(|k| Seal {
@@ -702,6 +762,7 @@ mod tests {
             },
             prev_hash: [9; 32],
             sealed: None,
+            run: None,
         }
     }
 
@@ -791,6 +852,7 @@ mod tests {
         assert_eq!(
             Header {
                 sealed: None,
+                run: None,
                 ..decoded
             },
             h
@@ -816,6 +878,58 @@ mod tests {
         for p in &pages {
             assert!(!bytes.windows(64).any(|w| w.iter().all(|b| *b == *p as u8)));
         }
+    }
+
+    #[test]
+    fn a_run_names_its_objects_plain_or_sealed() {
+        let pages = [2, 5];
+        let mut h = header(Kind::Run, &pages);
+        h.run = Some(Run {
+            first: 3,
+            last_hash: [4; 32],
+        });
+        let ring = keys(&[&[1; 32]]);
+        for key in [None, Some(ring.current().unwrap())] {
+            let (bytes, hash) = encode_with(h, &pages, key);
+            let (decoded, vhash) = verify(Cursor::new(&bytes), bytes.len() as u64).unwrap();
+            assert_eq!(vhash, hash);
+            assert_eq!((decoded.kind, decoded.run), (Kind::Run, h.run));
+            assert_eq!(
+                decoded.encoded_len(),
+                h.encoded_len() + if key.is_some() { SEAL_SIZE } else { 0 }
+            );
+            assert_eq!(read_pages(&bytes, Some(&ring)).unwrap(), pages);
+        }
+        // The run's extent is part of what the seal authenticates: changed
+        // and given a fresh trailer, the object no longer opens.
+        let (mut bytes, _) = encode_with(h, &pages, Some(ring.current().unwrap()));
+        bytes[HEADER_SIZE + SEAL_SIZE + 7] ^= 1;
+        let end = bytes.len() - 32;
+        let fresh: [u8; 32] = Sha256::digest(&bytes[..end]).into();
+        bytes[end..].copy_from_slice(&fresh);
+        assert!(read_pages(&bytes, Some(&ring)).is_err());
+        // A run must say what it stands for, and only a run may.
+        let mut no_extent = h;
+        no_extent.run = None;
+        assert!(matches!(
+            Encoder::new(no_extent, None, Vec::new()),
+            Err(Error::BadRun { .. })
+        ));
+        let mut stray = header(Kind::Wal, &pages);
+        stray.run = h.run;
+        assert!(Encoder::new(stray, None, Vec::new()).is_err());
+        let mut backwards = h;
+        backwards.run = Some(Run {
+            first: 8,
+            last_hash: [0; 32],
+        });
+        assert!(Encoder::new(backwards, None, Vec::new()).is_err());
+        let (mut bytes, _) = encode(h, &pages);
+        bytes[HEADER_SIZE..HEADER_SIZE + 8].copy_from_slice(&9u64.to_be_bytes());
+        assert!(matches!(
+            Header::decode(&bytes),
+            Err(Error::BadRun { first: 9, last: 7 })
+        ));
     }
 
     #[test]

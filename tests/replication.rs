@@ -605,6 +605,7 @@ async fn altered_missing_or_foreign_objects_are_refused_by_name() {
             wal: segment::WalRange::default(),
             prev_hash: [7; 32],
             sealed: None,
+            run: None,
         };
         let mut enc = segment::Encoder::new(forged, None, Vec::new()).unwrap();
         enc.add_page(1, &[0u8; 4096]).unwrap();
@@ -754,6 +755,7 @@ async fn encrypted_replicas_restore_only_with_their_keys() {
             page_count: 1,
             prev_hash: head_hash,
             sealed: None,
+            run: None,
             ..head_header
         };
         let mut enc = segment::Encoder::new(forged, None, Vec::new()).unwrap();
