@@ -19,6 +19,13 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use futures_util::StreamExt;
+
+use crate::chain::{self, ObjectRef};
+use crate::encryption::Keys;
+use crate::segment::{self, Kind, PageReader};
+use crate::storage::{Payload, SpoolWriter, Storage, to_hex};
+
 /// Why a run cannot be merged.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -32,6 +39,10 @@ pub enum Error {
     SizeMismatch { says: u32, db_pages: u32 },
     #[error("nothing to merge")]
     Empty,
+    #[error(transparent)]
+    Chain(#[from] chain::Error),
+    #[error("{key} cannot be part of a run: {why}")]
+    NotARun { key: String, why: String },
     #[error(transparent)]
     Segment(#[from] crate::segment::Error),
     #[error("compaction spool file: {0}")]
@@ -212,6 +223,140 @@ impl Merge {
             emit(p, &page)?;
         }
     }
+}
+
+/// Objects downloaded at once while building a run.
+const FETCH_PARALLELISM: usize = 8;
+
+/// A run built, ready to be stored under `key`.
+pub struct Built {
+    pub key: String,
+    pub header: segment::Header,
+    pub hash: [u8; 32],
+    pub payload: Payload,
+}
+
+/// The key of the run that stands for objects `first..=last` of a database.
+/// Listings of today's layout skip it (its name is not one sequence number).
+pub fn run_key(db_prefix: &str, first: u64, last: u64) -> String {
+    format!("{db_prefix}/{first:016x}-{last:016x}.run")
+}
+
+/// Builds the run that stands for `objects`: consecutive objects of one
+/// chain, none of them a snapshot, the first linking to `before` (the hash
+/// of the object before them). Each object is downloaded and verified (its
+/// trailer, its key, its link to the one before) before its pages count; the
+/// run is sealed with the current key of `keys`, if any, and carries the
+/// last object's state digest so a restore through it is checked as one
+/// through the objects would be.
+pub async fn build_run(
+    storage: &dyn Storage,
+    prefix: &str,
+    objects: &[ObjectRef],
+    before: [u8; 32],
+    keys: Option<std::sync::Arc<Keys>>,
+    scratch: &Path,
+) -> Result<Built, Error> {
+    let (Some(first), Some(last)) = (objects.first(), objects.last()) else {
+        return Err(Error::Empty);
+    };
+    let fetched = futures_util::stream::iter(objects.iter())
+        .map(|object| chain::read_verified(storage, object))
+        .buffered(FETCH_PARALLELISM);
+    let mut fetched = std::pin::pin!(fetched);
+    let mut merge: Option<Merge> = None;
+    let mut link = before;
+    let mut last_header = None;
+    for (expected_seq, object) in (first.seq..).zip(objects) {
+        let Some(read) = fetched.next().await else {
+            return Err(Error::Empty);
+        };
+        let (header, hash, file) = read?;
+        let refuse = |why: String| Error::NotARun {
+            key: object.key.clone(),
+            why,
+        };
+        if header.seq != expected_seq {
+            return Err(refuse(format!("expected sequence {expected_seq}")));
+        }
+        if matches!(header.kind, Kind::Snapshot | Kind::Run) {
+            return Err(refuse(format!("it is a {:?} object", header.kind)));
+        }
+        if header.prev_hash != link {
+            return Err(refuse(format!(
+                "it links to {}, not to {}",
+                to_hex(&header.prev_hash),
+                to_hex(&link)
+            )));
+        }
+        link = hash;
+        let mut run = match merge.take() {
+            Some(m) => m,
+            None => Merge::new(header.page_size, scratch)?,
+        };
+        let opened = keys.clone();
+        let key = object.key.clone();
+        merge = Some(
+            tokio::task::spawn_blocking(move || -> Result<Merge, Error> {
+                let len = file.metadata()?.len();
+                let mut reader = PageReader::new(
+                    io::BufReader::with_capacity(1 << 20, file),
+                    len,
+                    opened.as_deref(),
+                )
+                .map_err(|source| chain::Error::Segment {
+                    key: key.clone(),
+                    source,
+                })?;
+                run.add_object(&mut reader).map_err(|e| match e {
+                    Error::Segment(source) => Error::Chain(chain::Error::Segment { key, source }),
+                    other => other,
+                })?;
+                Ok(run)
+            })
+            .await
+            .map_err(|e| Error::Io(io::Error::other(e)))??,
+        );
+        last_header = Some(header);
+    }
+    let (Some(merge), Some(last_header)) = (merge, last_header) else {
+        return Err(Error::Empty);
+    };
+    let db_pages = merge.db_pages().ok_or(Error::Empty)?;
+    let header = segment::Header {
+        version: segment::VERSION,
+        kind: Kind::Run,
+        page_size: last_header.page_size,
+        seq: last.seq,
+        db_pages,
+        page_count: merge.page_count(),
+        timestamp_ms: last_header.timestamp_ms,
+        wal: last_header.wal,
+        prev_hash: before,
+        sealed: None,
+        run: Some(segment::Run {
+            first: first.seq,
+            last_hash: link,
+        }),
+        state: None,
+    };
+    let state = last_header.state;
+    let (header, hash, payload) = tokio::task::spawn_blocking(move || -> Result<_, Error> {
+        let key = keys.as_deref().and_then(Keys::current);
+        let mut encoder = segment::Encoder::new(header, key, SpoolWriter::new())?;
+        merge.pages(|pgno, page| Ok(encoder.add_page(pgno, page)?))?;
+        let header = *encoder.header();
+        let (hash, spool) = encoder.finish(state)?;
+        Ok((header, hash, spool.finish()?))
+    })
+    .await
+    .map_err(|e| Error::Io(io::Error::other(e)))??;
+    Ok(Built {
+        key: run_key(prefix, first.seq, last.seq),
+        header: segment::Header { state, ..header },
+        hash,
+        payload,
+    })
 }
 
 #[cfg(test)]

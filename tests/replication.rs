@@ -1905,3 +1905,128 @@ async fn an_object_declaring_a_huge_database_is_refused_before_writing_it() {
         assert!(err.contains("page 1 says"), "{kind}: {err}");
     }
 }
+
+/// Issue 14, compaction's first step: a run built from the objects after a
+/// snapshot, stored and read back from each store, applied onto the state at
+/// the snapshot, leaves exactly the newest state; it names its objects and
+/// carries the last one's state digest; listings do not show it; a run whose
+/// objects do not link up, or that would swallow a snapshot, is refused by
+/// the object's name.
+#[tokio::test]
+async fn a_run_applied_onto_the_snapshot_leaves_the_newest_state() {
+    use walsync::compact;
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, objects) = build_chain(&store, dir.path(), "runs").await;
+        let storage = store.storage.as_ref();
+        let (snapshot, snapshot_hash, _) =
+            chain::read_verified(storage, &objects[0]).await.unwrap();
+        assert_eq!(snapshot.kind, Kind::Snapshot);
+        let (last, last_hash, _) = chain::read_verified(storage, &objects[3]).await.unwrap();
+
+        let built = compact::build_run(
+            storage,
+            "runs",
+            &objects[1..],
+            snapshot_hash,
+            None,
+            dir.path(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            built.key,
+            compact::run_key("runs", objects[1].seq, objects[3].seq)
+        );
+        assert_eq!(built.header.kind, Kind::Run);
+        assert_eq!(
+            built.header.run,
+            Some(segment::Run {
+                first: objects[1].seq,
+                last_hash,
+            })
+        );
+        assert_eq!(built.header.prev_hash, snapshot_hash);
+        assert_eq!(built.header.state, last.state);
+        storage
+            .put_new(&built.key, built.payload, built.hash)
+            .await
+            .unwrap();
+        assert_eq!(
+            chain::list(storage, "runs").await.unwrap(),
+            objects,
+            "{kind}"
+        );
+
+        // Applied the way restore applies an object: pages, then the size.
+        let restore_to = |target, out: &Path| {
+            let out = out.to_path_buf();
+            async move {
+                restore::restore(
+                    storage,
+                    &RestoreOptions {
+                        prefix: "runs".into(),
+                        output: out,
+                        target,
+                        force: false,
+                        keys: None,
+                        parallelism: restore::FETCH_PARALLELISM,
+                    },
+                )
+                .await
+                .unwrap()
+            }
+        };
+        let at_snapshot = dir.path().join("at-snapshot.db");
+        let newest = dir.path().join("newest.db");
+        restore_to(restore::Target::Seq(objects[0].seq), &at_snapshot).await;
+        restore_to(restore::Target::Latest, &newest).await;
+        let bytes = storage::get_bytes(storage, &built.key).await.unwrap();
+        let (header, hash) =
+            segment::verify(std::io::Cursor::new(&bytes), bytes.len() as u64).unwrap();
+        assert_eq!((header.run, hash), (built.header.run, built.hash));
+        let mut file = std::fs::read(&at_snapshot).unwrap();
+        let size = header.page_size as usize;
+        let mut reader =
+            segment::PageReader::new(std::io::Cursor::new(&bytes), bytes.len() as u64, None)
+                .unwrap();
+        let mut page = vec![0u8; size];
+        while let Some(pgno) = reader.next_page(&mut page).unwrap() {
+            let at = (pgno as usize - 1) * size;
+            if file.len() < at + size {
+                file.resize(at + size, 0);
+            }
+            file[at..at + size].copy_from_slice(&page);
+        }
+        file.resize(header.db_pages as usize * size, 0);
+        assert!(
+            file == std::fs::read(&newest).unwrap(),
+            "{kind}: the run leaves the newest state"
+        );
+
+        // Objects that do not follow the object named before them.
+        let err = compact::build_run(storage, "runs", &objects[1..], [0; 32], None, dir.path())
+            .await
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains(&objects[1].key), "{kind}: {err}");
+        let err = compact::build_run(
+            storage,
+            "runs",
+            &objects[2..],
+            snapshot_hash,
+            None,
+            dir.path(),
+        )
+        .await
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains(&objects[2].key), "{kind}: {err}");
+        // A snapshot is a chain start, never part of a run.
+        let err = compact::build_run(storage, "runs", &objects[..2], [0; 32], None, dir.path())
+            .await
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains(&objects[0].key), "{kind}: {err}");
+    }
+}
