@@ -97,12 +97,38 @@ fn collect(entries: impl IntoIterator<Item = (segment::Name, String, u64)>) -> V
 /// Lists the objects of the database stored under `prefix`, in apply order.
 /// Keys that are not walsync objects (or that lie deeper) are ignored.
 pub async fn list(storage: &dyn Storage, prefix: &str) -> Result<Vec<ObjectRef>> {
+    Ok(list_with_runs(storage, prefix).await?.0)
+}
+
+/// [`list`], and from the same listing the runs that stand for stretches of
+/// the chain (kind [`Kind::Run`], `seq` their last sequence), sorted by
+/// their first sequence, longest first.
+pub async fn list_with_runs(
+    storage: &dyn Storage,
+    prefix: &str,
+) -> Result<(Vec<ObjectRef>, Vec<(u64, ObjectRef)>)> {
     let listed = storage.list(&format!("{prefix}/")).await?;
-    Ok(collect(listed.into_iter().filter_map(|meta| {
+    let mut runs = Vec::new();
+    let objects = collect(listed.into_iter().filter_map(|meta| {
         let name = meta.key.strip_prefix(prefix)?.strip_prefix('/')?;
+        if let Some((first, last)) = segment::parse_run_name(name) {
+            runs.push((
+                first,
+                ObjectRef {
+                    key: meta.key,
+                    seq: last,
+                    kind: Kind::Run,
+                    size: meta.size,
+                    mark: None,
+                },
+            ));
+            return None;
+        }
         let name = segment::parse_object_name(name)?;
         Some((name, meta.key, meta.size))
-    })))
+    }));
+    runs.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.seq.cmp(&a.1.seq)));
+    Ok((objects, runs))
 }
 
 /// What is wrong with a database name (a prefix), if anything: the one rule
@@ -319,6 +345,22 @@ pub fn check_key(object: &ObjectRef, header: &segment::Header) -> Result<()> {
             expected: object.seq,
             found: header.seq,
         });
+    }
+    if object.kind == Kind::Run {
+        let named = object
+            .key
+            .rsplit('/')
+            .next()
+            .and_then(segment::parse_run_name)
+            .map(|(first, _)| first);
+        let found = header.run.map(|r| r.first);
+        if named.is_none() || named != found {
+            return Err(Error::SeqMismatch {
+                key: object.key.clone(),
+                expected: named.unwrap_or(0),
+                found: found.unwrap_or(0),
+            });
+        }
     }
     let unmarked = !object.is_legacy() && object.mark.is_none();
     // An unmarked object may be a snapshot or a segment, never a run: a run

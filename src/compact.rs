@@ -236,12 +236,6 @@ pub struct Built {
     pub payload: Payload,
 }
 
-/// The key of the run that stands for objects `first..=last` of a database.
-/// Listings of today's layout skip it (its name is not one sequence number).
-pub fn run_key(db_prefix: &str, first: u64, last: u64) -> String {
-    format!("{db_prefix}/{first:016x}-{last:016x}.run")
-}
-
 /// Builds the run that stands for `objects`: consecutive objects of one
 /// chain, none of them a snapshot, the first linking to `before` (the hash
 /// of the object before them). Each object is downloaded and verified (its
@@ -266,7 +260,7 @@ pub async fn build_run(
     let mut fetched = std::pin::pin!(fetched);
     let mut merge: Option<Merge> = None;
     let mut link = before;
-    let mut last_header = None;
+    let mut last_header: Option<segment::Header> = None;
     for (expected_seq, object) in (first.seq..).zip(objects) {
         let Some(read) = fetched.next().await else {
             return Err(Error::Empty);
@@ -341,8 +335,17 @@ pub async fn build_run(
         state: None,
     };
     let state = last_header.state;
+    // Sealed like the objects it stands for (a key change takes a snapshot,
+    // so they share one), so a restore sees no change of key through it.
+    let seal = last_header.sealed.map(|s| s.key_id);
     let (header, hash, payload) = tokio::task::spawn_blocking(move || -> Result<_, Error> {
-        let key = keys.as_deref().and_then(Keys::current);
+        let key = match (seal, keys.as_deref()) {
+            (Some(id), Some(keys)) => keys.find(id),
+            _ => None,
+        };
+        if let (Some(id), None) = (seal, key) {
+            return Err(Error::Segment(segment::Error::MissingKey(id)));
+        }
         let mut encoder = segment::Encoder::new(header, key, SpoolWriter::new())?;
         merge.pages(|pgno, page| Ok(encoder.add_page(pgno, page)?))?;
         let header = *encoder.header();
@@ -352,7 +355,7 @@ pub async fn build_run(
     .await
     .map_err(|e| Error::Io(io::Error::other(e)))??;
     Ok(Built {
-        key: run_key(prefix, first.seq, last.seq),
+        key: segment::run_key(prefix, first.seq, last.seq),
         header: segment::Header { state, ..header },
         hash,
         payload,

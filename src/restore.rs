@@ -179,7 +179,7 @@ pub struct Resolved {
 /// reads a few object headers; a fork, the ends of the objects around it).
 /// Nothing is downloaded whole or written.
 pub async fn resolve(storage: &dyn Storage, prefix: &str, target: Target) -> Result<Resolved> {
-    let mut listed = chain::list(storage, prefix).await?;
+    let (mut listed, runs) = chain::list_with_runs(storage, prefix).await?;
     chain::find_unmarked_start(storage, &mut listed).await?;
     let forked = !chain::forks(&listed).is_empty();
     let branch = fork::follow(storage, listed).await?;
@@ -197,6 +197,12 @@ pub async fn resolve(storage: &dyn Storage, prefix: &str, target: Target) -> Res
         Target::Time(ms) => Some(seq_at(storage, prefix, &objects, ms).await?),
     };
     let planned = plan(prefix, &objects, seq)?;
+    // Through a fork the branch is chosen object by object: no runs there.
+    let planned = if fork.is_none() {
+        with_runs(planned, &runs)
+    } else {
+        planned
+    };
     let Some(last) = planned.last() else {
         return Err(Error::NoReplica {
             prefix: prefix.to_string(),
@@ -214,6 +220,34 @@ pub async fn resolve(storage: &dyn Storage, prefix: &str, target: Target) -> Res
         objects: planned,
         fork,
     })
+}
+
+/// `plan` with each stretch after its snapshot that a stored run stands for
+/// replaced by the run, longest first, so a long chain reads a few objects.
+/// Only a run that ends within the plan is used: the state it leaves is one
+/// the plan passes through.
+pub fn with_runs(plan: Vec<ObjectRef>, runs: &[(u64, ObjectRef)]) -> Vec<ObjectRef> {
+    let Some(target) = plan.last().map(|o| o.seq) else {
+        return plan;
+    };
+    let mut out = Vec::with_capacity(plan.len());
+    let mut objects = plan.into_iter().peekable();
+    // The snapshot the plan starts from stays.
+    out.extend(objects.next());
+    while let Some(next) = objects.peek() {
+        let longest = runs
+            .iter()
+            .filter(|(first, run)| *first == next.seq && run.seq <= target)
+            .max_by_key(|(_, run)| run.seq);
+        match longest {
+            Some((_, run)) => {
+                while objects.next_if(|o| o.seq <= run.seq).is_some() {}
+                out.push(run.clone());
+            }
+            None => out.extend(objects.next()),
+        }
+    }
+    out
 }
 
 /// The newest sequence recorded at or before `ms`. Object times rise along
@@ -423,6 +457,8 @@ pub async fn restore(storage: &dyn Storage, opts: &RestoreOptions) -> Result<Res
                 expected: to_hex(prev_hash),
             });
         }
+        // A run's successor links to the last object the run stands for.
+        let hash = header.run.map_or(hash, |r| r.last_hash);
         link = Some((object.key.clone(), hash));
         if let Some(prev) = verified.last() {
             if header.page_size != prev.header.page_size {
@@ -800,6 +836,62 @@ mod tests {
             size: 1,
             mark: None,
         }
+    }
+
+    fn run(first: u64, last: u64) -> (u64, ObjectRef) {
+        (
+            first,
+            ObjectRef {
+                key: segment::run_key("db", first, last),
+                seq: last,
+                kind: Kind::Run,
+                size: 1,
+                mark: None,
+            },
+        )
+    }
+
+    #[test]
+    fn runs_replace_the_stretches_they_stand_for_longest_first() {
+        let mut objects = vec![obj(1, Kind::Snapshot)];
+        objects.extend((2..=40).map(|s| obj(s, Kind::Wal)));
+        let runs = [run(2, 17), run(2, 9), run(18, 33), run(34, 49), run(3, 40)];
+        let seqs = |plan: Vec<ObjectRef>| -> Vec<(u64, Kind)> {
+            plan.into_iter().map(|o| (o.seq, o.kind)).collect()
+        };
+        let head = with_runs(plan("db", &objects, None).unwrap(), &runs);
+        let mut expected = vec![(1, Kind::Snapshot), (17, Kind::Run), (33, Kind::Run)];
+        expected.extend((34..=40).map(|s| (s, Kind::Wal)));
+        // 34..=49 ends past the head: not used; 3..=40 does not start where
+        // the plan needs one.
+        assert_eq!(seqs(head), expected);
+        let at_12 = with_runs(plan("db", &objects, Some(12)).unwrap(), &runs);
+        let mut expected = vec![(1, Kind::Snapshot), (9, Kind::Run)];
+        expected.extend((10..=12).map(|s| (s, Kind::Wal)));
+        assert_eq!(seqs(at_12), expected);
+        assert_eq!(
+            seqs(with_runs(plan("db", &objects, Some(1)).unwrap(), &runs)),
+            vec![(1, Kind::Snapshot)]
+        );
+    }
+
+    #[test]
+    fn run_keys_parse_back_and_nothing_else_does() {
+        let key = segment::run_key("a/b", 3, 0x1f);
+        assert_eq!(key, "a/b/0000000000000003-000000000000001f.run");
+        let name = key.rsplit('/').next().unwrap();
+        assert_eq!(segment::parse_run_name(name), Some((3, 0x1f)));
+        for bad in [
+            "0000000000000003-000000000000001f.seg",
+            "000000000000001f-0000000000000003.run",
+            "0000000000000000-0000000000000003.run",
+            "0000000000000003-000000000000001F.run",
+            "0000000000000003.run",
+            "3-31.run",
+        ] {
+            assert_eq!(segment::parse_run_name(bad), None, "{bad}");
+        }
+        assert_eq!(segment::parse_object_name(name), None);
     }
 
     #[test]

@@ -694,6 +694,31 @@ pub fn snapshot_mark_key(db_prefix: &str, seq: u64) -> String {
     format!("{db_prefix}/{seq:016x}.{SNAPSHOT_MARK_SUFFIX}")
 }
 
+/// Suffix of a run's key (see [`run_key`]).
+pub const RUN_SUFFIX: &str = "run";
+
+/// The key of the run that stands for objects `first..=last` of a database:
+/// `<first>-<last>.run`. It names no single sequence, so nothing that reads
+/// objects by sequence number mistakes it for one.
+pub fn run_key(db_prefix: &str, first: u64, last: u64) -> String {
+    format!("{db_prefix}/{first:016x}-{last:016x}.{RUN_SUFFIX}")
+}
+
+/// The `(first, last)` of a run's key name, if it is one.
+pub fn parse_run_name(name: &str) -> Option<(u64, u64)> {
+    let (range, suffix) = name.split_once('.')?;
+    let (first, last) = range.split_once('-')?;
+    let seq = |s: &str| {
+        (s.len() == 16
+            && s.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
+        .then(|| u64::from_str_radix(s, 16).ok())
+        .flatten()
+    };
+    let (first, last) = (seq(first)?, seq(last)?);
+    (suffix == RUN_SUFFIX && first >= 1 && first <= last).then_some((first, last))
+}
+
 /// The key of object `seq` in the first layout, which named the kind
 /// (`<seq>.snapshot`, `<seq>.wal`). Still read; never written.
 pub fn legacy_object_key(db_prefix: &str, seq: u64, kind: Kind) -> String {

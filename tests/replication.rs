@@ -1936,7 +1936,7 @@ async fn a_run_applied_onto_the_snapshot_leaves_the_newest_state() {
         .unwrap();
         assert_eq!(
             built.key,
-            compact::run_key("runs", objects[1].seq, objects[3].seq)
+            segment::run_key("runs", objects[1].seq, objects[3].seq)
         );
         assert_eq!(built.header.kind, Kind::Run);
         assert_eq!(
@@ -1948,15 +1948,6 @@ async fn a_run_applied_onto_the_snapshot_leaves_the_newest_state() {
         );
         assert_eq!(built.header.prev_hash, snapshot_hash);
         assert_eq!(built.header.state, last.state);
-        storage
-            .put_new(&built.key, built.payload, built.hash)
-            .await
-            .unwrap();
-        assert_eq!(
-            chain::list(storage, "runs").await.unwrap(),
-            objects,
-            "{kind}"
-        );
 
         // Applied the way restore applies an object: pages, then the size.
         let restore_to = |target, out: &Path| {
@@ -1980,7 +1971,17 @@ async fn a_run_applied_onto_the_snapshot_leaves_the_newest_state() {
         let at_snapshot = dir.path().join("at-snapshot.db");
         let newest = dir.path().join("newest.db");
         restore_to(restore::Target::Seq(objects[0].seq), &at_snapshot).await;
-        restore_to(restore::Target::Latest, &newest).await;
+        let without = restore_to(restore::Target::Latest, &newest).await;
+        assert_eq!(without.objects, 4);
+        storage
+            .put_new(&built.key, built.payload, built.hash)
+            .await
+            .unwrap();
+        assert_eq!(
+            chain::list(storage, "runs").await.unwrap(),
+            objects,
+            "{kind}"
+        );
         let bytes = storage::get_bytes(storage, &built.key).await.unwrap();
         let (header, hash) =
             segment::verify(std::io::Cursor::new(&bytes), bytes.len() as u64).unwrap();
@@ -2003,6 +2004,50 @@ async fn a_run_applied_onto_the_snapshot_leaves_the_newest_state() {
             file == std::fs::read(&newest).unwrap(),
             "{kind}: the run leaves the newest state"
         );
+
+        // Restore reads the snapshot and the run instead of four objects,
+        // reaches the same state and leaves the same chain head for `watch`.
+        let through = dir.path().join("through-run.db");
+        let report = restore_to(restore::Target::Latest, &through).await;
+        assert_eq!(
+            (report.objects, report.seq, report.hash),
+            (2, without.seq, without.hash),
+            "{kind}"
+        );
+        assert!(
+            std::fs::read(&through).unwrap() == std::fs::read(&newest).unwrap(),
+            "{kind}"
+        );
+        // A point inside the run is reached without it.
+        let inside = restore_to(
+            restore::Target::Seq(objects[2].seq),
+            &dir.path().join("inside.db"),
+        )
+        .await;
+        assert_eq!(inside.objects, 3, "{kind}");
+        // An altered run is refused by name, nothing written.
+        let mut altered = bytes.clone();
+        let mid = altered.len() / 2;
+        altered[mid] ^= 1;
+        replace_object(storage, &built.key, altered).await;
+        expect_refusal(&store, "runs", dir.path(), &built.key).await;
+        // So is a run that claims other objects than its key names.
+        let mut h = header;
+        h.run = Some(segment::Run {
+            first: objects[2].seq,
+            ..h.run.unwrap()
+        });
+        h.state = None;
+        let mut enc = segment::Encoder::new(h, None, Vec::new()).unwrap();
+        let mut reader =
+            segment::PageReader::new(std::io::Cursor::new(&bytes), bytes.len() as u64, None)
+                .unwrap();
+        while let Some(pgno) = reader.next_page(&mut page).unwrap() {
+            enc.add_page(pgno, &page).unwrap();
+        }
+        let (_, forged) = enc.finish(header.state).unwrap();
+        replace_object(storage, &built.key, forged).await;
+        expect_refusal(&store, "runs", dir.path(), &built.key).await;
 
         // Objects that do not follow the object named before them.
         let err = compact::build_run(storage, "runs", &objects[1..], [0; 32], None, dir.path())
