@@ -9,8 +9,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::cli::{
-    Cli, Command, InitArgs, ListArgs, RestoreAllArgs, RestoreArgs, SnapshotArgs, StatusArgs,
-    StorageArgs, SyncArgs, VerifyArgs, WatchArgs,
+    Cli, Command, CompactArgs, InitArgs, ListArgs, RestoreAllArgs, RestoreArgs, SnapshotArgs,
+    StatusArgs, StorageArgs, SyncArgs, VerifyArgs, WatchArgs,
 };
 use crate::config::{Config, StorageConfig, WatchSettings};
 use crate::encryption::{Key, Keys};
@@ -20,7 +20,7 @@ use crate::restore::{self, RestoreOptions, Target, format_ms};
 use crate::retention::Retention;
 use crate::status::{self, Board};
 use crate::storage::{self, S3Options, Storage};
-use crate::{chain, config, control, explain, follow, http, sidecar, verify};
+use crate::{chain, compact, config, control, explain, follow, http, sidecar, verify};
 use crate::{say, sayln};
 
 /// Holds the encryption key when no file names it.
@@ -32,7 +32,11 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<u8> {
     // Nothing retries a reading command after it gives up: it tries harder.
     if matches!(
         cli.command,
-        Command::Restore(_) | Command::RestoreAll(_) | Command::Verify(_) | Command::List(_)
+        Command::Restore(_)
+            | Command::RestoreAll(_)
+            | Command::Verify(_)
+            | Command::List(_)
+            | Command::Compact(_)
     ) {
         storage::retry::be_patient();
     }
@@ -47,12 +51,60 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<u8> {
         Command::Status(args) => status(&args).await.map(|()| 0),
         Command::Sync(args) => sync(&args).await.map(|()| 0),
         Command::Verify(args) => verify(&args).await.map(|()| 0),
+        Command::Compact(args) => compact(&args).await.map(|()| 0),
         Command::Explain(args) => {
             let path = required_config(args.config)?;
             say!("{}", explain::explain(&load_config(&path)?)?);
             Ok(0)
         }
     }
+}
+
+async fn compact(args: &CompactArgs) -> Result<()> {
+    if let Some(prefix) = &args.prefix {
+        config::validate_prefix(prefix)?;
+    }
+    let config = reading_config(
+        args.config.as_ref(),
+        &args.storage,
+        config::Uses::STORAGE_AND_KEYS,
+    )?;
+    let storage = match &config {
+        Some(config) => open_config_storage(&config.storage).await?,
+        None => open_default_replica(&args.storage, Path::new(config::DEFAULT_REPLICA_DIR)).await?,
+    };
+    let keys = reading_keys(config.as_ref(), args.storage.encryption_key_file.as_deref())?;
+    let prefixes = match &args.prefix {
+        Some(prefix) => vec![prefix.clone()],
+        None => {
+            let found = chain::list_databases(storage.as_ref())
+                .await
+                .with_context(|| format!("listing {}", storage.describe()))?;
+            for (name, why) in &found.refused {
+                eprintln!("skipped {name:?}: the name {why}");
+            }
+            found.found.into_iter().map(|(name, _)| name).collect()
+        }
+    };
+    let scratch = std::env::temp_dir();
+    for prefix in prefixes {
+        let report = compact::compact_chain(
+            storage.as_ref(),
+            &prefix,
+            &compact::LEVELS,
+            keys.clone(),
+            &scratch,
+        )
+        .await
+        .with_context(|| format!("compacting {prefix} in {}", storage.describe()))?;
+        sayln!(
+            "{prefix}: {} runs stored, {} already there, {} objects read",
+            report.built.len(),
+            report.present,
+            report.read
+        );
+    }
+    Ok(())
 }
 
 async fn verify(args: &VerifyArgs) -> Result<()> {

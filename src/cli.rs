@@ -67,6 +67,12 @@ pub enum Command {
     /// link, no holes; restore the newest state to a scratch file and check it;
     /// with --db, compare it page by page with the live database.
     Verify(VerifyArgs),
+    /// Store runs: objects that each stand for a stretch of a database's
+    /// chain (16, 256 and 4,096 objects), so that a restore reads a few dozen
+    /// objects instead of every one since the snapshot. Each run is built
+    /// from the objects it stands for, verified as a restore verifies them;
+    /// nothing is deleted. Safe to run again and beside `watch`.
+    Compact(CompactArgs),
     /// Write a commented starter walsync.toml (a local directory as the
     /// replica, one database) into the current directory.
     Init(InitArgs),
@@ -102,6 +108,20 @@ pub struct VerifyArgs {
     /// The live database to compare with the newest state in storage.
     #[arg(long, value_name = "PATH")]
     pub db: Option<PathBuf>,
+    /// Take the storage settings from this walsync.toml. Without it and
+    /// without --storage: the file WALSYNC_CONFIG names, else ./walsync.toml
+    /// if it exists, else the directory walsync-replica here.
+    #[arg(long, short = 'c', value_name = "FILE", conflicts_with = "storage")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub storage: StorageArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CompactArgs {
+    /// The database's prefix in storage; default: every database there.
+    #[arg(long)]
+    pub prefix: Option<String>,
     /// Take the storage settings from this walsync.toml. Without it and
     /// without --storage: the file WALSYNC_CONFIG names, else ./walsync.toml
     /// if it exists, else the directory walsync-replica here.

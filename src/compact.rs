@@ -237,8 +237,8 @@ pub struct Built {
 }
 
 /// Builds the run that stands for `objects`: consecutive objects of one
-/// chain, none of them a snapshot, the first linking to `before` (the hash
-/// of the object before them). Each object is downloaded and verified (its
+/// chain (runs among them stand for theirs), none of them a snapshot, the
+/// first linking to `before` (the hash of the object before them). Each object is downloaded and verified (its
 /// trailer, its key, its link to the one before) before its pages count; the
 /// run is sealed with the current key of `keys`, if any, and carries the
 /// last object's state digest so a restore through it is checked as one
@@ -254,6 +254,8 @@ pub async fn build_run(
     let (Some(first), Some(last)) = (objects.first(), objects.last()) else {
         return Err(Error::Empty);
     };
+    let mut expected_seq = None;
+    let mut first_seq = first.seq;
     let fetched = futures_util::stream::iter(objects.iter())
         .map(|object| chain::read_verified(storage, object))
         .buffered(FETCH_PARALLELISM);
@@ -261,7 +263,7 @@ pub async fn build_run(
     let mut merge: Option<Merge> = None;
     let mut link = before;
     let mut last_header: Option<segment::Header> = None;
-    for (expected_seq, object) in (first.seq..).zip(objects) {
+    for object in objects {
         let Some(read) = fetched.next().await else {
             return Err(Error::Empty);
         };
@@ -270,11 +272,20 @@ pub async fn build_run(
             key: object.key.clone(),
             why,
         };
-        if header.seq != expected_seq {
-            return Err(refuse(format!("expected sequence {expected_seq}")));
+        // A run's first sequence, or the object's own.
+        let starts = header.run.map_or(header.seq, |r| r.first);
+        if expected_seq.is_none() {
+            first_seq = starts;
         }
-        if matches!(header.kind, Kind::Snapshot | Kind::Run) {
-            return Err(refuse(format!("it is a {:?} object", header.kind)));
+        if expected_seq.is_some_and(|e| e != starts) {
+            return Err(refuse(format!(
+                "expected sequence {}",
+                expected_seq.unwrap_or_default()
+            )));
+        }
+        expected_seq = Some(header.seq + 1);
+        if header.kind == Kind::Snapshot {
+            return Err(refuse("it is a snapshot, where a chain starts".into()));
         }
         if header.prev_hash != link {
             return Err(refuse(format!(
@@ -283,7 +294,7 @@ pub async fn build_run(
                 to_hex(&link)
             )));
         }
-        link = hash;
+        link = header.run.map_or(hash, |r| r.last_hash);
         let mut run = match merge.take() {
             Some(m) => m,
             None => Merge::new(header.page_size, scratch)?,
@@ -329,7 +340,7 @@ pub async fn build_run(
         prev_hash: before,
         sealed: None,
         run: Some(segment::Run {
-            first: first.seq,
+            first: first_seq,
             last_hash: link,
         }),
         state: None,
@@ -355,11 +366,116 @@ pub async fn build_run(
     .await
     .map_err(|e| Error::Io(io::Error::other(e)))??;
     Ok(Built {
-        key: segment::run_key(prefix, first.seq, last.seq),
+        key: segment::run_key(prefix, first_seq, last.seq),
         header: segment::Header { state, ..header },
         hash,
         payload,
     })
+}
+
+/// The run lengths built by default, in objects: at one sync a second, about
+/// a quarter of a minute, four minutes and an hour. A restore then reads at
+/// most 15 objects of each level and 15 runs of the longest per 4,096
+/// objects (86,400 objects since a snapshot: about 70 objects in all).
+pub const LEVELS: [u64; 3] = [16, 256, 4096];
+
+/// What a compaction pass did.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// The runs stored, as `(first, last)`.
+    pub built: Vec<(u64, u64)>,
+    /// Runs that were stored already (by an earlier pass).
+    pub present: usize,
+    /// Objects and runs read to build them.
+    pub read: usize,
+}
+
+/// Builds every run of `levels` that the chain of `prefix` lacks. A run of
+/// level `L` ends at a multiple of `L` and starts `L` objects before, or just
+/// after the newest snapshot before its end if that is later; it is built
+/// from the longest runs already stored and the objects between them, and
+/// stored create-only (one found there already counts as done). A forked
+/// chain is left alone.
+pub async fn compact_chain(
+    storage: &dyn Storage,
+    prefix: &str,
+    levels: &[u64],
+    keys: Option<std::sync::Arc<Keys>>,
+    scratch: &Path,
+) -> Result<Report, Error> {
+    let (objects, mut runs) = chain::list_with_runs(storage, prefix).await?;
+    let mut report = Report::default();
+    if !chain::forks(&objects).is_empty() {
+        return Ok(report);
+    }
+    let Some(head) = objects.last().map(|o| o.seq) else {
+        return Ok(report);
+    };
+    let snapshots: Vec<u64> = objects
+        .iter()
+        .filter(|o| o.kind == Kind::Snapshot)
+        .map(|o| o.seq)
+        .collect();
+    for &level in levels.iter().filter(|l| **l >= 2) {
+        for last in (level..=head).step_by(level as usize) {
+            let Some(&snapshot) = snapshots.iter().rev().find(|s| **s <= last) else {
+                continue;
+            };
+            let first = (last - level + 1).max(snapshot + 1);
+            if last - first < 1 {
+                continue;
+            }
+            if runs.iter().any(|(f, r)| *f == first && r.seq == last) {
+                report.present += 1;
+                continue;
+            }
+            let span: Vec<ObjectRef> = objects
+                .iter()
+                .filter(|o| (first..=last).contains(&o.seq))
+                .cloned()
+                .collect();
+            let Some(before) = objects.iter().find(|o| o.seq + 1 == first) else {
+                continue;
+            };
+            // A stretch with a hole (retention, or an object lost) gets no run.
+            if span.len() as u64 != last - first + 1 {
+                continue;
+            }
+            let inputs = crate::restore::substitute_runs(span, &runs);
+            let before = chain::read_link(storage, before).await?;
+            let before_hash = before.header.run.map_or(before.hash, |r| r.last_hash);
+            report.read += inputs.len() + 1;
+            let built =
+                match build_run(storage, prefix, &inputs, before_hash, keys.clone(), scratch).await
+                {
+                    Ok(built) => built,
+                    // An unmarked snapshot inside, say: this stretch gets no run.
+                    Err(Error::NotARun { key, why }) => {
+                        tracing::debug!(prefix, first, last, key, why, "no run for this stretch");
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+            let key = built.key.clone();
+            match storage.put_new(&key, built.payload, built.hash).await {
+                Ok(()) => report.built.push((first, last)),
+                Err(crate::storage::Error::AlreadyExists { .. }) => report.present += 1,
+                Err(e) => return Err(chain::Error::Storage(e).into()),
+            }
+            tracing::debug!(prefix, first, last, objects = inputs.len(), "stored a run");
+            runs.push((
+                first,
+                ObjectRef {
+                    key,
+                    seq: last,
+                    kind: Kind::Run,
+                    size: 0,
+                    mark: None,
+                },
+            ));
+        }
+    }
+    Ok(report)
 }
 
 #[cfg(test)]

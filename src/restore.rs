@@ -227,13 +227,24 @@ pub async fn resolve(storage: &dyn Storage, prefix: &str, target: Target) -> Res
 /// Only a run that ends within the plan is used: the state it leaves is one
 /// the plan passes through.
 pub fn with_runs(plan: Vec<ObjectRef>, runs: &[(u64, ObjectRef)]) -> Vec<ObjectRef> {
-    let Some(target) = plan.last().map(|o| o.seq) else {
-        return plan;
-    };
-    let mut out = Vec::with_capacity(plan.len());
-    let mut objects = plan.into_iter().peekable();
+    let mut objects = plan.into_iter();
     // The snapshot the plan starts from stays.
-    out.extend(objects.next());
+    let snapshot = objects.next();
+    snapshot
+        .into_iter()
+        .chain(substitute_runs(objects.collect(), runs))
+        .collect()
+}
+
+/// Consecutive `objects` with every stretch a run in `runs` stands for (one
+/// that starts where an object is needed and ends within them) replaced by
+/// the longest such run.
+pub fn substitute_runs(objects: Vec<ObjectRef>, runs: &[(u64, ObjectRef)]) -> Vec<ObjectRef> {
+    let Some(target) = objects.last().map(|o| o.seq) else {
+        return objects;
+    };
+    let mut out = Vec::with_capacity(objects.len());
+    let mut objects = objects.into_iter().peekable();
     while let Some(next) = objects.peek() {
         let longest = runs
             .iter()

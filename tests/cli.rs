@@ -2932,6 +2932,147 @@ async fn a_parallel_restore_reads_each_object_once_in_chain_order() {
     assert!(!out.exists());
 }
 
+/// Issue 14, 1: `walsync compact` stores runs for a long chain, a restore
+/// to the head then reads a few objects instead of hundreds and equals the
+/// source, a point inside a run is still reached exactly, and a second pass
+/// builds and reads nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compacted_runs_make_a_long_chain_restore_read_a_few_objects() {
+    use common::app::AppProcess;
+    use common::faults::{Counts, FaultProxy};
+    let store = common::s3_store().await;
+    let upstream = store
+        .env
+        .iter()
+        .find(|(k, _)| k == "AWS_ENDPOINT_URL_S3")
+        .map(|(_, v)| v.clone())
+        .unwrap();
+    let proxy = FaultProxy::start(&upstream).await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let mut app = AppProcess::open(&db);
+    let config = dir.path().join("walsync.toml");
+    std::fs::write(
+        &config,
+        store.config(&format!(
+            "[sync]\nsync_interval = \"0s\"\n[[databases]]\npath = \"{}\"\nprefix = \"long\"\n",
+            db.display()
+        )),
+    )
+    .unwrap();
+    let mut cmd = walsync();
+    cmd.args(["watch", "-c", cfg(&config)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    with_store(&mut cmd, &store);
+    let mut child = common::Reaped::new(cmd.spawn().unwrap());
+    wait_for_objects(&store, "long", 1, String::new).await;
+    let mut middle = None;
+    for i in 0..400 {
+        app.insert(1, 200);
+        if i == 150 {
+            let mut sync = walsync();
+            sync.args(["sync", "-c", cfg(&config), "--wait"]);
+            assert!(run(&mut sync).status.success());
+            middle = Some((
+                chain::list(store.storage.as_ref(), "long")
+                    .await
+                    .unwrap()
+                    .last()
+                    .unwrap()
+                    .seq,
+                app_rows(&db),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(4)).await;
+    }
+    let mut sync = walsync();
+    sync.args(["sync", "-c", cfg(&config), "--wait"]);
+    assert!(run(&mut sync).status.success());
+    assert!(terminate(&mut child).success());
+    drop(app);
+    let objects = chain::list(store.storage.as_ref(), "long").await.unwrap();
+    let head = objects.last().unwrap().seq;
+    assert!(head >= 100, "{head} objects");
+
+    let compact = |what: &str| {
+        let mut cmd = walsync();
+        cmd.args(["compact", "--storage", &store.url, "--prefix", "long"]);
+        with_store(&mut cmd, &store);
+        cmd.env("AWS_ENDPOINT_URL_S3", &proxy.endpoint);
+        let output = run(&mut cmd);
+        let said = String::from_utf8_lossy(&output.stdout).to_string();
+        assert!(
+            output.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        said
+    };
+    let said = compact("first pass");
+    // The snapshot is object 1: every level's stretches end at multiples.
+    let expected: u64 = [16u64, 256, 4096].iter().map(|l| head / l).sum();
+    assert!(
+        said.contains(&format!("long: {expected} runs stored, 0 already there")),
+        "{said}"
+    );
+    let gets = Counts::get(&proxy.counts().object_gets);
+    let said = compact("second pass");
+    assert!(
+        said.contains(&format!(
+            "long: 0 runs stored, {expected} already there, 0 objects read"
+        )),
+        "{said}"
+    );
+    assert_eq!(
+        Counts::get(&proxy.counts().object_gets),
+        gets,
+        "a second pass reads nothing"
+    );
+
+    let restore = |out: &Path, txid: Option<u64>| {
+        let mut cmd = walsync();
+        cmd.args([
+            "restore",
+            "--storage",
+            &store.url,
+            "--prefix",
+            "long",
+            "-o",
+            cfg(out),
+        ]);
+        if let Some(txid) = txid {
+            cmd.args(["--txid", &txid.to_string()]);
+        }
+        with_store(&mut cmd, &store);
+        let output = run(&mut cmd);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).to_string()
+    };
+    let out = dir.path().join("head.db");
+    let said = restore(&out, None);
+    assert_eq!(app_rows(&out), app_rows(&db));
+    // The snapshot, at most one run of 256, fifteen of 16, fifteen objects.
+    let read: usize = said
+        .split(" objects")
+        .next()
+        .and_then(|s| s.rsplit('(').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(
+        read <= 1 + 1 + 15 + 15,
+        "{read} objects read for {head}: {said}"
+    );
+    let (seq, rows) = middle.unwrap();
+    let out = dir.path().join("middle.db");
+    restore(&out, Some(seq));
+    assert_eq!(app_rows(&out), rows, "sequence {seq} restored exactly");
+}
+
 /// Issue 13, 2: walsync is SIGKILLed at random moments while an app (its
 /// own process) commits, and the app is killed mid-commit now and then; a
 /// restore is killed too. After every round: `sync --wait` succeeds, the
