@@ -64,7 +64,7 @@ pub async fn plan(
     // Only the branch restore follows decides what is kept: a snapshot on a
     // forked-off branch restores nothing after it. What lies off the branch
     // goes with everything else before the kept snapshot.
-    let mut listed = chain::list(storage, prefix).await?;
+    let (mut listed, runs) = chain::list_with_runs(storage, prefix).await?;
     chain::find_unmarked_start(storage, &mut listed).await?;
     let all = listed.clone();
     let objects = fork::follow(storage, listed).await?.objects;
@@ -93,7 +93,17 @@ pub async fn plan(
         }
         keep_from = keep_from.min(covering);
     }
-    let doomed: Vec<ObjectRef> = all.into_iter().filter(|o| o.seq < keep_from).collect();
+    // A run starting before the kept snapshot stands for objects that go:
+    // no restore could start where it does.
+    let doomed: Vec<ObjectRef> = all
+        .into_iter()
+        .filter(|o| o.seq < keep_from)
+        .chain(
+            runs.into_iter()
+                .filter(|(first, _)| *first < keep_from)
+                .map(|(_, run)| run),
+        )
+        .collect();
     Ok(Pruned {
         bytes: doomed.iter().map(|o| o.size).sum(),
         objects: doomed,

@@ -267,6 +267,17 @@ async fn retention_deletes_only_what_no_kept_restore_point_needs() {
             .await
             .unwrap();
         assert_eq!(plan.keep_from, Some(first_kept), "{kind}");
+        // Runs of three objects where they fit (one before the newest
+        // snapshot, one after it): retention takes the one whose objects go.
+        let compacted =
+            walsync::compact::compact_chain(store.storage.as_ref(), "ret", &[3], None, dir.path())
+                .await
+                .unwrap();
+        assert_eq!(
+            compacted.built,
+            vec![(newest.0 - 2, newest.0 - 1), (newest.0 + 1, newest.0 + 2)],
+            "{kind}"
+        );
         // Nothing ever takes the newest snapshot or what follows it.
         let all_gone = Retention {
             age: Some(Duration::from_millis(1)),
@@ -283,6 +294,11 @@ async fn retention_deletes_only_what_no_kept_restore_point_needs() {
             rows(&db),
             "{kind}: the head still restores"
         );
+        let (_, runs) = chain::list_with_runs(store.storage.as_ref(), "ret")
+            .await
+            .unwrap();
+        let runs: Vec<(u64, u64)> = runs.iter().map(|(f, r)| (*f, r.seq)).collect();
+        assert_eq!(runs, vec![(newest.0 + 1, newest.0 + 2)], "{kind}");
     }
 }
 
