@@ -2,14 +2,15 @@
 """Restore time of a long chain: many small objects since the last snapshot.
 
 Usage: bench/long_chain.py [--commits 2000] [--moto] [--storage URL]
-                           [--parallelism 1,8,16] [--walsync PATH] [--keep]
+                           [--parallelism 1,8,16] [--compact] [--walsync PATH] [--keep]
 
 Runs `walsync watch` with `sync_interval = 0` next to an app process that
 makes --commits small commits a few milliseconds apart, so that nearly every
 commit becomes its own object, as a busy database's day of 1 s syncs does.
 Then it restores the head once per --parallelism value (objects fetched at
 once) and prints, for each, the objects read, wall time and peak RSS, and
-checks the restored rows equal the source's.
+checks the restored rows equal the source's. With --compact it then runs
+`walsync compact` (timed, with the objects it read) and restores again.
 
 Storage: a local directory by default; --moto starts moto from
 target/ci-venv (made by .ci/run) on a free port with a fresh bucket;
@@ -87,6 +88,8 @@ def main():
     ap.add_argument("--storage", help="storage URL (default: a local directory)")
     ap.add_argument("--moto", action="store_true", help="start moto and use it")
     ap.add_argument("--parallelism", default="1,8,16")
+    ap.add_argument("--compact", action="store_true",
+                    help="then run walsync compact and restore again")
     ap.add_argument("--walsync", default=os.path.join(ROOT, "target", "release", "walsync"))
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args()
@@ -128,16 +131,23 @@ def main():
         print()
         print("| parallelism | objects | wall time | peak RSS | rows equal |")
         print("|---|---|---|---|---|")
-        for p in [int(x) for x in args.parallelism.split(",")]:
-            out = os.path.join(work, f"restored-{p}.db")
+        def restores(label):
+            for p in [int(x) for x in args.parallelism.split(",")]:
+                out = os.path.join(work, f"restored-{label}{p}.db")
+                secs, rss, said = run_measured(
+                    [args.walsync, "restore", "-c", config, "--prefix", "chain", "-o", out,
+                     "--parallelism", str(p)], env)
+                objects = said.split("(")[1].split(" objects")[0] if " objects" in said else "?"
+                same = rows(out) == source
+                print(f"| {label}{p} | {objects} | {secs:.2f} s | {rss:.0f} MiB | {same} |")
+                if not same:
+                    sys.exit(f"restored rows {rows(out)} differ from the source's {source}")
+        restores("")
+        if args.compact:
             secs, rss, said = run_measured(
-                [args.walsync, "restore", "-c", config, "--prefix", "chain", "-o", out,
-                 "--parallelism", str(p)], env)
-            objects = said.split("(")[1].split(" objects")[0] if " objects" in said else "?"
-            same = rows(out) == source
-            print(f"| {p} | {objects} | {secs:.2f} s | {rss:.0f} MiB | {same} |")
-            if not same:
-                sys.exit(f"restored rows {rows(out)} differ from the source's {source}")
+                [args.walsync, "compact", "-c", config, "--prefix", "chain"], env)
+            print(f"| compact | {said.strip()} | {secs:.2f} s | {rss:.0f} MiB | |")
+            restores("after compact, ")
     finally:
         if moto:
             moto.terminate()
