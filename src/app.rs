@@ -129,11 +129,16 @@ async fn verify(args: &VerifyArgs) -> Result<()> {
     .await
     .with_context(|| format!("verifying {} in {}", args.prefix, storage.describe()))?;
     sayln!(
-        "{}: {} objects ({} snapshots, {} bytes), head {}",
+        "{}: {} objects ({} snapshots, {} bytes){}, head {}",
         args.prefix,
         report.objects,
         report.snapshots,
         report.bytes,
+        if report.runs > 0 {
+            format!(", {} runs", report.runs)
+        } else {
+            String::new()
+        },
         report.head.map_or("-".into(), |h| h.to_string())
     );
     if report.restored {

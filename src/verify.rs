@@ -2,6 +2,7 @@
 //! newest state to a scratch file, and optionally compares that with the live
 //! database, page by page.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -21,6 +22,8 @@ pub struct Report {
     pub objects: usize,
     pub bytes: u64,
     pub snapshots: usize,
+    /// Runs checked (objects that stand for stretches of the chain).
+    pub runs: usize,
     pub head: Option<u64>,
     /// The newest state restored and passed `PRAGMA integrity_check`.
     pub restored: bool,
@@ -39,8 +42,9 @@ pub async fn verify(
     scratch_dir: &Path,
     keys: Option<Arc<Keys>>,
 ) -> Result<Report, chain::Error> {
-    let objects = chain::list(storage, prefix).await?;
+    let (objects, runs) = chain::list_with_runs(storage, prefix).await?;
     let mut report = Report {
+        runs: runs.len(),
         objects: objects.len(),
         bytes: objects.iter().map(|o| o.size).sum(),
         snapshots: objects.iter().filter(|o| o.kind == Kind::Snapshot).count(),
@@ -51,7 +55,8 @@ pub async fn verify(
         report.problems.push(format!("no objects under {prefix:?}"));
         return Ok(report);
     }
-    walk(storage, &objects, &mut report).await;
+    let hashes = walk(storage, &objects, &mut report).await;
+    check_runs(storage, &runs, &hashes, &mut report).await;
 
     let scratch = tempfile::Builder::new()
         .prefix(".walsync-verify-")
@@ -104,7 +109,12 @@ pub async fn verify(
 /// Checks every object: trailer hash, header against key, links between
 /// neighbours, and that sequences have no holes. Where two objects claim one
 /// sequence (a fork), each must link to one of the objects before it.
-async fn walk(storage: &dyn Storage, objects: &[ObjectRef], report: &mut Report) {
+async fn walk(
+    storage: &dyn Storage,
+    objects: &[ObjectRef],
+    report: &mut Report,
+) -> HashMap<u64, Vec<[u8; 32]>> {
+    let mut hashes: HashMap<u64, Vec<[u8; 32]>> = HashMap::new();
     if objects
         .first()
         .is_some_and(|o| o.kind != Kind::Snapshot && o.is_legacy())
@@ -138,6 +148,7 @@ async fn walk(storage: &dyn Storage, objects: &[ObjectRef], report: &mut Report)
             }
         };
         current.1.push((object, hash));
+        hashes.entry(object.seq).or_default().push(hash);
         let Some(prev_seq) = prev.0 else { continue };
         if object.seq != prev_seq + 1 {
             report.problems.push(format!(
@@ -148,13 +159,60 @@ async fn walk(storage: &dyn Storage, objects: &[ObjectRef], report: &mut Report)
             ));
         } else if !prev.1.is_empty() && !prev.1.iter().any(|(_, h)| *h == header.prev_hash) {
             let names: Vec<&str> = prev.1.iter().map(|(o, _)| o.key.as_str()).collect();
-            let hashes: Vec<String> = prev.1.iter().map(|(_, h)| to_hex(h)).collect();
+            let theirs: Vec<String> = prev.1.iter().map(|(_, h)| to_hex(h)).collect();
             report.problems.push(format!(
                 "{} does not link to {}: it names {}, which is not {}",
                 object.key,
                 names.join(" or "),
                 to_hex(&header.prev_hash),
-                hashes.join(" or ")
+                theirs.join(" or ")
+            ));
+        }
+    }
+    hashes
+}
+
+/// Checks every run: its trailer and header (as any object), that it links
+/// to an object that verified at the sequence before its first, and that
+/// the hash it carries for its last sequence is that object's.
+async fn check_runs(
+    storage: &dyn Storage,
+    runs: &[(u64, ObjectRef)],
+    hashes: &HashMap<u64, Vec<[u8; 32]>>,
+    report: &mut Report,
+) {
+    let fetched = futures_util::stream::iter(runs.iter())
+        .map(|(_, run)| chain::read_verified(storage, run))
+        .buffered(restore::FETCH_PARALLELISM);
+    let mut fetched = std::pin::pin!(fetched);
+    for (first, run) in runs {
+        let Some(read) = fetched.next().await else {
+            break;
+        };
+        let header = match read {
+            Ok((header, _, _)) => header,
+            Err(e) => {
+                report.problems.push(e.to_string());
+                continue;
+            }
+        };
+        let holds = |seq: u64, hash: &[u8; 32]| hashes.get(&seq).is_some_and(|h| h.contains(hash));
+        if !holds(first - 1, &header.prev_hash) {
+            report.problems.push(format!(
+                "run {} does not link to an object at sequence {}: it names {}",
+                run.key,
+                first - 1,
+                to_hex(&header.prev_hash)
+            ));
+        }
+        if let Some(r) = header.run
+            && !holds(run.seq, &r.last_hash)
+        {
+            report.problems.push(format!(
+                "run {} says object {} has hash {}, which no object there has",
+                run.key,
+                run.seq,
+                to_hex(&r.last_hash)
             ));
         }
     }

@@ -2041,12 +2041,30 @@ async fn a_run_applied_onto_the_snapshot_leaves_the_newest_state() {
         )
         .await;
         assert_eq!(inside.objects, 3, "{kind}");
-        // An altered run is refused by name, nothing written.
+        let checked = walsync::verify::verify(storage, "runs", None, dir.path(), None)
+            .await
+            .unwrap();
+        assert_eq!(
+            (checked.runs, checked.problems.len()),
+            (1, 0),
+            "{kind}: {:?}",
+            checked.problems
+        );
+        // An altered run is refused by name, nothing written, and `verify`
+        // names it.
         let mut altered = bytes.clone();
         let mid = altered.len() / 2;
         altered[mid] ^= 1;
         replace_object(storage, &built.key, altered).await;
         expect_refusal(&store, "runs", dir.path(), &built.key).await;
+        let checked = walsync::verify::verify(storage, "runs", None, dir.path(), None)
+            .await
+            .unwrap();
+        assert!(
+            checked.problems.iter().any(|p| p.contains(&built.key)),
+            "{kind}: {:?}",
+            checked.problems
+        );
         // So is a run that claims other objects than its key names.
         let mut h = header;
         h.run = Some(segment::Run {
