@@ -2470,14 +2470,7 @@ async fn storage_faults_never_stop_any_database_from_shipping() {
     // Long enough for every database's backoff to reach its cap, as in an
     // outage of any length.
     let outage = phase * 3;
-    let store = common::s3_store().await;
-    let upstream = store
-        .env
-        .iter()
-        .find(|(k, _)| k == "AWS_ENDPOINT_URL_S3")
-        .map(|(_, v)| v.clone())
-        .unwrap();
-    let proxy = FaultProxy::start(&upstream).await;
+    let (store, proxy) = FaultProxy::before_s3_store().await;
     let dir = tempfile::tempdir().unwrap();
     let prefixes: Vec<String> = (0..3).map(|i| format!("db{i}")).collect();
     let paths: Vec<PathBuf> = prefixes
@@ -2809,14 +2802,7 @@ fn sigkill(child: &mut Child) {
 async fn a_parallel_restore_reads_each_object_once_in_chain_order() {
     use common::app::AppProcess;
     use common::faults::{Counts, FaultProxy, Plan};
-    let store = common::s3_store().await;
-    let upstream = store
-        .env
-        .iter()
-        .find(|(k, _)| k == "AWS_ENDPOINT_URL_S3")
-        .map(|(_, v)| v.clone())
-        .unwrap();
-    let proxy = FaultProxy::start(&upstream).await;
+    let (store, proxy) = FaultProxy::before_s3_store().await;
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("app.db");
     let mut app = AppProcess::open(&db);
@@ -2940,14 +2926,7 @@ async fn a_parallel_restore_reads_each_object_once_in_chain_order() {
 async fn compacted_runs_make_a_long_chain_restore_read_a_few_objects() {
     use common::app::AppProcess;
     use common::faults::{Counts, FaultProxy};
-    let store = common::s3_store().await;
-    let upstream = store
-        .env
-        .iter()
-        .find(|(k, _)| k == "AWS_ENDPOINT_URL_S3")
-        .map(|(_, v)| v.clone())
-        .unwrap();
-    let proxy = FaultProxy::start(&upstream).await;
+    let (store, proxy) = FaultProxy::before_s3_store().await;
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("app.db");
     let mut app = AppProcess::open(&db);

@@ -162,6 +162,20 @@ impl FaultProxy {
         }
     }
 
+    /// A fresh bucket on the test S3 server, and a healthy proxy in front of
+    /// it (point walsync at `endpoint` through `AWS_ENDPOINT_URL_S3`).
+    pub async fn before_s3_store() -> (super::TestStore, Self) {
+        let store = super::s3_store().await;
+        let upstream = store
+            .env
+            .iter()
+            .find(|(k, _)| k == "AWS_ENDPOINT_URL_S3")
+            .map(|(_, v)| v.clone())
+            .unwrap();
+        let proxy = Self::start(&upstream).await;
+        (store, proxy)
+    }
+
     pub fn set_plan(&self, plan: Plan) {
         *self.state.plan.lock().unwrap() = plan;
     }
