@@ -421,8 +421,10 @@ pub async fn compact_chain(
             let Some(&snapshot) = snapshots.iter().rev().find(|s| **s <= last) else {
                 continue;
             };
+            // A stretch that ends on its snapshot (first past last) or holds
+            // one object gets no run.
             let first = (last - level + 1).max(snapshot + 1);
-            if last - first < 1 {
+            if first >= last {
                 continue;
             }
             if runs.iter().any(|(f, r)| *f == first && r.seq == last) {

@@ -3153,9 +3153,26 @@ async fn torture(rounds: u32) {
                     );
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
+                // Compaction beside the running watch, now and then killed
+                // midway: the restores below go through whatever runs it
+                // stored, and `verify` checks them.
+                if dice.below(3) == 0 {
+                    let mut cmd = walsync();
+                    cmd.args(["compact", "-c", cfg(&config), "--prefix", &prefix])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null());
+                    with_store(&mut cmd, &store);
+                    let mut compacting = common::Reaped::new(cmd.spawn().unwrap());
+                    tokio::time::sleep(Duration::from_millis(dice.below(300))).await;
+                    sigkill(&mut compacting);
+                }
+                ok(
+                    &store,
+                    &["compact", "-c", cfg(&config), "--prefix", &prefix],
+                );
                 let expected = app_rows(&db);
                 let fresh = dir.path().join(format!("round{round}.db"));
-                ok(
+                let (said, _) = ok(
                     &store,
                     &[
                         "restore",
@@ -3236,9 +3253,20 @@ async fn torture(rounds: u32) {
                 }
                 assert!(terminate(&mut watch).success(), "{kind} round {round}");
                 std::fs::remove_file(&fresh).unwrap();
+                let read = said
+                    .split(" objects")
+                    .next()
+                    .and_then(|s| s.rsplit('(').next());
+                let runs = chain::list_with_runs(store.storage.as_ref(), &prefix)
+                    .await
+                    .unwrap()
+                    .1
+                    .len();
                 eprintln!(
-                    "torture {kind}: round {round} ok ({} rows, app killed: {app_killed})",
-                    expected.len()
+                    "torture {kind}: round {round} ok ({} rows, app killed: {app_killed}, \
+                     {runs} runs stored, restore read {} objects)",
+                    expected.len(),
+                    read.unwrap_or("?")
                 );
             }
             let conn = Connection::open(&db).unwrap();

@@ -267,6 +267,18 @@ async fn retention_deletes_only_what_no_kept_restore_point_needs() {
             .await
             .unwrap();
         assert_eq!(plan.keep_from, Some(first_kept), "{kind}");
+        // A stretch that ends on a snapshot gets no run (snapshot 10 ends
+        // the stretch 9..=10 of two).
+        let pairs =
+            walsync::compact::compact_chain(store.storage.as_ref(), "ret", &[2], None, dir.path())
+                .await
+                .unwrap();
+        assert_eq!(pairs.built, vec![(newest.0 + 1, newest.0 + 2)], "{kind}");
+        store
+            .storage
+            .delete(&segment::run_key("ret", newest.0 + 1, newest.0 + 2))
+            .await
+            .unwrap();
         // Runs of three objects where they fit (one before the newest
         // snapshot, one after it): retention takes the one whose objects go.
         let compacted =
