@@ -2,15 +2,20 @@
 """Restore time of a long chain: many small objects since the last snapshot.
 
 Usage: bench/long_chain.py [--commits 2000] [--moto] [--storage URL]
-                           [--parallelism 1,8,16] [--compact] [--walsync PATH] [--keep]
+                           [--parallelism 1,8,16] [--compaction 16,256,4096|off]
+                           [--compact] [--walsync PATH] [--keep]
 
 Runs `walsync watch` with `sync_interval = 0` next to an app process that
 makes --commits small commits a few milliseconds apart, so that nearly every
 commit becomes its own object, as a busy database's day of 1 s syncs does.
 Then it restores the head once per --parallelism value (objects fetched at
 once) and prints, for each, the objects read, wall time and peak RSS, and
-checks the restored rows equal the source's. With --compact it then runs
-`walsync compact` (timed, with the objects it read) and restores again.
+checks the restored rows equal the source's. `watch` compacts the chain as it
+grows (--compaction sets its levels; `off` for none): the script waits until
+its runs are all stored and prints what compaction cost (runs stored, their
+bytes, objects read) next to what replication shipped, from `/metrics`. With
+--compact it then runs `walsync compact` (timed, with the objects it read)
+and restores again.
 
 Storage: a local directory by default; --moto starts moto from
 target/ci-venv (made by .ci/run) on a free port with a fresh bucket;
@@ -88,6 +93,8 @@ def main():
     ap.add_argument("--storage", help="storage URL (default: a local directory)")
     ap.add_argument("--moto", action="store_true", help="start moto and use it")
     ap.add_argument("--parallelism", default="1,8,16")
+    ap.add_argument("--compaction", default="16,256,4096",
+                    help="levels watch compacts into, or off")
     ap.add_argument("--compact", action="store_true",
                     help="then run walsync compact and restore again")
     ap.add_argument("--walsync", default=os.path.join(ROOT, "target", "release", "walsync"))
@@ -110,8 +117,14 @@ def main():
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
         config = os.path.join(work, "walsync.toml")
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        listen = f"127.0.0.1:{s.getsockname()[1]}"
+        s.close()
+        levels = '"off"' if args.compaction == "off" else f"[{args.compaction}]"
         with open(config, "w") as f:
             f.write(f'[storage]\nurl = "{storage}"\n[sync]\nsync_interval = "0s"\n'
+                    f'compaction = {levels}\n[watch]\nlisten = "{listen}"\n'
                     f'[[databases]]\npath = "{db}"\nprefix = "chain"\n')
         watch = subprocess.Popen([args.walsync, "watch", "-c", config], env=env,
                                  stderr=open(os.path.join(work, "watch.log"), "w"))
@@ -123,11 +136,41 @@ def main():
         subprocess.run([args.walsync, "sync", "-c", config, "--wait"], env=env, check=True,
                        stdout=subprocess.DEVNULL)
         written = time.monotonic() - t0
+
+        def metrics():
+            text = urllib.request.urlopen(f"http://{listen}/metrics", timeout=10).read().decode()
+            out = {}
+            for line in text.splitlines():
+                if line.startswith("walsync_") and '{prefix="chain"}' in line:
+                    name, value = line.split('{prefix="chain"} ')
+                    out[name] = float(value)
+            return out
+        # Compaction runs beside the syncs: wait until it has caught up.
+        caught_up = time.monotonic()
+        last = None
+        while True:
+            now = metrics()
+            key = (now.get("walsync_runs_stored_total"), now.get("walsync_compaction_reads_total"))
+            if key == last:
+                break
+            last = key
+            time.sleep(2)
+        caught_up = time.monotonic() - caught_up
         watch.terminate()
         watch.wait()
         source = rows(db)
         conn.close()
         print(f"{args.commits} commits shipped in {written:.1f} s to {storage}")
+        m = last and now
+        segments = int(m.get("walsync_segments_shipped_total", 0))
+        shipped = m.get("walsync_shipped_bytes_total", 0)
+        runs = int(m.get("walsync_runs_stored_total", 0))
+        print(f"replication: {segments} segments, {shipped / 2**20:.1f} MiB; "
+              f"compaction ({args.compaction}): {runs} runs (PUTs), "
+              f"{m.get('walsync_runs_stored_bytes_total', 0) / 2**20:.1f} MiB, "
+              f"{int(m.get('walsync_compaction_reads_total', 0))} objects read (GETs), "
+              f"{int(m.get('walsync_compaction_failures_total', 0))} failed passes; "
+              f"caught up within {caught_up:.1f} s of the last sync")
         print()
         print("| parallelism | objects | wall time | peak RSS | rows equal |")
         print("|---|---|---|---|---|")

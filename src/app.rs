@@ -376,6 +376,7 @@ fn sync_options(args: &WatchArgs) -> Result<SyncOptions> {
             snapshots: args.retention_snapshots,
         },
         encryption: cli_keys(args.storage.encryption_key_file.as_deref())?,
+        compaction: args.compaction.clone(),
     })
 }
 

@@ -212,7 +212,7 @@ pub struct WatchArgs {
             "storage", "endpoint", "region", "path_style", "prefix", "sync_interval",
             "snapshot_interval", "checkpoint_pages", "checkpoint_interval", "truncate_pages",
             "shutdown_timeout", "parallelism", "retention", "retention_snapshots",
-            "encryption_key_file"
+            "encryption_key_file", "compaction"
         ]
     )]
     pub config: Option<PathBuf>,
@@ -246,6 +246,11 @@ pub struct WatchArgs {
     /// With --retention too, an object goes only when both allow it.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub retention_snapshots: Option<u32>,
+    /// Store runs of this many objects as the chain grows (each a multiple of
+    /// the one before), so a restore to the head reads a few dozen objects
+    /// whatever the age of the snapshot; "off" stores none.
+    #[arg(long, value_name = "N,N,..", default_value = "16,256,4096", value_parser = parse_levels)]
+    pub compaction: std::sync::Arc<[u64]>,
     /// Time allowed for the final sync after SIGINT/SIGTERM.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
@@ -405,6 +410,25 @@ pub struct SnapshotArgs {
 }
 
 /// `1s`, `250ms`, `24h`, or a plain number of seconds (`0`).
+/// Compaction levels: `16,256,4096`, or `off` for none.
+pub fn parse_levels(s: &str) -> Result<std::sync::Arc<[u64]>, String> {
+    if s.trim() == "off" {
+        return Ok(std::sync::Arc::from([]));
+    }
+    let levels = s
+        .split(',')
+        .map(|n| {
+            n.trim()
+                .parse::<u64>()
+                .map_err(|_| format!("{n:?} is not a number of objects"))
+        })
+        .collect::<Result<Vec<u64>, String>>()?;
+    match crate::compact::levels_problem(&levels) {
+        Some(problem) => Err(problem),
+        None => Ok(levels.into()),
+    }
+}
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if let Ok(secs) = s.parse::<u64>() {
         return Ok(Duration::from_secs(secs));
@@ -462,6 +486,15 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_compaction_levels() {
+        assert_eq!(&*parse_levels("16,256,4096").unwrap(), &[16, 256, 4096]);
+        assert_eq!(&*parse_levels("10, 100").unwrap(), &[10, 100]);
+        assert!(parse_levels("off").unwrap().is_empty());
+        assert!(parse_levels("16,100").unwrap_err().contains("100"));
+        assert!(parse_levels("16,x").unwrap_err().contains("\"x\""));
     }
 
     #[test]

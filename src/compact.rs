@@ -238,8 +238,11 @@ pub struct Built {
 
 /// Builds the run that stands for `objects`: consecutive objects of one
 /// chain (runs among them stand for theirs), none of them a snapshot, the
-/// first linking to `before` (the hash of the object before them). Each object is downloaded and verified (its
-/// trailer, its key, its link to the one before) before its pages count; the
+/// first linking to `before` (the hash of the object before them) if given,
+/// else to whatever its header names: `watch` compacts what it wrote itself
+/// and spares the read of the object before. Each object is downloaded and
+/// verified (its trailer, its key, its link to the one before) before its
+/// pages count; the
 /// run is sealed with the current key of `keys`, if any, and carries the
 /// last object's state digest so a restore through it is checked as one
 /// through the objects would be.
@@ -247,7 +250,7 @@ pub async fn build_run(
     storage: &dyn Storage,
     prefix: &str,
     objects: &[ObjectRef],
-    before: [u8; 32],
+    before: Option<[u8; 32]>,
     keys: Option<std::sync::Arc<Keys>>,
     scratch: &Path,
 ) -> Result<Built, Error> {
@@ -256,13 +259,16 @@ pub async fn build_run(
     };
     let mut expected_seq = None;
     let mut first_seq = first.seq;
-    let fetched = futures_util::stream::iter(objects.iter())
-        .map(|object| chain::read_verified(storage, object))
+    // Owned references: a stream that borrows them is not `Send` for the
+    // compiler when `watch` spawns the pass.
+    let fetched = futures_util::stream::iter(objects.to_vec())
+        .map(|object| async move { chain::read_verified(storage, &object).await })
         .buffered(FETCH_PARALLELISM);
     let mut fetched = std::pin::pin!(fetched);
     let mut merge: Option<Merge> = None;
     let mut link = before;
     let mut last_header: Option<segment::Header> = None;
+    let mut run_prev = [0u8; 32];
     for object in objects {
         let Some(read) = fetched.next().await else {
             return Err(Error::Empty);
@@ -287,14 +293,19 @@ pub async fn build_run(
         if header.kind == Kind::Snapshot {
             return Err(refuse("it is a snapshot, where a chain starts".into()));
         }
-        if header.prev_hash != link {
+        if let Some(link) = link
+            && header.prev_hash != link
+        {
             return Err(refuse(format!(
                 "it links to {}, not to {}",
                 to_hex(&header.prev_hash),
                 to_hex(&link)
             )));
         }
-        link = header.run.map_or(hash, |r| r.last_hash);
+        if last_header.is_none() {
+            run_prev = header.prev_hash;
+        }
+        link = Some(header.run.map_or(hash, |r| r.last_hash));
         let mut run = match merge.take() {
             Some(m) => m,
             None => Merge::new(header.page_size, scratch)?,
@@ -337,11 +348,11 @@ pub async fn build_run(
         page_count: merge.page_count(),
         timestamp_ms: last_header.timestamp_ms,
         wal: last_header.wal,
-        prev_hash: before,
+        prev_hash: run_prev,
         sealed: None,
         run: Some(segment::Run {
             first: first_seq,
-            last_hash: link,
+            last_hash: link.unwrap_or_default(),
         }),
         state: None,
     };
@@ -388,6 +399,8 @@ pub struct Report {
     pub present: usize,
     /// Objects and runs read to build them.
     pub read: usize,
+    /// Bytes of the runs stored.
+    pub bytes: u64,
 }
 
 /// Builds every run of `levels` that the chain of `prefix` lacks. A run of
@@ -447,20 +460,31 @@ pub async fn compact_chain(
             let before = chain::read_link(storage, before).await?;
             let before_hash = before.header.run.map_or(before.hash, |r| r.last_hash);
             report.read += inputs.len() + 1;
-            let built =
-                match build_run(storage, prefix, &inputs, before_hash, keys.clone(), scratch).await
-                {
-                    Ok(built) => built,
-                    // An unmarked snapshot inside, say: this stretch gets no run.
-                    Err(Error::NotARun { key, why }) => {
-                        tracing::debug!(prefix, first, last, key, why, "no run for this stretch");
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                };
+            let built = match build_run(
+                storage,
+                prefix,
+                &inputs,
+                Some(before_hash),
+                keys.clone(),
+                scratch,
+            )
+            .await
+            {
+                Ok(built) => built,
+                // An unmarked snapshot inside, say: this stretch gets no run.
+                Err(Error::NotARun { key, why }) => {
+                    tracing::debug!(prefix, first, last, key, why, "no run for this stretch");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let key = built.key.clone();
+            let bytes = built.payload.len();
             match storage.put_new(&key, built.payload, built.hash).await {
-                Ok(()) => report.built.push((first, last)),
+                Ok(()) => {
+                    report.built.push((first, last));
+                    report.bytes += bytes;
+                }
                 Err(crate::storage::Error::AlreadyExists { .. }) => report.present += 1,
                 Err(e) => return Err(chain::Error::Storage(e).into()),
             }
@@ -475,6 +499,105 @@ pub async fn compact_chain(
                     mark: None,
                 },
             ));
+        }
+    }
+    Ok(report)
+}
+
+/// What is wrong with a list of levels, if anything: each at least 2, each
+/// a multiple of the one before, so that a run of one level is made of whole
+/// runs of the level below and `watch` can name every input without listing.
+pub fn levels_problem(levels: &[u64]) -> Option<String> {
+    let mut before = 1;
+    for &level in levels {
+        if level < 2 {
+            return Some(format!("{level} is not a run (at least 2 objects)"));
+        }
+        if level % before != 0 || level == before {
+            return Some(format!(
+                "{level} is not a larger multiple of the level before it ({before})"
+            ));
+        }
+        before = level;
+    }
+    None
+}
+
+/// Builds the runs of `levels` (see [`levels_problem`]) that end past `done`
+/// and at or before `head`, for a chain whose newest snapshot at or before
+/// `head` is `snapshot` (at most `done`): `watch` compacts what it wrote
+/// since its last pass, naming every input from the rule [`compact_chain`]
+/// follows instead of listing the chain. An input that is not there (a run
+/// of an earlier pass that failed, an object retention took) or that cannot
+/// be part of a run fails the pass; [`compact_chain`] then repairs from a
+/// listing.
+pub async fn compact_since(
+    storage: &dyn Storage,
+    prefix: &str,
+    levels: &[u64],
+    (done, head, snapshot): (u64, u64, u64),
+    keys: Option<std::sync::Arc<Keys>>,
+    scratch: &Path,
+) -> Result<Report, Error> {
+    let mut report = Report::default();
+    let object = |seq: u64| ObjectRef {
+        key: segment::object_key(prefix, seq),
+        seq,
+        kind: Kind::Wal,
+        size: 0,
+        mark: None,
+    };
+    // The stretch of level `level` that ends at `last`, if it is a run.
+    let stretch = |level: u64, last: u64| {
+        let first = (last + 1).saturating_sub(level).max(snapshot + 1);
+        (first < last).then_some(first)
+    };
+    for (i, &level) in levels.iter().enumerate() {
+        let lower = i.checked_sub(1).map(|j| levels[j]);
+        let mut last = (done / level + 1) * level;
+        while last <= head {
+            // After a snapshot, a stretch may be the lower level's very run.
+            let Some(first) = stretch(level, last)
+                .filter(|first| lower.is_none_or(|l| stretch(l, last) != Some(*first)))
+            else {
+                last += level;
+                continue;
+            };
+            let inputs: Vec<ObjectRef> = match lower {
+                None => (first..=last).map(object).collect(),
+                Some(lower) => {
+                    let mut inputs = Vec::new();
+                    let mut end = first.div_ceil(lower) * lower;
+                    let mut from = first;
+                    while from <= last {
+                        inputs.push(match stretch(lower, end) {
+                            Some(start) => ObjectRef {
+                                key: segment::run_key(prefix, start, end),
+                                seq: end,
+                                kind: Kind::Run,
+                                size: 0,
+                                mark: None,
+                            },
+                            None => object(end),
+                        });
+                        from = end + 1;
+                        end += lower;
+                    }
+                    inputs
+                }
+            };
+            report.read += inputs.len();
+            let built = build_run(storage, prefix, &inputs, None, keys.clone(), scratch).await?;
+            let bytes = built.payload.len();
+            match storage.put_new(&built.key, built.payload, built.hash).await {
+                Ok(()) => {
+                    report.built.push((first, last));
+                    report.bytes += bytes;
+                }
+                Err(crate::storage::Error::AlreadyExists { .. }) => report.present += 1,
+                Err(e) => return Err(chain::Error::Storage(e).into()),
+            }
+            last += level;
         }
     }
     Ok(report)

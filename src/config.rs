@@ -269,6 +269,7 @@ struct RawSync {
     retention_snapshots: Option<u32>,
     encryption_key: Option<String>,
     previous_encryption_keys: Option<Vec<String>>,
+    compaction: Option<toml::Value>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -302,6 +303,7 @@ struct RawDatabase {
     retention_snapshots: Option<u32>,
     encryption_key: Option<String>,
     previous_encryption_keys: Option<Vec<String>>,
+    compaction: Option<toml::Value>,
 }
 
 /// Collects errors against one file.
@@ -405,6 +407,9 @@ impl Checker<'_> {
                 sync.retention.age = age;
             }
         }
+        if let Some(value) = &raw.compaction {
+            sync.compaction = self.levels(&key("compaction"), value)?;
+        }
         match raw.retention_snapshots {
             None => {}
             Some(0) => sync.retention.snapshots = None,
@@ -417,6 +422,31 @@ impl Checker<'_> {
             }
         }
         Ok(sync)
+    }
+
+    /// Compaction levels: a list of run lengths, or `"off"`.
+    fn levels(&self, key: &str, value: &toml::Value) -> Result<Arc<[u64]>, Error> {
+        let refuse = |why: &str| self.err(format!("{key}: {why}"));
+        match value {
+            toml::Value::String(s) if s == "off" => Ok(Arc::from([])),
+            toml::Value::Array(items) => {
+                let levels = items
+                    .iter()
+                    .map(|v| {
+                        v.as_integer()
+                            .and_then(|n| u64::try_from(n).ok())
+                            .ok_or_else(|| refuse(&format!("{v} is not a number of objects")))
+                    })
+                    .collect::<Result<Vec<u64>, Error>>()?;
+                match crate::compact::levels_problem(&levels) {
+                    Some(problem) => Err(refuse(&problem)),
+                    None => Ok(levels.into()),
+                }
+            }
+            other => Err(refuse(&format!(
+                "expected a list of run lengths such as [16, 256, 4096], or \"off\"; found {other}"
+            ))),
+        }
     }
 
     /// The keys `raw` gives, on top of those `sync` inherits.
@@ -753,6 +783,7 @@ impl Config {
             retention_snapshots: raw.retention_snapshots,
             encryption_key: raw.encryption_key.clone(),
             previous_encryption_keys: raw.previous_encryption_keys.clone(),
+            compaction: raw.compaction.clone(),
         };
         let sync = check.sync(defaults, &overrides, &at)?;
         Ok(Entry {
@@ -1300,6 +1331,48 @@ retention_snapshots = 0
         let zero = text.replace("retention = \"72h\"", "retention = \"0s\"");
         let err = Config::parse(&zero, Path::new("/etc/walsync.toml")).unwrap_err();
         assert!(err.to_string().contains("sync.retention"), "{err}");
+    }
+
+    #[test]
+    fn compaction_levels_default_override_and_refuse_what_cannot_nest() {
+        let text = r#"
+[storage]
+url = "/replica"
+[sync]
+compaction = [8, 64]
+[[databases]]
+path = "/data/a.db"
+[[databases]]
+path = "/data/b.db"
+compaction = "off"
+"#;
+        let file = Path::new("/etc/walsync.toml");
+        let config = Config::parse(text, file).unwrap();
+        assert_eq!(&*config.entries[0].sync.compaction, &[8, 64]);
+        assert!(config.entries[1].sync.compaction.is_empty());
+        let plain = Config::parse(
+            "[storage]\nurl = \"/r\"\n[[databases]]\npath = \"/a.db\"\n",
+            file,
+        )
+        .unwrap();
+        assert_eq!(&*plain.entries[0].sync.compaction, &crate::compact::LEVELS);
+        for (bad, says) in [
+            (
+                "[8, 60]",
+                "60 is not a larger multiple of the level before it (8)",
+            ),
+            ("[1, 4]", "1 is not a run"),
+            ("[16, 16]", "16 is not a larger multiple"),
+            ("[-4]", "-4 is not a number of objects"),
+            ("\"sometimes\"", "expected a list of run lengths"),
+        ] {
+            let text = text.replace("[8, 64]", bad);
+            let err = Config::parse(&text, file).unwrap_err().to_string();
+            assert!(
+                err.contains("sync.compaction") && err.contains(says),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

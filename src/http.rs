@@ -232,6 +232,30 @@ pub fn metrics(s: &Snapshot) -> String {
         per_db(&|d| Some(if d.forked.is_some() { 1.0 } else { 0.0 })),
     );
     family(
+        "walsync_runs_stored_total",
+        "counter",
+        "Runs stored by compaction (each stands for a stretch of the chain, so a restore reads fewer objects).",
+        per_db(&|d| Some(d.runs_stored as f64)),
+    );
+    family(
+        "walsync_runs_stored_bytes_total",
+        "counter",
+        "Bytes of the runs stored by compaction (compressed).",
+        per_db(&|d| Some(d.runs_bytes as f64)),
+    );
+    family(
+        "walsync_compaction_reads_total",
+        "counter",
+        "Objects and runs compaction read to build its runs.",
+        per_db(&|d| Some(d.compaction_reads as f64)),
+    );
+    family(
+        "walsync_compaction_failures_total",
+        "counter",
+        "Compaction passes that failed (tried again as the chain grows).",
+        per_db(&|d| Some(d.compaction_failures as f64)),
+    );
+    family(
         "walsync_checkpoints_total",
         "counter",
         "Checkpoints run, by mode.",

@@ -2,6 +2,7 @@ pub mod app;
 pub mod chain;
 pub mod cli;
 pub mod compact;
+pub mod compactor;
 pub mod config;
 pub mod control;
 pub mod db;

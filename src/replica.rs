@@ -118,6 +118,9 @@ pub struct SyncOptions {
     pub retention: Retention,
     /// Encrypts new objects with the current key; opens older ones.
     pub encryption: Option<Arc<Keys>>,
+    /// The run lengths `watch` compacts the chain into (see
+    /// [`crate::compact::levels_problem`]); empty: no compaction.
+    pub compaction: Arc<[u64]>,
 }
 
 impl Default for SyncOptions {
@@ -130,6 +133,7 @@ impl Default for SyncOptions {
             truncate_pages: 50_000,
             retention: Retention::default(),
             encryption: None,
+            compaction: Arc::from(crate::compact::LEVELS),
         }
     }
 }
@@ -172,6 +176,8 @@ pub struct Replica {
     /// The key the head object was sealed with.
     head_key: Option<KeyId>,
     last_snapshot_ms: Option<u64>,
+    /// The sequence of the newest snapshot in the chain, where known.
+    newest_snapshot: Option<u64>,
     /// Why the next sync must start with a snapshot.
     need_snapshot: Option<String>,
     /// Encoded but not yet durable: retried byte for byte.
@@ -256,6 +262,7 @@ impl Replica {
             head: None,
             head_key: None,
             last_snapshot_ms: None,
+            newest_snapshot: None,
             need_snapshot: None,
             pending: None,
             last_checkpoint: Instant::now(),
@@ -316,6 +323,15 @@ impl Replica {
             hash,
         });
         self.head_key = header.sealed.map(|s| s.key_id);
+        self.newest_snapshot = if header.kind == Kind::Snapshot {
+            Some(header.seq)
+        } else {
+            objects
+                .iter()
+                .rev()
+                .find(|o| o.kind == Kind::Snapshot)
+                .map(|o| o.seq)
+        };
         self.last_snapshot_ms = match objects.iter().rev().find(|o| o.kind == Kind::Snapshot) {
             _ if header.kind == Kind::Snapshot => Some(header.timestamp_ms),
             Some(s) => Some(
@@ -547,6 +563,16 @@ impl Replica {
 
     pub fn head(&self) -> Option<Head> {
         self.head
+    }
+
+    /// The head's sequence and the newest snapshot's, for compaction: `None`
+    /// where either is unknown or the chain forks (a forked chain is left
+    /// as it is).
+    pub fn compaction_point(&self) -> Option<(u64, u64)> {
+        if self.forked.is_some() || self.stopped.is_some() {
+            return None;
+        }
+        Some((self.head?.seq, self.newest_snapshot?))
     }
 
     /// Why replication stopped for good, if it did.
@@ -996,6 +1022,7 @@ impl Replica {
                 report.snapshots += 1;
                 self.need_snapshot = None;
                 self.last_snapshot_ms = Some(encoded.header.timestamp_ms);
+                self.newest_snapshot = Some(encoded.header.seq);
                 self.unmarked = Some(encoded.header.seq);
                 if let Err(e) = self.mark_snapshot().await {
                     warn!(

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, trace, warn};
 
 use crate::chain::{self, ObjectRef};
+use crate::compactor::{self, Compactor};
 use crate::config::{self, Config, WatchSettings};
 use crate::control::{self, SyncRequest};
 use crate::db::wal_path_of;
@@ -244,6 +245,8 @@ struct Slot {
     /// When the log last said that this database's WAL outgrew
     /// `truncate_pages` while its syncs fail.
     wal_warned: Option<Instant>,
+    /// The head last reported to the compactor.
+    compaction_reported: u64,
 }
 
 impl Slot {
@@ -391,6 +394,9 @@ pub async fn run(plan: Plan, shutdown: CancellationToken, hooks: Hooks) -> Resul
     }
     let routes: Routes = Arc::new(RwLock::new(HashMap::new()));
     let watcher = start_watcher(&plan, routes.clone(), tx)?;
+    // Compaction stops when shutdown starts: the final flush is what counts.
+    let compaction_stop = shutdown.child_token();
+    let _compaction_stop = compaction_stop.clone().drop_guard();
     let config_text = plan
         .config_file()
         .and_then(|p| std::fs::read_to_string(p).ok());
@@ -417,6 +423,11 @@ pub async fn run(plan: Plan, shutdown: CancellationToken, hooks: Hooks) -> Resul
         trim_at: None,
         first_pass: HashSet::new(),
         first_pass_done: hooks.first_pass,
+        compactor: Compactor::start(
+            hooks.board.clone(),
+            std::env::temp_dir(),
+            compaction_stop.clone(),
+        ),
         board: hooks.board,
         listing: None,
     };
@@ -536,6 +547,7 @@ struct Fleet {
     board: Board,
     /// The whole storage listed once at start, by prefix, for first opens.
     listing: Option<StartListing>,
+    compactor: Compactor,
 }
 
 /// The storage listed once at start: when, objects by prefix, and the
@@ -783,6 +795,7 @@ impl Fleet {
                 waiters: Vec::new(),
                 refused: None,
                 wal_warned: None,
+                compaction_reported: 0,
             },
         );
         self.schedule_at(id, Instant::now());
@@ -1111,6 +1124,7 @@ impl Fleet {
                 slot.failures = 0;
                 slot.wal_warned = None;
                 debug!(db = %slot.spec.path.display(), ?report, "synced");
+                report_compaction(&self.compactor, slot);
             }
             Err(e) if e.is_fatal() => {
                 error!(
@@ -1427,6 +1441,30 @@ fn post(board: &Board, slot: &mut Slot, result: &replica::Result<SyncReport>) {
 }
 
 /// Tells the `walsync sync` requests that this job satisfies how it went.
+/// Tells the compactor about a chain that grew past a multiple of its
+/// smallest level since the last report.
+fn report_compaction(compactor: &Compactor, slot: &mut Slot) {
+    let levels = &slot.spec.sync.compaction;
+    let (Some(&smallest), Some((head, snapshot))) = (
+        levels.first(),
+        slot.replica.as_ref().and_then(Replica::compaction_point),
+    ) else {
+        return;
+    };
+    if head / smallest <= slot.compaction_reported / smallest {
+        return;
+    }
+    slot.compaction_reported = head;
+    compactor.due(compactor::Due {
+        prefix: slot.spec.prefix.clone(),
+        storage: slot.spec.storage.clone(),
+        keys: slot.spec.sync.encryption.clone(),
+        levels: levels.clone(),
+        head,
+        snapshot,
+    });
+}
+
 fn answer_waiters(slot: &mut Slot, result: &replica::Result<SyncReport>) {
     let done = slot.jobs_started;
     let head = slot.replica.as_ref().and_then(Replica::head).map(|h| h.seq);

@@ -74,6 +74,18 @@ pub struct DbStatus {
     /// sequence (found when the database was opened). Restore still works.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forked: Option<String>,
+    /// Runs `watch` stored by compacting this database's chain.
+    #[serde(default)]
+    pub runs_stored: u64,
+    /// Bytes of those runs.
+    #[serde(default)]
+    pub runs_bytes: u64,
+    /// Objects and runs it read to build them.
+    #[serde(default)]
+    pub compaction_reads: u64,
+    /// Compaction passes that failed (tried again as the chain grows).
+    #[serde(default)]
+    pub compaction_failures: u64,
 }
 
 /// Changes may wait this long beyond `sync_interval` before `/health` fails.

@@ -2532,7 +2532,7 @@ async fn storage_faults_never_stop_any_database_from_shipping() {
         &config,
         store.config(&format!(
             "[sync]\nsync_interval = \"100ms\"\ncheckpoint_pages = 20\ntruncate_pages = 60\n\
-             [[databases]]\npath = \"{}/*.db\"\n",
+             compaction = [4, 16]\n[[databases]]\npath = \"{}/*.db\"\n",
             dir.path().display()
         )),
     )
@@ -2734,8 +2734,9 @@ async fn storage_faults_never_stop_any_database_from_shipping() {
         ..Plan::healthy()
     });
     let cut_before = common::faults::Counts::get(&proxy.counts().cut_body);
-    // One database (a restore reads its objects one at a time: slow here).
-    for (prefix, path) in prefixes.iter().zip(&paths).take(1) {
+    // Every database: with the runs `watch` stored under the same faults,
+    // each restore reads a few dozen objects.
+    for (prefix, path) in prefixes.iter().zip(&paths) {
         let out = dir.path().join(format!("{prefix}.through-faults"));
         let mut cmd = walsync();
         cmd.args([
@@ -2810,7 +2811,8 @@ async fn a_parallel_restore_reads_each_object_once_in_chain_order() {
     std::fs::write(
         &config,
         store.config(&format!(
-            "[sync]\nsync_interval = \"0s\"\n[[databases]]\npath = \"{}\"\nprefix = \"long\"\n",
+            "[sync]\nsync_interval = \"0s\"\ncompaction = \"off\"\n\
+             [[databases]]\npath = \"{}\"\nprefix = \"long\"\n",
             db.display()
         )),
     )
@@ -2934,7 +2936,8 @@ async fn compacted_runs_make_a_long_chain_restore_read_a_few_objects() {
     std::fs::write(
         &config,
         store.config(&format!(
-            "[sync]\nsync_interval = \"0s\"\n[[databases]]\npath = \"{}\"\nprefix = \"long\"\n",
+            "[sync]\nsync_interval = \"0s\"\ncompaction = \"off\"\n\
+             [[databases]]\npath = \"{}\"\nprefix = \"long\"\n",
             db.display()
         )),
     )
@@ -3050,6 +3053,228 @@ async fn compacted_runs_make_a_long_chain_restore_read_a_few_objects() {
     let out = dir.path().join("middle.db");
     restore(&out, Some(seq));
     assert_eq!(app_rows(&out), rows, "sequence {seq} restored exactly");
+}
+
+/// Issue 14, 1: `watch` stores the runs itself as each chain grows, at the
+/// places the rule names (snapshots restart the stretches), lists the chain
+/// only on its first pass and after a snapshot, and reads each input about
+/// once; a restore to the head then reads a few objects, and a point inside
+/// a run stays exact.
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_compacts_as_the_chain_grows() {
+    use common::app::AppProcess;
+    use common::faults::{Counts, FaultProxy};
+    let (store, proxy) = FaultProxy::before_s3_store().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let mut app = AppProcess::open(&db);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let config = dir.path().join("walsync.toml");
+    let levels = [4u64, 16, 64];
+    std::fs::write(
+        &config,
+        store.config(&format!(
+            "[sync]\nsync_interval = \"0s\"\nsnapshot_interval = \"1500ms\"\n\
+             compaction = [4, 16, 64]\n[watch]\nlisten = \"{addr}\"\n\
+             [[databases]]\npath = \"{}\"\nprefix = \"grows\"\n",
+            db.display()
+        )),
+    )
+    .unwrap();
+    let mut cmd = walsync();
+    cmd.args(["watch", "-c", cfg(&config)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    with_store(&mut cmd, &store);
+    cmd.env("AWS_ENDPOINT_URL_S3", &proxy.endpoint)
+        .env("WALSYNC_LOG", "walsync::compactor=debug");
+    let mut child = common::Reaped::new(cmd.spawn().unwrap());
+    let mut stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
+        text
+    });
+    wait_for_objects(&store, "grows", 1, String::new).await;
+    let sync_wait = || {
+        let mut sync = walsync();
+        sync.args(["sync", "-c", cfg(&config), "--wait"]);
+        assert!(run(&mut sync).status.success());
+    };
+    let mut middle = None;
+    for i in 0..300 {
+        app.insert(1, 300);
+        if i == 170 {
+            sync_wait();
+            let head = chain::list(store.storage.as_ref(), "grows")
+                .await
+                .unwrap()
+                .last()
+                .unwrap()
+                .seq;
+            middle = Some((head, app_rows(&db)));
+        }
+        tokio::time::sleep(Duration::from_millis(8)).await;
+    }
+    sync_wait();
+
+    // Where the rule puts runs, from the chain as stored.
+    let expected = |objects: &[chain::ObjectRef]| {
+        let head = objects.last().unwrap().seq;
+        let snapshots: Vec<u64> = objects
+            .iter()
+            .filter(|o| o.kind == walsync::segment::Kind::Snapshot)
+            .map(|o| o.seq)
+            .collect();
+        let mut runs = std::collections::BTreeSet::new();
+        for level in levels {
+            for last in (level..=head).step_by(level as usize) {
+                let snapshot = *snapshots.iter().rev().find(|s| **s <= last).unwrap();
+                let first = (last + 1 - level).max(snapshot + 1);
+                if first < last {
+                    runs.insert((first, last));
+                }
+            }
+        }
+        (runs, snapshots.len() as u64)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (objects, runs, want, snapshots) = loop {
+        let (objects, runs) = chain::list_with_runs(store.storage.as_ref(), "grows")
+            .await
+            .unwrap();
+        let runs: std::collections::BTreeSet<(u64, u64)> =
+            runs.iter().map(|(first, r)| (*first, r.seq)).collect();
+        let (want, snapshots) = expected(&objects);
+        if runs == want || Instant::now() > deadline {
+            break (objects, runs, want, snapshots);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let head = objects.last().unwrap().seq;
+    assert_eq!(runs, want, "runs stored for a chain of {head} objects");
+    // Commits merge into fewer objects on a loaded machine; enough for a run
+    // of every level.
+    assert!(head >= 70, "only {head} objects");
+    assert!(
+        snapshots >= 2,
+        "{snapshots} snapshots: none restarted a stretch"
+    );
+
+    // The counts are posted when a pass ends, just after its last run is
+    // stored.
+    let stored = format!(
+        "walsync_runs_stored_total{{prefix=\"grows\"}} {}",
+        want.len()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let (_, metrics) = http_get(&addr, "/metrics");
+        if metrics.contains(&stored) || Instant::now() > deadline {
+            break metrics;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    if !metrics.contains(&stored) {
+        terminate(&mut child);
+        eprintln!("{}", log.join().unwrap());
+        panic!("{stored}: {want:?}");
+    }
+    assert!(
+        metrics.contains("walsync_compaction_failures_total{prefix=\"grows\"} 0"),
+        "{metrics}"
+    );
+    // The cost: each run reads the objects or runs it stands for (at most
+    // four here) and, from a listing, the object before; a listing per
+    // snapshot, none per run.
+    let counts = proxy.counts();
+    let gets = Counts::get(&counts.object_gets);
+    let lists = Counts::get(&counts.lists);
+    let puts = Counts::get(&counts.puts);
+    eprintln!(
+        "{head} objects, {snapshots} snapshots, {} runs: {gets} object GETs, {lists} listings, {puts} PUTs",
+        want.len()
+    );
+    assert!(
+        gets <= 5 * want.len() as u64 + 5,
+        "{gets} GETs for {} runs",
+        want.len()
+    );
+    assert!(
+        lists <= 4 + snapshots,
+        "{lists} listings for {snapshots} snapshots"
+    );
+    assert!(
+        puts <= head + snapshots + want.len() as u64 + 2,
+        "{puts} PUTs: {head} objects, {snapshots} marks, {} runs",
+        want.len()
+    );
+
+    assert!(terminate(&mut child).success());
+    let log = log.join().unwrap();
+    assert!(
+        !log.contains("WARN") && !log.contains("ERROR"),
+        "a healthy run warned:\n{log}"
+    );
+    drop(app);
+
+    let restore = |out: &Path, txid: Option<u64>| {
+        let mut cmd = walsync();
+        cmd.args([
+            "restore",
+            "-c",
+            cfg(&config),
+            "--prefix",
+            "grows",
+            "-o",
+            cfg(out),
+        ]);
+        if let Some(txid) = txid {
+            cmd.args(["--txid", &txid.to_string()]);
+        }
+        with_store(&mut cmd, &store);
+        let output = run(&mut cmd);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).to_string()
+    };
+    let out = dir.path().join("head.db");
+    let said = restore(&out, None);
+    assert_eq!(app_rows(&out), app_rows(&db));
+    let read: u64 = said
+        .split(" objects")
+        .next()
+        .and_then(|s| s.rsplit('(').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    // The newest snapshot, then at most three of each level and the rest.
+    let since = head
+        - objects
+            .iter()
+            .rev()
+            .find(|o| o.kind == walsync::segment::Kind::Snapshot)
+            .unwrap()
+            .seq;
+    assert!(
+        read <= 1 + since / 64 + 3 + 3 + 3,
+        "{read} objects read, {since} since the snapshot: {said}"
+    );
+    let (seq, rows) = middle.unwrap();
+    let out = dir.path().join("middle.db");
+    restore(&out, Some(seq));
+    assert_eq!(app_rows(&out), rows, "sequence {seq} restored exactly");
+    let mut verify = walsync();
+    verify.args(["verify", "-c", cfg(&config), "--prefix", "grows"]);
+    with_store(&mut verify, &store);
+    let output = run(&mut verify);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 /// Issue 13, 2: walsync is SIGKILLed at random moments while an app (its
@@ -3216,7 +3441,8 @@ async fn torture(rounds: u32) {
                 while !started() || !copy.exists() || app_rows(&copy) != expected {
                     assert!(
                         Instant::now() < deadline,
-                        "{kind} round {round}: the live copy never caught up"
+                        "{kind} round {round}: the live copy never caught up: {}",
+                        std::fs::read_to_string(&follow_log).unwrap_or_default()
                     );
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }

@@ -1956,7 +1956,7 @@ async fn a_run_applied_onto_the_snapshot_leaves_the_newest_state() {
             storage,
             "runs",
             &objects[1..],
-            snapshot_hash,
+            Some(snapshot_hash),
             None,
             dir.path(),
         )
@@ -2096,16 +2096,23 @@ async fn a_run_applied_onto_the_snapshot_leaves_the_newest_state() {
         expect_refusal(&store, "runs", dir.path(), &built.key).await;
 
         // Objects that do not follow the object named before them.
-        let err = compact::build_run(storage, "runs", &objects[1..], [0; 32], None, dir.path())
-            .await
-            .err()
-            .unwrap();
+        let err = compact::build_run(
+            storage,
+            "runs",
+            &objects[1..],
+            Some([0; 32]),
+            None,
+            dir.path(),
+        )
+        .await
+        .err()
+        .unwrap();
         assert!(err.to_string().contains(&objects[1].key), "{kind}: {err}");
         let err = compact::build_run(
             storage,
             "runs",
             &objects[2..],
-            snapshot_hash,
+            Some(snapshot_hash),
             None,
             dir.path(),
         )
@@ -2114,10 +2121,17 @@ async fn a_run_applied_onto_the_snapshot_leaves_the_newest_state() {
         .unwrap();
         assert!(err.to_string().contains(&objects[2].key), "{kind}: {err}");
         // A snapshot is a chain start, never part of a run.
-        let err = compact::build_run(storage, "runs", &objects[..2], [0; 32], None, dir.path())
-            .await
-            .err()
-            .unwrap();
+        let err = compact::build_run(
+            storage,
+            "runs",
+            &objects[..2],
+            Some([0; 32]),
+            None,
+            dir.path(),
+        )
+        .await
+        .err()
+        .unwrap();
         assert!(err.to_string().contains(&objects[0].key), "{kind}: {err}");
     }
 }

@@ -58,6 +58,10 @@ pub struct Counts {
     pub lost_response: AtomicU64,
     /// GETs of one object (listings not counted).
     pub object_gets: AtomicU64,
+    /// Listings (each page counts).
+    pub lists: AtomicU64,
+    /// PUTs (and multipart parts).
+    pub puts: AtomicU64,
     /// Requests being handled now, and the most there ever were at once.
     pub in_flight: AtomicU64,
     pub max_in_flight: AtomicU64,
@@ -258,6 +262,12 @@ async fn handle(
         && !req.uri().query().unwrap_or("").contains("list-type")
     {
         counts.object_gets.fetch_add(1, Ordering::Relaxed);
+    }
+    if req.method() == hyper::Method::GET && req.uri().query().unwrap_or("").contains("list-type") {
+        counts.lists.fetch_add(1, Ordering::Relaxed);
+    }
+    if req.method() == hyper::Method::PUT {
+        counts.puts.fetch_add(1, Ordering::Relaxed);
     }
     let changes = matches!(req.method().as_str(), "PUT" | "POST" | "DELETE");
     let fault = state.choose(changes);
