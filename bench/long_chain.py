@@ -171,6 +171,8 @@ def main():
               f"{int(m.get('walsync_compaction_reads_total', 0))} objects read (GETs), "
               f"{int(m.get('walsync_compaction_failures_total', 0))} failed passes; "
               f"caught up within {caught_up:.1f} s of the last sync")
+        secs, _, _ = run_measured([args.walsync, "list", "-c", config, "--prefix", "chain"], env)
+        print(f"listing the chain alone (`walsync list --prefix chain`): {secs:.2f} s")
         print()
         print("| parallelism | objects | wall time | peak RSS | rows equal |")
         print("|---|---|---|---|---|")
