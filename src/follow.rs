@@ -141,14 +141,30 @@ pub struct Position {
     /// The key that object was sealed with: a later object sealed otherwise
     /// (or not at all) must be a snapshot, as after a real key change.
     pub key_id: Option<KeyId>,
+    /// The file it describes (device and inode), written before that file
+    /// is moved into place: a position for another file (a restore that
+    /// stopped before its rename) is never applied to this one. `None` in
+    /// position files written before it was kept.
+    pub file: Option<FileId>,
+}
+
+/// A file's device and inode: what stays when it is renamed.
+pub type FileId = (u64, u64);
+
+fn file_id(path: &Path) -> io::Result<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)?;
+    Ok((meta.dev(), meta.ino()))
 }
 
 impl Position {
-    fn after(header: &Header, hash: [u8; 32]) -> Self {
+    /// Where it stands after applying an object to the same file.
+    fn after(self, header: &Header, hash: [u8; 32]) -> Self {
         Self {
             seq: header.seq,
             hash,
             key_id: header.sealed.map(|s| s.key_id),
+            file: self.file,
         }
     }
 }
@@ -180,6 +196,12 @@ pub async fn follow(
     let pos_path = position_path(output);
     let mut report = FollowReport::default();
     let saved = read_position(&pos_path, &opts.prefix)?;
+    // A position written for a file that never reached this name (a restore
+    // stopped between the two) describes nothing here.
+    let saved = saved.filter(|pos| {
+        pos.file
+            .is_none_or(|id| file_id(output).is_ok_and(|found| found == id))
+    });
     let mut pos = match saved {
         Some(pos) if output.exists() && !opts.force => {
             info!(prefix = %opts.prefix, file = %output.display(), seq = pos.seq, "resuming");
@@ -248,7 +270,7 @@ pub async fn follow(
                     record,
                 )
                 .await?;
-                pos = Position::after(&header, hash);
+                pos = pos.after(&header, hash);
                 write_position(&pos_path, &opts.prefix, pos)?;
                 report.position = Some(pos);
                 report.applied += 1;
@@ -310,14 +332,30 @@ async fn first_restore(
         parallelism: restore::FETCH_PARALLELISM,
     };
     let mut waiting = false;
+    let pos_path = position_path(&opts.output);
     loop {
-        match restore::restore(storage, &restore_opts).await {
+        // The position is written before the file appears under its name.
+        let (path, prefix) = (pos_path.clone(), opts.prefix.clone());
+        let record = move |r: &restore::RestoreReport, file: &Path| {
+            let pos = Position {
+                seq: r.seq,
+                hash: r.hash,
+                key_id: r.key_id,
+                file: Some(file_id(file)?),
+            };
+            write_position(&path, &prefix, pos).map_err(io::Error::other)
+        };
+        match restore::restore_then(storage, &restore_opts, record).await {
             Ok(r) => {
                 info!(prefix = %opts.prefix, file = %opts.output.display(), seq = r.seq, "restored; following");
                 return Ok(Some(Position {
                     seq: r.seq,
                     hash: r.hash,
                     key_id: r.key_id,
+                    file: Some(file_id(&opts.output).map_err(|e| Error::Position {
+                        path: opts.output.clone(),
+                        message: e.to_string(),
+                    })?),
                 }));
             }
             Err(restore::Error::NoReplica { .. }) => {
@@ -634,7 +672,22 @@ pub fn parse_position(text: &str, path: &Path, prefix: &str) -> Result<Position>
         "none" => None,
         id => Some(KeyId(from_hex::<8>(id).ok_or_else(|| bad("bad key"))?)),
     };
-    Ok(Position { seq, hash, key_id })
+    let file = match field("file") {
+        Err(_) => None,
+        Ok(id) => {
+            let (dev, ino) = id.split_once(':').ok_or_else(|| bad("bad file"))?;
+            Some((
+                dev.parse().map_err(|_| bad("bad file"))?,
+                ino.parse().map_err(|_| bad("bad file"))?,
+            ))
+        }
+    };
+    Ok(Position {
+        seq,
+        hash,
+        key_id,
+        file,
+    })
 }
 
 /// Replaces the position file atomically and durably (a power cut must not
@@ -645,12 +698,15 @@ fn write_position(path: &Path, prefix: &str, pos: Position) -> Result<()> {
         message: e.to_string(),
     };
     let key = pos.key_id.map_or("none".to_string(), |id| id.to_string());
-    let text = format!(
+    let mut text = format!(
         "# where `walsync restore --follow` stands; written after each object\n\
          prefix = {prefix}\nseq = {}\nhash = {}\nkey = {key}\n",
         pos.seq,
         to_hex(&pos.hash)
     );
+    if let Some((dev, ino)) = pos.file {
+        text.push_str(&format!("file = {dev}:{ino}\n"));
+    }
     // Written to a new file of our own, then renamed over the position: a
     // link at a guessable temp name is never written through.
     let mut tmp = crate::sidefile::temp_beside(path, "tmp").map_err(err)?;

@@ -395,6 +395,18 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
 
 /// Restores `opts.prefix` from `storage` into `opts.output`.
 pub async fn restore(storage: &dyn Storage, opts: &RestoreOptions) -> Result<RestoreReport> {
+    restore_then(storage, opts, |_, _| Ok(())).await
+}
+
+/// [`restore`], calling `before_place` with the report and the finished,
+/// checked temp file just before it is moved into place (the same file, so
+/// the same inode, once there): a live copy records where it stands before
+/// its file can be seen, so no crash leaves a file it cannot go on from.
+pub async fn restore_then(
+    storage: &dyn Storage,
+    opts: &RestoreOptions,
+    before_place: impl FnOnce(&RestoreReport, &Path) -> io::Result<()> + Send + 'static,
+) -> Result<RestoreReport> {
     let output = &opts.output;
     if !opts.force && output.exists() {
         return Err(Error::OutputExists {
@@ -523,8 +535,17 @@ pub async fn restore(storage: &dyn Storage, opts: &RestoreOptions) -> Result<Res
         })
         .collect();
     let destination = state::destination(&storage.describe(), &opts.prefix);
+    let reported = report.clone();
+    let before_place = move |tmp: &Path| before_place(&reported, tmp);
     tokio::task::spawn_blocking(move || {
-        apply(&items, &output, force, keys.as_deref(), &destination)
+        apply(
+            &items,
+            &output,
+            force,
+            keys.as_deref(),
+            &destination,
+            before_place,
+        )
     })
     .await
     .map_err(|e| Error::Io {
@@ -603,6 +624,7 @@ fn apply(
     force: bool,
     keys: Option<&Keys>,
     destination: &str,
+    before_place: impl FnOnce(&Path) -> io::Result<()>,
 ) -> Result<()> {
     // A new file of our own, never one someone put at a name we chose.
     let tmp_file = sidefile::temp_beside(output, "tmp").map_err(io_at(output))?;
@@ -610,7 +632,10 @@ fn apply(
     let tmp_record = state::record_path(&tmp, destination);
     let result = apply_into(items, tmp_file.as_file(), &tmp, &tmp_record, keys)
         .and_then(|record| check_integrity(&tmp).map(|()| record))
-        .and_then(|record| place(&tmp, output, force).map(|()| record));
+        .and_then(|record| {
+            before_place(&tmp).map_err(io_at(&tmp))?;
+            place(&tmp, output, force).map(|()| record)
+        });
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp_record);
     }

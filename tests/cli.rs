@@ -805,6 +805,84 @@ async fn restore_follow_tracks_a_running_watch_until_sigterm() {
     }
 }
 
+/// A live copy's position names the file it describes, and is written
+/// before that file appears under its name (found by the crash torture: a
+/// follower killed between the two left a copy it refused to go on from). A
+/// position for another file is never applied to this one; one whose file
+/// never arrived restores afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_copy_goes_on_only_from_a_position_for_its_own_file() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("primary.db");
+        let conn = app_db(&db);
+        let config = one_db_config(&store, dir.path(), &db, "sync_interval = \"0s\"");
+        let mut watch = spawn_watch(&store, &config, Stdio::null());
+        wait_for_objects(&store, "primary", 1, String::new).await;
+        for i in 0..20 {
+            conn.execute("INSERT INTO t(v) VALUES (?1)", [format!("row {i}")])
+                .unwrap();
+        }
+        let mut sync = walsync();
+        sync.args(["sync", "-c", cfg(&config), "--wait"]);
+        assert!(run(&mut sync).status.success(), "{kind}");
+        let copy = dir.path().join("copy.db");
+        let position = dir.path().join("copy.db.walsync-follow");
+        let follow = || {
+            let mut cmd = walsync();
+            cmd.args(["restore", "--config", cfg(&config), "--prefix", "primary"])
+                .args(["--follow", "--interval", "50ms", "-o"])
+                .arg(&copy)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped());
+            with_store(&mut cmd, &store);
+            common::Reaped::new(cmd.spawn().unwrap())
+        };
+        let caught_up = |copy: &Path| {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !copy.exists() || !position.exists() || rows(copy) != rows(&db) {
+                assert!(Instant::now() < deadline, "{kind}: no catching up");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        };
+        let mut follower = follow();
+        caught_up(&copy);
+        assert!(terminate(&mut follower).success(), "{kind}");
+        let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&copy).unwrap());
+        let text = std::fs::read_to_string(&position).unwrap();
+        assert!(text.contains(&format!(":{inode}\n")), "{kind}: {text}");
+
+        // Another file under the name (same content, another inode): refused.
+        let other = dir.path().join("other.db");
+        std::fs::copy(&copy, &other).unwrap();
+        std::fs::rename(&other, &copy).unwrap();
+        let mut follower = follow();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = follower.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{kind}: went on from another file"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(follower.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+        assert!(!status.success(), "{kind}: went on from another file");
+        assert!(stderr.contains("is not followed"), "{kind}: {stderr}");
+
+        // The file never arrived (a restore stopped before its rename): the
+        // follower restores afresh instead of refusing.
+        std::fs::remove_file(&copy).unwrap();
+        let mut follower = follow();
+        caught_up(&copy);
+        assert!(terminate(&mut follower).success(), "{kind}");
+        assert!(terminate(&mut watch).success(), "{kind}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_wait_reports_a_database_that_stopped_instead_of_hanging() {
     for (kind, store) in common::all_stores().await {
