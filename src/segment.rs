@@ -59,6 +59,21 @@ pub const TRAILER_SIZE: usize = 32;
 /// The trailer of a version-2 object: state digest, then content hash.
 pub const TRAILER_SIZE_V2: usize = 64;
 const ZSTD_LEVEL: i32 = 3;
+/// Bodies at least this large (snapshots, mostly) compress on several
+/// cores: a small one would spend more starting threads than it saves.
+const PARALLEL_FROM: u64 = 16 << 20;
+/// What each compression thread takes at a time: small enough that the
+/// threads' buffers stay a few MiB each.
+const PARALLEL_JOB: u32 = 2 << 20;
+
+/// Hands compression to worker threads, one per core (at most four), while
+/// the calling thread reads pages and hashes what comes out.
+fn compress_in_parallel<W: Write>(body: &mut zstd::stream::write::Encoder<'_, W>) -> Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    body.multithread(cores.min(4) as u32)?;
+    body.set_parameter(zstd::zstd_safe::CParameter::JobSize(PARALLEL_JOB))?;
+    Ok(())
+}
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -472,7 +487,10 @@ impl<W: Write> Encoder<W> {
             }
             _ => BodyWriter::Plain(hashing),
         };
-        let body = zstd::stream::write::Encoder::new(sink, ZSTD_LEVEL)?;
+        let mut body = zstd::stream::write::Encoder::new(sink, ZSTD_LEVEL)?;
+        if u64::from(header.page_count) * u64::from(header.page_size) >= PARALLEL_FROM {
+            compress_in_parallel(&mut body)?;
+        }
         Ok(Self {
             body,
             header,
@@ -842,6 +860,24 @@ mod tests {
         assert_eq!(decoded, h);
         assert_eq!(vhash, hash);
         assert_eq!(read_pages(&bytes, None).unwrap(), pages);
+    }
+
+    #[test]
+    fn a_large_body_compressed_on_several_threads_reads_back_whole() {
+        // 1 KiB pages: past PARALLEL_FROM, so the workers take it in jobs.
+        let pages: Vec<u32> = (1..=(PARALLEL_FROM / 1024) as u32 + 3000).collect();
+        for key in [None, Some(Key::from_bytes(&[7; 32]))] {
+            let h = Header {
+                db_pages: pages.len() as u32,
+                ..header(Kind::Snapshot, &pages)
+            };
+            assert!(u64::from(h.page_count) * u64::from(h.page_size) >= PARALLEL_FROM);
+            let (bytes, hash) = encode_with(h, &pages, key.as_ref());
+            let (decoded, vhash) = verify(Cursor::new(&bytes), bytes.len() as u64).unwrap();
+            assert_eq!((decoded.page_count, vhash), (h.page_count, hash));
+            let keys = key.map(|k| Keys::new(Some(k), vec![]));
+            assert_eq!(read_pages(&bytes, keys.as_ref()).unwrap(), pages);
+        }
     }
 
     fn read_pages(bytes: &[u8], keys: Option<&Keys>) -> Result<Vec<u32>> {
