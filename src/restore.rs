@@ -606,9 +606,10 @@ async fn fetch_checked(
 }
 
 async fn download(storage: &dyn Storage, key: &str, to: &Path) -> Result<()> {
-    let mut reader = storage.get(key).await?;
+    let mut reader =
+        tokio::io::BufReader::with_capacity(chain::COPY_BUFFER, storage.get(key).await?);
     let mut out = tokio::fs::File::create(to).await.map_err(io_at(to))?;
-    tokio::io::copy(&mut reader, &mut out)
+    tokio::io::copy_buf(&mut reader, &mut out)
         .await
         .map_err(|source| storage::Error::Io {
             key: key.to_string(),
