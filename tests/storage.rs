@@ -179,6 +179,30 @@ async fn s3_replayed_put_with_same_sha_is_ok() {
     assert!(read_all(s, "replay/big").await == big);
 }
 
+/// A large object's parts go up several at once (one connection to S3
+/// carries far less than the link) and come back in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_multipart_parts_go_up_several_at_once_and_in_order() {
+    use common::faults::{Counts, FaultProxy, Plan};
+    let (store, proxy) = FaultProxy::before_s3_store().await;
+    let storage = common::s3_storage_through(&store, &proxy.endpoint);
+    // Every request held a moment: parts overlap only if sent together.
+    proxy.set_plan(Plan {
+        delay: 1.0,
+        delay_for: std::time::Duration::from_millis(300),
+        ..Plan::healthy()
+    });
+    let data = pseudo_random(6 * 8 * 1024 * 1024 + 1000, 7);
+    storage
+        .put_new("parallel/big", spooled(&data), sha(&data))
+        .await
+        .unwrap();
+    let most = Counts::get(&proxy.counts().max_in_flight);
+    assert!(most >= 3, "at most {most} requests at once");
+    proxy.set_plan(Plan::healthy());
+    assert!(read_all(&storage, "parallel/big").await == data);
+}
+
 #[tokio::test]
 async fn large_file_payload_round_trips() {
     const LEN: usize = 20 * 1024 * 1024 + 12_345; // crosses two 8 MiB part boundaries

@@ -5,9 +5,10 @@
 //! because the key exists we can tell our own earlier attempt (an SDK retry
 //! after a lost response) from a second writer. Bodies of
 //! [`SPOOL_MEMORY_LIMIT`] bytes or more that are spooled to a file go up as a
-//! multipart upload, read one part at a time.
+//! multipart upload, a few parts at a time.
 
 use std::io::{self, SeekFrom};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -21,6 +22,7 @@ use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use futures_util::{StreamExt, TryStreamExt};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::retry::{Pace, attempts, backoff};
@@ -37,6 +39,9 @@ const FALLBACK_REGION: &str = "us-east-1";
 
 /// Preferred multipart part size; grown for huge bodies to stay within S3's part limit.
 const PART_SIZE: u64 = 8 * 1024 * 1024;
+/// Parts of one object uploaded at once: a part is in memory while it goes
+/// up, so this bounds the memory an upload takes (24 MiB at 8 MiB parts).
+const PARTS_AT_ONCE: usize = 3;
 const MAX_PARTS: u64 = 10_000;
 
 #[derive(Debug, Clone)]
@@ -414,7 +419,9 @@ impl S3Storage {
         }
     }
 
-    /// Uploads `len` bytes of `file` from its start, one part in memory at a time.
+    /// Uploads `len` bytes of `file` from its start, [`PARTS_AT_ONCE`] parts
+    /// at a time (one connection to S3 carries far less than the link), each
+    /// read into memory only when its turn comes.
     async fn upload_parts(
         &self,
         full: &str,
@@ -423,51 +430,63 @@ impl S3Storage {
         len: u64,
     ) -> Result<Vec<CompletedPart>> {
         let part_size = part_size_for(len);
-        let mut file = tokio::fs::File::from_std(file);
-        file.seek(SeekFrom::Start(0)).await.map_err(io_err(full))?;
-        let mut parts = Vec::new();
-        let mut offset = 0u64;
-        let mut number = 1i32;
-        while offset < len {
-            let this_len = part_size.min(len - offset);
-            let size = usize::try_from(this_len).map_err(|_| Error::Io {
-                key: full.to_string(),
-                source: io::Error::other("part size does not fit in memory"),
-            })?;
-            let mut buf = vec![0u8; size];
-            file.read_exact(&mut buf).await.map_err(io_err(full))?;
-            let buf = hyper::body::Bytes::from(buf);
-            let out = self
-                .send("UploadPart", full, || {
-                    self.client
-                        .upload_part()
-                        .bucket(&self.bucket)
-                        .key(full)
-                        .upload_id(upload_id)
+        let file = Arc::new(file);
+        let count = len.div_ceil(part_size);
+        let uploads = futures_util::stream::iter(0..count)
+            .map(|index| {
+                let file = file.clone();
+                async move {
+                    let offset = index * part_size;
+                    let this_len = part_size.min(len - offset);
+                    let number = i32::try_from(index + 1).map_err(|_| Error::Io {
+                        key: full.to_string(),
+                        source: io::Error::other("too many parts"),
+                    })?;
+                    let size = usize::try_from(this_len).map_err(|_| Error::Io {
+                        key: full.to_string(),
+                        source: io::Error::other("part size does not fit in memory"),
+                    })?;
+                    let buf = tokio::task::spawn_blocking(move || {
+                        let mut buf = vec![0u8; size];
+                        std::os::unix::fs::FileExt::read_exact_at(file.as_ref(), &mut buf, offset)
+                            .map(|()| buf)
+                    })
+                    .await
+                    .map_err(|e| Error::Io {
+                        key: full.to_string(),
+                        source: io::Error::other(e),
+                    })?
+                    .map_err(io_err(full))?;
+                    let buf = hyper::body::Bytes::from(buf);
+                    let out = self
+                        .send("UploadPart", full, || {
+                            self.client
+                                .upload_part()
+                                .bucket(&self.bucket)
+                                .key(full)
+                                .upload_id(upload_id)
+                                .part_number(number)
+                                .body(ByteStream::from(buf.clone()))
+                                .send()
+                        })
+                        .await
+                        .map_err(|failure| failure.into_error("UploadPart", full))?;
+                    let Some(e_tag) = out.e_tag() else {
+                        return Err(Error::S3 {
+                            op: "UploadPart",
+                            key: full.to_string(),
+                            message: format!("response for part {number} carries no ETag"),
+                            code: None,
+                        });
+                    };
+                    Ok(CompletedPart::builder()
                         .part_number(number)
-                        .body(ByteStream::from(buf.clone()))
-                        .send()
-                })
-                .await
-                .map_err(|failure| failure.into_error("UploadPart", full))?;
-            let Some(e_tag) = out.e_tag() else {
-                return Err(Error::S3 {
-                    op: "UploadPart",
-                    key: full.to_string(),
-                    message: format!("response for part {number} carries no ETag"),
-                    code: None,
-                });
-            };
-            parts.push(
-                CompletedPart::builder()
-                    .part_number(number)
-                    .e_tag(e_tag)
-                    .build(),
-            );
-            offset += this_len;
-            number += 1;
-        }
-        Ok(parts)
+                        .e_tag(e_tag)
+                        .build())
+                }
+            })
+            .buffered(PARTS_AT_ONCE);
+        uploads.try_collect().await
     }
 }
 

@@ -71,6 +71,24 @@ fn fresh_bucket_name() -> String {
     )
 }
 
+/// `store`'s bucket reached through another endpoint (a fault proxy in
+/// front of the test S3 server).
+pub fn s3_storage_through(store: &TestStore, endpoint: &str) -> S3Storage {
+    let server = s3server::server();
+    let config = server
+        .client()
+        .config()
+        .to_builder()
+        .endpoint_url(endpoint)
+        .build();
+    let bucket = store
+        .url
+        .strip_prefix("s3://")
+        .and_then(|rest| rest.split('/').next())
+        .unwrap();
+    S3Storage::with_client(aws_sdk_s3::Client::from_conf(config), bucket, S3_PREFIX)
+}
+
 /// A fresh bucket on the test S3 server, with storage rooted at [`S3_PREFIX`].
 pub async fn s3_store() -> TestStore {
     let server = s3server::server();
