@@ -443,62 +443,83 @@ pub async fn restore_then(
     let spool_dir = scratch.path().to_path_buf();
     // Objects are fetched and decoded several at a time, in chain order;
     // the links between them are checked below, one after another.
-    let fetched = futures_util::stream::iter(
-        plan.into_iter()
-            .map(|object| fetch_checked(storage, &spool_dir, object)),
-    )
-    .buffered(opts.parallelism.max(1));
-    let mut fetched = std::pin::pin!(fetched);
-    while let Some(next) = fetched.next().await {
-        let (object, header, hash, spool) = next?;
-        // A missing or wrong key is found before anything is written. Objects
-        // are sealed like the one before them except from a snapshot on (a
-        // key change takes one), so a plain object after an encrypted one is
-        // an injection.
-        header
-            .key(opts.keys.as_deref())
-            .map_err(|source| Error::Corrupt {
-                key: object.key.clone(),
-                source,
-            })?;
-        if let Some(prev) = verified.last()
-            && header.kind != Kind::Snapshot
-            && prev.header.sealed.map(|s| s.key_id) != header.sealed.map(|s| s.key_id)
-        {
-            return Err(Error::MixedEncryption {
-                key: object.key.clone(),
-                prev: prev.object.key.clone(),
-            });
-        }
-        if let Some((prev_key, prev_hash)) = &link
-            && header.prev_hash != *prev_hash
-        {
-            return Err(Error::BrokenLink {
-                key: object.key.clone(),
-                prev: prev_key.clone(),
-                found: to_hex(&header.prev_hash),
-                expected: to_hex(prev_hash),
-            });
-        }
-        // A run's successor links to the last object the run stands for.
-        let hash = header.run.map_or(hash, |r| r.last_hash);
-        link = Some((object.key.clone(), hash));
-        if let Some(prev) = verified.last() {
-            if header.page_size != prev.header.page_size {
-                return Err(Error::PageSizeChanged {
-                    key: object.key.clone(),
-                    found: header.page_size,
-                    expected: prev.header.page_size,
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let fetched = futures_util::stream::iter(plan.into_iter().map(|object| {
+        let (stop, spool_dir) = (&stop, &spool_dir);
+        async move {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(Error::Io {
+                    path: spool_dir.clone(),
+                    source: io::Error::other("not fetched: the restore failed"),
                 });
             }
+            fetch_checked(storage, spool_dir, object).await
         }
-        bytes += object.size;
-        verified.push(Verified {
-            object,
-            header,
-            hash,
-            spool,
-        });
+    }))
+    .buffered(opts.parallelism.max(1));
+    let mut fetched = std::pin::pin!(fetched);
+    let checked: Result<()> = async {
+        while let Some(next) = fetched.next().await {
+            let (object, header, hash, spool) = next?;
+            // A missing or wrong key is found before anything is written. Objects
+            // are sealed like the one before them except from a snapshot on (a
+            // key change takes one), so a plain object after an encrypted one is
+            // an injection.
+            header
+                .key(opts.keys.as_deref())
+                .map_err(|source| Error::Corrupt {
+                    key: object.key.clone(),
+                    source,
+                })?;
+            if let Some(prev) = verified.last()
+                && header.kind != Kind::Snapshot
+                && prev.header.sealed.map(|s| s.key_id) != header.sealed.map(|s| s.key_id)
+            {
+                return Err(Error::MixedEncryption {
+                    key: object.key.clone(),
+                    prev: prev.object.key.clone(),
+                });
+            }
+            if let Some((prev_key, prev_hash)) = &link
+                && header.prev_hash != *prev_hash
+            {
+                return Err(Error::BrokenLink {
+                    key: object.key.clone(),
+                    prev: prev_key.clone(),
+                    found: to_hex(&header.prev_hash),
+                    expected: to_hex(prev_hash),
+                });
+            }
+            // A run's successor links to the last object the run stands for.
+            let hash = header.run.map_or(hash, |r| r.last_hash);
+            link = Some((object.key.clone(), hash));
+            if let Some(prev) = verified.last() {
+                if header.page_size != prev.header.page_size {
+                    return Err(Error::PageSizeChanged {
+                        key: object.key.clone(),
+                        found: header.page_size,
+                        expected: prev.header.page_size,
+                    });
+                }
+            }
+            bytes += object.size;
+            verified.push(Verified {
+                object,
+                header,
+                hash,
+                spool,
+            });
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = checked {
+        // Downloads already under way write their spool files from tokio's
+        // blocking threads even once dropped: let them end before the
+        // scratch directory goes, or one lands in it after its removal.
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        while fetched.next().await.is_some() {}
+        return Err(e);
     }
 
     // 2. Apply into a temp file beside the output, check it, rename it into place.
