@@ -398,7 +398,7 @@ pub async fn read_header(storage: &dyn Storage, object: &ObjectRef) -> Result<se
 /// What a download moves at a time. `tokio::fs::File` hands each write to
 /// a blocking thread: in 8 KiB steps (`tokio::io::copy`'s) a 1 GiB snapshot
 /// took 130,000 hand-offs, a quarter of a restore's time.
-pub const COPY_BUFFER: usize = 1 << 20;
+const COPY_BUFFER: usize = 1 << 20;
 
 /// Copies an object into an anonymous temp file, in `dir` if given (keep
 /// large objects off a RAM-backed /tmp by spooling beside their destination).
@@ -411,20 +411,30 @@ pub async fn spool_object(
         key: key.to_string(),
         source,
     };
-    let mut reader = tokio::io::BufReader::with_capacity(COPY_BUFFER, storage.get(key).await?);
     let file = match dir {
         Some(dir) => tempfile::tempfile_in(dir),
         None => tempfile::tempfile(),
     }
     .map_err(io)?;
     let mut out = tokio::fs::File::from_std(file);
-    tokio::io::copy_buf(&mut reader, &mut out)
-        .await
-        .map_err(io)?;
-    tokio::io::AsyncWriteExt::flush(&mut out)
-        .await
-        .map_err(io)?;
+    copy_object(storage, key, &mut out).await?;
     Ok(out.into_std().await)
+}
+
+/// Copies object `key` into `out`, [`COPY_BUFFER`] at a time, and flushes it.
+pub async fn copy_object(
+    storage: &dyn Storage,
+    key: &str,
+    out: &mut tokio::fs::File,
+) -> Result<(), storage::Error> {
+    let io = |source| storage::Error::Io {
+        key: key.to_string(),
+        source,
+    };
+    let mut reader = tokio::io::BufReader::with_capacity(COPY_BUFFER, storage.get(key).await?);
+    tokio::io::copy_buf(&mut reader, out).await.map_err(io)?;
+    tokio::io::AsyncWriteExt::flush(out).await.map_err(io)?;
+    Ok(())
 }
 
 #[cfg(test)]

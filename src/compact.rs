@@ -434,12 +434,9 @@ pub async fn compact_chain(
             let Some(&snapshot) = snapshots.iter().rev().find(|s| **s <= last) else {
                 continue;
             };
-            // A stretch that ends on its snapshot (first past last) or holds
-            // one object gets no run.
-            let first = (last - level + 1).max(snapshot + 1);
-            if first >= last {
+            let Some(first) = stretch_start(level, last, snapshot) else {
                 continue;
-            }
+            };
             if runs.iter().any(|(f, r)| *f == first && r.seq == last) {
                 report.present += 1;
                 continue;
@@ -478,16 +475,7 @@ pub async fn compact_chain(
                 }
                 Err(e) => return Err(e),
             };
-            let key = built.key.clone();
-            let bytes = built.payload.len();
-            match storage.put_new(&key, built.payload, built.hash).await {
-                Ok(()) => {
-                    report.built.push((first, last));
-                    report.bytes += bytes;
-                }
-                Err(crate::storage::Error::AlreadyExists { .. }) => report.present += 1,
-                Err(e) => return Err(chain::Error::Storage(e).into()),
-            }
+            let key = store(storage, built, (first, last), &mut report).await?;
             tracing::debug!(prefix, first, last, objects = inputs.len(), "stored a run");
             runs.push((
                 first,
@@ -502,6 +490,36 @@ pub async fn compact_chain(
         }
     }
     Ok(report)
+}
+
+/// Where the run of level `level` that ends at `last` starts: `level`
+/// objects before, or just after `snapshot` (the newest at or before `last`)
+/// if that is later. A stretch that ends on its snapshot or holds one object
+/// gets no run.
+fn stretch_start(level: u64, last: u64, snapshot: u64) -> Option<u64> {
+    let first = (last + 1).saturating_sub(level).max(snapshot + 1);
+    (first < last).then_some(first)
+}
+
+/// Stores `built`, the run of `stretch`, create-only and counts it in
+/// `report`: one stored already (by an earlier pass, or `walsync compact`
+/// beside `watch`) counts as present. Returns its key.
+async fn store(
+    storage: &dyn Storage,
+    built: Built,
+    stretch: (u64, u64),
+    report: &mut Report,
+) -> Result<String, Error> {
+    let bytes = built.payload.len();
+    match storage.put_new(&built.key, built.payload, built.hash).await {
+        Ok(()) => {
+            report.built.push(stretch);
+            report.bytes += bytes;
+        }
+        Err(crate::storage::Error::AlreadyExists { .. }) => report.present += 1,
+        Err(e) => return Err(chain::Error::Storage(e).into()),
+    }
+    Ok(built.key)
 }
 
 /// What is wrong with a list of levels, if anything: each at least 2, each
@@ -547,11 +565,7 @@ pub async fn compact_since(
         size: 0,
         mark: None,
     };
-    // The stretch of level `level` that ends at `last`, if it is a run.
-    let stretch = |level: u64, last: u64| {
-        let first = (last + 1).saturating_sub(level).max(snapshot + 1);
-        (first < last).then_some(first)
-    };
+    let stretch = |level: u64, last: u64| stretch_start(level, last, snapshot);
     for (i, &level) in levels.iter().enumerate() {
         let lower = i.checked_sub(1).map(|j| levels[j]);
         let mut last = (done / level + 1) * level;
@@ -563,40 +577,27 @@ pub async fn compact_since(
                 last += level;
                 continue;
             };
+            // The lower level's stretches that make up this one, each its
+            // run or, where it is one object, that object.
             let inputs: Vec<ObjectRef> = match lower {
                 None => (first..=last).map(object).collect(),
-                Some(lower) => {
-                    let mut inputs = Vec::new();
-                    let mut end = first.div_ceil(lower) * lower;
-                    let mut from = first;
-                    while from <= last {
-                        inputs.push(match stretch(lower, end) {
-                            Some(start) => ObjectRef {
-                                key: segment::run_key(prefix, start, end),
-                                seq: end,
-                                kind: Kind::Run,
-                                size: 0,
-                                mark: None,
-                            },
-                            None => object(end),
-                        });
-                        from = end + 1;
-                        end += lower;
-                    }
-                    inputs
-                }
+                Some(lower) => (first.div_ceil(lower) * lower..=last)
+                    .step_by(lower as usize)
+                    .map(|end| match stretch(lower, end) {
+                        Some(start) => ObjectRef {
+                            key: segment::run_key(prefix, start, end),
+                            seq: end,
+                            kind: Kind::Run,
+                            size: 0,
+                            mark: None,
+                        },
+                        None => object(end),
+                    })
+                    .collect(),
             };
             report.read += inputs.len();
             let built = build_run(storage, prefix, &inputs, None, keys.clone(), scratch).await?;
-            let bytes = built.payload.len();
-            match storage.put_new(&built.key, built.payload, built.hash).await {
-                Ok(()) => {
-                    report.built.push((first, last));
-                    report.bytes += bytes;
-                }
-                Err(crate::storage::Error::AlreadyExists { .. }) => report.present += 1,
-                Err(e) => return Err(chain::Error::Storage(e).into()),
-            }
+            store(storage, built, (first, last), &mut report).await?;
             last += level;
         }
     }

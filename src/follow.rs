@@ -214,9 +214,9 @@ pub async fn follow(
             });
         }
         _ => match first_restore(storage, opts, &stop).await? {
+            // Its position is written already, before the file was placed.
             Some(pos) => {
                 report.restored = true;
-                write_position(&pos_path, &opts.prefix, pos)?;
                 pos
             }
             None => return Ok(report),

@@ -323,16 +323,13 @@ impl Replica {
             hash,
         });
         self.head_key = header.sealed.map(|s| s.key_id);
+        let newest_listed = objects.iter().rev().find(|o| o.kind == Kind::Snapshot);
         self.newest_snapshot = if header.kind == Kind::Snapshot {
             Some(header.seq)
         } else {
-            objects
-                .iter()
-                .rev()
-                .find(|o| o.kind == Kind::Snapshot)
-                .map(|o| o.seq)
+            newest_listed.map(|o| o.seq)
         };
-        self.last_snapshot_ms = match objects.iter().rev().find(|o| o.kind == Kind::Snapshot) {
+        self.last_snapshot_ms = match newest_listed {
             _ if header.kind == Kind::Snapshot => Some(header.timestamp_ms),
             Some(s) => Some(
                 chain::read_header(self.storage.as_ref(), s)

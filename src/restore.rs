@@ -16,7 +16,6 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use futures_util::StreamExt;
-use tokio::io::AsyncWriteExt;
 
 use std::sync::Arc;
 
@@ -627,16 +626,8 @@ async fn fetch_checked(
 }
 
 async fn download(storage: &dyn Storage, key: &str, to: &Path) -> Result<()> {
-    let mut reader =
-        tokio::io::BufReader::with_capacity(chain::COPY_BUFFER, storage.get(key).await?);
     let mut out = tokio::fs::File::create(to).await.map_err(io_at(to))?;
-    tokio::io::copy_buf(&mut reader, &mut out)
-        .await
-        .map_err(|source| storage::Error::Io {
-            key: key.to_string(),
-            source,
-        })?;
-    out.flush().await.map_err(io_at(to))?;
+    chain::copy_object(storage, key, &mut out).await?;
     Ok(())
 }
 

@@ -3117,12 +3117,7 @@ async fn compacted_runs_make_a_long_chain_restore_read_a_few_objects() {
     let said = restore(&out, None);
     assert_eq!(app_rows(&out), app_rows(&db));
     // The snapshot, at most one run of 256, fifteen of 16, fifteen objects.
-    let read: usize = said
-        .split(" objects")
-        .next()
-        .and_then(|s| s.rsplit('(').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap();
+    let read = objects_read(&said);
     assert!(
         read <= 1 + 1 + 15 + 15,
         "{read} objects read for {head}: {said}"
@@ -3296,9 +3291,8 @@ async fn watch_compacts_as_the_chain_grows() {
     );
     drop(app);
 
-    let restore = |out: &Path, txid: Option<u64>| {
-        let mut cmd = walsync();
-        cmd.args([
+    let restore = |out: &Path, txid: Option<String>| {
+        let mut args = vec![
             "restore",
             "-c",
             cfg(&config),
@@ -3306,28 +3300,16 @@ async fn watch_compacts_as_the_chain_grows() {
             "grows",
             "-o",
             cfg(out),
-        ]);
-        if let Some(txid) = txid {
-            cmd.args(["--txid", &txid.to_string()]);
+        ];
+        if let Some(txid) = &txid {
+            args.extend(["--txid", txid]);
         }
-        with_store(&mut cmd, &store);
-        let output = run(&mut cmd);
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).to_string()
+        ok(&store, &args).0
     };
     let out = dir.path().join("head.db");
     let said = restore(&out, None);
     assert_eq!(app_rows(&out), app_rows(&db));
-    let read: u64 = said
-        .split(" objects")
-        .next()
-        .and_then(|s| s.rsplit('(').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap();
+    let read = objects_read(&said);
     // The newest snapshot, then at most three of each level and the rest.
     let since = head
         - objects
@@ -3342,17 +3324,18 @@ async fn watch_compacts_as_the_chain_grows() {
     );
     let (seq, rows) = middle.unwrap();
     let out = dir.path().join("middle.db");
-    restore(&out, Some(seq));
+    restore(&out, Some(seq.to_string()));
     assert_eq!(app_rows(&out), rows, "sequence {seq} restored exactly");
-    let mut verify = walsync();
-    verify.args(["verify", "-c", cfg(&config), "--prefix", "grows"]);
-    with_store(&mut verify, &store);
-    let output = run(&mut verify);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    ok(&store, &["verify", "-c", cfg(&config), "--prefix", "grows"]);
+}
+
+/// How many objects a restore says it read ("... (N objects, ...").
+fn objects_read(said: &str) -> u64 {
+    said.split(" objects")
+        .next()
+        .and_then(|s| s.rsplit('(').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no object count in {said:?}"))
 }
 
 /// Issue 13, 2: walsync is SIGKILLed at random moments while an app (its
