@@ -377,6 +377,7 @@ fn sync_options(args: &WatchArgs) -> Result<SyncOptions> {
         },
         encryption: cli_keys(args.storage.encryption_key_file.as_deref())?,
         compaction: args.compaction.clone(),
+        exact_window: args.exact_window.0,
     })
 }
 
@@ -993,11 +994,11 @@ async fn list(args: ListArgs) -> Result<()> {
         let name = prefix.strip_suffix('/').unwrap_or(prefix);
         config::validate_prefix(name)?;
         if !prefix.ends_with('/') {
-            let objects = chain::list(storage.as_ref(), name)
+            let (objects, runs) = chain::list_with_runs(storage.as_ref(), name)
                 .await
                 .with_context(|| format!("listing {name} in {}", storage.describe()))?;
             if !objects.is_empty() {
-                return restore_points(storage.as_ref(), name, objects, args.all).await;
+                return restore_points(storage.as_ref(), name, (objects, runs), args.all).await;
             }
         }
         under = format!("{name}/");
@@ -1071,11 +1072,13 @@ async fn list(args: ListArgs) -> Result<()> {
 }
 
 /// One database's restore points: each snapshot starts one, and every
-/// object after it up to the head is a state `restore` can reach.
+/// object after it up to the head is a state `restore` can reach; where
+/// objects older than the exact window were deleted, the ends of the runs
+/// that stand for them.
 async fn restore_points(
     storage: &dyn Storage,
     prefix: &str,
-    mut objects: Vec<chain::ObjectRef>,
+    (mut objects, runs): (Vec<chain::ObjectRef>, Vec<(u64, chain::ObjectRef)>),
     all: bool,
 ) -> Result<()> {
     chain::find_unmarked_start(storage, &mut objects)
@@ -1111,15 +1114,57 @@ async fn restore_points(
         format_ms(latest.timestamp_ms)
     );
     sayln!(
-        "  {} objects, {} bytes stored",
+        "  {} objects and {} runs, {} bytes stored",
         objects.len(),
-        objects.iter().map(|o| o.size).sum::<u64>()
-    );
-    if all {
-        // One header read per object: what --all asks for, and only then.
-        let restorable = objects
+        runs.len(),
+        objects
             .iter()
-            .skip_while(|o| o.kind != crate::segment::Kind::Snapshot);
+            .chain(runs.iter().map(|(_, r)| r))
+            .map(|o| o.size)
+            .sum::<u64>()
+    );
+    // Every point from the first snapshot on, an object's or a run's end.
+    let mut points: Vec<&chain::ObjectRef> =
+        objects.iter().filter(|o| o.seq >= first.seq).collect();
+    let mut seen: std::collections::HashSet<u64> = points.iter().map(|o| o.seq).collect();
+    points.extend(
+        runs.iter()
+            .map(|(_, r)| r)
+            .filter(|r| r.seq > first.seq && seen.insert(r.seq)),
+    );
+    points.sort_by_key(|o| o.seq);
+    // The newest hole: before it, only run ends remain.
+    let exact_from = points
+        .windows(2)
+        .rposition(|w| w[1].seq != w[0].seq + 1)
+        .map(|i| {
+            (
+                points[i + 1],
+                points[..=i + 1]
+                    .windows(2)
+                    .map(|w| w[1].seq - w[0].seq)
+                    .max()
+                    .unwrap_or(1),
+            )
+        });
+    match exact_from {
+        None => sayln!("  every sequence from the earliest to the latest can be restored exactly"),
+        Some((from, apart)) => {
+            let h = header(from).await?;
+            sayln!(
+                "  exact     sequence {:>10}  {}  (every sequence from here on)",
+                from.seq,
+                format_ms(h.timestamp_ms)
+            );
+            sayln!(
+                "  before it, the ends of runs (up to {apart} sequences apart): older objects \
+                 were deleted once the exact window passed"
+            );
+        }
+    }
+    if all {
+        // One header read per point: what --all asks for, and only then.
+        let restorable = points.iter().copied();
         sayln!("  every restore point (restore --txid SEQ or --timestamp TIME):");
         for object in restorable {
             let h = header(object).await?;

@@ -131,6 +131,55 @@ pub async fn list_with_runs(
     Ok((objects, runs))
 }
 
+/// The way through the chain from `first` to `last` (both included): at each
+/// step the longest run in `runs` that starts there and ends at or before
+/// `last`, else the object of that sequence. `objects` is sorted by sequence
+/// with one object per sequence (a branch), `runs` by first sequence. `Err` names the first sequence that neither holds: a hole.
+///
+/// Once objects older than the exact window are deleted, runs are the only
+/// way across those stretches; where both remain, the run saves reads.
+pub fn cover(
+    objects: &[ObjectRef],
+    runs: &[(u64, ObjectRef)],
+    first: u64,
+    last: u64,
+) -> Result<Vec<ObjectRef>, u64> {
+    let mut out = Vec::new();
+    let mut cursor = first;
+    while cursor <= last {
+        let from = runs.partition_point(|(f, _)| *f < cursor);
+        let run = runs[from..]
+            .iter()
+            .take_while(|(f, _)| *f == cursor)
+            .filter(|(_, run)| run.seq <= last && run.seq >= cursor)
+            .map(|(_, run)| run)
+            .max_by_key(|run| run.seq);
+        let step = match run {
+            Some(run) => run,
+            None => match objects.binary_search_by(|o| o.seq.cmp(&cursor)) {
+                Ok(i) => &objects[i],
+                Err(_) => return Err(cursor),
+            },
+        };
+        out.push(step.clone());
+        cursor = step.seq + 1;
+    }
+    Ok(out)
+}
+
+/// Every sequence a restore can stop at between `objects` and `runs`: each
+/// object's and each run's end, sorted, once each.
+pub fn ends(objects: &[ObjectRef], runs: &[(u64, ObjectRef)]) -> Vec<u64> {
+    let mut ends: Vec<u64> = objects
+        .iter()
+        .map(|o| o.seq)
+        .chain(runs.iter().map(|(_, r)| r.seq))
+        .collect();
+    ends.sort_unstable();
+    ends.dedup();
+    ends
+}
+
 /// What is wrong with a database name (a prefix), if anything: the one rule
 /// for names in walsync.toml and for names found in storage, which reach
 /// file names (restore-all) and terminals (list) only after passing it.

@@ -212,7 +212,7 @@ pub struct WatchArgs {
             "storage", "endpoint", "region", "path_style", "prefix", "sync_interval",
             "snapshot_interval", "checkpoint_pages", "checkpoint_interval", "truncate_pages",
             "shutdown_timeout", "parallelism", "retention", "retention_snapshots",
-            "encryption_key_file", "compaction"
+            "encryption_key_file", "compaction", "exact_window"
         ]
     )]
     pub config: Option<PathBuf>,
@@ -251,6 +251,12 @@ pub struct WatchArgs {
     /// whatever the age of the snapshot; "off" stores none.
     #[arg(long, value_name = "N,N,..", default_value = "16,256,4096", value_parser = parse_levels)]
     pub compaction: std::sync::Arc<[u64]>,
+    /// Keep every transaction of this last period restorable exactly (by
+    /// --txid or --timestamp); objects older than this that a run stands for
+    /// are deleted, so older points restore at the smallest run's
+    /// granularity and a restore lists and reads little. "off" keeps them.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_window)]
+    pub exact_window: Window,
     /// Time allowed for the final sync after SIGINT/SIGTERM.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
@@ -409,7 +415,6 @@ pub struct SnapshotArgs {
     pub storage: StorageArgs,
 }
 
-/// `1s`, `250ms`, `24h`, or a plain number of seconds (`0`).
 /// Compaction levels: `16,256,4096`, or `off` for none.
 pub fn parse_levels(s: &str) -> Result<std::sync::Arc<[u64]>, String> {
     if s.trim() == "off" {
@@ -429,6 +434,18 @@ pub fn parse_levels(s: &str) -> Result<std::sync::Arc<[u64]>, String> {
     }
 }
 
+/// `--exact-window`: a duration, or `off` (keep every object a run stands for).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window(pub Option<Duration>);
+
+pub fn parse_window(s: &str) -> Result<Window, String> {
+    if s.trim() == "off" {
+        return Ok(Window(None));
+    }
+    parse_duration(s).map(|d| Window(Some(d)))
+}
+
+/// `1s`, `250ms`, `24h`, or a plain number of seconds (`0`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if let Ok(secs) = s.parse::<u64>() {
         return Ok(Duration::from_secs(secs));

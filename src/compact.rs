@@ -390,11 +390,32 @@ pub async fn build_run(
 /// objects (86,400 objects since a snapshot: about 70 objects in all).
 pub const LEVELS: [u64; 3] = [16, 256, 4096];
 
+/// How long every transaction stays restorable exactly unless told
+/// otherwise: objects a run stands for are deleted once this old.
+pub const EXACT_WINDOW: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// A run of the smallest level whose objects may still be stored; they go
+/// once it is older than the exact window (see [`delete_replaced`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replaced {
+    pub first: u64,
+    pub last: u64,
+    /// The time its last object recorded, once known (a run found by a
+    /// listing is read when it is next looked at).
+    pub timestamp_ms: Option<u64>,
+}
+
 /// What a compaction pass did.
 #[derive(Debug, Default)]
 pub struct Report {
     /// The runs stored, as `(first, last)`.
     pub built: Vec<(u64, u64)>,
+    /// The runs of the smallest level whose objects may still be stored,
+    /// oldest first: from a listing pass all of them, from a later pass
+    /// those it placed.
+    pub replaced: Vec<Replaced>,
+    /// The time recorded in each run stored, by its last sequence.
+    times: std::collections::HashMap<u64, u64>,
     /// Runs that were stored already (by an earlier pass).
     pub present: usize,
     /// Objects and runs read to build them.
@@ -441,19 +462,18 @@ pub async fn compact_chain(
                 report.present += 1;
                 continue;
             }
-            let span: Vec<ObjectRef> = objects
-                .iter()
-                .filter(|o| (first..=last).contains(&o.seq))
-                .cloned()
-                .collect();
-            let Some(before) = objects.iter().find(|o| o.seq + 1 == first) else {
+            // A stretch with a hole (retention, or an object lost) gets no
+            // run; one whose objects were deleted has runs to be built from.
+            let Ok(inputs) = chain::cover(&objects, &runs, first, last) else {
                 continue;
             };
-            // A stretch with a hole (retention, or an object lost) gets no run.
-            if span.len() as u64 != last - first + 1 {
+            let before = objects
+                .iter()
+                .find(|o| o.seq + 1 == first)
+                .or_else(|| runs.iter().map(|(_, r)| r).find(|r| r.seq + 1 == first));
+            let Some(before) = before else {
                 continue;
-            }
-            let inputs = crate::restore::substitute_runs(span, &runs);
+            };
             let before = chain::read_link(storage, before).await?;
             let before_hash = before.header.run.map_or(before.hash, |r| r.last_hash);
             report.read += inputs.len() + 1;
@@ -477,17 +497,39 @@ pub async fn compact_chain(
             };
             let key = store(storage, built, (first, last), &mut report).await?;
             tracing::debug!(prefix, first, last, objects = inputs.len(), "stored a run");
-            runs.push((
-                first,
-                ObjectRef {
-                    key,
-                    seq: last,
-                    kind: Kind::Run,
-                    size: 0,
-                    mark: None,
-                },
-            ));
+            // In the order chain::cover looks runs up: by first, longest first.
+            let at = runs.partition_point(|(f, r)| {
+                (*f, std::cmp::Reverse(r.seq)) < (first, std::cmp::Reverse(last))
+            });
+            runs.insert(
+                at,
+                (
+                    first,
+                    ObjectRef {
+                        key,
+                        seq: last,
+                        kind: Kind::Run,
+                        size: 0,
+                        mark: None,
+                    },
+                ),
+            );
         }
+    }
+    if let Some(&smallest) = levels.first() {
+        report.replaced = runs
+            .iter()
+            .filter(|(first, run)| run.seq - first < smallest)
+            .filter(|(first, run)| {
+                let at = objects.partition_point(|o| o.seq < *first);
+                objects.get(at).is_some_and(|o| o.seq <= run.seq)
+            })
+            .map(|(first, run)| Replaced {
+                first: *first,
+                last: run.seq,
+                timestamp_ms: report.times.get(&run.seq).copied(),
+            })
+            .collect();
     }
     Ok(report)
 }
@@ -511,15 +553,17 @@ async fn store(
     report: &mut Report,
 ) -> Result<String, Error> {
     let bytes = built.payload.len();
+    let key = built.key.clone();
     match storage.put_new(&built.key, built.payload, built.hash).await {
         Ok(()) => {
             report.built.push(stretch);
+            report.times.insert(stretch.1, built.header.timestamp_ms);
             report.bytes += bytes;
         }
         Err(crate::storage::Error::AlreadyExists { .. }) => report.present += 1,
         Err(e) => return Err(chain::Error::Storage(e).into()),
     }
-    Ok(built.key)
+    Ok(key)
 }
 
 /// What is wrong with a list of levels, if anything: each at least 2, each
@@ -601,7 +645,65 @@ pub async fn compact_since(
             last += level;
         }
     }
+    if let Some(&smallest) = levels.first() {
+        let mut last = (done / smallest + 1) * smallest;
+        while last <= head {
+            if let Some(first) = stretch(smallest, last) {
+                report.replaced.push(Replaced {
+                    first,
+                    last,
+                    timestamp_ms: report.times.get(&last).copied(),
+                });
+            }
+            last += smallest;
+        }
+    }
     Ok(report)
+}
+
+/// Deletes the objects of the runs in `replaced` (oldest first) that are
+/// older than `window` as of `now_ms`, and drops those runs from it: the
+/// runs stand for them, and a restore to a point they held goes to the
+/// nearest run end instead. The object at `head` stays whatever its age: a
+/// writer that starts links to it. A run found by a listing is downloaded
+/// and verified once, for its time, before anything it stands for goes.
+/// Returns how many objects were deleted.
+pub async fn delete_replaced(
+    storage: &dyn Storage,
+    prefix: &str,
+    replaced: &mut std::collections::VecDeque<Replaced>,
+    (window, head, now_ms): (std::time::Duration, u64, u64),
+) -> Result<u64, Error> {
+    let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+    let mut deleted = 0;
+    while let Some(run) = replaced.front_mut() {
+        let recorded = match run.timestamp_ms {
+            Some(ms) => ms,
+            None => {
+                let object = ObjectRef {
+                    key: segment::run_key(prefix, run.first, run.last),
+                    seq: run.last,
+                    kind: Kind::Run,
+                    size: 0,
+                    mark: None,
+                };
+                let (header, _, _) = chain::read_verified(storage, &object).await?;
+                run.timestamp_ms = Some(header.timestamp_ms);
+                header.timestamp_ms
+            }
+        };
+        if recorded.saturating_add(window_ms) > now_ms {
+            break;
+        }
+        for seq in run.first..=run.last.min(head.saturating_sub(1)) {
+            match storage.delete(&segment::object_key(prefix, seq)).await {
+                Ok(()) | Err(crate::storage::Error::NotFound { .. }) => deleted += 1,
+                Err(e) => return Err(chain::Error::Storage(e).into()),
+            }
+        }
+        replaced.pop_front();
+    }
+    Ok(deleted)
 }
 
 #[cfg(test)]

@@ -12,17 +12,23 @@
 //! snapshot, lists its chain and fills in every run it lacks
 //! ([`compact::compact_chain`]); later ones name their inputs from the rule
 //! that places runs and list nothing ([`compact::compact_since`]).
+//!
+//! After compacting, a pass deletes the objects of smallest-level runs that
+//! have grown older than the exact window ([`compact::delete_replaced`]):
+//! this process remembers those runs (a few bytes each, about an hour's
+//! worth per database), so deleting lists nothing either.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::compact::{self, Report};
+use crate::compact::{self, Replaced, Report};
 use crate::encryption::Keys;
 use crate::status::Board;
 use crate::storage::Storage;
@@ -37,6 +43,8 @@ pub struct Due {
     pub storage: Arc<dyn Storage>,
     pub keys: Option<Arc<Keys>>,
     pub levels: Arc<[u64]>,
+    /// Objects a run stands for go once this old; `None` keeps them.
+    pub window: Option<Duration>,
     /// The newest durable object.
     pub head: u64,
     /// The newest snapshot at or before `head`.
@@ -70,6 +78,8 @@ struct Track {
     /// Every run ending at or before this sequence is stored; `None` until
     /// a listing pass has succeeded.
     done: Option<u64>,
+    /// Smallest-level runs whose objects may still be stored, oldest first.
+    replaced: VecDeque<Replaced>,
 }
 
 async fn run(
@@ -82,7 +92,7 @@ async fn run(
     // The newest report of each database not yet started, in arrival order.
     let mut waiting: HashMap<String, Due> = HashMap::new();
     let mut order: VecDeque<String> = VecDeque::new();
-    let mut running: JoinSet<Option<u64>> = JoinSet::new();
+    let mut running: JoinSet<(Option<u64>, VecDeque<Replaced>)> = JoinSet::new();
     // The database of each pass running.
     let mut busy: HashMap<tokio::task::Id, String> = HashMap::new();
     loop {
@@ -99,9 +109,11 @@ async fn run(
             let Some(due) = waiting.remove(&prefix) else {
                 continue;
             };
-            let done = tracks.get(&prefix).and_then(|t| t.done);
+            let track = tracks.entry(prefix.clone()).or_default();
+            let (done, replaced) = (track.done, std::mem::take(&mut track.replaced));
             let (board, scratch) = (board.clone(), scratch.clone());
-            let task = running.spawn(async move { pass(&due, done, &board, &scratch).await });
+            let task =
+                running.spawn(async move { pass(&due, (done, replaced), &board, &scratch).await });
             busy.insert(task.id(), prefix);
         }
         for prefix in held.into_iter().rev() {
@@ -111,12 +123,15 @@ async fn run(
             biased;
             _ = stop.cancelled() => return,
             Some(finished) = running.join_next_with_id(), if !running.is_empty() => {
-                let (id, done) = match finished {
-                    Ok((id, done)) => (id, done),
-                    Err(e) => (e.id(), None),
+                let (id, done, replaced) = match finished {
+                    Ok((id, (done, replaced))) => (id, done, replaced),
+                    // A pass that panicked: the next listing pass finds its runs.
+                    Err(e) => (e.id(), None, VecDeque::new()),
                 };
-                if let (Some(prefix), Some(done)) = (busy.remove(&id), done) {
-                    tracks.entry(prefix).or_default().done = Some(done);
+                if let Some(prefix) = busy.remove(&id) {
+                    let track = tracks.entry(prefix).or_default();
+                    track.done = done.or(track.done);
+                    track.replaced = replaced;
                 }
             }
             received = rx.recv() => {
@@ -130,11 +145,50 @@ async fn run(
     }
 }
 
-/// One pass over a database; the sequence up to which its runs now stand,
-/// or `None` if the pass failed.
+/// One pass over a database, given what the last one left: the sequence up
+/// to which its runs now stand (`None` if the pass failed), and the runs
+/// whose objects may still be stored.
 async fn pass(
     due: &Due,
+    (done, mut replaced): (Option<u64>, VecDeque<Replaced>),
+    board: &Board,
+    scratch: &std::path::Path,
+) -> (Option<u64>, VecDeque<Replaced>) {
+    let done = pass_compact(due, done, &mut replaced, board, scratch).await;
+    if let (Some(window), Some(_)) = (due.window, done) {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let storage = due.storage.as_ref();
+        match compact::delete_replaced(
+            storage,
+            &due.prefix,
+            &mut replaced,
+            (window, due.head, now_ms),
+        )
+        .await
+        {
+            Ok(0) => {}
+            Ok(deleted) => {
+                board.update(&due.prefix, |s| s.replaced_deleted += deleted);
+                debug!(prefix = %due.prefix, deleted, "deleted objects older than the exact window");
+            }
+            Err(e) => warn!(
+                prefix = %due.prefix,
+                error = %e,
+                "deleting objects older than the exact window failed; tried again as the chain grows"
+            ),
+        }
+    }
+    (done, replaced)
+}
+
+/// The compaction part of [`pass`]: a listing pass replaces `replaced`
+/// with what it found, a later one adds the runs it placed.
+async fn pass_compact(
+    due: &Due,
     done: Option<u64>,
+    replaced: &mut VecDeque<Replaced>,
     board: &Board,
     scratch: &std::path::Path,
 ) -> Option<u64> {
@@ -154,13 +208,26 @@ async fn pass(
         _ => None,
     };
     let result = match incremental {
-        Some(Ok(report)) => Ok(report),
+        Some(Ok(report)) => {
+            replaced.extend(report.replaced.iter().copied());
+            Ok(report)
+        }
         other => {
             if let Some(Err(e)) = other {
                 debug!(prefix = %due.prefix, error = %e, "compacting from a listing instead");
             }
-            compact::compact_chain(storage, &due.prefix, &due.levels, due.keys.clone(), scratch)
-                .await
+            let listed = compact::compact_chain(
+                storage,
+                &due.prefix,
+                &due.levels,
+                due.keys.clone(),
+                scratch,
+            )
+            .await;
+            if let Ok(report) = &listed {
+                *replaced = report.replaced.iter().copied().collect();
+            }
+            listed
         }
     };
     match result {

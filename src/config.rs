@@ -270,6 +270,7 @@ struct RawSync {
     encryption_key: Option<String>,
     previous_encryption_keys: Option<Vec<String>>,
     compaction: Option<toml::Value>,
+    exact_window: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -304,6 +305,7 @@ struct RawDatabase {
     encryption_key: Option<String>,
     previous_encryption_keys: Option<Vec<String>>,
     compaction: Option<toml::Value>,
+    exact_window: Option<String>,
 }
 
 /// Collects errors against one file.
@@ -409,6 +411,13 @@ impl Checker<'_> {
         }
         if let Some(value) = &raw.compaction {
             sync.compaction = self.levels(&key("compaction"), value)?;
+        }
+        match raw.exact_window.as_deref() {
+            None => {}
+            Some("off") => sync.exact_window = None,
+            Some(_) => {
+                sync.exact_window = self.duration(&key("exact_window"), &raw.exact_window)?
+            }
         }
         match raw.retention_snapshots {
             None => {}
@@ -784,6 +793,7 @@ impl Config {
             encryption_key: raw.encryption_key.clone(),
             previous_encryption_keys: raw.previous_encryption_keys.clone(),
             compaction: raw.compaction.clone(),
+            exact_window: raw.exact_window.clone(),
         };
         let sync = check.sync(defaults, &overrides, &at)?;
         Ok(Entry {

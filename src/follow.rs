@@ -10,6 +10,7 @@
 //! second time gives the same file, so a crash between the commit and the
 //! position update costs only a repeat.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, BufReader};
 use std::path::{Path, PathBuf};
@@ -70,8 +71,9 @@ pub enum Error {
     )]
     MixedEncryption { key: String },
     #[error(
-        "storage no longer holds sequence {next} of {prefix:?} (deleted by retention?) and has \
-         no later snapshot to continue from; restore afresh with --force"
+        "storage no longer holds sequence {next} of {prefix:?} (deleted by retention, or \
+         compacted after the exact window while this replica was stopped) and has no run or \
+         later snapshot to continue from; restore afresh with --force"
     )]
     Gap { prefix: String, next: u64 },
     #[error(
@@ -235,14 +237,41 @@ pub async fn follow(
     let mut idle_polls = 0u32;
     let mut failures = 0u32;
     let mut legacy_too = true;
+    // The way on that a listing found when the next object was gone: runs
+    // across objects deleted after the exact window, or a later snapshot.
+    let mut queued: VecDeque<ObjectRef> = VecDeque::new();
+    // A replica resumed after a long stop may be behind the window: the
+    // first miss lists at once.
+    let mut listed = false;
     loop {
-        let next = match next_object(storage, &opts.prefix, pos, idle_polls, legacy_too).await {
-            Ok(next) => {
+        let polled = if let Some(object) = queued.pop_front() {
+            fetch_queued(storage, object, pos).await
+        } else {
+            let list_now = !listed || (idle_polls > 0 && idle_polls % LIST_EVERY == 0);
+            next_object(storage, &opts.prefix, pos, list_now, legacy_too).await
+        };
+        let next = match polled {
+            Ok(Next::Object(next)) => {
                 failures = 0;
-                next
+                Some(*next)
+            }
+            Ok(Next::Listed(path)) => {
+                failures = 0;
+                listed = true;
+                queued = path.into();
+                if !queued.is_empty() {
+                    continue;
+                }
+                None
+            }
+            Ok(Next::Nothing) => {
+                failures = 0;
+                None
             }
             // Storage outages outlast the SDK's retries; a follower waits them out.
             Err(Error::Chain(chain::Error::Storage(e))) => {
+                // What was queued is listed again once storage answers.
+                queued.clear();
                 failures += 1;
                 let wait = opts
                     .interval
@@ -252,6 +281,34 @@ pub async fn follow(
                 if stopped_within(&stop, wait).await {
                     return Ok(report);
                 }
+                continue;
+            }
+            // Behind what storage still holds (stopped for longer than the
+            // exact window, in the middle of a run, or past retention): a
+            // replica's job is to go on, so it starts again from the newest
+            // state, as `--force` would.
+            Err(Error::Gap { next, .. }) => {
+                warn!(
+                    prefix = %opts.prefix,
+                    next,
+                    "storage no longer holds the objects this replica needs next (compacted \
+                     after the exact window, or deleted by retention); restoring it afresh"
+                );
+                drop(conn);
+                let fresh = FollowOptions {
+                    force: true,
+                    ..opts.clone()
+                };
+                pos = match first_restore(storage, &fresh, &stop).await? {
+                    Some(pos) => pos,
+                    None => return Ok(report),
+                };
+                report.restored = true;
+                report.position = Some(pos);
+                record = follow_record(&record_path, pos);
+                conn = open_replica(output)?;
+                queued.clear();
+                idle_polls = 0;
                 continue;
             }
             Err(e) => return Err(e),
@@ -289,32 +346,57 @@ pub async fn follow(
     }
 }
 
-/// The object after `pos`, verified and linked to it; every `LIST_EVERY`
-/// idle polls, also the snapshot to go on from after a gap.
+/// What a poll found.
+enum Next {
+    /// The object after the position, verified and linked to it.
+    Object(Box<Fetched>),
+    /// No such object; a listing found the way on from the position (empty
+    /// if the chain simply has nothing newer yet).
+    Listed(Vec<ObjectRef>),
+    Nothing,
+}
+
+/// The object after `pos`, verified and linked to it; if there is none and
+/// `list_now`, the way on that a listing finds (see [`continue_after_gap`]).
 async fn next_object(
     storage: &dyn Storage,
     prefix: &str,
     pos: Position,
-    idle_polls: u32,
+    list_now: bool,
     legacy_too: bool,
-) -> Result<Option<Fetched>> {
-    if let Some((object, header, hash, file)) =
-        fetch(storage, prefix, pos.seq + 1, pos.hash, legacy_too).await?
-    {
-        if header.prev_hash != pos.hash {
-            return Err(Error::BrokenLink {
-                key: object.key,
-                seq: pos.seq,
-                found: to_hex(&header.prev_hash),
-                expected: to_hex(&pos.hash),
-            });
-        }
-        return Ok(Some((object, header, hash, file)));
+) -> Result<Next> {
+    if let Some(fetched) = fetch(storage, prefix, pos.seq + 1, pos.hash, legacy_too).await? {
+        return linked(fetched, pos).map(|f| Next::Object(Box::new(f)));
     }
-    if idle_polls > 0 && idle_polls % LIST_EVERY == 0 {
-        return continue_after_gap(storage, prefix, pos).await;
+    if list_now {
+        return Ok(Next::Listed(
+            continue_after_gap(storage, prefix, pos).await?,
+        ));
     }
-    Ok(None)
+    Ok(Next::Nothing)
+}
+
+/// Refuses an object that does not link to `pos`. A run hands on the hash
+/// of the last object it stands for, as that object would.
+fn linked((object, header, hash, file): Fetched, pos: Position) -> Result<Fetched> {
+    // A snapshot past a gap starts afresh: there is nothing to link to.
+    let past_gap = header.kind == Kind::Snapshot && header.seq > pos.seq + 1;
+    if header.prev_hash != pos.hash && !past_gap {
+        return Err(Error::BrokenLink {
+            key: object.key,
+            seq: pos.seq,
+            found: to_hex(&header.prev_hash),
+            expected: to_hex(&pos.hash),
+        });
+    }
+    let hash = header.run.map_or(hash, |r| r.last_hash);
+    Ok((object, header, hash, file))
+}
+
+/// A queued object of the way on, verified and linked to `pos`.
+async fn fetch_queued(storage: &dyn Storage, object: ObjectRef, pos: Position) -> Result<Next> {
+    let (header, hash, file) = chain::read_verified(storage, &object).await?;
+    linked((object, header, hash, file), pos).map(|f| Next::Object(Box::new(f)))
 }
 
 /// Restores the newest state, waiting for storage to have one.
@@ -426,30 +508,44 @@ async fn fetch(
     Ok(unlinked)
 }
 
-/// When the next object is missing but the chain went on (retention deleted
-/// what this replica had not applied yet), the first later snapshot.
+/// When the next object is missing but the chain went on, the way on from
+/// `pos` to the head: through the runs that stand for objects deleted after
+/// the exact window, or (where retention deleted what this replica had not
+/// applied yet) from the first later snapshot. Empty if nothing is newer.
 async fn continue_after_gap(
     storage: &dyn Storage,
     prefix: &str,
     pos: Position,
-) -> Result<Option<Fetched>> {
+) -> Result<Vec<ObjectRef>> {
     // The branch restore would follow: a snapshot on a forked-off branch
-    // would not link to anything after it.
-    let mut listed = chain::list(storage, prefix).await?;
+    // would not link to anything after it; runs are not used through a fork.
+    let (mut listed, runs) = chain::list_with_runs(storage, prefix).await?;
     chain::find_unmarked_start(storage, &mut listed).await?;
+    let forked = !chain::forks(&listed).is_empty();
     let objects = crate::fork::follow(storage, listed).await?.objects;
-    let Some(head) = objects.last() else {
-        return Ok(None);
+    let runs = if forked { Vec::new() } else { runs };
+    let Some(head) = objects.last().map(|o| o.seq) else {
+        return Ok(Vec::new());
     };
-    if head.seq < pos.seq {
+    if head < pos.seq {
         return Err(Error::Behind {
             prefix: prefix.to_string(),
-            head: head.seq,
+            head,
             seq: pos.seq,
         });
     }
-    if head.seq == pos.seq || objects.iter().any(|o| o.seq == pos.seq + 1) {
-        return Ok(None);
+    if head == pos.seq || objects.iter().any(|o| o.seq == pos.seq + 1) {
+        return Ok(Vec::new());
+    }
+    if let Ok(path) = chain::cover(&objects, &runs, pos.seq + 1, head) {
+        info!(
+            prefix,
+            from = pos.seq + 1,
+            to = head,
+            objects = path.len(),
+            "the next objects were compacted into runs; going on through them"
+        );
+        return Ok(path);
     }
     let Some(snapshot) = objects
         .iter()
@@ -466,8 +562,8 @@ async fn continue_after_gap(
         to = snapshot.seq - 1,
         "objects were deleted before this replica applied them; continuing from the next snapshot"
     );
-    let (header, hash, file) = chain::read_verified(storage, snapshot).await?;
-    Ok(Some((snapshot.clone(), header, hash, file)))
+    let rest = chain::cover(&objects, &runs, snapshot.seq + 1, head).unwrap_or_default();
+    Ok(std::iter::once(snapshot.clone()).chain(rest).collect())
 }
 
 /// Objects are sealed like the one before them, except from a snapshot on

@@ -256,6 +256,12 @@ pub fn metrics(s: &Snapshot) -> String {
         per_db(&|d| Some(d.compaction_failures as f64)),
     );
     family(
+        "walsync_replaced_objects_deleted_total",
+        "counter",
+        "Objects deleted once older than the exact window (a stored run stands for them).",
+        per_db(&|d| Some(d.replaced_deleted as f64)),
+    );
+    family(
         "walsync_checkpoints_total",
         "counter",
         "Checkpoints run, by mode.",

@@ -121,6 +121,10 @@ pub struct SyncOptions {
     /// The run lengths `watch` compacts the chain into (see
     /// [`crate::compact::levels_problem`]); empty: no compaction.
     pub compaction: Arc<[u64]>,
+    /// Objects a run stands for are deleted once they are this old, so every
+    /// transaction of this last period stays restorable exactly and older
+    /// ones at the smallest level's granularity; `None` keeps them all.
+    pub exact_window: Option<Duration>,
 }
 
 impl Default for SyncOptions {
@@ -134,6 +138,7 @@ impl Default for SyncOptions {
             retention: Retention::default(),
             encryption: None,
             compaction: Arc::from(crate::compact::LEVELS),
+            exact_window: Some(crate::compact::EXACT_WINDOW),
         }
     }
 }

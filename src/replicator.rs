@@ -1460,6 +1460,7 @@ fn report_compaction(compactor: &Compactor, slot: &mut Slot) {
         storage: slot.spec.storage.clone(),
         keys: slot.spec.sync.encryption.clone(),
         levels: levels.clone(),
+        window: slot.spec.sync.exact_window,
         head,
         snapshot,
     });

@@ -75,6 +75,17 @@ pub enum Error {
         /// not replicated yet at that time (rather than pruned by retention).
         not_yet_replicated: bool,
     },
+    #[error(
+        "sequence {target} of {prefix:?} can no longer be restored exactly: the objects around \
+         it were older than the exact window and were replaced by runs; the nearest sequences \
+         that can be restored are {before} and {after}"
+    )]
+    NotExact {
+        prefix: String,
+        target: u64,
+        before: String,
+        after: String,
+    },
     #[error("object {key} is missing from the chain (the chain jumps from {before} to {after})")]
     Missing {
         key: String,
@@ -190,18 +201,14 @@ pub async fn resolve(storage: &dyn Storage, prefix: &str, target: Target) -> Res
             storage: storage.describe(),
         });
     }
+    // Through a fork the branch is chosen object by object: no runs there.
+    let runs = if fork.is_none() { runs } else { Vec::new() };
     let seq = match target {
         Target::Latest => None,
         Target::Seq(seq) => Some(seq),
-        Target::Time(ms) => Some(seq_at(storage, prefix, &objects, ms).await?),
+        Target::Time(ms) => Some(seq_at(storage, prefix, &objects, &runs, ms).await?),
     };
-    let planned = plan(prefix, &objects, seq)?;
-    // Through a fork the branch is chosen object by object: no runs there.
-    let planned = if fork.is_none() {
-        with_runs(planned, &runs)
-    } else {
-        planned
-    };
+    let planned = plan(prefix, &objects, &runs, seq)?;
     let Some(last) = planned.last() else {
         return Err(Error::NoReplica {
             prefix: prefix.to_string(),
@@ -221,63 +228,36 @@ pub async fn resolve(storage: &dyn Storage, prefix: &str, target: Target) -> Res
     })
 }
 
-/// `plan` with each stretch after its snapshot that a stored run stands for
-/// replaced by the run, longest first, so a long chain reads a few objects.
-/// Only a run that ends within the plan is used: the state it leaves is one
-/// the plan passes through.
-pub fn with_runs(plan: Vec<ObjectRef>, runs: &[(u64, ObjectRef)]) -> Vec<ObjectRef> {
-    let mut objects = plan.into_iter();
-    // The snapshot the plan starts from stays.
-    let snapshot = objects.next();
-    snapshot
-        .into_iter()
-        .chain(substitute_runs(objects.collect(), runs))
-        .collect()
-}
-
-/// Consecutive `objects` with every stretch a run in `runs` stands for (one
-/// that starts where an object is needed and ends within them) replaced by
-/// the longest such run.
-pub fn substitute_runs(objects: Vec<ObjectRef>, runs: &[(u64, ObjectRef)]) -> Vec<ObjectRef> {
-    let Some(target) = objects.last().map(|o| o.seq) else {
-        return objects;
-    };
-    let mut out = Vec::with_capacity(objects.len());
-    let mut objects = objects.into_iter().peekable();
-    while let Some(next) = objects.peek() {
-        let longest = runs
-            .iter()
-            .filter(|(first, run)| *first == next.seq && run.seq <= target)
-            .max_by_key(|(_, run)| run.seq);
-        match longest {
-            Some((_, run)) => {
-                while objects.next_if(|o| o.seq <= run.seq).is_some() {}
-                out.push(run.clone());
-            }
-            None => out.extend(objects.next()),
-        }
-    }
-    out
-}
-
 /// The newest sequence recorded at or before `ms`. Object times rise along
 /// the chain, so a binary search over headers finds it in a few reads; only
-/// objects from the first snapshot on can be restored at all.
+/// the ends of objects and runs from the first snapshot on can be restored
+/// at all (where objects older than the exact window are gone, the ends of
+/// the runs that stood for them are the points left).
 async fn seq_at(
     storage: &dyn Storage,
     prefix: &str,
     objects: &[ObjectRef],
+    runs: &[(u64, ObjectRef)],
     ms: u64,
 ) -> Result<u64> {
     let first = objects
         .iter()
-        .position(|o| o.kind == Kind::Snapshot)
+        .find(|o| o.kind == Kind::Snapshot)
         .ok_or_else(|| Error::NoSnapshot {
             prefix: prefix.to_string(),
             target: objects.last().map_or(0, |o| o.seq),
-        })?;
-    let usable = &objects[first..];
-    let earliest = chain::read_header(storage, &usable[0]).await?.timestamp_ms;
+        })?
+        .seq;
+    // One object or run ending at each point, objects first.
+    let mut usable: Vec<&ObjectRef> = objects.iter().filter(|o| o.seq >= first).collect();
+    let mut seen: std::collections::HashSet<u64> = usable.iter().map(|o| o.seq).collect();
+    usable.extend(
+        runs.iter()
+            .map(|(_, run)| run)
+            .filter(|run| run.seq > first && seen.insert(run.seq)),
+    );
+    usable.sort_by_key(|o| o.seq);
+    let earliest = chain::read_header(storage, usable[0]).await?.timestamp_ms;
     if earliest > ms {
         return Err(Error::BeforeEarliest {
             prefix: prefix.to_string(),
@@ -290,11 +270,7 @@ async fn seq_at(
     let (mut lo, mut hi) = (0, usable.len());
     while hi - lo > 1 {
         let mid = lo + (hi - lo) / 2;
-        if chain::read_header(storage, &usable[mid])
-            .await?
-            .timestamp_ms
-            <= ms
-        {
+        if chain::read_header(storage, usable[mid]).await?.timestamp_ms <= ms {
             lo = mid;
         } else {
             hi = mid;
@@ -325,14 +301,23 @@ pub struct RestoreReport {
     pub fork: Option<Branch>,
 }
 
-/// The objects a restore to `target` needs, snapshot first. Checks only keys.
-pub fn plan(prefix: &str, objects: &[ObjectRef], target: Option<u64>) -> Result<Vec<ObjectRef>> {
+/// The objects a restore to `target` needs, snapshot first, then the way
+/// from it through `runs` and `objects` (see [`chain::cover`]): a few runs
+/// for a long chain. Checks only keys.
+pub fn plan(
+    prefix: &str,
+    objects: &[ObjectRef],
+    runs: &[(u64, ObjectRef)],
+    target: Option<u64>,
+) -> Result<Vec<ObjectRef>> {
     let Some(head) = objects.last() else {
         return Err(Error::NoReplica {
             prefix: prefix.to_string(),
             storage: String::new(),
         });
     };
+    // The newest object is never deleted (a writer links to it), so no run
+    // ends past it.
     let target = target.unwrap_or(head.seq);
     if target > head.seq {
         return Err(Error::BeyondHead {
@@ -348,32 +333,37 @@ pub fn plan(prefix: &str, objects: &[ObjectRef], target: Option<u64>) -> Result<
             prefix: prefix.to_string(),
             target,
         })?;
-    let mut plan: Vec<ObjectRef> = Vec::new();
-    for object in &objects[start..] {
-        if object.seq > target {
-            break;
-        }
-        if let Some(prev) = plan.last()
-            && object.seq != prev.seq + 1
-        {
-            return Err(Error::Missing {
-                key: key_like(prefix, prev, prev.seq + 1),
-                before: prev.key.clone(),
-                after: object.key.clone(),
-            });
-        }
-        plan.push(object.clone());
-    }
-    if let Some(last) = plan.last()
-        && last.seq != target
-    {
-        return Err(Error::Missing {
-            key: key_like(prefix, last, last.seq + 1),
-            before: last.key.clone(),
-            after: "the requested sequence".into(),
+    let snapshot = &objects[start];
+    let ends = chain::ends(&objects[start..], runs);
+    let compacted = runs.iter().any(|(f, r)| (*f..=r.seq).contains(&target));
+    if let (Err(at), true) = (ends.binary_search(&target), compacted) {
+        let name = |seq: Option<&u64>| seq.map_or_else(|| "none".to_string(), u64::to_string);
+        return Err(Error::NotExact {
+            prefix: prefix.to_string(),
+            target,
+            before: name(at.checked_sub(1).and_then(|i| ends.get(i))),
+            after: name(ends.get(at)),
         });
     }
-    Ok(plan)
+    match chain::cover(&objects[start + 1..], runs, snapshot.seq + 1, target) {
+        Ok(rest) => Ok(std::iter::once(snapshot.clone()).chain(rest).collect()),
+        Err(missing) => {
+            let before = objects
+                .iter()
+                .rev()
+                .find(|o| o.seq < missing)
+                .map_or_else(|| snapshot.key.clone(), |o| o.key.clone());
+            let after = objects
+                .iter()
+                .find(|o| o.seq > missing && o.seq <= target)
+                .map_or_else(|| "the requested sequence".to_string(), |o| o.key.clone());
+            Err(Error::Missing {
+                key: key_like(prefix, snapshot, missing),
+                before,
+                after,
+            })
+        }
+    }
 }
 
 /// The key object `seq` would have in the layout of `neighbour`.
@@ -412,8 +402,7 @@ pub async fn restore_then(
             path: output.clone(),
         });
     }
-    let resolved = resolve(storage, &opts.prefix, opts.target).await?;
-    let plan = resolved.objects.clone();
+    let mut resolved = resolve(storage, &opts.prefix, opts.target).await?;
     let dir = sidefile::dir_of(output);
     std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
     // One restore to a file at a time: a second is told at once, instead of
@@ -428,22 +417,99 @@ pub async fn restore_then(
         .tempdir_in(&dir)
         .map_err(io_at(&dir))?;
 
-    // 1. Download and verify everything before writing a page. A snapshot
-    // starts the chain, but where the object before it still exists the
-    // snapshot must link to it too: a snapshot of another database renamed
+    // 1. Download and verify everything before writing a page. An object
+    // deleted since the listing (the exact window moved past it) sends the
+    // restore back to the listing once: runs stand for what went.
+    let (verified, link, bytes) = match fetch_all(storage, opts, &resolved, scratch.path()).await {
+        Err(e) if is_gone(&e) => {
+            tracing::info!(prefix = %opts.prefix, error = %e, "an object went during the restore; planning it again");
+            resolved = resolve(storage, &opts.prefix, opts.target).await?;
+            fetch_all(storage, opts, &resolved, scratch.path()).await?
+        }
+        other => other?,
+    };
+
+    // 2. Apply into a temp file beside the output, check it, rename it into place.
+    let Some(last) = verified.last() else {
+        return Err(Error::NoReplica {
+            prefix: opts.prefix.clone(),
+            storage: storage.describe(),
+        });
+    };
+    let report = RestoreReport {
+        seq: last.header.seq,
+        objects: verified.len(),
+        bytes,
+        db_pages: last.header.db_pages,
+        page_size: last.header.page_size,
+        timestamp_ms: last.header.timestamp_ms,
+        hash: link.map_or([0; 32], |(_, hash)| hash),
+        key_id: last.header.sealed.map(|s| s.key_id),
+        fork: resolved.fork.clone(),
+    };
+    if let Some(branch) = &report.fork {
+        tracing::warn!(prefix = %opts.prefix, "{}", branch.describe());
+    }
+    let output = output.clone();
+    let force = opts.force;
+    let keys = opts.keys.clone();
+    let items: Vec<Item> = verified
+        .into_iter()
+        .map(|v| Item {
+            key: v.object.key,
+            spool: v.spool,
+            hash: v.hash,
+            state: v.header.state,
+        })
+        .collect();
+    let destination = state::destination(&storage.describe(), &opts.prefix);
+    let reported = report.clone();
+    let before_place = move |tmp: &Path| before_place(&reported, tmp);
+    tokio::task::spawn_blocking(move || {
+        apply(
+            &items,
+            &output,
+            force,
+            keys.as_deref(),
+            &destination,
+            before_place,
+        )
+    })
+    .await
+    .map_err(|e| Error::Io {
+        path: opts.output.clone(),
+        source: io::Error::other(e),
+    })??;
+    drop(scratch);
+    drop(lock);
+    Ok(report)
+}
+
+/// Downloads every object of `resolved` into `scratch` and verifies each
+/// (trailer, key, link to the one before, encryption, page size) before
+/// anything is written. Returns them with the hash the newest hands on and
+/// the bytes read.
+async fn fetch_all(
+    storage: &dyn Storage,
+    opts: &RestoreOptions,
+    resolved: &Resolved,
+    scratch: &Path,
+) -> Result<(Vec<Verified>, Option<(String, [u8; 32])>, u64)> {
+    // A snapshot starts the chain, but where the object before it still
+    // exists the snapshot must link to it too: a snapshot of another database renamed
     // into this prefix is refused.
     let mut link: Option<(String, [u8; 32])> = None;
     if let Some(before) = &resolved.before {
         let (_, hash, _) = chain::read_verified(storage, before).await?;
         link = Some((before.key.clone(), hash));
     }
-    let mut verified: Vec<Verified> = Vec::with_capacity(plan.len());
+    let mut verified: Vec<Verified> = Vec::with_capacity(resolved.objects.len());
     let mut bytes = 0u64;
-    let spool_dir = scratch.path().to_path_buf();
+    let spool_dir = scratch.to_path_buf();
     // Objects are fetched and decoded several at a time, in chain order;
     // the links between them are checked below, one after another.
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let fetched = futures_util::stream::iter(plan.into_iter().map(|object| {
+    let fetched = futures_util::stream::iter(resolved.objects.clone().into_iter().map(|object| {
         let (stop, spool_dir) = (&stop, &spool_dir);
         async move {
             if stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -521,60 +587,17 @@ pub async fn restore_then(
         return Err(e);
     }
 
-    // 2. Apply into a temp file beside the output, check it, rename it into place.
-    let Some(last) = verified.last() else {
-        return Err(Error::NoReplica {
-            prefix: opts.prefix.clone(),
-            storage: storage.describe(),
-        });
-    };
-    let report = RestoreReport {
-        seq: last.header.seq,
-        objects: verified.len(),
-        bytes,
-        db_pages: last.header.db_pages,
-        page_size: last.header.page_size,
-        timestamp_ms: last.header.timestamp_ms,
-        hash: link.map_or([0; 32], |(_, hash)| hash),
-        key_id: last.header.sealed.map(|s| s.key_id),
-        fork: resolved.fork.clone(),
-    };
-    if let Some(branch) = &report.fork {
-        tracing::warn!(prefix = %opts.prefix, "{}", branch.describe());
-    }
-    let output = output.clone();
-    let force = opts.force;
-    let keys = opts.keys.clone();
-    let items: Vec<Item> = verified
-        .into_iter()
-        .map(|v| Item {
-            key: v.object.key,
-            spool: v.spool,
-            hash: v.hash,
-            state: v.header.state,
-        })
-        .collect();
-    let destination = state::destination(&storage.describe(), &opts.prefix);
-    let reported = report.clone();
-    let before_place = move |tmp: &Path| before_place(&reported, tmp);
-    tokio::task::spawn_blocking(move || {
-        apply(
-            &items,
-            &output,
-            force,
-            keys.as_deref(),
-            &destination,
-            before_place,
-        )
-    })
-    .await
-    .map_err(|e| Error::Io {
-        path: opts.output.clone(),
-        source: io::Error::other(e),
-    })??;
-    drop(scratch);
-    drop(lock);
-    Ok(report)
+    Ok((verified, link, bytes))
+}
+
+/// Whether `e` says an object was not there: one deleted between the
+/// listing and the download (compacted after the exact window meanwhile).
+fn is_gone(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Storage(storage::Error::NotFound { .. })
+            | Error::Chain(chain::Error::Storage(storage::Error::NotFound { .. }))
+    )
 }
 
 /// An object downloaded and checked, waiting to be applied.
@@ -908,20 +931,57 @@ mod tests {
         let seqs = |plan: Vec<ObjectRef>| -> Vec<(u64, Kind)> {
             plan.into_iter().map(|o| (o.seq, o.kind)).collect()
         };
-        let head = with_runs(plan("db", &objects, None).unwrap(), &runs);
+        let head = plan("db", &objects, &runs, None).unwrap();
         let mut expected = vec![(1, Kind::Snapshot), (17, Kind::Run), (33, Kind::Run)];
         expected.extend((34..=40).map(|s| (s, Kind::Wal)));
         // 34..=49 ends past the head: not used; 3..=40 does not start where
         // the plan needs one.
         assert_eq!(seqs(head), expected);
-        let at_12 = with_runs(plan("db", &objects, Some(12)).unwrap(), &runs);
+        let at_12 = plan("db", &objects, &runs, Some(12)).unwrap();
         let mut expected = vec![(1, Kind::Snapshot), (9, Kind::Run)];
         expected.extend((10..=12).map(|s| (s, Kind::Wal)));
         assert_eq!(seqs(at_12), expected);
         assert_eq!(
-            seqs(with_runs(plan("db", &objects, Some(1)).unwrap(), &runs)),
+            seqs(plan("db", &objects, &runs, Some(1)).unwrap()),
             vec![(1, Kind::Snapshot)]
         );
+    }
+
+    #[test]
+    fn runs_carry_a_restore_across_objects_deleted_after_the_window() {
+        // Objects 2..=33 are gone; the runs that stood for them remain.
+        let mut objects = vec![obj(1, Kind::Snapshot)];
+        objects.extend((34..=40).map(|s| obj(s, Kind::Wal)));
+        let runs = [run(2, 33), run(2, 17), run(18, 33)];
+        let seqs = |plan: Vec<ObjectRef>| -> Vec<u64> { plan.into_iter().map(|o| o.seq).collect() };
+        assert_eq!(
+            seqs(plan("db", &objects, &runs, None).unwrap()),
+            vec![1, 33, 34, 35, 36, 37, 38, 39, 40]
+        );
+        assert_eq!(
+            seqs(plan("db", &objects, &runs, Some(17)).unwrap()),
+            vec![1, 17]
+        );
+        assert_eq!(
+            seqs(plan("db", &objects, &runs, Some(34)).unwrap()),
+            vec![1, 33, 34]
+        );
+        // Inside a deleted stretch: refused, naming the points either side.
+        match plan("db", &objects, &runs, Some(20)) {
+            Err(Error::NotExact { before, after, .. }) => {
+                assert_eq!((before.as_str(), after.as_str()), ("17", "33"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // A hole no run stands for is a missing object, by name.
+        let holed = [run(2, 17)];
+        match plan("db", &objects, &holed, None) {
+            Err(Error::Missing { key, after, .. }) => {
+                assert_eq!(key, format!("db/{:016x}.wal", 18));
+                assert_eq!(after, objects[1].key);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -952,19 +1012,22 @@ mod tests {
             obj(4, Kind::Wal),
         ];
         let seqs = |p: Vec<ObjectRef>| p.iter().map(|o| o.seq).collect::<Vec<_>>();
-        assert_eq!(seqs(plan("db", &objects, None).unwrap()), vec![3, 4]);
-        assert_eq!(seqs(plan("db", &objects, Some(2)).unwrap()), vec![1, 2]);
+        assert_eq!(seqs(plan("db", &objects, &[], None).unwrap()), vec![3, 4]);
+        assert_eq!(
+            seqs(plan("db", &objects, &[], Some(2)).unwrap()),
+            vec![1, 2]
+        );
         assert!(matches!(
-            plan("db", &objects, Some(9)),
+            plan("db", &objects, &[], Some(9)),
             Err(Error::BeyondHead { .. })
         ));
         let gap = vec![obj(1, Kind::Snapshot), obj(3, Kind::Wal)];
-        match plan("db", &gap, None) {
+        match plan("db", &gap, &[], None) {
             Err(Error::Missing { key, .. }) => assert_eq!(key, "db/0000000000000002.wal"),
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            plan("db", &[obj(2, Kind::Wal)], None),
+            plan("db", &[obj(2, Kind::Wal)], &[], None),
             Err(Error::NoSnapshot { .. })
         ));
     }

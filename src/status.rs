@@ -86,6 +86,9 @@ pub struct DbStatus {
     /// Compaction passes that failed (tried again as the chain grows).
     #[serde(default)]
     pub compaction_failures: u64,
+    /// Objects deleted once older than the exact window, a run standing for them.
+    #[serde(default)]
+    pub replaced_deleted: u64,
 }
 
 /// Changes may wait this long beyond `sync_interval` before `/health` fails.

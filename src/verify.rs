@@ -2,7 +2,7 @@
 //! newest state to a scratch file, and optionally compares that with the live
 //! database, page by page.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use crate::chain::{self, ObjectRef};
 use crate::encryption::Keys;
 use crate::restore::{self, RestoreOptions, Target};
-use crate::segment::Kind;
+use crate::segment::{self, Kind};
 use crate::storage::{Storage, to_hex};
 
 /// What a verification found. `problems` empty means everything checked out.
@@ -55,8 +55,9 @@ pub async fn verify(
         report.problems.push(format!("no objects under {prefix:?}"));
         return Ok(report);
     }
-    let hashes = walk(storage, &objects, &mut report).await;
-    check_runs(storage, &runs, &hashes, &mut report).await;
+    let headers = read_runs(storage, &runs, &mut report).await;
+    let mut hashes = walk(storage, &objects, (&runs, &headers), &mut report).await;
+    check_runs(&objects, &runs, &headers, &mut hashes, &mut report);
 
     let scratch = tempfile::Builder::new()
         .prefix(".walsync-verify-")
@@ -106,12 +107,40 @@ pub async fn verify(
     Ok(report)
 }
 
+/// The headers of the runs that verified (trailer hash, header against key),
+/// by key; each that did not is a problem.
+async fn read_runs(
+    storage: &dyn Storage,
+    runs: &[(u64, ObjectRef)],
+    report: &mut Report,
+) -> HashMap<String, segment::Header> {
+    let fetched = futures_util::stream::iter(runs.iter())
+        .map(|(_, run)| chain::read_verified(storage, run))
+        .buffered(restore::FETCH_PARALLELISM);
+    let mut fetched = std::pin::pin!(fetched);
+    let mut headers = HashMap::new();
+    for (_, run) in runs {
+        match fetched.next().await {
+            Some(Ok((header, _, _))) => {
+                headers.insert(run.key.clone(), header);
+            }
+            Some(Err(e)) => report.problems.push(e.to_string()),
+            None => break,
+        }
+    }
+    headers
+}
+
 /// Checks every object: trailer hash, header against key, links between
-/// neighbours, and that sequences have no holes. Where two objects claim one
-/// sequence (a fork), each must link to one of the objects before it.
+/// neighbours, and that sequences have no holes but those runs stand for
+/// (objects deleted after the exact window), linked through those runs.
+/// Where two objects claim one sequence (a fork), each must link to one of
+/// the objects before it. Returns the hashes found at each sequence, with
+/// the ends of the runs that carried the chain across a hole.
 async fn walk(
     storage: &dyn Storage,
     objects: &[ObjectRef],
+    (runs, headers): (&[(u64, ObjectRef)], &HashMap<String, segment::Header>),
     report: &mut Report,
 ) -> HashMap<u64, Vec<[u8; 32]>> {
     let mut hashes: HashMap<u64, Vec<[u8; 32]>> = HashMap::new();
@@ -151,12 +180,19 @@ async fn walk(
         hashes.entry(object.seq).or_default().push(hash);
         let Some(prev_seq) = prev.0 else { continue };
         if object.seq != prev_seq + 1 {
-            report.problems.push(format!(
-                "objects {} to {} are missing (before {})",
-                prev_seq + 1,
-                object.seq - 1,
-                object.key
-            ));
+            let across = chain::cover(&[], runs, prev_seq + 1, object.seq - 1);
+            match across {
+                Ok(path) => {
+                    let before: Vec<[u8; 32]> = prev.1.iter().map(|(_, h)| *h).collect();
+                    check_across(&path, headers, before, &header, object, report, &mut hashes);
+                }
+                Err(_) => report.problems.push(format!(
+                    "objects {} to {} are missing (before {}) and no run stands for them",
+                    prev_seq + 1,
+                    object.seq - 1,
+                    object.key
+                )),
+            }
         } else if !prev.1.is_empty() && !prev.1.iter().any(|(_, h)| *h == header.prev_hash) {
             let names: Vec<&str> = prev.1.iter().map(|(o, _)| o.key.as_str()).collect();
             let theirs: Vec<String> = prev.1.iter().map(|(_, h)| to_hex(h)).collect();
@@ -172,44 +208,86 @@ async fn walk(
     hashes
 }
 
-/// Checks every run: its trailer and header (as any object), that it links
-/// to an object that verified at the sequence before its first, and that
-/// the hash it carries for its last sequence is that object's.
-async fn check_runs(
-    storage: &dyn Storage,
+/// Checks the runs that carry the chain across a hole, from the hashes
+/// `before` it to `object` after it: each links to the one before, and the
+/// object to the last. Records the hash each run carries at its end.
+fn check_across(
+    path: &[ObjectRef],
+    headers: &HashMap<String, segment::Header>,
+    before: Vec<[u8; 32]>,
+    header: &segment::Header,
+    object: &ObjectRef,
+    report: &mut Report,
+    hashes: &mut HashMap<u64, Vec<[u8; 32]>>,
+) {
+    let mut link = before;
+    let mut prev_key = "the object before it".to_string();
+    for run in path {
+        // A run that did not verify is reported already.
+        let Some(found) = headers.get(&run.key) else {
+            return;
+        };
+        if !link.is_empty() && !link.contains(&found.prev_hash) {
+            report.problems.push(format!(
+                "run {} does not link to {prev_key}: it names {}",
+                run.key,
+                to_hex(&found.prev_hash)
+            ));
+            return;
+        }
+        let Some(end) = found.run.map(|r| r.last_hash) else {
+            return;
+        };
+        hashes.entry(run.seq).or_default().push(end);
+        link = vec![end];
+        prev_key.clone_from(&run.key);
+    }
+    if !link.contains(&header.prev_hash) {
+        report.problems.push(format!(
+            "{} does not link to {prev_key}, which stands for the deleted objects before it: \
+             it names {}",
+            object.key,
+            to_hex(&header.prev_hash)
+        ));
+    }
+}
+
+/// Checks every run that verified: that it links to a hash found at the
+/// sequence before its first, and that the hash it carries for its last
+/// sequence is one found there. Where the objects at its last sequence were
+/// deleted, the run's own word is what later runs link to: runs go in order
+/// of their first sequence, so a run's predecessor is checked before it.
+fn check_runs(
+    objects: &[ObjectRef],
     runs: &[(u64, ObjectRef)],
-    hashes: &HashMap<u64, Vec<[u8; 32]>>,
+    headers: &HashMap<String, segment::Header>,
+    hashes: &mut HashMap<u64, Vec<[u8; 32]>>,
     report: &mut Report,
 ) {
-    let fetched = futures_util::stream::iter(runs.iter())
-        .map(|(_, run)| chain::read_verified(storage, run))
-        .buffered(restore::FETCH_PARALLELISM);
-    let mut fetched = std::pin::pin!(fetched);
+    let stored: HashSet<u64> = objects.iter().map(|o| o.seq).collect();
     for (first, run) in runs {
-        let Some(read) = fetched.next().await else {
-            break;
+        let Some(header) = headers.get(&run.key) else {
+            continue;
         };
-        let header = match read {
-            Ok((header, _, _)) => header,
-            Err(e) => {
-                report.problems.push(e.to_string());
-                continue;
-            }
+        let holds = |hashes: &HashMap<u64, Vec<[u8; 32]>>, seq: u64, hash: &[u8; 32]| {
+            hashes.get(&seq).is_some_and(|h| h.contains(hash))
         };
-        let holds = |seq: u64, hash: &[u8; 32]| hashes.get(&seq).is_some_and(|h| h.contains(hash));
-        if !holds(first - 1, &header.prev_hash) {
+        if !holds(hashes, first - 1, &header.prev_hash) {
             report.problems.push(format!(
                 "run {} does not link to an object at sequence {}: it names {}",
                 run.key,
                 first - 1,
                 to_hex(&header.prev_hash)
             ));
+            continue;
         }
-        if let Some(r) = header.run
-            && !holds(run.seq, &r.last_hash)
-        {
+        let Some(r) = header.run else { continue };
+        let at = hashes.entry(run.seq).or_default();
+        if !stored.contains(&run.seq) && at.is_empty() {
+            at.push(r.last_hash);
+        } else if !at.contains(&r.last_hash) {
             report.problems.push(format!(
-                "run {} says object {} has hash {}, which no object there has",
+                "run {} says sequence {} has hash {}, which no object or run there has",
                 run.key,
                 run.seq,
                 to_hex(&r.last_hash)

@@ -3329,6 +3329,241 @@ async fn watch_compacts_as_the_chain_grows() {
     ok(&store, &["verify", "-c", cfg(&config), "--prefix", "grows"]);
 }
 
+/// Issue 14, 2: objects older than the exact window go once a run stands for
+/// them; every point inside the window stays exact, older ones restore at
+/// the ends of runs, never later than asked, and a --txid between two of
+/// them is refused naming both. Restore, verify, list and a follower that
+/// was stopped meanwhile all go across the deleted stretches through runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_older_than_the_exact_window_go_and_runs_carry_restores_across() {
+    use common::app::AppProcess;
+    use common::faults::FaultProxy;
+    let (store, proxy) = FaultProxy::before_s3_store().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let mut app = AppProcess::open(&db);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let config = dir.path().join("walsync.toml");
+    std::fs::write(
+        &config,
+        store.config(&format!(
+            "[sync]\nsync_interval = \"0s\"\ncompaction = [4, 16]\nexact_window = \"2s\"\n\
+             [watch]\nlisten = \"{addr}\"\n\
+             [[databases]]\npath = \"{}\"\nprefix = \"window\"\n",
+            db.display()
+        )),
+    )
+    .unwrap();
+    let mut cmd = walsync();
+    cmd.args(["watch", "-c", cfg(&config)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    with_store(&mut cmd, &store);
+    cmd.env("AWS_ENDPOINT_URL_S3", &proxy.endpoint);
+    let mut child = common::Reaped::new(cmd.spawn().unwrap());
+    let mut stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
+        text
+    });
+    wait_for_objects(&store, "window", 1, String::new).await;
+    let head = || async {
+        let mut sync = walsync();
+        sync.args(["sync", "-c", cfg(&config), "--wait"]);
+        assert!(run(&mut sync).status.success());
+        chain::list(store.storage.as_ref(), "window")
+            .await
+            .unwrap()
+            .last()
+            .unwrap()
+            .seq
+    };
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+
+    // A follower that keeps up for a while, then stops at a run's end.
+    let copy = dir.path().join("copy.db");
+    let follow = || {
+        let mut cmd = walsync();
+        cmd.args(["restore", "-c", cfg(&config), "--prefix", "window"])
+            .args(["--follow", "--interval", "50ms", "-o"])
+            .arg(&copy)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        with_store(&mut cmd, &store);
+        common::Reaped::new(cmd.spawn().unwrap())
+    };
+    let mut follower = follow();
+
+    // The points to restore later: (sequence, rows, time), one every few commits.
+    let mut points = Vec::new();
+    for i in 0..40 {
+        app.insert(1, 300);
+        let seq = head().await;
+        if i % 3 == 2 {
+            points.push((seq, app_rows(&db), now_ms()));
+        }
+    }
+    while head().await % 4 != 0 {
+        app.insert(1, 300);
+    }
+    let stopped_at = (head().await, app_rows(&db));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !copy.exists() || app_rows(&copy) != stopped_at.1 {
+        assert!(Instant::now() < deadline, "the follower did not catch up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(terminate(&mut follower).success());
+
+    // More commits, older than the window by the time the last ones come;
+    // one object each, so that passes come every few.
+    let mut aged = 0;
+    for _ in 0..20 {
+        app.insert(1, 300);
+        aged = head().await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut last = 0;
+    for _ in 0..20 {
+        app.insert(1, 300);
+        last = head().await;
+    }
+
+    // Every object a smallest run stands for up to `aged` goes (the passes
+    // the last commits set off delete them).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (objects, runs) = loop {
+        let (objects, runs) = chain::list_with_runs(store.storage.as_ref(), "window")
+            .await
+            .unwrap();
+        let left = objects
+            .iter()
+            .filter(|o| o.seq > 1 && o.seq <= aged / 4 * 4)
+            .count();
+        if left == 0 {
+            break (objects, runs);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left} objects up to {aged} still stored"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(objects.first().unwrap().seq, 1, "the snapshot stays");
+    assert_eq!(objects.last().unwrap().seq, last, "the head stays");
+    assert!(
+        objects.iter().any(|o| o.seq == last - 1),
+        "objects inside the window stay"
+    );
+    let (_, metrics) = http_get(&addr, "/metrics");
+    let deleted: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("walsync_replaced_objects_deleted_total{prefix=\"window\"} "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(
+        deleted >= aged / 4 * 4 - 1,
+        "{deleted} deleted up to {aged}"
+    );
+    assert!(
+        metrics.contains("walsync_compaction_failures_total{prefix=\"window\"} 0"),
+        "{metrics}"
+    );
+
+    // The head, exactly, through runs.
+    let restore = |out: &Path, extra: &[&str]| {
+        let mut cmd = walsync();
+        cmd.args(["restore", "-c", cfg(&config), "--prefix", "window", "-o"])
+            .arg(out)
+            .args(extra);
+        with_store(&mut cmd, &store);
+        run(&mut cmd)
+    };
+    let out = dir.path().join("head.db");
+    let said = restore(&out, &[]);
+    assert!(said.status.success(), "{said:?}");
+    assert_eq!(app_rows(&out), app_rows(&db));
+
+    // Old points: a run's end exactly, a point between two refused by name,
+    // a time never later than asked.
+    let ends: std::collections::BTreeSet<u64> = objects
+        .iter()
+        .map(|o| o.seq)
+        .chain(runs.iter().map(|(_, r)| r.seq))
+        .collect();
+    let (mut exact, mut refused) = (0, 0);
+    for (n, (seq, rows, at)) in points.iter().enumerate() {
+        let out = dir.path().join(format!("point-{n}.db"));
+        let txid = seq.to_string();
+        let said = restore(&out, &["--txid", &txid]);
+        if ends.contains(seq) {
+            assert!(said.status.success(), "{seq}: {said:?}");
+            assert_eq!(app_rows(&out), *rows, "sequence {seq} restored exactly");
+            exact += 1;
+        } else {
+            let err = String::from_utf8_lossy(&said.stderr);
+            let before = ends.range(..seq).next_back().unwrap();
+            let after = ends.range(seq..).next().unwrap();
+            assert!(!said.status.success(), "{seq}");
+            assert!(
+                err.contains("can no longer be restored exactly")
+                    && err.contains(&format!("are {before} and {after}")),
+                "{seq}: {err}"
+            );
+            refused += 1;
+        }
+        let out = dir.path().join(format!("time-{n}.db"));
+        let time =
+            humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(*at))
+                .to_string();
+        let said = restore(&out, &["--timestamp", &time]);
+        assert!(said.status.success(), "{time}: {said:?}");
+        let got = app_rows(&out);
+        assert!(
+            got.len() <= rows.len() && rows.starts_with(&got),
+            "{time}: {} rows restored, {} then",
+            got.len(),
+            rows.len()
+        );
+    }
+    eprintln!("{exact} points exact at run ends, {refused} refused between them");
+    assert!(exact > 0 && refused > 0, "{points:?} against {ends:?}");
+
+    ok(
+        &store,
+        &["verify", "-c", cfg(&config), "--prefix", "window"],
+    );
+    let (listed, _) = ok(&store, &["list", "-c", cfg(&config), "--prefix", "window"]);
+    assert!(
+        listed.contains("exact") && listed.contains("before it, the ends of runs"),
+        "{listed}"
+    );
+
+    // The follower goes on from where it stopped, through the runs.
+    let mut follower = follow();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while app_rows(&copy) != app_rows(&db) {
+        assert!(Instant::now() < deadline, "the follower did not go on");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(terminate(&mut follower).success());
+    let mut followed = String::new();
+    std::io::Read::read_to_string(follower.stderr.as_mut().unwrap(), &mut followed).unwrap();
+    assert!(
+        followed.contains("going on through them") && !followed.contains("afresh"),
+        "{followed}"
+    );
+
+    assert!(terminate(&mut child).success());
+    let log = log.join().unwrap();
+    assert!(!log.contains("WARN") && !log.contains("ERROR"), "{log}");
+}
+
 /// How many objects a restore says it read ("... (N objects, ...").
 fn objects_read(said: &str) -> u64 {
     said.split(" objects")
