@@ -675,8 +675,11 @@ pub async fn delete_replaced(
     (window, head, now_ms): (std::time::Duration, u64, u64),
 ) -> Result<u64, Error> {
     let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
-    let mut deleted = 0;
-    while let Some(run) = replaced.front_mut() {
+    // The runs old enough, counted from the front; their objects go in one
+    // request (or one per 1,000 keys), and the runs leave the queue after.
+    let mut due = 0;
+    let mut keys = Vec::new();
+    while let Some(run) = replaced.get_mut(due) {
         let recorded = match run.timestamp_ms {
             Some(ms) => ms,
             None => {
@@ -695,15 +698,18 @@ pub async fn delete_replaced(
         if recorded.saturating_add(window_ms) > now_ms {
             break;
         }
-        for seq in run.first..=run.last.min(head.saturating_sub(1)) {
-            match storage.delete(&segment::object_key(prefix, seq)).await {
-                Ok(()) | Err(crate::storage::Error::NotFound { .. }) => deleted += 1,
-                Err(e) => return Err(chain::Error::Storage(e).into()),
-            }
-        }
-        replaced.pop_front();
+        keys.extend(
+            (run.first..=run.last.min(head.saturating_sub(1)))
+                .map(|seq| segment::object_key(prefix, seq)),
+        );
+        due += 1;
     }
-    Ok(deleted)
+    storage
+        .delete_many(&keys)
+        .await
+        .map_err(chain::Error::Storage)?;
+    replaced.drain(..due);
+    Ok(keys.len() as u64)
 }
 
 #[cfg(test)]

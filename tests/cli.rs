@@ -3470,6 +3470,13 @@ async fn objects_older_than_the_exact_window_go_and_runs_carry_restores_across()
         deleted >= aged / 4 * 4 - 1,
         "{deleted} deleted up to {aged}"
     );
+    // Each pass deletes what it may in one request, not one per object.
+    let deletes = common::faults::Counts::get(&proxy.counts().deletes);
+    eprintln!("{deleted} objects deleted in {deletes} requests");
+    assert!(
+        deletes * 3 <= deleted,
+        "{deletes} requests for {deleted} objects"
+    );
     assert!(
         metrics.contains("walsync_compaction_failures_total{prefix=\"window\"} 0"),
         "{metrics}"

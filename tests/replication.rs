@@ -2135,3 +2135,156 @@ async fn a_run_applied_onto_the_snapshot_leaves_the_newest_state() {
         assert!(err.to_string().contains(&objects[0].key), "{kind}: {err}");
     }
 }
+
+/// Issue 14: a restore racing the deletion that follows compaction. The
+/// restore lists the chain; before it fetches the objects it planned, a run
+/// is stored and the objects it stands for deleted (as `watch` does once
+/// they age past the exact window). The restore plans itself again from the
+/// run and reaches the same state; one aimed inside the deleted stretch is
+/// refused, naming the nearest points, and writes nothing.
+#[tokio::test]
+async fn a_restore_racing_the_deletion_of_replaced_objects_goes_through_the_run() {
+    use walsync::compact;
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, aimed_inside) in [("race", false), ("race-txid", true)] {
+            let (_, objects) = build_chain(&store, dir.path(), name).await;
+            let storage = store.storage.clone();
+            let newest = dir.path().join(format!("{name}-newest.db"));
+            let options = |output: PathBuf, target| RestoreOptions {
+                prefix: name.into(),
+                output,
+                target,
+                force: false,
+                keys: None,
+                parallelism: restore::FETCH_PARALLELISM,
+            };
+            let before = restore::restore(
+                storage.as_ref(),
+                &options(newest.clone(), restore::Target::Latest),
+            )
+            .await
+            .unwrap();
+            let run = compact::build_run(
+                storage.as_ref(),
+                name,
+                &objects[1..],
+                None,
+                None,
+                dir.path(),
+            )
+            .await
+            .unwrap();
+            let racing = Racing {
+                inner: storage.clone(),
+                trigger: objects[1].key.clone(),
+                run: std::sync::Mutex::new(Some(run)),
+                doomed: objects[1..3].iter().map(|o| o.key.clone()).collect(),
+                missed: Default::default(),
+            };
+            let out = dir.path().join(format!("{name}-raced.db"));
+            let target = if aimed_inside {
+                restore::Target::Seq(objects[2].seq)
+            } else {
+                restore::Target::Latest
+            };
+            let raced = restore::restore(&racing, &options(out.clone(), target)).await;
+            assert!(
+                racing.missed.load(std::sync::atomic::Ordering::SeqCst) > 0,
+                "{kind}: the restore met the deletion"
+            );
+            let listed = chain::list(storage.as_ref(), name).await.unwrap();
+            assert_eq!(listed.len(), 2, "{kind}: {listed:?}");
+            if aimed_inside {
+                let err = raced.unwrap_err().to_string();
+                assert!(
+                    err.contains("can no longer be restored exactly")
+                        && err.contains(&format!("are {} and {}", objects[0].seq, objects[3].seq)),
+                    "{kind}: {err}"
+                );
+                assert!(!out.exists(), "{kind}: nothing written");
+            } else {
+                let raced = raced.unwrap();
+                assert_eq!((raced.seq, raced.hash), (before.seq, before.hash), "{kind}");
+                assert_eq!(raced.objects, 2, "{kind}: the snapshot and the run");
+                assert_eq!(rows(&out), rows(&newest), "{kind}");
+            }
+            let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with(".walsync-restore")
+                })
+                .collect();
+            assert!(leftovers.is_empty(), "{kind}: {leftovers:?}");
+        }
+    }
+}
+
+/// A store in which, the first time `trigger` is read, `run` is stored and
+/// `doomed` deleted: the compactor's deletion, landing between a restore's
+/// listing and its downloads.
+struct Racing {
+    inner: Arc<dyn Storage>,
+    trigger: String,
+    run: std::sync::Mutex<Option<walsync::compact::Built>>,
+    doomed: Vec<String>,
+    /// Reads of deleted objects: the restore did meet the deletion.
+    missed: std::sync::atomic::AtomicUsize,
+}
+
+impl std::fmt::Debug for Racing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Racing")
+    }
+}
+
+impl Racing {
+    async fn race(&self, key: &str) {
+        if self.doomed.iter().any(|k| k == key) && self.run.lock().unwrap().is_none() {
+            self.missed
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        if key != self.trigger {
+            return;
+        }
+        let Some(run) = self.run.lock().unwrap().take() else {
+            return;
+        };
+        self.missed
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner
+            .put_new(&run.key, run.payload, run.hash)
+            .await
+            .unwrap();
+        for key in &self.doomed {
+            self.inner.delete(key).await.unwrap();
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Storage for Racing {
+    async fn put_new(&self, key: &str, body: Payload, sha256: [u8; 32]) -> storage::Result<()> {
+        self.inner.put_new(key, body, sha256).await
+    }
+    async fn get(&self, key: &str) -> storage::Result<storage::ObjectReader> {
+        self.race(key).await;
+        self.inner.get(key).await
+    }
+    async fn get_range(&self, key: &str, offset: u64, len: u64) -> storage::Result<Vec<u8>> {
+        self.race(key).await;
+        self.inner.get_range(key, offset, len).await
+    }
+    async fn list(&self, prefix: &str) -> storage::Result<Vec<storage::ObjectMeta>> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, key: &str) -> storage::Result<()> {
+        self.inner.delete(key).await
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}

@@ -304,6 +304,24 @@ async fn list_pages_sorts_and_respects_prefix() {
         assert!(all.windows(2).all(|w| w[0] < w[1]), "{name}: sorted");
         assert_eq!(all[..3], ["a/x", "a/z/w", "ab/y"], "{name}");
         assert_eq!(all[3], "b", "{name}");
+
+        // Deleting many at once: past one 1,000-key request, a missing key
+        // among them, nothing else touched.
+        let mut doomed: Vec<String> = (0..MANY - 1).map(|i| format!("many/{i:05}")).collect();
+        doomed.push("many/none".into());
+        s.delete_many(&doomed).await.unwrap();
+        assert_eq!(
+            keys_of(s.list("").await.unwrap()),
+            [
+                "a/x",
+                "a/z/w",
+                "ab/y",
+                "b",
+                &format!("many/{:05}", MANY - 1)
+            ],
+            "{name}"
+        );
+        s.delete_many(&[]).await.unwrap();
         eprintln!("{name}: list test took {:?}", started.elapsed());
     }
 }

@@ -118,6 +118,17 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Deletes `key`; deleting a missing key is not an error.
     async fn delete(&self, key: &str) -> Result<()>;
 
+    /// Deletes every key in `keys`, missing ones included, in as few
+    /// requests as the store allows (S3: 1,000 keys per request); in no
+    /// particular order, so callers that need an order call it once per
+    /// step. On an error some of the keys may be gone.
+    async fn delete_many(&self, keys: &[String]) -> Result<()> {
+        for key in keys {
+            self.delete(key).await?;
+        }
+        Ok(())
+    }
+
     /// A human-readable location for logs (never contains credentials).
     fn describe(&self) -> String;
 }

@@ -21,7 +21,7 @@ use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
 use futures_util::{StreamExt, TryStreamExt};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
@@ -886,6 +886,67 @@ impl Storage for S3Storage {
                 }
             }
         }
+    }
+
+    async fn delete_many(&self, keys: &[String]) -> Result<()> {
+        // DeleteObjects takes at most 1,000 keys; quiet mode answers only
+        // with the keys that failed.
+        for chunk in keys.chunks(1000) {
+            let mut ids = Vec::with_capacity(chunk.len());
+            for key in chunk {
+                let full = self.check_key("DeleteObjects", key)?;
+                let id = ObjectIdentifier::builder()
+                    .key(&full)
+                    .build()
+                    .map_err(|e| Error::S3 {
+                        op: "DeleteObjects",
+                        key: full.clone(),
+                        message: e.to_string(),
+                        code: None,
+                    })?;
+                ids.push(id);
+            }
+            let first = ids
+                .first()
+                .map(|id| id.key().to_string())
+                .unwrap_or_default();
+            let delete = Delete::builder()
+                .set_objects(Some(ids))
+                .quiet(true)
+                .build()
+                .map_err(|e| Error::S3 {
+                    op: "DeleteObjects",
+                    key: first.clone(),
+                    message: e.to_string(),
+                    code: None,
+                })?;
+            let out = self
+                .send("DeleteObjects", &first, || {
+                    self.client
+                        .delete_objects()
+                        .bucket(&self.bucket)
+                        .delete(delete.clone())
+                        .send()
+                })
+                .await
+                .map_err(|failure| failure.into_error("DeleteObjects", &first))?;
+            if let Some(failed) = out
+                .errors()
+                .iter()
+                .find(|e| !matches!(e.code(), Some("NoSuchKey" | "NotFound")))
+            {
+                return Err(Error::S3 {
+                    op: "DeleteObjects",
+                    key: failed.key().unwrap_or(&first).to_string(),
+                    message: failed
+                        .message()
+                        .unwrap_or("the store did not delete it")
+                        .to_string(),
+                    code: failed.code().map(str::to_string),
+                });
+            }
+        }
+        Ok(())
     }
 
     fn describe(&self) -> String {

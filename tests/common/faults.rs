@@ -62,6 +62,8 @@ pub struct Counts {
     pub lists: AtomicU64,
     /// PUTs (and multipart parts).
     pub puts: AtomicU64,
+    /// Requests that delete: DELETEs and DeleteObjects POSTs.
+    pub deletes: AtomicU64,
     /// Requests being handled now, and the most there ever were at once.
     pub in_flight: AtomicU64,
     pub max_in_flight: AtomicU64,
@@ -268,6 +270,17 @@ async fn handle(
     }
     if req.method() == hyper::Method::PUT {
         counts.puts.fetch_add(1, Ordering::Relaxed);
+    }
+    if req.method() == hyper::Method::DELETE
+        || (req.method() == hyper::Method::POST
+            && req
+                .uri()
+                .query()
+                .unwrap_or("")
+                .split('&')
+                .any(|q| q == "delete" || q.starts_with("delete=")))
+    {
+        counts.deletes.fetch_add(1, Ordering::Relaxed);
     }
     let changes = matches!(req.method().as_str(), "PUT" | "POST" | "DELETE");
     let fault = state.choose(changes);
