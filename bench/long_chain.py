@@ -3,7 +3,8 @@
 
 Usage: bench/long_chain.py [--commits 2000] [--moto] [--storage URL]
                            [--parallelism 1,8,16] [--compaction 16,256,4096|off]
-                           [--compact] [--walsync PATH] [--keep]
+                           [--exact-window 1h|off] [--compact] [--walsync PATH]
+                           [--keep]
 
 Runs `walsync watch` with `sync_interval = 0` next to an app process that
 makes --commits small commits a few milliseconds apart, so that nearly every
@@ -16,6 +17,14 @@ its runs are all stored and prints what compaction cost (runs stored, their
 bytes, objects read) next to what replication shipped, from `/metrics`. With
 --compact it then runs `walsync compact` (timed, with the objects it read)
 and restores again.
+
+Point-in-time restores: the writer pauses twice, at a 48th of the run
+before its end (30 minutes of a day) and halfway, ships, and notes its rows
+and the time. A `--timestamp` restore to the recent point must equal it; to
+the halfway point, when --exact-window is shorter than the run and the
+objects there are deleted, it must not be later (the script prints how many
+commits behind it is). With a day compressed into a few minutes, give
+--exact-window in the same proportion (a day in 6 minutes: 1 h is 15 s).
 
 Storage: a local directory by default; --moto starts moto from
 target/ci-venv (made by .ci/run) on a free port with a fresh bucket;
@@ -95,6 +104,8 @@ def main():
     ap.add_argument("--parallelism", default="1,8,16")
     ap.add_argument("--compaction", default="16,256,4096",
                     help="levels watch compacts into, or off")
+    ap.add_argument("--exact-window", default="1h",
+                    help="watch's exact_window: objects runs stand for go once this old")
     ap.add_argument("--compact", action="store_true",
                     help="then run walsync compact and restore again")
     ap.add_argument("--walsync", default=os.path.join(ROOT, "target", "release", "walsync"))
@@ -124,13 +135,23 @@ def main():
         levels = '"off"' if args.compaction == "off" else f"[{args.compaction}]"
         with open(config, "w") as f:
             f.write(f'[storage]\nurl = "{storage}"\n[sync]\nsync_interval = "0s"\n'
-                    f'compaction = {levels}\n[watch]\nlisten = "{listen}"\n'
+                    f'compaction = {levels}\nexact_window = "{args.exact_window}"\n'
+                    f'[watch]\nlisten = "{listen}"\n'
                     f'[[databases]]\npath = "{db}"\nprefix = "chain"\n')
         watch = subprocess.Popen([args.walsync, "watch", "-c", config], env=env,
                                  stderr=open(os.path.join(work, "watch.log"), "w"))
         time.sleep(1)
         t0 = time.monotonic()
+        # The points a --timestamp restore must reach: (label, time, rows).
+        pauses = {args.commits // 2: "halfway", args.commits - args.commits // 48: "recent"}
+        points = []
         for i in range(args.commits):
+            if i in pauses:
+                subprocess.run([args.walsync, "sync", "-c", config, "--wait"], env=env,
+                               check=True, stdout=subprocess.DEVNULL)
+                time.sleep(0.05)
+                points.append((pauses[i], time.time(), rows(db)))
+                time.sleep(0.05)
             conn.execute("INSERT INTO t(v) VALUES (randomblob(200))")
             time.sleep(0.003)
         subprocess.run([args.walsync, "sync", "-c", config, "--wait"], env=env, check=True,
@@ -171,8 +192,30 @@ def main():
               f"{int(m.get('walsync_compaction_reads_total', 0))} objects read (GETs), "
               f"{int(m.get('walsync_compaction_failures_total', 0))} failed passes; "
               f"caught up within {caught_up:.1f} s of the last sync")
-        secs, _, _ = run_measured([args.walsync, "list", "-c", config, "--prefix", "chain"], env)
+        print(f"exact window {args.exact_window}: "
+              f"{int(m.get('walsync_replaced_objects_deleted_total', 0))} objects deleted")
+        secs, _, said = run_measured(
+            [args.walsync, "list", "-c", config, "--prefix", "chain"], env)
         print(f"listing the chain alone (`walsync list --prefix chain`): {secs:.2f} s")
+        print("".join(f"    {line}\n" for line in said.splitlines()), end="")
+        for label, at, expected in points:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)) + f".{int(at * 1000) % 1000:03d}Z"
+            out = os.path.join(work, f"at-{label}.db")
+            secs, rss, said = run_measured(
+                [args.walsync, "restore", "-c", config, "--prefix", "chain", "-o", out,
+                 "--timestamp", stamp], env)
+            got = rows(out)
+            objects = said.split("(")[1].split(" objects")[0] if " objects" in said else "?"
+            if got == expected:
+                verdict = "equal to the source then"
+            elif got[0] < expected[0]:
+                verdict = f"{expected[0] - got[0]} commits before it (the nearest run end)"
+            else:
+                sys.exit(f"--timestamp {stamp} ({label}) restored {got}, later than {expected}")
+            print(f"--timestamp {label} ({stamp}): {objects} objects, {secs:.2f} s, "
+                  f"{rss:.0f} MiB; {verdict}")
+            if label == "recent" and got != expected:
+                sys.exit(f"--timestamp {stamp} restored {got}, not the source's {expected}")
         print()
         print("| parallelism | objects | wall time | peak RSS | rows equal |")
         print("|---|---|---|---|---|")

@@ -3620,6 +3620,7 @@ async fn torture(rounds: u32) {
                 store.config(&format!(
                     "[sync]\nsync_interval = \"50ms\"\nsnapshot_interval = \"1s\"\n\
                  checkpoint_pages = 50\ncheckpoint_interval = \"300ms\"\ntruncate_pages = 400\n\
+                 compaction = [4, 16]\nexact_window = \"1s\"\n\
                  [[databases]]\npath = \"{}\"\n",
                     db.display()
                 )),
@@ -3786,15 +3787,18 @@ async fn torture(rounds: u32) {
                     .split(" objects")
                     .next()
                     .and_then(|s| s.rsplit('(').next());
-                let runs = chain::list_with_runs(store.storage.as_ref(), &prefix)
+                let (objects, runs) = chain::list_with_runs(store.storage.as_ref(), &prefix)
                     .await
-                    .unwrap()
-                    .1
-                    .len();
+                    .unwrap();
+                let holes = objects
+                    .windows(2)
+                    .filter(|w| w[1].seq > w[0].seq + 1)
+                    .count();
                 eprintln!(
                     "torture {kind}: round {round} ok ({} rows, app killed: {app_killed}, \
-                     {runs} runs stored, restore read {} objects)",
+                     {} runs stored, {holes} stretches deleted, restore read {} objects)",
                     expected.len(),
+                    runs.len(),
                     read.unwrap_or("?")
                 );
             }
