@@ -235,7 +235,8 @@ pub struct WatchArgs {
     #[arg(long, default_value = "1m", value_parser = parse_duration)]
     pub checkpoint_interval: Duration,
     /// Run a TRUNCATE checkpoint (waits for readers, briefly blocks writers)
-    /// once the WAL holds this many pages.
+    /// once the WAL holds this many pages. A WAL that grows by half of this
+    /// between syncs starts the next sync at once, whatever --sync-interval.
     #[arg(long, default_value_t = 50_000)]
     pub truncate_pages: u32,
     /// After each snapshot, delete objects no restore point of this last

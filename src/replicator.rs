@@ -247,6 +247,9 @@ struct Slot {
     wal_warned: Option<Instant>,
     /// The head last reported to the compactor.
     compaction_reported: u64,
+    /// The WAL's size when the last sync started (or less, since it shrank):
+    /// what it has grown by since tells a writer that outruns the interval.
+    wal_bytes_at_sync: u64,
 }
 
 impl Slot {
@@ -307,6 +310,34 @@ fn warn_if_wal_outgrows(slot: &mut Slot, now: Instant) {
         );
         slot.wal_warned = Some(now);
     }
+}
+
+/// A writer that never pauses fills the WAL faster than syncs at the
+/// interval can brake it (at 50,000 commits a second, `truncate_pages`'
+/// default fills in a second). Once the WAL has grown by half of
+/// `truncate_pages` since the last sync started, the next sync starts now:
+/// it ships what grew, and at `truncate_pages` unsealed frames it truncates,
+/// so the WAL stays under about twice `truncate_pages`. Syncs beyond the
+/// interval are bounded by the data: one per half `truncate_pages` written.
+fn wal_outruns_interval(slot: &mut Slot) -> bool {
+    let Some(bytes) = wal_bytes(&slot.spec.path) else {
+        return false;
+    };
+    // Truncated since (or never seen): growth counts from here.
+    slot.wal_bytes_at_sync = slot.wal_bytes_at_sync.min(bytes);
+    let page_size = slot
+        .replica
+        .as_ref()
+        .and_then(Replica::page_size)
+        .unwrap_or(4096);
+    let half = u64::from(slot.spec.sync.truncate_pages) * u64::from(page_size) / 2;
+    bytes - slot.wal_bytes_at_sync >= half.max(1)
+}
+
+fn wal_bytes(db: &std::path::Path) -> Option<u64> {
+    std::fs::metadata(crate::db::wal_path_of(db))
+        .ok()
+        .map(|m| m.len())
 }
 
 /// How long a database waits after its `failures`-th failed sync in a row.
@@ -795,6 +826,7 @@ impl Fleet {
                 waiters: Vec::new(),
                 refused: None,
                 wal_warned: None,
+                wal_bytes_at_sync: 0,
                 compaction_reported: 0,
             },
         );
@@ -855,10 +887,14 @@ impl Fleet {
         if slot.running || slot.stopped().is_some() {
             return;
         }
-        let at = match slot.last_sync {
-            Some(t) => (t + slot.spec.sync.sync_interval).max(Instant::now()),
-            None => Instant::now(),
+        let now = Instant::now();
+        let mut at = match slot.last_sync {
+            Some(t) => (t + slot.spec.sync.sync_interval).max(now),
+            None => now,
         };
+        if at > now && wal_outruns_interval(slot) {
+            at = now;
+        }
         // A database waiting out a failure backoff keeps waiting.
         if slot.due.is_none_or(|d| d > at && slot.failures == 0) {
             self.schedule_at(id, at);
@@ -950,6 +986,7 @@ impl Fleet {
         slot.running = true;
         slot.dirty = false;
         slot.jobs_started += 1;
+        slot.wal_bytes_at_sync = wal_bytes(&slot.spec.path).unwrap_or(0);
         if slot.needs_open() {
             slot.opening = true;
             self.opening += 1;
