@@ -167,6 +167,14 @@ pub fn cover(
     Ok(out)
 }
 
+/// The hash the object after this one names as its previous object: the
+/// object's own content hash, or for a run that of the last object it
+/// stands for, which it replaces there. The one rule restore, verify,
+/// follow and compaction link by, across runs and the holes they fill.
+pub fn handed_on(header: &segment::Header, hash: [u8; 32]) -> [u8; 32] {
+    header.run.map_or(hash, |r| r.last_hash)
+}
+
 /// Every sequence a restore can stop at between `objects` and `runs`: each
 /// object's and each run's end, sorted, once each.
 pub fn ends(objects: &[ObjectRef], runs: &[(u64, ObjectRef)]) -> Vec<u64> {

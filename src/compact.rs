@@ -305,7 +305,7 @@ pub async fn build_run(
         if last_header.is_none() {
             run_prev = header.prev_hash;
         }
-        link = Some(header.run.map_or(hash, |r| r.last_hash));
+        link = Some(chain::handed_on(&header, hash));
         let mut run = match merge.take() {
             Some(m) => m,
             None => Merge::new(header.page_size, scratch)?,
@@ -475,7 +475,7 @@ pub async fn compact_chain(
                 continue;
             };
             let before = chain::read_link(storage, before).await?;
-            let before_hash = before.header.run.map_or(before.hash, |r| r.last_hash);
+            let before_hash = chain::handed_on(&before.header, before.hash);
             report.read += inputs.len() + 1;
             let built = match build_run(
                 storage,

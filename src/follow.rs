@@ -389,7 +389,7 @@ fn linked((object, header, hash, file): Fetched, pos: Position) -> Result<Fetche
             expected: to_hex(&pos.hash),
         });
     }
-    let hash = header.run.map_or(hash, |r| r.last_hash);
+    let hash = chain::handed_on(&header, hash);
     Ok((object, header, hash, file))
 }
 

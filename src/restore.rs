@@ -555,8 +555,7 @@ async fn fetch_all(
                     expected: to_hex(prev_hash),
                 });
             }
-            // A run's successor links to the last object the run stands for.
-            let hash = header.run.map_or(hash, |r| r.last_hash);
+            let hash = chain::handed_on(&header, hash);
             link = Some((object.key.clone(), hash));
             if let Some(prev) = verified.last() {
                 if header.page_size != prev.header.page_size {
