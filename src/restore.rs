@@ -878,10 +878,28 @@ fn free_space(path: &Path) -> io::Result<u64> {
     Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
+/// A read-only SQLite URI for `path` that SQLite opens as immutable: every
+/// byte its URI parser would read as syntax (`?`, `#`, `%`) or that is not
+/// plain ASCII is percent-encoded, so any file name opens the file it names
+/// (`restore -o 'a#b.db'` once checked the file `a`).
+pub(crate) fn immutable_uri(path: &Path) -> String {
+    use std::fmt::Write as _;
+    use std::os::unix::ffi::OsStrExt;
+    let mut uri = String::from("file:");
+    for &b in path.as_os_str().as_bytes() {
+        if b.is_ascii_alphanumeric() || b"/._-~+,=@".contains(&b) {
+            uri.push(char::from(b));
+        } else {
+            let _ = write!(uri, "%{b:02x}");
+        }
+    }
+    uri.push_str("?immutable=1");
+    uri
+}
+
 fn check_integrity(path: &Path) -> Result<()> {
-    let uri = format!("file:{}?immutable=1", path.display());
     let conn = rusqlite::Connection::open_with_flags(
-        uri,
+        immutable_uri(path),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI,
     )?;
     let mut stmt = conn.prepare("PRAGMA integrity_check")?;
@@ -944,6 +962,35 @@ mod tests {
             seqs(plan("db", &objects, &runs, Some(1)).unwrap()),
             vec![(1, Kind::Snapshot)]
         );
+    }
+
+    #[test]
+    fn any_file_name_makes_a_uri_sqlite_opens_as_that_file() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "a#b.db",
+            "a?b.db",
+            "50%.db",
+            "sp ace.db",
+            "ünï.db",
+            "plain.db",
+        ] {
+            let path = dir.path().join(name);
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            conn.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (7);")
+                .unwrap();
+            drop(conn);
+            let opened = rusqlite::Connection::open_with_flags(
+                immutable_uri(&path),
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI,
+            )
+            .unwrap();
+            let x: i64 = opened
+                .query_row("SELECT x FROM t", [], |r| r.get(0))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(x, 7, "{name}");
+            check_integrity(&path).unwrap();
+        }
     }
 
     #[test]

@@ -319,7 +319,7 @@ fn compare(restored: &Path, live: &Path) -> rusqlite::Result<(u64, Vec<u64>)> {
 
 fn immutable(path: &Path) -> rusqlite::Result<Connection> {
     Connection::open_with_flags(
-        format!("file:{}?immutable=1", path.display()),
+        restore::immutable_uri(path),
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI,
     )
 }
