@@ -1123,16 +1123,7 @@ async fn restore_points(
             .map(|o| o.size)
             .sum::<u64>()
     );
-    // Every point from the first snapshot on, an object's or a run's end.
-    let mut points: Vec<&chain::ObjectRef> =
-        objects.iter().filter(|o| o.seq >= first.seq).collect();
-    let mut seen: std::collections::HashSet<u64> = points.iter().map(|o| o.seq).collect();
-    points.extend(
-        runs.iter()
-            .map(|(_, r)| r)
-            .filter(|r| r.seq > first.seq && seen.insert(r.seq)),
-    );
-    points.sort_by_key(|o| o.seq);
+    let points = chain::restore_points(&objects, &runs, first.seq);
     // The newest hole: before it, only run ends remain.
     let exact_from = points
         .windows(2)

@@ -175,17 +175,24 @@ pub fn handed_on(header: &segment::Header, hash: [u8; 32]) -> [u8; 32] {
     header.run.map_or(hash, |r| r.last_hash)
 }
 
-/// Every sequence a restore can stop at between `objects` and `runs`: each
-/// object's and each run's end, sorted, once each.
-pub fn ends(objects: &[ObjectRef], runs: &[(u64, ObjectRef)]) -> Vec<u64> {
-    let mut ends: Vec<u64> = objects
-        .iter()
-        .map(|o| o.seq)
-        .chain(runs.iter().map(|(_, r)| r.seq))
-        .collect();
-    ends.sort_unstable();
-    ends.dedup();
-    ends
+/// Every point a restore can stop at from sequence `from` on: one object
+/// or run ending at each sequence (the object where both do), sorted.
+/// Where objects older than the exact window are gone, the ends of the runs
+/// that stood for them are the points left.
+pub fn restore_points<'a>(
+    objects: &'a [ObjectRef],
+    runs: &'a [(u64, ObjectRef)],
+    from: u64,
+) -> Vec<&'a ObjectRef> {
+    let mut points: Vec<&ObjectRef> = objects.iter().filter(|o| o.seq >= from).collect();
+    let mut seen: std::collections::HashSet<u64> = points.iter().map(|o| o.seq).collect();
+    points.extend(
+        runs.iter()
+            .map(|(_, run)| run)
+            .filter(|run| run.seq >= from && seen.insert(run.seq)),
+    );
+    points.sort_by_key(|o| o.seq);
+    points
 }
 
 /// What is wrong with a database name (a prefix), if anything: the one rule

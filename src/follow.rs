@@ -521,9 +521,13 @@ async fn continue_after_gap(
     // would not link to anything after it; runs are not used through a fork.
     let (mut listed, runs) = chain::list_with_runs(storage, prefix).await?;
     chain::find_unmarked_start(storage, &mut listed).await?;
-    let forked = !chain::forks(&listed).is_empty();
-    let objects = crate::fork::follow(storage, listed).await?.objects;
-    let runs = if forked { Vec::new() } else { runs };
+    let branch = crate::fork::follow(storage, listed).await?;
+    let runs = if branch.left.is_empty() {
+        runs
+    } else {
+        Vec::new()
+    };
+    let objects = branch.objects;
     let Some(head) = objects.last().map(|o| o.seq) else {
         return Ok(Vec::new());
     };

@@ -288,17 +288,10 @@ fn warn_if_wal_outgrows(slot: &mut Slot, now: Instant) {
     {
         return;
     }
-    let page_size = slot
-        .replica
-        .as_ref()
-        .and_then(Replica::page_size)
-        .unwrap_or(4096);
-    let limit = u64::from(slot.spec.sync.truncate_pages) * u64::from(page_size);
-    let wal = crate::db::wal_path_of(&slot.spec.path);
-    let Ok(bytes) = std::fs::metadata(&wal).map(|m| m.len()) else {
+    let Some(bytes) = wal_bytes(&slot.spec.path) else {
         return;
     };
-    if bytes > limit {
+    if bytes > truncate_bytes(slot) {
         error!(
             db = %slot.spec.path.display(),
             prefix = %slot.spec.prefix,
@@ -325,13 +318,17 @@ fn wal_outruns_interval(slot: &mut Slot) -> bool {
     };
     // Truncated since (or never seen): growth counts from here.
     slot.wal_bytes_at_sync = slot.wal_bytes_at_sync.min(bytes);
+    bytes - slot.wal_bytes_at_sync >= (truncate_bytes(slot) / 2).max(1)
+}
+
+/// `truncate_pages` in bytes of this database's pages.
+fn truncate_bytes(slot: &Slot) -> u64 {
     let page_size = slot
         .replica
         .as_ref()
         .and_then(Replica::page_size)
         .unwrap_or(4096);
-    let half = u64::from(slot.spec.sync.truncate_pages) * u64::from(page_size) / 2;
-    bytes - slot.wal_bytes_at_sync >= half.max(1)
+    u64::from(slot.spec.sync.truncate_pages) * u64::from(page_size)
 }
 
 fn wal_bytes(db: &std::path::Path) -> Option<u64> {

@@ -248,15 +248,7 @@ async fn seq_at(
             target: objects.last().map_or(0, |o| o.seq),
         })?
         .seq;
-    // One object or run ending at each point, objects first.
-    let mut usable: Vec<&ObjectRef> = objects.iter().filter(|o| o.seq >= first).collect();
-    let mut seen: std::collections::HashSet<u64> = usable.iter().map(|o| o.seq).collect();
-    usable.extend(
-        runs.iter()
-            .map(|(_, run)| run)
-            .filter(|run| run.seq > first && seen.insert(run.seq)),
-    );
-    usable.sort_by_key(|o| o.seq);
+    let usable = chain::restore_points(objects, runs, first);
     let earliest = chain::read_header(storage, usable[0]).await?.timestamp_ms;
     if earliest > ms {
         return Err(Error::BeforeEarliest {
@@ -334,7 +326,10 @@ pub fn plan(
             target,
         })?;
     let snapshot = &objects[start];
-    let ends = chain::ends(&objects[start..], runs);
+    let ends: Vec<u64> = chain::restore_points(objects, runs, snapshot.seq)
+        .iter()
+        .map(|o| o.seq)
+        .collect();
     let compacted = runs.iter().any(|(f, r)| (*f..=r.seq).contains(&target));
     if let (Err(at), true) = (ends.binary_search(&target), compacted) {
         let name = |seq: Option<&u64>| seq.map_or_else(|| "none".to_string(), u64::to_string);

@@ -943,6 +943,12 @@ async fn writer_outrunning_the_interval(kind: &'static str, store: TestStore, ne
         objects.len()
     );
     assert!(truncated >= 2, "{kind}: truncated {truncated} times\n{log}");
+    // Truncating under its own lock keeps the chain: no snapshot after the first.
+    assert_eq!(
+        count_snapshots(store.storage.as_ref(), a.name).await,
+        1,
+        "{kind}\n{log}"
+    );
     assert!(
         shipped_while_writing >= 3,
         "{kind}: {shipped_while_writing} objects while the app wrote\n{log}"

@@ -419,6 +419,17 @@ fn spawn_watch(store: &TestStore, config: &Path, stderr: Stdio) -> common::Reape
     common::Reaped::new(cmd.spawn().unwrap())
 }
 
+/// Reads a child's piped stderr as it comes (so that the log never blocks
+/// it) on a thread whose result is the whole text.
+fn drain_stderr(child: &mut common::Reaped) -> std::thread::JoinHandle<String> {
+    let mut stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
+        text
+    })
+}
+
 /// `DIR/walsync.toml` for `store` with one database and one `[sync]` setting.
 fn one_db_config(store: &TestStore, dir: &Path, db: &Path, sync: &str) -> std::path::PathBuf {
     let config = dir.join("walsync.toml");
@@ -982,13 +993,7 @@ async fn a_database_that_keeps_losing_continuity_is_reported_degraded() {
         )
         .unwrap();
         let mut child = spawn_watch(&store, &config, Stdio::piped());
-        // Drained as it comes, so that the log never blocks walsync.
-        let mut stderr = child.stderr.take().unwrap();
-        let log = std::thread::spawn(move || {
-            let mut text = String::new();
-            std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
-            text
-        });
+        let log = drain_stderr(&mut child);
         let closed = |d: &serde_json::Value| d["state"] == "closed";
         wait_for_status(&addr, "app", "closed", closed).await;
 
@@ -1814,12 +1819,7 @@ async fn a_file_that_is_not_sqlite_is_stopped_once_and_the_fleet_goes_on() {
         )
         .unwrap();
         let mut child = spawn_watch(&store, &config, Stdio::piped());
-        let mut stderr = child.stderr.take().unwrap();
-        let log = std::thread::spawn(move || {
-            let mut text = String::new();
-            std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
-            text
-        });
+        let log = drain_stderr(&mut child);
         wait_for_status(&addr, "notes", "stopped", |d| d["state"] == "stopped").await;
         // The file keeps changing; the good database keeps shipping.
         for round in 0..5 {
@@ -2216,12 +2216,7 @@ async fn a_healthy_busy_fleet_logs_no_warning() {
         )
         .unwrap();
         let mut child = spawn_watch(&store, &config, Stdio::piped());
-        let mut stderr = child.stderr.take().unwrap();
-        let log = std::thread::spawn(move || {
-            let mut text = String::new();
-            std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
-            text
-        });
+        let log = drain_stderr(&mut child);
         for i in 0..3 {
             wait_for_objects(&store, &format!("db{i}"), 1, String::new).await;
         }
@@ -2622,12 +2617,7 @@ async fn storage_faults_never_stop_any_database_from_shipping() {
     with_store(&mut cmd, &store);
     cmd.env("AWS_ENDPOINT_URL_S3", &proxy.endpoint);
     let mut child = common::Reaped::new(cmd.spawn().unwrap());
-    let mut stderr = child.stderr.take().unwrap();
-    let log = std::thread::spawn(move || {
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
-        text
-    });
+    let log = drain_stderr(&mut child);
     for p in &prefixes {
         wait_for_objects(&store, p, 1, String::new).await;
     }
@@ -3162,12 +3152,7 @@ async fn watch_compacts_as_the_chain_grows() {
     cmd.env("AWS_ENDPOINT_URL_S3", &proxy.endpoint)
         .env("WALSYNC_LOG", "walsync::compactor=debug");
     let mut child = common::Reaped::new(cmd.spawn().unwrap());
-    let mut stderr = child.stderr.take().unwrap();
-    let log = std::thread::spawn(move || {
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
-        text
-    });
+    let log = drain_stderr(&mut child);
     wait_for_objects(&store, "grows", 1, String::new).await;
     let sync_wait = || {
         let mut sync = walsync();
@@ -3361,12 +3346,7 @@ async fn objects_older_than_the_exact_window_go_and_runs_carry_restores_across()
     with_store(&mut cmd, &store);
     cmd.env("AWS_ENDPOINT_URL_S3", &proxy.endpoint);
     let mut child = common::Reaped::new(cmd.spawn().unwrap());
-    let mut stderr = child.stderr.take().unwrap();
-    let log = std::thread::spawn(move || {
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
-        text
-    });
+    let log = drain_stderr(&mut child);
     wait_for_objects(&store, "window", 1, String::new).await;
     let head = || async {
         let mut sync = walsync();
