@@ -49,6 +49,19 @@ pub enum Error {
     Io(#[from] io::Error),
 }
 
+impl Error {
+    /// An object listed a moment ago is gone: retention deleted it while the
+    /// pass ran. The next pass lists again and finds the chain as it is.
+    pub fn went_meanwhile(&self) -> bool {
+        matches!(
+            self,
+            Error::Chain(chain::Error::Storage(
+                crate::storage::Error::NotFound { .. }
+            ))
+        )
+    }
+}
+
 /// The run merged so far.
 pub struct Merge {
     page_size: u32,
@@ -690,9 +703,19 @@ pub async fn delete_replaced(
                     size: 0,
                     mark: None,
                 };
-                let (header, _, _) = chain::read_verified(storage, &object).await?;
-                run.timestamp_ms = Some(header.timestamp_ms);
-                header.timestamp_ms
+                match chain::read_verified(storage, &object).await {
+                    Ok((header, _, _)) => {
+                        run.timestamp_ms = Some(header.timestamp_ms);
+                        header.timestamp_ms
+                    }
+                    // Retention took the run and the objects before it
+                    // while it waited here: nothing of it is left to delete.
+                    Err(chain::Error::Storage(crate::storage::Error::NotFound { .. })) => {
+                        due += 1;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
         };
         if recorded.saturating_add(window_ms) > now_ms {
@@ -889,5 +912,43 @@ mod tests {
                 db_pages: 7
             })
         ));
+    }
+
+    /// Retention may delete a run (and its objects) while it waits in the
+    /// queue for the exact window: the queue must go on past it, or no
+    /// later run's objects would ever be deleted.
+    #[tokio::test]
+    async fn a_run_retention_deleted_does_not_hold_the_window_back() {
+        use crate::storage::{Storage, fs::FsStorage};
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStorage::new(dir.path());
+        for seq in 5..=8 {
+            let key = segment::object_key("db", seq);
+            store
+                .put_new(&key, Payload::Bytes(vec![1]), [0; 32])
+                .await
+                .unwrap();
+        }
+        let mut replaced: std::collections::VecDeque<Replaced> = [
+            // Gone with its objects: retention took them.
+            Replaced {
+                first: 1,
+                last: 4,
+                timestamp_ms: None,
+            },
+            Replaced {
+                first: 5,
+                last: 8,
+                timestamp_ms: Some(1_000),
+            },
+        ]
+        .into();
+        let window = std::time::Duration::from_secs(1);
+        let deleted = delete_replaced(&store, "db", &mut replaced, (window, 100, 1_000_000))
+            .await
+            .unwrap();
+        assert_eq!(deleted, 4);
+        assert!(replaced.is_empty(), "{replaced:?}");
+        assert!(store.list("db/").await.unwrap().is_empty());
     }
 }

@@ -243,6 +243,10 @@ async fn pass_compact(
             );
             Some(due.head)
         }
+        Err(e) if e.went_meanwhile() => {
+            debug!(prefix = %due.prefix, error = %e, "an object went while compacting; listed again next pass");
+            None
+        }
         Err(e) => {
             board.update(&due.prefix, |s| s.compaction_failures += 1);
             warn!(
