@@ -372,30 +372,7 @@ pub async fn read_verified(
     storage: &dyn Storage,
     object: &ObjectRef,
 ) -> Result<(segment::Header, [u8; 32], std::fs::File)> {
-    let file = spool_object(storage, &object.key, None).await?;
-    let key = object.key.clone();
-    let (header, hash, file) = tokio::task::spawn_blocking(move || {
-        use std::io::{Seek, SeekFrom};
-        let mut file = file;
-        let len = file.metadata()?.len();
-        file.seek(SeekFrom::Start(0))?;
-        let verified = segment::verify(std::io::BufReader::new(&mut file), len);
-        file.seek(SeekFrom::Start(0))?;
-        Ok::<_, std::io::Error>(verified.map(|(h, hash)| (h, hash, file)))
-    })
-    .await
-    .map_err(|e| storage::Error::Io {
-        key: key.clone(),
-        source: std::io::Error::other(e),
-    })?
-    .map_err(|source| storage::Error::Io {
-        key: key.clone(),
-        source,
-    })?
-    .map_err(|source| Error::Segment {
-        key: key.clone(),
-        source,
-    })?;
+    let (file, (header, hash)) = spool_object(storage, &object.key, None).await?;
     check_key(object, &header)?;
     Ok((header, hash, file))
 }
@@ -465,12 +442,13 @@ pub async fn read_header(storage: &dyn Storage, object: &ObjectRef) -> Result<se
 const COPY_BUFFER: usize = 1 << 20;
 
 /// Copies an object into an anonymous temp file, in `dir` if given (keep
-/// large objects off a RAM-backed /tmp by spooling beside their destination).
+/// large objects off a RAM-backed /tmp by spooling beside their
+/// destination), checked as it goes; the file is at its start.
 pub async fn spool_object(
     storage: &dyn Storage,
     key: &str,
     dir: Option<&std::path::Path>,
-) -> Result<std::fs::File> {
+) -> Result<(std::fs::File, (segment::Header, [u8; 32]))> {
     let io = |source| storage::Error::Io {
         key: key.to_string(),
         source,
@@ -481,24 +459,45 @@ pub async fn spool_object(
     }
     .map_err(io)?;
     let mut out = tokio::fs::File::from_std(file);
-    copy_object(storage, key, &mut out).await?;
-    Ok(out.into_std().await)
+    let checked = copy_object(storage, key, &mut out).await?;
+    tokio::io::AsyncSeekExt::rewind(&mut out)
+        .await
+        .map_err(io)?;
+    Ok((out.into_std().await, checked))
 }
 
-/// Copies object `key` into `out`, [`COPY_BUFFER`] at a time, and flushes it.
+/// Copies object `key` into `out`, [`COPY_BUFFER`] at a time, flushes it,
+/// and checks it on the way ([`segment::Check`]): its header and content
+/// hash, from one read of the download.
 pub async fn copy_object(
     storage: &dyn Storage,
     key: &str,
     out: &mut tokio::fs::File,
-) -> Result<(), storage::Error> {
+) -> Result<(segment::Header, [u8; 32])> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let io = |source| storage::Error::Io {
         key: key.to_string(),
         source,
     };
     let mut reader = tokio::io::BufReader::with_capacity(COPY_BUFFER, storage.get(key).await?);
-    tokio::io::copy_buf(&mut reader, out).await.map_err(io)?;
-    tokio::io::AsyncWriteExt::flush(out).await.map_err(io)?;
-    Ok(())
+    let mut check = segment::Check::default();
+    loop {
+        let chunk = reader.fill_buf().await.map_err(io)?;
+        if chunk.is_empty() {
+            break;
+        }
+        // tokio's file takes the chunk into its own buffer and writes it on
+        // a blocking thread: the hash below overlaps that write.
+        out.write_all(chunk).await.map_err(io)?;
+        check.update(chunk);
+        let n = chunk.len();
+        reader.consume(n);
+    }
+    out.flush().await.map_err(io)?;
+    check.finish().map_err(|source| Error::Segment {
+        key: key.to_string(),
+        source,
+    })
 }
 
 #[cfg(test)]

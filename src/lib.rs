@@ -13,6 +13,7 @@ pub mod fork;
 pub mod http;
 pub mod listen;
 pub mod out;
+pub mod page_hashes;
 pub mod redact;
 pub mod replica;
 pub mod replicator;

@@ -22,9 +22,10 @@ use std::sync::Arc;
 use crate::chain::{self, ObjectRef};
 use crate::encryption::{KeyId, Keys};
 use crate::fork::{self, Branch};
+use crate::page_hashes::{self, Batch, Hasher};
 use crate::segment::{self, Kind, PageReader};
 use crate::sidefile;
-use crate::state::{self, Record, page_hash};
+use crate::state::{self, Record};
 use crate::storage::{self, Storage, to_hex};
 
 #[derive(Debug, thiserror::Error)]
@@ -619,33 +620,61 @@ async fn fetch_checked(
     object: ObjectRef,
 ) -> Result<(ObjectRef, segment::Header, [u8; 32], PathBuf)> {
     let spool = scratch.join(format!("{:016x}", object.seq));
-    download(storage, &object.key, &spool).await?;
-    let spool_for_check = spool.clone();
-    let (header, hash) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let file = File::open(&spool_for_check).map_err(io_at(&spool_for_check))?;
-        let len = file.metadata().map_err(io_at(&spool_for_check))?.len();
-        Ok(segment::verify(
-            BufReader::with_capacity(1 << 20, file),
-            len,
-        ))
-    })
-    .await
-    .map_err(|e| Error::Io {
-        path: spool.clone(),
-        source: io::Error::other(e),
-    })??
-    .map_err(|source| Error::Corrupt {
-        key: object.key.clone(),
-        source,
-    })?;
+    let (header, hash) = match link_local(storage, &object.key, &spool)? {
+        true => verify_file(&object.key, &spool).await?,
+        false => {
+            let mut out = tokio::fs::File::create(&spool)
+                .await
+                .map_err(io_at(&spool))?;
+            chain::copy_object(storage, &object.key, &mut out).await?
+        }
+    };
     chain::check_key(&object, &header)?;
     Ok((object, header, hash, spool))
 }
 
-async fn download(storage: &dyn Storage, key: &str, to: &Path) -> Result<()> {
-    let mut out = tokio::fs::File::create(to).await.map_err(io_at(to))?;
-    chain::copy_object(storage, key, &mut out).await?;
-    Ok(())
+/// Links an object of a store on this machine into the scratch directory:
+/// no copy to write, and the link keeps it readable if retention deletes
+/// it meanwhile. `false` where the store is remote or the link cannot be
+/// made (another filesystem, say): the object is downloaded instead.
+fn link_local(storage: &dyn Storage, key: &str, spool: &Path) -> Result<bool> {
+    let Some(path) = storage.local_path(key) else {
+        return Ok(false);
+    };
+    match std::fs::hard_link(&path, spool) {
+        Ok(()) => Ok(true),
+        Err(e)
+            if e.kind() == io::ErrorKind::NotFound && spool.parent().is_some_and(Path::exists) =>
+        {
+            Err(Error::Storage(storage::Error::NotFound {
+                key: key.to_string(),
+            }))
+        }
+        Err(e) => {
+            tracing::debug!(key, error = %e, "cannot link the object; copying it");
+            Ok(false)
+        }
+    }
+}
+
+/// Reads a whole object file once, checking it as [`chain::copy_object`]
+/// checks a download.
+async fn verify_file(key: &str, path: &Path) -> Result<(segment::Header, [u8; 32])> {
+    let owned = path.to_path_buf();
+    tokio::task::spawn_blocking(move || -> Result<_> {
+        let file = File::open(&owned).map_err(io_at(&owned))?;
+        let len = file.metadata().map_err(io_at(&owned))?.len();
+        Ok(segment::verify(file, len))
+    })
+    .await
+    .map_err(|e| Error::Io {
+        path: path.to_path_buf(),
+        source: io::Error::other(e),
+    })??
+    .map_err(|source| Error::Corrupt {
+        key: key.to_string(),
+        source,
+    })
 }
 
 fn apply(
@@ -740,6 +769,7 @@ fn retire_wal_of(output: &Path) -> Result<()> {
 /// it and checking, after each object that records one, that the state
 /// digest of what was written is the one the writer had. Returns the record
 /// if the last object's digest is known (it describes the file written).
+/// Pages are hashed on a second thread while this one decodes and writes.
 fn apply_into(
     items: &[Item],
     out: &File,
@@ -747,52 +777,111 @@ fn apply_into(
     record_path: &Path,
     keys: Option<&Keys>,
 ) -> Result<Option<Record>> {
-    let mut record: Option<Record> = None;
     // A chain whose objects record no state digest (the first format) has
     // nothing to check and no record worth leaving: no page is hashed.
     let tracked = items.iter().any(|i| i.state.is_some());
-    let mut page = Vec::new();
-    for item in items {
-        let corrupt = |source| Error::Corrupt {
-            key: item.key.clone(),
-            source,
-        };
-        let file = File::open(&item.spool).map_err(io_at(&item.spool))?;
-        let len = file.metadata().map_err(io_at(&item.spool))?.len();
-        let mut reader =
-            PageReader::new(BufReader::with_capacity(1 << 20, file), len, keys).map_err(corrupt)?;
-        let header = *reader.header();
-        let head = state::Head {
-            seq: header.seq,
-            hash: item.hash,
-        };
-        page.resize(header.page_size as usize, 0);
-        // A snapshot holds every page in order: its record is built as it
-        // streams. Anything else changes some pages of the record before it.
-        let mut builder = match header.kind {
-            Kind::Snapshot if tracked => Some(
-                state::Builder::new(record_path, header.page_size).map_err(io_at(record_path))?,
-            ),
-            _ => None,
-        };
-        // A small object can declare a huge database: what it declares must
-        // fit on the disk, and agree with what its page 1 says.
-        let declared = u64::from(header.db_pages) * u64::from(header.page_size);
-        let written = out.metadata().map_err(io_at(tmp))?.len();
-        if declared > written {
-            let free = free_space(tmp).map_err(io_at(tmp))?;
-            if declared - written > free {
-                return Err(Error::TooLarge {
-                    key: item.key.clone(),
-                    declared,
-                    free,
-                });
-            }
+    let record = std::thread::scope(|scope| -> Result<Option<Record>> {
+        let mut hasher = tracked.then(|| Hasher::spawn(scope));
+        let mut record: Option<Record> = None;
+        for item in items {
+            let done = apply_object(
+                item,
+                out,
+                tmp,
+                record_path,
+                keys,
+                hasher.as_mut(),
+                record.take(),
+            )?;
+            record = done;
         }
-        let mut changed = Vec::new();
-        while let Some(pgno) = reader.next_page(&mut page).map_err(corrupt)? {
+        Ok(record)
+    })?;
+    out.sync_all().map_err(io_at(tmp))?;
+    Ok(record.filter(|_| items.last().is_some_and(|i| i.state.is_some())))
+}
+
+/// Where the hashes of an object's pages go, in the order read: a
+/// snapshot's build its record, any other object's change the one before.
+enum Hashes {
+    Building(state::Builder),
+    Changing(Vec<(u32, u128)>),
+}
+
+impl Hashes {
+    fn take(&mut self, batch: &Batch, record_path: &Path) -> Result<()> {
+        match self {
+            Hashes::Building(b) => {
+                for (_, hash) in batch.hashed() {
+                    b.push(hash).map_err(io_at(record_path))?;
+                }
+            }
+            Hashes::Changing(changed) => changed.extend(batch.hashed()),
+        }
+        Ok(())
+    }
+}
+
+/// [`apply_into`] for one object: `record` is the state before it (if
+/// tracked), the result the state after it.
+fn apply_object(
+    item: &Item,
+    out: &File,
+    tmp: &Path,
+    record_path: &Path,
+    keys: Option<&Keys>,
+    mut hasher: Option<&mut Hasher>,
+    record: Option<Record>,
+) -> Result<Option<Record>> {
+    let corrupt = |source| Error::Corrupt {
+        key: item.key.clone(),
+        source,
+    };
+    let stopped = |e: page_hashes::Stopped| Error::Io {
+        path: tmp.to_path_buf(),
+        source: io::Error::other(e),
+    };
+    let file = File::open(&item.spool).map_err(io_at(&item.spool))?;
+    let len = file.metadata().map_err(io_at(&item.spool))?.len();
+    let mut reader =
+        PageReader::new(BufReader::with_capacity(1 << 20, file), len, keys).map_err(corrupt)?;
+    let header = *reader.header();
+    let head = state::Head {
+        seq: header.seq,
+        hash: item.hash,
+    };
+    let page_size = header.page_size as usize;
+    // A snapshot holds every page in order: its record is built as it
+    // streams. Anything else changes some pages of the record before it.
+    let mut hashes = match header.kind {
+        Kind::Snapshot if hasher.is_some() => Hashes::Building(
+            state::Builder::new(record_path, header.page_size).map_err(io_at(record_path))?,
+        ),
+        _ => Hashes::Changing(Vec::new()),
+    };
+    // A small object can declare a huge database: what it declares must
+    // fit on the disk, and agree with what its page 1 says.
+    let declared = u64::from(header.db_pages) * u64::from(header.page_size);
+    let written = out.metadata().map_err(io_at(tmp))?.len();
+    if declared > written {
+        let free = free_space(tmp).map_err(io_at(tmp))?;
+        if declared - written > free {
+            return Err(Error::TooLarge {
+                key: item.key.clone(),
+                declared,
+                free,
+            });
+        }
+    }
+    let mut batch = match hasher.as_deref_mut() {
+        Some(h) => h.batch(page_size),
+        None => Batch::new(page_size),
+    };
+    loop {
+        let read = reader.next_page(batch.slot()).map_err(corrupt)?;
+        if let Some(pgno) = read {
             if pgno == 1
-                && let Some(says) = header_page_count(&page)
+                && let Some(says) = header_page_count(batch.slot())
                 && says != header.db_pages
             {
                 return Err(Error::SizeMismatch {
@@ -801,51 +890,68 @@ fn apply_into(
                     says,
                 });
             }
-            out.write_all_at(&page, u64::from(pgno - 1) * u64::from(header.page_size))
-                .map_err(io_at(tmp))?;
-            if !tracked {
+            batch.keep(pgno);
+            if !batch.is_full() {
                 continue;
             }
-            let hash = page_hash(pgno, &page);
-            match &mut builder {
-                Some(b) => b.push(hash).map_err(io_at(record_path))?,
-                None => changed.push((pgno, hash)),
-            }
         }
-        // Pages past the new end are gone, also if a later object grows the file again.
-        out.set_len(u64::from(header.db_pages) * u64::from(header.page_size))
-            .map_err(io_at(tmp))?;
-        if !tracked {
-            continue;
+        for (first, bytes) in batch.stretches() {
+            out.write_all_at(bytes, u64::from(first - 1) * u64::from(header.page_size))
+                .map_err(io_at(tmp))?;
         }
-        record = Some(match (builder, record.take()) {
-            (Some(b), _) => b.place(record_path, head).map_err(io_at(record_path))?,
-            (None, Some(mut r)) => {
-                let sum = r
-                    .advance(header.db_pages, &changed)
-                    .map_err(io_at(record_path))?;
-                r.apply(sum, &changed, head).map_err(io_at(record_path))?;
-                r
+        match hasher.as_deref_mut() {
+            Some(h) => {
+                let next = h.batch(page_size);
+                let full = std::mem::replace(&mut batch, next);
+                if !full.is_empty()
+                    && let Some(hashed) = h.send(full).map_err(stopped)?
+                {
+                    hashes.take(&hashed, record_path)?;
+                    h.recycle(hashed);
+                }
             }
-            (None, None) => {
-                // Plans start at a snapshot (its header is checked against
-                // its listing); this is not reached.
-                return Err(Error::NoSnapshot {
-                    prefix: item.key.clone(),
-                    target: header.seq,
-                });
-            }
-        });
-        if let (Some(expected), Some(r)) = (item.state, &record)
-            && r.sum.digest() != expected
-        {
-            return Err(Error::StateMismatch {
-                key: item.key.clone(),
-            });
+            None => batch.clear(),
+        }
+        if read.is_none() {
+            break;
         }
     }
-    out.sync_all().map_err(io_at(tmp))?;
-    Ok(record.filter(|_| items.last().is_some_and(|i| i.state.is_some())))
+    // Pages past the new end are gone, also if a later object grows the file again.
+    out.set_len(u64::from(header.db_pages) * u64::from(header.page_size))
+        .map_err(io_at(tmp))?;
+    let Some(h) = hasher else {
+        return Ok(None);
+    };
+    while let Some(hashed) = h.next_hashed().map_err(stopped)? {
+        hashes.take(&hashed, record_path)?;
+        h.recycle(hashed);
+    }
+    let record = match (hashes, record) {
+        (Hashes::Building(b), _) => b.place(record_path, head).map_err(io_at(record_path))?,
+        (Hashes::Changing(changed), Some(mut r)) => {
+            let sum = r
+                .advance(header.db_pages, &changed)
+                .map_err(io_at(record_path))?;
+            r.apply(sum, &changed, head).map_err(io_at(record_path))?;
+            r
+        }
+        (Hashes::Changing(_), None) => {
+            // Plans start at a snapshot (its header is checked against
+            // its listing); this is not reached.
+            return Err(Error::NoSnapshot {
+                prefix: item.key.clone(),
+                target: header.seq,
+            });
+        }
+    };
+    if let Some(expected) = item.state
+        && record.sum.digest() != expected
+    {
+        return Err(Error::StateMismatch {
+            key: item.key.clone(),
+        });
+    }
+    Ok(Some(record))
 }
 
 /// The database size page 1's header gives, where SQLite would trust it

@@ -546,44 +546,90 @@ impl<W: Write> Encoder<W> {
 
 /// Checks the trailer of a whole object read from `r` (of `len` bytes) and
 /// returns its header and content hash. Reads the object once, streaming.
-pub fn verify(mut r: impl Read, len: u64) -> Result<(Header, [u8; 32])> {
-    if len < (HEADER_SIZE + TRAILER_SIZE) as u64 {
+pub fn verify(r: impl Read, len: u64) -> Result<(Header, [u8; 32])> {
+    let mut check = Check::default();
+    let mut r = r.take(len);
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => check.update(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if check.bytes_seen() != len {
         return Err(Error::TooShort(len));
     }
-    let (header, head) = read_header(&mut r)?;
-    let body_len = body_len(&header, len)?;
-    let mut hasher = Sha256::new();
-    hasher.update(&head);
-    let mut body = (&mut r).take(body_len);
-    let copied = io::copy(&mut body, &mut HashSink(&mut hasher))?;
-    if copied != body_len {
-        return Err(Error::TooShort(len));
-    }
-    let mut header = header;
-    if header.version != VERSION_1 {
-        let mut state = [0u8; 32];
-        r.read_exact(&mut state)?;
-        hasher.update(state);
-        header.state = (state != [0; 32]).then_some(state);
-    }
-    let mut trailer = [0u8; TRAILER_SIZE];
-    r.read_exact(&mut trailer)?;
-    let hash: [u8; 32] = hasher.finalize().into();
-    if hash != trailer {
-        return Err(Error::HashMismatch);
-    }
-    Ok((header, hash))
+    check.finish()
 }
 
-struct HashSink<'a>(&'a mut Sha256);
+/// Checks an object as its bytes stream past (fed in order to
+/// [`Check::update`]), so a download is verified without reading it twice.
+/// The content hash covers every byte but the last [`TRAILER_SIZE`], which
+/// are that hash; the state digest, where the format has one, is the 32
+/// bytes before them.
+#[derive(Default)]
+pub struct Check {
+    hasher: Sha256,
+    /// The first bytes, up to the longest header.
+    head: Vec<u8>,
+    /// The last bytes seen, held back from the hasher until more arrive.
+    tail: Vec<u8>,
+    len: u64,
+}
 
-impl Write for HashSink<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.update(buf);
-        Ok(buf.len())
+/// Bytes held back: the state digest and the trailer.
+const HELD: usize = TRAILER_SIZE_V2;
+
+impl Check {
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.len += bytes.len() as u64;
+        if self.head.len() < MAX_HEADER_SIZE {
+            let take = (MAX_HEADER_SIZE - self.head.len()).min(bytes.len());
+            self.head.extend_from_slice(&bytes[..take]);
+        }
+        if bytes.len() >= HELD {
+            self.hasher.update(&self.tail);
+            let (now, held) = bytes.split_at(bytes.len() - HELD);
+            self.hasher.update(now);
+            self.tail.clear();
+            self.tail.extend_from_slice(held);
+        } else {
+            self.tail.extend_from_slice(bytes);
+            let over = self.tail.len().saturating_sub(HELD);
+            self.hasher.update(&self.tail[..over]);
+            self.tail.drain(..over);
+        }
     }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+
+    /// Bytes fed so far.
+    pub fn bytes_seen(&self) -> u64 {
+        self.len
+    }
+
+    /// The object's header and content hash, if the bytes fed are a whole,
+    /// intact object.
+    pub fn finish(self) -> Result<(Header, [u8; 32])> {
+        let len = self.len;
+        if len < (HEADER_SIZE + TRAILER_SIZE) as u64 || self.tail.len() < HELD {
+            return Err(Error::TooShort(len));
+        }
+        let (mut header, _) = read_header(&mut self.head.as_slice())?;
+        body_len(&header, len)?;
+        let (state, trailer) = self.tail.split_at(HELD - TRAILER_SIZE);
+        let mut hasher = self.hasher;
+        // A first-format object's last body bytes, or the state digest.
+        hasher.update(state);
+        let hash: [u8; 32] = hasher.finalize().into();
+        if hash != trailer {
+            return Err(Error::HashMismatch);
+        }
+        if header.version != VERSION_1 {
+            let state: [u8; 32] = state.try_into().map_err(|_| Error::TooShort(len))?;
+            header.state = (state != [0; 32]).then_some(state);
+        }
+        Ok((header, hash))
     }
 }
 
@@ -1017,6 +1063,43 @@ mod tests {
                 read_pages(&bad, Some(&ring)).is_err(),
                 "flip at {at} accepted"
             );
+        }
+    }
+
+    /// A download is checked in whatever pieces the network hands it:
+    /// every split gives what the whole gives, and a flip is caught.
+    #[test]
+    fn a_check_fed_in_pieces_agrees_with_the_whole() {
+        let pages = [1, 3];
+        let ring = keys(&[&[1; 32]]);
+        let (plain, _) = encode(header(Kind::Snapshot, &pages), &pages);
+        let (sealed, _) = encode_with(
+            header(Kind::Wal, &pages),
+            &pages,
+            Some(ring.current().unwrap()),
+        );
+        for bytes in [plain, sealed] {
+            let whole = verify(Cursor::new(&bytes), bytes.len() as u64).unwrap();
+            for piece in [1, 7, 31, 32, 63, 64, 65, 100, 4096, bytes.len()] {
+                let fed = |bytes: &[u8]| {
+                    let mut check = Check::default();
+                    for chunk in bytes.chunks(piece) {
+                        check.update(chunk);
+                    }
+                    check.finish()
+                };
+                let (header, hash) = fed(&bytes).unwrap();
+                assert_eq!(
+                    (header.state, header.seq, hash),
+                    (whole.0.state, whole.0.seq, whole.1)
+                );
+                for at in [0, 50, bytes.len() / 2, bytes.len() - 40, bytes.len() - 1] {
+                    let mut bad = bytes.clone();
+                    bad[at] ^= 1;
+                    assert!(fed(&bad).is_err(), "flip at {at}, pieces of {piece}");
+                }
+                assert!(fed(&bytes[..bytes.len() - 1]).is_err());
+            }
         }
     }
 

@@ -222,6 +222,10 @@ impl Storage for FsStorage {
         }
     }
 
+    fn local_path(&self, key: &str) -> Option<PathBuf> {
+        self.path_of(key).ok()
+    }
+
     fn describe(&self) -> String {
         format!("file://{}", self.root.display())
     }

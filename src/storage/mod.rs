@@ -129,6 +129,13 @@ pub trait Storage: Send + Sync + fmt::Debug {
         Ok(())
     }
 
+    /// Where object `key` lies as a file on this machine, for a store that
+    /// keeps objects as files (a restore links it instead of copying it).
+    /// Objects are immutable, so the file never changes once it exists.
+    fn local_path(&self, _key: &str) -> Option<std::path::PathBuf> {
+        None
+    }
+
     /// A human-readable location for logs (never contains credentials).
     fn describe(&self) -> String;
 }
