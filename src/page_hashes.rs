@@ -54,8 +54,8 @@ impl Batch {
         self.pgnos.is_empty()
     }
 
-    /// The pages kept, as stretches of consecutive page numbers: one write
-    /// each (a snapshot's batch is one stretch).
+    /// The pages kept, as stretches of consecutive page numbers (a
+    /// snapshot's batch is one stretch), to be written in few calls.
     pub fn stretches(&self) -> impl Iterator<Item = (u32, &[u8])> {
         let mut start = 0;
         std::iter::from_fn(move || {

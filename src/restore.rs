@@ -801,6 +801,13 @@ fn apply_into(
     Ok(record.filter(|_| items.last().is_some_and(|i| i.state.is_some())))
 }
 
+/// The most one write puts into the restored file. Per 4 KiB page, the
+/// system calls cost; 1 MiB at a time, ext4 copied into the page cache at a
+/// quarter of the speed (measured on Linux 6.18, a 1 GiB restore: 4 KiB
+/// 3.5-3.8 s, 64 KiB 2.9-3.2 s, 256 KiB 3.3-3.5 s, 1 MiB 4.6-5.1 s). A
+/// multiple of every page size, so a chunk never splits a page.
+const WRITE_BYTES: usize = 64 << 10;
+
 /// Where the hashes of an object's pages go, in the order read: a
 /// snapshot's build its record, any other object's change the one before.
 enum Hashes {
@@ -896,8 +903,11 @@ fn apply_object(
             }
         }
         for (first, bytes) in batch.stretches() {
-            out.write_all_at(bytes, u64::from(first - 1) * u64::from(header.page_size))
-                .map_err(io_at(tmp))?;
+            let at = u64::from(first - 1) * u64::from(header.page_size);
+            for (i, chunk) in bytes.chunks(WRITE_BYTES).enumerate() {
+                out.write_all_at(chunk, at + (i * WRITE_BYTES) as u64)
+                    .map_err(io_at(tmp))?;
+            }
         }
         match hasher.as_deref_mut() {
             Some(h) => {
