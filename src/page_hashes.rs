@@ -9,9 +9,9 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use crate::state;
 
-/// Pages per batch: 1 MiB of 4 KiB pages, few enough hand-offs to cost
-/// nothing, small enough to keep memory flat.
-const BATCH_PAGES: usize = 256;
+/// Bytes per batch (at least one page): few enough hand-offs to cost
+/// nothing, small enough to keep memory flat (a few batches are alive).
+const BATCH_BYTES: usize = 1 << 20;
 
 /// Batches handed over and not yet given back: one being hashed while the
 /// next is filled.
@@ -27,11 +27,12 @@ pub struct Batch {
 
 impl Batch {
     pub fn new(page_size: usize) -> Self {
+        let pages = (BATCH_BYTES / page_size.max(1)).max(1);
         Self {
             page_size,
-            data: vec![0; page_size * BATCH_PAGES],
-            pgnos: Vec::with_capacity(BATCH_PAGES),
-            hashes: Vec::with_capacity(BATCH_PAGES),
+            data: vec![0; page_size * pages],
+            pgnos: Vec::with_capacity(pages),
+            hashes: Vec::with_capacity(pages),
         }
     }
 
@@ -47,7 +48,7 @@ impl Batch {
     }
 
     pub fn is_full(&self) -> bool {
-        self.pgnos.len() == BATCH_PAGES
+        (self.pgnos.len() + 1) * self.page_size > self.data.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -183,7 +184,8 @@ mod tests {
 
     #[test]
     fn hashes_come_back_in_order_and_stretches_split_at_gaps() {
-        let page_size = 16;
+        // 4 KiB pages: 256 to a batch, so 600 pages make three.
+        let page_size = 4096;
         let pgnos: Vec<u32> = (1..=600).filter(|p| p % 97 != 0).collect();
         let page = |pgno: u32| vec![(pgno % 251) as u8; page_size];
         let mut got = Vec::new();

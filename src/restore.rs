@@ -620,10 +620,21 @@ async fn fetch_checked(
     object: ObjectRef,
 ) -> Result<(ObjectRef, segment::Header, [u8; 32], PathBuf)> {
     let spool = scratch.join(format!("{:016x}", object.seq));
+    // A plan made again after an object went (see `is_gone`) fetches into
+    // the same directory: an earlier attempt's file may be a link to the
+    // store's own object, which must never be written to.
+    match std::fs::remove_file(&spool) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_at(&spool)(e)),
+    }
     let (header, hash) = match link_local(storage, &object.key, &spool)? {
         true => verify_file(&object.key, &spool).await?,
         false => {
-            let mut out = tokio::fs::File::create(&spool)
+            let mut out = tokio::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&spool)
                 .await
                 .map_err(io_at(&spool))?;
             chain::copy_object(storage, &object.key, &mut out).await?
@@ -932,6 +943,7 @@ fn apply_object(
     let Some(h) = hasher else {
         return Ok(None);
     };
+    h.recycle(batch);
     while let Some(hashed) = h.next_hashed().map_err(stopped)? {
         hashes.take(&hashed, record_path)?;
         h.recycle(hashed);
@@ -1027,6 +1039,37 @@ fn check_integrity(path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Review finding: a second fetch into the same scratch directory (a
+    /// restore that planned again) found the first one's link to the
+    /// store's object, failed to link, and copied over it, emptying the
+    /// object in the store. The object here is not even valid: a fetch that
+    /// failed its check left its link behind just the same.
+    #[tokio::test]
+    async fn fetching_again_into_the_same_scratch_never_writes_to_the_store() {
+        use crate::storage::{Payload, fs::FsStorage};
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStorage::new(dir.path().join("store"));
+        let object = obj(1, Kind::Wal);
+        let key = object.key.clone();
+        let bytes = vec![7u8; 300];
+        store
+            .put_new(&key, Payload::Bytes(bytes.clone()), [0; 32])
+            .await
+            .unwrap();
+        let scratch = dir.path().join("scratch");
+        std::fs::create_dir(&scratch).unwrap();
+        for _ in 0..2 {
+            let fetched = fetch_checked(&store, &scratch, object.clone()).await;
+            assert!(
+                matches!(fetched, Err(Error::Corrupt { .. })),
+                "{:?}",
+                fetched.map(|f| f.0)
+            );
+        }
+        let path = store.local_path(&key).unwrap();
+        assert_eq!(std::fs::read(path).unwrap(), bytes);
+    }
 
     fn obj(seq: u64, kind: Kind) -> ObjectRef {
         ObjectRef {
