@@ -37,6 +37,13 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+impl Error {
+    /// The object was not in storage (deleted since it was listed, say).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Error::Storage(storage::Error::NotFound { .. }))
+    }
+}
+
 /// One object of a chain, from its key alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectRef {

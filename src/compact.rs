@@ -53,12 +53,7 @@ impl Error {
     /// An object listed a moment ago is gone: retention deleted it while the
     /// pass ran. The next pass lists again and finds the chain as it is.
     pub fn went_meanwhile(&self) -> bool {
-        matches!(
-            self,
-            Error::Chain(chain::Error::Storage(
-                crate::storage::Error::NotFound { .. }
-            ))
-        )
+        matches!(self, Error::Chain(e) if e.is_not_found())
     }
 }
 
@@ -710,7 +705,7 @@ pub async fn delete_replaced(
                     }
                     // Retention took the run and the objects before it
                     // while it waited here: nothing of it is left to delete.
-                    Err(chain::Error::Storage(crate::storage::Error::NotFound { .. })) => {
+                    Err(e) if e.is_not_found() => {
                         due += 1;
                         continue;
                     }

@@ -26,7 +26,7 @@ use crate::encryption::{KeyId, Keys};
 use crate::restore::{self, RestoreOptions, Target};
 use crate::segment::{self, Header, Kind, PageReader};
 use crate::state::{self, Record, page_hash};
-use crate::storage::{self, Storage, from_hex, to_hex};
+use crate::storage::{Storage, from_hex, to_hex};
 
 /// Appended to the replica file's name for the position file.
 pub const POSITION_SUFFIX: &str = ".walsync-follow";
@@ -501,7 +501,7 @@ async fn fetch(
             Ok(fetched) => {
                 unlinked.get_or_insert((object, fetched.0, fetched.1, fetched.2));
             }
-            Err(chain::Error::Storage(storage::Error::NotFound { .. })) => {}
+            Err(e) if e.is_not_found() => {}
             Err(e) => return Err(e.into()),
         }
     }

@@ -97,7 +97,9 @@ impl Batch {
 
 /// The helper thread's two ends, within a [`std::thread::scope`].
 pub struct Hasher {
-    to: Option<SyncSender<Batch>>,
+    /// Dropped with the `Hasher`, which ends the helper's loop, so the
+    /// scope can join it.
+    to: SyncSender<Batch>,
     from: Receiver<Batch>,
     in_flight: usize,
     spare: Vec<Batch>,
@@ -121,7 +123,7 @@ impl Hasher {
             }
         });
         Self {
-            to: Some(to),
+            to,
             from,
             in_flight: 0,
             spare: Vec::new(),
@@ -142,8 +144,7 @@ impl Hasher {
     /// Hands `batch` over to be hashed; once enough are under way, waits
     /// for the oldest and returns it hashed.
     pub fn send(&mut self, batch: Batch) -> Result<Option<Batch>, Stopped> {
-        let to = self.to.as_ref().ok_or(Stopped)?;
-        to.send(batch).map_err(|_| Stopped)?;
+        self.to.send(batch).map_err(|_| Stopped)?;
         self.in_flight += 1;
         if self.in_flight < IN_FLIGHT {
             return Ok(None);
@@ -168,13 +169,6 @@ impl Hasher {
         let batch = self.from.recv().map_err(|_| Stopped)?;
         self.in_flight -= 1;
         Ok(batch)
-    }
-}
-
-impl Drop for Hasher {
-    fn drop(&mut self) {
-        // Closing the channel ends the helper's loop, so the scope can join it.
-        self.to.take();
     }
 }
 

@@ -588,11 +588,11 @@ async fn fetch_all(
 /// Whether `e` says an object was not there: one deleted between the
 /// listing and the download (compacted after the exact window meanwhile).
 fn is_gone(e: &Error) -> bool {
-    matches!(
-        e,
-        Error::Storage(storage::Error::NotFound { .. })
-            | Error::Chain(chain::Error::Storage(storage::Error::NotFound { .. }))
-    )
+    match e {
+        Error::Storage(storage::Error::NotFound { .. }) => true,
+        Error::Chain(e) => e.is_not_found(),
+        _ => false,
+    }
 }
 
 /// An object downloaded and checked, waiting to be applied.
