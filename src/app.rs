@@ -729,7 +729,7 @@ async fn restore_all(args: RestoreAllArgs) -> Result<()> {
     let storage = open_config_storage(&config.storage).await?;
     // Every database in storage, plus every configured one (which then fails
     // by name if storage has nothing for it, unless --if-replica-exists).
-    let listed = chain::list_databases(storage.as_ref())
+    let listed = chain::database_names(storage.as_ref())
         .await
         .with_context(|| format!("listing {}", storage.describe()))?;
     // A name from storage reaches a file name only if it is one walsync.toml
@@ -739,7 +739,7 @@ async fn restore_all(args: RestoreAllArgs) -> Result<()> {
         eprintln!("failed {name:?}: not a valid database name in storage (it {why}); not restored");
         failed.push(format!("{name:?}"));
     }
-    let stored: Vec<String> = listed.found.into_iter().map(|(prefix, _)| prefix).collect();
+    let stored: Vec<String> = listed.found;
     let mut prefixes = stored.clone();
     let mut skipped: Vec<(String, &str)> = Vec::new();
     for target in config.discover()? {

@@ -631,13 +631,28 @@ async fn fetch_checked(
     let (header, hash) = match link_local(storage, &object.key, &spool)? {
         true => verify_file(&object.key, &spool).await?,
         false => {
+            // Read too: a download in parts is hashed back from the file.
             let mut out = tokio::fs::OpenOptions::new()
+                .read(true)
                 .write(true)
                 .create_new(true)
                 .open(&spool)
                 .await
                 .map_err(io_at(&spool))?;
-            chain::copy_object(storage, &object.key, &mut out).await?
+            if object.size >= chain::PARTS_FROM && storage.local_path(&object.key).is_none() {
+                let out = out.into_std().await;
+                chain::download_in_parts(
+                    storage,
+                    &object.key,
+                    object.size,
+                    out,
+                    chain::PART_BYTES,
+                    chain::PARTS_AT_ONCE,
+                )
+                .await?
+            } else {
+                chain::copy_object(storage, &object.key, &mut out).await?
+            }
         }
     };
     chain::check_key(&object, &header)?;

@@ -114,6 +114,18 @@ fn put_blocking(path: &Path, key: &str, body: Payload) -> Result<()> {
 }
 
 fn list_blocking(root: &Path, prefix: &str) -> Result<Vec<ObjectMeta>> {
+    let mut out = Vec::new();
+    walk(root, prefix, &mut |batch| {
+        out.extend(batch);
+        true
+    })?;
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(out)
+}
+
+/// Hands the objects under `prefix` to `each`, one directory at a time,
+/// until it returns false.
+fn walk(root: &Path, prefix: &str, each: &mut dyn FnMut(Vec<ObjectMeta>) -> bool) -> Result<()> {
     // Walk only the directory that can hold the prefix, not the whole root.
     let start_rel = match prefix.rfind('/') {
         Some(i) => &prefix[..i],
@@ -124,9 +136,9 @@ fn list_blocking(root: &Path, prefix: &str) -> Result<Vec<ObjectMeta>> {
     } else {
         root.join(start_rel)
     };
-    let mut out = Vec::new();
     let mut stack = vec![start];
     while let Some(dir) = stack.pop() {
+        let mut out = Vec::new();
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -150,9 +162,11 @@ fn list_blocking(root: &Path, prefix: &str) -> Result<Vec<ObjectMeta>> {
                 out.push(ObjectMeta { key: rel, size });
             }
         }
+        if !out.is_empty() && !each(out) {
+            break;
+        }
     }
-    out.sort_by(|a, b| a.key.cmp(&b.key));
-    Ok(out)
+    Ok(())
 }
 
 async fn blocking<T: Send + 'static>(
@@ -211,6 +225,29 @@ impl Storage for FsStorage {
         let root = self.root.clone();
         let owned = prefix.to_string();
         blocking(prefix, move || list_blocking(&root, &owned)).await
+    }
+
+    async fn list_each(
+        &self,
+        prefix: &str,
+        each: &mut (dyn FnMut(Vec<ObjectMeta>) + Send),
+    ) -> Result<()> {
+        let (batches, mut arriving) = tokio::sync::mpsc::channel(2);
+        let root = self.root.clone();
+        let owned = prefix.to_string();
+        let walker = tokio::task::spawn_blocking(move || {
+            // A receiver gone (the listing dropped) ends the walk.
+            walk(&root, &owned, &mut |batch| {
+                batches.blocking_send(batch).is_ok()
+            })
+        });
+        while let Some(batch) = arriving.recv().await {
+            each(batch);
+        }
+        walker.await.map_err(|e| Error::Io {
+            key: prefix.to_string(),
+            source: io::Error::other(e),
+        })?
     }
 
     async fn delete(&self, key: &str) -> Result<()> {

@@ -112,8 +112,37 @@ pub trait Storage: Send + Sync + fmt::Debug {
         Ok(buf)
     }
 
+    /// Opens `len` bytes of `key` from `offset` for streaming reads: one part
+    /// of a large object fetched beside the others. Fewer bytes where the
+    /// object ends sooner. Backends override this with a ranged read; the
+    /// default streams the object from its start and skips to `offset`.
+    async fn get_part(&self, key: &str, offset: u64, len: u64) -> Result<ObjectReader> {
+        use tokio::io::AsyncReadExt;
+        let mut reader = self.get(key).await?;
+        tokio::io::copy(&mut (&mut reader).take(offset), &mut tokio::io::sink())
+            .await
+            .map_err(|source| Error::Io {
+                key: key.to_string(),
+                source,
+            })?;
+        Ok(Box::new(reader.take(len)))
+    }
+
     /// Lists every object whose key starts with `prefix`, sorted by key.
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>>;
+
+    /// Lists like [`Storage::list`], handing the objects to `each` a batch at
+    /// a time (S3: a page of up to 1,000 keys; a directory: its files), in
+    /// no particular order, so that a caller keeping only a summary (the
+    /// names of a fleet's databases) never holds the whole listing.
+    async fn list_each(
+        &self,
+        prefix: &str,
+        each: &mut (dyn FnMut(Vec<ObjectMeta>) + Send),
+    ) -> Result<()> {
+        each(self.list(prefix).await?);
+        Ok(())
+    }
 
     /// Deletes `key`; deleting a missing key is not an error.
     async fn delete(&self, key: &str) -> Result<()>;

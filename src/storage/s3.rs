@@ -751,6 +751,41 @@ impl Storage for S3Storage {
         }
     }
 
+    async fn get_part(&self, key: &str, offset: u64, len: u64) -> Result<ObjectReader> {
+        use tokio::io::AsyncReadExt;
+        let full = self.check_key("GetObject", key)?;
+        if len == 0 {
+            return Ok(Box::new(tokio::io::empty()));
+        }
+        let range = format!("bytes={offset}-{}", offset + len - 1);
+        match self
+            .send("GetObject", &full, || {
+                self.client
+                    .get_object()
+                    .bucket(&self.bucket)
+                    .key(&full)
+                    .range(&range)
+                    .send()
+            })
+            .await
+        {
+            Ok(out) if out.content_range().is_some() => Ok(Box::new(out.body.into_async_read())),
+            // A store (or proxy) that ignores Range sends the whole object.
+            Ok(out) => {
+                let mut whole = out.body.into_async_read();
+                tokio::io::copy(&mut (&mut whole).take(offset), &mut tokio::io::sink())
+                    .await
+                    .map_err(io_err(&full))?;
+                Ok(Box::new(whole.take(len)))
+            }
+            Err(failure) if failure.status == Some(416) => Ok(Box::new(tokio::io::empty())),
+            Err(failure) if failure.is_not_found() => Err(Error::NotFound {
+                key: key.to_string(),
+            }),
+            Err(failure) => Err(failure.into_error("GetObject", &full)),
+        }
+    }
+
     async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
         let full = self.check_key("GetObject", key)?;
         if len == 0 {
@@ -801,15 +836,26 @@ impl Storage for S3Storage {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        let mut out = Vec::new();
+        self.list_each(prefix, &mut |page| out.extend(page)).await?;
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    async fn list_each(
+        &self,
+        prefix: &str,
+        each: &mut (dyn FnMut(Vec<ObjectMeta>) + Send),
+    ) -> Result<()> {
         let full_prefix = join_key(&self.prefix, prefix);
         let strip = if self.prefix.is_empty() {
             0
         } else {
             self.prefix.len() + 1
         };
-        let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
+            let mut out = Vec::new();
             let mut request = self
                 .client
                 .list_objects_v2()
@@ -848,6 +894,7 @@ impl Storage for S3Storage {
                         .unwrap_or(0),
                 });
             }
+            each(out);
             match (page.is_truncated(), page.next_continuation_token()) {
                 (Some(true), Some(next)) if !next.is_empty() => token = Some(next.to_string()),
                 (Some(true), _) => {
@@ -861,8 +908,7 @@ impl Storage for S3Storage {
                 _ => break,
             }
         }
-        out.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok(out)
+        Ok(())
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
