@@ -295,7 +295,12 @@ pub async fn database_names(storage: &dyn Storage) -> Result<DatabaseNames> {
                 let Some((prefix, name)) = meta.key.rsplit_once('/') else {
                     continue;
                 };
-                if !names.contains(prefix) && segment::parse_object_name(name).is_some() {
+                // A prefix holding only marks (their objects gone) is no database.
+                let object = matches!(
+                    segment::parse_object_name(name),
+                    Some(segment::Name::Object(_) | segment::Name::Legacy(..))
+                );
+                if object && !names.contains(prefix) {
                     names.insert(prefix.to_string());
                 }
             }
@@ -571,16 +576,9 @@ pub async fn download_in_parts(
     at_once: usize,
 ) -> Result<(segment::Header, [u8; 32])> {
     use futures_util::StreamExt;
-    let io = |source| storage::Error::Io {
-        key: key.to_string(),
-        source,
-    };
     let file = std::sync::Arc::new(file);
     let part = part.max(1);
     let parts = (0..size.div_ceil(part)).map(|i| (i * part, part.min(size - i * part)));
-    let (done, ready) = std::sync::mpsc::channel::<(u64, u64)>();
-    let reading = file.clone();
-    let hasher = tokio::task::spawn_blocking(move || hash_parts(&reading, &ready));
     let mut fetched = futures_util::stream::iter(parts)
         .map(|(offset, len)| {
             let file = file.clone();
@@ -591,39 +589,63 @@ pub async fn download_in_parts(
             }
         })
         .buffered(at_once.max(1));
+    // Each part is hashed on a short blocking task once the one before it
+    // is hashed: the hashing overlaps the later parts' downloads, and no
+    // thread waits idle for a slow store.
+    let mut hashing: Option<tokio::task::JoinHandle<std::io::Result<segment::Check>>> = None;
+    // The check when no task holds it.
+    let mut check = segment::Check::default();
     while let Some(next) = fetched.next().await {
-        // The hasher only stops early on a read error, which it returns below.
-        let _ = done.send(next?);
+        let (offset, len) = next?;
+        let mut so_far = match hashing.take() {
+            Some(task) => joined(key, task).await?,
+            None => std::mem::take(&mut check),
+        };
+        let reading = file.clone();
+        hashing = Some(tokio::task::spawn_blocking(move || {
+            hash_part(&reading, offset, len, &mut so_far).map(|()| so_far)
+        }));
     }
-    drop(done);
-    let check = hasher
-        .await
-        .map_err(|e| io(std::io::Error::other(e)))?
-        .map_err(io)?;
+    if let Some(task) = hashing {
+        check = joined(key, task).await?;
+    }
     check.finish().map_err(|source| Error::Segment {
         key: key.to_string(),
         source,
     })
 }
 
-/// Hashes the parts of `file` as they are reported complete, in order.
-fn hash_parts(
+async fn joined(
+    key: &str,
+    task: tokio::task::JoinHandle<std::io::Result<segment::Check>>,
+) -> Result<segment::Check> {
+    let io = |source| storage::Error::Io {
+        key: key.to_string(),
+        source,
+    };
+    Ok(task
+        .await
+        .map_err(|e| io(std::io::Error::other(e)))?
+        .map_err(io)?)
+}
+
+/// Feeds bytes `offset..offset + len` of `file` to `check`.
+fn hash_part(
     file: &std::fs::File,
-    ready: &std::sync::mpsc::Receiver<(u64, u64)>,
-) -> std::io::Result<segment::Check> {
+    offset: u64,
+    len: u64,
+    check: &mut segment::Check,
+) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
-    let mut check = segment::Check::default();
-    let mut buf = vec![0u8; PART_CHUNK];
-    while let Ok((offset, len)) = ready.recv() {
-        let mut at = offset;
-        while at < offset + len {
-            let n = (offset + len - at).min(PART_CHUNK as u64) as usize;
-            file.read_exact_at(&mut buf[..n], at)?;
-            check.update(&buf[..n]);
-            at += n as u64;
-        }
+    let mut buf = vec![0u8; PART_CHUNK.min(len as usize)];
+    let mut at = offset;
+    while at < offset + len {
+        let n = (offset + len - at).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], at)?;
+        check.update(&buf[..n]);
+        at += n as u64;
     }
-    Ok(check)
+    Ok(())
 }
 
 /// One part into its place in `file`, fetched again (up to the process's
@@ -638,12 +660,14 @@ async fn fetch_part(
     let mut tries = 1;
     loop {
         match write_part(storage, key, file, offset, len).await {
-            Err(storage::Error::Io { source, .. }) if tries < storage::retry::attempts() => {
+            Err(Error::Storage(storage::Error::Io { source, .. }))
+                if tries < storage::retry::attempts() =>
+            {
                 tracing::debug!(key, offset, attempt = tries, error = %source, "fetching the part again");
                 tokio::time::sleep(storage::retry::backoff(tries)).await;
                 tries += 1;
             }
-            other => return other.map_err(Error::from),
+            other => return other,
         }
     }
 }
@@ -654,7 +678,7 @@ async fn write_part(
     file: &std::sync::Arc<std::fs::File>,
     offset: u64,
     len: u64,
-) -> storage::Result<()> {
+) -> Result<()> {
     let io = |source| storage::Error::Io {
         key: key.to_string(),
         source,
@@ -674,13 +698,13 @@ async fn write_part(
             filled += n;
         }
         if filled == 0 {
-            return Err(io(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!(
-                    "the part from byte {offset} ended at byte {at}, before byte {}",
-                    offset + len
-                ),
-            )));
+            // The body ended cleanly (a cut connection is an error, not an
+            // end) before the part did: the object is shorter than listed,
+            // which no second try changes.
+            return Err(Error::Segment {
+                key: key.to_string(),
+                source: segment::Error::TooShort(at),
+            });
         }
         let file = file.clone();
         buf = tokio::task::spawn_blocking(move || {
@@ -698,6 +722,30 @@ async fn write_part(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn database_names_are_the_prefixes_holding_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = crate::storage::fs::FsStorage::new(dir.path());
+        let put = |key: String| {
+            let storage = &storage;
+            async move {
+                let body = crate::storage::Payload::Bytes(b"x".to_vec());
+                storage.put_new(&key, body, [0; 32]).await.unwrap();
+            }
+        };
+        put(segment::object_key("app", 1)).await;
+        put(segment::snapshot_mark_key("app", 1)).await;
+        put(segment::object_key("tenants/a", 7)).await;
+        // Marks whose objects are gone, and files that are no objects.
+        put(segment::snapshot_mark_key("gone", 3)).await;
+        put("notes/readme.txt".to_string()).await;
+        put(segment::object_key("bad\\name", 1)).await;
+        let names = database_names(&storage).await.unwrap();
+        assert_eq!(names.found, ["app", "tenants/a"]);
+        assert_eq!(names.refused.len(), 1, "{:?}", names.refused);
+        assert_eq!(names.refused[0].0, "bad\\name");
+    }
 
     #[test]
     fn a_run_under_a_sequence_key_is_refused_marked_or_not() {

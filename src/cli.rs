@@ -337,7 +337,8 @@ pub struct RestoreArgs {
     #[arg(long, default_value = "1s", value_parser = parse_duration, requires = "follow")]
     pub interval: Duration,
     /// Objects downloaded at the same time; each is still checked against
-    /// the one before it and applied in order.
+    /// the one before it and applied in order. (From S3, an object of 32 MiB
+    /// or more also comes in 8 MiB parts, four at once.)
     #[arg(
         long,
         value_name = "N",

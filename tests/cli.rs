@@ -3053,6 +3053,11 @@ async fn a_large_snapshot_is_restored_in_parts_fetched_at_once() {
         parts,
         "one GET per part of the {size}-byte snapshot"
     );
+    assert_eq!(
+        Counts::get(&counts.ranged_gets),
+        parts,
+        "each part a ranged GET"
+    );
     let most = Counts::get(&counts.max_in_flight);
     assert!(most >= 2, "at most {most} requests at once");
 }

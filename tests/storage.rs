@@ -245,6 +245,7 @@ async fn a_large_object_comes_down_in_parts_at_once_and_checked() {
         ..Plan::healthy()
     });
     let before = Counts::get(&counts.object_gets);
+    let before_ranged = Counts::get(&counts.ranged_gets);
     let (got_hash, got) = download(&storage, "big/1", size, part).await.unwrap();
     assert_eq!(got_hash, hash);
     assert!(got == object);
@@ -252,6 +253,11 @@ async fn a_large_object_comes_down_in_parts_at_once_and_checked() {
         Counts::get(&counts.object_gets) - before,
         parts,
         "one GET per part"
+    );
+    assert_eq!(
+        Counts::get(&counts.ranged_gets) - before_ranged,
+        parts,
+        "each GET asks for its part's range only"
     );
     let most = Counts::get(&counts.max_in_flight);
     assert!(most >= 3, "at most {most} parts at once");
@@ -292,6 +298,22 @@ async fn a_large_object_comes_down_in_parts_at_once_and_checked() {
         ),
     }
     assert_eq!(header.page_count, 200);
+
+    // Listed longer than it is: refused at once, not fetched again and again.
+    let before = Counts::get(&counts.object_gets);
+    match download(&storage, "big/1", size + 2 * part, part).await {
+        Err(walsync::chain::Error::Segment {
+            key,
+            source: segment::Error::TooShort(_),
+        }) => assert_eq!(key, "big/1"),
+        other => panic!("a short object was not refused: {:?}", other.map(|r| r.0)),
+    }
+    let gets = Counts::get(&counts.object_gets) - before;
+    assert!(
+        gets <= parts + 2,
+        "{gets} GETs for {} parts: one fetched again",
+        parts + 2
+    );
 }
 
 #[tokio::test]

@@ -775,7 +775,7 @@ impl Storage for S3Storage {
                 let mut whole = out.body.into_async_read();
                 tokio::io::copy(&mut (&mut whole).take(offset), &mut tokio::io::sink())
                     .await
-                    .map_err(io_err(&full))?;
+                    .map_err(io_err(key))?;
                 Ok(Box::new(whole.take(len)))
             }
             Err(failure) if failure.status == Some(416) => Ok(Box::new(tokio::io::empty())),

@@ -58,6 +58,8 @@ pub struct Counts {
     pub lost_response: AtomicU64,
     /// GETs of one object (listings not counted).
     pub object_gets: AtomicU64,
+    /// GETs of a byte range of one object.
+    pub ranged_gets: AtomicU64,
     /// Listings (each page counts).
     pub lists: AtomicU64,
     /// PUTs (and multipart parts).
@@ -264,6 +266,9 @@ async fn handle(
         && !req.uri().query().unwrap_or("").contains("list-type")
     {
         counts.object_gets.fetch_add(1, Ordering::Relaxed);
+        if req.headers().contains_key(hyper::header::RANGE) {
+            counts.ranged_gets.fetch_add(1, Ordering::Relaxed);
+        }
     }
     if req.method() == hyper::Method::GET && req.uri().query().unwrap_or("").contains("list-type") {
         counts.lists.fetch_add(1, Ordering::Relaxed);
