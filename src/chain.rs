@@ -549,36 +549,132 @@ pub async fn copy_object(
     })
 }
 
-/// Objects at least this large come down in ranged parts, several at once:
-/// one stream from S3 carries a few tens of MB/s, a restore wants the
+/// Objects at least this large may come down in ranged parts, several at
+/// once: one stream from S3 carries a few tens of MB/s, a restore wants the
 /// disk's speed.
 pub const PARTS_FROM: u64 = 32 << 20;
-/// What one ranged GET fetches.
-pub const PART_BYTES: u64 = 8 << 20;
-/// Parts of one object in flight at once. Each holds one [`PART_CHUNK`]
-/// in memory, whatever the part size.
-pub const PARTS_AT_ONCE: usize = 4;
+
+/// How a large object is fetched.
+#[derive(Debug, Clone, Copy)]
+pub struct Split {
+    /// Bytes of one part (the last may be shorter).
+    pub part: u64,
+    /// Parts in flight at once. Each holds one [`PART_CHUNK`] in memory,
+    /// whatever the part size.
+    pub at_once: usize,
+    /// The object starts as one stream; after this many bytes...
+    pub probe: u64,
+    /// ...a stream that has carried at least this many bytes a second since
+    /// its first byte keeps the object to itself: more streams would not
+    /// help, and some stores (moto) read the whole object again to answer
+    /// each range (66 ranges of a 530 MB snapshot took it 28 s, against 0.8 s
+    /// for one GET). A slower one finishes its part and the rest comes in
+    /// ranged parts.
+    pub enough: f64,
+}
+
+impl Split {
+    /// For an object of `size` bytes: parts of 8 MiB, or an eighth of it
+    /// if larger (no store answers more than 8 ranges for one object), four
+    /// at once; a stream of 200 MB/s is enough.
+    pub fn for_size(size: u64) -> Self {
+        Self {
+            part: (8u64 << 20).max(size.div_ceil(8)),
+            at_once: 4,
+            probe: 8 << 20,
+            enough: 200e6,
+        }
+    }
+}
+
 /// What a part moves from the network to the file at a time.
 const PART_CHUNK: usize = 1 << 20;
 
 /// Downloads `key` (`size` bytes, as listed) into `file` (open for reading
-/// and writing) in ranged parts of `part` bytes, `at_once` of them at a
-/// time, each written where it belongs as it streams. The object is checked in order as it completes
-/// ([`segment::Check`], on a blocking thread that reads each part back from
-/// the page cache), so no part is trusted before every byte is hashed. A
-/// part cut short is fetched again; one the store lost is [`Error::is_not_found`].
-pub async fn download_in_parts(
+/// and writing): one stream, joined by ranged parts where that stream is
+/// slow (see [`Split`]), each written where it belongs as it arrives. The
+/// object is checked in order ([`segment::Check`]): the stream as it comes,
+/// each part on a blocking task that reads it back from the page cache once
+/// the one before it is checked, so no byte is trusted before all are
+/// hashed. A part cut short is fetched again; an object shorter than listed
+/// is refused as too short.
+pub async fn download(
     storage: &dyn Storage,
     key: &str,
     size: u64,
     file: std::fs::File,
-    part: u64,
-    at_once: usize,
+    split: Split,
 ) -> Result<(segment::Header, [u8; 32])> {
-    use futures_util::StreamExt;
+    use tokio::io::AsyncBufReadExt;
+    let io = |source| storage::Error::Io {
+        key: key.to_string(),
+        source,
+    };
     let file = std::sync::Arc::new(file);
-    let part = part.max(1);
-    let parts = (0..size.div_ceil(part)).map(|i| (i * part, part.min(size - i * part)));
+    let part = split.part.max(1);
+    let mut reader = tokio::io::BufReader::with_capacity(PART_CHUNK, storage.get(key).await?);
+    let mut check = segment::Check::default();
+    let mut buf = Vec::with_capacity(PART_CHUNK);
+    let (mut at, mut end) = (0u64, size);
+    let mut first_byte: Option<std::time::Instant> = None;
+    let mut decided = false;
+    while at < end {
+        let chunk = reader.fill_buf().await.map_err(io)?;
+        if chunk.is_empty() {
+            return Err(Error::Segment {
+                key: key.to_string(),
+                source: segment::Error::TooShort(at),
+            });
+        }
+        let since = *first_byte.get_or_insert_with(std::time::Instant::now);
+        let n = chunk.len().min((end - at) as usize);
+        buf.clear();
+        buf.extend_from_slice(&chunk[..n]);
+        reader.consume(n);
+        check.update(&buf);
+        buf = write_at(&file, buf, at).await.map_err(io)?;
+        at += n as u64;
+        if !decided && at >= split.probe {
+            decided = true;
+            let rate = at as f64 / since.elapsed().as_secs_f64().max(1e-6);
+            let rest = at.div_ceil(part) * part;
+            if rate < split.enough && rest < size {
+                tracing::debug!(
+                    key,
+                    rate,
+                    parts_from = rest,
+                    "a slow stream: the rest in parts"
+                );
+                end = rest;
+            }
+        }
+    }
+    drop(reader);
+    if end < size {
+        check = parts(storage, key, &file, end, size, split, check).await?;
+    }
+    check.finish().map_err(|source| Error::Segment {
+        key: key.to_string(),
+        source,
+    })
+}
+
+/// Bytes `from..size` of `key` in parts of `split.part`, `split.at_once` at a
+/// time, checked in order after what `check` has seen.
+async fn parts(
+    storage: &dyn Storage,
+    key: &str,
+    file: &std::sync::Arc<std::fs::File>,
+    from: u64,
+    size: u64,
+    split: Split,
+    mut check: segment::Check,
+) -> Result<segment::Check> {
+    use futures_util::StreamExt;
+    let part = split.part.max(1);
+    let parts = (from..size)
+        .step_by(part as usize)
+        .map(|offset| (offset, part.min(size - offset)));
     let mut fetched = futures_util::stream::iter(parts)
         .map(|(offset, len)| {
             let file = file.clone();
@@ -588,13 +684,11 @@ pub async fn download_in_parts(
                     .map(|()| (offset, len))
             }
         })
-        .buffered(at_once.max(1));
+        .buffered(split.at_once.max(1));
     // Each part is hashed on a short blocking task once the one before it
     // is hashed: the hashing overlaps the later parts' downloads, and no
     // thread waits idle for a slow store.
     let mut hashing: Option<tokio::task::JoinHandle<std::io::Result<segment::Check>>> = None;
-    // The check when no task holds it.
-    let mut check = segment::Check::default();
     while let Some(next) = fetched.next().await {
         let (offset, len) = next?;
         let mut so_far = match hashing.take() {
@@ -609,10 +703,22 @@ pub async fn download_in_parts(
     if let Some(task) = hashing {
         check = joined(key, task).await?;
     }
-    check.finish().map_err(|source| Error::Segment {
-        key: key.to_string(),
-        source,
+    Ok(check)
+}
+
+/// Writes `buf` at `at` in `file` on a blocking thread; hands `buf` back.
+async fn write_at(
+    file: &std::sync::Arc<std::fs::File>,
+    buf: Vec<u8>,
+    at: u64,
+) -> std::io::Result<Vec<u8>> {
+    let file = file.clone();
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::FileExt;
+        file.write_all_at(&buf, at).map(|()| buf)
     })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 async fn joined(
@@ -706,14 +812,10 @@ async fn write_part(
                 source: segment::Error::TooShort(at),
             });
         }
-        let file = file.clone();
-        buf = tokio::task::spawn_blocking(move || {
-            use std::os::unix::fs::FileExt;
-            file.write_all_at(&buf[..filled], at).map(|()| buf)
-        })
-        .await
-        .map_err(|e| io(std::io::Error::other(e)))?
-        .map_err(io)?;
+        let mut chunk = std::mem::take(&mut buf);
+        chunk.truncate(filled);
+        buf = write_at(file, chunk, at).await.map_err(io)?;
+        buf.resize(PART_CHUNK, 0);
         at += filled as u64;
     }
     Ok(())

@@ -641,15 +641,8 @@ async fn fetch_checked(
                 .map_err(io_at(&spool))?;
             if object.size >= chain::PARTS_FROM && storage.local_path(&object.key).is_none() {
                 let out = out.into_std().await;
-                chain::download_in_parts(
-                    storage,
-                    &object.key,
-                    object.size,
-                    out,
-                    chain::PART_BYTES,
-                    chain::PARTS_AT_ONCE,
-                )
-                .await?
+                let split = chain::Split::for_size(object.size);
+                chain::download(storage, &object.key, object.size, out, split).await?
             } else {
                 chain::copy_object(storage, &object.key, &mut out).await?
             }
