@@ -564,12 +564,12 @@ pub struct Split {
     pub at_once: usize,
     /// The object starts as one stream; after this many bytes...
     pub probe: u64,
-    /// ...a stream that has carried at least this many bytes a second since
-    /// its first byte keeps the object to itself: more streams would not
-    /// help, and some stores (moto) read the whole object again to answer
-    /// each range (66 ranges of a 530 MB snapshot took it 28 s, against 0.8 s
-    /// for one GET). A slower one finishes its part and the rest comes in
-    /// ranged parts.
+    /// ...a stream that carried at least this many bytes a second while
+    /// waited on (after its first chunk) keeps the object to itself: more
+    /// streams would not help, and some stores (moto) read the whole object
+    /// again to answer each range (66 ranges of a 530 MB snapshot took it
+    /// 28 s, against 0.8 s for one GET). A slower one stops there and the
+    /// rest comes in ranged parts.
     pub enough: f64,
 }
 
@@ -611,23 +611,31 @@ pub async fn download(
         source,
     };
     let file = std::sync::Arc::new(file);
-    let part = split.part.max(1);
     let mut reader = tokio::io::BufReader::with_capacity(PART_CHUNK, storage.get(key).await?);
     let mut check = segment::Check::default();
     let mut buf = Vec::with_capacity(PART_CHUNK);
     let (mut at, mut end) = (0u64, size);
-    let mut first_byte: Option<std::time::Instant> = None;
+    // The stream's rate is what arrives while waiting on it, after its
+    // first chunk: neither the time to the first byte nor the local hashing
+    // and writing count.
+    let (mut waited, mut timed_bytes) = (std::time::Duration::ZERO, 0u64);
     let mut decided = false;
     while at < end {
+        let asked = std::time::Instant::now();
         let chunk = reader.fill_buf().await.map_err(io)?;
+        if at > 0 {
+            waited += asked.elapsed();
+        }
         if chunk.is_empty() {
             return Err(Error::Segment {
                 key: key.to_string(),
                 source: segment::Error::TooShort(at),
             });
         }
-        let since = *first_byte.get_or_insert_with(std::time::Instant::now);
-        let n = chunk.len().min((end - at) as usize);
+        let n = (end - at).min(chunk.len() as u64) as usize;
+        if at > 0 {
+            timed_bytes += n as u64;
+        }
         buf.clear();
         buf.extend_from_slice(&chunk[..n]);
         reader.consume(n);
@@ -636,16 +644,15 @@ pub async fn download(
         at += n as u64;
         if !decided && at >= split.probe {
             decided = true;
-            let rate = at as f64 / since.elapsed().as_secs_f64().max(1e-6);
-            let rest = at.div_ceil(part) * part;
-            if rate < split.enough && rest < size {
+            let rate = timed_bytes as f64 / waited.as_secs_f64().max(1e-9);
+            if rate < split.enough && at < size {
                 tracing::debug!(
                     key,
                     rate,
-                    parts_from = rest,
+                    parts_from = at,
                     "a slow stream: the rest in parts"
                 );
-                end = rest;
+                end = at;
             }
         }
     }
@@ -672,8 +679,8 @@ async fn parts(
 ) -> Result<segment::Check> {
     use futures_util::StreamExt;
     let part = split.part.max(1);
-    let parts = (from..size)
-        .step_by(part as usize)
+    let parts = (0..(size - from).div_ceil(part))
+        .map(|i| from + i * part)
         .map(|offset| (offset, part.min(size - offset)));
     let mut fetched = futures_util::stream::iter(parts)
         .map(|(offset, len)| {
@@ -743,7 +750,7 @@ fn hash_part(
     check: &mut segment::Check,
 ) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; PART_CHUNK.min(len as usize)];
+    let mut buf = vec![0u8; len.min(PART_CHUNK as u64) as usize];
     let mut at = offset;
     while at < offset + len {
         let n = (offset + len - at).min(buf.len() as u64) as usize;

@@ -338,7 +338,7 @@ pub struct RestoreArgs {
     pub interval: Duration,
     /// Objects downloaded at the same time; each is still checked against
     /// the one before it and applied in order. (From S3, an object of 32 MiB
-    /// or more also comes in 8 MiB parts, four at once.)
+    /// or more whose stream is slow also comes in parts, four at once.)
     #[arg(
         long,
         value_name = "N",
