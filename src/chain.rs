@@ -245,21 +245,26 @@ pub async fn list_databases(storage: &dyn Storage) -> Result<Databases> {
 /// The databases whose names start with `under` (`tenants/`), from one
 /// listing of that part of the storage.
 pub async fn list_databases_under(storage: &dyn Storage, under: &str) -> Result<Databases> {
-    let listed = storage.list(under).await?;
+    // Grouped page by page: the raw listing is never held beside the groups.
     let mut grouped: std::collections::BTreeMap<String, Vec<(segment::Name, String, u64)>> =
         std::collections::BTreeMap::new();
-    for meta in listed {
-        let Some((prefix, name)) = meta.key.rsplit_once('/') else {
-            continue;
-        };
-        let Some(name) = segment::parse_object_name(name) else {
-            continue;
-        };
-        grouped
-            .entry(prefix.to_string())
-            .or_default()
-            .push((name, meta.key.clone(), meta.size));
-    }
+    storage
+        .list_each(under, &mut |page| {
+            for meta in page {
+                let Some((prefix, name)) = meta.key.rsplit_once('/') else {
+                    continue;
+                };
+                let Some(name) = segment::parse_object_name(name) else {
+                    continue;
+                };
+                let prefix = prefix.to_string();
+                grouped
+                    .entry(prefix)
+                    .or_default()
+                    .push((name, meta.key, meta.size));
+            }
+        })
+        .await?;
     let mut out = Databases::default();
     for (prefix, entries) in grouped {
         if let Some(why) = name_problem(&prefix) {
