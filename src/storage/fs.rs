@@ -200,25 +200,22 @@ impl Storage for FsStorage {
         }
     }
 
-    async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+    async fn get_part(&self, key: &str, offset: u64, len: u64) -> Result<ObjectReader> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
         let path = self.path_of(key)?;
-        let owned = key.to_string();
-        blocking(key, move || {
-            let mut file = match File::open(&path) {
-                Ok(file) => file,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    return Err(Error::NotFound { key: owned });
-                }
-                Err(e) => return Err(io_err(&owned)(e)),
-            };
-            file.seek(SeekFrom::Start(offset)).map_err(io_err(&owned))?;
-            let mut buf = Vec::new();
-            file.take(len)
-                .read_to_end(&mut buf)
-                .map_err(io_err(&owned))?;
-            Ok(buf)
-        })
-        .await
+        let mut file = match tokio::fs::File::open(&path).await {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(Error::NotFound {
+                    key: key.to_string(),
+                });
+            }
+            Err(e) => return Err(io_err(key)(e)),
+        };
+        file.seek(SeekFrom::Start(offset))
+            .await
+            .map_err(io_err(key))?;
+        Ok(Box::new(file.take(len)))
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {

@@ -96,26 +96,26 @@ pub trait Storage: Send + Sync + fmt::Debug {
 
     /// Reads `len` bytes of `key` from `offset`: an object's header or its
     /// trailer without downloading the rest. Fewer bytes where the object ends
-    /// sooner. Backends override this with a ranged read; the default streams.
+    /// sooner. Read through [`Storage::get_part`].
     async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
         use tokio::io::AsyncReadExt;
-        let io = |source| Error::Io {
-            key: key.to_string(),
-            source,
-        };
-        let mut reader = self.get(key).await?;
-        tokio::io::copy(&mut (&mut reader).take(offset), &mut tokio::io::sink())
+        let mut buf = Vec::with_capacity(usize::try_from(len.min(1 << 20)).unwrap_or(0));
+        self.get_part(key, offset, len)
+            .await?
+            .read_to_end(&mut buf)
             .await
-            .map_err(io)?;
-        let mut buf = Vec::new();
-        reader.take(len).read_to_end(&mut buf).await.map_err(io)?;
+            .map_err(|source| Error::Io {
+                key: key.to_string(),
+                source,
+            })?;
         Ok(buf)
     }
 
-    /// Opens `len` bytes of `key` from `offset` for streaming reads: one part
-    /// of a large object fetched beside the others. Fewer bytes where the
-    /// object ends sooner. Backends override this with a ranged read; the
-    /// default streams the object from its start and skips to `offset`.
+    /// Opens `len` bytes of `key` from `offset` for streaming reads: an
+    /// object's header or trailer, or one part of a large object fetched
+    /// beside the others. Fewer bytes where the object ends sooner. Backends
+    /// override this with a ranged read; the default streams the object from
+    /// its start and skips to `offset`.
     async fn get_part(&self, key: &str, offset: u64, len: u64) -> Result<ObjectReader> {
         use tokio::io::AsyncReadExt;
         let mut reader = self.get(key).await?;

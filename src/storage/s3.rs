@@ -778,60 +778,17 @@ impl Storage for S3Storage {
                     .map_err(io_err(key))?;
                 Ok(Box::new(whole.take(len)))
             }
-            Err(failure) if failure.status == Some(416) => Ok(Box::new(tokio::io::empty())),
+            // Past the end: there is nothing there, as on a local directory.
+            Err(failure)
+                if failure.status == Some(416)
+                    || failure.code.as_deref() == Some("InvalidRange") =>
+            {
+                Ok(Box::new(tokio::io::empty()))
+            }
             Err(failure) if failure.is_not_found() => Err(Error::NotFound {
                 key: key.to_string(),
             }),
             Err(failure) => Err(failure.into_error("GetObject", &full)),
-        }
-    }
-
-    async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
-        let full = self.check_key("GetObject", key)?;
-        if len == 0 {
-            return Ok(Vec::new());
-        }
-        let range = format!("bytes={offset}-{}", offset + len - 1);
-        match self
-            .send("GetObject", &full, || {
-                self.client
-                    .get_object()
-                    .bucket(&self.bucket)
-                    .key(&full)
-                    .range(&range)
-                    .send()
-            })
-            .await
-        {
-            Ok(out) => {
-                let body = out.body.collect().await.map_err(|e| Error::Io {
-                    key: key.to_string(),
-                    source: std::io::Error::other(e),
-                })?;
-                let body = body.into_bytes();
-                // A store (or proxy) that ignores Range sends the whole object.
-                if body.len() as u64 > len {
-                    let start = usize::try_from(offset)
-                        .unwrap_or(usize::MAX)
-                        .min(body.len());
-                    let end = start.saturating_add(len as usize).min(body.len());
-                    return Ok(body[start..end].to_vec());
-                }
-                Ok(body.to_vec())
-            }
-            Err(failure) => {
-                // Past the end: there is nothing there, as on a local directory.
-                if failure.status == Some(416) || failure.code.as_deref() == Some("InvalidRange") {
-                    return Ok(Vec::new());
-                }
-                if failure.is_not_found() {
-                    Err(Error::NotFound {
-                        key: key.to_string(),
-                    })
-                } else {
-                    Err(failure.into_error("GetObject", &full))
-                }
-            }
         }
     }
 
