@@ -645,7 +645,7 @@ pub async fn download(
         buf.extend_from_slice(&chunk[..n]);
         reader.consume(n);
         check.update(&buf);
-        buf = write_at(&file, buf, at).await.map_err(io)?;
+        buf = write_at(&file, buf, n, at).await.map_err(io)?;
         at += n as u64;
         if !decided && at >= split.probe {
             decided = true;
@@ -718,16 +718,18 @@ async fn parts(
     Ok(check)
 }
 
-/// Writes `buf` at `at` in `file` on a blocking thread; hands `buf` back.
+/// Writes the first `len` bytes of `buf` at `at` in `file` on a blocking
+/// thread; hands `buf` back for the next chunk.
 async fn write_at(
     file: &std::sync::Arc<std::fs::File>,
     buf: Vec<u8>,
+    len: usize,
     at: u64,
 ) -> std::io::Result<Vec<u8>> {
     let file = file.clone();
     tokio::task::spawn_blocking(move || {
         use std::os::unix::fs::FileExt;
-        file.write_all_at(&buf, at).map(|()| buf)
+        file.write_all_at(&buf[..len], at).map(|()| buf)
     })
     .await
     .map_err(std::io::Error::other)?
@@ -824,10 +826,7 @@ async fn write_part(
                 source: segment::Error::TooShort(at),
             });
         }
-        let mut chunk = std::mem::take(&mut buf);
-        chunk.truncate(filled);
-        buf = write_at(file, chunk, at).await.map_err(io)?;
-        buf.resize(PART_CHUNK, 0);
+        buf = write_at(file, buf, filled, at).await.map_err(io)?;
         at += filled as u64;
     }
     Ok(())
