@@ -41,43 +41,19 @@ import tempfile
 import time
 import urllib.request
 
+import benchlib
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_measured(cmd, env):
     """Runs cmd; returns wall seconds, peak RSS in MiB and its stdout."""
-    start = time.monotonic()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        elapsed = time.monotonic() - start
-        out.seek(0)
-        err.seek(0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            sys.exit(f"{' '.join(cmd)} failed:\n{err.read().decode(errors='replace')}")
-        return elapsed, usage.ru_maxrss / 1024, out.read().decode()
+    m = benchlib.run_measured(cmd, env)
+    return m.wall, m.rss_mib, m.stdout
 
 
 def start_moto(work):
-    venv = os.path.join(ROOT, "target", "ci-venv", "bin", "moto_server")
-    if not os.path.exists(venv):
-        sys.exit(f"{venv} not found: run .ci/run once, or give --storage")
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    log = open(os.path.join(work, "moto.log"), "w")
-    proc = subprocess.Popen([venv, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(
-                urllib.request.Request(f"{endpoint}/bench", method="PUT"), timeout=1)
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        sys.exit("moto did not start")
+    proc, endpoint = benchlib.start_moto(work)
     env = {
         "AWS_ACCESS_KEY_ID": "test",
         "AWS_SECRET_ACCESS_KEY": "test",

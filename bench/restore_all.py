@@ -38,6 +38,8 @@ import sys
 import tempfile
 import time
 
+from benchlib import run_measured as measured
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -47,21 +49,6 @@ def rows(path):
         return conn.execute("SELECT count(*), coalesce(sum(length(v)), 0) FROM t").fetchone()
     finally:
         conn.close()
-
-
-def measured(cmd, env=None):
-    """Runs cmd; returns (wall s, user+sys CPU s, peak RSS MiB, stdout)."""
-    start = time.monotonic()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.monotonic() - start
-        out.seek(0)
-        err.seek(0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            sys.exit(f"{' '.join(cmd)} failed:\n{err.read().decode(errors='replace')}")
-        return (wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024,
-                out.read().decode())
 
 
 def seconds(s):

@@ -36,20 +36,9 @@ import tempfile
 import time
 import urllib.request
 
+from benchlib import run_measured, start_moto, venv_bin
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_measured(cmd, env=None):
-    """Runs cmd; returns wall seconds, user+sys CPU seconds and the process's peak RSS in MiB."""
-    start = time.monotonic()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        elapsed = time.monotonic() - start
-        if os.waitstatus_to_exitcode(status) != 0:
-            err.seek(0)
-            sys.exit(f"{' '.join(cmd)} failed:\n{err.read().decode(errors='replace')}")
-    return elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
 def sha256(path):
@@ -64,35 +53,6 @@ def drop_caches():
     subprocess.run(["sync"], check=True)
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("3\n")
-
-
-def venv_bin(name):
-    for venv in ("ci-venv", "bench-venv"):
-        path = os.path.join(ROOT, "target", venv, "bin", name)
-        if os.path.exists(path):
-            return path
-    return None
-
-
-def start_moto(work):
-    binary = venv_bin("moto_server")
-    if not binary:
-        sys.exit("moto_server not found in target/ci-venv or target/bench-venv: run .ci/run once")
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    log = open(os.path.join(work, "moto.log"), "w")
-    proc = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(urllib.request.Request(f"{endpoint}/bench", method="PUT"),
-                                   timeout=1)
-            return proc, endpoint
-        except OSError:
-            time.sleep(0.1)
-    sys.exit("moto did not start")
 
 
 def start_throttle(endpoint, mb_per_s):
