@@ -77,13 +77,13 @@ async fn compact(args: &CompactArgs) -> Result<()> {
     let prefixes = match &args.prefix {
         Some(prefix) => vec![prefix.clone()],
         None => {
-            let found = chain::list_databases(storage.as_ref())
+            let found = chain::database_names(storage.as_ref())
                 .await
                 .with_context(|| format!("listing {}", storage.describe()))?;
             for (name, why) in &found.refused {
                 eprintln!("skipped {name:?}: the name {why}");
             }
-            found.found.into_iter().map(|(name, _)| name).collect()
+            found.found
         }
     };
     let scratch = std::env::temp_dir();

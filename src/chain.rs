@@ -237,11 +237,6 @@ pub struct Databases {
     pub refused: Vec<(String, &'static str)>,
 }
 
-/// Every database prefix that holds walsync objects under the storage root.
-pub async fn list_databases(storage: &dyn Storage) -> Result<Databases> {
-    list_databases_under(storage, "").await
-}
-
 /// The databases whose names start with `under` (`tenants/`), from one
 /// listing of that part of the storage.
 pub async fn list_databases_under(storage: &dyn Storage, under: &str) -> Result<Databases> {

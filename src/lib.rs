@@ -25,5 +25,6 @@ pub mod sidefile;
 pub mod state;
 pub mod status;
 pub mod storage;
+pub mod tips;
 pub mod verify;
 pub mod wal;

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, trace, warn};
 
-use crate::chain::{self, ObjectRef};
+use crate::chain::ObjectRef;
 use crate::compactor::{self, Compactor};
 use crate::config::{self, Config, WatchSettings};
 use crate::control::{self, SyncRequest};
@@ -36,6 +36,7 @@ use crate::db::wal_path_of;
 use crate::replica::{self, Replica, SyncOptions, SyncReport};
 use crate::status::{self, Board, State};
 use crate::storage::Storage;
+use crate::tips;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -573,14 +574,18 @@ struct Fleet {
     first_pass: HashSet<usize>,
     first_pass_done: Option<oneshot::Sender<()>>,
     board: Board,
-    /// The whole storage listed once at start, by prefix, for first opens.
+    /// The whole storage listed once at start, for first opens.
     listing: Option<StartListing>,
     compactor: Compactor,
 }
 
-/// The storage listed once at start: when, objects by prefix, and the
-/// prefixes whose first open used it.
-type StartListing = (Instant, HashMap<String, Vec<ObjectRef>>, HashSet<String>);
+/// The storage listed once at start: when, the tips of the chains by prefix
+/// (see [`tips::Tips::found`]), and the prefixes whose first open used it.
+type StartListing = (
+    Instant,
+    HashMap<String, Option<Vec<ObjectRef>>>,
+    HashSet<String>,
+);
 
 /// Fleets at least this big list their storage once at start rather than
 /// once per database.
@@ -992,9 +997,10 @@ impl Fleet {
         let spec = slot.spec.clone();
         // Only a first open uses the start-up listing: a retry lists again.
         let listed = match &mut self.listing {
-            Some((at, objects, used)) if replica.is_none() && at.elapsed() < LISTING_FRESH => used
+            Some((at, tips, used)) if replica.is_none() && at.elapsed() < LISTING_FRESH => used
                 .insert(spec.prefix.clone())
-                .then(|| objects.remove(&spec.prefix).unwrap_or_default()),
+                .then(|| tips.remove(&spec.prefix).unwrap_or(Some(Vec::new())))
+                .flatten(),
             _ => None,
         };
         self.in_flight.spawn(async move {
@@ -1045,7 +1051,7 @@ impl Fleet {
         if databases < LIST_ONCE_FROM {
             return;
         }
-        match chain::list_databases(storage.as_ref()).await {
+        match tips::list_tips(storage.as_ref()).await {
             Ok(listed) => {
                 info!(
                     databases = listed.found.len(),

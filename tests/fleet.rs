@@ -522,7 +522,7 @@ async fn two_thousand_databases() {
     .unwrap();
     let (token, handle) = start(&store, &config_path);
     wait_for("all databases", async || {
-        chain::list_databases(store.storage.as_ref())
+        chain::database_names(store.storage.as_ref())
             .await
             .map(|d| d.found.len())
             .unwrap_or(0)
@@ -852,4 +852,97 @@ async fn a_retried_first_open_lists_its_own_prefix() {
     wait_for("away again", async || objects(&store, "away").await > 1).await;
     stop(token, handle).await;
     assert_eq!(restore_rows(&store, "away", dir.path()).await, rows(&away));
+}
+
+/// What the start-up listing keeps of each database (see `tips`) is what a
+/// listing of that prefix alone would give the writer: the newest snapshot
+/// and the head, marks folded in; a chain that forks is left for a listing
+/// of its own; a prefix of marks alone is no database. One chain spans more
+/// than an S3 page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_listing_of_the_store_gives_each_chain_the_tips_its_own_listing_gives() {
+    use sha2::{Digest, Sha256};
+    use walsync::segment;
+    use walsync::storage::Payload;
+    for (kind, store) in common::all_stores().await {
+        let storage = store.storage.as_ref();
+        let put = async |key: String| {
+            let body = key.as_bytes().to_vec();
+            let hash = Sha256::digest(&body).into();
+            storage
+                .put_new(&key, Payload::Bytes(body), hash)
+                .await
+                .unwrap();
+        };
+        let mark = |prefix: &str, seq| segment::snapshot_mark_key(prefix, seq);
+        // long: 1,200 objects, snapshots at 0 and 500, a run beside them.
+        for seq in 0..1200 {
+            put(segment::object_key("t/long", seq)).await;
+        }
+        put(mark("t/long", 0)).await;
+        put(mark("t/long", 500)).await;
+        put(segment::run_key("t/long", 1, 499)).await;
+        // snap: the head is a snapshot.
+        for seq in 0..3 {
+            put(segment::object_key("t/snap", seq)).await;
+        }
+        put(mark("t/snap", 0)).await;
+        put(mark("t/snap", 2)).await;
+        // gone: the newest mark's object is gone; the one before stands.
+        for seq in 0..6 {
+            put(segment::object_key("t/gone", seq)).await;
+        }
+        put(mark("t/gone", 1)).await;
+        put(mark("t/gone", 9)).await;
+        // marks: marks alone.
+        put(mark("t/marks", 4)).await;
+        // forked: an old writer's key claims a sequence a new one claims.
+        for seq in 0..4 {
+            put(segment::object_key("t/forked", seq)).await;
+        }
+        put(mark("t/forked", 0)).await;
+        put("t/forked/0000000000000002.wal".into()).await;
+        // legacy: the first layout, kind in the key.
+        put("t/legacy/0000000000000000.snapshot".into()).await;
+        put("t/legacy/0000000000000001.wal".into()).await;
+        put("t/legacy/0000000000000002.snapshot".into()).await;
+        put("t/legacy/0000000000000003.wal".into()).await;
+
+        let tips = walsync::tips::list_tips(storage).await.unwrap();
+        assert!(tips.refused.is_empty(), "{kind}: {:?}", tips.refused);
+        let names: Vec<&str> = tips.found.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["t/forked", "t/gone", "t/legacy", "t/long", "t/snap"],
+            "{kind}"
+        );
+        for (prefix, got) in &tips.found {
+            let all = chain::list(storage, prefix).await.unwrap();
+            if !chain::forks(&all).is_empty() {
+                assert_eq!(got, &None, "{kind} {prefix}: forks, listed on its own");
+                continue;
+            }
+            let head = all.last().unwrap();
+            let mut expected: Vec<chain::ObjectRef> = all
+                .iter()
+                .rev()
+                .find(|o| o.kind == segment::Kind::Snapshot)
+                .filter(|o| o.seq < head.seq)
+                .into_iter()
+                .cloned()
+                .collect();
+            expected.push(head.clone());
+            assert_eq!(got.as_ref(), Some(&expected), "{kind} {prefix}");
+        }
+        let seqs = |prefix: &str| {
+            let (_, got) = tips.found.iter().find(|(n, _)| n == prefix).unwrap();
+            let got = got.as_ref().unwrap();
+            got.iter().map(|o| (o.seq, o.kind)).collect::<Vec<_>>()
+        };
+        use segment::Kind::{Snapshot, Wal};
+        assert_eq!(seqs("t/long"), [(500, Snapshot), (1199, Wal)], "{kind}");
+        assert_eq!(seqs("t/snap"), [(2, Snapshot)], "{kind}");
+        assert_eq!(seqs("t/gone"), [(1, Snapshot), (5, Wal)], "{kind}");
+        assert_eq!(seqs("t/legacy"), [(2, Snapshot), (3, Wal)], "{kind}");
+    }
 }

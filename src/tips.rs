@@ -1,0 +1,224 @@
+//! The tips of every database's chain, from one listing of a whole store.
+//!
+//! A writer going on from a chain needs only its head, its newest snapshot
+//! and to know that nothing forks (see `Replica::load_head`). A fleet starting
+//! up lists its store once instead of once per database, so that listing is
+//! read a page at a time and each database keeps only a summary: a bit per
+//! sequence number (to notice two objects claiming one), its snapshot marks,
+//! and two objects. Held whole, the listing of 1,000 databases with a day's
+//! chain each (9.5 million objects) took about a gigabyte.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use crate::chain::{self, ObjectRef};
+use crate::segment::{self, Kind};
+use crate::storage::Storage;
+
+/// What one listing of a store says of each database in it.
+#[derive(Debug, Default)]
+pub struct Tips {
+    /// Each valid name with the objects a writer reads to go on from its
+    /// chain: the newest snapshot (if older than the head) and the head, in
+    /// sequence order, as [`chain::list`] would list them. `None` where this
+    /// listing cannot say (the chain forks): list that prefix on its own.
+    pub found: Vec<(String, Option<Vec<ObjectRef>>)>,
+    /// Names that fail [`chain::name_problem`], with why (print with `{:?}`).
+    pub refused: Vec<(String, &'static str)>,
+}
+
+/// Lists the whole store once, a page at a time, keeping per database only
+/// what [`Tips`] holds.
+pub async fn list_tips(storage: &dyn Storage) -> chain::Result<Tips> {
+    let mut tips: BTreeMap<String, Tip> = BTreeMap::new();
+    storage
+        .list_each("", &mut |page| {
+            let mut objects = Vec::with_capacity(page.len());
+            for meta in page {
+                let Some((prefix, name)) = meta.key.rsplit_once('/') else {
+                    continue;
+                };
+                let Some(name) = segment::parse_object_name(name) else {
+                    continue;
+                };
+                let prefix = prefix.to_string();
+                let (seq, kind) = match name {
+                    // Marks first: then a mark listed with its object (a
+                    // page is sorted by key, a directory is one batch) is
+                    // known when the object is seen.
+                    segment::Name::SnapshotMark(seq) => {
+                        tips.entry(prefix).or_default().marks.insert(seq);
+                        continue;
+                    }
+                    segment::Name::Object(seq) => (seq, Kind::Wal),
+                    segment::Name::Legacy(seq, kind) => (seq, kind),
+                };
+                let object = ObjectRef {
+                    key: meta.key,
+                    seq,
+                    kind,
+                    size: meta.size,
+                    mark: None,
+                };
+                objects.push((prefix, object));
+            }
+            for (prefix, object) in objects {
+                tips.entry(prefix).or_default().object(object);
+            }
+        })
+        .await?;
+    let mut out = Tips::default();
+    for (prefix, tip) in tips {
+        if let Some(why) = chain::name_problem(&prefix) {
+            out.refused.push((prefix, why));
+            continue;
+        }
+        if let Some(objects) = tip.finish(&prefix) {
+            out.found.push((prefix, objects));
+        }
+    }
+    Ok(out)
+}
+
+/// One database's summary while its store is listed.
+#[derive(Debug, Default)]
+struct Tip {
+    /// Every object's sequence: one claimed twice is a fork.
+    seen: SeqSet,
+    forked: bool,
+    head: Option<ObjectRef>,
+    /// The sequences of the snapshot marks (one per snapshot kept: few).
+    marks: BTreeSet<u64>,
+    /// The newest object known to be a snapshot when it was seen.
+    snapshot: Option<ObjectRef>,
+}
+
+impl Tip {
+    fn object(&mut self, object: ObjectRef) {
+        if !self.seen.insert(object.seq) {
+            self.forked = true;
+        }
+        let snapshot = object.kind == Kind::Snapshot
+            || (!object.is_legacy() && self.marks.contains(&object.seq));
+        if snapshot && self.snapshot.as_ref().is_none_or(|s| s.seq < object.seq) {
+            self.snapshot = Some(object.clone());
+        }
+        if self.head.as_ref().is_none_or(|h| h.seq < object.seq) {
+            self.head = Some(object);
+        }
+    }
+
+    /// The entry of [`Tips::found`], or `None` for a prefix holding only
+    /// marks (their objects gone): no database.
+    fn finish(self, prefix: &str) -> Option<Option<Vec<ObjectRef>>> {
+        let head = self.head?;
+        if self.forked {
+            return Some(None);
+        }
+        // A mark listed after its object in another batch left the object
+        // unrecognised as a snapshot: only a listing of the prefix can say.
+        let newest_mark = self.marks.iter().rev().find(|s| self.seen.contains(**s));
+        if newest_mark.copied() > self.snapshot.as_ref().map(|s| s.seq) {
+            return Some(None);
+        }
+        let fold = |mut object: ObjectRef| {
+            if !object.is_legacy() && self.marks.contains(&object.seq) {
+                object.kind = Kind::Snapshot;
+                object.mark = Some(segment::snapshot_mark_key(prefix, object.seq));
+            }
+            object
+        };
+        let mut objects = Vec::with_capacity(2);
+        if let Some(snapshot) = self.snapshot.clone().filter(|s| s.seq < head.seq) {
+            objects.push(fold(snapshot));
+        }
+        objects.push(fold(head));
+        Some(Some(objects))
+    }
+}
+
+/// A set of sequence numbers, a bit each in blocks of 4,096: a chain's are
+/// dense, so a day's 86,400 take about 11 KB.
+#[derive(Debug, Default)]
+struct SeqSet(HashMap<u64, Box<[u64; 64]>>);
+
+impl SeqSet {
+    /// Adds `seq`; false if it was there already.
+    fn insert(&mut self, seq: u64) -> bool {
+        let block = self.0.entry(seq >> 12).or_insert_with(|| Box::new([0; 64]));
+        let (word, bit) = (((seq >> 6) & 63) as usize, 1u64 << (seq & 63));
+        let new = block[word] & bit == 0;
+        block[word] |= bit;
+        new
+    }
+
+    fn contains(&self, seq: u64) -> bool {
+        self.0
+            .get(&(seq >> 12))
+            .is_some_and(|block| block[((seq >> 6) & 63) as usize] & (1u64 << (seq & 63)) != 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(prefix: &str, seq: u64) -> ObjectRef {
+        ObjectRef {
+            key: segment::object_key(prefix, seq),
+            seq,
+            kind: Kind::Wal,
+            size: 100 + seq,
+            mark: None,
+        }
+    }
+
+    #[test]
+    fn a_set_of_sequences_notices_each_one_twice() {
+        let mut set = SeqSet::default();
+        for seq in [0, 1, 63, 64, 4095, 4096, u64::MAX, 86_399] {
+            assert!(!set.contains(seq));
+            assert!(set.insert(seq), "{seq} is new");
+            assert!(!set.insert(seq), "{seq} is there");
+            assert!(set.contains(seq));
+        }
+        assert!(!set.contains(2) && !set.contains(4097) && !set.contains(u64::MAX - 1));
+    }
+
+    #[test]
+    fn a_mark_listed_after_its_object_in_another_batch_leaves_the_prefix_unknown() {
+        let mut tip = Tip::default();
+        tip.object(object("db", 7));
+        tip.object(object("db", 8));
+        tip.marks.insert(7);
+        assert_eq!(tip.finish("db"), Some(None));
+    }
+
+    #[test]
+    fn a_mark_listed_first_makes_its_object_the_snapshot() {
+        let mut tip = Tip::default();
+        tip.marks.insert(7);
+        for seq in [8, 7, 9, 6] {
+            tip.object(object("db", seq));
+        }
+        let mut snapshot = object("db", 7);
+        snapshot.kind = Kind::Snapshot;
+        snapshot.mark = Some(segment::snapshot_mark_key("db", 7));
+        assert_eq!(
+            tip.finish("db"),
+            Some(Some(vec![snapshot, object("db", 9)]))
+        );
+    }
+
+    #[test]
+    fn two_objects_of_one_sequence_leave_the_prefix_unknown_and_marks_alone_are_no_database() {
+        let mut tip = Tip::default();
+        tip.object(object("db", 3));
+        let mut legacy = object("db", 3);
+        legacy.key = "db/0000000000000003.wal".into();
+        tip.object(legacy);
+        assert_eq!(tip.finish("db"), Some(None));
+        let mut marks_only = Tip::default();
+        marks_only.marks.insert(3);
+        assert_eq!(marks_only.finish("db"), None);
+    }
+}
