@@ -1003,7 +1003,9 @@ async fn list(args: ListArgs) -> Result<()> {
         }
         under = format!("{name}/");
     }
-    let listed = chain::list_databases_under(storage.as_ref(), &under)
+    // Tips and counts only: the objects of a whole fleet's chains would not
+    // fit a small machine's memory.
+    let listed = crate::tips::list_tips_under(storage.as_ref(), &under)
         .await
         .with_context(|| format!("listing {under} in {}", storage.describe()))?;
     for (name, why) in &listed.refused {
@@ -1031,7 +1033,15 @@ async fn list(args: ListArgs) -> Result<()> {
         "DB BYTES"
     );
     let mut attention = 0;
-    for (prefix, objects) in dbs {
+    for found in dbs {
+        let prefix = found.name;
+        // A chain that forks is listed whole, to name its forks.
+        let objects = match found.tips {
+            Some(tips) => tips,
+            None => chain::list(storage.as_ref(), &prefix)
+                .await
+                .with_context(|| format!("listing {prefix} in {}", storage.describe()))?,
+        };
         let Some(head) = objects.last() else { continue };
         let snapshot = objects
             .iter()
@@ -1039,7 +1049,7 @@ async fn list(args: ListArgs) -> Result<()> {
             .find(|o| o.kind == crate::segment::Kind::Snapshot)
             .map(|o| o.seq.to_string())
             .unwrap_or_else(|| "-".into());
-        let bytes: u64 = objects.iter().map(|o| o.size).sum();
+        let bytes = found.bytes;
         let (db_bytes, time) = match chain::read_header(storage.as_ref(), head).await {
             Ok(h) => (
                 (u64::from(h.db_pages) * u64::from(h.page_size)).to_string(),
@@ -1050,7 +1060,7 @@ async fn list(args: ListArgs) -> Result<()> {
         sayln!(
             "{:<32} {:>8} {:>10} {:>10} {:>14} {:>14}  {}",
             prefix,
-            objects.len(),
+            found.objects,
             head.seq,
             snapshot,
             bytes,

@@ -227,53 +227,6 @@ pub fn name_problem(prefix: &str) -> Option<&'static str> {
     None
 }
 
-/// The databases found under a storage root.
-#[derive(Debug, Default)]
-pub struct Databases {
-    /// Each valid name with its objects, by name.
-    pub found: Vec<(String, Vec<ObjectRef>)>,
-    /// Names that fail [`name_problem`], with why; nothing is done with them
-    /// but to report them (print them with `{:?}`: they may hold anything).
-    pub refused: Vec<(String, &'static str)>,
-}
-
-/// The databases whose names start with `under` (`tenants/`), from one
-/// listing of that part of the storage.
-pub async fn list_databases_under(storage: &dyn Storage, under: &str) -> Result<Databases> {
-    // Grouped page by page: the raw listing is never held beside the groups.
-    let mut grouped: std::collections::BTreeMap<String, Vec<(segment::Name, String, u64)>> =
-        std::collections::BTreeMap::new();
-    storage
-        .list_each(under, &mut |page| {
-            for meta in page {
-                let Some((prefix, name)) = meta.key.rsplit_once('/') else {
-                    continue;
-                };
-                let Some(name) = segment::parse_object_name(name) else {
-                    continue;
-                };
-                let prefix = prefix.to_string();
-                grouped
-                    .entry(prefix)
-                    .or_default()
-                    .push((name, meta.key, meta.size));
-            }
-        })
-        .await?;
-    let mut out = Databases::default();
-    for (prefix, entries) in grouped {
-        if let Some(why) = name_problem(&prefix) {
-            out.refused.push((prefix, why));
-            continue;
-        }
-        let objects = collect(entries);
-        if !objects.is_empty() {
-            out.found.push((prefix, objects));
-        }
-    }
-    Ok(out)
-}
-
 /// The names of the databases under a storage root, without their objects.
 #[derive(Debug, Default)]
 pub struct DatabaseNames {

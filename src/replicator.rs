@@ -1062,7 +1062,7 @@ impl Fleet {
                 }
                 self.listing = Some((
                     Instant::now(),
-                    listed.found.into_iter().collect(),
+                    listed.found.into_iter().map(|f| (f.name, f.tips)).collect(),
                     HashSet::new(),
                 ));
             }

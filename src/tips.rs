@@ -1,12 +1,13 @@
 //! The tips of every database's chain, from one listing of a whole store.
 //!
 //! A writer going on from a chain needs only its head, its newest snapshot
-//! and to know that nothing forks (see `Replica::load_head`). A fleet starting
-//! up lists its store once instead of once per database, so that listing is
-//! read a page at a time and each database keeps only a summary: a bit per
-//! sequence number (to notice two objects claiming one), its snapshot marks,
-//! and two objects. Held whole, the listing of 1,000 databases with a day's
-//! chain each (9.5 million objects) took about a gigabyte.
+//! and to know that nothing forks (see `Replica::load_head`); `walsync list`
+//! shows little more. A fleet starting up lists its store once instead of
+//! once per database, so that listing is read a page at a time and each
+//! database keeps only a summary: a bit per sequence number (to notice two
+//! objects claiming one), its snapshot marks, two objects and counts. Held
+//! whole, the listing of 1,000 databases with a day's chain each (9.5
+//! million objects) took about a gigabyte.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -17,21 +18,38 @@ use crate::storage::Storage;
 /// What one listing of a store says of each database in it.
 #[derive(Debug, Default)]
 pub struct Tips {
-    /// Each valid name with the objects a writer reads to go on from its
-    /// chain: the newest snapshot (if older than the head) and the head, in
-    /// sequence order, as [`chain::list`] would list them. `None` where this
-    /// listing cannot say (the chain forks): list that prefix on its own.
-    pub found: Vec<(String, Option<Vec<ObjectRef>>)>,
+    /// Each valid name, sorted.
+    pub found: Vec<Found>,
     /// Names that fail [`chain::name_problem`], with why (print with `{:?}`).
     pub refused: Vec<(String, &'static str)>,
+}
+
+/// One database of [`Tips`].
+#[derive(Debug)]
+pub struct Found {
+    pub name: String,
+    /// Its objects, as [`chain::list`] counts them (runs and marks aside).
+    pub objects: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// The objects a writer reads to go on from its chain: the newest
+    /// snapshot (if older than the head) and the head, in sequence order, as
+    /// [`chain::list`] would list them. `None` where this listing cannot say
+    /// (the chain forks): list that prefix on its own.
+    pub tips: Option<Vec<ObjectRef>>,
 }
 
 /// Lists the whole store once, a page at a time, keeping per database only
 /// what [`Tips`] holds.
 pub async fn list_tips(storage: &dyn Storage) -> chain::Result<Tips> {
+    list_tips_under(storage, "").await
+}
+
+/// [`list_tips`] for the databases whose names start with `under`.
+pub async fn list_tips_under(storage: &dyn Storage, under: &str) -> chain::Result<Tips> {
     let mut tips: BTreeMap<String, Tip> = BTreeMap::new();
     storage
-        .list_each("", &mut |page| {
+        .list_each(under, &mut |page| {
             let mut objects = Vec::with_capacity(page.len());
             for meta in page {
                 let Some((prefix, name)) = meta.key.rsplit_once('/') else {
@@ -72,8 +90,14 @@ pub async fn list_tips(storage: &dyn Storage) -> chain::Result<Tips> {
             out.refused.push((prefix, why));
             continue;
         }
-        if let Some(objects) = tip.finish(&prefix) {
-            out.found.push((prefix, objects));
+        let (objects, bytes) = (tip.objects, tip.bytes);
+        if let Some(tips) = tip.finish(&prefix) {
+            out.found.push(Found {
+                name: prefix,
+                objects,
+                bytes,
+                tips,
+            });
         }
     }
     Ok(out)
@@ -90,10 +114,14 @@ struct Tip {
     marks: BTreeSet<u64>,
     /// The newest object known to be a snapshot when it was seen.
     snapshot: Option<ObjectRef>,
+    objects: u64,
+    bytes: u64,
 }
 
 impl Tip {
     fn object(&mut self, object: ObjectRef) {
+        self.objects += 1;
+        self.bytes += object.size;
         if !self.seen.insert(object.seq) {
             self.forked = true;
         }

@@ -910,14 +910,18 @@ async fn one_listing_of_the_store_gives_each_chain_the_tips_its_own_listing_give
 
         let tips = walsync::tips::list_tips(storage).await.unwrap();
         assert!(tips.refused.is_empty(), "{kind}: {:?}", tips.refused);
-        let names: Vec<&str> = tips.found.iter().map(|(n, _)| n.as_str()).collect();
+        let names: Vec<&str> = tips.found.iter().map(|f| f.name.as_str()).collect();
         assert_eq!(
             names,
             ["t/forked", "t/gone", "t/legacy", "t/long", "t/snap"],
             "{kind}"
         );
-        for (prefix, got) in &tips.found {
+        for found in &tips.found {
+            let (prefix, got) = (&found.name, &found.tips);
             let all = chain::list(storage, prefix).await.unwrap();
+            assert_eq!(found.objects, all.len() as u64, "{kind} {prefix}");
+            let bytes: u64 = all.iter().map(|o| o.size).sum();
+            assert_eq!(found.bytes, bytes, "{kind} {prefix}");
             if !chain::forks(&all).is_empty() {
                 assert_eq!(got, &None, "{kind} {prefix}: forks, listed on its own");
                 continue;
@@ -935,8 +939,8 @@ async fn one_listing_of_the_store_gives_each_chain_the_tips_its_own_listing_give
             assert_eq!(got.as_ref(), Some(&expected), "{kind} {prefix}");
         }
         let seqs = |prefix: &str| {
-            let (_, got) = tips.found.iter().find(|(n, _)| n == prefix).unwrap();
-            let got = got.as_ref().unwrap();
+            let found = tips.found.iter().find(|f| f.name == prefix).unwrap();
+            let got = found.tips.as_ref().unwrap();
             got.iter().map(|o| (o.seq, o.kind)).collect::<Vec<_>>()
         };
         use segment::Kind::{Snapshot, Wal};
