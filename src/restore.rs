@@ -378,6 +378,57 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
     }
 }
 
+/// How a restore's scratch directory for `output` starts: named for the
+/// output, so that the restore holding the output's lock (one at a time)
+/// knows that any other directory of that name was left by a restore that
+/// was killed, and removes it (it may hold links that keep deleted objects'
+/// space in use, or a copy of a whole snapshot).
+pub fn scratch_prefix(output: &Path) -> String {
+    use sha2::Digest;
+    let name = output
+        .file_name()
+        .map(|n| n.as_encoded_bytes())
+        .unwrap_or_default();
+    let digest = sha2::Sha256::digest(name);
+    format!(".walsync-restore-{}-", to_hex(&digest[..6]))
+}
+
+/// The random part of a scratch directory's name, after [`scratch_prefix`].
+pub const SCRATCH_RANDOM: usize = 6;
+
+/// Removes the scratch directories an earlier restore to this output left
+/// (killed before it could). Only names of exactly this shape, only
+/// directories (never through a link); what cannot be removed is logged and
+/// left: the restore itself does not depend on it.
+fn remove_stale_scratch(dir: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !name.starts_with(prefix) || name.len() != prefix.len() + SCRATCH_RANDOM {
+            continue;
+        }
+        // The entry's own type: a link to a directory is not followed.
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let path = entry.path();
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => tracing::info!(
+                path = %path.display(),
+                "removed the scratch directory of an earlier restore to this file that did not finish"
+            ),
+            Err(e) => tracing::warn!(
+                path = %path.display(),
+                error = %e,
+                "cannot remove the scratch directory of an earlier restore to this file"
+            ),
+        }
+    }
+}
+
 /// Restores `opts.prefix` from `storage` into `opts.output`.
 pub async fn restore(storage: &dyn Storage, opts: &RestoreOptions) -> Result<RestoreReport> {
     restore_then(storage, opts, |_, _| Ok(())).await
@@ -408,8 +459,11 @@ pub async fn restore_then(
         .ok_or_else(|| Error::Busy {
             path: output.clone(),
         })?;
+    let prefix = scratch_prefix(output);
+    remove_stale_scratch(&dir, &prefix);
     let scratch = tempfile::Builder::new()
-        .prefix(".walsync-restore-")
+        .prefix(&prefix)
+        .rand_bytes(SCRATCH_RANDOM)
         .tempdir_in(&dir)
         .map_err(io_at(&dir))?;
 

@@ -3870,3 +3870,89 @@ async fn torture(rounds: u32) {
         }
     }
 }
+
+/// The scratch directories of `output`'s restores, by name.
+fn scratch_dirs(output: &Path) -> Vec<String> {
+    let prefix = walsync::restore::scratch_prefix(output);
+    let mut names: Vec<String> = std::fs::read_dir(output.parent().unwrap())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    names.sort();
+    names
+}
+
+/// A restore killed with SIGKILL (the OOM killer, a container stopped hard)
+/// leaves its scratch directory; the next restore to the same file removes
+/// it, and touches neither another output's scratch nor a link planted in
+/// its place. The store reads through a proxy that holds each request, so
+/// the kill lands while objects download.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_restore_leaves_scratch_that_the_next_restore_to_its_file_removes() {
+    use common::faults::{FaultProxy, Plan};
+    let (store, proxy) = FaultProxy::before_s3_store().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("src.db");
+    replicated(&store, &db, "kill", 200).await;
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let out = out_dir.join("restored.db");
+    let restore_cmd = || {
+        let mut cmd = walsync();
+        cmd.args(["restore", "--storage", &store.url, "--prefix", "kill", "-o"])
+            .arg(&out);
+        with_store(&mut cmd, &store);
+        cmd.env("AWS_ENDPOINT_URL_S3", &proxy.endpoint);
+        cmd
+    };
+
+    proxy.set_plan(Plan {
+        delay: 1.0,
+        delay_for: Duration::from_secs(3),
+        ..Plan::healthy()
+    });
+    let mut killed = restore_cmd()
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while scratch_dirs(&out).is_empty() {
+        assert!(Instant::now() < deadline, "no scratch directory appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    let left = scratch_dirs(&out);
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(!out.exists());
+
+    // Beside it: another output's scratch, and a link with a scratch name
+    // pointing at a directory that must survive.
+    let other =
+        out_dir.join(walsync::restore::scratch_prefix(&out_dir.join("other.db")) + "abcdef");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("keep"), b"other restore's").unwrap();
+    let precious = dir.path().join("precious");
+    std::fs::create_dir(&precious).unwrap();
+    std::fs::write(precious.join("keep"), b"not a scratch directory").unwrap();
+    let link = out_dir.join(walsync::restore::scratch_prefix(&out) + "zzzzzz");
+    std::os::unix::fs::symlink(&precious, &link).unwrap();
+
+    proxy.set_plan(Plan::healthy());
+    let output = run(&mut restore_cmd());
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(rows(&out), rows(&db));
+    assert_eq!(
+        scratch_dirs(&out),
+        [link.file_name().unwrap().to_string_lossy().into_owned()],
+        "the killed restore's scratch is gone, the link stays"
+    );
+    assert!(precious.join("keep").exists() && other.join("keep").exists());
+}
