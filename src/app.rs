@@ -1035,12 +1035,17 @@ async fn list(args: ListArgs) -> Result<()> {
     let mut attention = 0;
     for found in dbs {
         let prefix = found.name;
-        // A chain that forks is listed whole, to name its forks.
-        let objects = match found.tips {
-            Some(tips) => tips,
-            None => chain::list(storage.as_ref(), &prefix)
-                .await
-                .with_context(|| format!("listing {prefix} in {}", storage.describe()))?,
+        // A chain the listing could not sum up (it forks) is listed whole,
+        // to name its forks; its row then comes from that listing alone.
+        let (objects, count, bytes) = match found.tips {
+            Some(tips) => (tips, found.objects, found.bytes),
+            None => {
+                let all = chain::list(storage.as_ref(), &prefix)
+                    .await
+                    .with_context(|| format!("listing {prefix} in {}", storage.describe()))?;
+                let (count, bytes) = (all.len() as u64, all.iter().map(|o| o.size).sum());
+                (all, count, bytes)
+            }
         };
         let Some(head) = objects.last() else { continue };
         let snapshot = objects
@@ -1049,7 +1054,6 @@ async fn list(args: ListArgs) -> Result<()> {
             .find(|o| o.kind == crate::segment::Kind::Snapshot)
             .map(|o| o.seq.to_string())
             .unwrap_or_else(|| "-".into());
-        let bytes = found.bytes;
         let (db_bytes, time) = match chain::read_header(storage.as_ref(), head).await {
             Ok(h) => (
                 (u64::from(h.db_pages) * u64::from(h.page_size)).to_string(),
@@ -1060,7 +1064,7 @@ async fn list(args: ListArgs) -> Result<()> {
         sayln!(
             "{:<32} {:>8} {:>10} {:>10} {:>14} {:>14}  {}",
             prefix,
-            found.objects,
+            count,
             head.seq,
             snapshot,
             bytes,

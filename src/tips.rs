@@ -35,7 +35,8 @@ pub struct Found {
     /// The objects a writer reads to go on from its chain: the newest
     /// snapshot (if older than the head) and the head, in sequence order, as
     /// [`chain::list`] would list them. `None` where this listing cannot say
-    /// (the chain forks): list that prefix on its own.
+    /// (the chain forks, or a mark came in a later batch than its object):
+    /// list that prefix on its own.
     pub tips: Option<Vec<ObjectRef>>,
 }
 
@@ -108,6 +109,9 @@ pub async fn list_tips_under(storage: &dyn Storage, under: &str) -> chain::Resul
 struct Tip {
     /// Every object's sequence: one claimed twice is a fork.
     seen: SeqSet,
+    /// The sequences of objects in the first layout, whose kind is in their
+    /// key: a mark never makes one a snapshot.
+    legacy: SeqSet,
     forked: bool,
     head: Option<ObjectRef>,
     /// The sequences of the snapshot marks (one per snapshot kept: few).
@@ -124,6 +128,9 @@ impl Tip {
         self.bytes += object.size;
         if !self.seen.insert(object.seq) {
             self.forked = true;
+        }
+        if object.is_legacy() {
+            self.legacy.insert(object.seq);
         }
         let snapshot = object.kind == Kind::Snapshot
             || (!object.is_legacy() && self.marks.contains(&object.seq));
@@ -144,7 +151,11 @@ impl Tip {
         }
         // A mark listed after its object in another batch left the object
         // unrecognised as a snapshot: only a listing of the prefix can say.
-        let newest_mark = self.marks.iter().rev().find(|s| self.seen.contains(**s));
+        let newest_mark = self
+            .marks
+            .iter()
+            .rev()
+            .find(|s| self.seen.contains(**s) && !self.legacy.contains(**s));
         if newest_mark.copied() > self.snapshot.as_ref().map(|s| s.seq) {
             return Some(None);
         }
@@ -234,6 +245,34 @@ mod tests {
         assert_eq!(
             tip.finish("db"),
             Some(Some(vec![snapshot, object("db", 9)]))
+        );
+    }
+
+    #[test]
+    fn a_mark_beside_a_legacy_object_is_no_snapshot_as_in_a_listing_of_the_prefix() {
+        let mut tip = Tip::default();
+        let mut legacy = object("db", 5);
+        legacy.key = "db/0000000000000005.wal".into();
+        tip.object(object("db", 4));
+        tip.object(legacy.clone());
+        tip.marks.insert(5);
+        assert_eq!(tip.finish("db"), Some(Some(vec![legacy])));
+    }
+
+    #[test]
+    fn a_late_mark_older_than_the_known_snapshot_changes_nothing() {
+        let mut tip = Tip::default();
+        tip.marks.insert(6);
+        for seq in [2, 6, 7] {
+            tip.object(object("db", seq));
+        }
+        tip.marks.insert(2);
+        let mut snapshot = object("db", 6);
+        snapshot.kind = Kind::Snapshot;
+        snapshot.mark = Some(segment::snapshot_mark_key("db", 6));
+        assert_eq!(
+            tip.finish("db"),
+            Some(Some(vec![snapshot, object("db", 7)]))
         );
     }
 

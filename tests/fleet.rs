@@ -755,12 +755,19 @@ async fn a_restarted_fleet_continues_every_chain_from_one_listing() {
                     .unwrap();
             }
             stop(token, handle).await;
+            if round == 0 {
+                // f00's chain forks below its head (an old writer's copy of
+                // its snapshot): the start-up listing leaves it to a listing
+                // of its own, and it goes on from its head all the same.
+                let first = chain::list(store.storage.as_ref(), "f/f00").await.unwrap()[0].seq;
+                common::plant_legacy(store.storage.as_ref(), "f/f00", first, "f/f00").await;
+            }
         }
         for i in 0..n {
             let prefix = format!("f/f{i:02}");
             assert_eq!(
                 snapshots(&store, &prefix).await,
-                1,
+                if i == 0 { 2 } else { 1 },
                 "{kind} {prefix}: resumed, no new snapshot"
             );
             assert_eq!(
@@ -948,5 +955,38 @@ async fn one_listing_of_the_store_gives_each_chain_the_tips_its_own_listing_give
         assert_eq!(seqs("t/snap"), [(2, Snapshot)], "{kind}");
         assert_eq!(seqs("t/gone"), [(1, Snapshot), (5, Wal)], "{kind}");
         assert_eq!(seqs("t/legacy"), [(2, Snapshot), (3, Wal)], "{kind}");
+    }
+}
+
+/// In a local store, a directory reached through a link (a volume mounted
+/// elsewhere) is listed under the link's name by the whole-store listing,
+/// as the listing of that prefix alone finds it: otherwise a fleet would
+/// start a new chain over the one it cannot see. A link back up ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_linked_directory_in_a_local_store_is_listed_as_its_own_prefix_is() {
+    use sha2::{Digest, Sha256};
+    use walsync::segment;
+    use walsync::storage::Payload;
+    let store = common::fs_store();
+    let storage = store.storage.as_ref();
+    for seq in 0..3 {
+        let key = segment::object_key("real/db", seq);
+        let body = key.as_bytes().to_vec();
+        let hash = Sha256::digest(&body).into();
+        storage
+            .put_new(&key, Payload::Bytes(body), hash)
+            .await
+            .unwrap();
+    }
+    let root = std::path::PathBuf::from(store.url.trim_start_matches("file://"));
+    std::os::unix::fs::symlink(root.join("real"), root.join("tenants")).unwrap();
+    std::os::unix::fs::symlink(&root, root.join("real").join("up")).unwrap();
+    let tips = walsync::tips::list_tips(storage).await.unwrap();
+    let names: Vec<&str> = tips.found.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(names, ["real/db", "tenants/db"]);
+    for found in &tips.found {
+        let own = chain::list(storage, &found.name).await.unwrap();
+        assert_eq!(own.len(), 3, "{}", found.name);
+        assert_eq!(found.tips.as_ref().unwrap().last(), own.last());
     }
 }

@@ -7,6 +7,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -136,8 +137,20 @@ fn walk(root: &Path, prefix: &str, each: &mut dyn FnMut(Vec<ObjectMeta>) -> bool
     } else {
         root.join(start_rel)
     };
-    let mut stack = vec![start];
-    while let Some(dir) = stack.pop() {
+    // A directory reached through a link is walked like any other, under
+    // each name it is reached by: the listing of one prefix follows links on
+    // its path, and a listing of the whole store must see the same objects
+    // under the same keys. A link back to a directory above it is not walked
+    // again (it would never end).
+    let mut stack = vec![(start, Vec::new())];
+    while let Some((dir, mut above)) = stack.pop() {
+        if let Ok(meta) = fs::metadata(&dir) {
+            let id = (meta.dev(), meta.ino());
+            if above.contains(&id) {
+                continue;
+            }
+            above.push(id);
+        }
         let mut out = Vec::new();
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,
@@ -147,7 +160,14 @@ fn walk(root: &Path, prefix: &str, each: &mut dyn FnMut(Vec<ObjectMeta>) -> bool
         for entry in entries {
             let entry = entry.map_err(io_err(prefix))?;
             let path = entry.path();
-            let file_type = entry.file_type().map_err(io_err(prefix))?;
+            let mut file_type = entry.file_type().map_err(io_err(prefix))?;
+            if file_type.is_symlink() {
+                match fs::metadata(&path) {
+                    Ok(target) if target.is_dir() => file_type = target.file_type(),
+                    // A link to a file, or dangling: not an object.
+                    _ => continue,
+                }
+            }
             let Ok(rel) = path.strip_prefix(root) else {
                 continue;
             };
@@ -155,7 +175,7 @@ fn walk(root: &Path, prefix: &str, each: &mut dyn FnMut(Vec<ObjectMeta>) -> bool
             let rel = rel.replace(std::path::MAIN_SEPARATOR, "/");
             if file_type.is_dir() {
                 if rel.starts_with(prefix) || prefix.starts_with(&format!("{rel}/")) {
-                    stack.push(path);
+                    stack.push((path, above.clone()));
                 }
             } else if file_type.is_file() && rel.starts_with(prefix) && !rel.contains(TEMP_MARKER) {
                 let size = entry.metadata().map_err(io_err(prefix))?.len();
