@@ -33,6 +33,14 @@ pub enum Error {
         expected: u64,
         found: u64,
     },
+    /// Writing or reading back the local copy of a download failed (a full
+    /// disk, say): not the store's doing, so never retried as if it were.
+    #[error("object {key}: writing its local copy: {source}")]
+    Local {
+        key: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -451,7 +459,7 @@ pub async fn spool_object(
     key: &str,
     dir: Option<&std::path::Path>,
 ) -> Result<(std::fs::File, (segment::Header, [u8; 32]))> {
-    let io = |source| storage::Error::Io {
+    let local = |source| Error::Local {
         key: key.to_string(),
         source,
     };
@@ -459,12 +467,12 @@ pub async fn spool_object(
         Some(dir) => tempfile::tempfile_in(dir),
         None => tempfile::tempfile(),
     }
-    .map_err(io)?;
+    .map_err(local)?;
     let mut out = tokio::fs::File::from_std(file);
     let checked = copy_object(storage, key, &mut out).await?;
     tokio::io::AsyncSeekExt::rewind(&mut out)
         .await
-        .map_err(io)?;
+        .map_err(local)?;
     Ok((out.into_std().await, checked))
 }
 
@@ -481,6 +489,10 @@ pub async fn copy_object(
         key: key.to_string(),
         source,
     };
+    let local = |source| Error::Local {
+        key: key.to_string(),
+        source,
+    };
     let mut reader = tokio::io::BufReader::with_capacity(COPY_BUFFER, storage.get(key).await?);
     let mut check = segment::Check::default();
     loop {
@@ -490,12 +502,12 @@ pub async fn copy_object(
         }
         // tokio's file takes the chunk into its own buffer and writes it on
         // a blocking thread: the hash below overlaps that write.
-        out.write_all(chunk).await.map_err(io)?;
+        out.write_all(chunk).await.map_err(local)?;
         check.update(chunk);
         let n = chunk.len();
         reader.consume(n);
     }
-    out.flush().await.map_err(io)?;
+    out.flush().await.map_err(local)?;
     check.finish().map_err(|source| Error::Segment {
         key: key.to_string(),
         source,
@@ -593,7 +605,12 @@ pub async fn download(
         buf.extend_from_slice(&chunk[..n]);
         reader.consume(n);
         check.update(&buf);
-        buf = write_at(&file, buf, n, at).await.map_err(io)?;
+        buf = write_at(&file, buf, n, at)
+            .await
+            .map_err(|source| Error::Local {
+                key: key.to_string(),
+                source,
+            })?;
         at += n as u64;
         if !decided && at >= split.probe {
             decided = true;
@@ -687,14 +704,13 @@ async fn joined(
     key: &str,
     task: tokio::task::JoinHandle<std::io::Result<segment::Check>>,
 ) -> Result<segment::Check> {
-    let io = |source| storage::Error::Io {
+    let local = |source| Error::Local {
         key: key.to_string(),
         source,
     };
-    Ok(task
-        .await
-        .map_err(|e| io(std::io::Error::other(e)))?
-        .map_err(io)?)
+    task.await
+        .map_err(|e| local(std::io::Error::other(e)))?
+        .map_err(local)
 }
 
 /// Feeds bytes `offset..offset + len` of `file` to `check`.
@@ -774,7 +790,12 @@ async fn write_part(
                 source: segment::Error::TooShort(at),
             });
         }
-        buf = write_at(file, buf, filled, at).await.map_err(io)?;
+        buf = write_at(file, buf, filled, at)
+            .await
+            .map_err(|source| Error::Local {
+                key: key.to_string(),
+                source,
+            })?;
         at += filled as u64;
     }
     Ok(())

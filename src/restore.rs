@@ -137,6 +137,13 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("downloading object {key} into {path}: {source}")]
+    Spool {
+        key: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("checking the restored file: {0}")]
     Sqlite(#[from] rusqlite::Error),
 }
@@ -682,6 +689,14 @@ async fn fetch_checked(
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_at(&spool)(e)),
     }
+    let spooling = |e| match e {
+        chain::Error::Local { key, source } => Error::Spool {
+            key,
+            path: spool.clone(),
+            source,
+        },
+        e => Error::Chain(e),
+    };
     let (header, hash) = match link_local(storage, &object.key, &spool)? {
         true => verify_file(&object.key, &spool).await?,
         false => {
@@ -696,9 +711,13 @@ async fn fetch_checked(
             if object.size >= chain::PARTS_FROM && storage.local_path(&object.key).is_none() {
                 let out = out.into_std().await;
                 let split = chain::Split::for_size(object.size);
-                chain::download(storage, &object.key, object.size, out, split).await?
+                chain::download(storage, &object.key, object.size, out, split)
+                    .await
+                    .map_err(spooling)?
             } else {
-                chain::copy_object(storage, &object.key, &mut out).await?
+                chain::copy_object(storage, &object.key, &mut out)
+                    .await
+                    .map_err(spooling)?
             }
         }
     };

@@ -3956,3 +3956,65 @@ async fn a_killed_restore_leaves_scratch_that_the_next_restore_to_its_file_remov
     );
     assert!(precious.join("keep").exists() && other.join("keep").exists());
 }
+
+/// A download that cannot be written locally (here the file-size limit;
+/// a full disk alike) fails the restore at once, naming the object and the
+/// file it was going into: it is not the store's error, so no request is
+/// made again, and no output file appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_that_cannot_be_written_locally_fails_at_once_naming_the_file() {
+    use common::faults::{Counts, FaultProxy};
+    use std::os::unix::process::CommandExt;
+    let (store, proxy) = FaultProxy::before_s3_store().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("wide.db");
+    {
+        let conn = Connection::open(&db).unwrap();
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB);
+             WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c WHERE x < 500)
+             INSERT INTO t(v) SELECT randomblob(4000) FROM c;",
+        )
+        .unwrap();
+    }
+    let mut snap = walsync();
+    snap.args(["snapshot", cfg(&db), "--storage", &store.url]);
+    with_store(&mut snap, &store);
+    assert!(run(&mut snap).status.success());
+
+    let out = dir.path().join("restored.db");
+    let mut cmd = walsync();
+    cmd.args(["restore", "--storage", &store.url, "--prefix", "wide", "-o"])
+        .arg(&out);
+    with_store(&mut cmd, &store);
+    cmd.env("AWS_ENDPOINT_URL_S3", &proxy.endpoint);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let limit = libc::rlimit {
+                rlim_cur: 256 << 10,
+                rlim_max: 256 << 10,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let output = run(&mut cmd);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("downloading object wide/")
+            && stderr.contains(".walsync-restore-")
+            && stderr.contains("File too large"),
+        "{stderr}"
+    );
+    assert_eq!(
+        Counts::get(&proxy.counts().object_gets),
+        1,
+        "the object was read once: a local failure is not retried"
+    );
+    assert!(!out.exists());
+}
