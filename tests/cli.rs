@@ -4018,3 +4018,82 @@ async fn a_download_that_cannot_be_written_locally_fails_at_once_naming_the_file
     );
     assert!(!out.exists());
 }
+
+/// A database that comes to rest with objects inside the exact window does
+/// not keep them for good: once they have all aged past it, `watch` passes
+/// over it once more and they go, though nothing more is written. The
+/// snapshot and the head stay, and a restore still equals the app's rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_of_a_database_at_rest_go_once_past_the_exact_window() {
+    use common::app::AppProcess;
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("app.db");
+        let mut app = AppProcess::open(&db);
+        let config = dir.path().join("walsync.toml");
+        std::fs::write(
+            &config,
+            store.config(&format!(
+                "[sync]\nsync_interval = \"0s\"\ncompaction = [4, 16]\nexact_window = \"2s\"\n\
+                 [[databases]]\npath = \"{}\"\nprefix = \"rest\"\n",
+                db.display()
+            )),
+        )
+        .unwrap();
+        let mut child = spawn_watch(&store, &config, Stdio::null());
+        wait_for_objects(&store, "rest", 1, String::new).await;
+        let mut head = 0;
+        while head < 12 {
+            app.insert(1, 300);
+            let mut sync = walsync();
+            sync.args(["sync", "-c", cfg(&config), "--wait"]);
+            assert!(run(&mut sync).status.success(), "{kind}");
+            head = chain::list(store.storage.as_ref(), "rest")
+                .await
+                .unwrap()
+                .last()
+                .unwrap()
+                .seq;
+        }
+        let rows_then = app_rows(&db);
+        // Nothing more is written; runs of 4 stand for 2..=head/4*4.
+        let stood_for = |seq: u64| seq > 1 && seq <= head / 4 * 4 && seq < head;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let objects = chain::list(store.storage.as_ref(), "rest").await.unwrap();
+            let left: Vec<u64> = objects
+                .iter()
+                .map(|o| o.seq)
+                .filter(|s| stood_for(*s))
+                .collect();
+            if left.is_empty() {
+                assert_eq!(
+                    objects.first().unwrap().seq,
+                    1,
+                    "{kind}: the snapshot stays"
+                );
+                assert_eq!(objects.last().unwrap().seq, head, "{kind}: the head stays");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{kind}: objects {left:?} of a database at rest are still stored"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(terminate(&mut child).success(), "{kind}");
+        let out = dir.path().join("restored.db");
+        let mut restore = walsync();
+        restore.args(["restore", "-c", cfg(&config), "--prefix", "rest", "-o"]);
+        restore.arg(&out);
+        with_store(&mut restore, &store);
+        let output = run(&mut restore);
+        assert!(
+            output.status.success(),
+            "{kind}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(app_rows(&out), rows_then, "{kind}");
+        app.quit();
+    }
+}
