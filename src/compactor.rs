@@ -2,10 +2,7 @@
 //! runs of every database as its chain grows (see [`crate::compact`]).
 //!
 //! A sync that carries a chain past a multiple of the smallest level reports
-//! it here. The only other wake-up is for a database that came to rest with
-//! objects still inside the exact window: it is passed over once more when
-//! they have all aged past it, so that they go although nothing is written;
-//! after that a database at rest costs nothing.
+//! it here; nothing else wakes the task, so a database at rest costs nothing.
 //! Passes run a few at a time, one per database at once, beside the syncs
 //! and never in their way: a database's lag does not wait on its compaction,
 //! and a failed pass is only tried again when the chain next grows (it is
@@ -41,7 +38,6 @@ use crate::storage::Storage;
 const PASSES_AT_ONCE: usize = 2;
 
 /// A database whose chain has grown past a multiple of its smallest level.
-#[derive(Clone)]
 pub struct Due {
     pub prefix: String,
     pub storage: Arc<dyn Storage>,
@@ -84,27 +80,6 @@ struct Track {
     done: Option<u64>,
     /// Smallest-level runs whose objects may still be stored, oldest first.
     replaced: VecDeque<Replaced>,
-    /// The newest report of this database, to pass over it again once its
-    /// replaced objects are old enough to go, should it stay idle till then.
-    last: Option<Due>,
-    /// When that is, as of the last pass.
-    aged_at: Option<std::time::SystemTime>,
-    /// Whether the schedule holds an entry for it (one at most: a busy
-    /// database moves its time on at every pass, and the entry follows).
-    scheduled: bool,
-}
-
-/// When the objects of `replaced` will all be older than `window`, if known:
-/// a database at rest is passed over once more then (one wake-up), so that
-/// its objects go although its chain no longer grows.
-fn all_aged_at(replaced: &VecDeque<Replaced>, window: Duration) -> Option<std::time::SystemTime> {
-    let newest = replaced
-        .back()?
-        .timestamp_ms
-        .or(replaced.front()?.timestamp_ms)?;
-    let at = std::time::UNIX_EPOCH + Duration::from_millis(newest) + window;
-    // A little after, so that the pass finds them past the window.
-    Some(at + Duration::from_millis(100))
 }
 
 async fn run(
@@ -120,11 +95,6 @@ async fn run(
     let mut running: JoinSet<(Option<u64>, VecDeque<Replaced>)> = JoinSet::new();
     // The database of each pass running.
     let mut busy: HashMap<tokio::task::Id, String> = HashMap::new();
-    // Databases to pass over again when their replaced objects have aged
-    // (see `all_aged_at`), soonest first.
-    let mut aging: std::collections::BinaryHeap<
-        std::cmp::Reverse<(std::time::SystemTime, String)>,
-    > = std::collections::BinaryHeap::new();
     loop {
         // Start what may start: one pass per database, a few in all.
         let mut held = Vec::new();
@@ -140,7 +110,6 @@ async fn run(
                 continue;
             };
             let track = tracks.entry(prefix.clone()).or_default();
-            track.last = Some(due.clone());
             let (done, replaced) = (track.done, std::mem::take(&mut track.replaced));
             let (board, scratch) = (board.clone(), scratch.clone());
             let task =
@@ -150,47 +119,9 @@ async fn run(
         for prefix in held.into_iter().rev() {
             order.push_front(prefix);
         }
-        let next_aged = aging.peek().map(|std::cmp::Reverse((at, _))| {
-            let wait = at
-                .duration_since(std::time::SystemTime::now())
-                .unwrap_or_default();
-            tokio::time::Instant::now() + wait
-        });
         tokio::select! {
             biased;
             _ = stop.cancelled() => return,
-            () = tokio::time::sleep_until(next_aged.unwrap_or_else(tokio::time::Instant::now)), if next_aged.is_some() => {
-                let now = std::time::SystemTime::now();
-                while let Some(std::cmp::Reverse((at, _))) = aging.peek() {
-                    if *at > now {
-                        break;
-                    }
-                    let Some(std::cmp::Reverse((_, prefix))) = aging.pop() else { break };
-                    let Some(track) = tracks.get_mut(&prefix) else { continue };
-                    match track.aged_at {
-                        // Passes since moved the time on: wait for that.
-                        Some(later) if later > now => {
-                            aging.push(std::cmp::Reverse((later, prefix)));
-                            continue;
-                        }
-                        Some(_) => {}
-                        None => {
-                            track.scheduled = false;
-                            continue;
-                        }
-                    }
-                    track.scheduled = false;
-                    track.aged_at = None;
-                    // A newer report waiting already does as well (and must
-                    // not be replaced by this older one).
-                    if waiting.contains_key(&prefix) {
-                        continue;
-                    }
-                    let Some(due) = track.last.clone() else { continue };
-                    waiting.insert(prefix.clone(), due);
-                    order.push_back(prefix);
-                }
-            }
             Some(finished) = running.join_next_with_id(), if !running.is_empty() => {
                 let (id, done, replaced) = match finished {
                     Ok((id, (done, replaced))) => (id, done, replaced),
@@ -198,17 +129,9 @@ async fn run(
                     Err(e) => (e.id(), None, VecDeque::new()),
                 };
                 if let Some(prefix) = busy.remove(&id) {
-                    let track = tracks.entry(prefix.clone()).or_default();
+                    let track = tracks.entry(prefix).or_default();
                     track.done = done.or(track.done);
                     track.replaced = replaced;
-                    let window = track.last.as_ref().and_then(|d| d.window);
-                    track.aged_at = window.and_then(|w| all_aged_at(&track.replaced, w));
-                    if let Some(at) = track.aged_at
-                        && !track.scheduled
-                    {
-                        track.scheduled = true;
-                        aging.push(std::cmp::Reverse((at, prefix)));
-                    }
                 }
             }
             received = rx.recv() => {
