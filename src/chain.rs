@@ -35,7 +35,7 @@ pub enum Error {
     },
     /// Writing or reading back the local copy of a download failed (a full
     /// disk, say): not the store's doing, so never retried as if it were.
-    #[error("object {key}: writing its local copy: {source}")]
+    #[error("object {key}: its local copy: {source}")]
     Local {
         key: String,
         #[source]

@@ -268,8 +268,9 @@ pub async fn follow(
                 failures = 0;
                 None
             }
-            // Storage outages outlast the SDK's retries; a follower waits them out.
-            Err(Error::Chain(chain::Error::Storage(e))) => {
+            // Storage outages outlast the SDK's retries, and a full scratch
+            // disk may be freed: a follower waits both out.
+            Err(Error::Chain(e @ (chain::Error::Storage(_) | chain::Error::Local { .. }))) => {
                 // What was queued is listed again once storage answers.
                 queued.clear();
                 failures += 1;
@@ -277,7 +278,7 @@ pub async fn follow(
                     .interval
                     .saturating_mul(1 << failures.min(6))
                     .min(MAX_BACKOFF);
-                warn!(prefix = %opts.prefix, error = %e, retry_in = ?wait, "storage failed; will retry");
+                warn!(prefix = %opts.prefix, error = %e, retry_in = ?wait, "fetching failed; will retry");
                 if stopped_within(&stop, wait).await {
                     return Ok(report);
                 }

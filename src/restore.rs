@@ -467,7 +467,11 @@ pub async fn restore_then(
             path: output.clone(),
         })?;
     let prefix = scratch_prefix(output);
-    remove_stale_scratch(&dir, &prefix);
+    // A stale copy of a large snapshot takes a while to remove: not on a
+    // worker that restore-all's other restores share.
+    let (stale_in, stale_prefix) = (dir.clone(), prefix.clone());
+    let _ =
+        tokio::task::spawn_blocking(move || remove_stale_scratch(&stale_in, &stale_prefix)).await;
     let scratch = tempfile::Builder::new()
         .prefix(&prefix)
         .rand_bytes(SCRATCH_RANDOM)
