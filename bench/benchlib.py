@@ -5,6 +5,7 @@ Imported by the scripts beside it (`python3 bench/NAME.py` puts bench/ on the pa
 import collections
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -63,3 +64,12 @@ def start_moto(work, bucket="bench"):
         except OSError:
             time.sleep(0.1)
     sys.exit("moto did not start")
+
+
+def rows(path):
+    """Row count and payload bytes of table t, read-only: what a restore must give back."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return conn.execute("SELECT count(*), coalesce(sum(length(v)), 0) FROM t").fetchone()
+    finally:
+        conn.close()

@@ -63,14 +63,6 @@ def start_moto(work):
     return proc, "s3://bench/chain", env
 
 
-def rows(path):
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        return conn.execute("SELECT count(*), coalesce(sum(length(v)), 0) FROM t").fetchone()
-    finally:
-        conn.close()
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -126,7 +118,7 @@ def main():
                 subprocess.run([args.walsync, "sync", "-c", config, "--wait"], env=env,
                                check=True, stdout=subprocess.DEVNULL)
                 time.sleep(0.05)
-                points.append((pauses[i], time.time(), rows(db)))
+                points.append((pauses[i], time.time(), benchlib.rows(db)))
                 time.sleep(0.05)
             conn.execute("INSERT INTO t(v) VALUES (randomblob(200))")
             time.sleep(0.003)
@@ -155,7 +147,7 @@ def main():
         caught_up = time.monotonic() - caught_up
         watch.terminate()
         watch.wait()
-        source = rows(db)
+        source = benchlib.rows(db)
         conn.close()
         print(f"{args.commits} commits shipped in {written:.1f} s to {storage}")
         m = last and now
@@ -180,7 +172,7 @@ def main():
             secs, rss, said = run_measured(
                 [args.walsync, "restore", "-c", config, "--prefix", "chain", "-o", out,
                  "--timestamp", stamp], env)
-            got = rows(out)
+            got = benchlib.rows(out)
             objects = said.split("(")[1].split(" objects")[0] if " objects" in said else "?"
             if got == expected:
                 verdict = "equal to the source then"
@@ -202,10 +194,10 @@ def main():
                     [args.walsync, "restore", "-c", config, "--prefix", "chain", "-o", out,
                      "--parallelism", str(p)], env)
                 objects = said.split("(")[1].split(" objects")[0] if " objects" in said else "?"
-                same = rows(out) == source
+                same = benchlib.rows(out) == source
                 print(f"| {label}{p} | {objects} | {secs:.2f} s | {rss:.0f} MiB | {same} |")
                 if not same:
-                    sys.exit(f"restored rows {rows(out)} differ from the source's {source}")
+                    sys.exit(f"restored rows {benchlib.rows(out)} differ from the source's {source}")
         restores("")
         if args.compact:
             secs, rss, said = run_measured(

@@ -38,17 +38,9 @@ import sys
 import tempfile
 import time
 
-from benchlib import run_measured as measured
+from benchlib import rows, run_measured as measured
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def rows(path):
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        return conn.execute("SELECT count(*), coalesce(sum(length(v)), 0) FROM t").fetchone()
-    finally:
-        conn.close()
 
 
 def seconds(s):

@@ -46,6 +46,14 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// Wraps a failure of `key`'s local copy.
+    fn local(key: &str) -> impl FnOnce(std::io::Error) -> Self + '_ {
+        move |source| Error::Local {
+            key: key.to_string(),
+            source,
+        }
+    }
+
     /// The object was not in storage (deleted since it was listed, say).
     pub fn is_not_found(&self) -> bool {
         matches!(self, Error::Storage(storage::Error::NotFound { .. }))
@@ -459,20 +467,16 @@ pub async fn spool_object(
     key: &str,
     dir: Option<&std::path::Path>,
 ) -> Result<(std::fs::File, (segment::Header, [u8; 32]))> {
-    let local = |source| Error::Local {
-        key: key.to_string(),
-        source,
-    };
     let file = match dir {
         Some(dir) => tempfile::tempfile_in(dir),
         None => tempfile::tempfile(),
     }
-    .map_err(local)?;
+    .map_err(Error::local(key))?;
     let mut out = tokio::fs::File::from_std(file);
     let checked = copy_object(storage, key, &mut out).await?;
     tokio::io::AsyncSeekExt::rewind(&mut out)
         .await
-        .map_err(local)?;
+        .map_err(Error::local(key))?;
     Ok((out.into_std().await, checked))
 }
 
@@ -489,10 +493,6 @@ pub async fn copy_object(
         key: key.to_string(),
         source,
     };
-    let local = |source| Error::Local {
-        key: key.to_string(),
-        source,
-    };
     let mut reader = tokio::io::BufReader::with_capacity(COPY_BUFFER, storage.get(key).await?);
     let mut check = segment::Check::default();
     loop {
@@ -502,12 +502,12 @@ pub async fn copy_object(
         }
         // tokio's file takes the chunk into its own buffer and writes it on
         // a blocking thread: the hash below overlaps that write.
-        out.write_all(chunk).await.map_err(local)?;
+        out.write_all(chunk).await.map_err(Error::local(key))?;
         check.update(chunk);
         let n = chunk.len();
         reader.consume(n);
     }
-    out.flush().await.map_err(local)?;
+    out.flush().await.map_err(Error::local(key))?;
     check.finish().map_err(|source| Error::Segment {
         key: key.to_string(),
         source,
@@ -607,10 +607,7 @@ pub async fn download(
         check.update(&buf);
         buf = write_at(&file, buf, n, at)
             .await
-            .map_err(|source| Error::Local {
-                key: key.to_string(),
-                source,
-            })?;
+            .map_err(Error::local(key))?;
         at += n as u64;
         if !decided && at >= split.probe {
             decided = true;
@@ -704,13 +701,9 @@ async fn joined(
     key: &str,
     task: tokio::task::JoinHandle<std::io::Result<segment::Check>>,
 ) -> Result<segment::Check> {
-    let local = |source| Error::Local {
-        key: key.to_string(),
-        source,
-    };
     task.await
-        .map_err(|e| local(std::io::Error::other(e)))?
-        .map_err(local)
+        .map_err(|e| Error::local(key)(std::io::Error::other(e)))?
+        .map_err(Error::local(key))
 }
 
 /// Feeds bytes `offset..offset + len` of `file` to `check`.
@@ -792,10 +785,7 @@ async fn write_part(
         }
         buf = write_at(file, buf, filled, at)
             .await
-            .map_err(|source| Error::Local {
-                key: key.to_string(),
-                source,
-            })?;
+            .map_err(Error::local(key))?;
         at += filled as u64;
     }
     Ok(())

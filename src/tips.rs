@@ -211,6 +211,14 @@ mod tests {
         }
     }
 
+    fn snapshot(prefix: &str, seq: u64) -> ObjectRef {
+        ObjectRef {
+            kind: Kind::Snapshot,
+            mark: Some(segment::snapshot_mark_key(prefix, seq)),
+            ..object(prefix, seq)
+        }
+    }
+
     #[test]
     fn a_set_of_sequences_notices_each_one_twice() {
         let mut set = SeqSet::default();
@@ -239,12 +247,9 @@ mod tests {
         for seq in [8, 7, 9, 6] {
             tip.object(object("db", seq));
         }
-        let mut snapshot = object("db", 7);
-        snapshot.kind = Kind::Snapshot;
-        snapshot.mark = Some(segment::snapshot_mark_key("db", 7));
         assert_eq!(
             tip.finish("db"),
-            Some(Some(vec![snapshot, object("db", 9)]))
+            Some(Some(vec![snapshot("db", 7), object("db", 9)]))
         );
     }
 
@@ -267,12 +272,9 @@ mod tests {
             tip.object(object("db", seq));
         }
         tip.marks.insert(2);
-        let mut snapshot = object("db", 6);
-        snapshot.kind = Kind::Snapshot;
-        snapshot.mark = Some(segment::snapshot_mark_key("db", 6));
         assert_eq!(
             tip.finish("db"),
-            Some(Some(vec![snapshot, object("db", 7)]))
+            Some(Some(vec![snapshot("db", 6), object("db", 7)]))
         );
     }
 

@@ -2988,6 +2988,28 @@ async fn a_parallel_restore_reads_each_object_once_in_chain_order() {
     assert!(!out.exists());
 }
 
+/// A database of `rows` random 4,000-byte blobs at `db`, its snapshot
+/// stored by `walsync snapshot` (prefix: the file's stem).
+fn snapshot_of_blobs(store: &TestStore, db: &Path, rows: usize) {
+    let conn = Connection::open(db).unwrap();
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB);
+         WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c WHERE x < {rows})
+         INSERT INTO t(v) SELECT randomblob(4000) FROM c;"
+    ))
+    .unwrap();
+    drop(conn);
+    let mut snap = walsync();
+    snap.args(["snapshot", cfg(db), "--storage", &store.url]);
+    with_store(&mut snap, store);
+    let output = run(&mut snap);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 /// Issue 14, 3: `walsync restore` of a snapshot large enough for parts,
 /// from a store that streams it fast (through a proxy that holds every
 /// request a moment, as a distant store does): the database comes back
@@ -2999,24 +3021,7 @@ async fn a_large_snapshot_from_a_fast_store_comes_in_one_stream() {
     let (store, proxy) = FaultProxy::before_s3_store().await;
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("big.db");
-    {
-        let conn = Connection::open(&db).unwrap();
-        conn.execute_batch(
-            "PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB);
-             WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c WHERE x < 10000)
-             INSERT INTO t(v) SELECT randomblob(4000) FROM c;",
-        )
-        .unwrap();
-    }
-    let mut snap = walsync();
-    snap.args(["snapshot", cfg(&db), "--storage", &store.url]);
-    with_store(&mut snap, &store);
-    let output = run(&mut snap);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    snapshot_of_blobs(&store, &db, 10_000);
     let objects = chain::list(store.storage.as_ref(), "big").await.unwrap();
     assert_eq!(objects.len(), 1);
     let size = objects[0].size;
@@ -3968,19 +3973,7 @@ async fn a_download_that_cannot_be_written_locally_fails_at_once_naming_the_file
     let (store, proxy) = FaultProxy::before_s3_store().await;
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("wide.db");
-    {
-        let conn = Connection::open(&db).unwrap();
-        conn.execute_batch(
-            "PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB);
-             WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c WHERE x < 500)
-             INSERT INTO t(v) SELECT randomblob(4000) FROM c;",
-        )
-        .unwrap();
-    }
-    let mut snap = walsync();
-    snap.args(["snapshot", cfg(&db), "--storage", &store.url]);
-    with_store(&mut snap, &store);
-    assert!(run(&mut snap).status.success());
+    snapshot_of_blobs(&store, &db, 500);
 
     let out = dir.path().join("restored.db");
     let mut cmd = walsync();

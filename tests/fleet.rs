@@ -115,6 +115,17 @@ async fn objects(store: &TestStore, prefix: &str) -> usize {
         .unwrap_or(0)
 }
 
+/// Stores an object whose body is its own key: enough for what reads keys.
+async fn put_named(storage: &dyn walsync::storage::Storage, key: String) {
+    use sha2::{Digest, Sha256};
+    let body = key.as_bytes().to_vec();
+    let hash = Sha256::digest(&body).into();
+    storage
+        .put_new(&key, walsync::storage::Payload::Bytes(body), hash)
+        .await
+        .unwrap();
+}
+
 async fn wait_for(what: &str, mut ready: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !ready().await {
@@ -868,19 +879,10 @@ async fn a_retried_first_open_lists_its_own_prefix() {
 /// than an S3 page.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_listing_of_the_store_gives_each_chain_the_tips_its_own_listing_gives() {
-    use sha2::{Digest, Sha256};
     use walsync::segment;
-    use walsync::storage::Payload;
     for (kind, store) in common::all_stores().await {
         let storage = store.storage.as_ref();
-        let put = async |key: String| {
-            let body = key.as_bytes().to_vec();
-            let hash = Sha256::digest(&body).into();
-            storage
-                .put_new(&key, Payload::Bytes(body), hash)
-                .await
-                .unwrap();
-        };
+        let put = async |key: String| put_named(storage, key).await;
         let mark = |prefix: &str, seq| segment::snapshot_mark_key(prefix, seq);
         // long: 1,200 objects, snapshots at 0 and 500, a run beside them.
         for seq in 0..1200 {
@@ -964,19 +966,11 @@ async fn one_listing_of_the_store_gives_each_chain_the_tips_its_own_listing_give
 /// start a new chain over the one it cannot see. A link back up ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_linked_directory_in_a_local_store_is_listed_as_its_own_prefix_is() {
-    use sha2::{Digest, Sha256};
     use walsync::segment;
-    use walsync::storage::Payload;
     let store = common::fs_store();
     let storage = store.storage.as_ref();
     for seq in 0..3 {
-        let key = segment::object_key("real/db", seq);
-        let body = key.as_bytes().to_vec();
-        let hash = Sha256::digest(&body).into();
-        storage
-            .put_new(&key, Payload::Bytes(body), hash)
-            .await
-            .unwrap();
+        put_named(storage, segment::object_key("real/db", seq)).await;
     }
     let root = std::path::PathBuf::from(store.url.trim_start_matches("file://"));
     std::os::unix::fs::symlink(root.join("real"), root.join("tenants")).unwrap();
