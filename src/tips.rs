@@ -51,37 +51,32 @@ pub async fn list_tips_under(storage: &dyn Storage, under: &str) -> chain::Resul
     let mut tips: BTreeMap<String, Tip> = BTreeMap::new();
     storage
         .list_each(under, &mut |page| {
-            let mut objects = Vec::with_capacity(page.len());
+            // Marks first: then a mark listed with its object (a page is
+            // sorted by key, a directory is one batch) is known when the
+            // object is seen.
+            for meta in &page {
+                if let Some((end, segment::Name::SnapshotMark(seq))) = parse(&meta.key)
+                    && let Some(tip) = tip_of(&mut tips, &meta.key[..end])
+                {
+                    tip.marks.insert(seq);
+                }
+            }
             for meta in page {
-                let Some((prefix, name)) = meta.key.rsplit_once('/') else {
+                let (end, seq, kind) = match parse(&meta.key) {
+                    Some((end, segment::Name::Object(seq))) => (end, seq, Kind::Wal),
+                    Some((end, segment::Name::Legacy(seq, kind))) => (end, seq, kind),
+                    _ => continue,
+                };
+                let Some(tip) = tip_of(&mut tips, &meta.key[..end]) else {
                     continue;
                 };
-                let Some(name) = segment::parse_object_name(name) else {
-                    continue;
-                };
-                let prefix = prefix.to_string();
-                let (seq, kind) = match name {
-                    // Marks first: then a mark listed with its object (a
-                    // page is sorted by key, a directory is one batch) is
-                    // known when the object is seen.
-                    segment::Name::SnapshotMark(seq) => {
-                        tips.entry(prefix).or_default().marks.insert(seq);
-                        continue;
-                    }
-                    segment::Name::Object(seq) => (seq, Kind::Wal),
-                    segment::Name::Legacy(seq, kind) => (seq, kind),
-                };
-                let object = ObjectRef {
+                tip.object(ObjectRef {
                     key: meta.key,
                     seq,
                     kind,
                     size: meta.size,
                     mark: None,
-                };
-                objects.push((prefix, object));
-            }
-            for (prefix, object) in objects {
-                tips.entry(prefix).or_default().object(object);
+                });
             }
         })
         .await?;
@@ -102,6 +97,23 @@ pub async fn list_tips_under(storage: &dyn Storage, under: &str) -> chain::Resul
         }
     }
     Ok(out)
+}
+
+/// Where a key's database prefix ends, and its object name, if it names a
+/// walsync object.
+fn parse(key: &str) -> Option<(usize, segment::Name)> {
+    let end = key.rfind('/')?;
+    Some((end, segment::parse_object_name(&key[end + 1..])?))
+}
+
+/// The summary of `prefix`, made on first sight: the name is copied once
+/// per database, not once per object (a listing holds millions). Always
+/// `Some`.
+fn tip_of<'a>(tips: &'a mut BTreeMap<String, Tip>, prefix: &str) -> Option<&'a mut Tip> {
+    if !tips.contains_key(prefix) {
+        tips.insert(prefix.to_string(), Tip::default());
+    }
+    tips.get_mut(prefix)
 }
 
 /// One database's summary while its store is listed.
