@@ -42,22 +42,23 @@ pub async fn verify(
     scratch_dir: &Path,
     keys: Option<Arc<Keys>>,
 ) -> Result<Report, chain::Error> {
-    let (objects, runs) = chain::list_with_runs(storage, prefix).await?;
-    let mut report = Report {
-        runs: runs.len(),
-        objects: objects.len(),
-        bytes: objects.iter().map(|o| o.size).sum(),
-        snapshots: objects.iter().filter(|o| o.kind == Kind::Snapshot).count(),
-        head: objects.last().map(|o| o.seq),
-        ..Report::default()
+    let mut listings = 0;
+    let report = loop {
+        listings += 1;
+        let (report, gone) = check_chain(storage, prefix).await?;
+        if gone == 0 || listings == LISTINGS {
+            break report;
+        }
+        tracing::info!(
+            prefix,
+            gone,
+            "objects went while the chain was read; checking it again from a fresh listing"
+        );
     };
-    if objects.is_empty() {
-        report.problems.push(format!("no objects under {prefix:?}"));
+    let mut report = report;
+    if report.head.is_none() {
         return Ok(report);
     }
-    let headers = read_runs(storage, &runs, &mut report).await;
-    let mut hashes = walk(storage, &objects, (&runs, &headers), &mut report).await;
-    check_runs(&objects, &runs, &headers, &mut hashes, &mut report);
 
     let scratch = tempfile::Builder::new()
         .prefix(".walsync-verify-")
@@ -107,12 +108,44 @@ pub async fn verify(
     Ok(report)
 }
 
+/// How many listings one check may take. A running `watch` deletes objects
+/// once the exact window has passed them and a run stands for them, and
+/// retention deletes whole stretches after a snapshot: an object listed and
+/// gone when read is the store moving on, not a broken chain, so the check
+/// starts again from a fresh listing. Only an object missing from every
+/// attempt is reported.
+const LISTINGS: u32 = 4;
+
+/// Lists the chain and checks every object and run in it; also returns how
+/// many listed objects were gone when read.
+async fn check_chain(storage: &dyn Storage, prefix: &str) -> Result<(Report, usize), chain::Error> {
+    let (objects, runs) = chain::list_with_runs(storage, prefix).await?;
+    let mut report = Report {
+        runs: runs.len(),
+        objects: objects.len(),
+        bytes: objects.iter().map(|o| o.size).sum(),
+        snapshots: objects.iter().filter(|o| o.kind == Kind::Snapshot).count(),
+        head: objects.last().map(|o| o.seq),
+        ..Report::default()
+    };
+    if objects.is_empty() {
+        report.problems.push(format!("no objects under {prefix:?}"));
+        return Ok((report, 0));
+    }
+    let mut gone = 0;
+    let headers = read_runs(storage, &runs, &mut report, &mut gone).await;
+    let mut hashes = walk(storage, &objects, (&runs, &headers), &mut report, &mut gone).await;
+    check_runs(&objects, &runs, &headers, &mut hashes, &mut report);
+    Ok((report, gone))
+}
+
 /// The headers of the runs that verified (trailer hash, header against key),
 /// by key; each that did not is a problem.
 async fn read_runs(
     storage: &dyn Storage,
     runs: &[(u64, ObjectRef)],
     report: &mut Report,
+    gone: &mut usize,
 ) -> HashMap<String, segment::Header> {
     let fetched = futures_util::stream::iter(runs.iter())
         .map(|(_, run)| chain::read_verified(storage, run))
@@ -124,7 +157,10 @@ async fn read_runs(
             Some(Ok((header, _, _))) => {
                 headers.insert(run.key.clone(), header);
             }
-            Some(Err(e)) => report.problems.push(e.to_string()),
+            Some(Err(e)) => {
+                *gone += usize::from(e.is_not_found());
+                report.problems.push(e.to_string());
+            }
             None => break,
         }
     }
@@ -142,6 +178,7 @@ async fn walk(
     objects: &[ObjectRef],
     (runs, headers): (&[(u64, ObjectRef)], &HashMap<String, segment::Header>),
     report: &mut Report,
+    gone: &mut usize,
 ) -> HashMap<u64, Vec<[u8; 32]>> {
     let mut hashes: HashMap<u64, Vec<[u8; 32]>> = HashMap::new();
     if objects
@@ -172,6 +209,7 @@ async fn walk(
         let (header, hash) = match read {
             Ok((header, hash, _)) => (header, hash),
             Err(e) => {
+                *gone += usize::from(e.is_not_found());
                 report.problems.push(e.to_string());
                 continue;
             }

@@ -3636,6 +3636,143 @@ async fn objects_older_than_the_exact_window_go_and_runs_carry_restores_across()
     assert!(!log.contains("WARN") && !log.contains("ERROR"), "{log}");
 }
 
+/// `verify` beside a running watch: objects the exact window passed are
+/// deleted while verify reads the chain, once a run stands for them. That is
+/// the store moving on, not a broken chain: verify lists again and passes.
+/// An object missing for good is still reported. (crash_torture met this as
+/// "object ... not found in storage" from a healthy chain.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_lists_again_when_objects_go_while_it_reads() {
+    use common::faults::{Counts, FaultProxy, Plan};
+    let (store, proxy) = FaultProxy::before_s3_store().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let conn = Connection::open(&db).unwrap();
+    conn.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB);")
+        .unwrap();
+    let config = dir.path().join("walsync.toml");
+    std::fs::write(
+        &config,
+        store.config(&format!(
+            "[sync]\nsync_interval = \"0s\"\ncompaction = [4]\nexact_window = \"1h\"\n\
+             [[databases]]\npath = \"{}\"\nprefix = \"going\"\n",
+            db.display()
+        )),
+    )
+    .unwrap();
+    let mut watch = spawn_watch(&store, &config, Stdio::null());
+    wait_for_objects(&store, "going", 1, String::new).await;
+    for _ in 0..12 {
+        conn.execute("INSERT INTO t(v) VALUES (randomblob(300))", [])
+            .unwrap();
+        let mut sync = walsync();
+        sync.args(["sync", "-c", cfg(&config), "--wait"]);
+        assert!(run(&mut sync).status.success());
+    }
+    assert!(terminate(&mut watch).success());
+    ok(
+        &store,
+        &["compact", "-c", cfg(&config), "--prefix", "going"],
+    );
+    let (objects, runs) = chain::list_with_runs(store.storage.as_ref(), "going")
+        .await
+        .unwrap();
+    let head = objects.last().unwrap().seq;
+    let (first, stands) = runs
+        .iter()
+        .find(|(_, r)| r.seq < head)
+        .cloned()
+        .unwrap_or_else(|| panic!("no run below the head {head}: {runs:?}"));
+    let replaced: Vec<String> = objects
+        .iter()
+        .filter(|o| (first..=stands.seq).contains(&o.seq))
+        .map(|o| o.key.clone())
+        .collect();
+    assert_eq!(replaced.len() as u64, stands.seq - first + 1, "{objects:?}");
+
+    // Every request waits a while before it reaches the store, so verify's
+    // reads come after the objects a watch would delete have gone.
+    proxy.set_plan(Plan {
+        delay: 1.0,
+        delay_for: Duration::from_millis(700),
+        ..Plan::healthy()
+    });
+    let verify = || {
+        let mut cmd = walsync();
+        cmd.args(["verify", "-c", cfg(&config), "--prefix", "going"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        with_store(&mut cmd, &store);
+        cmd.env("AWS_ENDPOINT_URL_S3", &proxy.endpoint);
+        common::Reaped::new(cmd.spawn().unwrap())
+    };
+    let counts = proxy.counts();
+    let lists_before = Counts::get(&counts.lists);
+    let gets_before = Counts::get(&counts.object_gets);
+    let verifying = verify();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Counts::get(&counts.object_gets) == gets_before {
+        assert!(Instant::now() < deadline, "verify read nothing");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        Counts::get(&counts.lists) - lists_before,
+        1,
+        "verify reads after one listing"
+    );
+    store.storage.delete_many(&replaced).await.unwrap();
+    let said = verifying.into_inner().wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&said.stdout),
+        String::from_utf8_lossy(&said.stderr),
+    );
+    assert!(said.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("checking it again from a fresh listing"),
+        "{stderr}"
+    );
+    let lists = Counts::get(&counts.lists) - lists_before;
+    assert!(
+        (2..=3).contains(&lists),
+        "{lists} listings: one, one again, one for the restore"
+    );
+
+    // Gone for good, with nothing standing for it: reported by name.
+    proxy.set_plan(Plan::healthy());
+    let lost = stands.seq + 1;
+    assert!(lost < head, "{objects:?}");
+    let mut keys: Vec<String> = runs
+        .iter()
+        .filter(|(f, r)| (*f..=r.seq).contains(&lost))
+        .map(|(_, r)| r.key.clone())
+        .collect();
+    keys.extend(
+        objects
+            .iter()
+            .filter(|o| o.seq == lost)
+            .map(|o| o.key.clone()),
+    );
+    store.storage.delete_many(&keys).await.unwrap();
+    let mut cmd = walsync();
+    cmd.args(["verify", "-c", cfg(&config), "--prefix", "going"]);
+    with_store(&mut cmd, &store);
+    let said = run(&mut cmd);
+    let stderr = String::from_utf8_lossy(&said.stderr);
+    assert!(!said.status.success(), "{stderr}");
+    // Deleting the runs that covered it may widen the hole to their ends.
+    let hole: Vec<u64> = stderr
+        .split("objects ")
+        .nth(1)
+        .and_then(|s| s.split(" are missing").next())
+        .map(|s| s.split(" to ").filter_map(|n| n.parse().ok()).collect())
+        .unwrap_or_default();
+    assert!(
+        hole.len() == 2 && hole[0] <= lost && lost <= hole[1],
+        "object {lost} not named in: {stderr}"
+    );
+    assert!(stderr.contains("no run stands for them"), "{stderr}");
+}
+
 /// How many objects a restore says it read ("... (N objects, ...").
 fn objects_read(said: &str) -> u64 {
     said.split(" objects")
