@@ -316,7 +316,8 @@ pub struct RestoreArgs {
     pub txid: Option<u64>,
     /// Restore the newest state at or before this time (RFC 3339, e.g.
     /// 2026-11-21T09:30:00Z or 2026-11-21T10:30:00+01:00), by the time walsync
-    /// recorded in each object when it read the transaction from the WAL.
+    /// recorded in each object when it read the transaction from the WAL, to
+    /// the millisecond (a point recorded in the millisecond asked for is included).
     #[arg(long, value_name = "TIME", value_parser = parse_timestamp, conflicts_with = "txid")]
     pub timestamp: Option<u64>,
     /// Print the objects and bytes the restore would download, and the state

@@ -3471,7 +3471,14 @@ async fn objects_older_than_the_exact_window_go_and_runs_carry_restores_across()
         app.insert(1, 300);
         let seq = head().await;
         if i % 3 == 2 {
-            points.push((seq, app_rows(&db), now_ms()));
+            let at = now_ms();
+            points.push((seq, app_rows(&db), at));
+            // Times are whole milliseconds and a point stamped in the very
+            // millisecond asked for is restored: the next commit must come
+            // in a later one to be after the point.
+            while now_ms() <= at {
+                std::thread::sleep(Duration::from_micros(200));
+            }
         }
     }
     while head().await % 4 != 0 {
@@ -3598,9 +3605,10 @@ async fn objects_older_than_the_exact_window_go_and_runs_carry_restores_across()
         let got = app_rows(&out);
         assert!(
             got.len() <= rows.len() && rows.starts_with(&got),
-            "{time}: {} rows restored, {} then",
+            "{time} (sequence {seq} then): {} rows restored, {} then: {}",
             got.len(),
-            rows.len()
+            rows.len(),
+            String::from_utf8_lossy(&said.stdout)
         );
     }
     eprintln!("{exact} points exact at run ends, {refused} refused between them");
