@@ -295,19 +295,10 @@ pub async fn follow(
                     "storage no longer holds the objects this replica needs next (compacted \
                      after the exact window, or deleted by retention); restoring it afresh"
                 );
-                drop(conn);
-                let fresh = FollowOptions {
-                    force: true,
-                    ..opts.clone()
-                };
-                pos = match first_restore(storage, &fresh, &stop).await? {
-                    Some(pos) => pos,
-                    None => return Ok(report),
-                };
+                (pos, conn) = restore_in_place(storage, opts, conn).await?;
                 report.restored = true;
                 report.position = Some(pos);
                 record = follow_record(&record_path, pos);
-                conn = open_replica(output)?;
                 queued.clear();
                 idle_polls = 0;
                 continue;
@@ -453,6 +444,126 @@ async fn first_restore(
             return Ok(None);
         }
     }
+}
+
+/// Brings the replica to the newest state when it cannot go on from where it
+/// stands. The state is restored (and checked) into a scratch file beside
+/// it, then copied into the replica by SQLite's backup, in one write
+/// transaction: its readers see the state before or the state after. A file
+/// renamed over the replica instead would leave a reader that had opened the
+/// old file reading it together with the new file's WAL (SQLite finds
+/// `-wal` and `-shm` by name): a malformed database, found by the crash
+/// torture. The replica keeps its inode, so the position goes on naming it.
+async fn restore_in_place(
+    storage: &dyn Storage,
+    opts: &FollowOptions,
+    conn: Connection,
+) -> Result<(Position, Connection)> {
+    let output = &opts.output;
+    let io_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e: io::Error| Error::Position {
+            path,
+            message: e.to_string(),
+        }
+    };
+    // A restore to the same file waits for this one, as for another restore;
+    // the scratch is named as a restore's, so one left by a kill is removed
+    // by the next restore to this file.
+    let _lock = crate::sidefile::TargetLock::try_acquire(output)
+        .map_err(io_err(output))?
+        .ok_or_else(|| restore::Error::Busy {
+            path: output.clone(),
+        })?;
+    let dir = crate::sidefile::dir_of(output);
+    let prefix = restore::scratch_prefix(output);
+    let (stale_in, stale_prefix) = (dir.clone(), prefix.clone());
+    let _ = tokio::task::spawn_blocking(move || {
+        restore::remove_stale_scratch(&stale_in, &stale_prefix);
+    })
+    .await;
+    let scratch = tempfile::Builder::new()
+        .prefix(&prefix)
+        .rand_bytes(restore::SCRATCH_RANDOM)
+        .tempdir_in(&dir)
+        .map_err(io_err(&dir))?;
+    let fresh = scratch.path().join("fresh.db");
+    let restore_opts = RestoreOptions {
+        prefix: opts.prefix.clone(),
+        output: fresh.clone(),
+        target: Target::Latest,
+        force: false,
+        keys: opts.keys.clone(),
+        parallelism: restore::FETCH_PARALLELISM,
+    };
+    let restored = restore::restore(storage, &restore_opts).await?;
+    let (path, from, key) = (
+        output.clone(),
+        fresh.clone(),
+        segment::object_key(&opts.prefix, restored.seq),
+    );
+    let conn = tokio::task::spawn_blocking(move || copy_into(&from, conn, &path, key))
+        .await
+        .map_err(|e| io_err(output)(io::Error::other(e)))??;
+    let pos = Position {
+        seq: restored.seq,
+        hash: restored.hash,
+        key_id: restored.key_id,
+        file: Some(file_id(output).map_err(io_err(output))?),
+    };
+    write_position(&position_path(output), &opts.prefix, pos)?;
+    // The record of the restored state now describes the replica.
+    let destination = state::destination(&storage.describe(), &opts.prefix);
+    let (from, to) = (
+        state::record_path(&fresh, &destination),
+        state::record_path(output, &destination),
+    );
+    match Record::open(&from) {
+        Ok(Some(mut record)) => record.rename(&to).map_err(io_err(&to))?,
+        _ => state::forget(&to).map_err(io_err(&to))?,
+    }
+    info!(prefix = %opts.prefix, file = %output.display(), seq = pos.seq, "restored in place; following");
+    Ok((pos, conn))
+}
+
+/// Copies every page of the database at `from` into the replica's, in one
+/// step. `key` names the newest object of the restored state.
+fn copy_into(from: &Path, mut conn: Connection, path: &Path, key: String) -> Result<Connection> {
+    let sql = |source| Error::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    };
+    let source =
+        Connection::open_with_flags(from, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(sql)?;
+    let page_size = |c: &Connection| c.query_row("PRAGMA page_size", [], |r| r.get::<_, u32>(0));
+    let (found, expected) = (
+        page_size(&source).map_err(sql)?,
+        page_size(&conn).map_err(sql)?,
+    );
+    // SQLite cannot change the page size of a database in WAL mode.
+    if found != expected {
+        return Err(Error::PageSize {
+            key,
+            found,
+            expected,
+        });
+    }
+    {
+        let backup = rusqlite::backup::Backup::new(&source, &mut conn).map_err(sql)?;
+        // Waits as long as a write to the replica waits for its readers.
+        let mut waits = 0;
+        while backup.step(-1).map_err(sql)? != rusqlite::backup::StepResult::Done {
+            waits += 1;
+            if waits == 3_000 {
+                return Err(sql(rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+                    Some("copying the restored state in: the replica stayed locked".into()),
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    Ok(conn)
 }
 
 /// Waits `wait`; true if `stop` came first.

@@ -407,7 +407,7 @@ pub const SCRATCH_RANDOM: usize = 6;
 /// (killed before it could). Only names of exactly this shape, only
 /// directories (never through a link); what cannot be removed is logged and
 /// left: the restore itself does not depend on it.
-fn remove_stale_scratch(dir: &Path, prefix: &str) {
+pub fn remove_stale_scratch(dir: &Path, prefix: &str) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };

@@ -894,6 +894,186 @@ async fn a_live_copy_goes_on_only_from_a_position_for_its_own_file() {
     }
 }
 
+/// A connection in another process, opened at once and read only when asked
+/// (`count(*)` of `t` and the integrity check, or the error).
+struct LazyReader {
+    child: common::Reaped,
+    replies: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl LazyReader {
+    const SCRIPT: &str = "import sqlite3, sys\n\
+        c = sqlite3.connect(sys.argv[1])\n\
+        print('ready', flush=True)\n\
+        for _ in sys.stdin:\n\
+        \x20   try:\n\
+        \x20       n = c.execute('SELECT count(*) FROM t').fetchone()[0]\n\
+        \x20       print(n, c.execute('PRAGMA integrity_check').fetchone()[0], flush=True)\n\
+        \x20   except sqlite3.Error as e:\n\
+        \x20       print('error', e, flush=True)\n";
+
+    fn open(db: &Path) -> Self {
+        let mut child = Command::new("python3");
+        child
+            .args(["-c", Self::SCRIPT])
+            .arg(db)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        let mut child = common::Reaped::new(child.spawn().unwrap());
+        let stdout = child.stdout.take().unwrap();
+        let mut reader = Self {
+            child,
+            replies: std::io::BufRead::lines(std::io::BufReader::new(stdout)),
+        };
+        assert_eq!(reader.reply(), "ready");
+        reader
+    }
+
+    fn reply(&mut self) -> String {
+        self.replies.next().unwrap().unwrap()
+    }
+
+    fn read(&mut self) -> String {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        std::io::Write::write_all(stdin, b"read\n").unwrap();
+        self.reply()
+    }
+}
+
+/// A live copy restored afresh (its next objects were deleted while its
+/// follower was stopped) while a reader, another process, holds it open.
+/// SQLite ties a connection to the file it opened and finds `-wal` and
+/// `-shm` by name: a copy replaced by a rename left the reader on the old
+/// file, and its close deleted the WAL the follower was committing into
+/// beside the new one (found by the crash torture as a malformed copy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_copy_restored_afresh_stays_whole_for_a_reader_holding_it_open() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("primary.db");
+        let conn = app_db(&db);
+        let config = one_db_config(
+            &store,
+            dir.path(),
+            &db,
+            "sync_interval = \"0s\"\ncompaction = [4, 16]",
+        );
+        let mut watch = spawn_watch(&store, &config, Stdio::null());
+        wait_for_objects(&store, "primary", 1, String::new).await;
+        let mut next = 0;
+        let mut write = |n: usize| {
+            for _ in 0..n {
+                // Rows of a page each: a page read from the wrong file shows.
+                conn.execute(
+                    "INSERT INTO t(v) VALUES (?1)",
+                    [format!("row {next} {}", "x".repeat(3000))],
+                )
+                .unwrap();
+                next += 1;
+            }
+            ok(&store, &["sync", "-c", cfg(&config), "--wait"]);
+        };
+        write(20);
+        let copy = dir.path().join("copy.db");
+        let follow = || {
+            let mut cmd = walsync();
+            cmd.args(["restore", "--config", cfg(&config), "--prefix", "primary"])
+                .args(["--follow", "--interval", "50ms", "-o"])
+                .arg(&copy)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped());
+            with_store(&mut cmd, &store);
+            common::Reaped::new(cmd.spawn().unwrap())
+        };
+        let caught_up = |copy: &Path| {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !copy.exists() || rows(copy) != rows(&db) {
+                assert!(
+                    Instant::now() < deadline,
+                    "{kind}: no catching up: {} of {} rows",
+                    if copy.exists() { rows(copy).len() } else { 0 },
+                    rows(&db).len()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        };
+        let mut follower = follow();
+        caught_up(&copy);
+        assert!(terminate(&mut follower).success(), "{kind}");
+        let stood = chain::list(store.storage.as_ref(), "primary")
+            .await
+            .unwrap()
+            .last()
+            .unwrap()
+            .seq;
+
+        // The reader: another process that opened the copy before the
+        // follower went on, and reads it only afterwards.
+        let mut reader = LazyReader::open(&copy);
+
+        // A run that stands for the copy's position and what follows it, its
+        // objects deleted (the exact window passed while the follower was
+        // stopped): the follower cannot go on from the middle of the run.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let across = loop {
+            write(1);
+            let (_, runs) = chain::list_with_runs(store.storage.as_ref(), "primary")
+                .await
+                .unwrap();
+            if let Some((_, run)) = runs.iter().find(|(f, r)| *f <= stood && r.seq > stood) {
+                break run.seq;
+            }
+            assert!(Instant::now() < deadline, "{kind}: no run across {stood}");
+        };
+        let (objects, runs) = chain::list_with_runs(store.storage.as_ref(), "primary")
+            .await
+            .unwrap();
+        let mut gone: Vec<String> = objects
+            .iter()
+            .filter(|o| o.seq > stood && o.seq <= across)
+            .map(|o| o.key.clone())
+            .collect();
+        gone.extend(
+            runs.iter()
+                .filter(|(f, _)| *f > stood)
+                .map(|(_, r)| r.key.clone()),
+        );
+        store.storage.delete_many(&gone).await.unwrap();
+
+        // Restored afresh, then objects applied after that.
+        let mut follower = follow();
+        let log = drain_stderr(&mut follower);
+        caught_up(&copy);
+        write(10);
+        caught_up(&copy);
+        let expected = rows(&db);
+        // What it reads is the copy as it is now, and whole.
+        assert_eq!(
+            reader.read(),
+            format!("{} ok", expected.len()),
+            "{kind}: a reader that opened the copy before"
+        );
+        assert_eq!(
+            rows(&copy),
+            expected,
+            "{kind}: the copy lost what it applied"
+        );
+        write(10);
+        caught_up(&copy);
+        assert_eq!(reader.read(), format!("{} ok", rows(&db).len()), "{kind}");
+        assert!(terminate(&mut follower).success(), "{kind}");
+        let log = log.join().unwrap();
+        assert!(log.contains("restoring it afresh"), "{kind}: {log}");
+        let check: String = Connection::open(&copy)
+            .unwrap()
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(check, "ok", "{kind}");
+        assert_eq!(rows(&copy), rows(&db), "{kind}");
+        assert!(terminate(&mut watch).success(), "{kind}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_wait_reports_a_database_that_stopped_instead_of_hanging() {
     for (kind, store) in common::all_stores().await {
