@@ -81,6 +81,16 @@ pub enum Error {
          (at {seq}): it was replaced; restore afresh with --force"
     )]
     Behind { prefix: String, head: u64, seq: u64 },
+    #[error(
+        "the newest state of {prefix:?} (sequence {seq}) has page size {found}, the replica \
+         {expected}: restore afresh with --force"
+    )]
+    NewPageSize {
+        prefix: String,
+        seq: u64,
+        found: u32,
+        expected: u32,
+    },
     #[error("object {key}: page size {found}, the replica has {expected}")]
     PageSize {
         key: String,
@@ -207,6 +217,7 @@ pub async fn follow(
     let mut pos = match saved {
         Some(pos) if output.exists() && !opts.force => {
             info!(prefix = %opts.prefix, file = %output.display(), seq = pos.seq, "resuming");
+            remove_stale_scratch(output).await;
             pos
         }
         _ if output.exists() && !opts.force => {
@@ -448,12 +459,14 @@ async fn first_restore(
 
 /// Brings the replica to the newest state when it cannot go on from where it
 /// stands. The state is restored (and checked) into a scratch file beside
-/// it, then copied into the replica by SQLite's backup, in one write
-/// transaction: its readers see the state before or the state after. A file
-/// renamed over the replica instead would leave a reader that had opened the
-/// old file reading it together with the new file's WAL (SQLite finds
-/// `-wal` and `-shm` by name): a malformed database, found by the crash
-/// torture. The replica keeps its inode, so the position goes on naming it.
+/// it, then its pages are copied in through `sqlite_dbpage` in one write
+/// transaction: readers see the state before or the state after, and page 1
+/// (its schema cookie included) is the restored one byte for byte, as every
+/// later object expects. A file renamed over the replica instead would leave
+/// a reader that had opened the old file reading it together with the new
+/// file's WAL (SQLite finds `-wal` and `-shm` by name): a malformed database,
+/// found by the crash torture. The replica keeps its inode, so the position
+/// goes on naming it.
 async fn restore_in_place(
     storage: &dyn Storage,
     opts: &FollowOptions,
@@ -467,26 +480,15 @@ async fn restore_in_place(
             message: e.to_string(),
         }
     };
-    // A restore to the same file waits for this one, as for another restore;
-    // the scratch is named as a restore's, so one left by a kill is removed
-    // by the next restore to this file.
+    // A restore to the same file is refused while this one runs, as it is
+    // beside another restore; the scratch is named as a restore's.
+    let lock_path = crate::sidefile::dir_of(output);
     let _lock = crate::sidefile::TargetLock::try_acquire(output)
-        .map_err(io_err(output))?
+        .map_err(io_err(&lock_path))?
         .ok_or_else(|| restore::Error::Busy {
             path: output.clone(),
         })?;
-    let dir = crate::sidefile::dir_of(output);
-    let prefix = restore::scratch_prefix(output);
-    let (stale_in, stale_prefix) = (dir.clone(), prefix.clone());
-    let _ = tokio::task::spawn_blocking(move || {
-        restore::remove_stale_scratch(&stale_in, &stale_prefix);
-    })
-    .await;
-    let scratch = tempfile::Builder::new()
-        .prefix(&prefix)
-        .rand_bytes(restore::SCRATCH_RANDOM)
-        .tempdir_in(&dir)
-        .map_err(io_err(&dir))?;
+    let scratch = scratch_dir(output).await.map_err(io_err(&lock_path))?;
     let fresh = scratch.path().join("fresh.db");
     let restore_opts = RestoreOptions {
         prefix: opts.prefix.clone(),
@@ -497,12 +499,19 @@ async fn restore_in_place(
         parallelism: restore::FETCH_PARALLELISM,
     };
     let restored = restore::restore(storage, &restore_opts).await?;
-    let (path, from, key) = (
+    // The record of the state before is void from the first page written; a
+    // crash after the commit resumes from the old position, finds the same
+    // gap and comes here again.
+    let destination = state::destination(&storage.describe(), &opts.prefix);
+    let record_path = state::record_path(output, &destination);
+    state::forget(&record_path).map_err(io_err(&record_path))?;
+    let (path, from, prefix, seq) = (
         output.clone(),
         fresh.clone(),
-        segment::object_key(&opts.prefix, restored.seq),
+        opts.prefix.clone(),
+        restored.seq,
     );
-    let conn = tokio::task::spawn_blocking(move || copy_into(&from, conn, &path, key))
+    let conn = tokio::task::spawn_blocking(move || copy_into(&from, conn, &path, (&prefix, seq)))
         .await
         .map_err(|e| io_err(output)(io::Error::other(e)))??;
     let pos = Position {
@@ -513,56 +522,106 @@ async fn restore_in_place(
     };
     write_position(&position_path(output), &opts.prefix, pos)?;
     // The record of the restored state now describes the replica.
-    let destination = state::destination(&storage.describe(), &opts.prefix);
-    let (from, to) = (
-        state::record_path(&fresh, &destination),
-        state::record_path(output, &destination),
-    );
-    match Record::open(&from) {
-        Ok(Some(mut record)) => record.rename(&to).map_err(io_err(&to))?,
-        _ => state::forget(&to).map_err(io_err(&to))?,
+    let from = state::record_path(&fresh, &destination);
+    if let Ok(Some(mut record)) = Record::open(&from) {
+        record.rename(&record_path).map_err(io_err(&record_path))?;
     }
     info!(prefix = %opts.prefix, file = %output.display(), seq = pos.seq, "restored in place; following");
     Ok((pos, conn))
 }
 
-/// Copies every page of the database at `from` into the replica's, in one
-/// step. `key` names the newest object of the restored state.
-fn copy_into(from: &Path, mut conn: Connection, path: &Path, key: String) -> Result<Connection> {
-    let sql = |source| Error::Sqlite {
-        path: path.to_path_buf(),
-        source,
-    };
-    let source =
-        Connection::open_with_flags(from, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(sql)?;
-    let page_size = |c: &Connection| c.query_row("PRAGMA page_size", [], |r| r.get::<_, u32>(0));
-    let (found, expected) = (
-        page_size(&source).map_err(sql)?,
-        page_size(&conn).map_err(sql)?,
-    );
-    // SQLite cannot change the page size of a database in WAL mode.
-    if found != expected {
-        return Err(Error::PageSize {
-            key,
-            found,
-            expected,
-        });
-    }
-    {
-        let backup = rusqlite::backup::Backup::new(&source, &mut conn).map_err(sql)?;
-        // Waits as long as a write to the replica waits for its readers.
-        let mut waits = 0;
-        while backup.step(-1).map_err(sql)? != rusqlite::backup::StepResult::Done {
-            waits += 1;
-            if waits == 3_000 {
-                return Err(sql(rusqlite::Error::SqliteFailure(
-                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
-                    Some("copying the restored state in: the replica stayed locked".into()),
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(10));
+/// Removes what a follower killed in [`restore_in_place`] left beside
+/// `output` (a copy of the whole database), unless a restore to it runs.
+async fn remove_stale_scratch(output: &Path) {
+    let output = output.to_path_buf();
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Ok(Some(_lock)) = crate::sidefile::TargetLock::try_acquire(&output) {
+            let dir = crate::sidefile::dir_of(&output);
+            restore::remove_stale_scratch(&dir, &restore::scratch_prefix(&output));
         }
-    }
+    })
+    .await;
+}
+
+/// A new scratch directory beside `output`, named as a restore's, after
+/// removing any that a killed restore or follower left.
+async fn scratch_dir(output: &Path) -> io::Result<tempfile::TempDir> {
+    let dir = crate::sidefile::dir_of(output);
+    let prefix = restore::scratch_prefix(output);
+    let (stale_in, stale_prefix) = (dir.clone(), prefix.clone());
+    let _ = tokio::task::spawn_blocking(move || {
+        restore::remove_stale_scratch(&stale_in, &stale_prefix);
+    })
+    .await;
+    tempfile::Builder::new()
+        .prefix(&prefix)
+        .rand_bytes(restore::SCRATCH_RANDOM)
+        .tempdir_in(&dir)
+}
+
+/// Copies every page of the database at `from` into the replica at `path`
+/// in one write transaction, the pages past its end dropped. `(prefix, seq)`
+/// name the restored state.
+fn copy_into(
+    from: &Path,
+    mut conn: Connection,
+    path: &Path,
+    (prefix, seq): (&str, u64),
+) -> Result<Connection> {
+    let sql = |at: &Path| {
+        let at = at.to_path_buf();
+        move |source| Error::Sqlite { path: at, source }
+    };
+    let page_size = |c: &Connection, schema: &str| {
+        c.query_row(&format!("PRAGMA {schema}.page_size"), [], |r| {
+            r.get::<_, u32>(0)
+        })
+    };
+    conn.execute("ATTACH DATABASE ?1 AS fresh", [from.to_string_lossy()])
+        .map_err(sql(from))?;
+    let copied = (|| {
+        let found = page_size(&conn, "fresh").map_err(sql(from))?;
+        let expected = page_size(&conn, "main").map_err(sql(path))?;
+        // SQLite cannot change the page size of a database in WAL mode.
+        if found != expected {
+            return Err(Error::NewPageSize {
+                prefix: prefix.to_string(),
+                seq,
+                found,
+                expected,
+            });
+        }
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql(path))?;
+        let lock_page = PENDING_BYTE / u64::from(found) + 1;
+        tx.execute(
+            "INSERT INTO main.sqlite_dbpage(pgno, data) \
+             SELECT pgno, data FROM sqlite_dbpage('fresh') WHERE pgno != ?1",
+            [lock_page],
+        )
+        .map_err(sql(path))?;
+        let pages = |schema: &str| {
+            tx.query_row(&format!("PRAGMA {schema}.page_count"), [], |r| {
+                r.get::<_, u32>(0)
+            })
+        };
+        let (now, restored) = (
+            pages("main").map_err(sql(path))?,
+            pages("fresh").map_err(sql(from))?,
+        );
+        if now > restored {
+            tx.execute(
+                "INSERT INTO main.sqlite_dbpage(pgno, data) VALUES (?1, NULL)",
+                [restored + 1],
+            )
+            .map_err(sql(path))?;
+        }
+        tx.commit().map_err(sql(path))
+    })();
+    let detached = conn.execute("DETACH DATABASE fresh", []).map_err(sql(from));
+    copied?;
+    detached?;
     Ok(conn)
 }
 
