@@ -23,6 +23,7 @@ use tracing::{info, warn};
 
 use crate::chain::{self, ObjectRef};
 use crate::encryption::{KeyId, Keys};
+use crate::link;
 use crate::restore::{self, RestoreOptions, Target};
 use crate::segment::{self, Header, Kind, PageReader};
 use crate::state::{self, Record, page_hash};
@@ -55,21 +56,8 @@ pub enum Error {
         found: String,
         expected: String,
     },
-    #[error(
-        "object {key} does not follow sequence {seq} applied here: its link is {found}, \
-         expected {expected} (the chain was replaced; restore afresh with --force)"
-    )]
-    BrokenLink {
-        key: String,
-        seq: u64,
-        found: String,
-        expected: String,
-    },
-    #[error(
-        "object {key} is encrypted differently from the object before it and is not a \
-         snapshot: refusing an object that was not written with the rest"
-    )]
-    MixedEncryption { key: String },
+    #[error("{0} (if the chain in storage was replaced, restore afresh with --force)")]
+    Link(#[from] link::Error),
     #[error(
         "storage no longer holds sequence {next} of {prefix:?} (deleted by retention, or \
          compacted after the exact window while this replica was stopped) and has no run or \
@@ -318,7 +306,6 @@ pub async fn follow(
         };
         match next {
             Some((object, header, hash, file)) => {
-                check_seal(&object, &header, pos)?;
                 legacy_too &= object.is_legacy();
                 (conn, record) = apply(
                     conn,
@@ -379,20 +366,18 @@ async fn next_object(
     Ok(Next::Nothing)
 }
 
-/// Refuses an object that does not link to `pos`. A run hands on the hash
-/// of the last object it stands for, as that object would.
+/// Refuses an object that does not follow `pos` by the chain's rule (see
+/// [`link`]); returns it with the hash it hands on.
 fn linked((object, header, hash, file): Fetched, pos: Position) -> Result<Fetched> {
     // A snapshot past a gap starts afresh: there is nothing to link to.
     let past_gap = header.kind == Kind::Snapshot && header.seq > pos.seq + 1;
-    if header.prev_hash != pos.hash && !past_gap {
-        return Err(Error::BrokenLink {
-            key: object.key,
-            seq: pos.seq,
-            found: to_hex(&header.prev_hash),
-            expected: to_hex(&pos.hash),
-        });
-    }
-    let hash = chain::handed_on(&header, hash);
+    let mut successor = if past_gap {
+        link::Successor::default()
+    } else {
+        let at = format!("sequence {} applied here", pos.seq);
+        link::Successor::after(at, pos.hash, Some(pos.key_id))
+    };
+    let hash = successor.accept(&object.key, &header, hash)?;
     Ok((object, header, hash, file))
 }
 
@@ -739,17 +724,6 @@ async fn continue_after_gap(
     );
     let rest = chain::cover(&objects, &runs, snapshot.seq + 1, head).unwrap_or_default();
     Ok(std::iter::once(snapshot.clone()).chain(rest).collect())
-}
-
-/// Objects are sealed like the one before them, except from a snapshot on
-/// (a key change takes one), as within a restore.
-fn check_seal(object: &ObjectRef, header: &Header, pos: Position) -> Result<()> {
-    if header.kind != Kind::Snapshot && header.sealed.map(|s| s.key_id) != pos.key_id {
-        return Err(Error::MixedEncryption {
-            key: object.key.clone(),
-        });
-    }
-    Ok(())
 }
 
 fn open_replica(path: &Path) -> Result<Connection> {

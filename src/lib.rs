@@ -11,6 +11,7 @@ pub mod explain;
 pub mod follow;
 pub mod fork;
 pub mod http;
+pub mod link;
 pub mod listen;
 pub mod out;
 pub mod page_hashes;

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use crate::chain::{self, ObjectRef};
 use crate::encryption::{KeyId, Keys};
 use crate::fork::{self, Branch};
+use crate::link;
 use crate::page_hashes::{self, Batch, Hasher};
 use crate::segment::{self, Kind, PageReader};
 use crate::sidefile;
@@ -93,27 +94,8 @@ pub enum Error {
         before: String,
         after: String,
     },
-    #[error(
-        "object {key} does not follow {prev}: its link is {found}, expected {expected} \
-         (altered, reordered, or copied from another database's chain)"
-    )]
-    BrokenLink {
-        key: String,
-        prev: String,
-        found: String,
-        expected: String,
-    },
-    #[error("object {key} has page size {found}, the chain started with {expected}")]
-    PageSizeChanged {
-        key: String,
-        found: u32,
-        expected: u32,
-    },
-    #[error(
-        "object {key} is encrypted differently from {prev}, the object before it, and is \
-         not a snapshot: refusing an object that was not written with the rest"
-    )]
-    MixedEncryption { key: String, prev: String },
+    #[error(transparent)]
+    Link(#[from] link::Error),
     #[error(
         "object {key}: the database restored up to it is not the state its writer recorded \
          (its state digest differs); refusing it"
@@ -504,7 +486,7 @@ pub async fn restore_then(
         db_pages: last.header.db_pages,
         page_size: last.header.page_size,
         timestamp_ms: last.header.timestamp_ms,
-        hash: link.map_or([0; 32], |(_, hash)| hash),
+        hash: link.unwrap_or([0; 32]),
         key_id: last.header.sealed.map(|s| s.key_id),
         fork: resolved.fork.clone(),
     };
@@ -555,14 +537,14 @@ async fn fetch_all(
     opts: &RestoreOptions,
     resolved: &Resolved,
     scratch: &Path,
-) -> Result<(Vec<Verified>, Option<(String, [u8; 32])>, u64)> {
+) -> Result<(Vec<Verified>, Option<[u8; 32]>, u64)> {
     // A snapshot starts the chain, but where the object before it still
     // exists the snapshot must link to it too: a snapshot of another database renamed
     // into this prefix is refused.
-    let mut link: Option<(String, [u8; 32])> = None;
+    let mut successor = link::Successor::default();
     if let Some(before) = &resolved.before {
         let (_, hash, _) = chain::read_verified(storage, before).await?;
-        link = Some((before.key.clone(), hash));
+        successor = link::Successor::after(before.key.clone(), hash, None);
     }
     let mut verified: Vec<Verified> = Vec::with_capacity(resolved.objects.len());
     let mut bytes = 0u64;
@@ -587,46 +569,14 @@ async fn fetch_all(
     let checked: Result<()> = async {
         while let Some(next) = fetched.next().await {
             let (object, header, hash, spool) = next?;
-            // A missing or wrong key is found before anything is written. Objects
-            // are sealed like the one before them except from a snapshot on (a
-            // key change takes one), so a plain object after an encrypted one is
-            // an injection.
+            // A missing or wrong key is found before anything is written.
             header
                 .key(opts.keys.as_deref())
                 .map_err(|source| Error::Corrupt {
                     key: object.key.clone(),
                     source,
                 })?;
-            if let Some(prev) = verified.last()
-                && header.kind != Kind::Snapshot
-                && prev.header.sealed.map(|s| s.key_id) != header.sealed.map(|s| s.key_id)
-            {
-                return Err(Error::MixedEncryption {
-                    key: object.key.clone(),
-                    prev: prev.object.key.clone(),
-                });
-            }
-            if let Some((prev_key, prev_hash)) = &link
-                && header.prev_hash != *prev_hash
-            {
-                return Err(Error::BrokenLink {
-                    key: object.key.clone(),
-                    prev: prev_key.clone(),
-                    found: to_hex(&header.prev_hash),
-                    expected: to_hex(prev_hash),
-                });
-            }
-            let hash = chain::handed_on(&header, hash);
-            link = Some((object.key.clone(), hash));
-            if let Some(prev) = verified.last() {
-                if header.page_size != prev.header.page_size {
-                    return Err(Error::PageSizeChanged {
-                        key: object.key.clone(),
-                        found: header.page_size,
-                        expected: prev.header.page_size,
-                    });
-                }
-            }
+            let hash = successor.accept(&object.key, &header, hash)?;
             bytes += object.size;
             verified.push(Verified {
                 object,
@@ -647,7 +597,7 @@ async fn fetch_all(
         return Err(e);
     }
 
-    Ok((verified, link, bytes))
+    Ok((verified, successor.hash(), bytes))
 }
 
 /// Whether `e` says an object was not there: one deleted between the

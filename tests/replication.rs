@@ -1667,6 +1667,75 @@ async fn a_snapshot_without_its_mark_still_restores_and_is_marked_again() {
     }
 }
 
+/// A live copy refuses an object that does not follow what it applied (the
+/// rule restore applies too, `link::Successor`), naming the object, where
+/// the copy stands and the way out, with nothing of it applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_refuses_an_object_that_does_not_follow_what_it_applied() {
+    for (kind, store) in common::all_stores().await {
+        let storage = store.storage.as_ref();
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_in(&dir, "src.db");
+        let copy = db_in(&dir, "copy.db");
+        let mut app = app_process(&db, 4096);
+        insert(&mut app, 20, 100);
+        let mut r = open_replica(&db, "watched", &store, replica_opts()).await;
+        r.sync().await.unwrap();
+        let opts = follow::FollowOptions {
+            prefix: "watched".into(),
+            output: copy.clone(),
+            keys: None,
+            interval: Duration::from_millis(20),
+            force: false,
+        };
+        let (stop, task) = spawn_follow(&store, opts.clone());
+        wait_for_rows(&copy, &rows(&db), kind).await;
+        stop.cancel();
+        task.await.unwrap().unwrap();
+        let before = rows(&copy);
+        let applied = chain::list(storage, "watched")
+            .await
+            .unwrap()
+            .pop()
+            .unwrap()
+            .seq;
+        insert(&mut app, 5, 100);
+        r.sync().await.unwrap();
+        let next = segment::object_key("watched", applied + 1);
+        relink(storage, &next, [7; 32]).await;
+        let err = follow::follow(storage, &opts, tokio_util::sync::CancellationToken::new())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!(
+                "{next} does not follow sequence {applied} applied here"
+            )) && err.contains("restore afresh with --force"),
+            "{kind}: {err}"
+        );
+        assert!(rows(&copy) == before, "{kind}: part of it was applied");
+    }
+}
+
+/// Writes the object at `key` again, whole and self-consistent, but naming
+/// `prev_hash` as the object before it.
+async fn relink(storage: &dyn Storage, key: &str, prev_hash: [u8; 32]) {
+    let bytes = storage::get_bytes(storage, key).await.unwrap();
+    let mut reader =
+        segment::PageReader::new(std::io::Cursor::new(&bytes), bytes.len() as u64, None).unwrap();
+    let header = segment::Header {
+        prev_hash,
+        ..*reader.header()
+    };
+    let mut enc = segment::Encoder::new(header, None, Vec::new()).unwrap();
+    let mut page = vec![0u8; header.page_size as usize];
+    while let Some(pgno) = reader.next_page(&mut page).unwrap() {
+        enc.add_page(pgno, &page).unwrap();
+    }
+    let (_, bytes) = enc.finish(None).unwrap();
+    replace_object(storage, key, bytes).await;
+}
+
 /// Rewrites object `key` with the same pages and link but another state digest.
 async fn forge_digest(storage: &dyn Storage, key: &str) {
     let bytes = storage::get_bytes(storage, key).await.unwrap();
