@@ -1,10 +1,13 @@
-//! The rule between consecutive objects of a chain, one check for every
-//! reader that goes along it (restore, `restore --follow`): each object
-//! names the hash the one before it handed on, is sealed with the same key
-//! unless it is a snapshot (a key change takes one), and keeps the page
-//! size. An object that breaks it was altered, reordered, written by another
-//! writer or copied from another database's chain, and is refused before
-//! any of its pages is written.
+//! The rule between consecutive objects of a chain, one check for the
+//! readers that go along it and stop at the first problem (restore,
+//! `restore --follow`): each object names the hash the one before it handed
+//! on, is sealed with the same key unless it is a snapshot (a key change
+//! takes one), and keeps the page size of the object before it (a follower,
+//! which starts from its position, checks the page size against its file).
+//! An object that breaks it was altered, reordered, written by another
+//! writer or copied from another database's chain, and is refused before any
+//! of its pages is written. `verify` walks the chain on its own: it reports
+//! every problem and every branch of a fork.
 
 use crate::chain;
 use crate::encryption::KeyId;

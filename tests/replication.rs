@@ -1668,65 +1668,84 @@ async fn a_snapshot_without_its_mark_still_restores_and_is_marked_again() {
 }
 
 /// A live copy refuses an object that does not follow what it applied (the
-/// rule restore applies too, `link::Successor`), naming the object, where
-/// the copy stands and the way out, with nothing of it applied.
+/// rule restore applies too, `link::Successor`): one naming another object
+/// before it, or a plain object after encrypted ones. The refusal names the
+/// object, where the copy stands and the way out; nothing of it is applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follow_refuses_an_object_that_does_not_follow_what_it_applied() {
     for (kind, store) in common::all_stores().await {
-        let storage = store.storage.as_ref();
-        let dir = tempfile::tempdir().unwrap();
-        let db = db_in(&dir, "src.db");
-        let copy = db_in(&dir, "copy.db");
-        let mut app = app_process(&db, 4096);
-        insert(&mut app, 20, 100);
-        let mut r = open_replica(&db, "watched", &store, replica_opts()).await;
-        r.sync().await.unwrap();
-        let opts = follow::FollowOptions {
-            prefix: "watched".into(),
-            output: copy.clone(),
-            keys: None,
-            interval: Duration::from_millis(20),
-            force: false,
-        };
-        let (stop, task) = spawn_follow(&store, opts.clone());
-        wait_for_rows(&copy, &rows(&db), kind).await;
-        stop.cancel();
-        task.await.unwrap().unwrap();
-        let before = rows(&copy);
-        let applied = chain::list(storage, "watched")
-            .await
-            .unwrap()
-            .pop()
-            .unwrap()
-            .seq;
-        insert(&mut app, 5, 100);
-        r.sync().await.unwrap();
-        let next = segment::object_key("watched", applied + 1);
-        relink(storage, &next, [7; 32]).await;
-        let err = follow::follow(storage, &opts, tokio_util::sync::CancellationToken::new())
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains(&format!(
-                "{next} does not follow sequence {applied} applied here"
-            )) && err.contains("restore afresh with --force"),
-            "{kind}: {err}"
-        );
-        assert!(rows(&copy) == before, "{kind}: part of it was applied");
+        for encrypted in [false, true] {
+            let storage = store.storage.as_ref();
+            let dir = tempfile::tempdir().unwrap();
+            let db = db_in(&dir, "src.db");
+            let copy = db_in(&dir, "copy.db");
+            let mut app = app_process(&db, 4096);
+            insert(&mut app, 20, 100);
+            let keys = if encrypted { ring(&[4]) } else { None };
+            let sync = SyncOptions {
+                encryption: keys.clone(),
+                ..replica_opts()
+            };
+            let mut r = open_replica(&db, "watched", &store, sync).await;
+            r.sync().await.unwrap();
+            let opts = follow::FollowOptions {
+                prefix: "watched".into(),
+                output: copy.clone(),
+                keys: keys.clone(),
+                interval: Duration::from_millis(20),
+                force: false,
+            };
+            let (stop, task) = spawn_follow(&store, opts.clone());
+            wait_for_rows(&copy, &rows(&db), kind).await;
+            stop.cancel();
+            let applied = task.await.unwrap().unwrap().position.unwrap().seq;
+            let before = rows(&copy);
+            insert(&mut app, 5, 100);
+            r.sync().await.unwrap();
+            let next = segment::object_key("watched", applied + 1);
+            let expected = if encrypted {
+                // Written again in plain, linked as it was.
+                rewrite_plain(storage, &next, keys.as_deref(), |_| {}).await;
+                format!("{next} is encrypted differently from sequence {applied} applied here")
+            } else {
+                rewrite_plain(storage, &next, None, |h| h.prev_hash = [7; 32]).await;
+                format!("{next} does not follow sequence {applied} applied here")
+            };
+            // Accepted, the follower would apply it and go on polling.
+            let followed = tokio::time::timeout(
+                Duration::from_secs(30),
+                follow::follow(storage, &opts, tokio_util::sync::CancellationToken::new()),
+            )
+            .await;
+            let err = match followed {
+                Ok(Err(e)) => e.to_string(),
+                other => panic!("{kind}, encrypted {encrypted}: not refused: {other:?}"),
+            };
+            assert!(
+                err.contains(&expected) && err.contains("restore afresh with --force"),
+                "{kind}, encrypted {encrypted}: {err}"
+            );
+            assert!(rows(&copy) == before, "{kind}: part of it was applied");
+        }
     }
 }
 
-/// Writes the object at `key` again, whole and self-consistent, but naming
-/// `prev_hash` as the object before it.
-async fn relink(storage: &dyn Storage, key: &str, prev_hash: [u8; 32]) {
+/// Writes the object at `key` again, whole, self-consistent and in plain,
+/// its header changed by `edit`.
+async fn rewrite_plain(
+    storage: &dyn Storage,
+    key: &str,
+    keys: Option<&Keys>,
+    edit: impl FnOnce(&mut segment::Header),
+) {
     let bytes = storage::get_bytes(storage, key).await.unwrap();
     let mut reader =
-        segment::PageReader::new(std::io::Cursor::new(&bytes), bytes.len() as u64, None).unwrap();
-    let header = segment::Header {
-        prev_hash,
+        segment::PageReader::new(std::io::Cursor::new(&bytes), bytes.len() as u64, keys).unwrap();
+    let mut header = segment::Header {
+        sealed: None,
         ..*reader.header()
     };
+    edit(&mut header);
     let mut enc = segment::Encoder::new(header, None, Vec::new()).unwrap();
     let mut page = vec![0u8; header.page_size as usize];
     while let Some(pgno) = reader.next_page(&mut page).unwrap() {
