@@ -324,7 +324,8 @@ pub struct RestoreArgs {
     /// it would reach, without downloading or writing anything.
     #[arg(long)]
     pub dry_run: bool,
-    /// Replace FILE if it exists (its -wal and -shm files are removed too).
+    /// Replace FILE if it exists (its -wal is folded in first, then it and
+    /// -shm are removed). Refused while an app has FILE open.
     #[arg(long)]
     pub force: bool,
     /// Keep FILE up to date until SIGINT/SIGTERM: restore the newest state
@@ -369,7 +370,7 @@ pub struct RestoreAllArgs {
     /// Databases restored at the same time.
     #[arg(long, default_value_t = 4)]
     pub parallelism: usize,
-    /// Replace files that exist.
+    /// Replace files that exist (each refused while an app has it open).
     #[arg(long, conflicts_with = "if_db_not_exists")]
     pub force: bool,
     /// Skip databases whose output file exists (for start-up scripts: restore

@@ -779,7 +779,11 @@ fn place(tmp: &Path, output: &Path, force: bool) -> Result<()> {
 
 /// A `-wal` left beside the file being replaced would be replayed onto the
 /// restored one. Fold it into the old file first (so a crash before the
-/// rename loses nothing), refusing if a live app still has the file open.
+/// rename loses nothing), refusing if a live app still has the file open:
+/// one in a transaction keeps the checkpoint from finishing, and any other
+/// connection keeps SQLite from deleting the WAL as the last one closes. An
+/// app left connected to the replaced file would read (and write) a file
+/// that no longer has a name.
 fn retire_wal_of(output: &Path) -> Result<()> {
     let side = |suffix: &str| {
         let mut s = output.as_os_str().to_owned();
@@ -800,6 +804,9 @@ fn retire_wal_of(output: &Path) -> Result<()> {
             return Err(in_use());
         }
         drop(conn);
+        if wal.exists() {
+            return Err(in_use());
+        }
     }
     for path in [wal, shm] {
         match std::fs::remove_file(&path) {

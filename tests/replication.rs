@@ -983,7 +983,14 @@ async fn forced_restore_over_a_database_with_a_wal_replaces_it_safely() {
     assert!(err.to_string().contains("in use"), "{err}");
     assert_eq!(rows(&target).len(), 50);
 
+    // Connected but idle, it would go on using a file that has no name.
     reader.commit();
+    let err = restore::restore(store.storage.as_ref(), &opts)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("in use"), "{err}");
+    assert_eq!(rows(&target).len(), 50);
+
     reader.quit();
     old.quit();
     restore::restore(store.storage.as_ref(), &opts)
