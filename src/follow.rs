@@ -214,14 +214,37 @@ pub async fn follow(
                 position: pos_path,
             });
         }
-        _ => match first_restore(storage, opts, &stop).await? {
-            // Its position is written already, before the file was placed.
-            Some(pos) => {
-                report.restored = true;
-                pos
+        _ => {
+            // Replaced in place where it can be, as when a follower cannot go
+            // on: its readers may be the ones told to restart it with --force.
+            let in_place = match wal_mode_replica(output) {
+                Some(conn) => match restore_in_place(storage, opts, conn).await {
+                    Ok((pos, _)) => Some(pos),
+                    // Nothing written: a rename replaces it, or storage is
+                    // waited for as below.
+                    Err(
+                        Error::NewPageSize { .. }
+                        | Error::Restore(restore::Error::NoReplica { .. }),
+                    ) => None,
+                    Err(e) => return Err(e),
+                },
+                None => None,
+            };
+            match in_place {
+                Some(pos) => {
+                    report.restored = true;
+                    pos
+                }
+                None => match first_restore(storage, opts, &stop).await? {
+                    // Its position is written already, before the file was placed.
+                    Some(pos) => {
+                        report.restored = true;
+                        pos
+                    }
+                    None => return Ok(report),
+                },
             }
-            None => return Ok(report),
-        },
+        }
     };
     report.position = Some(pos);
     // The state record restore left, kept current object by object: each
@@ -513,6 +536,20 @@ async fn restore_in_place(
     }
     info!(prefix = %opts.prefix, file = %output.display(), seq = pos.seq, "restored in place; following");
     Ok((pos, conn))
+}
+
+/// The existing file at `output`, opened as a replica, if it is a database in
+/// WAL mode: only there do pages written through SQLite reach readers as one
+/// commit, whatever the file held before.
+fn wal_mode_replica(output: &Path) -> Option<Connection> {
+    if !output.exists() {
+        return None;
+    }
+    let conn = open_replica(output).ok()?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .ok()?;
+    mode.eq_ignore_ascii_case("wal").then_some(conn)
 }
 
 /// Removes what a follower killed in [`restore_in_place`] left beside

@@ -986,16 +986,18 @@ async fn a_live_copy_restored_afresh_stays_whole_for_a_reader_holding_it_open() 
         }
         let copy = dir.path().join("copy.db");
         let log = dir.path().join("follow.log");
-        let follow = || {
+        let follow_with = |force: bool| {
             let mut cmd = walsync();
             cmd.args(["restore", "--config", cfg(&config), "--prefix", "primary"])
                 .args(["--follow", "--interval", "50ms", "-o"])
                 .arg(&copy)
+                .args(force.then_some("--force"))
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(&log).unwrap());
             with_store(&mut cmd, &store);
             common::Reaped::new(cmd.spawn().unwrap())
         };
+        let follow = || follow_with(false);
         let caught_up = |copy: &Path| {
             let deadline = Instant::now() + Duration::from_secs(30);
             while !copy.exists() || rows(copy) != rows(&db) {
@@ -1084,6 +1086,21 @@ async fn a_live_copy_restored_afresh_stays_whole_for_a_reader_holding_it_open() 
         caught_up(&copy);
         assert_eq!(reader.read(), format!("{} ok", rows(&db).len()), "{kind}");
         assert!(terminate(&mut follower).success(), "{kind}");
+        let said = std::fs::read_to_string(&log).unwrap();
+        assert!(said.contains("restored in place"), "{kind}: {said}");
+
+        // Started again with --force (as its refusals advise) under a reader
+        // that opened the copy before: replaced in place too.
+        let mut reader = LazyReader::open(&copy);
+        write(10);
+        let mut forced = follow_with(true);
+        caught_up(&copy);
+        assert_eq!(
+            reader.read(),
+            format!("{} ok", rows(&db).len()),
+            "{kind}: a reader that opened the copy before --force"
+        );
+        assert!(terminate(&mut forced).success(), "{kind}");
         let said = std::fs::read_to_string(&log).unwrap();
         assert!(said.contains("restored in place"), "{kind}: {said}");
         let check: String = Connection::open(&copy)
