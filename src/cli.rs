@@ -325,7 +325,7 @@ pub struct RestoreArgs {
     #[arg(long)]
     pub dry_run: bool,
     /// Replace FILE if it exists (its -wal is folded in first, then it and
-    /// -shm are removed). Refused while an app has FILE open.
+    /// -shm are removed). Refused while an app has FILE open (in WAL mode).
     #[arg(long)]
     pub force: bool,
     /// Keep FILE up to date until SIGINT/SIGTERM: restore the newest state
@@ -370,7 +370,7 @@ pub struct RestoreAllArgs {
     /// Databases restored at the same time.
     #[arg(long, default_value_t = 4)]
     pub parallelism: usize,
-    /// Replace files that exist (each refused while an app has it open).
+    /// Replace files that exist (each refused while an app has it open in WAL mode).
     #[arg(long, conflicts_with = "if_db_not_exists")]
     pub force: bool,
     /// Skip databases whose output file exists (for start-up scripts: restore

@@ -217,8 +217,13 @@ pub async fn follow(
         _ => {
             // Replaced in place where it can be, as when a follower cannot go
             // on: its readers may be the ones told to restart it with --force.
-            let in_place = match wal_mode_replica(output) {
-                Some(conn) => match restore_in_place(storage, opts, conn).await {
+            let existing = if opts.force {
+                wal_mode_replica(output)
+            } else {
+                None
+            };
+            let in_place = match existing {
+                Some(conn) => match restore_in_place(storage, opts, conn, true).await {
                     Ok((pos, _)) => Some(pos),
                     // Nothing written: a rename replaces it, or storage is
                     // waited for as below.
@@ -317,7 +322,7 @@ pub async fn follow(
                     "storage no longer holds the objects this replica needs next (compacted \
                      after the exact window, or deleted by retention); restoring it afresh"
                 );
-                (pos, conn) = restore_in_place(storage, opts, conn).await?;
+                (pos, conn) = restore_in_place(storage, opts, conn, false).await?;
                 report.restored = true;
                 report.position = Some(pos);
                 record = follow_record(&record_path, pos);
@@ -479,6 +484,7 @@ async fn restore_in_place(
     storage: &dyn Storage,
     opts: &FollowOptions,
     conn: Connection,
+    forced: bool,
 ) -> Result<(Position, Connection)> {
     let output = &opts.output;
     let io_err = |path: &Path| {
@@ -507,12 +513,29 @@ async fn restore_in_place(
         parallelism: restore::FETCH_PARALLELISM,
     };
     let restored = restore::restore(storage, &restore_opts).await?;
-    // The record of the state before is void from the first page written; a
-    // crash after the commit resumes from the old position, finds the same
-    // gap and comes here again.
+    // The record of the state before is void from the first page written.
     let destination = state::destination(&storage.describe(), &opts.prefix);
     let record_path = state::record_path(output, &destination);
     state::forget(&record_path).map_err(io_err(&record_path))?;
+    // Under --force, so is the position, which names this same file: a
+    // crash after the commit must not leave a position that is still valid
+    // in the chain to be resumed from over the new state. Without one, the
+    // next start refuses the file until --force restores it again. (Where
+    // the follower could not go on, the old position leads back here: the
+    // objects after it are gone for good.)
+    let pos_path = position_path(output);
+    if forced {
+        match std::fs::remove_file(&pos_path) {
+            Ok(()) => {
+                let dir = crate::sidefile::dir_of(output);
+                File::open(&dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io_err(&dir))?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&pos_path)(e)),
+        }
+    }
     let (path, from, prefix, seq) = (
         output.clone(),
         fresh.clone(),
@@ -528,7 +551,7 @@ async fn restore_in_place(
         key_id: restored.key_id,
         file: Some(file_id(output).map_err(io_err(output))?),
     };
-    write_position(&position_path(output), &opts.prefix, pos)?;
+    write_position(&pos_path, &opts.prefix, pos)?;
     // The record of the restored state now describes the replica.
     let from = state::record_path(&fresh, &destination);
     if let Ok(Some(mut record)) = Record::open(&from) {
