@@ -40,6 +40,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// snapshots carry it as zeros and `sqlite_dbpage` refuses to write it.
 const PENDING_BYTE: u64 = 0x4000_0000;
 
+/// The number of that page at `page_size`.
+fn lock_page(page_size: u32) -> u64 {
+    PENDING_BYTE / u64::from(page_size) + 1
+}
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -235,20 +240,16 @@ pub async fn follow(
                 },
                 None => None,
             };
-            match in_place {
-                Some(pos) => {
-                    report.restored = true;
-                    pos
-                }
+            let pos = match in_place {
+                Some(pos) => pos,
+                // Its position is written already, before the file was placed.
                 None => match first_restore(storage, opts, &stop).await? {
-                    // Its position is written already, before the file was placed.
-                    Some(pos) => {
-                        report.restored = true;
-                        pos
-                    }
+                    Some(pos) => pos,
                     None => return Ok(report),
                 },
-            }
+            };
+            report.restored = true;
+            pos
         }
     };
     report.position = Some(pos);
@@ -502,7 +503,9 @@ async fn restore_in_place(
         .ok_or_else(|| restore::Error::Busy {
             path: output.clone(),
         })?;
-    let scratch = scratch_dir(output).await.map_err(io_err(&lock_path))?;
+    let scratch = restore::scratch_dir(output)
+        .await
+        .map_err(io_err(&lock_path))?;
     let fresh = scratch.path().join("fresh.db");
     let restore_opts = RestoreOptions {
         prefix: opts.prefix.clone(),
@@ -578,30 +581,13 @@ fn wal_mode_replica(output: &Path) -> Option<Connection> {
 /// Removes what a follower killed in [`restore_in_place`] left beside
 /// `output` (a copy of the whole database), unless a restore to it runs.
 async fn remove_stale_scratch(output: &Path) {
-    let output = output.to_path_buf();
-    let _ = tokio::task::spawn_blocking(move || {
-        if let Ok(Some(_lock)) = crate::sidefile::TargetLock::try_acquire(&output) {
-            let dir = crate::sidefile::dir_of(&output);
-            restore::remove_stale_scratch(&dir, &restore::scratch_prefix(&output));
-        }
-    })
-    .await;
-}
-
-/// A new scratch directory beside `output`, named as a restore's, after
-/// removing any that a killed restore or follower left.
-async fn scratch_dir(output: &Path) -> io::Result<tempfile::TempDir> {
-    let dir = crate::sidefile::dir_of(output);
-    let prefix = restore::scratch_prefix(output);
-    let (stale_in, stale_prefix) = (dir.clone(), prefix.clone());
-    let _ = tokio::task::spawn_blocking(move || {
-        restore::remove_stale_scratch(&stale_in, &stale_prefix);
-    })
-    .await;
-    tempfile::Builder::new()
-        .prefix(&prefix)
-        .rand_bytes(restore::SCRATCH_RANDOM)
-        .tempdir_in(&dir)
+    let lock = {
+        let output = output.to_path_buf();
+        tokio::task::spawn_blocking(move || crate::sidefile::TargetLock::try_acquire(&output)).await
+    };
+    if let Ok(Ok(Some(_lock))) = lock {
+        restore::remove_stale_scratch_of(output).await;
+    }
 }
 
 /// Copies every page of the database at `from` into the replica at `path`
@@ -639,11 +625,10 @@ fn copy_into(
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql(path))?;
-        let lock_page = PENDING_BYTE / u64::from(found) + 1;
         tx.execute(
             "INSERT INTO main.sqlite_dbpage(pgno, data) \
              SELECT pgno, data FROM sqlite_dbpage('fresh') WHERE pgno != ?1",
-            [lock_page],
+            [lock_page(found)],
         )
         .map_err(sql(path))?;
         let pages = |schema: &str| {
@@ -893,7 +878,7 @@ fn apply_pages(
     {
         let mut insert = tx.prepare("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)")?;
         let mut page = vec![0u8; header.page_size as usize];
-        let lock_page = PENDING_BYTE / u64::from(header.page_size) + 1;
+        let lock_page = lock_page(header.page_size);
         while let Some(pgno) = reader.next_page(&mut page)? {
             if record.is_some() {
                 hashes.push((pgno, page_hash(pgno, &page)));

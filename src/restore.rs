@@ -389,7 +389,7 @@ pub const SCRATCH_RANDOM: usize = 6;
 /// (killed before it could). Only names of exactly this shape, only
 /// directories (never through a link); what cannot be removed is logged and
 /// left: the restore itself does not depend on it.
-pub fn remove_stale_scratch(dir: &Path, prefix: &str) {
+fn remove_stale_scratch(dir: &Path, prefix: &str) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -416,6 +416,24 @@ pub fn remove_stale_scratch(dir: &Path, prefix: &str) {
             ),
         }
     }
+}
+
+/// [`remove_stale_scratch`] for `output`, off the async workers: a stale copy
+/// of a large snapshot takes a while to remove, and restore-all's other
+/// restores share them. Only for a holder of the output's `TargetLock`.
+pub async fn remove_stale_scratch_of(output: &Path) {
+    let (dir, prefix) = (sidefile::dir_of(output), scratch_prefix(output));
+    let _ = tokio::task::spawn_blocking(move || remove_stale_scratch(&dir, &prefix)).await;
+}
+
+/// A new scratch directory beside `output`, after removing those a killed
+/// restore (or follower) left. Only for a holder of the output's `TargetLock`.
+pub async fn scratch_dir(output: &Path) -> io::Result<tempfile::TempDir> {
+    remove_stale_scratch_of(output).await;
+    tempfile::Builder::new()
+        .prefix(&scratch_prefix(output))
+        .rand_bytes(SCRATCH_RANDOM)
+        .tempdir_in(sidefile::dir_of(output))
 }
 
 /// Restores `opts.prefix` from `storage` into `opts.output`.
@@ -448,17 +466,7 @@ pub async fn restore_then(
         .ok_or_else(|| Error::Busy {
             path: output.clone(),
         })?;
-    let prefix = scratch_prefix(output);
-    // A stale copy of a large snapshot takes a while to remove: not on a
-    // worker that restore-all's other restores share.
-    let (stale_in, stale_prefix) = (dir.clone(), prefix.clone());
-    let _ =
-        tokio::task::spawn_blocking(move || remove_stale_scratch(&stale_in, &stale_prefix)).await;
-    let scratch = tempfile::Builder::new()
-        .prefix(&prefix)
-        .rand_bytes(SCRATCH_RANDOM)
-        .tempdir_in(&dir)
-        .map_err(io_at(&dir))?;
+    let scratch = scratch_dir(output).await.map_err(io_at(&dir))?;
 
     // 1. Download and verify everything before writing a page. An object
     // deleted since the listing (the exact window moved past it) sends the

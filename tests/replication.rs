@@ -1712,10 +1712,10 @@ async fn follow_refuses_an_object_that_does_not_follow_what_it_applied() {
             let next = segment::object_key("watched", applied + 1);
             let expected = if encrypted {
                 // Written again in plain, linked as it was.
-                rewrite_plain(storage, &next, keys.as_deref(), |_| {}).await;
+                rewrite_plain(storage, &next, keys.as_deref(), |_| {}, None).await;
                 format!("{next} is encrypted differently from sequence {applied} applied here")
             } else {
-                rewrite_plain(storage, &next, None, |h| h.prev_hash = [7; 32]).await;
+                rewrite_plain(storage, &next, None, |h| h.prev_hash = [7; 32], None).await;
                 format!("{next} does not follow sequence {applied} applied here")
             };
             // Accepted, the follower would apply it and go on polling.
@@ -1738,12 +1738,13 @@ async fn follow_refuses_an_object_that_does_not_follow_what_it_applied() {
 }
 
 /// Writes the object at `key` again, whole, self-consistent and in plain,
-/// its header changed by `edit`.
+/// its header changed by `edit`, recording `digest` as its state digest.
 async fn rewrite_plain(
     storage: &dyn Storage,
     key: &str,
     keys: Option<&Keys>,
     edit: impl FnOnce(&mut segment::Header),
+    digest: Option<[u8; 32]>,
 ) {
     let bytes = storage::get_bytes(storage, key).await.unwrap();
     let mut reader =
@@ -1758,23 +1759,13 @@ async fn rewrite_plain(
     while let Some(pgno) = reader.next_page(&mut page).unwrap() {
         enc.add_page(pgno, &page).unwrap();
     }
-    let (_, bytes) = enc.finish(None).unwrap();
+    let (_, bytes) = enc.finish(digest).unwrap();
     replace_object(storage, key, bytes).await;
 }
 
 /// Rewrites object `key` with the same pages and link but another state digest.
 async fn forge_digest(storage: &dyn Storage, key: &str) {
-    let bytes = storage::get_bytes(storage, key).await.unwrap();
-    let mut reader =
-        segment::PageReader::new(std::io::Cursor::new(&bytes), bytes.len() as u64, None).unwrap();
-    let header = *reader.header();
-    let mut enc = segment::Encoder::new(header, None, Vec::new()).unwrap();
-    let mut page = vec![0u8; header.page_size as usize];
-    while let Some(pgno) = reader.next_page(&mut page).unwrap() {
-        enc.add_page(pgno, &page).unwrap();
-    }
-    let (_, forged) = enc.finish(Some([9; 32])).unwrap();
-    replace_object(storage, key, forged).await;
+    rewrite_plain(storage, key, None, |_| {}, Some([9; 32])).await;
 }
 
 /// Every object records the state digest after it; restore recomputes it
