@@ -673,7 +673,8 @@ pub async fn compact_since(
 /// older than `window` as of `now_ms`, and drops those runs from it: the
 /// runs stand for them, and a restore to a point they held goes to the
 /// nearest run end instead. The object at `head` stays whatever its age: a
-/// writer that starts links to it. A run found by a listing is downloaded
+/// writer that starts links to it (its run stays queued for it, and it goes
+/// at a pass once the chain has moved on). A run found by a listing is downloaded
 /// and verified once, for its time, before anything it stands for goes.
 /// Returns how many objects were deleted.
 pub async fn delete_replaced(
@@ -687,6 +688,7 @@ pub async fn delete_replaced(
     // request (or one per 1,000 keys), and the runs leave the queue after.
     let mut due = 0;
     let mut keys = Vec::new();
+    let mut head_run = None;
     while let Some(run) = replaced.get_mut(due) {
         let recorded = match run.timestamp_ms {
             Some(ms) => ms,
@@ -716,16 +718,24 @@ pub async fn delete_replaced(
         if recorded.saturating_add(window_ms) > now_ms {
             break;
         }
-        keys.extend(
-            (run.first..=run.last.min(head.saturating_sub(1)))
-                .map(|seq| segment::object_key(prefix, seq)),
-        );
+        if run.last >= head {
+            // The run ends at the head (a database at rest): its objects
+            // before the head go, and the run stays queued for the head's
+            // object, which goes once the chain has moved past it.
+            keys.extend((run.first..head).map(|seq| segment::object_key(prefix, seq)));
+            head_run = Some(due);
+            break;
+        }
+        keys.extend((run.first..=run.last).map(|seq| segment::object_key(prefix, seq)));
         due += 1;
     }
     storage
         .delete_many(&keys)
         .await
         .map_err(chain::Error::Storage)?;
+    if let Some(run) = head_run.and_then(|i| replaced.get_mut(i)) {
+        run.first = run.first.max(head);
+    }
     replaced.drain(..due);
     Ok(keys.len() as u64)
 }
@@ -945,5 +955,52 @@ mod tests {
         assert_eq!(deleted, 4);
         assert!(replaced.is_empty(), "{replaced:?}");
         assert!(store.list("db/").await.unwrap().is_empty());
+    }
+
+    /// A run that ends at the head (a database at rest, passed over once
+    /// its objects aged) loses its objects before the head; the head's own
+    /// object goes at a later pass, once the chain has moved past it.
+    #[tokio::test]
+    async fn the_run_ending_at_the_head_keeps_the_head_until_the_chain_moves_on() {
+        use crate::storage::{Storage, fs::FsStorage};
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStorage::new(dir.path());
+        for seq in 5..=9 {
+            let key = segment::object_key("db", seq);
+            store
+                .put_new(&key, Payload::Bytes(vec![1]), [0; 32])
+                .await
+                .unwrap();
+        }
+        let mut replaced: std::collections::VecDeque<Replaced> = [Replaced {
+            first: 5,
+            last: 8,
+            timestamp_ms: Some(1_000),
+        }]
+        .into();
+        let window = std::time::Duration::from_secs(1);
+        let at_rest = (window, 8, 1_000_000);
+        let deleted = delete_replaced(&store, "db", &mut replaced, at_rest)
+            .await
+            .unwrap();
+        assert_eq!(deleted, 3);
+        let left = |keys: Vec<crate::storage::ObjectMeta>| -> Vec<String> {
+            keys.into_iter().map(|m| m.key).collect()
+        };
+        assert_eq!(
+            left(store.list("db/").await.unwrap()),
+            [segment::object_key("db", 8), segment::object_key("db", 9)]
+        );
+        assert_eq!(replaced.len(), 1, "kept for the head's object");
+        let moved_on = (window, 9, 1_000_000);
+        let deleted = delete_replaced(&store, "db", &mut replaced, moved_on)
+            .await
+            .unwrap();
+        assert_eq!(deleted, 1);
+        assert!(replaced.is_empty(), "{replaced:?}");
+        assert_eq!(
+            left(store.list("db/").await.unwrap()),
+            [segment::object_key("db", 9)]
+        );
     }
 }

@@ -2,11 +2,18 @@
 //! runs of every database as its chain grows (see [`crate::compact`]).
 //!
 //! A sync that carries a chain past a multiple of the smallest level reports
-//! it here; nothing else wakes the task, so a database at rest costs nothing.
+//! it here. The only other wake-up is for a database that came to rest with
+//! objects still inside the exact window: it is passed over once more when
+//! they have all aged past it, so that they go although nothing more is
+//! written ([`rest_pass_at`]); after that a database at rest costs nothing.
 //! Passes run a few at a time, one per database at once, beside the syncs
-//! and never in their way: a database's lag does not wait on its compaction,
-//! and a failed pass is only tried again when the chain next grows (it is
-//! housekeeping; what it would have stored is written by a later pass).
+//! and never in their way: a database's lag does not wait on its compaction.
+//! A failed pass is housekeeping (what it would have stored is written by a
+//! later pass): it is tried again as the chain grows, or, at rest, after a
+//! backoff that grows to [`REST_RETRY_MAX`].
+//!
+//! `watch` forgets a database here when it releases it or its settings
+//! change, so that no pass at rest runs with settings it no longer has.
 //!
 //! The first pass of a database in this process, and the first after a
 //! snapshot, lists its chain and fills in every run it lacks
@@ -21,11 +28,12 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::time::{DelayQueue, delay_queue};
 use tracing::{debug, warn};
 
 use crate::compact::{self, Replaced, Report};
@@ -37,7 +45,14 @@ use crate::storage::Storage;
 /// worth of objects, eight at a time.
 const PASSES_AT_ONCE: usize = 2;
 
+/// The first wait before a database at rest is passed over again when its
+/// aged objects did not go (a failing store); it doubles up to
+/// [`REST_RETRY_MAX`].
+const REST_RETRY_FIRST: Duration = Duration::from_secs(5);
+const REST_RETRY_MAX: Duration = Duration::from_secs(600);
+
 /// A database whose chain has grown past a multiple of its smallest level.
+#[derive(Clone)]
 pub struct Due {
     pub prefix: String,
     pub storage: Arc<dyn Storage>,
@@ -51,10 +66,17 @@ pub struct Due {
     pub snapshot: u64,
 }
 
+enum Message {
+    Due(Due),
+    /// Released, or its settings changed: what this task knows of it and
+    /// any pass at rest planned for it go.
+    Forget(String),
+}
+
 /// The handle a running `watch` reports to.
 #[derive(Clone)]
 pub struct Compactor {
-    tx: mpsc::UnboundedSender<Due>,
+    tx: mpsc::UnboundedSender<Message>,
 }
 
 impl Compactor {
@@ -68,7 +90,13 @@ impl Compactor {
 
     pub fn due(&self, due: Due) {
         // Gone only once `watch` is stopping: nothing left to compact for.
-        let _ = self.tx.send(due);
+        let _ = self.tx.send(Message::Due(due));
+    }
+
+    /// Forgets `prefix`: `watch` no longer replicates it with the settings
+    /// it last reported (its next report starts afresh, with a listing).
+    pub fn forget(&self, prefix: &str) {
+        let _ = self.tx.send(Message::Forget(prefix.to_string()));
     }
 }
 
@@ -80,10 +108,50 @@ struct Track {
     done: Option<u64>,
     /// Smallest-level runs whose objects may still be stored, oldest first.
     replaced: VecDeque<Replaced>,
+    /// The newest report, whose settings and head a pass at rest uses.
+    last: Option<Due>,
+    /// Its entry in the schedule of passes at rest, if it has one.
+    rest: Option<delay_queue::Key>,
+    /// Passes in a row after which objects past the window were still
+    /// stored (a failing store): the wait before the next grows with it.
+    rest_retries: u32,
+}
+
+/// When a database that stays at rest should be passed over again so that
+/// the objects its runs stand for go once past `window`: when the newest
+/// such object ages, or, where objects that have aged are still stored (the
+/// last pass failed), after a backoff that grows with `retries` (counted
+/// here). `None` when nothing is left that a pass at `head` could delete:
+/// the run ending at the head keeps that object until the chain moves on,
+/// and a later report takes care of it.
+fn rest_pass_at(
+    replaced: &VecDeque<Replaced>,
+    head: u64,
+    window: Duration,
+    now: SystemTime,
+    retries: &mut u32,
+) -> Option<SystemTime> {
+    let mut deletable = replaced.iter().take_while(|r| r.first < head).peekable();
+    deletable.peek()?;
+    // A run found by a listing has its time read when a pass reaches it, in
+    // order: the newest time known does, or a window from now.
+    let aged = match deletable.filter_map(|r| r.timestamp_ms).last() {
+        Some(ms) => SystemTime::UNIX_EPOCH + Duration::from_millis(ms) + window,
+        None => now + window,
+    } + Duration::from_millis(100);
+    if aged > now {
+        *retries = 0;
+        return Some(aged);
+    }
+    let wait = REST_RETRY_FIRST
+        .saturating_mul(1u32 << (*retries).min(16))
+        .min(REST_RETRY_MAX);
+    *retries = retries.saturating_add(1);
+    Some(now + wait)
 }
 
 async fn run(
-    mut rx: mpsc::UnboundedReceiver<Due>,
+    mut rx: mpsc::UnboundedReceiver<Message>,
     board: Board,
     scratch: PathBuf,
     stop: CancellationToken,
@@ -95,6 +163,10 @@ async fn run(
     let mut running: JoinSet<(Option<u64>, VecDeque<Replaced>)> = JoinSet::new();
     // The database of each pass running.
     let mut busy: HashMap<tokio::task::Id, String> = HashMap::new();
+    // Databases forgotten while a pass of theirs ran: its outcome is dropped.
+    let mut forgotten: Vec<tokio::task::Id> = Vec::new();
+    // Passes at rest (see `rest_pass_at`), one entry per database at most.
+    let mut at_rest: DelayQueue<String> = DelayQueue::new();
     loop {
         // Start what may start: one pass per database, a few in all.
         let mut held = Vec::new();
@@ -111,6 +183,7 @@ async fn run(
             };
             let track = tracks.entry(prefix.clone()).or_default();
             let (done, replaced) = (track.done, std::mem::take(&mut track.replaced));
+            track.last = Some(due.clone());
             let (board, scratch) = (board.clone(), scratch.clone());
             let task =
                 running.spawn(async move { pass(&due, (done, replaced), &board, &scratch).await });
@@ -128,19 +201,60 @@ async fn run(
                     // A pass that panicked: the next listing pass finds its runs.
                     Err(e) => (e.id(), None, VecDeque::new()),
                 };
-                if let Some(prefix) = busy.remove(&id) {
-                    let track = tracks.entry(prefix).or_default();
-                    track.done = done.or(track.done);
-                    track.replaced = replaced;
+                let Some(prefix) = busy.remove(&id) else { continue };
+                if let Some(i) = forgotten.iter().position(|f| *f == id) {
+                    forgotten.swap_remove(i);
+                    continue;
+                }
+                let track = tracks.entry(prefix.clone()).or_default();
+                track.done = done.or(track.done);
+                track.replaced = replaced;
+                let plan = track.last.as_ref().and_then(|due| {
+                    let window = due.window?;
+                    let now = SystemTime::now();
+                    let at = rest_pass_at(&track.replaced, due.head, window, now, &mut track.rest_retries)?;
+                    Some(tokio::time::Instant::now() + at.duration_since(now).unwrap_or_default())
+                });
+                match (plan, track.rest.as_ref()) {
+                    (Some(at), Some(key)) => at_rest.reset_at(key, at),
+                    (Some(at), None) => track.rest = Some(at_rest.insert_at(prefix, at)),
+                    (None, Some(_)) => {
+                        if let Some(key) = track.rest.take() {
+                            at_rest.remove(&key);
+                        }
+                    }
+                    (None, None) => {}
                 }
             }
-            received = rx.recv() => {
-                let Some(due) = received else { return };
-                let prefix = due.prefix.clone();
-                if waiting.insert(prefix.clone(), due).is_none() {
-                    order.push_back(prefix);
+            Some(expired) = std::future::poll_fn(|cx| at_rest.poll_expired(cx)), if !at_rest.is_empty() => {
+                let prefix = expired.into_inner();
+                let Some(track) = tracks.get_mut(&prefix) else { continue };
+                track.rest = None;
+                // A report waiting or a pass running sets the next time.
+                if waiting.contains_key(&prefix) || busy.values().any(|p| *p == prefix) {
+                    continue;
                 }
+                let Some(due) = track.last.clone() else { continue };
+                debug!(prefix = %prefix, head = due.head, "passing over a database at rest");
+                waiting.insert(prefix.clone(), due);
+                order.push_back(prefix);
             }
+            received = rx.recv() => match received {
+                None => return,
+                Some(Message::Due(due)) => {
+                    let prefix = due.prefix.clone();
+                    if waiting.insert(prefix.clone(), due).is_none() {
+                        order.push_back(prefix);
+                    }
+                }
+                Some(Message::Forget(prefix)) => {
+                    waiting.remove(&prefix);
+                    if let Some(key) = tracks.remove(&prefix).and_then(|t| t.rest) {
+                        at_rest.remove(&key);
+                    }
+                    forgotten.extend(busy.iter().filter(|(_, p)| **p == prefix).map(|(id, _)| *id));
+                }
+            },
         }
     }
 }
@@ -265,4 +379,84 @@ fn record(board: &Board, prefix: &str, report: &Report) {
         s.compaction_reads += report.read as u64;
         s.runs_bytes += report.bytes;
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(first: u64, last: u64, timestamp_ms: Option<u64>) -> Replaced {
+        Replaced {
+            first,
+            last,
+            timestamp_ms,
+        }
+    }
+
+    fn at_ms(ms: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+    }
+
+    const WINDOW: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn a_database_at_rest_is_passed_over_once_its_newest_replaced_object_ages() {
+        let replaced = [run(2, 4, Some(1_000)), run(5, 8, Some(9_000))].into();
+        let mut retries = 3;
+        let at = rest_pass_at(&replaced, 12, WINDOW, at_ms(10_000), &mut retries);
+        assert_eq!(at, Some(at_ms(9_000 + 60_000 + 100)));
+        assert_eq!(retries, 0);
+        // Runs found by a listing and not yet read: the newest time known.
+        let listed = [run(2, 4, Some(1_000)), run(5, 8, None)].into();
+        let at = rest_pass_at(&listed, 12, WINDOW, at_ms(10_000), &mut retries);
+        assert_eq!(at, Some(at_ms(1_000 + 60_000 + 100)));
+        let unknown = [run(2, 4, None)].into();
+        let at = rest_pass_at(&unknown, 12, WINDOW, at_ms(10_000), &mut retries);
+        assert_eq!(at, Some(at_ms(10_000 + 60_000 + 100)));
+    }
+
+    /// The run ending at the head keeps the head's object until the chain
+    /// moves on: a pass at the same head could delete nothing, so none is
+    /// planned (planning one re-fired at once, for ever).
+    #[test]
+    fn nothing_is_planned_where_only_the_head_is_left() {
+        let mut retries = 0;
+        let head_only = [run(12, 12, Some(1_000))].into();
+        assert_eq!(
+            rest_pass_at(&head_only, 12, WINDOW, at_ms(1_000_000), &mut retries),
+            None
+        );
+        assert_eq!(
+            rest_pass_at(&VecDeque::new(), 12, WINDOW, at_ms(0), &mut retries),
+            None
+        );
+        // Objects before the head are planned for, the head's run is not.
+        let both = [run(9, 11, Some(5_000)), run(12, 12, Some(90_000))].into();
+        assert_eq!(
+            rest_pass_at(&both, 12, WINDOW, at_ms(10_000), &mut retries),
+            Some(at_ms(5_000 + 60_000 + 100))
+        );
+    }
+
+    /// Objects past the window still stored after a pass (the store failed)
+    /// are tried again after a wait that doubles, never in a tight loop.
+    #[test]
+    fn a_failing_store_is_tried_again_after_a_growing_wait() {
+        let replaced = [run(2, 4, Some(1_000))].into();
+        let now = at_ms(1_000_000);
+        let mut retries = 0;
+        let mut waits = Vec::new();
+        for _ in 0..12 {
+            let at = rest_pass_at(&replaced, 12, WINDOW, now, &mut retries).unwrap();
+            waits.push(at.duration_since(now).unwrap().as_secs());
+        }
+        assert_eq!(
+            waits,
+            [5, 10, 20, 40, 80, 160, 320, 600, 600, 600, 600, 600]
+        );
+        // Once they go, the count starts again.
+        let later = [run(5, 8, Some(2_000_000))].into();
+        rest_pass_at(&later, 12, WINDOW, now, &mut retries);
+        assert_eq!(retries, 0);
+    }
 }

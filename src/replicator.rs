@@ -774,6 +774,15 @@ impl Fleet {
                         && slot.spec.sync != spec.sync
                     {
                         info!(db = %spec.path.display(), "sync settings changed");
+                        let (old, new) = (&slot.spec.sync, &spec.sync);
+                        if old.compaction != new.compaction
+                            || old.exact_window != new.exact_window
+                            || old.encryption != new.encryption
+                        {
+                            // No pass runs with the settings it had; the
+                            // next report brings the new ones.
+                            self.compactor.forget(&slot.spec.prefix);
+                        }
                         if let Some(replica) = slot.replica.as_mut() {
                             replica.set_options(spec.sync.clone());
                         }
@@ -842,6 +851,7 @@ impl Fleet {
         };
         info!(db = %slot.spec.path.display(), prefix = %slot.spec.prefix, "released");
         self.board.remove(&slot.spec.prefix);
+        self.compactor.forget(&slot.spec.prefix);
         for (_, waiter) in slot.waiters.drain(..) {
             let _ = waiter.send((
                 slot.spec.prefix.clone(),

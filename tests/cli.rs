@@ -4375,3 +4375,181 @@ async fn a_download_that_cannot_be_written_locally_fails_at_once_naming_the_file
     );
     assert!(!out.exists());
 }
+
+/// A child's stderr as it comes, readable while the child runs.
+struct LiveLog {
+    text: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl LiveLog {
+    fn of(child: &mut common::Reaped) -> Self {
+        let stderr = child.stderr.take().unwrap();
+        let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = text.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+                let Ok(line) = line else { break };
+                let mut text = sink.lock().unwrap();
+                text.push_str(&line);
+                text.push('\n');
+            }
+        });
+        Self { text }
+    }
+
+    fn text(&self) -> String {
+        self.text.lock().unwrap().clone()
+    }
+
+    fn count(&self, needle: &str) -> usize {
+        self.text.lock().unwrap().matches(needle).count()
+    }
+
+    /// Waits (up to 30 s) until the log says `needle` `n` times.
+    async fn wait_for(&self, needle: &str, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.count(needle) < n {
+            assert!(
+                Instant::now() < deadline,
+                "waited for {needle:?} in\n{}",
+                self.text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Commits one row at a time, each shipped (`sync --wait`), until the chain
+/// of `prefix` reaches `target`; returns its head.
+async fn ship_until(
+    store: &TestStore,
+    app: &mut common::app::AppProcess,
+    config: &Path,
+    prefix: &str,
+    target: u64,
+) -> u64 {
+    loop {
+        let head = chain::list(store.storage.as_ref(), prefix)
+            .await
+            .unwrap()
+            .last()
+            .map_or(0, |o| o.seq);
+        if head >= target {
+            return head;
+        }
+        app.insert(1, 300);
+        let mut sync = walsync();
+        sync.args(["sync", "-c", cfg(config), "--wait"]);
+        assert!(run(&mut sync).status.success());
+    }
+}
+
+/// A database that comes to rest with objects inside the exact window does
+/// not keep them for good: once they have all aged past it, `watch` passes
+/// over it once more and they go, though nothing more is written; then it
+/// costs nothing (one pass at rest, not one after another). Its snapshot
+/// and head stay, and a restore equals the app's rows. When its settings
+/// change meanwhile (here the window turned off), no pass runs with the
+/// old ones: what the new settings keep stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_of_a_database_at_rest_go_once_past_the_exact_window() {
+    use common::app::AppProcess;
+    const AT_REST: &str = "passing over a database at rest";
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("app.db");
+        let mut app = AppProcess::open(&db);
+        let config = dir.path().join("walsync.toml");
+        let text = |window: &str| {
+            store.config(&format!(
+                "[sync]\nsync_interval = \"0s\"\ncompaction = [4, 16]\nexact_window = \"{window}\"\n\
+                 [[databases]]\npath = \"{}\"\nprefix = \"rest\"\n",
+                db.display()
+            ))
+        };
+        std::fs::write(&config, text("3s")).unwrap();
+        let mut cmd = walsync();
+        cmd.args(["watch", "--config"])
+            .arg(&config)
+            .env("WALSYNC_LOG", "walsync=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        with_store(&mut cmd, &store);
+        let mut child = common::Reaped::new(cmd.spawn().unwrap());
+        let log = LiveLog::of(&mut child);
+        wait_for_objects(&store, "rest", 1, String::new).await;
+        let head = ship_until(&store, &mut app, &config, "rest", 12).await;
+        // Nothing more is written; runs of 4 stand for 2..=head/4*4.
+        let stood_for = |seq: u64| seq > 1 && seq <= head / 4 * 4 && seq < head;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let objects = chain::list(store.storage.as_ref(), "rest").await.unwrap();
+            let left: Vec<u64> = objects
+                .iter()
+                .map(|o| o.seq)
+                .filter(|s| stood_for(*s))
+                .collect();
+            if left.is_empty() {
+                assert_eq!(
+                    objects.first().unwrap().seq,
+                    1,
+                    "{kind}: the snapshot stays"
+                );
+                assert_eq!(objects.last().unwrap().seq, head, "{kind}: the head stays");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{kind}: objects {left:?} of a database at rest are still stored\n{}",
+                log.text()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // At rest it stays at rest.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(log.count(AT_REST), 1, "{kind}\n{}", log.text());
+
+        // More commits, then the window turned off before they age.
+        let first_new = head + 1;
+        let head = ship_until(&store, &mut app, &config, "rest", head + 12).await;
+        let shipped = Instant::now();
+        std::fs::write(&config, text("off")).unwrap();
+        log.wait_for("sync settings changed", 1).await;
+        assert!(
+            shipped.elapsed() < Duration::from_secs(2),
+            "{kind}: the configuration took {:?} to reload; this run proves nothing",
+            shipped.elapsed()
+        );
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let kept: Vec<u64> = chain::list(store.storage.as_ref(), "rest")
+            .await
+            .unwrap()
+            .iter()
+            .map(|o| o.seq)
+            .filter(|s| *s >= first_new)
+            .collect();
+        assert_eq!(
+            kept,
+            (first_new..=head).collect::<Vec<_>>(),
+            "{kind}: objects the window now keeps were deleted\n{}",
+            log.text()
+        );
+        assert_eq!(log.count(AT_REST), 1, "{kind}\n{}", log.text());
+
+        let rows_then = app_rows(&db);
+        assert!(terminate(&mut child).success(), "{kind}");
+        let out = dir.path().join("restored.db");
+        let mut restore = walsync();
+        restore.args(["restore", "-c", cfg(&config), "--prefix", "rest", "-o"]);
+        restore.arg(&out);
+        with_store(&mut restore, &store);
+        let output = run(&mut restore);
+        assert!(
+            output.status.success(),
+            "{kind}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(app_rows(&out), rows_then, "{kind}");
+        app.quit();
+    }
+}
