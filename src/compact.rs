@@ -672,9 +672,9 @@ pub async fn compact_since(
 /// Deletes the objects of the runs in `replaced` (oldest first) that are
 /// older than `window` as of `now_ms`, and drops those runs from it: the
 /// runs stand for them, and a restore to a point they held goes to the
-/// nearest run end instead. The object at `head` stays whatever its age: a
-/// writer that starts links to it (its run stays queued for it, and it goes
-/// at a pass once the chain has moved on). A run found by a listing is downloaded
+/// nearest run end instead. The run ending at `head` keeps all its objects
+/// whatever their age (a writer that starts links to the head's object) and
+/// stays queued until a pass at a later head. A run found by a listing is downloaded
 /// and verified once, for its time, before anything it stands for goes.
 /// Returns how many objects were deleted.
 pub async fn delete_replaced(
@@ -688,7 +688,6 @@ pub async fn delete_replaced(
     // request (or one per 1,000 keys), and the runs leave the queue after.
     let mut due = 0;
     let mut keys = Vec::new();
-    let mut head_run = None;
     while let Some(run) = replaced.get_mut(due) {
         let recorded = match run.timestamp_ms {
             Some(ms) => ms,
@@ -719,11 +718,11 @@ pub async fn delete_replaced(
             break;
         }
         if run.last >= head {
-            // The run ends at the head (a database at rest): its objects
-            // before the head go, and the run stays queued for the head's
-            // object, which goes once the chain has moved past it.
-            keys.extend((run.first..head).map(|seq| segment::object_key(prefix, seq)));
-            head_run = Some(due);
+            // The run ends at the head (at rest, or reported late): it and
+            // the runs after it wait until the chain has moved past it.
+            // Deleting its objects before the head alone would leave a hole
+            // just before a stored object, which no run ending before that
+            // object spans.
             break;
         }
         keys.extend((run.first..=run.last).map(|seq| segment::object_key(prefix, seq)));
@@ -733,9 +732,6 @@ pub async fn delete_replaced(
         .delete_many(&keys)
         .await
         .map_err(chain::Error::Storage)?;
-    if let Some(run) = head_run.and_then(|i| replaced.get_mut(i)) {
-        run.first = run.first.max(head);
-    }
     replaced.drain(..due);
     Ok(keys.len() as u64)
 }
@@ -958,45 +954,47 @@ mod tests {
     }
 
     /// A run that ends at the head (a database at rest, passed over once
-    /// its objects aged) loses its objects before the head; the head's own
-    /// object goes at a later pass, once the chain has moved past it.
+    /// its objects aged) keeps all its objects until the chain has moved
+    /// past it; then they all go.
     #[tokio::test]
-    async fn the_run_ending_at_the_head_keeps_the_head_until_the_chain_moves_on() {
+    async fn the_run_ending_at_the_head_keeps_its_objects_until_the_chain_moves_on() {
         use crate::storage::{Storage, fs::FsStorage};
         let dir = tempfile::tempdir().unwrap();
         let store = FsStorage::new(dir.path());
-        for seq in 5..=9 {
+        for seq in 1..=9 {
             let key = segment::object_key("db", seq);
             store
                 .put_new(&key, Payload::Bytes(vec![1]), [0; 32])
                 .await
                 .unwrap();
         }
-        let mut replaced: std::collections::VecDeque<Replaced> = [Replaced {
-            first: 5,
-            last: 8,
+        let run = |first, last| Replaced {
+            first,
+            last,
             timestamp_ms: Some(1_000),
-        }]
-        .into();
+        };
+        let mut replaced: std::collections::VecDeque<Replaced> = [run(1, 4), run(5, 8)].into();
         let window = std::time::Duration::from_secs(1);
         let at_rest = (window, 8, 1_000_000);
         let deleted = delete_replaced(&store, "db", &mut replaced, at_rest)
             .await
             .unwrap();
-        assert_eq!(deleted, 3);
+        assert_eq!(deleted, 4);
         let left = |keys: Vec<crate::storage::ObjectMeta>| -> Vec<String> {
             keys.into_iter().map(|m| m.key).collect()
         };
         assert_eq!(
             left(store.list("db/").await.unwrap()),
-            [segment::object_key("db", 8), segment::object_key("db", 9)]
+            (5..=9)
+                .map(|seq| segment::object_key("db", seq))
+                .collect::<Vec<_>>()
         );
-        assert_eq!(replaced.len(), 1, "kept for the head's object");
+        assert_eq!(replaced.len(), 1, "the head's run waits");
         let moved_on = (window, 9, 1_000_000);
         let deleted = delete_replaced(&store, "db", &mut replaced, moved_on)
             .await
             .unwrap();
-        assert_eq!(deleted, 1);
+        assert_eq!(deleted, 4);
         assert!(replaced.is_empty(), "{replaced:?}");
         assert_eq!(
             left(store.list("db/").await.unwrap()),

@@ -25,13 +25,13 @@
 //! this process remembers those runs (a few bytes each, about an hour's
 //! worth per database), so deleting lists nothing either.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tokio_util::time::{DelayQueue, delay_queue};
 use tracing::{debug, warn};
@@ -50,6 +50,10 @@ const PASSES_AT_ONCE: usize = 2;
 /// [`REST_RETRY_MAX`].
 const REST_RETRY_FIRST: Duration = Duration::from_secs(5);
 const REST_RETRY_MAX: Duration = Duration::from_secs(600);
+/// The furthest ahead a pass at rest is planned (a window of years would
+/// overflow the timer): if it comes before the objects have aged, the pass
+/// deletes nothing and plans again.
+const REST_PLAN_MAX: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// A database whose chain has grown past a multiple of its smallest level.
 #[derive(Clone)]
@@ -122,8 +126,8 @@ struct Track {
 /// such object ages, or, where objects that have aged are still stored (the
 /// last pass failed), after a backoff that grows with `retries` (counted
 /// here). `None` when nothing is left that a pass at `head` could delete:
-/// the run ending at the head keeps that object until the chain moves on,
-/// and a later report takes care of it.
+/// the run ending at the head keeps its objects until the chain moves on,
+/// and a later report takes care of them.
 fn rest_pass_at(
     replaced: &VecDeque<Replaced>,
     head: u64,
@@ -131,14 +135,20 @@ fn rest_pass_at(
     now: SystemTime,
     retries: &mut u32,
 ) -> Option<SystemTime> {
-    let mut deletable = replaced.iter().take_while(|r| r.first < head).peekable();
+    let mut deletable = replaced.iter().take_while(|r| r.last < head).peekable();
     deletable.peek()?;
     // A run found by a listing has its time read when a pass reaches it, in
-    // order: the newest time known does, or a window from now.
-    let aged = match deletable.filter_map(|r| r.timestamp_ms).last() {
-        Some(ms) => SystemTime::UNIX_EPOCH + Duration::from_millis(ms) + window,
-        None => now + window,
-    } + Duration::from_millis(100);
+    // order: the newest time known does, or a window from now. (The newest,
+    // not the last: after the clock stepped back, a pass stops at the first
+    // run not yet aged.)
+    let since = match deletable.filter_map(|r| r.timestamp_ms).max() {
+        Some(ms) => SystemTime::UNIX_EPOCH + Duration::from_millis(ms),
+        None => now,
+    };
+    let aged = since
+        .checked_add(window)
+        .and_then(|t| t.checked_add(Duration::from_millis(100)))
+        .map_or(now + REST_PLAN_MAX, |t| t.min(now + REST_PLAN_MAX));
     if aged > now {
         *retries = 0;
         return Some(aged);
@@ -161,10 +171,11 @@ async fn run(
     let mut waiting: HashMap<String, Due> = HashMap::new();
     let mut order: VecDeque<String> = VecDeque::new();
     let mut running: JoinSet<(Option<u64>, VecDeque<Replaced>)> = JoinSet::new();
-    // The database of each pass running.
-    let mut busy: HashMap<tokio::task::Id, String> = HashMap::new();
-    // Databases forgotten while a pass of theirs ran: its outcome is dropped.
-    let mut forgotten: Vec<tokio::task::Id> = Vec::new();
+    // The database of each pass running, and how to stop it.
+    let mut busy: HashMap<tokio::task::Id, (String, AbortHandle)> = HashMap::new();
+    // Passes of databases forgotten while they ran: stopped, their outcome
+    // dropped.
+    let mut forgotten: HashSet<tokio::task::Id> = HashSet::new();
     // Passes at rest (see `rest_pass_at`), one entry per database at most.
     let mut at_rest: DelayQueue<String> = DelayQueue::new();
     loop {
@@ -174,7 +185,7 @@ async fn run(
             let Some(prefix) = order.pop_front() else {
                 break;
             };
-            if busy.values().any(|p| *p == prefix) {
+            if busy.values().any(|(p, _)| *p == prefix) {
                 held.push(prefix);
                 continue;
             }
@@ -187,7 +198,7 @@ async fn run(
             let (board, scratch) = (board.clone(), scratch.clone());
             let task =
                 running.spawn(async move { pass(&due, (done, replaced), &board, &scratch).await });
-            busy.insert(task.id(), prefix);
+            busy.insert(task.id(), (prefix, task));
         }
         for prefix in held.into_iter().rev() {
             order.push_front(prefix);
@@ -196,19 +207,27 @@ async fn run(
             biased;
             _ = stop.cancelled() => return,
             Some(finished) = running.join_next_with_id(), if !running.is_empty() => {
-                let (id, done, replaced) = match finished {
-                    Ok((id, (done, replaced))) => (id, done, replaced),
-                    // A pass that panicked: the next listing pass finds its runs.
-                    Err(e) => (e.id(), None, VecDeque::new()),
+                let (id, outcome) = match finished {
+                    Ok((id, outcome)) => (id, Some(outcome)),
+                    Err(e) => (e.id(), None),
                 };
-                let Some(prefix) = busy.remove(&id) else { continue };
-                if let Some(i) = forgotten.iter().position(|f| *f == id) {
-                    forgotten.swap_remove(i);
+                let Some((prefix, _)) = busy.remove(&id) else { continue };
+                if forgotten.remove(&id) {
                     continue;
                 }
                 let track = tracks.entry(prefix.clone()).or_default();
-                track.done = done.or(track.done);
-                track.replaced = replaced;
+                match outcome {
+                    Some((done, replaced)) => {
+                        track.done = done.or(track.done);
+                        track.replaced = replaced;
+                    }
+                    // A pass that panicked: the next pass lists the chain
+                    // and finds its runs.
+                    None => {
+                        track.done = None;
+                        track.replaced.clear();
+                    }
+                }
                 let plan = track.last.as_ref().and_then(|due| {
                     let window = due.window?;
                     let now = SystemTime::now();
@@ -231,7 +250,7 @@ async fn run(
                 let Some(track) = tracks.get_mut(&prefix) else { continue };
                 track.rest = None;
                 // A report waiting or a pass running sets the next time.
-                if waiting.contains_key(&prefix) || busy.values().any(|p| *p == prefix) {
+                if waiting.contains_key(&prefix) || busy.values().any(|(p, _)| *p == prefix) {
                     continue;
                 }
                 let Some(due) = track.last.clone() else { continue };
@@ -252,7 +271,13 @@ async fn run(
                     if let Some(key) = tracks.remove(&prefix).and_then(|t| t.rest) {
                         at_rest.remove(&key);
                     }
-                    forgotten.extend(busy.iter().filter(|(_, p)| **p == prefix).map(|(id, _)| *id));
+                    // A pass running with the old settings deletes nothing more.
+                    for (id, (p, task)) in &busy {
+                        if *p == prefix {
+                            task.abort();
+                            forgotten.insert(*id);
+                        }
+                    }
                 }
             },
         }
@@ -290,7 +315,7 @@ async fn pass(
             Err(e) => warn!(
                 prefix = %due.prefix,
                 error = %e,
-                "deleting objects older than the exact window failed; tried again as the chain grows"
+                "deleting objects older than the exact window failed; tried again as the chain grows or after a while at rest"
             ),
         }
     }
@@ -366,7 +391,7 @@ async fn pass_compact(
             warn!(
                 prefix = %due.prefix,
                 error = %e,
-                "compaction failed; it is tried again as the chain grows"
+                "compaction failed; it is tried again as the chain grows or after a while at rest"
             );
             None
         }
@@ -415,13 +440,13 @@ mod tests {
         assert_eq!(at, Some(at_ms(10_000 + 60_000 + 100)));
     }
 
-    /// The run ending at the head keeps the head's object until the chain
-    /// moves on: a pass at the same head could delete nothing, so none is
-    /// planned (planning one re-fired at once, for ever).
+    /// The run ending at the head keeps its objects until the chain moves
+    /// on: a pass at the same head could delete nothing, so none is planned
+    /// (planning one re-fired at once, for ever).
     #[test]
-    fn nothing_is_planned_where_only_the_head_is_left() {
+    fn nothing_is_planned_where_only_the_heads_run_is_left() {
         let mut retries = 0;
-        let head_only = [run(12, 12, Some(1_000))].into();
+        let head_only = [run(9, 12, Some(1_000))].into();
         assert_eq!(
             rest_pass_at(&head_only, 12, WINDOW, at_ms(1_000_000), &mut retries),
             None
@@ -430,10 +455,30 @@ mod tests {
             rest_pass_at(&VecDeque::new(), 12, WINDOW, at_ms(0), &mut retries),
             None
         );
-        // Objects before the head are planned for, the head's run is not.
-        let both = [run(9, 11, Some(5_000)), run(12, 12, Some(90_000))].into();
+        // Runs before the head's are planned for, the head's is not.
+        let both = [run(5, 8, Some(5_000)), run(9, 12, Some(90_000))].into();
         assert_eq!(
             rest_pass_at(&both, 12, WINDOW, at_ms(10_000), &mut retries),
+            Some(at_ms(5_000 + 60_000 + 100))
+        );
+    }
+
+    /// A window of years plans no further than a month ahead (the timer
+    /// refuses more, and a time past `SystemTime`'s range overflows); the
+    /// newest time counts even where the clock stepped back.
+    #[test]
+    fn a_long_window_is_planned_a_month_at_a_time() {
+        let mut retries = 0;
+        let replaced = [run(1, 4, Some(5_000)), run(5, 8, Some(2_000))].into();
+        let now = at_ms(10_000);
+        for window in [Duration::from_secs(3 * 365 * 24 * 3600), Duration::MAX] {
+            assert_eq!(
+                rest_pass_at(&replaced, 12, window, now, &mut retries),
+                Some(now + REST_PLAN_MAX)
+            );
+        }
+        assert_eq!(
+            rest_pass_at(&replaced, 12, WINDOW, now, &mut retries),
             Some(at_ms(5_000 + 60_000 + 100))
         );
     }
