@@ -1227,7 +1227,9 @@ async fn snapshot(args: SnapshotArgs) -> Result<()> {
         .await
         .with_context(|| format!("opening {}", args.database.display()))?;
     let report = replica
-        .force_snapshot("requested with `walsync snapshot`")
+        .force_snapshot(crate::reason::SnapshotReason::Requested(
+            "requested with `walsync snapshot`",
+        ))
         .await
         .with_context(|| format!("snapshot of {}", args.database.display()))?;
     let head = replica.head().map(|h| h.seq).unwrap_or(0);

@@ -15,6 +15,7 @@ pub mod link;
 pub mod listen;
 pub mod out;
 pub mod page_hashes;
+pub mod reason;
 pub mod redact;
 pub mod replica;
 pub mod replicator;

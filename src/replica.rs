@@ -18,6 +18,7 @@ use crate::db::{
 };
 use crate::encryption::{Key, KeyId, Keys};
 use crate::fork;
+use crate::reason::SnapshotReason;
 use crate::retention::{self, Retention};
 use crate::segment::{self, Kind, now_ms};
 use crate::state;
@@ -87,12 +88,6 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// Snapshot reasons that metrics count by name; any other is a continuity loss.
-const INITIAL: &str = "no replica in storage yet";
-const INTERVAL: &str = "the snapshot interval elapsed";
-/// Objects after a snapshot are all sealed with its key (restore refuses a mix).
-const KEY_CHANGED: &str = "the encryption key changed";
 
 /// Lock-free catch-up rounds before a checkpoint ships the tail under the write lock.
 const CATCH_UP_ATTEMPTS: u32 = 3;
@@ -184,7 +179,7 @@ pub struct Replica {
     /// The sequence of the newest snapshot in the chain, where known.
     newest_snapshot: Option<u64>,
     /// Why the next sync must start with a snapshot.
-    need_snapshot: Option<String>,
+    need_snapshot: Option<SnapshotReason>,
     /// Encoded but not yet durable: retried byte for byte.
     pending: Option<Encoded>,
     last_checkpoint: Instant,
@@ -202,17 +197,6 @@ pub struct Replica {
     head_state: Option<state::Digest>,
     /// The checked state record, kept while the database is closed.
     parked_record: Option<state::Record>,
-}
-
-/// Why a snapshot was taken, as a metric label.
-fn snapshot_kind(reason: &str) -> &'static str {
-    match reason {
-        INITIAL => "initial",
-        KEY_CHANGED => "key",
-        INTERVAL => "interval",
-        r if r.starts_with("requested") => "requested",
-        _ => "continuity",
-    }
 }
 
 /// Runs SQLite or file work of the database at `path` on the blocking pool.
@@ -290,7 +274,7 @@ impl Replica {
             None => chain::list(self.storage.as_ref(), &self.prefix).await?,
         };
         let Some(newest) = objects.last().map(|o| o.seq) else {
-            self.need_snapshot = Some(INITIAL.into());
+            self.need_snapshot = Some(SnapshotReason::Initial);
             return Ok(());
         };
         // Where two objects claim the newest sequence, the one restore
@@ -312,7 +296,7 @@ impl Replica {
             objects.last().cloned()
         };
         let Some(last) = last else {
-            self.need_snapshot = Some(INITIAL.into());
+            self.need_snapshot = Some(SnapshotReason::Initial);
             return Ok(());
         };
         // The head's two ends say all a writer needs (what it links to, its
@@ -369,13 +353,13 @@ impl Replica {
                 seq = header.seq,
                 "continuing the chain in storage"
             ),
-            Err(reason) => self.need_snapshot = Some(reason),
+            Err(reason) => self.need_snapshot = Some(SnapshotReason::Continuity(reason)),
         }
         if head_forked && self.need_snapshot.is_none() {
-            self.need_snapshot = Some(format!(
+            self.need_snapshot = Some(SnapshotReason::Continuity(format!(
                 "two objects claim the newest sequence {newest}, so which one this database \
                  continues is unknown"
-            ));
+            )));
         }
         if let Some(forked) = &self.forked {
             warn!(
@@ -430,7 +414,7 @@ impl Replica {
             });
         }
         if self.head.is_some() && self.head_key != current && self.need_snapshot.is_none() {
-            self.need_snapshot = Some(KEY_CHANGED.into());
+            self.need_snapshot = Some(SnapshotReason::KeyChanged);
         }
         Ok(())
     }
@@ -541,7 +525,7 @@ impl Replica {
         self.detached = None;
         debug!(db = %self.path.display(), ok = verdict.is_ok(), "reopened");
         if let Err(reason) = verdict {
-            self.need_snapshot = Some(reason);
+            self.need_snapshot = Some(SnapshotReason::Continuity(reason));
         }
         Ok(())
     }
@@ -627,7 +611,9 @@ impl Replica {
             })
             .await??;
             self.db = Some(db);
-            self.need_snapshot = Some("walsync reopened the database after a failure".into());
+            self.need_snapshot = Some(SnapshotReason::Continuity(
+                "walsync reopened the database after a failure".into(),
+            ));
             return Err(Error::Worker {
                 path: self.path.clone(),
                 message: "reopened after a failure; a snapshot follows".into(),
@@ -722,7 +708,8 @@ impl Replica {
             Changes::Nothing => {}
             Changes::Segment(enc) => self.upload(*enc, &mut report).await?,
             Changes::Lost(reason) => {
-                self.snapshot(&reason, &mut report).await?;
+                self.snapshot(&SnapshotReason::Continuity(reason), &mut report)
+                    .await?;
                 return Ok(report);
             }
         }
@@ -733,7 +720,8 @@ impl Replica {
             self.checkpoint(mode, &mut report).await?;
         }
         if report.segments > 0 && self.snapshot_due() {
-            self.snapshot(INTERVAL, &mut report).await?;
+            self.snapshot(&SnapshotReason::Interval, &mut report)
+                .await?;
         }
         Ok(report)
     }
@@ -763,45 +751,43 @@ impl Replica {
     }
 
     /// Forces a snapshot now (the `snapshot` command).
-    pub async fn force_snapshot(&mut self, reason: &str) -> Result<SyncReport> {
+    pub async fn force_snapshot(&mut self, reason: SnapshotReason) -> Result<SyncReport> {
         self.ensure_attached().await?;
         let mut report = SyncReport::default();
         if let Some(pending) = self.pending.take() {
             self.upload(pending, &mut report).await?;
         }
-        self.full_snapshot(reason, &mut report).await?;
+        self.full_snapshot(&reason, &mut report).await?;
         Ok(report)
     }
 
     /// Starts the chain again for `reason`: after a continuity loss with only
     /// the pages that differ where the state record allows, else (and for
     /// every other reason) with a full snapshot.
-    async fn snapshot(&mut self, reason: &str, report: &mut SyncReport) -> Result<()> {
-        if snapshot_kind(reason) != "continuity" {
+    async fn snapshot(&mut self, reason: &SnapshotReason, report: &mut SyncReport) -> Result<()> {
+        if !reason.is_continuity_loss() {
             return self.full_snapshot(reason, report).await;
         }
         // Remembered until something ships: a delta that fails part-way
         // (busy, an error) must not let the loss be forgotten.
-        self.need_snapshot = Some(reason.to_string());
+        self.need_snapshot = Some(reason.clone());
         match self.delta(reason, report).await? {
             None => Ok(()),
-            Some(why) => {
-                self.full_snapshot(&format!("{reason}; {why}"), report)
-                    .await
-            }
+            Some(why) => self.full_snapshot(&reason.and(&why), report).await,
         }
     }
 
-    async fn full_snapshot(&mut self, reason: &str, report: &mut SyncReport) -> Result<()> {
-        let kind = snapshot_kind(reason);
-        // Only a lost continuity asks something of the operator; the first,
-        // periodic, requested and new-key snapshots are routine.
-        if kind == "continuity" {
-            warn!(db = %self.path.display(), prefix = %self.prefix, reason, "taking a snapshot");
+    async fn full_snapshot(
+        &mut self,
+        reason: &SnapshotReason,
+        report: &mut SyncReport,
+    ) -> Result<()> {
+        if reason.is_continuity_loss() {
+            warn!(db = %self.path.display(), prefix = %self.prefix, %reason, "taking a snapshot");
         } else {
-            info!(db = %self.path.display(), prefix = %self.prefix, reason, "taking a snapshot");
+            info!(db = %self.path.display(), prefix = %self.prefix, %reason, "taking a snapshot");
         }
-        self.need_snapshot = Some(reason.to_string());
+        self.need_snapshot = Some(reason.clone());
         let link = self.next_link();
         let encoded = self.with_db(move |db| db.snapshot(link)).await??;
         let Some(encoded) = encoded else {
@@ -811,8 +797,8 @@ impl Replica {
         };
         self.upload(encoded, report).await?;
         self.need_snapshot = None;
-        report.snapshot_reasons.push(kind);
-        if kind == "continuity" {
+        report.snapshot_reasons.push(reason.label());
+        if reason.is_continuity_loss() {
             report.continuity_losses.push(reason.to_string());
         }
         // A new snapshot is what lets older objects go. Retention is
@@ -834,7 +820,11 @@ impl Replica {
     /// After a continuity loss, ships only the pages that differ from the
     /// state shipped (`state`), or nothing if none do. `Ok(None)` when done;
     /// `Ok(Some(why))` when a snapshot must be taken instead.
-    async fn delta(&mut self, reason: &str, report: &mut SyncReport) -> Result<Option<String>> {
+    async fn delta(
+        &mut self,
+        reason: &SnapshotReason,
+        report: &mut SyncReport,
+    ) -> Result<Option<String>> {
         let current = self.sealing_key().as_ref().map(Key::id);
         if self.head.is_none() || self.head_key != current {
             return Ok(Some("the chain head was sealed with another key".into()));
@@ -852,7 +842,7 @@ impl Replica {
                 warn!(
                     db = %self.path.display(),
                     prefix = %self.prefix,
-                    reason,
+                    %reason,
                     pages = encoded.header.page_count,
                     of = encoded.header.db_pages,
                     "continuity lost; shipping only the pages that differ from what was shipped"
@@ -863,7 +853,7 @@ impl Replica {
                 warn!(
                     db = %self.path.display(),
                     prefix = %self.prefix,
-                    reason,
+                    %reason,
                     "continuity lost, but the database is exactly what was shipped; nothing to upload"
                 );
                 self.with_db(move |db| db.shipped(state, commits)).await?;
@@ -897,7 +887,9 @@ impl Replica {
                 Changes::Nothing => break,
                 Changes::Lost(reason) => {
                     self.with_db(|db| db.release_write_lock()).await??;
-                    return self.snapshot(&reason, report).await;
+                    return self
+                        .snapshot(&SnapshotReason::Continuity(reason), report)
+                        .await;
                 }
                 Changes::Segment(enc) if attempt < CATCH_UP_ATTEMPTS => {
                     self.with_db(|db| db.release_write_lock()).await??;
@@ -937,7 +929,10 @@ impl Replica {
                     "checkpointed"
                 );
             }
-            CheckpointOutcome::Lost(reason) => self.snapshot(reason, report).await?,
+            CheckpointOutcome::Lost(reason) => {
+                self.snapshot(&SnapshotReason::Continuity(reason.to_string()), report)
+                    .await?;
+            }
         }
         Ok(())
     }

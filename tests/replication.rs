@@ -150,7 +150,9 @@ async fn timestamp_restore_picks_the_newest_state_at_or_before_the_instant() {
             tokio::time::sleep(Duration::from_millis(30)).await;
             insert(&mut app, 3, 100);
             if round == 3 {
-                r.force_snapshot("test").await.unwrap();
+                r.force_snapshot(walsync::reason::SnapshotReason::Requested("test"))
+                    .await
+                    .unwrap();
             } else {
                 r.sync().await.unwrap();
             }
@@ -203,7 +205,9 @@ async fn retention_deletes_only_what_no_kept_restore_point_needs() {
             if round == 0 {
                 r.sync().await.unwrap();
             } else {
-                r.force_snapshot("test").await.unwrap();
+                r.force_snapshot(walsync::reason::SnapshotReason::Requested("test"))
+                    .await
+                    .unwrap();
             }
             let head = r.head().unwrap().seq;
             let header = chain::read_header(
@@ -1183,7 +1187,10 @@ async fn follow_keeps_a_replica_current_readers_see_whole_transactions_and_it_re
                 app.ok("script DELETE FROM t WHERE id <= 100; VACUUM;");
             }
             if round == 8 {
-                replica.force_snapshot("test").await.unwrap();
+                replica
+                    .force_snapshot(walsync::reason::SnapshotReason::Requested("test"))
+                    .await
+                    .unwrap();
             }
             replica.sync().await.unwrap();
         }
@@ -1405,7 +1412,9 @@ async fn a_forked_chain_restores_through_the_branch_that_goes_on() {
             // The second writer's object for head + 1 ...
             match fork {
                 ForkKind::TwoSnapshots | ForkKind::SnapshotAndSegment => {
-                    b.force_snapshot("test").await.unwrap();
+                    b.force_snapshot(walsync::reason::SnapshotReason::Requested("test"))
+                        .await
+                        .unwrap();
                 }
                 ForkKind::TwoSegments => {
                     b.sync().await.unwrap();
@@ -1417,7 +1426,9 @@ async fn a_forked_chain_restores_through_the_branch_that_goes_on() {
             insert(&mut app, 5, 100);
             match fork {
                 ForkKind::TwoSnapshots => {
-                    a.force_snapshot("test").await.unwrap();
+                    a.force_snapshot(walsync::reason::SnapshotReason::Requested("test"))
+                        .await
+                        .unwrap();
                 }
                 ForkKind::SnapshotAndSegment | ForkKind::TwoSegments => {
                     a.sync().await.unwrap();
@@ -1577,7 +1588,10 @@ async fn a_snapshot_racing_a_segment_for_one_sequence_stops_the_loser() {
         watcher.sync().await.unwrap();
         let mut one_off = open_replica(&db, "race", &store, replica_opts()).await;
         insert(&mut app, 5, 100);
-        one_off.force_snapshot("requested").await.unwrap();
+        one_off
+            .force_snapshot(walsync::reason::SnapshotReason::Requested("requested"))
+            .await
+            .unwrap();
         insert(&mut app, 5, 100);
         let err = watcher.sync().await.unwrap_err();
         assert!(err.is_fatal(), "{kind}: {err}");
