@@ -605,15 +605,25 @@ async fn invalid_keys_are_rejected() {
     for (name, store) in common::all_stores().await {
         let s = &*store.storage;
         for key in ["", "/abs", "a//b", "../escape", "a/./b", "a/"] {
+            // Refused for the key itself, before any request or file.
+            let put = s.put_new(key, bytes(b"x"), sha(b"x")).await;
+            let refused = |r: &str| r.contains("invalid object key");
             assert!(
-                s.put_new(key, bytes(b"x"), sha(b"x")).await.is_err(),
-                "{name}: put_new({key:?}) should fail"
+                put.as_ref().is_err_and(|e| refused(&e.to_string())),
+                "{name}: put_new({key:?}): {:?}",
+                put.err()
             );
+            let got = s.get(key).await;
             assert!(
-                s.get(key).await.is_err(),
-                "{name}: get({key:?}) should fail"
+                got.as_ref().is_err_and(|e| refused(&e.to_string())),
+                "{name}: get({key:?}): {:?}",
+                got.err()
             );
         }
+        assert!(
+            s.list("").await.unwrap().is_empty(),
+            "{name}: nothing was written"
+        );
     }
 }
 
