@@ -178,7 +178,14 @@ fn walk(root: &Path, prefix: &str, each: &mut dyn FnMut(Vec<ObjectMeta>) -> bool
                     stack.push((path, above.clone()));
                 }
             } else if file_type.is_file() && rel.starts_with(prefix) && !rel.contains(TEMP_MARKER) {
-                let size = entry.metadata().map_err(io_err(prefix))?.len();
+                let size = match entry.metadata() {
+                    Ok(meta) => meta.len(),
+                    // Deleted since the directory was read (a running
+                    // `watch` deletes objects past the exact window): it is
+                    // not listed, as it would not be a moment later.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io_err(prefix)(e)),
+                };
                 out.push(ObjectMeta { key: rel, size });
             }
         }
