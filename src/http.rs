@@ -113,6 +113,9 @@ fn health(snapshot: &Snapshot) -> Response<Full<Bytes>> {
     for (prefix, why) in &snapshot.forked() {
         let _ = writeln!(body, "forked: {prefix}: {why}");
     }
+    if let Some(why) = &snapshot.config.refused {
+        let _ = writeln!(body, "config: edit refused: {why}");
+    }
     reply(status, "text/plain; charset=utf-8", body)
 }
 
@@ -288,6 +291,21 @@ pub fn metrics(s: &Snapshot) -> String {
             .map(|(k, v)| (format!("{{state=\"{k}\"}}"), v as f64))
             .collect(),
     );
+    family(
+        "walsync_config_edits_refused_total",
+        "counter",
+        "Edits of the configuration file refused (the last file accepted stays in use).",
+        vec![(String::new(), s.config.edits_refused as f64)],
+    );
+    family(
+        "walsync_config_refused",
+        "gauge",
+        "1 while the configuration file as it stands is refused.",
+        vec![(
+            String::new(),
+            f64::from(u8::from(s.config.refused.is_some())),
+        )],
+    );
     let process = process_stats();
     family(
         "process_resident_memory_bytes",
@@ -373,6 +391,14 @@ fn page(s: &Snapshot) -> String {
         degraded.len(),
         format_ms(s.started_ms)
     );
+    if let Some(why) = &s.config.refused {
+        let _ = write!(
+            out,
+            "<p class=\"bad\">Configuration edit refused: {}; {}.</p>",
+            html(why),
+            html(crate::status::CONFIG_KEPT)
+        );
+    }
     if !degraded.is_empty() {
         let _ = write!(
             out,
@@ -448,6 +474,45 @@ mod tests {
         let status = response.status();
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
         (status, String::from_utf8(bytes.to_vec()).unwrap())
+    }
+
+    /// A refused edit of the configuration file shows everywhere an
+    /// operator looks, without failing health (the last file accepted is in
+    /// use), and goes once the file is mended.
+    #[tokio::test]
+    async fn a_refused_config_edit_is_shown_until_mended() {
+        let board = Board::default();
+        board.update("a", |d| d.state = State::Open);
+        let why = "/etc/walsync.toml: unknown field `paht` in databases[0]";
+        board.config_refused(why.into());
+        let (status, text) = body(health(&board.snapshot())).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            text.contains(&format!("config: edit refused: {why}")),
+            "{text}"
+        );
+        let text = metrics(&board.snapshot());
+        assert!(text.contains("walsync_config_refused 1"), "{text}");
+        assert!(
+            text.contains("walsync_config_edits_refused_total 1"),
+            "{text}"
+        );
+        assert!(page(&board.snapshot()).contains("Configuration edit refused"));
+        assert!(
+            board
+                .snapshot()
+                .table()
+                .starts_with("configuration edit refused: ")
+        );
+        board.config_accepted();
+        let (_, text) = body(health(&board.snapshot())).await;
+        assert_eq!(text, "ok\n");
+        let text = metrics(&board.snapshot());
+        assert!(text.contains("walsync_config_refused 0"), "{text}");
+        assert!(
+            text.contains("walsync_config_edits_refused_total 1"),
+            "{text}"
+        );
     }
 
     #[tokio::test]

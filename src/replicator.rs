@@ -732,9 +732,11 @@ impl Fleet {
                         let storage = config.storage.clone();
                         *config = Config { storage, ..new };
                         info!(config = %config.source.display(), "configuration reloaded");
+                        self.board.config_accepted();
                     }
                     Err(e) => {
                         error!(error = %e, "configuration edit refused; the running set is kept");
+                        self.board.config_refused(e.to_string());
                         self.config_text = Some(text);
                         return;
                     }

@@ -107,6 +107,10 @@ pub const DEGRADED_HINT: &str = "another process is likely checkpointing or rest
      replicator such as Litestream, or a filesystem without POSIX locks, e.g. some network \
      filesystems), or the database file keeps being replaced; each loss costs a full snapshot";
 
+/// What a refused edit of the configuration file leaves running.
+pub const CONFIG_KEPT: &str =
+    "the databases and settings of the last file accepted stay in use until it is mended";
+
 impl DbStatus {
     /// Seconds the oldest unshipped change has waited (0 when caught up).
     pub fn lag_seconds(&self, now_ms: u64) -> f64 {
@@ -173,12 +177,26 @@ pub struct Snapshot {
     pub started_ms: u64,
     pub now_ms: u64,
     pub databases: Vec<DbStatus>,
+    /// The configuration file's edits (`watch --config` reloads it).
+    #[serde(default)]
+    pub config: ConfigStatus,
+}
+
+/// Whether the configuration file as it stands is the one in use.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ConfigStatus {
+    /// Why the file as it stands was refused; the databases and settings of
+    /// the last file accepted stay in use until it is mended.
+    pub refused: Option<String>,
+    /// Edits refused since start.
+    pub edits_refused: u64,
 }
 
 /// Shared between the replication loop (writer) and the listeners (readers).
 #[derive(Debug, Clone)]
 pub struct Board {
     inner: Arc<Mutex<BTreeMap<String, DbStatus>>>,
+    config: Arc<Mutex<ConfigStatus>>,
     started_ms: u64,
 }
 
@@ -186,6 +204,7 @@ impl Default for Board {
     fn default() -> Self {
         Self {
             inner: Arc::default(),
+            config: Arc::default(),
             started_ms: now_ms(),
         }
     }
@@ -213,6 +232,19 @@ impl Board {
         self.lock().remove(prefix);
     }
 
+    /// The configuration file as edited was refused for `why`.
+    pub fn config_refused(&self, why: String) {
+        let mut config = self.config.lock().unwrap_or_else(|e| e.into_inner());
+        config.refused = Some(why);
+        config.edits_refused += 1;
+    }
+
+    /// The configuration file as it stands is in use.
+    pub fn config_accepted(&self) {
+        let mut config = self.config.lock().unwrap_or_else(|e| e.into_inner());
+        config.refused = None;
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         let now = now_ms();
         let mut databases: Vec<DbStatus> = self.lock().values().cloned().collect();
@@ -223,6 +255,11 @@ impl Board {
             started_ms: self.started_ms,
             now_ms: now,
             databases,
+            config: self
+                .config
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
         }
     }
 }
@@ -297,7 +334,13 @@ impl Snapshot {
 
     /// A plain-text table, one database per line, problems first.
     pub fn table(&self) -> String {
-        let mut out = format!(
+        let mut out = String::new();
+        if let Some(why) = &self.config.refused {
+            out.push_str(&format!(
+                "configuration edit refused: {why}; {CONFIG_KEPT}\n"
+            ));
+        }
+        out += &format!(
             "{:<32} {:<8} {:>9} {:>10} {:<24} {}\n",
             "PREFIX", "STATE", "LAG", "HEAD", "LAST SYNC", "PROBLEM"
         );

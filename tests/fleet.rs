@@ -81,6 +81,18 @@ fn start(
     CancellationToken,
     tokio::task::JoinHandle<replicator::Result<replicator::Outcome>>,
 ) {
+    start_posting(store, config_path, walsync::status::Board::default())
+}
+
+/// [`start`], posting to `board`.
+fn start_posting(
+    store: &TestStore,
+    config_path: &Path,
+    board: walsync::status::Board,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<replicator::Result<replicator::Outcome>>,
+) {
     // Logs are captured per test and shown when one fails.
     let _ = tracing_subscriber::fmt()
         .with_env_filter("walsync=debug")
@@ -95,7 +107,10 @@ fn start(
     let handle = tokio::spawn(replicator::run(
         plan,
         token.clone(),
-        replicator::Hooks::default(),
+        replicator::Hooks {
+            board,
+            ..replicator::Hooks::default()
+        },
     ));
     (token, handle)
 }
@@ -237,7 +252,8 @@ async fn databases_and_config_edits_are_picked_up_while_running() {
         data.display()
     );
     std::fs::write(&config_path, config_text(&store, &dir_entry)).unwrap();
-    let (token, handle) = start(&store, &config_path);
+    let board = walsync::status::Board::default();
+    let (token, handle) = start_posting(&store, &config_path, board.clone());
     wait_for("d/a", async || objects(&store, "d/a").await > 0).await;
 
     // A database created in the watched directory is replicated without restart.
@@ -261,13 +277,25 @@ async fn databases_and_config_edits_are_picked_up_while_running() {
     std::fs::write(&config_path, config_text(&store, &with_fixed)).unwrap();
     wait_for("fixed", async || objects(&store, "fixed").await > 0).await;
 
-    // A broken edit is refused; the running set keeps replicating.
+    // A broken edit is refused, and says so on the board (status page,
+    // /health, metrics); the running set keeps replicating.
+    assert_eq!(board.snapshot().config, Default::default());
     std::fs::write(
         &config_path,
         config_text(&store, "[[databases]]\npaht = \"x.db\"\n"),
     )
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    wait_for("the broken edit refused", async || {
+        board.snapshot().config.refused.is_some()
+    })
+    .await;
+    let refused = board.snapshot().config;
+    assert_eq!(refused.edits_refused, 1);
+    let why = refused.refused.unwrap();
+    assert!(
+        why.contains("walsync.toml") && why.contains("paht"),
+        "names the file and the key: {why}"
+    );
     let before = objects(&store, "fixed").await;
     let conn = Connection::open(&fixed).unwrap();
     conn.execute("INSERT INTO t(v) VALUES ('after the broken edit')", [])
@@ -290,6 +318,11 @@ async fn databases_and_config_edits_are_picked_up_while_running() {
     )
     .unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        board.snapshot().config.refused,
+        None,
+        "the mended file is in use"
+    );
     let b_before = objects(&store, "d/b").await;
     b.execute("INSERT INTO t(v) VALUES ('not replicated')", [])
         .unwrap();
