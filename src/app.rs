@@ -368,11 +368,11 @@ fn sync_options(args: &WatchArgs) -> Result<SyncOptions> {
     Ok(SyncOptions {
         sync_interval: args.sync_interval,
         snapshot_interval: args.snapshot_interval,
-        checkpoint_pages: args.checkpoint_pages.max(1),
+        checkpoint_pages: args.checkpoint_pages,
         checkpoint_interval: args.checkpoint_interval,
-        truncate_pages: args.truncate_pages.max(1),
+        truncate_pages: args.truncate_pages,
         retention: Retention {
-            age: args.retention.filter(|d| !d.is_zero()),
+            age: args.retention,
             snapshots: args.retention_snapshots,
         },
         encryption: cli_keys(args.storage.encryption_key_file.as_deref())?,
@@ -1241,4 +1241,47 @@ async fn snapshot(args: SnapshotArgs) -> Result<()> {
         report.bytes
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn watch_args(extra: &[&str]) -> Result<WatchArgs, clap::Error> {
+        let args = ["walsync", "watch", "app.db"].iter().chain(extra);
+        match crate::cli::Cli::try_parse_from(args)?.command {
+            crate::cli::Command::Watch(args) => Ok(args),
+            other => panic!("not watch: {other:?}"),
+        }
+    }
+
+    /// The command line and walsync.toml start from the same settings
+    /// (written in three places: clap's defaults, SyncOptions::default,
+    /// and the file's base).
+    #[test]
+    fn the_command_line_and_the_file_default_alike() {
+        let from_cli = sync_options(&watch_args(&[]).unwrap()).unwrap();
+        assert_eq!(from_cli, SyncOptions::default());
+        let file = Config::parse(
+            "[storage]\nurl = \"/r\"\n[[databases]]\npath = \"/a.db\"\n",
+            Path::new("/etc/walsync.toml"),
+        )
+        .unwrap();
+        assert_eq!(file.entries[0].sync, SyncOptions::default());
+    }
+
+    /// What the file refuses, the command line refuses too, naming the flag
+    /// (it used to raise the pages to 1 and take a zero retention as none).
+    #[test]
+    fn the_command_line_refuses_what_the_file_refuses() {
+        for (flag, value) in [
+            ("--checkpoint-pages", "0"),
+            ("--truncate-pages", "0"),
+            ("--retention", "0s"),
+        ] {
+            let err = watch_args(&[flag, value]).unwrap_err().to_string();
+            assert!(err.contains(flag), "{flag}: {err}");
+        }
+    }
 }

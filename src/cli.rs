@@ -229,7 +229,7 @@ pub struct WatchArgs {
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     pub snapshot_interval: Duration,
     /// Run a PASSIVE checkpoint once this many shipped pages are in the WAL.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub checkpoint_pages: u32,
     /// Run a PASSIVE checkpoint once shipped pages have waited this long.
     #[arg(long, default_value = "1m", value_parser = parse_duration)]
@@ -237,11 +237,11 @@ pub struct WatchArgs {
     /// Run a TRUNCATE checkpoint (waits for readers, briefly blocks writers)
     /// once the WAL holds this many pages. A WAL that grows by half of this
     /// between syncs starts the next sync at once, whatever --sync-interval.
-    #[arg(long, default_value_t = 50_000)]
+    #[arg(long, default_value_t = 50_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub truncate_pages: u32,
     /// After each snapshot, delete objects no restore point of this last
     /// period needs (e.g. 72h). Default: keep everything.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_retention)]
     pub retention: Option<Duration>,
     /// After each snapshot, delete objects older than the Nth-newest snapshot.
     /// With --retention too, an object goes only when both allow it.
@@ -450,6 +450,16 @@ pub fn parse_window(s: &str) -> Result<Window, String> {
 }
 
 /// `1s`, `250ms`, `24h`, or a plain number of seconds (`0`).
+/// A retention period: a duration, but not zero, which would keep nothing
+/// (the configuration file refuses it the same way).
+pub fn parse_retention(s: &str) -> Result<Duration, String> {
+    let age = parse_duration(s)?;
+    if age.is_zero() {
+        return Err("0 would keep nothing; give a duration, or leave retention out".into());
+    }
+    Ok(age)
+}
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if let Ok(secs) = s.parse::<u64>() {
         return Ok(Duration::from_secs(secs));
