@@ -783,9 +783,9 @@ impl Replica {
         report: &mut SyncReport,
     ) -> Result<()> {
         if reason.is_continuity_loss() {
-            warn!(db = %self.path.display(), prefix = %self.prefix, %reason, "taking a snapshot");
+            warn!(db = %self.path.display(), prefix = %self.prefix, reason = reason.to_string().as_str(), "taking a snapshot");
         } else {
-            info!(db = %self.path.display(), prefix = %self.prefix, %reason, "taking a snapshot");
+            info!(db = %self.path.display(), prefix = %self.prefix, reason = reason.to_string().as_str(), "taking a snapshot");
         }
         self.need_snapshot = Some(reason.clone());
         let link = self.next_link();
@@ -842,7 +842,7 @@ impl Replica {
                 warn!(
                     db = %self.path.display(),
                     prefix = %self.prefix,
-                    %reason,
+                    reason = reason.to_string().as_str(),
                     pages = encoded.header.page_count,
                     of = encoded.header.db_pages,
                     "continuity lost; shipping only the pages that differ from what was shipped"
@@ -853,7 +853,7 @@ impl Replica {
                 warn!(
                     db = %self.path.display(),
                     prefix = %self.prefix,
-                    %reason,
+                    reason = reason.to_string().as_str(),
                     "continuity lost, but the database is exactly what was shipped; nothing to upload"
                 );
                 self.with_db(move |db| db.shipped(state, commits)).await?;
