@@ -25,7 +25,7 @@ LOGS=${CARGO_TARGET_DIR:-target}/torture
 mkdir -p "$LOGS"
 
 echo "building the app_process tests..."
-if ! cargo test "${PROFILE_ARGS[@]}" --test app_process --no-run >"$LOGS/build.log" 2>&1; then
+if ! cargo test "${PROFILE_ARGS[@]}" --test it --no-run >"$LOGS/build.log" 2>&1; then
     echo "build failed; see $LOGS/build.log" >&2
     tail -20 "$LOGS/build.log" >&2
     exit 2
@@ -36,7 +36,7 @@ failed=0
 for round in $(seq 1 "$ROUNDS"); do
     log=$LOGS/round-$round.log
     start=$(date +%s)
-    if cargo test "${PROFILE_ARGS[@]}" --test app_process -- "$FILTER" "${EXTRA[@]}" \
+    if cargo test "${PROFILE_ARGS[@]}" --test it -- "app_process::$FILTER" "${EXTRA[@]}" \
         --test-threads=1 >"$log" 2>&1; then
         passed=$((passed + 1))
         verdict=PASS

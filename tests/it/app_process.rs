@@ -2,7 +2,7 @@
 //! 2a; issue 9). SQLite's WAL locks are POSIX advisory locks, which never
 //! conflict within one process: only an app in its own process can show that
 //! walsync's pin and write lock really hold. The app is
-//! `tests/app/sqlite_app.py` (see `tests/common/app.rs`).
+//! `tests/app/sqlite_app.py` (see `tests/it/common/app.rs`).
 //!
 //! Every scenario runs against every store (the local directory and S3), the
 //! stores side by side. Durations come from the environment so that the same
@@ -11,7 +11,7 @@
 //! ignored bulk runs, default 10) and `WALSYNC_TEST_SHORT_BULK_SECS` (the bulk
 //! runs CI always does, default 3).
 
-mod common;
+use crate::common;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

@@ -1,6 +1,6 @@
 //! The real `walsync` binary, driven as a user would.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use rusqlite::Connection;
 use walsync::chain;
 
-use common::{TestStore, wait_for_objects, walsync};
+use common::{TestStore, blob_rows, create_db, rows, wait_for_objects, walsync};
 
 fn with_store(cmd: &mut Command, store: &TestStore) {
     for (k, v) in &store.env {
@@ -20,24 +20,6 @@ fn with_store(cmd: &mut Command, store: &TestStore) {
 fn run(cmd: &mut Command) -> Output {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd.output().unwrap()
-}
-
-fn app_db(path: &Path) -> Connection {
-    let conn = Connection::open(path).unwrap();
-    conn.busy_timeout(Duration::from_secs(10)).unwrap();
-    conn.pragma_update(None, "journal_mode", "WAL").unwrap();
-    conn.execute_batch("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v TEXT)")
-        .unwrap();
-    conn
-}
-
-fn rows(path: &Path) -> Vec<(i64, String)> {
-    let conn = Connection::open(path).unwrap();
-    let mut stmt = conn.prepare("SELECT id, v FROM t ORDER BY id").unwrap();
-    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
 }
 
 fn terminate(child: &mut Child) -> std::process::ExitStatus {
@@ -64,7 +46,7 @@ async fn watch_ships_until_sigterm_and_restore_rebuilds_it() {
     for (kind, store) in common::all_stores().await {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("app.db");
-        let conn = app_db(&db);
+        let conn = create_db(&db, 0);
         conn.execute("INSERT INTO t(v) VALUES ('first')", [])
             .unwrap();
 
@@ -125,7 +107,7 @@ async fn watch_ships_until_sigterm_and_restore_rebuilds_it() {
 fn the_default_replica_is_a_directory_beside_the_database() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("notes.db");
-    let conn = app_db(&db);
+    let conn = create_db(&db, 0);
     conn.execute("INSERT INTO t(v) VALUES ('hello')", [])
         .unwrap();
     let mut child = walsync()
@@ -258,7 +240,7 @@ async fn watch_and_restore_all_from_a_config_file() {
         let data = dir.path().join("tenants");
         std::fs::create_dir(&data).unwrap();
         let conns: Vec<Connection> = (0..3)
-            .map(|i| app_db(&data.join(format!("c{i}.db"))))
+            .map(|i| create_db(&data.join(format!("c{i}.db")), 0))
             .collect();
         let config = dir.path().join("walsync.toml");
         std::fs::write(
@@ -480,7 +462,7 @@ fn init_writes_a_starter_that_explain_and_watch_accept() {
     assert!(stdout.contains("app.db -> app  (missing)"), "{stdout}");
 
     // The starter runs as written: create its database and replicate it.
-    drop(app_db(&dir.path().join("app.db")));
+    drop(create_db(&dir.path().join("app.db"), 0));
     let mut child = walsync()
         .args(["watch", "--config"])
         .arg(dir.path().join("walsync.toml"))
@@ -523,7 +505,7 @@ async fn metrics_health_and_status_tell_the_truth() {
         let dir = tempfile::tempdir().unwrap();
         let good = dir.path().join("good.db");
         let late = dir.path().join("late.db");
-        let conn = app_db(&good);
+        let conn = create_db(&good, 0);
         let addr = format!("127.0.0.1:{}", free_port());
         let config = dir.path().join("walsync.toml");
         std::fs::write(
@@ -590,7 +572,7 @@ async fn metrics_health_and_status_tell_the_truth() {
         );
 
         // Once it exists, it is replicated and health recovers.
-        drop(app_db(&late));
+        drop(create_db(&late, 0));
         let deadline = Instant::now() + Duration::from_secs(30);
         while http_get(&addr, "/health").0 != 200 {
             assert!(Instant::now() < deadline, "{kind}: never healthy");
@@ -609,7 +591,7 @@ async fn sync_wait_returns_once_the_data_is_in_storage() {
     for (kind, store) in common::all_stores().await {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("slow.db");
-        let conn = app_db(&db);
+        let conn = create_db(&db, 0);
         // An hour between syncs: only `walsync sync` can ship the next change soon.
         let config = one_db_config(&store, dir.path(), &db, "sync_interval = \"1h\"");
         let mut child = spawn_watch(&store, &config, Stdio::null());
@@ -666,7 +648,7 @@ async fn encryption_keys_from_the_environment_or_a_file_and_never_shown() {
     for (kind, store) in common::all_stores().await {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("vault.db");
-        let conn = app_db(&db);
+        let conn = create_db(&db, 0);
         let config = one_db_config(
             &store,
             dir.path(),
@@ -774,7 +756,7 @@ async fn restore_follow_tracks_a_running_watch_until_sigterm() {
     for (kind, store) in common::all_stores().await {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("primary.db");
-        let conn = app_db(&db);
+        let conn = create_db(&db, 0);
         let config = one_db_config(&store, dir.path(), &db, "sync_interval = \"0s\"");
         let mut watch = spawn_watch(&store, &config, Stdio::null());
         let copy = dir.path().join("standby").join("copy.db");
@@ -826,7 +808,7 @@ async fn a_live_copy_goes_on_only_from_a_position_for_its_own_file() {
     for (kind, store) in common::all_stores().await {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("primary.db");
-        let conn = app_db(&db);
+        let conn = create_db(&db, 0);
         let config = one_db_config(&store, dir.path(), &db, "sync_interval = \"0s\"");
         let mut watch = spawn_watch(&store, &config, Stdio::null());
         wait_for_objects(&store, "primary", 1, String::new).await;
@@ -951,7 +933,7 @@ async fn a_live_copy_restored_afresh_stays_whole_for_a_reader_holding_it_open() 
     for (kind, store) in common::all_stores().await {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("primary.db");
-        let conn = app_db(&db);
+        let conn = create_db(&db, 0);
         let config = one_db_config(
             &store,
             dir.path(),
@@ -1118,7 +1100,7 @@ async fn sync_wait_reports_a_database_that_stopped_instead_of_hanging() {
     for (kind, store) in common::all_stores().await {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("taken.db");
-        let conn = app_db(&db);
+        let conn = create_db(&db, 0);
         let config = one_db_config(&store, dir.path(), &db, "sync_interval = \"1h\"");
         let mut child = spawn_watch(&store, &config, Stdio::null());
         wait_for_objects(&store, "taken", 1, String::new).await;
@@ -1196,8 +1178,8 @@ async fn a_database_that_keeps_losing_continuity_is_reported_degraded() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("app.db");
         let good = dir.path().join("good.db");
-        drop(app_db(&db));
-        drop(app_db(&good));
+        drop(create_db(&db, 0));
+        drop(create_db(&good, 0));
         let addr = format!("127.0.0.1:{}", free_port());
         let config = dir.path().join("walsync.toml");
         std::fs::write(
@@ -1219,7 +1201,7 @@ async fn a_database_that_keeps_losing_continuity_is_reported_degraded() {
         for round in 1..=4u64 {
             // Another database, written by the app, is renamed over it.
             let other = dir.path().join("other.db");
-            let conn = app_db(&other);
+            let conn = create_db(&other, 0);
             conn.execute("INSERT INTO t(v) VALUES (?1)", [format!("round {round}")])
                 .unwrap();
             drop(conn);
@@ -1362,7 +1344,7 @@ async fn a_snapshot_beside_watch_stops_the_loser_and_a_fork_is_restored_through(
         let url = store.url.as_str();
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("race.db");
-        let conn = app_db(&db);
+        let conn = create_db(&db, 0);
         let insert = |v: &str| {
             conn.execute("INSERT INTO t(v) VALUES (?1)", [v]).unwrap();
         };
@@ -1500,7 +1482,7 @@ async fn a_snapshot_beside_watch_stops_the_loser_and_a_fork_is_restored_through(
 /// A database of `rows` rows in `path` replicated under `prefix` (by the
 /// library, as `watch` would), its connection closed.
 async fn replicated(store: &TestStore, path: &Path, prefix: &str, rows: usize) {
-    let conn = app_db(path);
+    let conn = create_db(path, 0);
     for i in 0..rows {
         conn.execute("INSERT INTO t(v) VALUES (?1)", [format!("{prefix} {i}")])
             .unwrap();
@@ -1778,7 +1760,7 @@ async fn the_listener_holds_against_idle_connections() {
     for (kind, store) in common::all_stores().await {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("app.db");
-        let conn = app_db(&db);
+        let conn = create_db(&db, 0);
         let addr = format!("127.0.0.1:{}", free_port());
         let config = dir.path().join("walsync.toml");
         std::fs::write(
@@ -1842,7 +1824,7 @@ fn the_control_socket_talks_only_to_this_user() {
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
     let socket = shared.join("walsync.sock");
     let db = dir.path().join("app.db");
-    drop(app_db(&db));
+    drop(create_db(&db, 0));
     let config = dir.path().join("walsync.toml");
     std::fs::write(
         &config,
@@ -1967,7 +1949,7 @@ fn bad_database_paths_say_what_they_are() {
     let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     // SAFETY: mkfifo(3) on a NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-    drop(app_db(&dir.path().join("real.db")));
+    drop(create_db(&dir.path().join("real.db"), 0));
     for (path, what) in [(&sub, "is a directory"), (&fifo, "is a FIFO")] {
         for args in [
             vec!["watch", path.to_str().unwrap()],
@@ -2024,7 +2006,7 @@ async fn a_file_that_is_not_sqlite_is_stopped_once_and_the_fleet_goes_on() {
         let dir = tempfile::tempdir().unwrap();
         let good = dir.path().join("good.db");
         let notes = dir.path().join("notes.db");
-        let conn = app_db(&good);
+        let conn = create_db(&good, 0);
         std::fs::write(&notes, "just some notes, not a database\n").unwrap();
         let addr = format!("127.0.0.1:{}", free_port());
         let config = dir.path().join("walsync.toml");
@@ -2146,7 +2128,7 @@ async fn the_configuration_is_found_and_its_paths_do_not_depend_on_the_working_d
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("data/eu/acme.db");
         std::fs::create_dir_all(db.parent().unwrap()).unwrap();
-        let conn = app_db(&db);
+        let conn = create_db(&db, 0);
         conn.execute("INSERT INTO t(v) VALUES ('first')", [])
             .unwrap();
         let config = dir.path().join("walsync.toml");
@@ -2251,7 +2233,7 @@ fn a_closed_stdout_ends_the_output_quietly() {
     let replica = dir.path().join("walsync-replica");
     for name in ["a", "b", "c"] {
         let db = dir.path().join(format!("{name}.db"));
-        drop(app_db(&db));
+        drop(create_db(&db, 0));
         let output = run(walsync()
             .args(["snapshot", cfg(&db), "--storage", cfg(&replica)])
             .current_dir(dir.path()));
@@ -2286,7 +2268,7 @@ fn a_closed_stdout_ends_the_output_quietly() {
 fn watch_exits_non_zero_when_the_final_flush_fails() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("app.db");
-    let conn = app_db(&db);
+    let conn = create_db(&db, 0);
     let replica = dir.path().join("replica");
     let mut child = walsync()
         .args([
@@ -2336,7 +2318,7 @@ fn watch_exits_non_zero_when_the_final_flush_fails() {
 async fn configuration_details_a_new_user_meets() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("app.db");
-    drop(app_db(&db));
+    drop(create_db(&db, 0));
     let config = dir.path().join("walsync.toml");
     std::fs::write(
         &config,
@@ -2421,7 +2403,7 @@ async fn a_healthy_busy_fleet_logs_no_warning() {
     for (kind, store) in common::all_stores().await {
         let dir = tempfile::tempdir().unwrap();
         let conns: Vec<Connection> = (0..3)
-            .map(|i| app_db(&dir.path().join(format!("db{i}.db"))))
+            .map(|i| create_db(&dir.path().join(format!("db{i}.db")), 0))
             .collect();
         let config = dir.path().join("walsync.toml");
         std::fs::write(
@@ -2497,7 +2479,7 @@ async fn storage_that_cannot_work_fails_at_start_unless_asked_to_keep_retrying()
     let store = common::s3_store().await;
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("app.db");
-    drop(app_db(&db));
+    drop(create_db(&db, 0));
     let addr = format!("127.0.0.1:{}", free_port());
     let config = dir.path().join("walsync.toml");
     let text = |keep: bool| {
@@ -2559,7 +2541,7 @@ async fn restore_all_skips_what_is_not_configured_or_not_yet_replicated() {
     for (kind, store) in common::all_stores().await {
         let dir = tempfile::tempdir().unwrap();
         let (old, other) = (dir.path().join("old.db"), dir.path().join("other.db"));
-        let conn = app_db(&old);
+        let conn = create_db(&old, 0);
         conn.execute("INSERT INTO t(v) VALUES ('early')", [])
             .unwrap();
         let snapshot = |db: &Path| {
@@ -2573,9 +2555,9 @@ async fn restore_all_skips_what_is_not_configured_or_not_yet_replicated() {
         let between = SystemTime::now();
         tokio::time::sleep(Duration::from_millis(1100)).await;
         let young = dir.path().join("young.db");
-        drop(app_db(&young));
+        drop(create_db(&young, 0));
         snapshot(&young);
-        drop(app_db(&other));
+        drop(create_db(&other, 0));
         snapshot(&other);
         // The configuration names old and young, not other (another app's).
         let config = dir.path().join("walsync.toml");
@@ -2626,7 +2608,7 @@ async fn restore_by_path_and_listing_below_a_prefix() {
             dir.path().join("data/beta.db"),
         );
         for db in [&acme, &beta] {
-            let conn = app_db(db);
+            let conn = create_db(db, 0);
             conn.execute("INSERT INTO t(v) VALUES ('one')", []).unwrap();
         }
         let config = dir.path().join("walsync.toml");
@@ -2641,7 +2623,7 @@ async fn restore_by_path_and_listing_below_a_prefix() {
         let mut child = spawn_watch(&store, &config, Stdio::null());
         wait_for_objects(&store, "tenants/beta", 1, String::new).await;
         wait_for_objects(&store, "tenants/acme", 1, String::new).await;
-        let conn = app_db(&acme);
+        let conn = create_db(&acme, 0);
         conn.execute("INSERT INTO t(v) VALUES ('two')", []).unwrap();
         drop(conn);
         wait_for_objects(&store, "tenants/acme", 2, String::new).await;
@@ -2706,7 +2688,7 @@ async fn restore_by_path_and_listing_below_a_prefix() {
     // Without a configuration: as `watch DB` made it, beside the database.
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("notes.db");
-    let conn = app_db(&db);
+    let conn = create_db(&db, 0);
     conn.execute("INSERT INTO t(v) VALUES ('kept')", [])
         .unwrap();
     drop(conn);
@@ -2720,16 +2702,6 @@ async fn restore_by_path_and_listing_below_a_prefix() {
 }
 
 // ---- Issue 13: storage that misbehaves ----
-
-/// Every row of an app's table `t` (its `v` is a blob).
-fn app_rows(path: &Path) -> Vec<(i64, Vec<u8>)> {
-    let conn = Connection::open(path).unwrap();
-    let mut stmt = conn.prepare("SELECT id, v FROM t ORDER BY id").unwrap();
-    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
-}
 
 /// The newest sequence of each prefix, read from the store directly.
 async fn heads(store: &TestStore, prefixes: &[String]) -> Vec<u64> {
@@ -2998,7 +2970,7 @@ async fn storage_faults_never_stop_any_database_from_shipping() {
                 cfg(&out),
             ],
         );
-        assert_eq!(app_rows(&out), app_rows(path), "{prefix}");
+        assert_eq!(blob_rows(&out), blob_rows(path), "{prefix}");
         ok(
             &store,
             &[
@@ -3047,7 +3019,7 @@ async fn storage_faults_never_stop_any_database_from_shipping() {
             "{prefix}: {}",
             String::from_utf8_lossy(&output.stderr)
         );
-        assert_eq!(app_rows(&out), app_rows(path), "{prefix}");
+        assert_eq!(blob_rows(&out), blob_rows(path), "{prefix}");
     }
     assert!(common::faults::Counts::get(&proxy.counts().cut_body) > cut_before + 5);
 }
@@ -3169,7 +3141,11 @@ async fn a_parallel_restore_reads_each_object_once_in_chain_order() {
             "{}",
             String::from_utf8_lossy(&output.stderr)
         );
-        assert_eq!(app_rows(&out), app_rows(&db), "--parallelism {parallelism}");
+        assert_eq!(
+            blob_rows(&out),
+            blob_rows(&db),
+            "--parallelism {parallelism}"
+        );
         gets.push(Counts::get(&counts.object_gets) - before);
         let most = Counts::get(&counts.max_in_flight);
         if parallelism == "1" {
@@ -3274,7 +3250,7 @@ async fn a_large_snapshot_from_a_fast_store_comes_in_one_stream() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert_eq!(app_rows(&out), app_rows(&db));
+    assert_eq!(blob_rows(&out), blob_rows(&db));
     // A store on this machine streams far faster than one stream's limit,
     // so one GET, unless a loaded machine stalled it: then the rest came in
     // ranged parts. Either way nothing is read twice whole.
@@ -3327,7 +3303,7 @@ async fn compacted_runs_make_a_long_chain_restore_read_a_few_objects() {
                     .last()
                     .unwrap()
                     .seq,
-                app_rows(&db),
+                blob_rows(&db),
             ));
         }
         tokio::time::sleep(Duration::from_millis(4)).await;
@@ -3401,7 +3377,7 @@ async fn compacted_runs_make_a_long_chain_restore_read_a_few_objects() {
     };
     let out = dir.path().join("head.db");
     let said = restore(&out, None);
-    assert_eq!(app_rows(&out), app_rows(&db));
+    assert_eq!(blob_rows(&out), blob_rows(&db));
     // The snapshot, at most one run of 256, fifteen of 16, fifteen objects.
     let read = objects_read(&said);
     assert!(
@@ -3411,7 +3387,7 @@ async fn compacted_runs_make_a_long_chain_restore_read_a_few_objects() {
     let (seq, rows) = middle.unwrap();
     let out = dir.path().join("middle.db");
     restore(&out, Some(seq));
-    assert_eq!(app_rows(&out), rows, "sequence {seq} restored exactly");
+    assert_eq!(blob_rows(&out), rows, "sequence {seq} restored exactly");
 }
 
 /// Issue 14, 1: `watch` stores the runs itself as each chain grows, at the
@@ -3466,7 +3442,7 @@ async fn watch_compacts_as_the_chain_grows() {
                 .last()
                 .unwrap()
                 .seq;
-            middle = Some((head, app_rows(&db)));
+            middle = Some((head, blob_rows(&db)));
         }
         tokio::time::sleep(Duration::from_millis(8)).await;
     }
@@ -3600,7 +3576,7 @@ async fn watch_compacts_as_the_chain_grows() {
     };
     let out = dir.path().join("head.db");
     let said = restore(&out, None);
-    assert_eq!(app_rows(&out), app_rows(&db));
+    assert_eq!(blob_rows(&out), blob_rows(&db));
     let read = objects_read(&said);
     // The newest snapshot, then at most three of each level and the rest.
     let since = head
@@ -3617,7 +3593,7 @@ async fn watch_compacts_as_the_chain_grows() {
     let (seq, rows) = middle.unwrap();
     let out = dir.path().join("middle.db");
     restore(&out, Some(seq.to_string()));
-    assert_eq!(app_rows(&out), rows, "sequence {seq} restored exactly");
+    assert_eq!(blob_rows(&out), rows, "sequence {seq} restored exactly");
     ok(&store, &["verify", "-c", cfg(&config), "--prefix", "grows"]);
 }
 
@@ -3694,7 +3670,7 @@ async fn objects_older_than_the_exact_window_go_and_runs_carry_restores_across()
         let seq = head().await;
         if i % 3 == 2 {
             let at = now_ms();
-            points.push((seq, app_rows(&db), at));
+            points.push((seq, blob_rows(&db), at));
             // Times are whole milliseconds and a point stamped in the very
             // millisecond asked for is restored: the next commit must come
             // in a later one to be after the point.
@@ -3706,9 +3682,9 @@ async fn objects_older_than_the_exact_window_go_and_runs_carry_restores_across()
     while head().await % 4 != 0 {
         app.insert(1, 300);
     }
-    let stopped_at = (head().await, app_rows(&db));
+    let stopped_at = (head().await, blob_rows(&db));
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !copy.exists() || app_rows(&copy) != stopped_at.1 {
+    while !copy.exists() || blob_rows(&copy) != stopped_at.1 {
         assert!(Instant::now() < deadline, "the follower did not catch up");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -3788,7 +3764,7 @@ async fn objects_older_than_the_exact_window_go_and_runs_carry_restores_across()
     let out = dir.path().join("head.db");
     let said = restore(&out, &[]);
     assert!(said.status.success(), "{said:?}");
-    assert_eq!(app_rows(&out), app_rows(&db));
+    assert_eq!(blob_rows(&out), blob_rows(&db));
 
     // Old points: a run's end exactly, a point between two refused by name,
     // a time never later than asked.
@@ -3804,7 +3780,7 @@ async fn objects_older_than_the_exact_window_go_and_runs_carry_restores_across()
         let said = restore(&out, &["--txid", &txid]);
         if ends.contains(seq) {
             assert!(said.status.success(), "{seq}: {said:?}");
-            assert_eq!(app_rows(&out), *rows, "sequence {seq} restored exactly");
+            assert_eq!(blob_rows(&out), *rows, "sequence {seq} restored exactly");
             exact += 1;
         } else {
             let err = String::from_utf8_lossy(&said.stderr);
@@ -3824,7 +3800,7 @@ async fn objects_older_than_the_exact_window_go_and_runs_carry_restores_across()
                 .to_string();
         let said = restore(&out, &["--timestamp", &time]);
         assert!(said.status.success(), "{time}: {said:?}");
-        let got = app_rows(&out);
+        let got = blob_rows(&out);
         assert!(
             got.len() <= rows.len() && rows.starts_with(&got),
             "{time} (sequence {seq} then): {} rows restored, {} then: {}",
@@ -3849,7 +3825,7 @@ async fn objects_older_than_the_exact_window_go_and_runs_carry_restores_across()
     // The follower goes on from where it stopped, through the runs.
     let mut follower = follow();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while app_rows(&copy) != app_rows(&db) {
+    while blob_rows(&copy) != blob_rows(&db) {
         assert!(Instant::now() < deadline, "the follower did not go on");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -4131,7 +4107,7 @@ async fn torture(rounds: u32) {
                     &store,
                     &["compact", "-c", cfg(&config), "--prefix", &prefix],
                 );
-                let expected = app_rows(&db);
+                let expected = blob_rows(&db);
                 let fresh = dir.path().join(format!("round{round}.db"));
                 let (said, _) = ok(
                     &store,
@@ -4145,7 +4121,7 @@ async fn torture(rounds: u32) {
                         cfg(&fresh),
                     ],
                 );
-                assert_eq!(app_rows(&fresh), expected, "{kind} round {round}");
+                assert_eq!(blob_rows(&fresh), expected, "{kind} round {round}");
                 ok(&store, &["verify", "-c", cfg(&config), "--prefix", &prefix]);
                 // A live copy killed at a random moment goes on from where it
                 // was when started again, and catches up.
@@ -4174,7 +4150,7 @@ async fn torture(rounds: u32) {
                     std::fs::read_to_string(&follow_log)
                         .is_ok_and(|l| l.contains("walsync::follow"))
                 };
-                while !started() || !copy.exists() || app_rows(&copy) != expected {
+                while !started() || !copy.exists() || blob_rows(&copy) != expected {
                     assert!(
                         Instant::now() < deadline,
                         "{kind} round {round}: the live copy never caught up: {}",
@@ -4210,7 +4186,9 @@ async fn torture(rounds: u32) {
                 sigkill(&mut restore);
                 match (&before, std::fs::read(&target).ok()) {
                     (old, now) if *old == now => {}
-                    (_, Some(_)) => assert_eq!(app_rows(&target), expected, "{kind} round {round}"),
+                    (_, Some(_)) => {
+                        assert_eq!(blob_rows(&target), expected, "{kind} round {round}")
+                    }
                     (_, None) => panic!("{kind} round {round}: the target vanished"),
                 }
                 assert!(terminate(&mut watch).success(), "{kind} round {round}");
@@ -4543,7 +4521,7 @@ async fn objects_of_a_database_at_rest_go_once_past_the_exact_window() {
         );
         assert_eq!(log.count(AT_REST), 1, "{kind}\n{}", log.text());
 
-        let rows_then = app_rows(&db);
+        let rows_then = blob_rows(&db);
         assert!(terminate(&mut child).success(), "{kind}");
         let out = dir.path().join("restored.db");
         let mut restore = walsync();
@@ -4556,7 +4534,7 @@ async fn objects_of_a_database_at_rest_go_once_past_the_exact_window() {
             "{kind}: {}",
             String::from_utf8_lossy(&output.stderr)
         );
-        assert_eq!(app_rows(&out), rows_then, "{kind}");
+        assert_eq!(blob_rows(&out), rows_then, "{kind}");
         app.quit();
     }
 }

@@ -3,11 +3,11 @@
 //! row for row.
 //!
 //! The app whose database walsync replicates runs in its own process
-//! (`tests/app/sqlite_app.py` through `tests/common/app.rs`): SQLite's locks
+//! (`tests/app/sqlite_app.py` through `tests/it/common/app.rs`): SQLite's locks
 //! only conflict between processes, so an app inside the test process could
 //! not show a pin or a write lock that walsync lost (DESIGN.md invariant 2a).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,14 +24,13 @@ use walsync::segment::{self, Kind};
 use walsync::storage::{self, Payload, Storage};
 
 use common::app::{AppOptions, AppProcess};
+// This file's apps write blobs: its rows are the blob rows.
 use common::{
-    TestStore, copy_chain, count_snapshots, open_replica, plant_legacy, replica_opts,
-    wal_generations,
+    BlobRows as Rows, TestStore, blob_rows as rows, copy_chain, count_snapshots, open_replica,
+    plant_legacy, replica_opts, wal_generations,
 };
 
-type Rows = Vec<(i64, Vec<u8>)>;
-
-/// The app, in its own process (tests/common/app.rs): only there do
+/// The app, in its own process (tests/it/common/app.rs): only there do
 /// SQLite's locks conflict with walsync's as they do in production.
 fn app_process(path: &Path, page_size: u32) -> AppProcess {
     AppProcess::spawn(path, AppOptions::page_size(page_size))
@@ -40,15 +39,6 @@ fn app_process(path: &Path, page_size: u32) -> AppProcess {
 /// `n` rows of `size` random bytes, one commit each.
 fn insert(app: &mut AppProcess, n: usize, size: usize) {
     app.insert_each(n, size);
-}
-
-fn rows(path: &Path) -> Rows {
-    let conn = Connection::open(path).unwrap();
-    let mut stmt = conn.prepare("SELECT id, v FROM t ORDER BY id").unwrap();
-    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
 }
 
 async fn restore_rows(store: &TestStore, prefix: &str, dir: &Path, txid: Option<u64>) -> Rows {

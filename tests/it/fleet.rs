@@ -1,7 +1,7 @@
 //! Many databases in one process, from a walsync.toml: discovery, live
 //! changes, isolation, restore-all and configuration errors.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -14,31 +14,7 @@ use walsync::config::Config;
 use walsync::replicator::{self, Plan};
 use walsync::restore;
 
-use common::TestStore;
-
-type Rows = Vec<(i64, String)>;
-
-fn create_db(path: &Path, rows: usize) -> Connection {
-    let conn = Connection::open(path).unwrap();
-    conn.busy_timeout(Duration::from_secs(10)).unwrap();
-    conn.pragma_update(None, "journal_mode", "WAL").unwrap();
-    conn.execute_batch("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v TEXT)")
-        .unwrap();
-    for i in 0..rows {
-        conn.execute("INSERT INTO t(v) VALUES (?1)", [format!("row {i}")])
-            .unwrap();
-    }
-    conn
-}
-
-fn rows(path: &Path) -> Rows {
-    let conn = Connection::open(path).unwrap();
-    let mut stmt = conn.prepare("SELECT id, v FROM t ORDER BY id").unwrap();
-    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
-}
+use common::{Rows, TestStore, create_db, rows, wait_for};
 
 fn config_text(store: &TestStore, body: &str) -> String {
     config_with_watch(store, "parallelism = 8", body)
@@ -139,14 +115,6 @@ async fn put_named(storage: &dyn walsync::storage::Storage, key: String) {
         .put_new(&key, walsync::storage::Payload::Bytes(body), hash)
         .await
         .unwrap();
-}
-
-async fn wait_for(what: &str, mut ready: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !ready().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn restore_rows(store: &TestStore, prefix: &str, dir: &Path) -> Rows {
@@ -545,7 +513,7 @@ async fn restore_all_command_names_failures_and_exits_non_zero() {
 }
 
 /// 2,000 databases in one process replicate and restore correctly.
-/// Run with `cargo test --test fleet -- --ignored`.
+/// Run with `cargo test --test it fleet:: -- --ignored`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "slow: 2,000 databases"]
 async fn two_thousand_databases() {

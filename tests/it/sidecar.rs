@@ -1,7 +1,7 @@
 //! Sidecar mode and the container entrypoint, with the real binary, a real
 //! app process (Python's sqlite3) and a real S3 protocol server.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

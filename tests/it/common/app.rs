@@ -48,13 +48,6 @@ impl AppOptions {
         }
     }
 
-    pub fn autocheckpoint(pages: u32) -> Self {
-        Self {
-            autocheckpoint: Some(pages),
-            ..Self::default()
-        }
-    }
-
     fn open_line(&self, db: &Path) -> String {
         let path = db.to_str().expect("a UTF-8 database path");
         assert!(
@@ -198,10 +191,6 @@ impl AppProcess {
         }
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// Sends a command without waiting for its reply (read it with [`AppProcess::finish`]).
     pub fn start(&mut self, command: &str) {
         assert!(!command.contains('\n'), "one line per command: {command:?}");
@@ -295,11 +284,6 @@ impl AppProcess {
         self.ok_num(&format!("insert_each {n} {size}"))
     }
 
-    /// `n` rows in a transaction that is rolled back.
-    pub fn rollback_insert(&mut self, n: usize, size: usize) {
-        self.ok(&format!("rollback_insert {n} {size}"));
-    }
-
     /// `PRAGMA wal_checkpoint(MODE)`.
     pub fn checkpoint(&mut self, mode: &str) -> Checkpoint {
         let reply = self.ok(&format!("checkpoint {mode}"));
@@ -313,11 +297,6 @@ impl AppProcess {
             log: v[1],
             checkpointed: v[2],
         }
-    }
-
-    /// Single-row commits in a tight loop for `seconds`; how many.
-    pub fn loop_insert(&mut self, seconds: f64, size: usize) -> u64 {
-        self.ok_num(&format!("loop_insert {seconds} {size}")) as u64
     }
 
     /// Starts `loop_insert` (read the count with [`AppProcess::finish_count`]).
@@ -351,14 +330,6 @@ impl AppProcess {
         ));
     }
 
-    /// The counts of a started `checkpoint_loop`.
-    pub fn finish_checkpoint_loop(&mut self) -> CheckpointLoop {
-        let reply = self
-            .finish()
-            .unwrap_or_else(|e| panic!("app {}: checkpoint_loop failed: {e}", self.label));
-        CheckpointLoop::parse_reply(&reply)
-    }
-
     /// `BEGIN IMMEDIATE` with a busy timeout of `busy_timeout_ms` for this call.
     pub fn begin_write(&mut self, busy_timeout_ms: u64) -> Result<(), String> {
         self.call(&format!("begin_write {busy_timeout_ms}"))
@@ -382,11 +353,6 @@ impl AppProcess {
         self.ok_num(&format!("exec {sql}"))
     }
 
-    /// The first row of a query, its values separated by spaces.
-    pub fn query(&mut self, sql: &str) -> String {
-        self.ok(&format!("query {sql}"))
-    }
-
     /// `PRAGMA NAME` or `PRAGMA NAME=VALUE`: the first value it returns.
     pub fn pragma(&mut self, pragma: &str) -> String {
         self.ok(&format!("pragma {pragma}"))
@@ -400,11 +366,6 @@ impl AppProcess {
     /// `PRAGMA integrity_check` through the app's connection: `"ok"` or the problems.
     pub fn integrity_check(&mut self) -> String {
         self.ok("integrity_check")
-    }
-
-    /// Closes the connection (the last one checkpoints and deletes the WAL).
-    pub fn close(&mut self) {
-        self.ok("close");
     }
 
     /// Asks the app to exit and waits for it.

@@ -4,7 +4,6 @@
 //! S3 runs against an in-process `s3s-fs` server (one per test process, on its
 //! own runtime thread), or against the server named by
 //! `WALSYNC_TEST_S3_ENDPOINT` (a moto server in CI).
-#![allow(dead_code, unused_imports)]
 
 pub mod app;
 pub mod faults;
@@ -47,6 +46,9 @@ impl std::fmt::Debug for TestStore {
     }
 }
 
+// The fields are held only to be dropped (removing the directory, emptying
+// the bucket).
+#[allow(dead_code)]
 enum Guard {
     Dir(tempfile::TempDir),
     Bucket(s3server::BucketCleanup),
@@ -339,5 +341,55 @@ impl Drop for Reaped {
             }
             let _ = child.wait();
         }
+    }
+}
+
+/// The rows of an app's table `t(id, v)` in id order, `v` as text.
+pub type Rows = Vec<(i64, String)>;
+/// The same with `v` as bytes (the app processes write random blobs).
+pub type BlobRows = Vec<(i64, Vec<u8>)>;
+
+pub fn rows(path: &std::path::Path) -> Rows {
+    table_rows(path)
+}
+
+pub fn blob_rows(path: &std::path::Path) -> BlobRows {
+    table_rows(path)
+}
+
+fn table_rows<V: rusqlite::types::FromSql>(path: &std::path::Path) -> Vec<(i64, V)> {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let mut stmt = conn.prepare("SELECT id, v FROM t ORDER BY id").unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// A database with table `t(id, v)` in WAL mode holding `rows` rows, and
+/// the connection an app in this process would keep.
+pub fn create_db(path: &std::path::Path, rows: usize) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .unwrap();
+    conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v TEXT)")
+        .unwrap();
+    for i in 0..rows {
+        conn.execute("INSERT INTO t(v) VALUES (?1)", [format!("row {i}")])
+            .unwrap();
+    }
+    conn
+}
+
+/// Waits (up to 60 s) until `ready` says so.
+pub async fn wait_for(what: &str, mut ready: impl AsyncFnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !ready().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }

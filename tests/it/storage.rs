@@ -1,7 +1,7 @@
 //! Storage conformance suite: every backend of `common::all_stores()` must
 //! behave the same way.
 
-mod common;
+use crate::common;
 
 use std::io::{Seek, SeekFrom, Write};
 use std::sync::Arc;
