@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the long app-in-another-process tests (tests/app_process.rs, the
+# Runs the long app-in-another-process tests (tests/it/app_process.rs, the
 # #[ignore]d torture_* ones by default) ROUNDS times and prints pass/fail per
 # round, with each round's output kept in target/torture/round-N.log.
 #
@@ -10,7 +10,7 @@
 #   TORTURE_ARGS     extra arguments for the test binary (default: --ignored)
 #   CARGO_PROFILE    "release" to build the tests and walsync with --release
 #   WALSYNC_TEST_BULK_SECS, WALSYNC_TEST_STEADY_SECS, WALSYNC_TEST_S3_ENDPOINT
-#                    passed on to the tests (see tests/app_process.rs)
+#                    passed on to the tests (see tests/it/app_process.rs)
 set -uo pipefail
 
 cd "$(dirname "$0")/.."

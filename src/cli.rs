@@ -449,7 +449,6 @@ pub fn parse_window(s: &str) -> Result<Window, String> {
     parse_duration(s).map(|d| Window(Some(d)))
 }
 
-/// `1s`, `250ms`, `24h`, or a plain number of seconds (`0`).
 /// A retention period: a duration, but not zero, which would keep nothing
 /// (the configuration file refuses it the same way).
 pub fn parse_retention(s: &str) -> Result<Duration, String> {
@@ -460,6 +459,7 @@ pub fn parse_retention(s: &str) -> Result<Duration, String> {
     Ok(age)
 }
 
+/// `1s`, `250ms`, `24h`, or a plain number of seconds (`0`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if let Ok(secs) = s.parse::<u64>() {
         return Ok(Duration::from_secs(secs));

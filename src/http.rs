@@ -485,6 +485,12 @@ mod tests {
         board.update("a", |d| d.state = State::Open);
         let why = "/etc/walsync.toml: unknown field `paht` in databases[0]";
         board.config_refused(why.into());
+        board.config_refused(why.into());
+        assert_eq!(
+            board.snapshot().config.edits_refused,
+            1,
+            "met again, counted once"
+        );
         let (status, text) = body(health(&board.snapshot())).await;
         assert_eq!(status, StatusCode::OK);
         assert!(

@@ -446,6 +446,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken, hooks: Hooks) -> Resul
         in_flight: JoinSet::new(),
         rescan_at: None,
         config_text,
+        config_parsed: true,
         attached: 0,
         budget: 0,
         last_trim: None,
@@ -563,6 +564,9 @@ struct Fleet {
     rescan_at: Option<Instant>,
     /// The configuration text last applied.
     config_text: Option<String>,
+    /// Whether the file as last read parsed (a refused text is not parsed
+    /// again until it changes, but stays refused).
+    config_parsed: bool,
     /// Databases held open now, and how many may be.
     attached: usize,
     budget: usize,
@@ -732,11 +736,12 @@ impl Fleet {
                         let storage = config.storage.clone();
                         *config = Config { storage, ..new };
                         info!(config = %config.source.display(), "configuration reloaded");
-                        self.board.config_accepted();
+                        self.config_parsed = true;
                     }
                     Err(e) => {
                         error!(error = %e, "configuration edit refused; the running set is kept");
                         self.board.config_refused(e.to_string());
+                        self.config_parsed = false;
                         self.config_text = Some(text);
                         return;
                     }
@@ -746,8 +751,21 @@ impl Fleet {
         }
         self.watch_roots();
         match self.plan.targets() {
-            Ok(targets) => self.apply(targets),
-            Err(e) => error!(error = %e, "database discovery refused; the running set is kept"),
+            Ok(targets) => {
+                self.apply(targets);
+                if self.config_parsed {
+                    self.board.config_accepted();
+                }
+            }
+            Err(e) => {
+                error!(error = %e, "database discovery refused; the running set is kept");
+                // The file parses, but what it names cannot all be watched
+                // (two entries for one path or prefix, an unreadable
+                // directory): it is not what runs.
+                if matches!(self.plan, Plan::Config { .. }) {
+                    self.board.config_refused(e.to_string());
+                }
+            }
         }
     }
 

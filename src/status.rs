@@ -232,11 +232,14 @@ impl Board {
         self.lock().remove(prefix);
     }
 
-    /// The configuration file as edited was refused for `why`.
+    /// The configuration file as edited was refused for `why` (counted once
+    /// however often the same refusal is met again).
     pub fn config_refused(&self, why: String) {
         let mut config = self.config.lock().unwrap_or_else(|e| e.into_inner());
-        config.refused = Some(why);
-        config.edits_refused += 1;
+        if config.refused.as_ref() != Some(&why) {
+            config.edits_refused += 1;
+            config.refused = Some(why);
+        }
     }
 
     /// The configuration file as it stands is in use.

@@ -158,9 +158,20 @@ fn walk(root: &Path, prefix: &str, each: &mut dyn FnMut(Vec<ObjectMeta>) -> bool
             Err(e) => return Err(io_err(prefix)(e)),
         };
         for entry in entries {
-            let entry = entry.map_err(io_err(prefix))?;
+            // What went since the directory was opened is left out (see
+            // the size below), not an error for the whole listing.
+            let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(io_err(prefix)(e)),
+            };
             let path = entry.path();
-            let mut file_type = entry.file_type().map_err(io_err(prefix))?;
+            let mut file_type = match entry.file_type() {
+                Ok(t) => t,
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(io_err(prefix)(e)),
+            };
             if file_type.is_symlink() {
                 match fs::metadata(&path) {
                     Ok(target) if target.is_dir() => file_type = target.file_type(),
@@ -183,7 +194,7 @@ fn walk(root: &Path, prefix: &str, each: &mut dyn FnMut(Vec<ObjectMeta>) -> bool
                     // Deleted since the directory was read (a running
                     // `watch` deletes objects past the exact window): it is
                     // not listed, as it would not be a moment later.
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) if gone(&e) => continue,
                     Err(e) => return Err(io_err(prefix)(e)),
                 };
                 out.push(ObjectMeta { key: rel, size });

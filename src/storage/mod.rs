@@ -81,7 +81,7 @@ pub struct ObjectMeta {
 pub type ObjectReader = Box<dyn AsyncRead + Send + Unpin>;
 
 /// The storage contract. Backends implement only these; all of them must pass
-/// the conformance suite in `tests/storage.rs`.
+/// the conformance suite in `tests/it/storage.rs`.
 #[async_trait]
 pub trait Storage: Send + Sync + fmt::Debug {
     /// Writes `key` only if it does not exist yet (S3 `If-None-Match: *`).

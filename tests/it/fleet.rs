@@ -272,6 +272,38 @@ async fn databases_and_config_edits_are_picked_up_while_running() {
         objects(&store, "fixed").await > before
     })
     .await;
+    // A database appearing meanwhile is found under the file last accepted;
+    // the file on disk stays refused.
+    let c = create_db(&data.join("c.db"), 1);
+    wait_for("d/c", async || objects(&store, "d/c").await > 0).await;
+    assert_eq!(board.snapshot().config.refused, Some(why));
+
+    // An edit naming two databases under one prefix is refused too, and
+    // counted once: a rescan meanwhile (e.db appears) neither counts it
+    // again nor takes the refused file for the one in use.
+    std::fs::write(
+        &config_path,
+        config_text(
+            &store,
+            &format!(
+                "{dir_entry}\n[[databases]]\npath = \"{}\"\nprefix = \"d/b\"\n",
+                fixed.display()
+            ),
+        ),
+    )
+    .unwrap();
+    wait_for("the clashing edit refused", async || {
+        board
+            .snapshot()
+            .config
+            .refused
+            .is_some_and(|why| why.contains("share the prefix"))
+    })
+    .await;
+    c.execute("INSERT INTO t(v) VALUES ('more')", []).unwrap();
+    drop(create_db(&data.join("e.db"), 1));
+    wait_for("d/e", async || objects(&store, "d/e").await > 0).await;
+    assert_eq!(board.snapshot().config.edits_refused, 2);
 
     // An edit removing the directory entry releases its databases.
     std::fs::write(
