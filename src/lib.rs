@@ -40,12 +40,12 @@
 //! # The commands
 //!
 //! [`cli`] is the command line as typed, [`config`] turns it (or
-//! `walsync.toml`) into validated settings, and [`app`] wires each command
+//! `walsync.toml`) into validated settings, and [`cmd`] wires each command (one file per command)
 //! to the modules above.
 
-pub mod app;
 pub mod chain;
 pub mod cli;
+pub mod cmd;
 pub mod compact;
 pub mod compactor;
 pub mod config;

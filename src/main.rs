@@ -1,4 +1,4 @@
-//! The `walsync` binary: logging, runtime and signals, then [`walsync::app::run`].
+//! The `walsync` binary: logging, runtime and signals, then [`walsync::cmd::run`].
 
 use std::process::ExitCode;
 
@@ -73,7 +73,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    let result = runtime.block_on(walsync::app::run(cli, shutdown));
+    let result = runtime.block_on(walsync::cmd::run(cli, shutdown));
     // The final flush has its own deadline; work still queued after it must
     // not keep the process alive.
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));

@@ -1,0 +1,68 @@
+//! `walsync status`: asks the running `watch` how every database is doing.
+
+use super::*;
+use crate::status;
+
+/// Asks the running process's listener for its status.
+pub(super) async fn status(args: &StatusArgs) -> Result<()> {
+    let addr = match args.listen {
+        Some(addr) => addr,
+        None => {
+            let path = required_config(args.config.clone())
+                .context("give --listen ADDR, or the walsync.toml whose [watch] listen to ask")?;
+            load_config_for(&path, config::Uses::LISTEN)?.watch.listen.with_context(|| {
+                format!(
+                    "{}: [watch] listen is not set, so the running walsync has no listener to ask",
+                    path.display()
+                )
+            })?
+        }
+    };
+    let addr = crate::listen::reachable(addr);
+    let body = http_get(addr, "/status.json")
+        .await
+        .with_context(|| format!("asking the walsync listening on {addr} (is `watch` running?)"))?;
+    if args.json {
+        sayln!("{body}");
+        return Ok(());
+    }
+    let snapshot: status::Snapshot =
+        serde_json::from_str(&body).with_context(|| format!("reading the status from {addr}"))?;
+    say!("{}", snapshot.table());
+    // Degraded is reported, not failed: the data is safe, and a container
+    // restarted by a failing health check would not remove the cause.
+    let degraded = snapshot.degraded();
+    if !degraded.is_empty() {
+        eprintln!(
+            "warning: {} database(s) degraded: {}",
+            degraded.len(),
+            status::DEGRADED_HINT
+        );
+    }
+    for (prefix, why) in snapshot.forked() {
+        eprintln!("warning: {prefix}: {why}");
+    }
+    let unhealthy = snapshot.unhealthy();
+    if !unhealthy.is_empty() {
+        bail!("{} database(s) unhealthy", unhealthy.len());
+    }
+    Ok(())
+}
+
+/// A GET of our own listener: HTTP/1.0, so the body ends with the connection.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        bail!("{}", head.lines().next().unwrap_or(head));
+    }
+    Ok(body.to_string())
+}

@@ -1,0 +1,52 @@
+//! `walsync sync`: asks the running `watch` to ship now.
+
+use super::*;
+
+/// Asks the running `watch` to ship now, and with --wait, for the outcome.
+pub(super) async fn sync(args: &SyncArgs) -> Result<()> {
+    let path = required_config(args.config.clone())?;
+    let config = load_config_for(&path, config::Uses::CONTROL_SOCKET)?;
+    let socket = config
+        .watch
+        .control_socket
+        .clone()
+        .unwrap_or_else(|| control::default_socket(&path));
+    let answer = tokio::time::timeout(
+        args.timeout,
+        control::request_sync(&socket, args.prefix.as_deref(), args.wait),
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "no answer within {:?} from {}",
+            args.timeout,
+            socket.display()
+        )
+    })??;
+    let mut failed = Vec::new();
+    let mut synced = 0;
+    let mut expected = 0;
+    for line in &answer {
+        if let Some(rest) = line.strip_prefix("error ") {
+            eprintln!("error: {rest}");
+            failed.push(rest.to_string());
+        } else if let Some(rest) = line.strip_prefix("ok ") {
+            let mut words = rest.splitn(2, ' ');
+            let (prefix, seq) = (words.next().unwrap_or(""), words.next().unwrap_or("-"));
+            sayln!("{prefix}: in storage up to sequence {seq}");
+            synced += 1;
+        } else if let Some(n) = line.strip_prefix("accepted ") {
+            expected = n.parse().unwrap_or(0);
+            if !args.wait {
+                sayln!("sync requested for {n} database(s)");
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("{} database(s) could not be synced", failed.len());
+    }
+    if args.wait && synced != expected {
+        bail!("only {synced} of {expected} database(s) confirmed in storage");
+    }
+    Ok(())
+}
