@@ -261,13 +261,40 @@ async fn answer(
     write.write_all(b"done\n").await
 }
 
+/// One line of the answer to a sync request, as the client reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// The request covers this many databases.
+    Accepted(usize),
+    /// A database is in storage up to this sequence (`-`: nothing yet).
+    Synced { prefix: String, seq: String },
+    /// The request, or one database's sync, failed: the server's words.
+    Failed(String),
+}
+
+impl Reply {
+    fn parse(line: &str) -> Option<Self> {
+        if let Some(rest) = line.strip_prefix("error ") {
+            Some(Self::Failed(rest.to_string()))
+        } else if let Some(rest) = line.strip_prefix("ok ") {
+            let mut words = rest.splitn(2, ' ');
+            let prefix = words.next().unwrap_or("").to_string();
+            let seq = words.next().unwrap_or("-").to_string();
+            Some(Self::Synced { prefix, seq })
+        } else {
+            line.strip_prefix("accepted ")
+                .map(|n| Self::Accepted(n.parse().unwrap_or(0)))
+        }
+    }
+}
+
 /// The client side: asks the `watch` at `socket` to sync and returns the
-/// answer's lines, up to `done` (when `wait`) or `accepted`, or the refusal.
+/// answer, up to `done` (when `wait`) or `accepted`, or the refusal.
 pub async fn request_sync(
     socket: &Path,
     prefix: Option<&str>,
     wait: bool,
-) -> io::Result<Vec<String>> {
+) -> io::Result<Vec<Reply>> {
     let stream = UnixStream::connect(socket).await.map_err(|e| {
         io::Error::new(
             e.kind(),
@@ -291,7 +318,7 @@ pub async fn request_sync(
     while let Some(line) = lines.next_line().await? {
         let accepted = line.starts_with("accepted ");
         let end = line == "done" || (answer.is_empty() && !accepted) || (accepted && !wait);
-        answer.push(line);
+        answer.extend(Reply::parse(&line));
         if end {
             return Ok(answer);
         }
@@ -300,4 +327,31 @@ pub async fn request_sync(
         io::ErrorKind::UnexpectedEof,
         "the running walsync closed the connection early",
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The client reads each line the server writes (see `answer`) as one
+    /// reply; `done` ends the answer and is no reply.
+    #[test]
+    fn every_answer_line_reads_as_its_reply() {
+        let synced = |prefix: &str, seq: &str| Reply::Synced {
+            prefix: prefix.into(),
+            seq: seq.into(),
+        };
+        for (line, reply) in [
+            ("accepted 3", Some(Reply::Accepted(3))),
+            ("ok tenants/a 42", Some(synced("tenants/a", "42"))),
+            ("ok b -", Some(synced("b", "-"))),
+            (
+                "error b storage down: 503",
+                Some(Reply::Failed("b storage down: 503".into())),
+            ),
+            ("done", None),
+        ] {
+            assert_eq!(Reply::parse(line), reply, "{line}");
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! The optional HTTP listener (`--listen` / `[watch] listen`): `/metrics` in
 //! Prometheus text format, `/health`, `/status.json`, and `/`, a status page
 //! for a browser. It only reads the status board; it never touches a database.
+//! [`get`] is the other end, with which `walsync status` asks it.
 
 use std::convert::Infallible;
 use std::fmt::Write;
@@ -433,6 +434,25 @@ fn page(s: &Snapshot) -> String {
     }
     out.push_str("</table></body></html>\n");
     out
+}
+
+/// The client side (`walsync status`): a GET of a running walsync's
+/// listener. HTTP/1.0, so the body ends with the connection.
+pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("malformed HTTP response"))?;
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        anyhow::bail!("{}", head.lines().next().unwrap_or(head));
+    }
+    Ok(body.to_string())
 }
 
 #[cfg(test)]

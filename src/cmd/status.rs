@@ -19,7 +19,7 @@ pub(super) async fn status(args: &StatusArgs) -> Result<()> {
         }
     };
     let addr = crate::listen::reachable(addr);
-    let body = http_get(addr, "/status.json")
+    let body = http::get(addr, "/status.json")
         .await
         .with_context(|| format!("asking the walsync listening on {addr} (is `watch` running?)"))?;
     if args.json {
@@ -47,22 +47,4 @@ pub(super) async fn status(args: &StatusArgs) -> Result<()> {
         bail!("{} database(s) unhealthy", unhealthy.len());
     }
     Ok(())
-}
-
-/// A GET of our own listener: HTTP/1.0, so the body ends with the connection.
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP response")?;
-    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
-        bail!("{}", head.lines().next().unwrap_or(head));
-    }
-    Ok(body.to_string())
 }

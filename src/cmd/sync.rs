@@ -26,19 +26,21 @@ pub(super) async fn sync(args: &SyncArgs) -> Result<()> {
     let mut failed = Vec::new();
     let mut synced = 0;
     let mut expected = 0;
-    for line in &answer {
-        if let Some(rest) = line.strip_prefix("error ") {
-            eprintln!("error: {rest}");
-            failed.push(rest.to_string());
-        } else if let Some(rest) = line.strip_prefix("ok ") {
-            let mut words = rest.splitn(2, ' ');
-            let (prefix, seq) = (words.next().unwrap_or(""), words.next().unwrap_or("-"));
-            sayln!("{prefix}: in storage up to sequence {seq}");
-            synced += 1;
-        } else if let Some(n) = line.strip_prefix("accepted ") {
-            expected = n.parse().unwrap_or(0);
-            if !args.wait {
-                sayln!("sync requested for {n} database(s)");
+    for reply in answer {
+        match reply {
+            control::Reply::Failed(why) => {
+                eprintln!("error: {why}");
+                failed.push(why);
+            }
+            control::Reply::Synced { prefix, seq } => {
+                sayln!("{prefix}: in storage up to sequence {seq}");
+                synced += 1;
+            }
+            control::Reply::Accepted(n) => {
+                expected = n;
+                if !args.wait {
+                    sayln!("sync requested for {n} database(s)");
+                }
             }
         }
     }
