@@ -38,6 +38,8 @@ use crate::status::{self, Board, State};
 use crate::storage::Storage;
 use crate::tips;
 
+mod due;
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -266,11 +268,6 @@ impl Slot {
         self.replica.as_ref().is_none_or(|r| !r.is_attached())
     }
 }
-
-/// Re-checks for a commit caught between its WAL write and its publication:
-/// 2 ms doubling, at most this many in a row (an orphaned tail from a crashed
-/// writer never gets published).
-const MAX_RECHECKS: u32 = 8;
 
 /// How often the log repeats that a WAL keeps growing while storage fails.
 const WAL_WARN_EVERY: Duration = Duration::from_secs(300);
@@ -597,9 +594,6 @@ const LIST_ONCE_FROM: usize = 32;
 /// A start-up listing is used for first opens this long; later ones list
 /// their prefix themselves.
 const LISTING_FRESH: Duration = Duration::from_secs(120);
-
-/// Least wait before another attempt to close an idle database.
-const IDLE_RETRY: Duration = Duration::from_millis(250);
 
 /// Closing databases frees memory in many small pieces; hand it back to the
 /// system at most this often.
@@ -1185,7 +1179,7 @@ impl Fleet {
             .map(Instant::from_std);
         post(&self.board, slot, &result);
         answer_waiters(slot, &result);
-        let mut next = None;
+        let mut backoff = None;
         match result {
             Ok(report) => {
                 if slot.failures > 0 {
@@ -1214,53 +1208,37 @@ impl Fleet {
             }
             Err(e) => {
                 slot.failures += 1;
-                let backoff = sync_backoff(&e, slot.failures);
+                let wait = sync_backoff(&e, slot.failures);
                 warn!(
                     db = %slot.spec.path.display(),
                     prefix = %slot.spec.prefix,
                     error = %e,
-                    retry_in = ?backoff,
+                    retry_in = ?wait,
                     "sync failed"
                 );
-                next = Some(now + backoff);
+                backoff = Some(wait);
                 warn_if_wal_outgrows(slot, now);
             }
         }
-        if slot.dirty && slot.failures == 0 {
-            slot.rechecks = 0;
-            let at = now + slot.spec.sync.sync_interval;
-            next = Some(next.map_or(at, |n: Instant| n.max(at)));
-        } else if slot.failures == 0
-            && slot.rechecks < MAX_RECHECKS
-            && slot.replica.as_ref().is_some_and(Replica::wants_recheck)
-        {
-            let at = now + Duration::from_millis(2 << slot.rechecks);
-            slot.rechecks += 1;
-            next = Some(next.map_or(at, |n: Instant| n.min(at)));
-        } else {
-            slot.rechecks = 0;
-        }
-        // A failing database waits out its backoff, whatever else is due.
-        let wakeup = wakeup.filter(|_| slot.failures == 0);
-        let mut next = match (next, wakeup) {
-            (Some(a), Some(b)) => Some(a.min(b).max(now)),
-            (a, b) => a.or(b),
+        let idle = match (self.plan.watch().close_idle_after, &slot.replica) {
+            (Some(idle), Some(replica)) if replica.is_attached() && replica.stopped().is_none() => {
+                Some((Instant::from_std(replica.last_change()), idle))
+            }
+            _ => None,
         };
-        // An open database at rest gets one more look once it has been idle
-        // long enough, which closes it (sealing its WAL first if needed). A
-        // file written moments ago is not quiet yet: look again a bit later.
-        if let (Some(idle), Some(replica)) = (self.plan.watch().close_idle_after, &slot.replica)
-            && replica.is_attached()
-            && replica.stopped().is_none()
-            && slot.failures == 0
-        {
-            let idle_at = (Instant::from_std(replica.last_change()) + idle).max(now + IDLE_RETRY);
-            next = Some(next.map_or(idle_at, |n: Instant| n.min(idle_at)));
-        }
-        if !slot.waiters.is_empty() {
-            // A `walsync sync` waits for the next job: now, whatever the interval.
-            next = Some(now);
-        }
+        let (next, rechecks) = due::next_due(&due::AfterJob {
+            now,
+            dirty: slot.dirty,
+            failures: slot.failures,
+            backoff,
+            sync_interval: slot.spec.sync.sync_interval,
+            rechecks: slot.rechecks,
+            wants_recheck: slot.replica.as_ref().is_some_and(Replica::wants_recheck),
+            wakeup,
+            idle,
+            waited_on: !slot.waiters.is_empty(),
+        });
+        slot.rechecks = rechecks;
         if let Some(at) = next {
             self.schedule_at(id, at.max(now));
         }
