@@ -255,6 +255,52 @@ struct Slot {
     wal_bytes_at_sync: u64,
 }
 
+/// How many databases hold their descriptors, are being opened by a running
+/// job, or are queued or running to close: the budget's view of the slots'
+/// `attached`, `opening` and `closing` flags. The flags change only through
+/// here, so each count equals the number of slots with its flag set.
+#[derive(Debug, Default)]
+struct Holding {
+    attached: usize,
+    opening: usize,
+    closing: usize,
+}
+
+impl Holding {
+    /// Each returns whether the flag changed.
+    fn set_attached(&mut self, slot: &mut Slot, to: bool) -> bool {
+        flip(&mut slot.attached, &mut self.attached, to)
+    }
+
+    fn set_opening(&mut self, slot: &mut Slot, to: bool) -> bool {
+        flip(&mut slot.opening, &mut self.opening, to)
+    }
+
+    fn set_closing(&mut self, slot: &mut Slot, to: bool) -> bool {
+        flip(&mut slot.closing, &mut self.closing, to)
+    }
+
+    /// A slot released: its flags no longer count.
+    fn release(&mut self, slot: &Slot) {
+        self.attached -= usize::from(slot.attached);
+        self.opening -= usize::from(slot.opening);
+        self.closing -= usize::from(slot.closing);
+    }
+}
+
+fn flip(flag: &mut bool, count: &mut usize, to: bool) -> bool {
+    if *flag == to {
+        return false;
+    }
+    *flag = to;
+    if to {
+        *count += 1;
+    } else {
+        *count -= 1;
+    }
+    true
+}
+
 impl Slot {
     /// Why replication of this database stopped for good, if it did.
     fn stopped(&self) -> Option<&str> {
@@ -437,14 +483,12 @@ pub async fn run(plan: Plan, shutdown: CancellationToken, hooks: Hooks) -> Resul
         schedule: BinaryHeap::new(),
         ready: VecDeque::new(),
         to_close: VecDeque::new(),
-        closing: 0,
         waiting_room: VecDeque::new(),
-        opening: 0,
         in_flight: JoinSet::new(),
         rescan_at: None,
         config_text,
         config_parsed: true,
-        attached: 0,
+        holding: Holding::default(),
         budget: 0,
         last_trim: None,
         trim_at: None,
@@ -550,12 +594,8 @@ struct Fleet {
     /// Open databases to close (idle, or beyond the budget); started only
     /// when no sync waits, within the same parallelism bound.
     to_close: VecDeque<usize>,
-    /// Closes queued or running: shedding counts them as done already.
-    closing: usize,
     /// Syncs that would open a database, held back while at the budget.
     waiting_room: VecDeque<usize>,
-    /// Jobs running that open a database.
-    opening: usize,
     in_flight: JoinSet<Done>,
     /// A rescan is due at this time (events are debounced).
     rescan_at: Option<Instant>,
@@ -564,8 +604,9 @@ struct Fleet {
     /// Whether the file as last read parsed (a refused text is not parsed
     /// again until it changes, but stays refused).
     config_parsed: bool,
-    /// Databases held open now, and how many may be.
-    attached: usize,
+    /// Databases held open, being opened, or closing; and how many may be
+    /// held open.
+    holding: Holding,
     budget: usize,
     /// When freed memory was last handed back to the system.
     last_trim: Option<Instant>,
@@ -872,15 +913,7 @@ impl Fleet {
                 Err("released while waiting".into()),
             ));
         }
-        if slot.attached {
-            self.attached -= 1;
-        }
-        if slot.closing {
-            self.closing -= 1;
-        }
-        if slot.opening {
-            self.opening -= 1;
-        }
+        self.holding.release(&slot);
         self.first_pass_progress(Some(id));
         if let Ok(mut routes) = self.routes.write() {
             routes.remove(&slot.key);
@@ -959,9 +992,7 @@ impl Fleet {
                         .is_some_and(|r| r.can_close() && r.last_change().elapsed() >= d)
                 });
             if idle {
-                if !slot.closing {
-                    slot.closing = true;
-                    self.closing += 1;
+                if self.holding.set_closing(slot, true) {
                     self.to_close.push_back(id);
                 }
             } else {
@@ -976,8 +1007,8 @@ impl Fleet {
     fn start_ready(&mut self) {
         let limit = self.plan.watch().parallelism.max(1);
         while self.in_flight.len() < limit {
-            let over = self.attached >= self.budget;
-            let room = self.attached + self.opening < self.budget;
+            let over = self.holding.attached >= self.budget;
+            let room = self.holding.attached + self.holding.opening < self.budget;
             if over && let Some(id) = self.to_close.pop_front() {
                 self.start_close(id);
             } else if room && let Some(id) = self.waiting_room.pop_front() {
@@ -997,7 +1028,7 @@ impl Fleet {
             }
         }
         // Opens wait for room and nothing is being closed to make it.
-        if !self.waiting_room.is_empty() && self.closing == 0 && self.shed() > 0 {
+        if !self.waiting_room.is_empty() && self.holding.closing == 0 && self.shed() > 0 {
             self.start_ready();
         }
     }
@@ -1014,8 +1045,7 @@ impl Fleet {
         slot.jobs_started += 1;
         slot.wal_bytes_at_sync = wal_bytes(&slot.spec.path).unwrap_or(0);
         if slot.needs_open() {
-            slot.opening = true;
-            self.opening += 1;
+            self.holding.set_opening(slot, true);
         }
         let replica = slot.replica.take();
         let spec = slot.spec.clone();
@@ -1052,8 +1082,7 @@ impl Fleet {
             other => {
                 // Changed, busy or closed since it was queued: nothing to do.
                 slot.replica = other;
-                slot.closing = false;
-                self.closing -= 1;
+                self.holding.set_closing(slot, false);
                 return;
             }
         };
@@ -1141,23 +1170,10 @@ impl Fleet {
         {
             replica.set_options(slot.spec.sync.clone());
         }
-        if std::mem::take(&mut slot.opening) {
-            self.opening -= 1;
-        }
-        if std::mem::take(&mut slot.closing) {
-            self.closing -= 1;
-        }
+        self.holding.set_opening(slot, false);
+        self.holding.set_closing(slot, false);
         let attached = slot.replica.as_ref().is_some_and(Replica::is_attached);
-        let mut closed = false;
-        if attached != slot.attached {
-            slot.attached = attached;
-            if attached {
-                self.attached += 1;
-            } else {
-                self.attached -= 1;
-                closed = true;
-            }
-        }
+        let closed = self.holding.set_attached(slot, attached) && !attached;
         if closed {
             // Closes come in bursts: trim now, or once the burst is over.
             self.trim_at = Some(match self.last_trim {
@@ -1166,7 +1182,7 @@ impl Fleet {
             });
             self.trim_if_due(now);
         }
-        if self.attached.saturating_sub(self.closing) > self.budget {
+        if self.holding.attached.saturating_sub(self.holding.closing) > self.budget {
             self.shed();
         }
         let Some(slot) = self.slots.get_mut(&id) else {
@@ -1304,19 +1320,22 @@ impl Fleet {
             .map(|(id, s)| (s.last_sync, *id))
             .collect();
         candidates.sort();
-        let excess = self.attached.saturating_sub(self.closing + target);
+        let excess = self
+            .holding
+            .attached
+            .saturating_sub(self.holding.closing + target);
         debug!(
-            open = self.attached,
-            closing = self.closing,
+            open = self.holding.attached,
+            closing = self.holding.closing,
             candidates = candidates.len(),
             excess,
             "over the open-database budget: closing the least recently synced"
         );
         let mut queued = 0;
         for (_, id) in candidates.into_iter().take(excess) {
-            if let Some(slot) = self.slots.get_mut(&id) {
-                slot.closing = true;
-                self.closing += 1;
+            if let Some(slot) = self.slots.get_mut(&id)
+                && self.holding.set_closing(slot, true)
+            {
                 self.to_close.push_back(id);
                 queued += 1;
             }
@@ -1529,4 +1548,22 @@ fn answer_waiters(slot: &mut Slot, result: &replica::Result<SyncReport>) {
         let _ = waiter.send((prefix.clone(), outcome));
         false
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A flag set twice counts once, cleared twice uncounts once: a count
+    /// cannot drift from its flags whatever order the loop meets them in.
+    #[test]
+    fn a_count_follows_its_flag_only_when_it_changes() {
+        let (mut flag, mut count) = (false, 0);
+        assert!(flip(&mut flag, &mut count, true));
+        assert!(!flip(&mut flag, &mut count, true));
+        assert_eq!((flag, count), (true, 1));
+        assert!(flip(&mut flag, &mut count, false));
+        assert!(!flip(&mut flag, &mut count, false));
+        assert_eq!((flag, count), (false, 0));
+    }
 }
