@@ -160,7 +160,9 @@ mod tests {
 
     #[test]
     fn an_open_database_at_rest_is_looked_at_once_idle_long_enough() {
-        let now = Instant::now();
+        // Ahead of the clock, so that going back from it cannot pass the
+        // monotonic clock's start on a machine booted seconds ago.
+        let now = Instant::now() + Duration::from_secs(60);
         let idle = AfterJob {
             idle: Some((now - 10_000 * MS, Duration::from_secs(30))),
             ..at_rest(now)
