@@ -14,7 +14,7 @@
 //! 3. [`db`] is the SQLite side, blocking (run in `spawn_blocking`): the
 //!    pinned read transaction that keeps frames from being overwritten
 //!    before they ship, the checkpoints walsync owns, and reading new frames
-//!    with [`wal`]. [`state`] keeps a hash of every page so that a lost
+//!    with `wal`. [`state`] keeps a hash of every page so that a lost
 //!    continuity ships only the pages that changed.
 //! 4. [`segment`] encodes what `db` read into the one object format (zstd,
 //!    optionally sealed by [`encryption`], content-hashed, linked to the
@@ -24,18 +24,18 @@
 //!
 //! Beside the chain: [`compactor`] (built on [`compact`]) stores runs that
 //! stand for many objects so a restore reads few; [`retention`] deletes what
-//! no kept restore point needs; [`status`] and [`http`] show every
-//! database's state; [`control`] takes requests from `walsync sync`.
+//! no kept restore point needs; [`status`] and `http` show every
+//! database's state; `control` takes requests from `walsync sync`.
 //!
 //! # From a GET to a restored file
 //!
 //! [`chain`] lists a database's objects and runs and plans the fewest that
 //! reach the point asked for; [`restore`] downloads them several at a time,
 //! checks each with the same [`segment`] decoder and the one link rule in
-//! [`link`], and writes pages into a file beside the output, which replaces
-//! it only when whole ([`sidefile`]). [`follow`] keeps a live copy going the
+//! `link`, and writes pages into a file beside the output, which replaces
+//! it only when whole (`sidefile`). [`follow`] keeps a live copy going the
 //! same way; [`verify`] walks a whole chain and reports every problem;
-//! [`fork`] decides which branch a forked chain follows.
+//! `fork` decides which branch a forked chain follows.
 //!
 //! # The commands
 //!
@@ -49,17 +49,17 @@ pub mod cmd;
 pub mod compact;
 pub mod compactor;
 pub mod config;
-pub mod control;
+mod control;
 pub mod db;
 pub mod encryption;
-pub mod explain;
+mod explain;
 pub mod follow;
-pub mod fork;
-pub mod http;
-pub mod link;
-pub mod listen;
-pub mod out;
-pub mod page_hashes;
+mod fork;
+mod http;
+mod link;
+mod listen;
+mod out;
+mod page_hashes;
 pub mod reason;
 pub mod redact;
 pub mod replica;
@@ -68,10 +68,10 @@ pub mod restore;
 pub mod retention;
 pub mod segment;
 pub mod sidecar;
-pub mod sidefile;
+mod sidefile;
 pub mod state;
 pub mod status;
 pub mod storage;
 pub mod tips;
 pub mod verify;
-pub mod wal;
+mod wal;

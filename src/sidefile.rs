@@ -82,9 +82,6 @@ impl TargetLock {
         }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 impl Drop for TargetLock {
@@ -125,7 +122,7 @@ mod tests {
         let target = dir.path().join("out.db");
         let first = TargetLock::try_acquire(&target).unwrap().unwrap();
         assert!(TargetLock::try_acquire(&target).unwrap().is_none());
-        let path = first.path().to_path_buf();
+        let path = first.path.clone();
         drop(first);
         assert!(!path.exists());
         assert!(TargetLock::try_acquire(&target).unwrap().is_some());
