@@ -5,12 +5,12 @@
 //! it here. The only other wake-up is for a database that came to rest with
 //! objects still inside the exact window: it is passed over once more when
 //! they have all aged past it, so that they go although nothing more is
-//! written ([`rest_pass_at`]); after that a database at rest costs nothing.
+//! written (`rest_pass_at`); after that a database at rest costs nothing.
 //! Passes run a few at a time, one per database at once, beside the syncs
 //! and never in their way: a database's lag does not wait on its compaction.
 //! A failed pass is housekeeping (what it would have stored is written by a
 //! later pass): it is tried again as the chain grows, or, at rest, after a
-//! backoff that grows to [`REST_RETRY_MAX`].
+//! backoff that grows to `REST_RETRY_MAX`.
 //!
 //! `watch` forgets a database here when it releases it or its settings
 //! change, so that no pass at rest runs with settings it no longer has.
@@ -47,7 +47,7 @@ const PASSES_AT_ONCE: usize = 2;
 
 /// The first wait before a database at rest is passed over again when its
 /// aged objects did not go (a failing store); it doubles up to
-/// [`REST_RETRY_MAX`].
+/// `REST_RETRY_MAX`.
 const REST_RETRY_FIRST: Duration = Duration::from_secs(5);
 const REST_RETRY_MAX: Duration = Duration::from_secs(600);
 /// The furthest ahead a pass at rest is planned (a window of years would

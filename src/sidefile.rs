@@ -81,7 +81,6 @@ impl TargetLock {
             }
         }
     }
-
 }
 
 impl Drop for TargetLock {
