@@ -219,17 +219,33 @@ async fn walk(
         let Some(prev_seq) = prev.0 else { continue };
         if object.seq != prev_seq + 1 {
             let across = chain::cover(&[], runs, prev_seq + 1, object.seq - 1);
+            let before: Vec<[u8; 32]> = prev.1.iter().map(|(_, h)| *h).collect();
+            // Or a run ending at this very object spans the hole with it
+            // (builds before 2026-12-07 deleted the objects of the run ending
+            // at the head, before the head): the object is then the one that
+            // run names as its last.
+            let through = || {
+                chain::cover(&[], runs, prev_seq + 1, object.seq)
+                    .ok()
+                    .filter(|path| path.last().is_some_and(|r| r.seq == object.seq))
+            };
             match across {
                 Ok(path) => {
-                    let before: Vec<[u8; 32]> = prev.1.iter().map(|(_, h)| *h).collect();
-                    check_across(&path, headers, before, &header, object, report, &mut hashes);
+                    let after = After::Names(header.prev_hash);
+                    check_across(&path, headers, before, after, object, report, &mut hashes);
                 }
-                Err(_) => report.problems.push(format!(
-                    "objects {} to {} are missing (before {}) and no run stands for them",
-                    prev_seq + 1,
-                    object.seq - 1,
-                    object.key
-                )),
+                Err(_) => match through() {
+                    Some(path) => {
+                        let after = After::Is(hash);
+                        check_across(&path, headers, before, after, object, report, &mut hashes);
+                    }
+                    None => report.problems.push(format!(
+                        "objects {} to {} are missing (before {}) and no run stands for them",
+                        prev_seq + 1,
+                        object.seq - 1,
+                        object.key
+                    )),
+                },
             }
         } else if !prev.1.is_empty() && !prev.1.iter().any(|(_, h)| *h == header.prev_hash) {
             let names: Vec<&str> = prev.1.iter().map(|(o, _)| o.key.as_str()).collect();
@@ -246,14 +262,23 @@ async fn walk(
     hashes
 }
 
+/// How the object after a hole meets the runs that span it.
+enum After {
+    /// It links to the last run's end: it names this hash.
+    Names([u8; 32]),
+    /// The last run ends at it: this is its content hash.
+    Is([u8; 32]),
+}
+
 /// Checks the runs that carry the chain across a hole, from the hashes
 /// `before` it to `object` after it: each links to the one before, and the
-/// object to the last. Records the hash each run carries at its end.
+/// object to the last (or is the one the last ends at). Records the hash
+/// each run carries at its end.
 fn check_across(
     path: &[ObjectRef],
     headers: &HashMap<String, segment::Header>,
     before: Vec<[u8; 32]>,
-    header: &segment::Header,
+    after: After,
     object: &ObjectRef,
     report: &mut Report,
     hashes: &mut HashMap<u64, Vec<[u8; 32]>>,
@@ -280,13 +305,19 @@ fn check_across(
         link = vec![end];
         prev_key.clone_from(&run.key);
     }
-    if !link.contains(&header.prev_hash) {
-        report.problems.push(format!(
+    match after {
+        After::Names(prev_hash) if !link.contains(&prev_hash) => report.problems.push(format!(
             "{} does not link to {prev_key}, which stands for the deleted objects before it: \
              it names {}",
             object.key,
-            to_hex(&header.prev_hash)
-        ));
+            to_hex(&prev_hash)
+        )),
+        After::Is(hash) if !link.contains(&hash) => report.problems.push(format!(
+            "{} is not the object {prev_key} ends at: its hash is {}",
+            object.key,
+            to_hex(&hash)
+        )),
+        _ => {}
     }
 }
 

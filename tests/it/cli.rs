@@ -4538,3 +4538,68 @@ async fn objects_of_a_database_at_rest_go_once_past_the_exact_window() {
         app.quit();
     }
 }
+
+/// A chain written by builds before 2026-12-07 may lack the objects of a
+/// run before the object it ends at (they deleted the run ending at the
+/// head up to the head): the run spans that hole together with the stored
+/// object, which must be the one the run ends at. `verify` passes it and a
+/// restore goes through; without the run the hole is still reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_passes_a_hole_closed_by_a_run_ending_at_the_object_after_it() {
+    use common::app::AppProcess;
+    let store = common::fs_store();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let mut app = AppProcess::open(&db);
+    let config = dir.path().join("walsync.toml");
+    std::fs::write(
+        &config,
+        store.config(&format!(
+            "[sync]\nsync_interval = \"0s\"\ncompaction = [4, 16]\nexact_window = \"off\"\n\
+             [[databases]]\npath = \"{}\"\nprefix = \"old\"\n",
+            db.display()
+        )),
+    )
+    .unwrap();
+    let mut child = spawn_watch(&store, &config, Stdio::null());
+    wait_for_objects(&store, "old", 1, String::new).await;
+    ship_until(&store, &mut app, &config, "old", 12).await;
+    let run_9_12 = walsync::segment::run_key("old", 9, 12);
+    common::wait_for("the run 9..12", async || {
+        store.storage.get(&run_9_12).await.is_ok()
+    })
+    .await;
+    assert!(terminate(&mut child).success());
+    let keys: Vec<String> = (9..=11)
+        .map(|seq| walsync::segment::object_key("old", seq))
+        .collect();
+    store.storage.delete_many(&keys).await.unwrap();
+
+    let verify = ["verify", "-c", cfg(&config), "--prefix", "old"];
+    ok(&store, &verify);
+    let out = dir.path().join("restored.db");
+    ok(
+        &store,
+        &[
+            "restore",
+            "-c",
+            cfg(&config),
+            "--prefix",
+            "old",
+            "-o",
+            cfg(&out),
+        ],
+    );
+    assert_eq!(blob_rows(&out), blob_rows(&db));
+
+    store.storage.delete_many(&[run_9_12]).await.unwrap();
+    let mut cmd = walsync();
+    cmd.args(verify);
+    with_store(&mut cmd, &store);
+    let output = run(&mut cmd);
+    let stderr = String::from_utf8_lossy(&output.stdout).to_string()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("objects 9 to 11 are missing"), "{stderr}");
+    app.quit();
+}
