@@ -4603,3 +4603,89 @@ async fn verify_passes_a_hole_closed_by_a_run_ending_at_the_object_after_it() {
     assert!(stderr.contains("objects 9 to 11 are missing"), "{stderr}");
     app.quit();
 }
+
+/// A database at rest whose objects age past the window while the store
+/// is down: the pass at rest fails, is tried again after a growing wait
+/// (not in a loop), and once the store is back the objects go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_of_a_database_at_rest_go_once_the_store_is_back() {
+    use common::app::AppProcess;
+    use common::faults::{FaultProxy, Plan};
+    const AT_REST: &str = "passing over a database at rest";
+    let (store, proxy) = FaultProxy::before_s3_store().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let mut app = AppProcess::open(&db);
+    let config = dir.path().join("walsync.toml");
+    std::fs::write(
+        &config,
+        store.config(&format!(
+            "[sync]\nsync_interval = \"0s\"\ncompaction = [4, 16]\nexact_window = \"2s\"\n\
+             [[databases]]\npath = \"{}\"\nprefix = \"rest\"\n",
+            db.display()
+        )),
+    )
+    .unwrap();
+    let mut cmd = walsync();
+    cmd.args(["watch", "--config"])
+        .arg(&config)
+        .env("WALSYNC_LOG", "walsync=debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    with_store(&mut cmd, &store);
+    cmd.env("AWS_ENDPOINT_URL_S3", &proxy.endpoint);
+    let mut child = common::Reaped::new(cmd.spawn().unwrap());
+    let log = LiveLog::of(&mut child);
+    wait_for_objects(&store, "rest", 1, String::new).await;
+    let head = ship_until(&store, &mut app, &config, "rest", 12).await;
+    // The runs are stored; then the store goes away before the objects age.
+    let run = walsync::segment::run_key("rest", 9, 12);
+    common::wait_for("the runs", async || store.storage.get(&run).await.is_ok()).await;
+    proxy.set_plan(Plan {
+        outage: true,
+        ..Plan::healthy()
+    });
+    log.wait_for("deleting objects older than the exact window failed", 1)
+        .await;
+    let failed_at = Instant::now();
+    let passes = log.count(AT_REST);
+    // Still down a while: no pass is tried again at once (the first retry
+    // waits 5 s).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(log.count(AT_REST), passes, "{}", log.text());
+    proxy.set_plan(Plan::healthy());
+    let stood_for = |seq: u64| seq > 1 && seq <= (head / 4 * 4).saturating_sub(4);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left: Vec<u64> = chain::list(store.storage.as_ref(), "rest")
+            .await
+            .unwrap()
+            .iter()
+            .map(|o| o.seq)
+            .filter(|s| stood_for(*s))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "objects {left:?} still stored after the store came back\n{}",
+            log.text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // One more pass did it, after a wait, not a loop of them.
+    let again = log.count(AT_REST) - passes;
+    assert!(
+        (1..=2).contains(&again),
+        "{again} passes at rest after the failure\n{}",
+        log.text()
+    );
+    eprintln!(
+        "objects went {:?} after the failed pass, in {again} more pass(es)",
+        failed_at.elapsed()
+    );
+    ok(&store, &["verify", "-c", cfg(&config), "--prefix", "rest"]);
+    assert!(terminate(&mut child).success());
+    app.quit();
+}
