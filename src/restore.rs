@@ -39,6 +39,11 @@ pub enum Error {
     )]
     InUse { path: PathBuf },
     #[error(
+        "{path} has a WAL beside it that cannot be checkpointed into it ({reason}); \
+         nothing was changed: move both away, or fix that, then restore again"
+    )]
+    WalNotCheckpointable { path: PathBuf, reason: String },
+    #[error(
         "object {key} declares a database of {declared} bytes, more than the {free} bytes free \
          beside the output: refusing it"
     )]
@@ -803,11 +808,33 @@ fn retire_wal_of(output: &Path) -> Result<()> {
         let in_use = || Error::InUse {
             path: output.to_path_buf(),
         };
-        let conn = rusqlite::Connection::open(output).map_err(|_| in_use())?;
+        // Busy or locked: an app has it. Anything else (not a database, a
+        // directory walsync cannot write) says what it is.
+        let refused = |e: rusqlite::Error| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                in_use()
+            }
+            _ => Error::WalNotCheckpointable {
+                path: output.to_path_buf(),
+                reason: e.to_string(),
+            },
+        };
+        // SQLite deletes the WAL of a file it cannot read as a database when
+        // it closes it: a WAL that may hold someone's last commits is never
+        // handed to it beside a file that is not one.
+        let mut magic = [0u8; 16];
+        let header = File::open(output).and_then(|mut f| io::Read::read_exact(&mut f, &mut magic));
+        if header.is_err() || &magic != b"SQLite format 3\0" {
+            return Err(Error::WalNotCheckpointable {
+                path: output.to_path_buf(),
+                reason: "it is not a SQLite database".into(),
+            });
+        }
+        let conn = rusqlite::Connection::open(output).map_err(refused)?;
         conn.busy_timeout(std::time::Duration::from_secs(1))?;
         let busy: i64 = conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
-            .map_err(|_| in_use())?;
+            .map_err(refused)?;
         if busy != 0 {
             return Err(in_use());
         }

@@ -4689,3 +4689,44 @@ async fn objects_of_a_database_at_rest_go_once_the_store_is_back() {
     assert!(terminate(&mut child).success());
     app.quit();
 }
+
+/// `restore --force` over a file with a WAL beside it that SQLite cannot
+/// checkpoint for a reason other than an app holding it (here the file is
+/// not a database) says that reason, naming the file, not "in use"; and
+/// nothing is changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_restore_over_a_wal_that_cannot_be_checkpointed_says_why() {
+    let store = common::fs_store();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("wide.db");
+    snapshot_of_blobs(&store, &db, 10);
+    let out = dir.path().join("garbage.db");
+    let wal = dir.path().join("garbage.db-wal");
+    let garbage = vec![b'x'; 8192];
+    std::fs::write(&out, &garbage).unwrap();
+    std::fs::write(&wal, &garbage).unwrap();
+    let mut cmd = walsync();
+    cmd.args([
+        "restore",
+        "--storage",
+        &store.url,
+        "--prefix",
+        "wide",
+        "--force",
+        "-o",
+    ])
+    .arg(&out);
+    with_store(&mut cmd, &store);
+    let output = run(&mut cmd);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("garbage.db has a WAL beside it that cannot be checkpointed")
+            && stderr.contains("not a SQLite database")
+            && !stderr.contains("in use"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    assert_eq!(std::fs::read(&out).unwrap(), garbage);
+    assert_eq!(std::fs::read(&wal).unwrap(), garbage);
+}
