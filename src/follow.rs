@@ -779,8 +779,17 @@ fn open_replica(path: &Path) -> Result<Connection> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE).map_err(sql)?;
     // Readers hold the file briefly; a write waits for them rather than failing.
     conn.busy_timeout(Duration::from_secs(30)).map_err(sql)?;
+    // A copy restored in place puts the whole database through its WAL in
+    // one transaction; without a limit that file keeps the database's size
+    // for good once checkpointed. With it, SQLite cuts the WAL back when it
+    // next starts over.
+    conn.pragma_update(None, "journal_size_limit", COPY_WAL_LIMIT)
+        .map_err(sql)?;
     Ok(conn)
 }
+
+/// What a followed copy's WAL is cut back to when SQLite starts it over.
+const COPY_WAL_LIMIT: i64 = 64 << 20;
 
 /// The record beside a followed file, if it describes `pos` and its pages
 /// sum to its own digest; otherwise none is kept (and a stale one removed).
@@ -1013,6 +1022,33 @@ fn write_position(path: &Path, prefix: &str, pos: Position) -> Result<()> {
 mod tests {
     use super::*;
     use crate::segment::{Encoder, WalRange};
+
+    /// A transaction as large as an in-place restore leaves the copy's WAL
+    /// that large; once checkpointed, the next write cuts it back to the
+    /// limit instead of keeping the database's size beside it for good.
+    #[test]
+    fn the_copys_wal_is_cut_back_after_a_large_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("copy.db");
+        let app = Connection::open(&path).unwrap();
+        app.execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t(x BLOB);")
+            .unwrap();
+        drop(app);
+        let conn = open_replica(&path).unwrap();
+        conn.execute(
+            "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 25000) \
+             INSERT INTO t SELECT randomblob(4000) FROM c",
+            [],
+        )
+        .unwrap();
+        let wal = dir.path().join("copy.db-wal");
+        let size = || std::fs::metadata(&wal).unwrap().len();
+        assert!(size() > COPY_WAL_LIMIT as u64, "{}", size());
+        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+            .unwrap();
+        conn.execute("INSERT INTO t VALUES (x'00')", []).unwrap();
+        assert!(size() <= COPY_WAL_LIMIT as u64, "{}", size());
+    }
 
     /// A database past 1 GiB has a lock-byte page that snapshots carry as
     /// zeros; SQLite refuses to write it, so following must skip it.
