@@ -814,24 +814,30 @@ fn retire_wal_of(output: &Path) -> Result<()> {
             Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
                 in_use()
             }
+            Some(rusqlite::ErrorCode::NotADatabase) => Error::WalNotCheckpointable {
+                path: output.to_path_buf(),
+                reason: "it is not a SQLite database".into(),
+            },
             _ => Error::WalNotCheckpointable {
                 path: output.to_path_buf(),
                 reason: e.to_string(),
             },
         };
-        // SQLite deletes the WAL of a file it cannot read as a database when
-        // it closes it: a WAL that may hold someone's last commits is never
-        // handed to it beside a file that is not one.
-        let mut magic = [0u8; 16];
-        let header = File::open(output).and_then(|mut f| io::Read::read_exact(&mut f, &mut magic));
-        if header.is_err() || &magic != b"SQLite format 3\0" {
-            return Err(Error::WalNotCheckpointable {
-                path: output.to_path_buf(),
-                reason: "it is not a SQLite database".into(),
-            });
-        }
         let conn = rusqlite::Connection::open(output).map_err(refused)?;
         conn.busy_timeout(std::time::Duration::from_secs(1))?;
+        // SQLite deletes the WAL of a file it cannot read as a database when
+        // the last connection to it closes: a WAL that may hold someone's last
+        // commits is left alone until the file has read as a database.
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            true,
+        )?;
+        conn.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0))
+            .map_err(refused)?;
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            false,
+        )?;
         let busy: i64 = conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
             .map_err(refused)?;
