@@ -218,6 +218,10 @@ impl Board {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn config(&self) -> MutexGuard<'_, ConfigStatus> {
+        self.config.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Changes (or creates) the entry for `prefix`; returns what `f` does.
     pub fn update<R>(&self, prefix: &str, f: impl FnOnce(&mut DbStatus) -> R) -> R {
         let mut dbs = self.lock();
@@ -235,7 +239,7 @@ impl Board {
     /// The configuration file as edited was refused for `why` (counted once
     /// however often the same refusal is met again).
     pub fn config_refused(&self, why: String) {
-        let mut config = self.config.lock().unwrap_or_else(|e| e.into_inner());
+        let mut config = self.config();
         if config.refused.as_ref() != Some(&why) {
             config.edits_refused += 1;
             config.refused = Some(why);
@@ -244,8 +248,7 @@ impl Board {
 
     /// The configuration file as it stands is in use.
     pub fn config_accepted(&self) {
-        let mut config = self.config.lock().unwrap_or_else(|e| e.into_inner());
-        config.refused = None;
+        self.config().refused = None;
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -258,11 +261,7 @@ impl Board {
             started_ms: self.started_ms,
             now_ms: now,
             databases,
-            config: self
-                .config
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
+            config: self.config().clone(),
         }
     }
 }

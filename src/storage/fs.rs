@@ -157,10 +157,10 @@ fn walk(root: &Path, prefix: &str, each: &mut dyn FnMut(Vec<ObjectMeta>) -> bool
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(io_err(prefix)(e)),
         };
+        // What went since the directory was opened is left out (see the
+        // size below), not an error for the whole listing.
+        let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
         for entry in entries {
-            // What went since the directory was opened is left out (see
-            // the size below), not an error for the whole listing.
-            let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
             let entry = match entry {
                 Ok(entry) => entry,
                 Err(e) if gone(&e) => continue,
