@@ -21,12 +21,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use notify::{EventKind, RecursiveMode, Watcher};
+use notify::{RecursiveMode, Watcher};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, trace, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::chain::ObjectRef;
 use crate::compactor::{self, Compactor};
@@ -39,6 +39,9 @@ use crate::storage::Storage;
 use crate::tips;
 
 mod due;
+mod watcher;
+
+use watcher::{Msg, Routes};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -198,16 +201,6 @@ pub fn raise_open_file_limit() {
         }
     }
 }
-
-enum Msg {
-    /// A database's file or WAL changed.
-    Db(usize),
-    /// A watched directory or the configuration file changed.
-    Rescan,
-}
-
-/// Paths the watcher callback routes to a slot.
-type Routes = Arc<RwLock<HashMap<PathBuf, (usize, Arc<AtomicBool>)>>>;
 
 struct Slot {
     spec: DbSpec,
@@ -465,7 +458,12 @@ pub async fn run(plan: Plan, shutdown: CancellationToken, hooks: Hooks) -> Resul
         tokio::spawn(control::serve(listener, path, sync_tx, control_stop));
     }
     let routes: Routes = Arc::new(RwLock::new(HashMap::new()));
-    let watcher = start_watcher(&plan, routes.clone(), tx)?;
+    let router = watcher::Router {
+        routes: routes.clone(),
+        config_file: plan.config_file(),
+        tx,
+    };
+    let watcher = watcher::start(router, plan.watch().poll).map_err(Error::Watch)?;
     // Compaction stops when shutdown starts: the final flush is what counts.
     let compaction_stop = shutdown.child_token();
     let _compaction_stop = compaction_stop.clone().drop_guard();
@@ -516,68 +514,6 @@ pub async fn run(plan: Plan, shutdown: CancellationToken, hooks: Hooks) -> Resul
     fleet.first_pass_progress(None);
     fleet.run(rx, sync_rx, shutdown).await;
     fleet.shutdown().await
-}
-
-fn start_watcher(
-    plan: &Plan,
-    routes: Routes,
-    tx: mpsc::UnboundedSender<Msg>,
-) -> Result<Box<dyn Watcher + Send>> {
-    let config_file = plan.config_file();
-    let handler = move |event: notify::Result<notify::Event>| {
-        let event = match event {
-            Ok(e) => e,
-            Err(e) => {
-                warn!(error = %e, "file watcher error");
-                return;
-            }
-        };
-        // Reads and metadata changes (our own included: SQLite running as
-        // root chowns the WAL on every open) are no change to replicate.
-        if matches!(
-            event.kind,
-            EventKind::Access(_) | EventKind::Modify(notify::event::ModifyKind::Metadata(_))
-        ) {
-            return;
-        }
-        trace!(kind = ?event.kind, paths = ?event.paths, "file event");
-        let appeared_or_left = matches!(
-            event.kind,
-            EventKind::Create(_)
-                | EventKind::Remove(_)
-                | EventKind::Modify(notify::event::ModifyKind::Name(_))
-                | EventKind::Any
-                | EventKind::Other
-        );
-        let mut rescan = false;
-        {
-            let Ok(routes) = routes.read() else { return };
-            for path in &event.paths {
-                if let Some((id, queued)) = routes.get(path) {
-                    if !queued.swap(true, Ordering::AcqRel) {
-                        let _ = tx.send(Msg::Db(*id));
-                    }
-                    if appeared_or_left {
-                        rescan = true;
-                    }
-                } else if appeared_or_left || config_file.as_deref() == Some(path.as_path()) {
-                    rescan = true;
-                }
-            }
-        }
-        // The loop debounces rescans, so every trigger may be sent.
-        if rescan {
-            let _ = tx.send(Msg::Rescan);
-        }
-    };
-    // notify's PollWatcher compares modification times in whole seconds, so a
-    // commit in the same second as its last scan goes unseen unless it hashes
-    // every file on every scan; in poll mode the loop stats the files itself.
-    if plan.watch().poll {
-        return Ok(Box::new(notify::NullWatcher));
-    }
-    let watcher = notify::recommended_watcher(handler).map_err(Error::Watch)?;
-    Ok(Box::new(watcher))
 }
 
 struct Fleet {
