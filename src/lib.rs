@@ -16,9 +16,10 @@
 //!    before they ship, the checkpoints walsync owns, and reading new frames
 //!    with `wal`. [`state`] keeps a hash of every page so that a lost
 //!    continuity ships only the pages that changed.
-//! 4. [`segment`] encodes what `db` read into the one object format (zstd,
-//!    optionally sealed by [`encryption`], content-hashed, linked to the
-//!    object before it).
+//! 4. [`object`] turns the pages `db` read into the next object of the chain
+//!    (`db` sees only its `Encode` trait): [`segment`] is the one object
+//!    format (zstd, optionally sealed by [`encryption`], content-hashed,
+//!    linked to the object before it).
 //! 5. [`storage`] puts it: one trait, a local directory or S3, create-only
 //!    writes, retries per request.
 //!
@@ -55,6 +56,7 @@ pub mod follow;
 mod fork;
 pub mod format;
 mod link;
+pub mod object;
 mod out;
 mod page_hashes;
 pub mod reason;

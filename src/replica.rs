@@ -13,11 +13,11 @@ use tracing::{debug, info, warn};
 
 use crate::chain;
 use crate::db::{
-    self, Changes, CheckpointMode, CheckpointOutcome, Database, Delta, Detached, Encoded, Link,
-    WalState,
+    self, Changes, CheckpointMode, CheckpointOutcome, Database, Delta, Detached, Encoded, WalState,
 };
 use crate::encryption::{Key, KeyId, Keys};
 use crate::fork;
+use crate::object::{self, Link, Object};
 use crate::reason::SnapshotReason;
 use crate::retention::{self, Retention};
 use crate::segment::{self, Kind, now_ms};
@@ -181,7 +181,7 @@ pub struct Replica {
     /// Why the next sync must start with a snapshot.
     need_snapshot: Option<SnapshotReason>,
     /// Encoded but not yet durable: retried byte for byte.
-    pending: Option<Encoded>,
+    pending: Option<Encoded<Object>>,
     last_checkpoint: Instant,
     /// When something was last shipped (or the database opened).
     last_change: Instant,
@@ -651,6 +651,11 @@ impl Replica {
             .and_then(|k| k.current().cloned())
     }
 
+    /// The object that comes next in the chain.
+    fn next_object(&self) -> object::New {
+        object::New(self.next_link())
+    }
+
     fn next_link(&self) -> Link {
         match self.head {
             Some(h) => Link {
@@ -703,7 +708,7 @@ impl Replica {
             self.snapshot(&reason, &mut report).await?;
             return Ok(report);
         }
-        let link = self.next_link();
+        let link = self.next_object();
         match self.with_db(move |db| db.read_changes(link)).await?? {
             Changes::Nothing => {}
             Changes::Segment(enc) => self.upload(*enc, &mut report).await?,
@@ -788,7 +793,7 @@ impl Replica {
             info!(db = %self.path.display(), prefix = %self.prefix, reason = reason.to_string().as_str(), "taking a snapshot");
         }
         self.need_snapshot = Some(reason.clone());
-        let link = self.next_link();
+        let link = self.next_object();
         let encoded = self.with_db(move |db| db.snapshot(link)).await??;
         let Some(encoded) = encoded else {
             return Err(Error::Busy {
@@ -829,7 +834,7 @@ impl Replica {
         if self.head.is_none() || self.head_key != current {
             return Ok(Some("the chain head was sealed with another key".into()));
         }
-        let link = self.next_link();
+        let link = self.next_object();
         let delta = self.with_db(move |db| db.delta(link)).await??;
         let Some(delta) = delta else {
             return Err(Error::Busy {
@@ -843,8 +848,8 @@ impl Replica {
                     db = %self.path.display(),
                     prefix = %self.prefix,
                     reason = reason.to_string().as_str(),
-                    pages = encoded.header.page_count,
-                    of = encoded.header.db_pages,
+                    pages = encoded.object.header.page_count,
+                    of = encoded.object.header.db_pages,
                     "continuity lost; shipping only the pages that differ from what was shipped"
                 );
                 self.upload(*encoded, report).await?;
@@ -875,7 +880,7 @@ impl Replica {
         // while the app cannot write; only the last attempt ships under the
         // lock, and then within a bounded time.
         for attempt in 1..=CATCH_UP_ATTEMPTS {
-            let link = self.next_link();
+            let link = self.next_object();
             let tail = self
                 .with_db(move |db| db.lock_and_read_tail(link))
                 .await??;
@@ -937,9 +942,10 @@ impl Replica {
         Ok(())
     }
 
-    async fn upload(&mut self, encoded: Encoded, report: &mut SyncReport) -> Result<()> {
-        let key = segment::object_key(&self.prefix, encoded.header.seq);
+    async fn upload(&mut self, encoded: Encoded<Object>, report: &mut SyncReport) -> Result<()> {
+        let key = segment::object_key(&self.prefix, encoded.object.header.seq);
         let body = encoded
+            .object
             .payload
             .try_clone()
             .map_err(|source| storage::Error::Io {
@@ -947,7 +953,7 @@ impl Replica {
                 source,
             })?;
         let bytes = body.len();
-        match self.storage.put_new(&key, body, encoded.hash).await {
+        match self.storage.put_new(&key, body, encoded.object.hash).await {
             Ok(()) => {}
             Err(storage::Error::AlreadyExists { key }) => {
                 let reason = format!("object {key} already exists");
@@ -969,16 +975,16 @@ impl Replica {
             }
         }
         self.head = Some(Head {
-            seq: encoded.header.seq,
-            hash: encoded.hash,
+            seq: encoded.object.header.seq,
+            hash: encoded.object.hash,
         });
-        self.head_key = encoded.header.sealed.map(|s| s.key_id);
+        self.head_key = encoded.object.header.sealed.map(|s| s.key_id);
         self.last_change = Instant::now();
-        self.head_state = encoded.header.state;
+        self.head_state = encoded.object.header.state;
         let (state, commits) = (encoded.state, encoded.commits);
         let record_head = state::Head {
-            seq: encoded.header.seq,
-            hash: encoded.hash,
+            seq: encoded.object.header.seq,
+            hash: encoded.object.hash,
         };
         let change = encoded.change;
         self.with_db(move |db| {
@@ -987,15 +993,15 @@ impl Replica {
         })
         .await?;
         report.bytes += bytes;
-        match encoded.header.kind {
+        match encoded.object.header.kind {
             Kind::Wal => {
                 report.segments += 1;
                 info!(
                     db = %self.path.display(),
                     prefix = %self.prefix,
-                    seq = encoded.header.seq,
+                    seq = encoded.object.header.seq,
                     bytes,
-                    pages = encoded.header.page_count,
+                    pages = encoded.object.header.page_count,
                     transactions = encoded.transactions,
                     "shipped segment"
                 );
@@ -1006,10 +1012,10 @@ impl Replica {
                 info!(
                     db = %self.path.display(),
                     prefix = %self.prefix,
-                    seq = encoded.header.seq,
+                    seq = encoded.object.header.seq,
                     bytes,
-                    pages = encoded.header.page_count,
-                    db_pages = encoded.header.db_pages,
+                    pages = encoded.object.header.page_count,
+                    db_pages = encoded.object.header.db_pages,
                     "shipped the pages that differ from what was shipped"
                 );
             }
@@ -1018,14 +1024,14 @@ impl Replica {
             Kind::Snapshot => {
                 report.snapshots += 1;
                 self.need_snapshot = None;
-                self.last_snapshot_ms = Some(encoded.header.timestamp_ms);
-                self.newest_snapshot = Some(encoded.header.seq);
-                self.unmarked = Some(encoded.header.seq);
+                self.last_snapshot_ms = Some(encoded.object.header.timestamp_ms);
+                self.newest_snapshot = Some(encoded.object.header.seq);
+                self.unmarked = Some(encoded.object.header.seq);
                 if let Err(e) = self.mark_snapshot().await {
                     warn!(
                         db = %self.path.display(),
                         prefix = %self.prefix,
-                        seq = encoded.header.seq,
+                        seq = encoded.object.header.seq,
                         error = %e,
                         "could not mark the snapshot; will retry"
                     );
@@ -1033,9 +1039,9 @@ impl Replica {
                 info!(
                     db = %self.path.display(),
                     prefix = %self.prefix,
-                    seq = encoded.header.seq,
+                    seq = encoded.object.header.seq,
                     bytes,
-                    pages = encoded.header.page_count,
+                    pages = encoded.object.header.page_count,
                     "shipped snapshot"
                 );
             }

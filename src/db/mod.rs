@@ -21,20 +21,19 @@
 //! walsync was down, a deleted WAL, a replaced database file) is reported as
 //! [`Changes::Lost`], and the caller takes a fresh snapshot.
 //!
-//! Everything here is blocking and runs in `spawn_blocking`. It knows nothing of S3.
+//! Everything here is blocking and runs in `spawn_blocking`. It knows nothing of S3,
+//! keys or object bodies: what it reads goes to an [`Encode`] (`object::New`).
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags};
 
-use crate::encryption::Key;
-use crate::segment::{self, Encoder, Kind, WalRange, now_ms};
+use crate::segment::{self, Kind, WalRange};
 use crate::state::{self, Record, page_hash};
-use crate::storage::{Payload, SpoolWriter};
 use crate::wal::{self, IndexHeader, Position, WalHeader};
 
 mod continuity;
@@ -141,21 +140,40 @@ impl WalState {
     }
 }
 
-/// The link to the object a new segment follows.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Link {
-    pub seq: u64,
-    pub prev_hash: [u8; 32],
-    /// Encrypts the new object's body when set.
-    pub key: Option<Key>,
+/// What an object read from the database holds, as far as this side knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    pub kind: Kind,
+    pub page_size: u32,
+    /// Pages in the database after this object.
+    pub db_pages: u32,
+    /// Pages in the object.
+    pub page_count: u32,
+    pub wal: WalRange,
 }
 
-/// A segment encoded and ready to upload, with the state it ships up to.
+/// Makes an object of the pages read, once there is something to read (see
+/// `object::New`): what it is sealed with, linked to and written into is no
+/// concern of the SQLite side.
+pub trait Encode {
+    type Object;
+    type Pages: Pages<Object = Self::Object>;
+    fn begin(self, shape: Shape) -> segment::Result<Self::Pages>;
+}
+
+/// An object taking pages, in ascending page order.
+pub trait Pages {
+    type Object;
+    fn add(&mut self, pgno: u32, page: &[u8]) -> segment::Result<()>;
+    /// Ends it with `state`, the digest of the database after it (`None`:
+    /// not known).
+    fn finish(self, state: Option<state::Digest>) -> segment::Result<Self::Object>;
+}
+
+/// An object made of the pages read, with the state it ships up to.
 #[derive(Debug)]
-pub struct Encoded {
-    pub header: segment::Header,
-    pub payload: Payload,
-    pub hash: [u8; 32],
+pub struct Encoded<O> {
+    pub object: O,
     /// The WAL state once this object is durable.
     pub state: WalState,
     /// SQLite's commit counter when the WAL-index published exactly `state`.
@@ -180,9 +198,9 @@ pub enum StateChange {
 
 /// What [`Database::delta`] found, after continuity was lost.
 #[derive(Debug)]
-pub enum Delta {
+pub enum Delta<O> {
     /// Ship these pages; the chain goes on from the new position.
-    Ship(Box<Encoded>),
+    Ship(Box<Encoded<O>>),
     /// The database is exactly the state shipped: nothing to upload, the
     /// chain goes on from `state`.
     Same {
@@ -195,9 +213,9 @@ pub enum Delta {
 
 /// What [`Database::read_changes`] found.
 #[derive(Debug)]
-pub enum Changes {
+pub enum Changes<O> {
     Nothing,
-    Segment(Box<Encoded>),
+    Segment(Box<Encoded<O>>),
     /// Continuity with what was shipped is broken; take a snapshot.
     Lost(String),
 }
@@ -546,10 +564,10 @@ impl Database {
     }
 
     /// Reads whole transactions committed after the shipped position and
-    /// encodes them as segment `link.seq`. The state advances only when the
+    /// encodes them with `encode`. The state advances only when the
     /// caller calls [`Database::shipped`] after the upload is durable.
-    pub fn read_changes(&mut self, link: Link) -> Result<Changes> {
-        self.guarded(|db| db.read_changes_pinned(link))
+    pub fn read_changes<E: Encode>(&mut self, encode: E) -> Result<Changes<E::Object>> {
+        self.guarded(|db| db.read_changes_pinned(encode))
     }
 
     /// Runs `op`, first reopening the connections if an earlier operation
@@ -602,7 +620,7 @@ impl Database {
         Ok(())
     }
 
-    fn read_changes_pinned(&mut self, link: Link) -> Result<Changes> {
+    fn read_changes_pinned<E: Encode>(&mut self, encode: E) -> Result<Changes<E::Object>> {
         self.ensure_pinned()?;
         match identity_of(&self.path) {
             Ok(id) if id == self.identity => {}
@@ -698,14 +716,13 @@ impl Database {
             .collect();
         let state = WalState::At(scan.end);
         let commits = index.and_then(|i| i.commits_at(scan.end));
-        let mut enc = self.start_object(
-            &link,
+        let mut out = self.begin(
+            encode,
             Kind::Wal,
             db_pages,
             pages.len() as u32,
             state.to_range(from.frame),
         )?;
-        let mut header_out = *enc.header();
         let path = self.path.clone();
         let seg_err = |source| Error::Segment {
             path: path.clone(),
@@ -718,7 +735,7 @@ impl Database {
         for (pgno, index) in pages {
             wal::read_page(&file, &header, index, &mut buf)
                 .map_err(self.io_err("reading a page from the WAL of"))?;
-            enc.add_page(pgno, &buf).map_err(seg_err)?;
+            out.add(pgno, &buf).map_err(seg_err)?;
             if tracked {
                 hashes.push((pgno, page_hash(pgno, &buf)));
             }
@@ -731,18 +748,13 @@ impl Database {
             }
             None => StateChange::Unknown,
         };
-        header_out.state = match &change {
+        let digest = match &change {
             StateChange::Pages(change) => Some(change.0.digest()),
             _ => None,
         };
-        let (hash, spool) = enc.finish(header_out.state).map_err(seg_err)?;
-        let payload = spool
-            .finish()
-            .map_err(self.io_err("writing the segment spool file of"))?;
+        let object = out.finish(digest).map_err(seg_err)?;
         Ok(Changes::Segment(Box::new(Encoded {
-            header: header_out,
-            payload,
-            hash,
+            object,
             state,
             commits,
             transactions: scan.transactions,
@@ -926,12 +938,15 @@ impl Database {
     /// First half of a checkpoint: takes the write lock and reads the last
     /// frames, which the caller must ship before calling [`Database::checkpoint`].
     /// `Ok(None)` if the write lock could not be had in time.
-    pub fn lock_and_read_tail(&mut self, link: Link) -> Result<Option<Changes>> {
+    pub fn lock_and_read_tail<E: Encode>(
+        &mut self,
+        encode: E,
+    ) -> Result<Option<Changes<E::Object>>> {
         self.guarded(|db| {
             if !db.acquire_write_lock()? {
                 return Ok(None);
             }
-            match db.read_changes_pinned(link) {
+            match db.read_changes_pinned(encode) {
                 Ok(changes) => Ok(Some(changes)),
                 Err(e) => {
                     let _ = db.release_write_lock();
@@ -1094,35 +1109,25 @@ impl Database {
         Ok(())
     }
 
-    /// Starts object `link.seq`: the header all its kinds share, sealed with
-    /// the link's key. Its pages follow, then `finish` with the state digest.
-    fn start_object(
+    /// Begins an object of `kind` with `encode`.
+    fn begin<E: Encode>(
         &self,
-        link: &Link,
+        encode: E,
         kind: Kind,
         db_pages: u32,
         page_count: u32,
         wal: WalRange,
-    ) -> Result<Encoder<SpoolWriter>> {
-        let header = segment::Header {
-            version: segment::VERSION,
+    ) -> Result<E::Pages> {
+        let shape = Shape {
             kind,
             page_size: self.page_size,
-            seq: link.seq,
             db_pages,
             page_count,
-            timestamp_ms: now_ms(),
             wal,
-            prev_hash: link.prev_hash,
-            sealed: None,
-            run: None,
-            state: None,
         };
-        Encoder::new(header, link.key.as_ref(), SpoolWriter::new()).map_err(|source| {
-            Error::Segment {
-                path: self.path.clone(),
-                source,
-            }
+        encode.begin(shape).map_err(|source| Error::Segment {
+            path: self.path.clone(),
+            source,
         })
     }
 }
@@ -1185,14 +1190,16 @@ fn shm_path_of(db: &Path) -> PathBuf {
 mod tests {
     use super::*;
 
-    /// A link to an object of no chain in particular: the tests here check
-    /// what is read, not the chain.
-    fn link(seq: u64) -> Link {
-        Link {
+    use crate::object::{Link, New};
+
+    /// The object after a link to no chain in particular: the tests here
+    /// check what is read, not the chain.
+    fn link(seq: u64) -> New {
+        New(Link {
             seq,
             prev_hash: [0; 32],
             key: None,
-        }
+        })
     }
 
     fn app(path: &Path) -> Connection {
@@ -1271,7 +1278,7 @@ mod tests {
         assert_eq!(std::fs::metadata(wal_path_of(&path)).unwrap().len(), 0);
         app.execute("INSERT INTO t VALUES (99)", []).unwrap();
         match db.read_changes(link).unwrap() {
-            Changes::Segment(seg) => assert_eq!(seg.header.wal.first_frame, 0),
+            Changes::Segment(seg) => assert_eq!(seg.object.header.wal.first_frame, 0),
             other => panic!("expected the new generation to follow, got {other:?}"),
         }
     }

@@ -11,18 +11,18 @@ impl Database {
     /// The write lock is held only long enough to read the WAL end and move
     /// the pin there; the pages are then read through that read transaction
     /// (`sqlite_dbpage`) while the app keeps writing.
-    pub fn snapshot(&mut self, link: Link) -> Result<Option<Encoded>> {
-        self.guarded(|db| db.snapshot_pinned(link))
+    pub fn snapshot<E: Encode>(&mut self, encode: E) -> Result<Option<Encoded<E::Object>>> {
+        self.guarded(|db| db.snapshot_pinned(encode))
     }
 
-    fn snapshot_pinned(&mut self, link: Link) -> Result<Option<Encoded>> {
+    fn snapshot_pinned<E: Encode>(&mut self, encode: E) -> Result<Option<Encoded<E::Object>>> {
         if self.identity_changed()? {
             self.reopen()?;
         }
         let Some((state, commits)) = self.pin_committed_end()? else {
             return Ok(None);
         };
-        let encoded = self.encode_snapshot(link, state, commits)?;
+        let encoded = self.encode_snapshot(encode, state, commits)?;
         Ok(Some(encoded))
     }
 
@@ -63,21 +63,20 @@ impl Database {
         }
     }
 
-    fn encode_snapshot(
+    fn encode_snapshot<E: Encode>(
         &mut self,
-        link: Link,
+        encode: E,
         state: WalState,
         commits: Option<u32>,
-    ) -> Result<Encoded> {
+    ) -> Result<Encoded<E::Object>> {
         let page_count = self.page_count()?;
-        let mut enc = self.start_object(
-            &link,
+        let mut out = self.begin(
+            encode,
             Kind::Snapshot,
             page_count,
             page_count,
             state.to_range(0),
         )?;
-        let mut header = *enc.header();
         let path = self.path.clone();
         let seg_err = |source| Error::Segment {
             path: path.clone(),
@@ -87,7 +86,7 @@ impl Database {
         // walsync cannot write to) the snapshot still ships.
         let mut builder = self.record_builder();
         self.for_each_page(page_count, |pgno, page| {
-            enc.add_page(pgno, page).map_err(seg_err)?;
+            out.add(pgno, page).map_err(seg_err)?;
             if let Some(b) = &mut builder
                 && b.push(page_hash(pgno, page)).is_err()
             {
@@ -95,24 +94,16 @@ impl Database {
             }
             Ok(())
         })?;
-        header.state = builder.as_ref().map(|b| b.sum().digest());
-        let (hash, mut spool) = enc.finish(header.state).map_err(seg_err)?;
-        spool
-            .flush()
-            .map_err(self.io_err("writing the snapshot spool file of"))?;
+        let digest = builder.as_ref().map(|b| b.sum().digest());
+        let object = out.finish(digest).map_err(seg_err)?;
         self.shrink_memory()?;
-        let payload = spool
-            .finish()
-            .map_err(self.io_err("writing the segment spool file of"))?;
         // The pin moved under the write lock with no new frame, so a seal of
         // this very position still holds.
         if state != self.state {
             self.sealed = false;
         }
         Ok(Encoded {
-            header,
-            payload,
-            hash,
+            object,
             state,
             commits,
             transactions: 0,
@@ -124,11 +115,11 @@ impl Database {
     /// from the state record, as one object that brings the shipped state
     /// to the database's current one. Reads every page once to compare, and
     /// the differing ones once more to encode (all in one read transaction).
-    pub fn delta(&mut self, link: Link) -> Result<Option<Delta>> {
-        self.guarded(|db| db.delta_pinned(link))
+    pub fn delta<E: Encode>(&mut self, encode: E) -> Result<Option<Delta<E::Object>>> {
+        self.guarded(|db| db.delta_pinned(encode))
     }
 
-    fn delta_pinned(&mut self, link: Link) -> Result<Option<Delta>> {
+    fn delta_pinned<E: Encode>(&mut self, encode: E) -> Result<Option<Delta<E::Object>>> {
         if self.identity_changed()? {
             self.reopen()?;
         }
@@ -232,14 +223,13 @@ impl Database {
             }
             return Ok(Some(Delta::Same { state, commits }));
         }
-        let mut enc = self.start_object(
-            &link,
+        let mut out = self.begin(
+            encode,
             Kind::Delta,
             page_count,
             differing.len() as u32,
             state.to_range(0),
         )?;
-        let mut header = *enc.header();
         let path = self.path.clone();
         let seg_err = |source| Error::Segment {
             path: path.clone(),
@@ -261,25 +251,16 @@ impl Database {
                 } else {
                     &zeros
                 };
-                enc.add_page(pgno, page).map_err(seg_err)?;
+                out.add(pgno, page).map_err(seg_err)?;
             }
         }
-        header.state = Some(builder.sum().digest());
-        let (hash, mut spool) = enc.finish(header.state).map_err(seg_err)?;
-        spool
-            .flush()
-            .map_err(self.io_err("writing the snapshot spool file of"))?;
+        let object = out.finish(Some(builder.sum().digest())).map_err(seg_err)?;
         self.shrink_memory()?;
-        let payload = spool
-            .finish()
-            .map_err(self.io_err("writing the segment spool file of"))?;
         if state != self.state {
             self.sealed = false;
         }
         Ok(Some(Delta::Ship(Box::new(Encoded {
-            header,
-            payload,
-            hash,
+            object,
             state,
             commits,
             transactions: 0,

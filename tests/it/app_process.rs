@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 use rusqlite::Connection;
 use sha2::{Digest as _, Sha256};
 use walsync::chain;
-use walsync::db::{Database, Link};
+use walsync::db::Database;
+use walsync::object::{Link, New};
 use walsync::replica::{self, Replica, SyncOptions, SyncReport};
 use walsync::restore;
 use walsync::segment::Kind;
@@ -628,7 +629,7 @@ fn an_app_process_waits_for_the_write_lock_walsync_holds() {
         };
         // Whatever it read (nothing was shipped, so it may call that a
         // loss), it holds the write lock until released.
-        let tail = db.lock_and_read_tail(link).unwrap();
+        let tail = db.lock_and_read_tail(New(link)).unwrap();
         assert!(tail.is_some(), "round {round}: the write lock was not had");
         let err = app
             .begin_write(0)
