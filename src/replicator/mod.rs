@@ -13,9 +13,14 @@
 //! itself, are picked up without a restart. An invalid edit is refused with an
 //! error and the running set is kept. On shutdown every database gets a final
 //! flush within a deadline, and those that could not be flushed are named.
+//!
+//! This file is the loop (`Fleet`) and what it does on each message; its parts
+//! live beside it: `watcher` (file events to "this database changed"),
+//! `schedule` (which database is looked at when), `due` (when after a
+//! job), `budget` (open descriptors), `slot` (one database in the fleet),
+//! `plan` (which databases) and `shutdown`.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -38,9 +43,21 @@ use crate::status::{self, Board, State};
 use crate::storage::Storage;
 use crate::tips;
 
+mod budget;
 mod due;
+mod plan;
+mod schedule;
+mod shutdown;
+mod slot;
 mod watcher;
 
+pub use budget::raise_open_file_limit;
+use budget::{Holding, descriptor_budget};
+use plan::canonical;
+pub use plan::{DbSpec, Plan};
+use schedule::Schedule;
+pub use shutdown::Outcome;
+use slot::*;
 use watcher::{Msg, Routes};
 
 #[derive(Debug, thiserror::Error)]
@@ -55,340 +72,6 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// One database to replicate.
-#[derive(Debug, Clone)]
-pub struct DbSpec {
-    pub path: PathBuf,
-    pub prefix: String,
-    pub storage: Arc<dyn Storage>,
-    pub sync: SyncOptions,
-}
-
-impl DbSpec {
-    async fn open(&self, listed: Option<Vec<ObjectRef>>) -> replica::Result<Replica> {
-        Replica::open_listed(
-            &self.path,
-            &self.prefix,
-            self.storage.clone(),
-            self.sync.clone(),
-            listed,
-        )
-        .await
-    }
-}
-
-/// Which databases to replicate.
-#[derive(Debug)]
-pub enum Plan {
-    /// Named on the command line: a fixed set.
-    Fixed {
-        specs: Vec<DbSpec>,
-        watch: WatchSettings,
-    },
-    /// From a walsync.toml, re-read when it changes.
-    Config {
-        config: Config,
-        storage: Arc<dyn Storage>,
-    },
-}
-
-impl Plan {
-    /// The watch settings of this plan.
-    pub fn watch(&self) -> &WatchSettings {
-        match self {
-            Plan::Fixed { watch, .. } => watch,
-            Plan::Config { config, .. } => &config.watch,
-        }
-    }
-
-    fn targets(&self) -> Result<Vec<DbSpec>> {
-        match self {
-            Plan::Fixed { specs, .. } => Ok(specs.clone()),
-            Plan::Config { config, storage } => Ok(config
-                .discover()?
-                .into_iter()
-                .map(|t| DbSpec {
-                    path: t.path,
-                    prefix: t.prefix,
-                    storage: storage.clone(),
-                    sync: t.sync,
-                })
-                .collect()),
-        }
-    }
-
-    /// Directories to watch (and whether recursively).
-    fn roots(&self) -> HashSet<(PathBuf, bool)> {
-        let mut roots = HashSet::new();
-        match self {
-            Plan::Fixed { specs, .. } => {
-                for spec in specs {
-                    roots.insert((parent_of(&spec.path), false));
-                }
-            }
-            Plan::Config { config, .. } => {
-                for entry in &config.entries {
-                    roots.insert(entry.source.watch_roots());
-                }
-                roots.insert((parent_of(&config.source), false));
-            }
-        }
-        roots
-            .into_iter()
-            .map(|(dir, recursive)| (canonical(&dir), recursive))
-            .collect()
-    }
-
-    /// The walsync.toml this plan comes from, if any (links resolved).
-    pub fn config_file(&self) -> Option<PathBuf> {
-        match self {
-            Plan::Fixed { .. } => None,
-            Plan::Config { config, .. } => Some(canonical(&config.source)),
-        }
-    }
-}
-
-fn parent_of(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
-}
-
-/// The path the watcher reports for `path`, also for files that do not exist yet.
-fn canonical(path: &Path) -> PathBuf {
-    if let Ok(p) = path.canonicalize() {
-        return p;
-    }
-    match (path.parent(), path.file_name()) {
-        (Some(dir), Some(name)) => {
-            let dir = if dir.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                dir
-            };
-            dir.canonicalize()
-                .map(|d| d.join(name))
-                .unwrap_or_else(|_| path.to_path_buf())
-        }
-        _ => path.to_path_buf(),
-    }
-}
-
-/// Raises the soft open-file limit to the hard limit: each replicated
-/// database keeps a few descriptors open.
-pub fn raise_open_file_limit() {
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            let raised = libc::rlimit {
-                rlim_cur: limit.rlim_max,
-                rlim_max: limit.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                debug!(
-                    from = limit.rlim_cur,
-                    to = limit.rlim_max,
-                    "raised the open-file limit"
-                );
-            }
-        }
-    }
-}
-
-struct Slot {
-    spec: DbSpec,
-    /// Where the watcher reports this database.
-    key: PathBuf,
-    replica: Option<Replica>,
-    last_sync: Option<Instant>,
-    /// When this database is scheduled; `None` if not.
-    due: Option<Instant>,
-    running: bool,
-    /// The WAL changed since the last sync started.
-    dirty: bool,
-    failures: u32,
-    /// Set by the watcher callback, cleared by the loop: coalesces events.
-    queued: Arc<AtomicBool>,
-    /// The replica holds its database open (as of the last finished job).
-    attached: bool,
-    /// Size and modification time of the database and its WAL at the last
-    /// poll (poll mode only).
-    seen: Option<[(u64, i64, i64); 2]>,
-    /// Quick re-checks in a row for commits SQLite had not published yet.
-    rechecks: u32,
-    /// Queued to be closed, or being closed.
-    closing: bool,
-    /// Its running job opens it (counts against the budget until done).
-    opening: bool,
-    /// When the first change that arrived during the running job did
-    /// (Unix ms): what is left unshipped once the job is done.
-    changed_during_job: Option<u64>,
-    /// Jobs (syncs and closes) started so far.
-    jobs_started: u64,
-    /// `walsync sync` requests waiting for the job numbered `.0` to finish.
-    waiters: Vec<(u64, mpsc::UnboundedSender<control::Outcome>)>,
-    /// Why its file could not be opened as a database at all (not SQLite,
-    /// not a file): it is left alone until walsync restarts or the file is
-    /// removed, instead of being retried and logged forever.
-    refused: Option<String>,
-    /// When the log last said that this database's WAL outgrew
-    /// `truncate_pages` while its syncs fail.
-    wal_warned: Option<Instant>,
-    /// The head last reported to the compactor.
-    compaction_reported: u64,
-    /// The WAL's size when the last sync started (or less, since it shrank):
-    /// what it has grown by since tells a writer that outruns the interval.
-    wal_bytes_at_sync: u64,
-}
-
-/// How many databases hold their descriptors, are being opened by a running
-/// job, or are queued or running to close: the budget's view of the slots'
-/// `attached`, `opening` and `closing` flags. The flags change only through
-/// here, so each count equals the number of slots with its flag set.
-#[derive(Debug, Default)]
-struct Holding {
-    attached: usize,
-    opening: usize,
-    closing: usize,
-}
-
-impl Holding {
-    /// Each returns whether the flag changed.
-    fn set_attached(&mut self, slot: &mut Slot, to: bool) -> bool {
-        flip(&mut slot.attached, &mut self.attached, to)
-    }
-
-    fn set_opening(&mut self, slot: &mut Slot, to: bool) -> bool {
-        flip(&mut slot.opening, &mut self.opening, to)
-    }
-
-    fn set_closing(&mut self, slot: &mut Slot, to: bool) -> bool {
-        flip(&mut slot.closing, &mut self.closing, to)
-    }
-
-    /// A slot released: its flags no longer count.
-    fn release(&mut self, slot: &Slot) {
-        self.attached -= usize::from(slot.attached);
-        self.opening -= usize::from(slot.opening);
-        self.closing -= usize::from(slot.closing);
-    }
-}
-
-fn flip(flag: &mut bool, count: &mut usize, to: bool) -> bool {
-    if *flag == to {
-        return false;
-    }
-    *flag = to;
-    if to {
-        *count += 1;
-    } else {
-        *count -= 1;
-    }
-    true
-}
-
-impl Slot {
-    /// Why replication of this database stopped for good, if it did.
-    fn stopped(&self) -> Option<&str> {
-        self.refused
-            .as_deref()
-            .or_else(|| self.replica.as_ref().and_then(Replica::stopped))
-    }
-
-    /// A sync of it would open the database (first open, or after a close).
-    fn needs_open(&self) -> bool {
-        self.replica.as_ref().is_none_or(|r| !r.is_attached())
-    }
-}
-
-/// How often the log repeats that a WAL keeps growing while storage fails.
-const WAL_WARN_EVERY: Duration = Duration::from_secs(300);
-
-/// While its syncs fail, a database's WAL is kept whole (nothing unshipped
-/// is ever checkpointed away), so it grows with every commit. Past
-/// `truncate_pages` the log says so loudly, then every few minutes: the disk
-/// is what runs out next.
-fn warn_if_wal_outgrows(slot: &mut Slot, now: Instant) {
-    // One failed sync is a blip; three in a row (fifteen failed requests)
-    // is a store that is down.
-    if slot.failures < 3
-        || slot
-            .wal_warned
-            .is_some_and(|at| now.duration_since(at) < WAL_WARN_EVERY)
-    {
-        return;
-    }
-    let Some(bytes) = wal_bytes(&slot.spec.path) else {
-        return;
-    };
-    if bytes > truncate_bytes(slot) {
-        error!(
-            db = %slot.spec.path.display(),
-            prefix = %slot.spec.prefix,
-            wal_bytes = bytes,
-            failures = slot.failures,
-            "storage keeps failing and this database's WAL has grown past truncate_pages; \
-             it is kept whole (nothing unshipped is discarded) and shipped once storage \
-             answers: watch the free disk space"
-        );
-        slot.wal_warned = Some(now);
-    }
-}
-
-/// A writer that never pauses fills the WAL faster than syncs at the
-/// interval can brake it (at 50,000 commits a second, `truncate_pages`'
-/// default fills in a second). Once the WAL has grown by half of
-/// `truncate_pages` since the last sync started, the next sync starts now:
-/// it ships what grew, and at `truncate_pages` unsealed frames it truncates,
-/// so the WAL stays under about twice `truncate_pages`. Syncs beyond the
-/// interval are bounded by the data: one per half `truncate_pages` written.
-fn wal_outruns_interval(slot: &mut Slot) -> bool {
-    let Some(bytes) = wal_bytes(&slot.spec.path) else {
-        return false;
-    };
-    // Truncated since (or never seen): growth counts from here.
-    slot.wal_bytes_at_sync = slot.wal_bytes_at_sync.min(bytes);
-    bytes - slot.wal_bytes_at_sync >= (truncate_bytes(slot) / 2).max(1)
-}
-
-/// `truncate_pages` in bytes of this database's pages.
-fn truncate_bytes(slot: &Slot) -> u64 {
-    let page_size = slot
-        .replica
-        .as_ref()
-        .and_then(Replica::page_size)
-        .unwrap_or(4096);
-    u64::from(slot.spec.sync.truncate_pages) * u64::from(page_size)
-}
-
-fn wal_bytes(db: &std::path::Path) -> Option<u64> {
-    std::fs::metadata(crate::db::wal_path_of(db))
-        .ok()
-        .map(|m| m.len())
-}
-
-/// How long a database waits after its `failures`-th failed sync in a row.
-/// Most failures pass (a store's bad minute, a busy write lock): 0.5 s
-/// doubling to 5 s, so that a database ships again within seconds of its
-/// store coming back, however long it was gone. A refusal that lasts until someone acts (no such bucket,
-/// credentials refused) waits 2 s doubling to 60 s.
-fn sync_backoff(error: &replica::Error, failures: u32) -> Duration {
-    let (first, cap) = if error.is_lasting() {
-        (Duration::from_secs(2), Duration::from_secs(60))
-    } else {
-        (Duration::from_millis(500), Duration::from_secs(5))
-    };
-    first
-        .saturating_mul(1 << failures.saturating_sub(1).min(10))
-        .min(cap)
-}
 
 /// A finished job: the slot, its replica (if open), what happened.
 type Done = (usize, Option<Replica>, replica::Result<SyncReport>);
@@ -407,47 +90,6 @@ pub struct Hooks {
 }
 
 /// Replicates the databases of `plan` until `shutdown`.
-/// What was left undone when replication ended: empty for a clean exit.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Outcome {
-    /// Databases whose final sync failed or did not finish in time.
-    pub unflushed: Vec<String>,
-    /// Databases whose replication stopped for good, with why.
-    pub stopped: Vec<(PathBuf, String)>,
-}
-
-impl Outcome {
-    pub fn is_clean(&self) -> bool {
-        self.unflushed.is_empty() && self.stopped.is_empty()
-    }
-}
-
-impl std::fmt::Display for Outcome {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut parts = Vec::new();
-        if !self.unflushed.is_empty() {
-            parts.push(format!(
-                "{} database(s) could not be flushed before exit: {}",
-                self.unflushed.len(),
-                self.unflushed.join(", ")
-            ));
-        }
-        if !self.stopped.is_empty() {
-            let names: Vec<String> = self
-                .stopped
-                .iter()
-                .map(|(path, _)| path.display().to_string())
-                .collect();
-            parts.push(format!(
-                "replication of {} database(s) stopped (see the log): {}",
-                self.stopped.len(),
-                names.join(", ")
-            ));
-        }
-        f.write_str(&parts.join("; "))
-    }
-}
-
 pub async fn run(plan: Plan, shutdown: CancellationToken, hooks: Hooks) -> Result<Outcome> {
     let (tx, rx) = mpsc::unbounded_channel::<Msg>();
     let (sync_tx, sync_rx) = mpsc::unbounded_channel::<SyncRequest>();
@@ -478,7 +120,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken, hooks: Hooks) -> Resul
         routes,
         watcher,
         watched: HashSet::new(),
-        schedule: BinaryHeap::new(),
+        schedule: Schedule::default(),
         ready: VecDeque::new(),
         to_close: VecDeque::new(),
         waiting_room: VecDeque::new(),
@@ -524,7 +166,7 @@ struct Fleet {
     routes: Routes,
     watcher: Box<dyn Watcher + Send>,
     watched: HashSet<(PathBuf, bool)>,
-    schedule: BinaryHeap<Reverse<(Instant, usize)>>,
+    schedule: Schedule,
     /// Databases due for a sync, in order.
     ready: VecDeque<usize>,
     /// Open databases to close (idle, or beyond the budget); started only
@@ -576,22 +218,6 @@ const LISTING_FRESH: Duration = Duration::from_secs(120);
 /// system at most this often.
 const TRIM_EVERY: Duration = Duration::from_secs(1);
 
-/// How many databases can be held open within the open-file limit: four
-/// descriptors each (database, WAL, shared memory, and the database file of
-/// the closed lock connection, which SQLite keeps for reuse while the pin
-/// holds a lock), with room for syncs in flight, sockets, the watcher and a
-/// sixteenth spare for what the estimate misses.
-fn descriptor_budget(parallelism: usize) -> usize {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit only writes the struct we pass.
-    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
-    let soft = if ok { limit.rlim_cur as usize } else { 1024 };
-    (soft.saturating_sub(256 + soft / 16 + 4 * parallelism) / 4).max(8)
-}
-
 const RESCAN_DEBOUNCE: Duration = Duration::from_millis(200);
 
 impl Fleet {
@@ -605,7 +231,7 @@ impl Fleet {
         let mut poll = tokio::time::interval(watch.poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let next = self.schedule.peek().map(|Reverse((t, _))| *t);
+            let next = self.schedule.next();
             let next = [next, self.rescan_at, self.trim_at]
                 .into_iter()
                 .flatten()
@@ -813,7 +439,6 @@ impl Fleet {
                 key,
                 replica: None,
                 last_sync: None,
-                due: None,
                 running: false,
                 dirty: true,
                 failures: 0,
@@ -850,6 +475,7 @@ impl Fleet {
             ));
         }
         self.holding.release(&slot);
+        self.schedule.remove(id);
         self.first_pass_progress(Some(id));
         if let Ok(mut routes) = self.routes.write() {
             routes.remove(&slot.key);
@@ -891,33 +517,26 @@ impl Fleet {
             at = now;
         }
         // A database waiting out a failure backoff keeps waiting.
-        if slot.due.is_none_or(|d| d > at && slot.failures == 0) {
+        if self
+            .schedule
+            .due(id)
+            .is_none_or(|d| d > at && slot.failures == 0)
+        {
             self.schedule_at(id, at);
         }
     }
 
     fn schedule_at(&mut self, id: usize, at: Instant) {
-        if let Some(slot) = self.slots.get_mut(&id) {
-            slot.due = Some(at);
-            self.schedule.push(Reverse((at, id)));
+        if self.slots.contains_key(&id) {
+            self.schedule.set(id, at);
         }
     }
 
     fn pop_due(&mut self) {
-        let now = Instant::now();
-        while let Some(Reverse((at, id))) = self.schedule.peek().copied() {
-            if at > now {
-                break;
-            }
-            self.schedule.pop();
-            // Entries superseded by a later reschedule, or of released slots, are skipped.
+        for id in self.schedule.take_due(Instant::now()) {
             let Some(slot) = self.slots.get_mut(&id) else {
                 continue;
             };
-            if slot.due != Some(at) {
-                continue;
-            }
-            slot.due = None;
             // A look at an open database idle long enough is a close.
             // A retry after a failure is a sync, never a close.
             let idle = !slot.dirty
@@ -1235,271 +854,11 @@ impl Fleet {
         }
         self.start_ready();
     }
-
-    /// Closes the least recently synced open databases at rest, down to 90 %
-    /// of the budget, so that shedding happens in batches and not on every sync.
-    fn shed(&mut self) -> usize {
-        let target = self.budget.saturating_sub((self.budget / 10).max(1));
-        let mut candidates: Vec<(Option<Instant>, usize)> = self
-            .slots
-            .iter()
-            // Any open database without unshipped changes may go (closing
-            // seals it first); one merely scheduled for an idle look may too.
-            .filter(|(_, s)| {
-                s.attached
-                    && !s.running
-                    && !s.closing
-                    && !s.dirty
-                    && s.failures == 0
-                    && s.replica.as_ref().is_some_and(Replica::can_close)
-            })
-            .map(|(id, s)| (s.last_sync, *id))
-            .collect();
-        candidates.sort();
-        let excess = self
-            .holding
-            .attached
-            .saturating_sub(self.holding.closing + target);
-        debug!(
-            open = self.holding.attached,
-            closing = self.holding.closing,
-            candidates = candidates.len(),
-            excess,
-            "over the open-database budget: closing the least recently synced"
-        );
-        let mut queued = 0;
-        for (_, id) in candidates.into_iter().take(excess) {
-            if let Some(slot) = self.slots.get_mut(&id)
-                && self.holding.set_closing(slot, true)
-            {
-                self.to_close.push_back(id);
-                queued += 1;
-            }
-        }
-        queued
-    }
-
-    /// Waits for syncs in flight, then flushes every database once, within the deadline.
-    async fn shutdown(mut self) -> Result<Outcome> {
-        let watch = self.plan.watch().clone();
-        let deadline = Instant::now() + watch.shutdown_timeout;
-        info!("shutting down: final sync of every database");
-        while !self.in_flight.is_empty() {
-            match tokio::time::timeout_at(deadline, self.in_flight.join_next()).await {
-                Ok(Some(Ok((id, replica, _)))) => {
-                    if let Some(slot) = self.slots.get_mut(&id) {
-                        slot.replica = replica;
-                        slot.running = false;
-                    }
-                }
-                Ok(Some(Err(e))) => error!(error = %e, "a sync task failed"),
-                Ok(None) | Err(_) => break,
-            }
-        }
-        let mut unflushed: Vec<String> = self
-            .slots
-            .values()
-            .filter(|s| s.running)
-            .map(|s| s.spec.path.display().to_string())
-            .collect();
-        // Every database not synced yet (still waiting for its first open, or
-        // for a retry) is opened now, so nothing committed is left behind.
-        // A database closed at rest with no change since has nothing to flush.
-        let mut queue: VecDeque<(DbSpec, Option<Replica>)> = self
-            .slots
-            .values_mut()
-            .filter(|s| !s.running && s.stopped().is_none())
-            .filter(|s| s.dirty || s.replica.as_ref().is_none_or(Replica::is_attached))
-            .map(|s| (s.spec.clone(), s.replica.take()))
-            .collect();
-        let mut flushes = JoinSet::new();
-        loop {
-            while flushes.len() < watch.parallelism.max(1) {
-                let Some((spec, replica)) = queue.pop_front() else {
-                    break;
-                };
-                flushes.spawn(async move {
-                    let name = spec.path.display().to_string();
-                    let mut replica = match replica {
-                        Some(r) => r,
-                        None if !spec.path.exists() => return (name, Ok(SyncReport::default())),
-                        None => match spec.open(None).await {
-                            Ok(r) => r,
-                            Err(e) => return (name, Err(e)),
-                        },
-                    };
-                    (name, replica.flush().await)
-                });
-            }
-            if flushes.is_empty() {
-                break;
-            }
-            match tokio::time::timeout_at(deadline, flushes.join_next()).await {
-                Ok(Some(Ok((_, Ok(_))))) => {}
-                Ok(Some(Ok((path, Err(e))))) => {
-                    error!(db = %path, error = %e, "final sync failed");
-                    unflushed.push(path);
-                }
-                Ok(Some(Err(e))) => error!(error = %e, "a final sync task failed"),
-                Ok(None) => break,
-                Err(_) => {
-                    unflushed.extend(queue.iter().map(|(s, _)| s.path.display().to_string()));
-                    unflushed.push(format!("{} still in flight", flushes.len()));
-                    break;
-                }
-            }
-        }
-        if unflushed.is_empty() {
-            info!("every database flushed");
-        } else {
-            error!(
-                count = unflushed.len(),
-                databases = %unflushed.join(", "),
-                "could not be flushed before exit"
-            );
-        }
-        let mut stopped: Vec<(PathBuf, String)> = self
-            .slots
-            .values()
-            .filter_map(|s| {
-                s.stopped()
-                    .map(|why| (s.spec.path.clone(), why.to_string()))
-            })
-            .collect();
-        stopped.sort();
-        Ok(Outcome { unflushed, stopped })
-    }
 }
 
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
-    }
-}
-
-/// Posts the outcome of a finished job to the board.
-fn post(board: &Board, slot: &mut Slot, result: &replica::Result<SyncReport>) {
-    let changed_during_job = slot.changed_during_job.take();
-    let replica = slot.replica.as_ref();
-    let degraded = board.update(&slot.spec.prefix, |d| {
-        let mut became_degraded = None;
-        d.head = replica.and_then(Replica::head).map(|h| h.seq).or(d.head);
-        if let Some(replica) = replica {
-            d.forked = replica.forked().map(str::to_string);
-        }
-        match result {
-            Ok(report) => {
-                d.state = if replica.is_some_and(Replica::is_attached) {
-                    State::Open
-                } else {
-                    State::Closed
-                };
-                d.last_sync_ms = Some(status::now_ms());
-                d.pending_since_ms = changed_during_job;
-                d.last_error = None;
-                d.segments += u64::from(report.segments);
-                d.deltas += u64::from(report.deltas);
-                d.continuity_losses += report.continuity_losses.len() as u64;
-                d.bytes += report.bytes;
-                for reason in &report.snapshot_reasons {
-                    *d.snapshots.entry((*reason).to_string()).or_default() += 1;
-                }
-                let now = status::now_ms();
-                for why in &report.continuity_losses {
-                    if d.record_continuity_loss(now, why) {
-                        became_degraded = d.degraded_at(now);
-                    }
-                }
-                for mode in &report.checkpoint_modes {
-                    *d.checkpoints.entry((*mode).to_string()).or_default() += 1;
-                }
-            }
-            Err(e) => {
-                d.state = if e.is_fatal() {
-                    State::Stopped
-                } else {
-                    State::Failing
-                };
-                d.pending_since_ms = match (d.pending_since_ms, changed_during_job) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-                d.last_error = Some(e.to_string());
-                *d.errors.entry(e.kind().to_string()).or_default() += 1;
-            }
-        }
-        became_degraded
-    });
-    // Once per episode: every loss is logged where it happens, this says
-    // that they keep coming and what usually causes that.
-    if let Some(why) = degraded {
-        warn!(
-            db = %slot.spec.path.display(),
-            prefix = %slot.spec.prefix,
-            "database degraded: {why}; {}",
-            status::DEGRADED_HINT
-        );
-    }
-}
-
-/// Tells the `walsync sync` requests that this job satisfies how it went.
-/// Tells the compactor about a chain that grew past a multiple of its
-/// smallest level since the last report.
-fn report_compaction(compactor: &Compactor, slot: &mut Slot) {
-    let levels = &slot.spec.sync.compaction;
-    let (Some(&smallest), Some((head, snapshot))) = (
-        levels.first(),
-        slot.replica.as_ref().and_then(Replica::compaction_point),
-    ) else {
-        return;
-    };
-    if head / smallest <= slot.compaction_reported / smallest {
-        return;
-    }
-    slot.compaction_reported = head;
-    compactor.due(compactor::Due {
-        prefix: slot.spec.prefix.clone(),
-        storage: slot.spec.storage.clone(),
-        keys: slot.spec.sync.encryption.clone(),
-        levels: levels.clone(),
-        window: slot.spec.sync.exact_window,
-        head,
-        snapshot,
-    });
-}
-
-fn answer_waiters(slot: &mut Slot, result: &replica::Result<SyncReport>) {
-    let done = slot.jobs_started;
-    let head = slot.replica.as_ref().and_then(Replica::head).map(|h| h.seq);
-    let prefix = &slot.spec.prefix;
-    slot.waiters.retain(|(needs, waiter)| {
-        if *needs > done {
-            return true;
-        }
-        let outcome = match result {
-            Ok(_) => Ok(head),
-            Err(e) => Err(e.to_string()),
-        };
-        let _ = waiter.send((prefix.clone(), outcome));
-        false
-    });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A flag set twice counts once, cleared twice uncounts once: a count
-    /// cannot drift from its flags whatever order the loop meets them in.
-    #[test]
-    fn a_count_follows_its_flag_only_when_it_changes() {
-        let (mut flag, mut count) = (false, 0);
-        assert!(flip(&mut flag, &mut count, true));
-        assert!(!flip(&mut flag, &mut count, true));
-        assert_eq!((flag, count), (true, 1));
-        assert!(flip(&mut flag, &mut count, false));
-        assert!(!flip(&mut flag, &mut count, false));
-        assert_eq!((flag, count), (false, 0));
     }
 }

@@ -1,0 +1,125 @@
+//! Which databases `watch` replicates: a fixed set named on the command
+//! line, or those a walsync.toml names (re-read when it changes), and the
+//! directories to watch for them.
+
+use super::*;
+
+/// One database to replicate.
+#[derive(Debug, Clone)]
+pub struct DbSpec {
+    pub path: PathBuf,
+    pub prefix: String,
+    pub storage: Arc<dyn Storage>,
+    pub sync: SyncOptions,
+}
+
+impl DbSpec {
+    pub(super) async fn open(&self, listed: Option<Vec<ObjectRef>>) -> replica::Result<Replica> {
+        Replica::open_listed(
+            &self.path,
+            &self.prefix,
+            self.storage.clone(),
+            self.sync.clone(),
+            listed,
+        )
+        .await
+    }
+}
+
+/// Which databases to replicate.
+#[derive(Debug)]
+pub enum Plan {
+    /// Named on the command line: a fixed set.
+    Fixed {
+        specs: Vec<DbSpec>,
+        watch: WatchSettings,
+    },
+    /// From a walsync.toml, re-read when it changes.
+    Config {
+        config: Config,
+        storage: Arc<dyn Storage>,
+    },
+}
+
+impl Plan {
+    /// The watch settings of this plan.
+    pub fn watch(&self) -> &WatchSettings {
+        match self {
+            Plan::Fixed { watch, .. } => watch,
+            Plan::Config { config, .. } => &config.watch,
+        }
+    }
+
+    pub(super) fn targets(&self) -> Result<Vec<DbSpec>> {
+        match self {
+            Plan::Fixed { specs, .. } => Ok(specs.clone()),
+            Plan::Config { config, storage } => Ok(config
+                .discover()?
+                .into_iter()
+                .map(|t| DbSpec {
+                    path: t.path,
+                    prefix: t.prefix,
+                    storage: storage.clone(),
+                    sync: t.sync,
+                })
+                .collect()),
+        }
+    }
+
+    /// Directories to watch (and whether recursively).
+    pub(super) fn roots(&self) -> HashSet<(PathBuf, bool)> {
+        let mut roots = HashSet::new();
+        match self {
+            Plan::Fixed { specs, .. } => {
+                for spec in specs {
+                    roots.insert((parent_of(&spec.path), false));
+                }
+            }
+            Plan::Config { config, .. } => {
+                for entry in &config.entries {
+                    roots.insert(entry.source.watch_roots());
+                }
+                roots.insert((parent_of(&config.source), false));
+            }
+        }
+        roots
+            .into_iter()
+            .map(|(dir, recursive)| (canonical(&dir), recursive))
+            .collect()
+    }
+
+    /// The walsync.toml this plan comes from, if any (links resolved).
+    pub fn config_file(&self) -> Option<PathBuf> {
+        match self {
+            Plan::Fixed { .. } => None,
+            Plan::Config { config, .. } => Some(canonical(&config.source)),
+        }
+    }
+}
+
+fn parent_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// The path the watcher reports for `path`, also for files that do not exist yet.
+pub(super) fn canonical(path: &Path) -> PathBuf {
+    if let Ok(p) = path.canonicalize() {
+        return p;
+    }
+    match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) => {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            dir.canonicalize()
+                .map(|d| d.join(name))
+                .unwrap_or_else(|_| path.to_path_buf())
+        }
+        _ => path.to_path_buf(),
+    }
+}
