@@ -32,8 +32,8 @@ pub struct Object {
     pub hash: [u8; 32],
 }
 
-/// The next object of a chain, after `0`: begun only if the database has
-/// something to put in it.
+/// The object that follows the link it holds: begun only if the database
+/// has something to put in it.
 #[derive(Debug, Clone)]
 pub struct New(pub Link);
 

@@ -205,6 +205,14 @@ async fn fifty_databases_from_a_glob_with_concurrent_writers_restore_all() {
     }
 }
 
+fn on_board(board: &walsync::status::Board, prefix: &str) -> bool {
+    board
+        .snapshot()
+        .databases
+        .iter()
+        .any(|d| d.prefix == prefix)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn databases_and_config_edits_are_picked_up_while_running() {
     let store = common::fs_store();
@@ -234,7 +242,7 @@ async fn databases_and_config_edits_are_picked_up_while_running() {
     std::fs::remove_file(data.join("a.db")).unwrap();
     let _ = std::fs::remove_file(data.join("a.db-wal"));
     let _ = std::fs::remove_file(data.join("a.db-shm"));
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    wait_for("d/a released", async || !on_board(&board, "d/a")).await;
     let a_objects = objects(&store, "d/a").await;
 
     // An edit adding a database and a new prefix takes effect.
@@ -317,16 +325,24 @@ async fn databases_and_config_edits_are_picked_up_while_running() {
         ),
     )
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    wait_for("d/b released", async || !on_board(&board, "d/b")).await;
     assert_eq!(
         board.snapshot().config.refused,
         None,
         "the mended file is in use"
     );
+    // Written together (sync_interval 0): once the database still replicated
+    // has shipped its write, a released one would have shipped too.
     let b_before = objects(&store, "d/b").await;
+    let fixed_before = objects(&store, "fixed").await;
     b.execute("INSERT INTO t(v) VALUES ('not replicated')", [])
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    conn.execute("INSERT INTO t(v) VALUES ('replicated')", [])
+        .unwrap();
+    wait_for("fixed, written beside the released d/b", async || {
+        objects(&store, "fixed").await > fixed_before
+    })
+    .await;
     assert_eq!(
         objects(&store, "d/b").await,
         b_before,
