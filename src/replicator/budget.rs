@@ -48,8 +48,8 @@ pub(super) fn descriptor_budget(parallelism: usize) -> usize {
 
 /// How many databases hold their descriptors, are being opened by a running
 /// job, or are queued or running to close: the budget's view of the slots'
-/// `attached`, `opening` and `closing` flags. The flags change only through
-/// here, so each count equals the number of slots with its flag set.
+/// `attached` flag and their [`Job`]s. Both change only through here, so
+/// each count equals the number of slots it counts.
 #[derive(Debug, Default)]
 pub(super) struct Holding {
     pub(super) attached: usize,
@@ -58,24 +58,23 @@ pub(super) struct Holding {
 }
 
 impl Holding {
-    /// Each returns whether the flag changed.
+    /// Returns whether the flag changed.
     pub(super) fn set_attached(&mut self, slot: &mut Slot, to: bool) -> bool {
         flip(&mut slot.attached, &mut self.attached, to)
     }
 
-    pub(super) fn set_opening(&mut self, slot: &mut Slot, to: bool) -> bool {
-        flip(&mut slot.opening, &mut self.opening, to)
+    /// Moves a slot's job to `to`, its counts with it.
+    pub(super) fn set_job(&mut self, job: &mut Job, to: Job) {
+        self.opening = self.opening - usize::from(job.opening()) + usize::from(to.opening());
+        self.closing = self.closing - usize::from(job.closing()) + usize::from(to.closing());
+        *job = to;
     }
 
-    pub(super) fn set_closing(&mut self, slot: &mut Slot, to: bool) -> bool {
-        flip(&mut slot.closing, &mut self.closing, to)
-    }
-
-    /// A slot released: its flags no longer count.
+    /// A slot released: it no longer counts.
     pub(super) fn release(&mut self, slot: &Slot) {
         self.attached -= usize::from(slot.attached);
-        self.opening -= usize::from(slot.opening);
-        self.closing -= usize::from(slot.closing);
+        self.opening -= usize::from(slot.job.opening());
+        self.closing -= usize::from(slot.job.closing());
     }
 }
 
@@ -104,8 +103,7 @@ impl Fleet {
             // seals it first); one merely scheduled for an idle look may too.
             .filter(|(_, s)| {
                 s.attached
-                    && !s.running
-                    && !s.closing
+                    && s.job == Job::Idle
                     && !s.dirty
                     && s.failures == 0
                     && s.replica.as_ref().is_some_and(Replica::can_close)
@@ -126,9 +124,8 @@ impl Fleet {
         );
         let mut queued = 0;
         for (_, id) in candidates.into_iter().take(excess) {
-            if let Some(slot) = self.slots.get_mut(&id)
-                && self.holding.set_closing(slot, true)
-            {
+            if let Some(slot) = self.slots.get_mut(&id) {
+                self.holding.set_job(&mut slot.job, Job::CloseQueued);
                 self.to_close.push_back(id);
                 queued += 1;
             }
@@ -152,5 +149,36 @@ mod tests {
         assert!(flip(&mut flag, &mut count, false));
         assert!(!flip(&mut flag, &mut count, false));
         assert_eq!((flag, count), (false, 0));
+    }
+
+    /// Whatever order the loop moves jobs in, the counts equal the number
+    /// of slots opening and closing.
+    #[test]
+    fn the_counts_follow_every_move_of_every_job() {
+        let all = [
+            Job::Idle,
+            Job::CloseQueued,
+            Job::Sync { opens: false },
+            Job::Sync { opens: true },
+            Job::Close,
+        ];
+        let mut holding = Holding::default();
+        let mut jobs = [Job::Idle; 7];
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let slot = (x % 7) as usize;
+            let to = all[((x >> 8) % 5) as usize];
+            holding.set_job(&mut jobs[slot], to);
+            assert_eq!(holding.opening, jobs.iter().filter(|j| j.opening()).count());
+            assert_eq!(holding.closing, jobs.iter().filter(|j| j.closing()).count());
+        }
+        assert_eq!(
+            [Job::CloseQueued, Job::Close].map(Job::running),
+            [false, true]
+        );
+        assert!(Job::Sync { opens: true }.running() && !Job::Sync { opens: true }.closing());
     }
 }

@@ -439,15 +439,13 @@ impl Fleet {
                 key,
                 replica: None,
                 last_sync: None,
-                running: false,
+                job: Job::Idle,
                 dirty: true,
                 failures: 0,
                 queued,
                 attached: false,
                 seen: None,
                 rechecks: 0,
-                closing: false,
-                opening: false,
                 changed_during_job: None,
                 jobs_started: 0,
                 waiters: Vec::new(),
@@ -498,14 +496,14 @@ impl Fleet {
             return;
         };
         slot.dirty = true;
-        if slot.running {
+        if slot.job.running() {
             slot.changed_during_job.get_or_insert_with(status::now_ms);
         } else {
             self.board.update(&slot.spec.prefix, |d| {
                 d.pending_since_ms.get_or_insert_with(status::now_ms);
             });
         }
-        if slot.running || slot.stopped().is_some() {
+        if slot.job.running() || slot.stopped().is_some() {
             return;
         }
         let now = Instant::now();
@@ -547,7 +545,8 @@ impl Fleet {
                         .is_some_and(|r| r.can_close() && r.last_change().elapsed() >= d)
                 });
             if idle {
-                if self.holding.set_closing(slot, true) {
+                if slot.job == Job::Idle {
+                    self.holding.set_job(&mut slot.job, Job::CloseQueued);
                     self.to_close.push_back(id);
                 }
             } else {
@@ -592,16 +591,16 @@ impl Fleet {
         let Some(slot) = self.slots.get_mut(&id) else {
             return;
         };
-        if slot.running {
+        if slot.job.running() {
             return;
         }
-        slot.running = true;
+        // A database queued to close that changed meanwhile syncs instead:
+        // its close, when its turn comes, finds it no longer queued.
+        let opens = slot.needs_open();
+        self.holding.set_job(&mut slot.job, Job::Sync { opens });
         slot.dirty = false;
         slot.jobs_started += 1;
         slot.wal_bytes_at_sync = wal_bytes(&slot.spec.path).unwrap_or(0);
-        if slot.needs_open() {
-            self.holding.set_opening(slot, true);
-        }
         let replica = slot.replica.take();
         let spec = slot.spec.clone();
         // Only a first open uses the start-up listing: a retry lists again.
@@ -629,19 +628,24 @@ impl Fleet {
     /// its WAL first). Closing only saves resources: one that cannot be sealed
     /// right now stays open and is looked at again later.
     fn start_close(&mut self, id: usize) {
-        let Some(slot) = self.slots.get_mut(&id).filter(|s| s.closing) else {
+        // Syncing or closing already, or no longer queued: nothing to do.
+        let Some(slot) = self
+            .slots
+            .get_mut(&id)
+            .filter(|s| s.job == Job::CloseQueued)
+        else {
             return;
         };
         let replica = match slot.replica.take() {
-            Some(r) if !slot.running && !slot.dirty && r.is_attached() => r,
+            Some(r) if !slot.dirty && r.is_attached() => r,
             other => {
-                // Changed, busy or closed since it was queued: nothing to do.
+                // Changed or closed since it was queued: nothing to do.
                 slot.replica = other;
-                self.holding.set_closing(slot, false);
+                self.holding.set_job(&mut slot.job, Job::Idle);
                 return;
             }
         };
-        slot.running = true;
+        self.holding.set_job(&mut slot.job, Job::Close);
         slot.jobs_started += 1;
         let mut replica = replica;
         self.in_flight.spawn(async move {
@@ -716,7 +720,7 @@ impl Fleet {
             self.start_ready();
             return;
         };
-        slot.running = false;
+        self.holding.set_job(&mut slot.job, Job::Idle);
         slot.last_sync = Some(now);
         slot.replica = replica;
         // Settings reloaded while it ran (a key rotation among them) apply now.
@@ -725,8 +729,6 @@ impl Fleet {
         {
             replica.set_options(slot.spec.sync.clone());
         }
-        self.holding.set_opening(slot, false);
-        self.holding.set_closing(slot, false);
         let attached = slot.replica.as_ref().is_some_and(Replica::is_attached);
         let closed = self.holding.set_attached(slot, attached) && !attached;
         if closed {
@@ -848,7 +850,7 @@ impl Fleet {
             slot.waiters
                 .push((slot.jobs_started + 1, request.outcomes.clone()));
             slot.dirty = true;
-            if !slot.running {
+            if !slot.job.running() {
                 self.schedule_at(id, now);
             }
         }

@@ -55,7 +55,7 @@ impl Fleet {
                 Ok(Some(Ok((id, replica, _)))) => {
                     if let Some(slot) = self.slots.get_mut(&id) {
                         slot.replica = replica;
-                        slot.running = false;
+                        self.holding.set_job(&mut slot.job, Job::Idle);
                     }
                 }
                 Ok(Some(Err(e))) => error!(error = %e, "a sync task failed"),
@@ -65,7 +65,7 @@ impl Fleet {
         let mut unflushed: Vec<String> = self
             .slots
             .values()
-            .filter(|s| s.running)
+            .filter(|s| s.job.running())
             .map(|s| s.spec.path.display().to_string())
             .collect();
         // Every database not synced yet (still waiting for its first open, or
@@ -74,7 +74,7 @@ impl Fleet {
         let mut queue: VecDeque<(DbSpec, Option<Replica>)> = self
             .slots
             .values_mut()
-            .filter(|s| !s.running && s.stopped().is_none())
+            .filter(|s| !s.job.running() && s.stopped().is_none())
             .filter(|s| s.dirty || s.replica.as_ref().is_none_or(Replica::is_attached))
             .map(|s| (s.spec.clone(), s.replica.take()))
             .collect();

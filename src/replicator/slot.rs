@@ -10,7 +10,8 @@ pub(super) struct Slot {
     pub(super) key: PathBuf,
     pub(super) replica: Option<Replica>,
     pub(super) last_sync: Option<Instant>,
-    pub(super) running: bool,
+    /// What the loop has under way for it.
+    pub(super) job: Job,
     /// The WAL changed since the last sync started.
     pub(super) dirty: bool,
     pub(super) failures: u32,
@@ -23,10 +24,6 @@ pub(super) struct Slot {
     pub(super) seen: Option<[(u64, i64, i64); 2]>,
     /// Quick re-checks in a row for commits SQLite had not published yet.
     pub(super) rechecks: u32,
-    /// Queued to be closed, or being closed.
-    pub(super) closing: bool,
-    /// Its running job opens it (counts against the budget until done).
-    pub(super) opening: bool,
     /// When the first change that arrived during the running job did
     /// (Unix ms): what is left unshipped once the job is done.
     pub(super) changed_during_job: Option<u64>,
@@ -46,6 +43,39 @@ pub(super) struct Slot {
     /// The WAL's size when the last sync started (or less, since it shrank):
     /// what it has grown by since tells a writer that outruns the interval.
     pub(super) wal_bytes_at_sync: u64,
+}
+
+/// What the loop has under way for a database: one thing at a time. Its
+/// count in [`Holding`] changes with it (see `Holding::set_job`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) enum Job {
+    /// Nothing: it waits for a change or its time.
+    #[default]
+    Idle,
+    /// In the queue of databases to close; the close has not started.
+    CloseQueued,
+    /// A sync runs; `opens` if it opens the database first (counted against
+    /// the descriptor budget until it is done).
+    Sync { opens: bool },
+    /// A close runs.
+    Close,
+}
+
+impl Job {
+    /// A job of it is in flight (its replica is with the job).
+    pub(super) fn running(self) -> bool {
+        matches!(self, Job::Sync { .. } | Job::Close)
+    }
+
+    /// Queued to be closed, or being closed.
+    pub(super) fn closing(self) -> bool {
+        matches!(self, Job::CloseQueued | Job::Close)
+    }
+
+    /// Its running job opens it.
+    pub(super) fn opening(self) -> bool {
+        matches!(self, Job::Sync { opens: true })
+    }
 }
 
 impl Slot {
