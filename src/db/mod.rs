@@ -36,8 +36,11 @@ use crate::segment::{self, Kind, WalRange};
 use crate::state::{self, Record, page_hash};
 use crate::wal::{self, IndexHeader, Position, WalHeader};
 
+mod checkpoint;
 mod continuity;
+mod record;
 mod snapshot;
+pub use checkpoint::{CheckpointMode, CheckpointOutcome};
 pub use continuity::Detached;
 use continuity::{Identity, identity_of};
 
@@ -220,17 +223,6 @@ pub enum Changes<O> {
     Lost(String),
 }
 
-/// How a checkpoint went.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CheckpointOutcome {
-    /// Another connection held the write lock; try again later.
-    Busy,
-    /// Frames were checkpointed; `complete` if every frame was.
-    Done { complete: bool, frames: u32 },
-    /// The WAL is not what was shipped (or a write raced the TRUNCATE): snapshot.
-    Lost(&'static str),
-}
-
 /// Whether a WAL generation other than the shipped one continues the chain.
 #[derive(Debug)]
 enum Generation {
@@ -238,15 +230,6 @@ enum Generation {
     /// SQLite has not published the new generation's first commit yet.
     NotPublished,
     Lost(String),
-}
-
-const FRAMES_DIFFER: &str =
-    "the WAL-index frame count differs from the frames read and shipped under the write lock";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CheckpointMode {
-    Passive,
-    Truncate,
 }
 
 /// One watched database.
@@ -470,59 +453,6 @@ impl Database {
             return Ok(());
         }
         self.conn.execute_batch("ROLLBACK").map_err(self.sql_err())
-    }
-
-    /// The lock connection, opened on first use.
-    fn lock_conn(&mut self) -> Result<&Connection> {
-        if self.lock.is_none() {
-            let conn = open_connection(&self.path).map_err(self.sql_err())?;
-            // An app that commits in a tight loop frees the write lock only for
-            // microseconds between transactions; SQLite's default busy handler
-            // sleeps 1-100 ms between tries and would almost never get it.
-            conn.busy_handler(Some(retry_lock_briefly))
-                .map_err(self.sql_err())?;
-            self.lock = Some(conn);
-        }
-        self.lock.as_ref().ok_or_else(|| Error::Unsupported {
-            path: self.path.clone(),
-            reason: "lock connection unavailable".into(),
-        })
-    }
-
-    fn acquire_write_lock(&mut self) -> Result<bool> {
-        let begun = self.lock_conn()?.execute_batch("BEGIN IMMEDIATE");
-        match begun {
-            Ok(()) => {
-                self.lock_held = true;
-                Ok(true)
-            }
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if e.code == rusqlite::ErrorCode::DatabaseBusy =>
-            {
-                self.lock = None;
-                Ok(false)
-            }
-            Err(e) => Err(self.sql_err()(e)),
-        }
-    }
-
-    /// Rolls the write transaction back, keeping the lock connection open.
-    fn rollback_write_lock(&mut self) -> Result<()> {
-        if self.lock_held {
-            self.lock_held = false;
-            if let Some(lock) = &self.lock {
-                lock.execute_batch("ROLLBACK").map_err(self.sql_err())?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Lets go of the write lock taken by [`Database::lock_and_read_tail`]
-    /// and closes the lock connection.
-    pub fn release_write_lock(&mut self) -> Result<()> {
-        let result = self.rollback_write_lock();
-        self.lock = None;
-        result
     }
 
     fn open_wal(&self) -> Result<Option<(File, WalHeader)>> {
@@ -823,269 +753,6 @@ impl Database {
         self.commits_at_state = commits;
     }
 
-    /// Brings the state record up to `head`, the object just made durable.
-    /// A record that cannot be written is dropped (and the next snapshot
-    /// makes a new one): it is a saving, never a reason to stop shipping.
-    pub fn record_shipped(&mut self, change: StateChange, head: state::Head) {
-        let Some(path) = self.record_path.clone() else {
-            return;
-        };
-        let result = match (change, self.record.take()) {
-            (StateChange::Replace(builder), _) => builder.place(&path, head).map(Some),
-            (StateChange::Pages(change), Some(mut record)) => {
-                let (sum, pages) = *change;
-                record.apply(sum, &pages, head).map(|()| Some(record))
-            }
-            (StateChange::Pages(_) | StateChange::Unknown, None) => Ok(None),
-            (StateChange::Unknown, Some(_)) => state::forget(&path).map(|()| None),
-        };
-        self.record = result.unwrap_or_else(|e| {
-            tracing::warn!(
-                db = %self.path.display(),
-                error = %e,
-                "could not update the state record; the next continuity loss takes a full snapshot"
-            );
-            let _ = state::forget(&path);
-            None
-        });
-    }
-
-    /// Uses the record beside the database if it describes `head`, whose
-    /// state digest is `digest`; otherwise says why not.
-    pub fn load_record(
-        &mut self,
-        head: state::Head,
-        digest: Option<state::Digest>,
-    ) -> std::result::Result<(), String> {
-        let result = self.find_record(head, digest);
-        self.no_record = result.as_ref().err().cloned();
-        result
-    }
-
-    fn find_record(
-        &mut self,
-        head: state::Head,
-        digest: Option<state::Digest>,
-    ) -> std::result::Result<(), String> {
-        self.record = None;
-        let Some(digest) = digest else {
-            return Err(
-                "the chain head records no state digest (written by an older walsync, \
-                        or without a state record)"
-                    .into(),
-            );
-        };
-        let Some(path) = self.record_path.clone() else {
-            return Err("no state record is kept for this database".into());
-        };
-        let mut record = match Record::open(&path) {
-            Ok(Some(record)) => record,
-            Ok(None) => return Err(format!("there is no state record ({})", path.display())),
-            Err(e) => {
-                return Err(format!(
-                    "the state record {} is unreadable: {e}",
-                    path.display()
-                ));
-            }
-        };
-        if record.sum.page_size != self.page_size {
-            return Err(format!(
-                "the state record has page size {}, the database {}",
-                record.sum.page_size, self.page_size
-            ));
-        }
-        record.check(head, &digest)?;
-        self.record = Some(record);
-        Ok(())
-    }
-
-    /// Stops using the record (it cannot be read, or is not the one that was
-    /// checked) and removes it: objects carry no digest until the next
-    /// snapshot makes a new one.
-    fn drop_record(&mut self, why: &str) {
-        if let Some(record) = self.record.take() {
-            tracing::warn!(
-                db = %self.path.display(),
-                record = %record.path().display(),
-                why,
-                "stopped using the state record; the next continuity loss takes a full snapshot"
-            );
-            let _ = state::forget(record.path());
-        }
-        self.no_record = Some(format!("the state record could not be used: {why}"));
-    }
-
-    /// Whether a checked state record is at hand (a delta can be made).
-    pub fn has_record(&self) -> bool {
-        self.record.is_some()
-    }
-
-    /// Keeps the state record at `path` (see [`state::record_path`]).
-    pub fn keep_record_at(&mut self, path: PathBuf) {
-        self.record_path = Some(path);
-    }
-
-    /// Hands the checked record over while the database is closed (it is a
-    /// few dozen bytes; checking it again on every reopen would read it whole).
-    pub fn take_record(&mut self) -> Option<Record> {
-        self.record.take()
-    }
-
-    pub fn restore_record(&mut self, record: Option<Record>) {
-        self.record = record;
-    }
-
-    /// First half of a checkpoint: takes the write lock and reads the last
-    /// frames, which the caller must ship before calling [`Database::checkpoint`].
-    /// `Ok(None)` if the write lock could not be had in time.
-    pub fn lock_and_read_tail<E: Encode>(
-        &mut self,
-        encode: E,
-    ) -> Result<Option<Changes<E::Object>>> {
-        self.guarded(|db| {
-            if !db.acquire_write_lock()? {
-                return Ok(None);
-            }
-            match db.read_changes_pinned(encode) {
-                Ok(changes) => Ok(Some(changes)),
-                Err(e) => {
-                    let _ = db.release_write_lock();
-                    Err(e)
-                }
-            }
-        })
-    }
-
-    /// Second half: with the write lock still held and the tail shipped,
-    /// checkpoints and releases the lock. A complete PASSIVE checkpoint seals
-    /// the WAL. TRUNCATE (the brake on runaway growth) cannot run under our own
-    /// write transaction, so it runs right after the lock is released, and
-    /// `PRAGMA data_version` on the lock connection proves that no other
-    /// connection committed in that gap.
-    pub fn checkpoint(&mut self, mode: CheckpointMode) -> Result<CheckpointOutcome> {
-        if !self.lock_held || self.broken {
-            let _ = self.release_write_lock();
-            return Ok(CheckpointOutcome::Busy);
-        }
-        self.guarded(|db| db.checkpoint_locked(mode))
-    }
-
-    fn checkpoint_locked(&mut self, mode: CheckpointMode) -> Result<CheckpointOutcome> {
-        let shipped_frames = self.state.frames();
-        let result = match mode {
-            CheckpointMode::Passive => self.checkpoint_passive(shipped_frames),
-            CheckpointMode::Truncate => self.checkpoint_truncate(shipped_frames),
-        };
-        if result.is_err() {
-            let _ = self.ensure_pinned();
-        }
-        let _ = self.release_write_lock();
-        result
-    }
-
-    fn checkpoint_passive(&mut self, shipped_frames: u32) -> Result<CheckpointOutcome> {
-        self.unpin()?;
-        let row = self.wal_checkpoint(&self.conn, "PASSIVE");
-        self.pin()?;
-        self.release_write_lock()?;
-        let (busy, log, done) = row?;
-        if !self.log_matches(log, shipped_frames) {
-            return Ok(CheckpointOutcome::Lost(FRAMES_DIFFER));
-        }
-        let complete = busy == 0 && log >= 0 && log == done;
-        if complete {
-            self.sealed = true;
-        }
-        Ok(CheckpointOutcome::Done {
-            complete,
-            frames: done.max(0) as u32,
-        })
-    }
-
-    /// Under our write lock the WAL-index's frame count (`log`) must equal the
-    /// frames we read and shipped. If it does not, the file holds frames SQLite
-    /// never published (an app that died mid-commit) or frames we could not
-    /// read: the chain cannot vouch for this WAL.
-    fn log_matches(&self, log: i64, shipped_frames: u32) -> bool {
-        log < 0 // the checkpoint did not run at all; nothing to compare
-            || log == i64::from(shipped_frames)
-            // Restarted in the WAL-index, first frame not written yet.
-            || (self.sealed && log == 0)
-    }
-
-    fn wal_checkpoint(&self, conn: &Connection, mode: &str) -> Result<(i64, i64, i64)> {
-        conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
-        .map_err(self.sql_err())
-    }
-
-    fn checkpoint_truncate(&mut self, shipped_frames: u32) -> Result<CheckpointOutcome> {
-        let before = self.data_version()?;
-        // First copy every frame while we still hold the write lock, and prove
-        // the WAL holds exactly what we shipped.
-        self.unpin()?;
-        let passive = self.wal_checkpoint(&self.conn, "PASSIVE");
-        let (_, log, _) = match passive {
-            Ok(row) => row,
-            Err(e) => {
-                self.pin()?;
-                self.rollback_write_lock()?;
-                return Err(e);
-            }
-        };
-        if !self.log_matches(log, shipped_frames) {
-            self.pin()?;
-            self.rollback_write_lock()?;
-            return Ok(CheckpointOutcome::Lost(FRAMES_DIFFER));
-        }
-        // TRUNCATE will not run inside our own write transaction: release it,
-        // truncate, and take the pin back at once. Any commit by another
-        // connection in that gap changes data_version, which we read after the
-        // pin is back, so nothing can slip through unseen.
-        self.rollback_write_lock()?;
-        let row = match &self.lock {
-            Some(lock) => self.wal_checkpoint(lock, "TRUNCATE"),
-            None => Ok((1, -1, -1)),
-        };
-        let pinned = self.pin();
-        let after = self.data_version();
-        pinned?;
-        let (busy, _, done) = row?;
-        let after = after?;
-        if after != before {
-            return Ok(CheckpointOutcome::Lost(
-                "another connection committed between shipping and the TRUNCATE checkpoint",
-            ));
-        }
-        if busy != 0 {
-            // Readers kept it from finishing: nothing was truncated or restarted.
-            return Ok(CheckpointOutcome::Done {
-                complete: false,
-                frames: done.max(0) as u32,
-            });
-        }
-        // The position stays: SQLite's restart added one to salt-1, so the
-        // generation the app writes next is the one that must follow.
-        self.sealed = true;
-        Ok(CheckpointOutcome::Done {
-            complete: true,
-            frames: done.max(0) as u32,
-        })
-    }
-
-    fn data_version(&self) -> Result<i64> {
-        match &self.lock {
-            Some(lock) => lock
-                .query_row("PRAGMA data_version", [], |r| r.get(0))
-                .map_err(self.sql_err()),
-            None => Err(Error::Unsupported {
-                path: self.path.clone(),
-                reason: "lock connection unavailable".into(),
-            }),
-        }
-    }
-
     fn identity_changed(&self) -> Result<bool> {
         match identity_of(&self.path) {
             Ok(id) => Ok(id != self.identity),
@@ -1130,16 +797,6 @@ impl Database {
             source,
         })
     }
-}
-
-/// Busy handler of the lock connection: retry every 250 µs for about 2 s.
-fn retry_lock_briefly(attempt: i32) -> bool {
-    const ATTEMPTS: i32 = 8000;
-    if attempt >= ATTEMPTS {
-        return false;
-    }
-    std::thread::sleep(Duration::from_micros(250));
-    true
 }
 
 fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
