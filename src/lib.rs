@@ -52,13 +52,11 @@ pub mod compactor;
 pub mod config;
 pub mod db;
 mod explain;
-pub mod follow;
 mod fork;
 pub mod format;
 mod link;
 pub mod object;
 mod out;
-mod page_hashes;
 pub mod reason;
 pub mod redact;
 pub mod replica;
@@ -66,13 +64,13 @@ pub mod replicator;
 pub mod restore;
 pub mod retention;
 pub mod serve;
-mod sidefile;
 pub mod storage;
 pub mod tips;
-pub mod verify;
 
-// The modules grouped in format/ and serve/ keep their short paths.
+// The modules grouped in format/, serve/ and restore/ keep their short paths.
 use format::wal;
 pub use format::{encryption, segment, state};
+use restore::sidefile;
+pub use restore::{follow, verify};
 use serve::{control, http, listen};
 pub use serve::{sidecar, status};

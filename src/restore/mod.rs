@@ -10,6 +10,11 @@
 //! `FILE`. A failed restore leaves any existing `FILE` untouched; a second
 //! restore to the same `FILE` meanwhile is refused.
 
+pub mod follow;
+mod page_hashes;
+pub(crate) mod sidefile;
+pub mod verify;
+
 use std::fs::File;
 use std::io::{self, BufReader};
 use std::os::unix::fs::FileExt;
@@ -23,11 +28,10 @@ use crate::chain::{self, ObjectRef};
 use crate::encryption::{KeyId, Keys};
 use crate::fork::{self, Branch};
 use crate::link;
-use crate::page_hashes::{self, Batch, Hasher};
 use crate::segment::{self, Kind, PageReader};
-use crate::sidefile;
 use crate::state::{self, Record};
 use crate::storage::{self, Storage, to_hex};
+use page_hashes::{Batch, Hasher};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
