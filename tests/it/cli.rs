@@ -4146,9 +4146,11 @@ async fn torture(rounds: u32) {
                 sigkill(&mut following);
                 let mut following = follow();
                 let deadline = Instant::now() + Duration::from_secs(30);
+                // The log is made afresh for each run: a line of the
+                // follower's own is the new one's.
                 let started = || {
                     std::fs::read_to_string(&follow_log)
-                        .is_ok_and(|l| l.contains("walsync::follow"))
+                        .is_ok_and(|l| l.contains("restore::follow"))
                 };
                 while !started() || !copy.exists() || blob_rows(&copy) != expected {
                     assert!(
