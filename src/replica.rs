@@ -138,12 +138,9 @@ impl Default for SyncOptions {
     }
 }
 
-/// The newest durable object of this database.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Head {
-    pub seq: u64,
-    pub hash: [u8; 32],
-}
+/// The newest durable object of this database: the one type for a chain's
+/// head, also what a state record names.
+pub use crate::state::Head;
 
 /// What one sync did.
 #[derive(Debug, Default, Clone)]
@@ -331,7 +328,7 @@ impl Replica {
         let state = WalState::from_range(&header.wal);
         let page_size = header.page_size;
         let head_ms = header.timestamp_ms;
-        let record_head = state::Head {
+        let record_head = Head {
             seq: header.seq,
             hash,
         };
@@ -505,7 +502,7 @@ impl Replica {
         let path = self.path.clone();
         let record = self.parked_record.take();
         let record_path = self.record_path();
-        let head = self.record_head();
+        let head = self.head;
         let digest = self.head_state;
         let (db, verdict) = blocking(&self.path, move || {
             Database::reattach(&path, token).map(|(mut db, verdict)| {
@@ -598,7 +595,7 @@ impl Replica {
             // snapshot: frames read from a fresh position could skip some.
             let path = self.path.clone();
             let record_path = self.record_path();
-            let head = self.record_head();
+            let head = self.head;
             let digest = self.head_state;
             let db = blocking(&self.path, move || {
                 Database::open(&path).map(|mut db| {
@@ -634,14 +631,6 @@ impl Replica {
             &self.path,
             &state::destination(&self.storage.describe(), &self.prefix),
         )
-    }
-
-    /// The chain head, as a state record names it.
-    fn record_head(&self) -> Option<state::Head> {
-        self.head.map(|h| state::Head {
-            seq: h.seq,
-            hash: h.hash,
-        })
     }
 
     fn sealing_key(&self) -> Option<Key> {
@@ -974,22 +963,19 @@ impl Replica {
                 return Err(e.into());
             }
         }
-        self.head = Some(Head {
+        let head = Head {
             seq: encoded.object.header.seq,
             hash: encoded.object.hash,
-        });
+        };
+        self.head = Some(head);
         self.head_key = encoded.object.header.sealed.map(|s| s.key_id);
         self.last_change = Instant::now();
         self.head_state = encoded.object.header.state;
         let (state, commits) = (encoded.state, encoded.commits);
-        let record_head = state::Head {
-            seq: encoded.object.header.seq,
-            hash: encoded.object.hash,
-        };
         let change = encoded.change;
         self.with_db(move |db| {
             db.shipped(state, commits);
-            db.record_shipped(change, record_head);
+            db.record_shipped(change, head);
         })
         .await?;
         report.bytes += bytes;

@@ -23,8 +23,8 @@ pub(super) struct Identity {
 /// to prove, when it opens it again, that nothing was missed in between.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Detached {
-    /// `None` when the WAL was empty (state [`WalState::Empty`]).
-    position: Option<Position>,
+    /// Where the shipped WAL stood (sealed there).
+    state: WalState,
     page_size: u32,
     identity: Identity,
     db: FileStamp,
@@ -53,7 +53,7 @@ impl Detached {
         let no_wal = || {
             let mut forgotten = *self;
             forgotten.wal = None;
-            forgotten.position = None;
+            forgotten.state = WalState::Empty;
             forgotten
         };
         match FileStamp::of(&wal_path_of(path)) {
@@ -128,13 +128,10 @@ impl Database {
     /// Closes the database if its WAL is sealed at a known position, keeping
     /// what [`Database::reattach`] needs. Otherwise gives it back.
     pub fn detach(self) -> std::result::Result<Detached, Box<Self>> {
-        let position = match self.state {
-            WalState::At(p) => Some(p),
-            WalState::Empty => None,
-        };
         // A WAL position is only safe to leave once sealed; with no WAL at
         // all, the proof on reattach is the untouched database file alone.
-        if (position.is_some() && !self.sealed) || self.lock_held || self.broken {
+        let at_position = matches!(self.state, WalState::At(_));
+        if (at_position && !self.sealed) || self.lock_held || self.broken {
             return Err(Box::new(self));
         }
         // File times are coarse (a few ms): a write landing in the same tick
@@ -151,7 +148,7 @@ impl Database {
             return Err(Box::new(self));
         }
         Ok(Detached {
-            position,
+            state: self.state,
             page_size: self.page_size,
             identity: self.identity,
             db,
@@ -190,17 +187,17 @@ impl Database {
         let untouched = FileStamp::of(&self.path)
             .map_err(self.io_err("reading the size and time of"))?
             == token.db;
-        match (self.open_wal()?, token.position) {
-            (None, _) | (Some(_), None) if untouched => {
+        match (self.open_wal()?, token.state) {
+            (None, _) | (Some(_), WalState::Empty) if untouched => {
                 self.state = WalState::Empty;
                 self.sealed = true;
             }
-            (None, _) | (Some(_), None) => {
+            (None, _) | (Some(_), WalState::Empty) => {
                 return Ok(Err(
                     "the WAL was checkpointed while walsync had the database closed".into(),
                 ));
             }
-            (Some((file, header)), Some(pos)) if pos.same_generation(&header) => {
+            (Some((file, header)), WalState::At(pos)) if pos.same_generation(&header) => {
                 if !self.checksum_matches(&file, &header, pos)? {
                     return Ok(Err(
                         "the WAL was rewritten while walsync had the database closed".into(),
@@ -209,11 +206,11 @@ impl Database {
                 self.state = WalState::At(pos);
                 self.sealed = true;
             }
-            (Some((_, header)), Some(pos)) if header.salt1 == pos.salt1.wrapping_add(1) => {
+            (Some((_, header)), WalState::At(pos)) if header.salt1 == pos.salt1.wrapping_add(1) => {
                 self.state = WalState::At(header.start());
                 self.sealed = false;
             }
-            (Some(_), Some(_)) => {
+            (Some(_), WalState::At(_)) => {
                 return Ok(Err(
                     "the WAL was restarted more than once while walsync had the database closed"
                         .into(),
