@@ -423,6 +423,20 @@ fn one_db_config(store: &TestStore, dir: &Path, db: &Path, sync: &str) -> std::p
     config
 }
 
+/// `watch` of `db` under the prefix "long" with every commit its own object
+/// (`sync_interval` 0, no compaction): a long chain quickly.
+fn watch_long_chain(store: &TestStore, dir: &Path, db: &Path) -> (PathBuf, common::Reaped) {
+    let config = dir.join("walsync.toml");
+    let text = format!(
+        "[sync]\nsync_interval = \"0s\"\ncompaction = \"off\"\n\
+         [[databases]]\npath = \"{}\"\nprefix = \"long\"\n",
+        db.display()
+    );
+    std::fs::write(&config, store.config(&text)).unwrap();
+    let child = spawn_watch(store, &config, Stdio::null());
+    (config, child)
+}
+
 fn cfg(path: &Path) -> &str {
     path.to_str().unwrap()
 }
@@ -3069,22 +3083,7 @@ async fn a_parallel_restore_reads_each_object_once_in_chain_order() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("app.db");
     let mut app = AppProcess::open(&db);
-    let config = dir.path().join("walsync.toml");
-    std::fs::write(
-        &config,
-        store.config(&format!(
-            "[sync]\nsync_interval = \"0s\"\ncompaction = \"off\"\n\
-             [[databases]]\npath = \"{}\"\nprefix = \"long\"\n",
-            db.display()
-        )),
-    )
-    .unwrap();
-    let mut cmd = walsync();
-    cmd.args(["watch", "-c", cfg(&config)])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    with_store(&mut cmd, &store);
-    let mut child = common::Reaped::new(cmd.spawn().unwrap());
+    let (config, mut child) = watch_long_chain(&store, dir.path(), &db);
     wait_for_objects(&store, "long", 1, String::new).await;
     for _ in 0..60 {
         app.insert(1, 200);
@@ -3272,22 +3271,7 @@ async fn compacted_runs_make_a_long_chain_restore_read_a_few_objects() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("app.db");
     let mut app = AppProcess::open(&db);
-    let config = dir.path().join("walsync.toml");
-    std::fs::write(
-        &config,
-        store.config(&format!(
-            "[sync]\nsync_interval = \"0s\"\ncompaction = \"off\"\n\
-             [[databases]]\npath = \"{}\"\nprefix = \"long\"\n",
-            db.display()
-        )),
-    )
-    .unwrap();
-    let mut cmd = walsync();
-    cmd.args(["watch", "-c", cfg(&config)])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    with_store(&mut cmd, &store);
-    let mut child = common::Reaped::new(cmd.spawn().unwrap());
+    let (config, mut child) = watch_long_chain(&store, dir.path(), &db);
     wait_for_objects(&store, "long", 1, String::new).await;
     let mut middle = None;
     for i in 0..400 {
