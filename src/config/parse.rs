@@ -1,0 +1,576 @@
+//! From the text of walsync.toml to checked settings: the file's shape
+//! (unknown keys refused), then each value checked and named by file and
+//! key when wrong.
+
+use super::*;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    storage: Option<RawStorage>,
+    sync: Option<RawSync>,
+    watch: Option<RawWatch>,
+    #[serde(default)]
+    databases: Vec<RawDatabase>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStorage {
+    url: Option<String>,
+    bucket: Option<String>,
+    prefix: Option<String>,
+    endpoint: Option<String>,
+    region: Option<String>,
+    path_style: Option<bool>,
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
+    session_token: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawSync {
+    sync_interval: Option<String>,
+    snapshot_interval: Option<String>,
+    checkpoint_pages: Option<u32>,
+    checkpoint_interval: Option<String>,
+    truncate_pages: Option<u32>,
+    retention: Option<String>,
+    retention_snapshots: Option<u32>,
+    encryption_key: Option<String>,
+    previous_encryption_keys: Option<Vec<String>>,
+    compaction: Option<toml::Value>,
+    exact_window: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawWatch {
+    parallelism: Option<usize>,
+    watcher: Option<String>,
+    poll_interval: Option<String>,
+    shutdown_timeout: Option<String>,
+    max_open: Option<usize>,
+    close_idle_after: Option<String>,
+    listen: Option<String>,
+    control_socket: Option<String>,
+    keep_retrying: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatabase {
+    path: Option<String>,
+    dir: Option<String>,
+    pattern: Option<String>,
+    recursive: Option<bool>,
+    prefix: Option<String>,
+    sync_interval: Option<String>,
+    snapshot_interval: Option<String>,
+    checkpoint_pages: Option<u32>,
+    checkpoint_interval: Option<String>,
+    truncate_pages: Option<u32>,
+    retention: Option<String>,
+    retention_snapshots: Option<u32>,
+    encryption_key: Option<String>,
+    previous_encryption_keys: Option<Vec<String>>,
+    compaction: Option<toml::Value>,
+    exact_window: Option<String>,
+}
+
+/// Collects errors against one file.
+pub(super) struct Checker<'a> {
+    pub(super) file: &'a Path,
+    pub(super) uses: Uses,
+}
+
+impl Checker<'_> {
+    /// `Ok(None)` for a part the command does not read that names an unset
+    /// variable; the part is then left out.
+    fn unless_unused<T>(&self, used: bool, result: Result<T, Error>) -> Result<Option<T>, Error> {
+        match result {
+            Err(Error::Unset { .. }) if !used => Ok(None),
+            other => other.map(Some),
+        }
+    }
+
+    pub(super) fn err(&self, message: impl fmt::Display) -> Error {
+        Error::Invalid {
+            file: self.file.to_path_buf(),
+            message: message.to_string(),
+        }
+    }
+
+    fn duration(&self, key: &str, value: &Option<String>) -> Result<Option<Duration>, Error> {
+        value
+            .as_deref()
+            .map(|v| {
+                crate::cli::parse_duration(v).map_err(|e| self.err(format!("{key} = {v:?}: {e}")))
+            })
+            .transpose()
+    }
+
+    /// Expands `${VAR}` from the environment; `$$` is a literal `$`.
+    fn expand(&self, key: &str, value: &str) -> Result<String, Error> {
+        let mut out = String::with_capacity(value.len());
+        let mut rest = value;
+        while let Some(i) = rest.find('$') {
+            out.push_str(&rest[..i]);
+            let after = &rest[i + 1..];
+            if let Some(stripped) = after.strip_prefix('$') {
+                out.push('$');
+                rest = stripped;
+            } else if let Some(body) = after.strip_prefix('{') {
+                let end = body
+                    .find('}')
+                    .ok_or_else(|| self.err(format!("{key}: unclosed ${{ (no closing }})")))?;
+                let name = &body[..end];
+                let var = std::env::var(name).map_err(|_| Error::Unset {
+                    file: self.file.to_path_buf(),
+                    key: key.to_string(),
+                    var: name.to_string(),
+                })?;
+                out.push_str(&var);
+                rest = &body[end + 1..];
+            } else {
+                out.push('$');
+                rest = after;
+            }
+        }
+        out.push_str(rest);
+        Ok(out)
+    }
+
+    fn sync(&self, base: &SyncOptions, raw: &RawSync, section: &str) -> Result<SyncOptions, Error> {
+        let key = |k: &str| format!("{section}.{k}");
+        let mut sync = base.clone();
+        if let Some(d) = self.duration(&key("sync_interval"), &raw.sync_interval)? {
+            sync.sync_interval = d;
+        }
+        if let Some(d) = self.duration(&key("snapshot_interval"), &raw.snapshot_interval)? {
+            sync.snapshot_interval = d;
+        }
+        if let Some(d) = self.duration(&key("checkpoint_interval"), &raw.checkpoint_interval)? {
+            sync.checkpoint_interval = d;
+        }
+        if let Some(n) = raw.checkpoint_pages {
+            if n == 0 {
+                return Err(self.err(format!("{} must be at least 1", key("checkpoint_pages"))));
+            }
+            sync.checkpoint_pages = n;
+        }
+        if let Some(n) = raw.truncate_pages {
+            if n == 0 {
+                return Err(self.err(format!("{} must be at least 1", key("truncate_pages"))));
+            }
+            sync.truncate_pages = n;
+        }
+        match raw.retention.as_deref() {
+            None => {}
+            Some("off") => sync.retention.age = None,
+            Some(_) => {
+                let age = self.duration(&key("retention"), &raw.retention)?;
+                if age.is_some_and(|d| d.is_zero()) {
+                    return Err(self.err(format!(
+                        "{} = \"0s\" would keep nothing; give a duration or \"off\"",
+                        key("retention")
+                    )));
+                }
+                sync.retention.age = age;
+            }
+        }
+        if let Some(value) = &raw.compaction {
+            sync.compaction = self.levels(&key("compaction"), value)?;
+        }
+        match raw.exact_window.as_deref() {
+            None => {}
+            Some("off") => sync.exact_window = None,
+            Some(_) => {
+                sync.exact_window = self.duration(&key("exact_window"), &raw.exact_window)?
+            }
+        }
+        match raw.retention_snapshots {
+            None => {}
+            Some(0) => sync.retention.snapshots = None,
+            Some(n) => sync.retention.snapshots = Some(n),
+        }
+        if raw.encryption_key.is_some() || raw.previous_encryption_keys.is_some() {
+            let keys = self.keys(&sync, raw, &key);
+            if let Some(keys) = self.unless_unused(self.uses.keys, keys)? {
+                sync.encryption = Some(keys);
+            }
+        }
+        Ok(sync)
+    }
+
+    /// Compaction levels: a list of run lengths, or `"off"`.
+    fn levels(&self, key: &str, value: &toml::Value) -> Result<Arc<[u64]>, Error> {
+        let refuse = |why: &str| self.err(format!("{key}: {why}"));
+        match value {
+            toml::Value::String(s) if s == "off" => Ok(Arc::from([])),
+            toml::Value::Array(items) => {
+                let levels = items
+                    .iter()
+                    .map(|v| {
+                        v.as_integer()
+                            .and_then(|n| u64::try_from(n).ok())
+                            .ok_or_else(|| refuse(&format!("{v} is not a number of objects")))
+                    })
+                    .collect::<Result<Vec<u64>, Error>>()?;
+                match crate::compact::levels_problem(&levels) {
+                    Some(problem) => Err(refuse(&problem)),
+                    None => Ok(levels.into()),
+                }
+            }
+            other => Err(refuse(&format!(
+                "expected a list of run lengths such as [16, 256, 4096], or \"off\"; found {other}"
+            ))),
+        }
+    }
+
+    /// The keys `raw` gives, on top of those `sync` inherits.
+    fn keys(
+        &self,
+        sync: &SyncOptions,
+        raw: &RawSync,
+        key: &dyn Fn(&str) -> String,
+    ) -> Result<Arc<Keys>, Error> {
+        {
+            // What is not given here is inherited; "off" keeps the older keys
+            // for reading and says that stopping encryption is intended.
+            let base = sync.encryption.as_deref();
+            let current = match raw.encryption_key.as_deref() {
+                None => base.and_then(|k| k.current().cloned()),
+                Some("off") => None,
+                Some(value) => Some(self.key(&key("encryption_key"), value)?),
+            };
+            let previous = match &raw.previous_encryption_keys {
+                // A key replaced here (or turned off) still opens what it sealed.
+                None => base
+                    .into_iter()
+                    .flat_map(Keys::all)
+                    .filter(|k| Some(*k) != current.as_ref())
+                    .cloned()
+                    .collect(),
+                Some(list) => list
+                    .iter()
+                    .enumerate()
+                    .map(|(i, k)| self.key(&format!("{}[{i}]", key("previous_encryption_keys")), k))
+                    .collect::<Result<Vec<_>, _>>()?,
+            };
+            Ok(Arc::new(Keys::new(current, previous)))
+        }
+    }
+
+    /// A key from 64 hex digits or `${VAR}`; errors never show the value.
+    fn key(&self, name: &str, value: &str) -> Result<Key, Error> {
+        let text = self.expand(name, value)?;
+        Key::from_hex(&text).map_err(|e| self.err(format!("{name}: {e}")))
+    }
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        Self::load_for(path, Uses::ALL)
+    }
+
+    /// Reads and validates `path` for a command that reads only what `uses`
+    /// names: an unset variable elsewhere leaves that part out.
+    pub fn load_for(path: &Path, uses: Uses) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Read {
+            file: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Self::parse_for(&text, path, uses)
+    }
+
+    /// Validates a configuration text as if read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, Error> {
+        Self::parse_for(text, path, Uses::ALL)
+    }
+
+    fn parse_for(text: &str, path: &Path, uses: Uses) -> Result<Self, Error> {
+        let check = Checker { file: path, uses };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            // Counted by line breaks before the span: a span that starts a
+            // line (an unknown key) is on the line after the last break.
+            let line = e.span().map(|s| {
+                let before = &text.as_bytes()[..s.start.min(text.len())];
+                before.iter().filter(|&&b| b == b'\n').count() + 1
+            });
+            // The parser quotes the value it choked on; a value may be a secret.
+            let message = without_quoted(e.message().trim()).replace('\n', " ");
+            match line {
+                Some(line) => check.err(format!("line {line}: {message}")),
+                None => check.err(message),
+            }
+        })?;
+        // Absolute, so that paths and `{relpath}` do not depend on the
+        // directory walsync was started from.
+        let base_dir = std::path::absolute(parent_of(path)).unwrap_or_else(|_| parent_of(path));
+        let storage = Self::storage(&check, raw.storage.unwrap_or_default());
+        let mut storage = check
+            .unless_unused(uses.storage, storage)?
+            .unwrap_or_default();
+        // A local directory is relative to this file, like database paths.
+        if !storage.url.contains("://") && Path::new(&storage.url).is_relative() {
+            storage.url = base_dir.join(&storage.url).display().to_string();
+        }
+        let sync = check.sync(
+            &SyncOptions::default(),
+            &raw.sync.unwrap_or_default(),
+            "sync",
+        )?;
+        let watch = Self::watch(&check, raw.watch.unwrap_or_default())?;
+        if raw.databases.is_empty() {
+            return Err(check.err("no [[databases]] entries"));
+        }
+        let mut entries = Vec::with_capacity(raw.databases.len());
+        for (i, db) in raw.databases.iter().enumerate() {
+            let entry = Self::entry(&check, &base_dir, i, db, &sync);
+            entries.extend(check.unless_unused(uses.databases, entry)?);
+        }
+        let keys = Keys::union(
+            std::iter::once(&sync)
+                .chain(entries.iter().map(|e| &e.sync))
+                .filter_map(|s| s.encryption.as_deref()),
+        )
+        .map(Arc::new);
+        let config = Self {
+            source: path.to_path_buf(),
+            storage,
+            watch,
+            entries,
+            keys,
+        };
+        // Duplicates among the databases that exist now are refused up front.
+        config.discover().map_err(|e| match e {
+            Error::Invalid { .. } => e,
+            other => check.err(other),
+        })?;
+        Ok(config)
+    }
+
+    fn storage(check: &Checker<'_>, raw: RawStorage) -> Result<StorageConfig, Error> {
+        let expand = |key: &str, v: &Option<String>| -> Result<Option<String>, Error> {
+            v.as_deref().map(|v| check.expand(key, v)).transpose()
+        };
+        let url = match (
+            expand("storage.url", &raw.url)?,
+            expand("storage.bucket", &raw.bucket)?,
+        ) {
+            (Some(_), Some(_)) => {
+                return Err(check.err("storage: give either url or bucket, not both"));
+            }
+            (Some(url), None) => {
+                if raw.prefix.is_some() {
+                    return Err(check.err("storage.prefix goes with bucket; put it in the url"));
+                }
+                // An empty value (an unset-but-empty ${VAR}, say) would be read
+                // as a relative path, the config's own directory.
+                if url.trim().is_empty() {
+                    return Err(
+                        check.err("storage.url is empty (give s3://bucket/prefix or a directory)")
+                    );
+                }
+                url
+            }
+            (None, Some(bucket)) if bucket.trim().is_empty() => {
+                return Err(check.err("storage.bucket is empty"));
+            }
+            (None, Some(bucket)) => match expand("storage.prefix", &raw.prefix)? {
+                Some(prefix) => format!("s3://{bucket}/{}", prefix.trim_matches('/')),
+                None => format!("s3://{bucket}"),
+            },
+            (None, None) => {
+                return Err(
+                    check.err("storage: set url (s3://bucket/prefix or a directory) or bucket")
+                );
+            }
+        };
+        if let Some(prefix) = url.strip_prefix("s3://").and_then(|r| r.split_once('/'))
+            && !prefix.1.is_empty()
+        {
+            validate_prefix(prefix.1.trim_end_matches('/'))
+                .map_err(|e| check.err(format!("storage.url: {e}")))?;
+        }
+        let access_key = expand("storage.access_key_id", &raw.access_key_id)?;
+        let secret = expand("storage.secret_access_key", &raw.secret_access_key)?;
+        let token = expand("storage.session_token", &raw.session_token)?;
+        let credentials = match (access_key, secret) {
+            (Some(id), Some(secret)) => {
+                Some(crate::storage::StaticCredentials::new(id, secret, token))
+            }
+            (None, None) => None,
+            _ => {
+                return Err(check.err("storage: access_key_id and secret_access_key go together"));
+            }
+        };
+        Ok(StorageConfig {
+            url,
+            s3: S3Options {
+                endpoint: expand("storage.endpoint", &raw.endpoint)?,
+                region: expand("storage.region", &raw.region)?,
+                force_path_style: raw.path_style,
+                credentials,
+            },
+        })
+    }
+
+    fn watch(check: &Checker<'_>, raw: RawWatch) -> Result<WatchSettings, Error> {
+        let mut watch = WatchSettings::default();
+        if let Some(n) = raw.parallelism {
+            if n == 0 {
+                return Err(check.err("watch.parallelism must be at least 1"));
+            }
+            watch.parallelism = n;
+        }
+        match raw.watcher.as_deref() {
+            None | Some("events") => {}
+            Some("poll") => watch.poll = true,
+            Some(other) => {
+                return Err(check.err(format!(
+                    "watch.watcher = {other:?}: use \"events\" or \"poll\""
+                )));
+            }
+        }
+        if let Some(d) = check.duration("watch.poll_interval", &raw.poll_interval)? {
+            if d.is_zero() {
+                return Err(check.err("watch.poll_interval must be more than 0"));
+            }
+            watch.poll_interval = d;
+        }
+        if let Some(d) = check.duration("watch.shutdown_timeout", &raw.shutdown_timeout)? {
+            watch.shutdown_timeout = d;
+        }
+        if let Some(d) = check.duration("watch.close_idle_after", &raw.close_idle_after)? {
+            // 0 turns closing off.
+            watch.close_idle_after = (!d.is_zero()).then_some(d);
+        }
+        if let Some(n) = raw.max_open {
+            if n == 0 {
+                return Err(check.err("watch.max_open must be at least 1"));
+            }
+            watch.max_open = Some(n);
+        }
+        watch.keep_retrying = raw.keep_retrying.unwrap_or(false);
+        if let Some(addr) = &raw.listen {
+            let parsed = crate::listen::parse_addr(addr)
+                .map_err(|e| check.err(format!("watch.listen: {e}")))?;
+            watch.listen = Some(parsed);
+        }
+        if let Some(path) = &raw.control_socket {
+            let path = check.expand("watch.control_socket", path);
+            watch.control_socket = check
+                .unless_unused(check.uses.control_socket, path)?
+                .map(PathBuf::from);
+        }
+        Ok(watch)
+    }
+
+    fn entry(
+        check: &Checker<'_>,
+        base_dir: &Path,
+        index: usize,
+        raw: &RawDatabase,
+        defaults: &SyncOptions,
+    ) -> Result<Entry, Error> {
+        let at = format!("databases[{index}]");
+        let resolve = |p: &str| -> Result<PathBuf, Error> {
+            let p = check.expand(&at, p)?;
+            let p = PathBuf::from(p);
+            Ok(if p.is_absolute() { p } else { base_dir.join(p) })
+        };
+        let source = match (&raw.path, &raw.dir) {
+            (Some(_), Some(_)) => {
+                return Err(check.err(format!("{at}: give either path or dir, not both")));
+            }
+            (None, None) => return Err(check.err(format!("{at}: set path or dir"))),
+            (Some(path), None) => {
+                if raw.pattern.is_some() || raw.recursive.is_some() {
+                    return Err(
+                        check.err(format!("{at}: pattern and recursive go with dir, not path"))
+                    );
+                }
+                let path = resolve(path)?;
+                let text = path.to_string_lossy().to_string();
+                if text.contains(['*', '?', '[']) {
+                    glob::Pattern::new(&text)
+                        .map_err(|e| check.err(format!("{at}.path: bad glob: {e}")))?;
+                    let base = glob_base(&path);
+                    Source::Glob {
+                        pattern: text,
+                        base,
+                    }
+                } else {
+                    Source::File(path)
+                }
+            }
+            (None, Some(dir)) => {
+                let pattern = raw.pattern.clone().unwrap_or_else(|| "*.db".to_string());
+                glob::Pattern::new(&pattern)
+                    .map_err(|e| check.err(format!("{at}.pattern: bad glob: {e}")))?;
+                if pattern.contains('/') {
+                    return Err(check.err(format!(
+                        "{at}.pattern matches file names; use recursive = true for subdirectories"
+                    )));
+                }
+                Source::Dir {
+                    dir: resolve(dir)?,
+                    pattern,
+                    recursive: raw.recursive.unwrap_or(false),
+                }
+            }
+        };
+        let prefix = match (&source, &raw.prefix) {
+            (Source::File(path), None) => PrefixRule::Fixed(
+                default_prefix(path).map_err(|e| check.err(format!("{at}: {e}")))?,
+            ),
+            (Source::File(_), Some(p)) if !p.contains('{') => {
+                validate_prefix(p).map_err(|e| check.err(format!("{at}.prefix: {e}")))?;
+                PrefixRule::Fixed(p.clone())
+            }
+            (_, None) => PrefixRule::Template("{relpath}".to_string()),
+            (_, Some(p)) => {
+                check_template(p)
+                    .map_err(|reason| check.err(format!("{at}.prefix = {p:?}: {reason}")))?;
+                if matches!(
+                    source,
+                    Source::Dir {
+                        recursive: true,
+                        ..
+                    } | Source::Glob { .. }
+                ) && !p.contains("{relpath}")
+                    && !matches!(&source, Source::Glob { pattern, .. } if !pattern.contains("**"))
+                {
+                    return Err(check.err(format!(
+                        "{at}.prefix = {p:?} does not make prefixes unique: \
+                         files in different subdirectories can share a name; use {{relpath}}"
+                    )));
+                }
+                PrefixRule::Template(p.clone())
+            }
+        };
+        let overrides = RawSync {
+            sync_interval: raw.sync_interval.clone(),
+            snapshot_interval: raw.snapshot_interval.clone(),
+            checkpoint_pages: raw.checkpoint_pages,
+            checkpoint_interval: raw.checkpoint_interval.clone(),
+            truncate_pages: raw.truncate_pages,
+            retention: raw.retention.clone(),
+            retention_snapshots: raw.retention_snapshots,
+            encryption_key: raw.encryption_key.clone(),
+            previous_encryption_keys: raw.previous_encryption_keys.clone(),
+            compaction: raw.compaction.clone(),
+            exact_window: raw.exact_window.clone(),
+        };
+        let sync = check.sync(defaults, &overrides, &at)?;
+        Ok(Entry {
+            source,
+            prefix,
+            sync,
+        })
+    }
+}
