@@ -1,5 +1,9 @@
 //! A database's objects in storage, as a chain: listing, parsing keys, and
 //! reading the head. Used by replication start-up, `list` and restore.
+//!
+//! Why this file is long: the key grammar, listing, reading heads and planning
+//! the fewest objects to a point all work on the same `ObjectRef`s and runs;
+//! restore, verify, follow and the replica share them.
 
 use tokio::io::AsyncReadExt;
 

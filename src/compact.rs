@@ -12,6 +12,10 @@
 //! Memory stays small whatever the run: each page's newest version lives in
 //! a spool file (one slot per page, rewritten in place), and only a map from
 //! page number to slot is kept, a few bytes per page.
+//!
+//! Why this file is long: the rule for which pages stand for a run and the
+//! building of run objects from it are one concept; a third of the file is its
+//! tests.
 
 use std::collections::BTreeMap;
 use std::fs::File;

@@ -4,6 +4,10 @@
 //! A [`Replica`] is plain data between syncs: no task or thread of its own.
 //! The replicator calls [`Replica::sync`] when the database's WAL changed (or
 //! a checkpoint or retry is due); SQLite work runs in `spawn_blocking`.
+//!
+//! Why this file is long: one database's replication is one state machine
+//! (sync, snapshot, delta, checkpoint, retention, the head and pending object
+//! they all move); split by step, each part would carry the whole state.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -23,6 +23,11 @@
 //!
 //! Everything here is blocking and runs in `spawn_blocking`. It knows nothing of S3,
 //! keys or object bodies: what it reads goes to an [`Encode`] (`object::New`).
+//!
+//! Why this file is long: opening, the pin and reading new frames share the
+//! connections' invariants spelled out above (DESIGN.md 2, 2a); checkpoints,
+//! the state record, continuity and whole-database reads are in the files
+//! beside it, and a third of this one is tests.
 
 use std::fs::File;
 use std::io;

@@ -35,6 +35,11 @@
 //!         zero when the writer did not know it)
 //! end-32 32 SHA-256 of every byte before it
 //! ```
+//!
+//! Why this file is long: the one object format's layout, encoder,
+//! streaming decoder and checker stay in one file, so that a change to the
+//! layout is read against every writer and reader of it; a third of the file
+//! is its tests.
 
 use std::io::{self, Read, Write};
 

@@ -19,6 +19,10 @@
 //! `schedule` (which database is looked at when), `due` (when after a
 //! job), `budget` (open descriptors), `slot` (one database in the fleet),
 //! `plan` (which databases) and `shutdown`.
+//!
+//! Why this file is long: it is the loop and what it does on each message, all
+//! reading and writing the one `Fleet`; the parts that stand on their own are
+//! in the files beside it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};

@@ -9,6 +9,11 @@
 //! kept beside the file and rewritten after each commit. Applying an object a
 //! second time gives the same file, so a crash between the commit and the
 //! position update costs only a repeat.
+//!
+//! Why this file is long: a live copy is one loop over its ways to go on
+//! (resume from its position, apply the next objects, restore afresh in place
+//! when it cannot), which share the copy's position and the reader-safe way of
+//! writing pages.
 
 use std::collections::VecDeque;
 use std::fs::File;

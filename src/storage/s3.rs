@@ -6,6 +6,10 @@
 //! after a lost response) from a second writer. Bodies of
 //! [`SPOOL_MEMORY_LIMIT`] bytes or more that are spooled to a file go up as a
 //! multipart upload, a few parts at a time.
+//!
+//! Why this file is long: it is the whole S3 backend, every request walsync
+//! makes (create-only put, multipart upload, ranged and resumed get, list,
+//! batch delete) and the one mapping of their errors, which they share.
 
 use std::io::{self, SeekFrom};
 use std::sync::Arc;
