@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::config::WatchSettings;
+use crate::replica::SyncOptions;
+
 const ABOUT: &str = "\
 Continuously replicate SQLite databases (their WAL) to S3-compatible storage or a local directory.
 
@@ -223,21 +226,21 @@ pub struct WatchArgs {
     #[arg(long)]
     pub prefix: Option<String>,
     /// Least time between two syncs of a database; 0 ships as soon as the WAL changes.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, default_value = shown(SyncOptions::default().sync_interval), value_parser = parse_duration)]
     pub sync_interval: Duration,
     /// Take a fresh snapshot when the newest one is older than this.
-    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, default_value = shown(SyncOptions::default().snapshot_interval), value_parser = parse_duration)]
     pub snapshot_interval: Duration,
     /// Run a PASSIVE checkpoint once this many shipped pages are in the WAL.
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = SyncOptions::default().checkpoint_pages, value_parser = clap::value_parser!(u32).range(1..))]
     pub checkpoint_pages: u32,
     /// Run a PASSIVE checkpoint once shipped pages have waited this long.
-    #[arg(long, default_value = "1m", value_parser = parse_duration)]
+    #[arg(long, default_value = shown(SyncOptions::default().checkpoint_interval), value_parser = parse_duration)]
     pub checkpoint_interval: Duration,
     /// Run a TRUNCATE checkpoint (waits for readers, briefly blocks writers)
     /// once the WAL holds this many pages. A WAL that grows by half of this
     /// between syncs starts the next sync at once, whatever --sync-interval.
-    #[arg(long, default_value_t = 50_000, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = SyncOptions::default().truncate_pages, value_parser = clap::value_parser!(u32).range(1..))]
     pub truncate_pages: u32,
     /// After each snapshot, delete objects no restore point of this last
     /// period needs (e.g. 72h). Default: keep everything.
@@ -250,19 +253,19 @@ pub struct WatchArgs {
     /// Store runs of this many objects as the chain grows (each a multiple of
     /// the one before), so a restore to the head reads a few dozen objects
     /// whatever the age of the snapshot; "off" stores none.
-    #[arg(long, value_name = "N,N,..", default_value = "16,256,4096", value_parser = parse_levels)]
+    #[arg(long, value_name = "N,N,..", default_value = shown_levels(&SyncOptions::default().compaction), value_parser = parse_levels)]
     pub compaction: std::sync::Arc<[u64]>,
     /// Keep every transaction of this last period restorable exactly (by
     /// --txid or --timestamp); objects older than this that a run stands for
     /// are deleted, so older points restore at the smallest run's
     /// granularity and a restore lists and reads little. "off" keeps them.
-    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_window)]
+    #[arg(long, value_name = "DURATION", default_value = shown_window(SyncOptions::default().exact_window), value_parser = parse_window)]
     pub exact_window: Window,
     /// Time allowed for the final sync after SIGINT/SIGTERM.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, default_value = shown(WatchSettings::default().shutdown_timeout), value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
     /// Databases synced at the same time.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = WatchSettings::default().parallelism)]
     pub parallelism: usize,
     /// Serve /metrics (Prometheus), /health, /status.json and a status page
     /// on this address: 127.0.0.1:9090, localhost:9090, or :9090 for every
@@ -459,6 +462,36 @@ pub fn parse_retention(s: &str) -> Result<Duration, String> {
     Ok(age)
 }
 
+// The defaults shown in --help are the settings' own (`SyncOptions` and
+// `WatchSettings`, which walsync.toml starts from too), written as a user
+// would type them.
+
+/// `24h`, `1m`, `30s`, `250ms`: the largest whole unit.
+fn shown(d: Duration) -> String {
+    let (secs, ms) = (d.as_secs(), d.subsec_millis());
+    match secs {
+        _ if ms != 0 || secs == 0 => format!("{}ms", d.as_millis()),
+        _ if secs % 3600 == 0 => format!("{}h", secs / 3600),
+        _ if secs % 60 == 0 => format!("{}m", secs / 60),
+        _ => format!("{secs}s"),
+    }
+}
+
+fn shown_levels(levels: &[u64]) -> String {
+    match levels {
+        [] => "off".into(),
+        _ => levels
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+    }
+}
+
+fn shown_window(window: Option<Duration>) -> String {
+    window.map_or_else(|| "off".into(), shown)
+}
+
 /// `1s`, `250ms`, `24h`, or a plain number of seconds (`0`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if let Ok(secs) = s.parse::<u64>() {
@@ -526,6 +559,33 @@ mod tests {
         assert!(parse_levels("off").unwrap().is_empty());
         assert!(parse_levels("16,100").unwrap_err().contains("100"));
         assert!(parse_levels("16,x").unwrap_err().contains("\"x\""));
+    }
+
+    /// The defaults --help shows are typed back as the settings they came
+    /// from.
+    #[test]
+    fn shown_defaults_parse_back() {
+        for secs in [0, 1, 30, 60, 90, 3600, 86_400] {
+            let d = Duration::from_secs(secs);
+            assert_eq!(parse_duration(&shown(d)), Ok(d), "{secs} s");
+        }
+        let d = Duration::from_millis(250);
+        assert_eq!(parse_duration(&shown(d)), Ok(d));
+        assert_eq!(shown(Duration::from_secs(86_400)), "24h");
+        let sync = SyncOptions::default();
+        assert_eq!(
+            parse_levels(&shown_levels(&sync.compaction)),
+            Ok(sync.compaction.clone())
+        );
+        assert_eq!(
+            parse_levels(&shown_levels(&[])),
+            Ok(std::sync::Arc::from(Vec::new()))
+        );
+        assert_eq!(
+            parse_window(&shown_window(sync.exact_window)),
+            Ok(Window(sync.exact_window))
+        );
+        assert_eq!(parse_window(&shown_window(None)), Ok(Window(None)));
     }
 
     #[test]

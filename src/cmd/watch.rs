@@ -199,8 +199,8 @@ mod tests {
     }
 
     /// The command line and walsync.toml start from the same settings
-    /// (written in three places: clap's defaults, SyncOptions::default,
-    /// and the file's base).
+    /// (clap's defaults are read from SyncOptions::default, which the file
+    /// starts from).
     #[test]
     fn the_command_line_and_the_file_default_alike() {
         let from_cli = sync_options(&watch_args(&[]).unwrap()).unwrap();
