@@ -1031,7 +1031,11 @@ async fn killed_then_truncated(kind: &'static str, store: TestStore) {
     })
     .await;
     app.start_rate_insert(200, 6.0, 200);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Shipping the app's writes when killed: the snapshot and two segments.
+    wait_for_objects(&store, "killed", 3, || {
+        format!("walsync's log:\n{}", first.log())
+    })
+    .await;
     drop(first); // SIGKILL: no final sync, no locks left behind
     let mut checkpointer = AppProcess::open(&db);
     let truncated = checkpointer.checkpoint("TRUNCATE");
@@ -1225,7 +1229,28 @@ async fn restore_all_then_watch(kind: &'static str, store: TestStore) {
     std::fs::create_dir(&moved).unwrap();
     let config = config_for(&store, &moved, "", &[(&ra, "a"), (&rb, "b")]);
     let watch = Watch::with_config(&store, &config, dir.path().join("second.log"));
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Each database synced once since the start (`sync --wait` answers once
+    // a sync that started after it asked is done): what it shipped, if
+    // anything, is in storage now.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut sync = walsync();
+        sync.args(["sync", "--config"]).arg(&config).arg("--wait");
+        for (k, v) in &store.env {
+            sync.env(k, v);
+        }
+        let out = sync.output().unwrap();
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{kind}: sync --wait never answered: {}\nwalsync's log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            watch.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let after: Vec<usize> = vec![
         chain::list(store.storage.as_ref(), "a")
             .await

@@ -205,6 +205,15 @@ async fn fifty_databases_from_a_glob_with_concurrent_writers_restore_all() {
     }
 }
 
+fn state_of(board: &walsync::status::Board, prefix: &str) -> Option<walsync::status::State> {
+    board
+        .snapshot()
+        .databases
+        .into_iter()
+        .find(|d| d.prefix == prefix)
+        .map(|d| d.state)
+}
+
 fn on_board(board: &walsync::status::Board, prefix: &str) -> bool {
     board
         .snapshot()
@@ -378,7 +387,8 @@ async fn one_broken_database_does_not_stop_the_others() {
         missing.display()
     );
     std::fs::write(&config_path, config_text(&store, &body)).unwrap();
-    let (token, handle) = start(&store, &config_path);
+    let board = walsync::status::Board::default();
+    let (token, handle) = start_posting(&store, &config_path, board.clone());
     let conn = Connection::open(&good).unwrap();
     for i in 0..5 {
         conn.execute("INSERT INTO t(v) VALUES (?1)", [format!("x{i}")])
@@ -387,6 +397,11 @@ async fn one_broken_database_does_not_stop_the_others() {
     }
     wait_for("good to be replicated", async || {
         objects(&store, "good").await > 1
+    })
+    .await;
+    // The bad one was tried and fails, on its own.
+    wait_for("bad to be failing", async || {
+        state_of(&board, "bad") == Some(walsync::status::State::Failing)
     })
     .await;
 
@@ -907,9 +922,14 @@ async fn a_retried_first_open_lists_its_own_prefix() {
 
     let parked = dir.path().join("parked.db");
     std::fs::rename(&away, &parked).unwrap();
-    let (token, handle) = start(&store, &config_path);
+    let board = walsync::status::Board::default();
+    let (token, handle) = start_posting(&store, &config_path, board.clone());
     wait_for("the others", async || objects(&store, "r/r33").await > 0).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Its first open has failed (the file is away): the next one is a retry.
+    wait_for("away's first open to fail", async || {
+        state_of(&board, "away") == Some(walsync::status::State::Failing)
+    })
+    .await;
     std::fs::rename(&parked, &away).unwrap();
     {
         let conn = Connection::open(&away).unwrap();
