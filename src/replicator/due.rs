@@ -158,6 +158,30 @@ mod tests {
         assert_eq!(next_due(&waited).0, Some(now));
     }
 
+    /// On the loop's schedule, under paused time: a change during a job
+    /// comes due one sync interval after it, not a millisecond before; a
+    /// database at rest never does.
+    #[tokio::test(start_paused = true)]
+    async fn on_the_schedule_a_job_left_dirty_comes_due_after_one_interval() {
+        let mut schedule = crate::replicator::schedule::Schedule::default();
+        let now = Instant::now();
+        let dirty = AfterJob {
+            dirty: true,
+            ..at_rest(now)
+        };
+        for (id, job) in [(1, dirty), (2, at_rest(now))] {
+            if let (Some(at), _) = next_due(&job) {
+                schedule.set(id, at);
+            }
+        }
+        tokio::time::advance(999 * MS).await;
+        assert_eq!(schedule.take_due(Instant::now()), Vec::<usize>::new());
+        tokio::time::advance(MS).await;
+        assert_eq!(schedule.take_due(Instant::now()), vec![1]);
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert_eq!(schedule.take_due(Instant::now()), Vec::<usize>::new());
+    }
+
     #[test]
     fn an_open_database_at_rest_is_looked_at_once_idle_long_enough() {
         // Ahead of the clock, so that going back from it cannot pass the

@@ -645,14 +645,39 @@ async fn databases_beyond_max_open_are_closed_at_rest_and_reopened_on_change() {
             &dir_entry(&data, "{name}"),
         );
         std::fs::write(&config_path, text).unwrap();
-        let (token, handle) = start(&store, &config_path);
+        let board = walsync::status::Board::default();
+        let (token, handle) = start_posting(&store, &config_path, board.clone());
+        let shipped = async || {
+            let mut counts = Vec::new();
+            for i in 0..6 {
+                counts.push(objects(&store, &format!("x{i}")).await);
+            }
+            counts
+        };
         for round in 0..6 {
+            let before = shipped().await;
             for (i, conn) in conns.iter().enumerate() {
                 conn.execute("INSERT INTO t(v) VALUES (?1)", [format!("r{round} db{i}")])
                     .unwrap();
             }
-            // Let syncs finish, databases go quiet and be closed, then change them again.
-            tokio::time::sleep(Duration::from_millis(400)).await;
+            // Every change ships, and the budget closes all but two again,
+            // so the next round reopens the others.
+            wait_for("the round to ship", async || {
+                shipped()
+                    .await
+                    .iter()
+                    .zip(&before)
+                    .all(|(now, was)| now > was)
+            })
+            .await;
+            wait_for("at most max_open databases open", async || {
+                let snapshot = board.snapshot();
+                let open = snapshot.databases.iter();
+                open.filter(|d| d.state == walsync::status::State::Open)
+                    .count()
+                    <= 2
+            })
+            .await;
         }
         // The app goes away without checkpointing on close, as a long-running
         // app would: what was committed stays in the WAL for walsync.
