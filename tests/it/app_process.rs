@@ -1127,6 +1127,17 @@ fn seeded_db(dir: &Path, name: &str, rows: usize) -> PathBuf {
     db
 }
 
+/// Whether process `pid` holds a descriptor of `db` or of its side files.
+fn holds_open(pid: u32, db: &Path) -> bool {
+    let name = db.to_string_lossy().into_owned();
+    std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+        fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|target| target.to_string_lossy().starts_with(&name))
+        })
+    })
+}
+
 async fn request_per_connection_app(kind: &'static str, store: TestStore) {
     let dir = tempfile::tempdir().unwrap();
     let db = seeded_db(dir.path(), "php.db", 300);
@@ -1139,10 +1150,18 @@ async fn request_per_connection_app(kind: &'static str, store: TestStore) {
     let watch = Watch::with_config(&store, &config, dir.path().join("walsync.log"));
     wait_for_objects(&store, "php", 1, || watch.log()).await;
     for round in 0..3 {
-        // Long enough for walsync to close the idle database; then a
-        // request opens its connection, writes one row and closes it. The
-        // last close checkpoints and deletes the WAL before walsync looks.
-        tokio::time::sleep(Duration::from_millis(2500)).await;
+        // walsync has closed the idle database; then a request opens its
+        // connection, writes one row and closes it. The last close
+        // checkpoints and deletes the WAL before walsync looks.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while holds_open(watch.child.id(), &db) {
+            assert!(
+                Instant::now() < deadline,
+                "{kind}: walsync never closed the idle database\n{}",
+                watch.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let mut app = AppProcess::open(&db);
         app.insert(1, 100);
         app.quit();
