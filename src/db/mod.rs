@@ -658,11 +658,6 @@ impl Database {
             pages.len() as u32,
             state.to_range(from.frame),
         )?;
-        let path = self.path.clone();
-        let seg_err = |source| Error::Segment {
-            path: path.clone(),
-            source,
-        };
         let mut buf = vec![0u8; self.page_size as usize];
         // Page hashes only serve the record: without one, none are taken.
         let tracked = self.record.is_some();
@@ -670,7 +665,7 @@ impl Database {
         for (pgno, index) in pages {
             wal::read_page(&file, &header, index, &mut buf)
                 .map_err(self.io_err("reading a page from the WAL of"))?;
-            out.add(pgno, &buf).map_err(seg_err)?;
+            out.add(pgno, &buf)?;
             if tracked {
                 hashes.push((pgno, page_hash(pgno, &buf)));
             }
@@ -687,7 +682,7 @@ impl Database {
             StateChange::Pages(change) => Some(change.0.digest()),
             _ => None,
         };
-        let object = out.finish(digest).map_err(seg_err)?;
+        let object = out.finish(digest)?;
         Ok(Changes::Segment(Box::new(Encoded {
             object,
             state,
@@ -789,7 +784,7 @@ impl Database {
         db_pages: u32,
         page_count: u32,
         wal: WalRange,
-    ) -> Result<E::Pages> {
+    ) -> Result<Making<E::Pages>> {
         let shape = Shape {
             kind,
             page_size: self.page_size,
@@ -797,10 +792,35 @@ impl Database {
             page_count,
             wal,
         };
-        encode.begin(shape).map_err(|source| Error::Segment {
+        let path = self.path.clone();
+        match encode.begin(shape) {
+            Ok(pages) => Ok(Making { pages, path }),
+            Err(source) => Err(Error::Segment { path, source }),
+        }
+    }
+}
+
+/// An object being made of this database's pages, its errors named by
+/// the database (it holds its own path: pages are added while the
+/// database is borrowed to read them).
+pub(super) struct Making<P> {
+    pages: P,
+    path: PathBuf,
+}
+
+impl<P: Pages> Making<P> {
+    pub(super) fn add(&mut self, pgno: u32, page: &[u8]) -> Result<()> {
+        self.pages.add(pgno, page).map_err(|source| Error::Segment {
             path: self.path.clone(),
             source,
         })
+    }
+
+    pub(super) fn finish(self, state: Option<state::Digest>) -> Result<P::Object> {
+        let Making { pages, path } = self;
+        pages
+            .finish(state)
+            .map_err(|source| Error::Segment { path, source })
     }
 }
 

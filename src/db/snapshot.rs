@@ -77,16 +77,11 @@ impl Database {
             page_count,
             state.to_range(0),
         )?;
-        let path = self.path.clone();
-        let seg_err = |source| Error::Segment {
-            path: path.clone(),
-            source,
-        };
         // A new record comes with every snapshot; without one (a directory
         // walsync cannot write to) the snapshot still ships.
         let mut builder = self.record_builder();
         self.for_each_page(page_count, |pgno, page| {
-            out.add(pgno, page).map_err(seg_err)?;
+            out.add(pgno, page)?;
             if let Some(b) = &mut builder
                 && b.push(page_hash(pgno, page)).is_err()
             {
@@ -95,7 +90,7 @@ impl Database {
             Ok(())
         })?;
         let digest = builder.as_ref().map(|b| b.sum().digest());
-        let object = out.finish(digest).map_err(seg_err)?;
+        let object = out.finish(digest)?;
         self.shrink_memory()?;
         // The pin moved under the write lock with no new frame, so a seal of
         // this very position still holds.
@@ -231,10 +226,6 @@ impl Database {
             state.to_range(0),
         )?;
         let path = self.path.clone();
-        let seg_err = |source| Error::Segment {
-            path: path.clone(),
-            source,
-        };
         {
             let mut stmt = self
                 .conn
@@ -251,10 +242,10 @@ impl Database {
                 } else {
                     &zeros
                 };
-                out.add(pgno, page).map_err(seg_err)?;
+                out.add(pgno, page)?;
             }
         }
-        let object = out.finish(Some(builder.sum().digest())).map_err(seg_err)?;
+        let object = out.finish(Some(builder.sum().digest()))?;
         self.shrink_memory()?;
         if state != self.state {
             self.sealed = false;
