@@ -80,10 +80,8 @@ impl Router {
                 return;
             };
             for path in &event.paths {
-                if let Some((id, queued)) = routes.get(path) {
-                    if !queued.swap(true, Ordering::AcqRel) {
-                        let _ = self.tx.send(Msg::Db(*id));
-                    }
+                if let Some(route) = routes.get(path) {
+                    self.queue(route);
                     if appeared_or_left {
                         rescan = true;
                     }
@@ -102,10 +100,15 @@ impl Router {
         let Ok(routes) = self.routes.read() else {
             return;
         };
-        for (id, queued) in routes.values() {
-            if !queued.swap(true, Ordering::AcqRel) {
-                let _ = self.tx.send(Msg::Db(*id));
-            }
+        for route in routes.values() {
+            self.queue(route);
+        }
+    }
+
+    /// Tells the loop the database changed, unless that is already on its way.
+    fn queue(&self, (id, queued): &Route) {
+        if !queued.swap(true, Ordering::AcqRel) {
+            let _ = self.tx.send(Msg::Db(*id));
         }
     }
 }
