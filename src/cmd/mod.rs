@@ -139,17 +139,30 @@ fn reading_keys(config: Option<&Config>, key_file: Option<&Path>) -> Result<Opti
     })
 }
 
-/// Listed once before anything starts, each storage shows whether it can
-/// work at all: a bucket that does not exist or credentials the store
+/// Listed once before anything starts, and one key written to it twice,
+/// each storage shows whether it can work at all: a bucket that does not exist or credentials the store
 /// refuses fail `watch` now, in the store's own words, instead of being
 /// retried forever. A fault that may pass (a timeout, a 503) is logged and
-/// replication starts, retrying as always.
+/// replication starts, retrying as always. A store that overwrites what it
+/// was told to create only is said once (see [`storage::probe`]).
 async fn check_storage(storage: &dyn Storage, keep_retrying: bool) -> Result<()> {
-    /// A prefix no database is given: the listing is empty and cheap, yet
-    /// needs the permission replication lists with (what it finds is unused).
-    const NOTHING: &str = ".walsync-start-check/";
-    match storage.list(NOTHING).await {
-        Ok(_) => Ok(()),
+    // A prefix no database is given: the listing is empty and cheap, yet
+    // needs the permission replication lists with (what it finds is unused).
+    let checked = match storage.list(storage::probe::DIR).await {
+        Ok(_) => storage::probe::refuses_overwrite(storage).await,
+        Err(e) => Err(e),
+    };
+    match checked {
+        Ok(true) => Ok(()),
+        Ok(false) => {
+            tracing::warn!(
+                storage = %storage.describe(),
+                "this store overwrote an object written with If-None-Match: *, so a second \
+                 walsync writing the same prefix cannot be detected here: keep to one writer \
+                 per database (docs/operations.md, \"Stores\")"
+            );
+            Ok(())
+        }
         Err(e) if e.is_lasting() && !keep_retrying => bail!(
             "storage {} cannot be used: {e}. Fix the bucket, credentials or permissions, \
              or pass --keep-retrying ([watch] keep_retrying = true) to start anyway and retry",

@@ -7,6 +7,7 @@
 //! writer on the same prefix is detected rather than silently interleaved.
 
 pub mod fs;
+pub mod probe;
 mod resume;
 pub mod retry;
 pub mod s3;

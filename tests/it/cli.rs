@@ -4724,3 +4724,65 @@ async fn a_forced_restore_over_a_wal_that_cannot_be_checkpointed_says_why() {
     assert_eq!(std::fs::read(&out).unwrap(), garbage);
     assert_eq!(std::fs::read(&wal).unwrap(), garbage);
 }
+
+/// Issue 16, 6: `watch` on a store that overwrites what it was told to
+/// create only says so once at start, in one line naming the store, and
+/// replicates as before; on a store that refuses, it says nothing. Either
+/// way the probe's key is gone again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_says_once_when_the_store_overwrites() {
+    use common::faults::{Counts, FaultProxy, Plan};
+    const SAID: &str = "this store overwrote an object written with If-None-Match: *";
+    let (store, proxy) = FaultProxy::before_s3_store().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let conn = create_db(&db, 10);
+    let config = one_db_config(&store, dir.path(), &db, "sync_interval = \"100ms\"");
+    for overwrites in [false, true] {
+        proxy.set_plan(Plan {
+            overwrites,
+            ..Plan::healthy()
+        });
+        conn.execute("INSERT INTO t(v) VALUES ('more')", [])
+            .unwrap();
+        let mut cmd = walsync();
+        cmd.args(["watch", "--config", cfg(&config)])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        with_store(&mut cmd, &store);
+        cmd.env("AWS_ENDPOINT_URL_S3", &proxy.endpoint);
+        let mut child = common::Reaped::new(cmd.spawn().unwrap());
+        let log = LiveLog::of(&mut child);
+        log.wait_for("shipped", 1).await;
+        terminate(&mut child);
+        let text = log.text();
+        if overwrites {
+            assert_eq!(log.count(SAID), 1, "{text}");
+            let line = text.lines().find(|l| l.contains(SAID)).unwrap();
+            assert!(line.contains(&store.url), "names the store: {line}");
+        } else {
+            assert_eq!(log.count(SAID), 0, "{text}");
+        }
+        assert_eq!(
+            Counts::get(&proxy.counts().overwrite_accepted),
+            u64::from(overwrites)
+        );
+        let probes = store.storage.list(walsync::storage::probe::DIR).await;
+        assert!(probes.unwrap().is_empty());
+    }
+    drop(conn);
+    let out = dir.path().join("restored.db");
+    ok(
+        &store,
+        &[
+            "restore",
+            "--storage",
+            &store.url,
+            "--prefix",
+            "app",
+            "-o",
+            cfg(&out),
+        ],
+    );
+    assert_eq!(rows(&out), rows(&db));
+}

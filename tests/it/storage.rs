@@ -756,3 +756,27 @@ async fn a_local_listing_leaves_out_objects_deleted_while_it_reads() {
     assert!(store.list("db/").await.unwrap().is_empty());
     eprintln!("{listings} listings while deleting");
 }
+
+/// Issue 16, 6: every store here refuses to replace an object written
+/// create-only, and the probe that asks leaves nothing behind; a store that
+/// answers such a write as done (as Garage and s3rver did) is told apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_create_only_probe_tells_a_store_that_overwrites() {
+    use common::faults::{Counts, FaultProxy, Plan};
+    use walsync::storage::probe;
+    for (name, store) in common::all_stores().await {
+        let s = &*store.storage;
+        assert!(probe::refuses_overwrite(s).await.unwrap(), "{name}");
+        assert!(s.list(probe::DIR).await.unwrap().is_empty(), "{name}");
+    }
+    let (store, proxy) = FaultProxy::before_s3_store().await;
+    let through = common::s3_storage_through(&store, &proxy.endpoint);
+    assert!(probe::refuses_overwrite(&through).await.unwrap());
+    proxy.set_plan(Plan {
+        overwrites: true,
+        ..Plan::healthy()
+    });
+    assert!(!probe::refuses_overwrite(&through).await.unwrap());
+    assert_eq!(Counts::get(&proxy.counts().overwrite_accepted), 1);
+    assert!(through.list(probe::DIR).await.unwrap().is_empty());
+}

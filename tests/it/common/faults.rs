@@ -37,6 +37,9 @@ pub struct Plan {
     pub lost_response: f64,
     /// Every request is reset: the store is unreachable.
     pub outage: bool,
+    /// A create-only PUT the store refuses (`If-None-Match: *`, 412) is
+    /// answered as written, as stores that ignore the header answer.
+    pub overwrites: bool,
 }
 
 impl Plan {
@@ -56,6 +59,8 @@ pub struct Counts {
     pub reset: AtomicU64,
     pub cut_body: AtomicU64,
     pub lost_response: AtomicU64,
+    /// Refused create-only PUTs answered as written (`Plan::overwrites`).
+    pub overwrite_accepted: AtomicU64,
     /// GETs of one object (listings not counted).
     pub object_gets: AtomicU64,
     /// GETs of a byte range of one object.
@@ -203,8 +208,12 @@ impl State {
         (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
     }
 
+    fn plan(&self) -> Plan {
+        *self.plan.lock().unwrap()
+    }
+
     fn choose(&self, changes: bool) -> Fault {
-        let plan = *self.plan.lock().unwrap();
+        let plan = self.plan();
         if plan.outage {
             return Fault::Reset;
         }
@@ -309,6 +318,8 @@ async fn handle(
         Fault::None | Fault::CutBody | Fault::LostResponse => {}
     }
     let (parts, body) = req.into_parts();
+    let create_only = parts.method == hyper::Method::PUT
+        && parts.headers.contains_key(hyper::header::IF_NONE_MATCH);
     let body = body
         .collect()
         .await
@@ -358,6 +369,19 @@ async fn handle(
             return reset();
         }
         _ => {}
+    }
+    if create_only && parts.status == StatusCode::PRECONDITION_FAILED && state.plan().overwrites {
+        counts.overwrite_accepted.fetch_add(1, Ordering::Relaxed);
+        let written = Response::builder()
+            .status(StatusCode::OK)
+            .header(hyper::header::ETAG, "\"0123456789abcdef0123456789abcdef\"")
+            .body(
+                Full::new(Bytes::new())
+                    .map_err(|never: Infallible| match never {})
+                    .boxed(),
+            )
+            .map_err(std::io::Error::other)?;
+        return Ok(written);
     }
     Ok(Response::from_parts(
         parts,
