@@ -1,10 +1,19 @@
-//! `walsync verify`: checks a chain in storage end to end.
+//! `walsync verify`: checks chains in storage end to end, or (with
+//! --chain-only) their headers and trailers alone.
+
+use futures_util::StreamExt;
 
 use super::*;
-use crate::verify;
+use crate::verify::{self, Depth, Report};
+
+/// Databases checked at once when verifying a whole store; each reads its
+/// own objects several at a time as well.
+const DATABASES_AT_ONCE: usize = 4;
 
 pub(super) async fn verify(args: &VerifyArgs) -> Result<()> {
-    config::validate_prefix(&args.prefix)?;
+    if let Some(prefix) = &args.prefix {
+        config::validate_prefix(prefix)?;
+    }
     let config = reading_config(
         args.config.as_ref(),
         &args.storage,
@@ -14,19 +23,85 @@ pub(super) async fn verify(args: &VerifyArgs) -> Result<()> {
         Some(config) => open_config_storage(&config.storage).await?,
         None => open_default_replica(&args.storage, Path::new(config::DEFAULT_REPLICA_DIR)).await?,
     };
+    let prefixes = match &args.prefix {
+        Some(prefix) => vec![prefix.clone()],
+        None => {
+            let listed = chain::database_names(storage.as_ref())
+                .await
+                .with_context(|| format!("listing {}", storage.describe()))?;
+            for (name, why) in &listed.refused {
+                eprintln!("warning: not checking {name:?}: not a valid database name (it {why})");
+            }
+            if listed.found.is_empty() {
+                bail!("no database in {}", storage.describe());
+            }
+            listed.found
+        }
+    };
+    let depth = if args.chain_only {
+        Depth::ChainOnly
+    } else {
+        Depth::Full
+    };
+    let keys = reading_keys(config.as_ref(), args.storage.encryption_key_file.as_deref())?;
     let live = args.db.as_deref();
-    let report = verify::verify(
-        storage.as_ref(),
-        &args.prefix,
-        live,
-        &verify::scratch_dir(live),
-        reading_keys(config.as_ref(), args.storage.encryption_key_file.as_deref())?,
-    )
-    .await
-    .with_context(|| format!("verifying {} in {}", args.prefix, storage.describe()))?;
+    let scratch = verify::scratch_dir(live);
+    let storage = storage.as_ref();
+    let reports = futures_util::stream::iter(&prefixes)
+        .map(|prefix| {
+            let keys = keys.clone();
+            let scratch = &scratch;
+            async move {
+                verify::verify(storage, prefix, live, scratch, keys, depth)
+                    .await
+                    .with_context(|| format!("verifying {prefix} in {}", storage.describe()))
+            }
+        })
+        .buffered(DATABASES_AT_ONCE);
+    let mut reports = std::pin::pin!(reports);
+    let mut failed = Vec::new();
+    for prefix in &prefixes {
+        let Some(report) = reports.next().await else {
+            break;
+        };
+        let report = report?;
+        say_report(prefix, &report, depth);
+        if !report.problems.is_empty() {
+            failed.push((prefix, report.problems.len()));
+        }
+    }
+    if prefixes.len() > 1 {
+        sayln!(
+            "{} databases: {} ok, {} with problems",
+            prefixes.len(),
+            prefixes.len() - failed.len(),
+            failed.len()
+        );
+    }
+    match failed.as_slice() {
+        [] => Ok(()),
+        [(prefix, problems)] => bail!("{prefix}: {problems} problem(s) found"),
+        more => {
+            let named: Vec<&str> = more.iter().take(10).map(|(p, _)| p.as_str()).collect();
+            let rest = more.len() - named.len();
+            bail!(
+                "{} databases have problems: {}{}",
+                more.len(),
+                named.join(", "),
+                if rest > 0 {
+                    format!(" and {rest} more")
+                } else {
+                    String::new()
+                }
+            )
+        }
+    }
+}
+
+fn say_report(prefix: &str, report: &Report, depth: Depth) {
     sayln!(
         "{}: {} objects ({} snapshots, {} bytes){}, head {}",
-        args.prefix,
+        prefix,
         report.objects,
         report.snapshots,
         report.bytes,
@@ -37,6 +112,9 @@ pub(super) async fn verify(args: &VerifyArgs) -> Result<()> {
         },
         report.head.map_or("-".into(), |h| h.to_string())
     );
+    if depth == Depth::ChainOnly {
+        sayln!("  headers and trailers only: links checked, bodies not read");
+    }
     if report.restored {
         sayln!("  newest state restored and passed PRAGMA integrity_check");
     }
@@ -46,13 +124,7 @@ pub(super) async fn verify(args: &VerifyArgs) -> Result<()> {
     for problem in &report.problems {
         eprintln!("  problem: {problem}");
     }
-    if !report.problems.is_empty() {
-        bail!(
-            "{}: {} problem(s) found",
-            args.prefix,
-            report.problems.len()
-        );
+    if report.problems.is_empty() {
+        sayln!("  ok");
     }
-    sayln!("  ok");
-    Ok(())
 }

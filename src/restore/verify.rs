@@ -32,6 +32,17 @@ pub struct Report {
     pub problems: Vec<String>,
 }
 
+/// How much of each object a check reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Depth {
+    /// Every byte: each object's hash is computed, and the newest state is
+    /// restored and checked.
+    Full,
+    /// Each object's header and trailer only: links are checked against the
+    /// hashes the trailers claim; nothing is restored and no key is needed.
+    ChainOnly,
+}
+
 /// Verifies `prefix`; with `live`, compares the newest state with that file.
 /// Errors are for what stopped the check itself (storage unreachable);
 /// everything wrong with the data is a problem in the report.
@@ -41,11 +52,12 @@ pub async fn verify(
     live: Option<&Path>,
     scratch_dir: &Path,
     keys: Option<Arc<Keys>>,
+    depth: Depth,
 ) -> Result<Report, chain::Error> {
     let mut listings = 0;
     let report = loop {
         listings += 1;
-        let (report, gone) = check_chain(storage, prefix).await?;
+        let (report, gone) = check_chain(storage, prefix, depth).await?;
         if gone == 0 || listings == LISTINGS {
             break report;
         }
@@ -59,7 +71,7 @@ pub async fn verify(
         tokio::time::sleep(std::time::Duration::from_millis(100 * u64::from(listings))).await;
     };
     let mut report = report;
-    if report.head.is_none() {
+    if report.head.is_none() || depth == Depth::ChainOnly {
         return Ok(report);
     }
 
@@ -123,7 +135,11 @@ const LISTINGS: u32 = 8;
 
 /// Lists the chain and checks every object and run in it; also returns how
 /// many listed objects were gone when read.
-async fn check_chain(storage: &dyn Storage, prefix: &str) -> Result<(Report, usize), chain::Error> {
+async fn check_chain(
+    storage: &dyn Storage,
+    prefix: &str,
+    depth: Depth,
+) -> Result<(Report, usize), chain::Error> {
     let (objects, runs) = chain::list_with_runs(storage, prefix).await?;
     let mut report = Report {
         runs: runs.len(),
@@ -138,28 +154,51 @@ async fn check_chain(storage: &dyn Storage, prefix: &str) -> Result<(Report, usi
         return Ok((report, 0));
     }
     let mut gone = 0;
-    let headers = read_runs(storage, &runs, &mut report, &mut gone).await;
-    let mut hashes = walk(storage, &objects, (&runs, &headers), &mut report, &mut gone).await;
+    let read = Reader { storage, depth };
+    let headers = read_runs(read, &runs, &mut report, &mut gone).await;
+    let mut hashes = walk(read, &objects, (&runs, &headers), &mut report, &mut gone).await;
     check_runs(&objects, &runs, &headers, &mut hashes, &mut report);
     Ok((report, gone))
+}
+
+/// Reads objects to the depth a check asks for.
+#[derive(Clone, Copy)]
+struct Reader<'a> {
+    storage: &'a dyn Storage,
+    depth: Depth,
+}
+
+impl Reader<'_> {
+    /// An object's header, checked against its key, and its content hash:
+    /// computed from every byte, or as its trailer claims.
+    async fn read(self, object: &ObjectRef) -> Result<(segment::Header, [u8; 32]), chain::Error> {
+        match self.depth {
+            Depth::Full => chain::read_verified(self.storage, object)
+                .await
+                .map(|(header, hash, _)| (header, hash)),
+            Depth::ChainOnly => chain::read_link(self.storage, object)
+                .await
+                .map(|link| (link.header, link.hash)),
+        }
+    }
 }
 
 /// The headers of the runs that verified (trailer hash, header against key),
 /// by key; each that did not is a problem.
 async fn read_runs(
-    storage: &dyn Storage,
+    read: Reader<'_>,
     runs: &[(u64, ObjectRef)],
     report: &mut Report,
     gone: &mut usize,
 ) -> HashMap<String, segment::Header> {
     let fetched = futures_util::stream::iter(runs.iter())
-        .map(|(_, run)| chain::read_verified(storage, run))
+        .map(|(_, run)| read.read(run))
         .buffered(restore::FETCH_PARALLELISM);
     let mut fetched = std::pin::pin!(fetched);
     let mut headers = HashMap::new();
     for (_, run) in runs {
         match fetched.next().await {
-            Some(Ok((header, _, _))) => {
+            Some(Ok((header, _))) => {
                 headers.insert(run.key.clone(), header);
             }
             Some(Err(e)) => {
@@ -179,7 +218,7 @@ async fn read_runs(
 /// the objects before it. Returns the hashes found at each sequence, with
 /// the ends of the runs that carried the chain across a hole.
 async fn walk(
-    storage: &dyn Storage,
+    read: Reader<'_>,
     objects: &[ObjectRef],
     (runs, headers): (&[(u64, ObjectRef)], &HashMap<String, segment::Header>),
     report: &mut Report,
@@ -201,18 +240,18 @@ async fn walk(
     let mut current: (Option<u64>, Vec<(&ObjectRef, [u8; 32])>) = (None, Vec::new());
     // Read and hashed several at a time; the links are checked in order.
     let fetched = futures_util::stream::iter(objects.iter())
-        .map(|object| chain::read_verified(storage, object))
+        .map(|object| read.read(object))
         .buffered(restore::FETCH_PARALLELISM);
     let mut fetched = std::pin::pin!(fetched);
     for object in objects {
-        let Some(read) = fetched.next().await else {
+        let Some(result) = fetched.next().await else {
             break;
         };
         if current.0 != Some(object.seq) {
             prev = std::mem::replace(&mut current, (Some(object.seq), Vec::new()));
         }
-        let (header, hash) = match read {
-            Ok((header, hash, _)) => (header, hash),
+        let (header, hash) = match result {
+            Ok(found) => found,
             Err(e) => {
                 *gone += usize::from(e.is_not_found());
                 report.problems.push(e.to_string());

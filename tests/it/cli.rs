@@ -4786,3 +4786,111 @@ async fn watch_says_once_when_the_store_overwrites() {
     );
     assert_eq!(rows(&out), rows(&db));
 }
+
+/// Issue 16, 7: `verify --chain-only` reads each object's and each run's
+/// header and trailer with two ranged reads and nothing whole, restores and
+/// writes nothing, and yet finds an object replaced under its key or gone;
+/// a bit changed inside a body is what it leaves to the full `verify`,
+/// which finds it. Without --prefix it checks every database in the store
+/// and fails if one fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_chain_only_reads_headers_and_trailers_and_finds_a_broken_link() {
+    use common::faults::{Counts, FaultProxy};
+    use walsync::storage::{Payload, get_bytes};
+    let (store, proxy) = FaultProxy::before_s3_store().await;
+    let storage = store.storage.as_ref();
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["a", "b"] {
+        let db = dir.path().join(format!("{name}.db"));
+        let conn = create_db(&db, 10);
+        let mut replica = common::open_replica(&db, name, &store, common::replica_opts()).await;
+        for i in 0..24 {
+            conn.execute("INSERT INTO t(v) VALUES (?1)", [format!("{name} {i}")])
+                .unwrap();
+            replica.sync().await.unwrap();
+        }
+    }
+    ok(&store, &["compact", "--storage", &store.url]);
+    let scratch = tempfile::tempdir().unwrap();
+    let verify = |args: &[&str]| {
+        let mut cmd = walsync();
+        cmd.current_dir(scratch.path())
+            .args(["verify", "--storage", &store.url])
+            .args(args);
+        with_store(&mut cmd, &store);
+        cmd.env("AWS_ENDPOINT_URL_S3", &proxy.endpoint);
+        let output = run(&mut cmd);
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).to_string(),
+            String::from_utf8_lossy(&output.stderr).to_string(),
+        )
+    };
+
+    let (objects, runs) = chain::list_with_runs(storage, "b").await.unwrap();
+    assert!(!runs.is_empty(), "compact stored a run");
+    let counts = proxy.counts();
+    let gets = || {
+        (
+            Counts::get(&counts.object_gets),
+            Counts::get(&counts.ranged_gets),
+        )
+    };
+    let before = gets();
+    let (passed, out, err) = verify(&["--chain-only", "--prefix", "b"]);
+    assert!(passed, "{out}{err}");
+    assert!(out.contains("links checked") && out.contains("ok"), "{out}");
+    let after = gets();
+    let reads = 2 * (objects.len() + runs.len()) as u64;
+    assert_eq!(after.0 - before.0, reads, "two reads per object and run");
+    assert_eq!(after.1 - before.1, reads, "every read ranged");
+    assert_eq!(std::fs::read_dir(scratch.path()).unwrap().count(), 0);
+
+    // Object 22 lies past the run, so nothing stands in for it.
+    let target = objects.iter().find(|o| o.seq == 22).unwrap();
+    let next = objects.iter().find(|o| o.seq == 23).unwrap();
+    let original = get_bytes(storage, &target.key).await.unwrap();
+    let replace = |bytes: Vec<u8>| async {
+        storage.delete(&target.key).await.unwrap();
+        let hash = sha2::Sha256::digest(&bytes).into();
+        storage
+            .put_new(&target.key, Payload::Bytes(bytes), hash)
+            .await
+            .unwrap();
+    };
+    use sha2::Digest;
+
+    // A bit inside the body: the trailer still claims the old hash.
+    let mut body_flipped = original.clone();
+    body_flipped[original.len() / 2] ^= 1;
+    replace(body_flipped).await;
+    let (passed, out, err) = verify(&["--chain-only", "--prefix", "b"]);
+    assert!(passed, "chain-only reads no body: {out}{err}");
+    let (passed, _, err) = verify(&["--prefix", "b"]);
+    assert!(!passed && err.contains(&target.key), "{err}");
+
+    // Replaced under its key (its trailer changed): the next one no longer links.
+    let mut trailer_flipped = original.clone();
+    *trailer_flipped.last_mut().unwrap() ^= 1;
+    replace(trailer_flipped).await;
+    let (passed, _, err) = verify(&["--chain-only", "--prefix", "b"]);
+    assert!(!passed, "{err}");
+    assert!(
+        err.contains(&format!("{} does not link to {}", next.key, target.key)),
+        "{err}"
+    );
+
+    // Gone, and every database checked: a is ok, b is not.
+    storage.delete(&target.key).await.unwrap();
+    let (passed, out, err) = verify(&["--chain-only"]);
+    assert!(!passed, "{out}{err}");
+    assert!(err.contains("objects 22 to 22 are missing"), "{err}");
+    assert!(out.contains("a: ") && out.contains("b: "), "{out}");
+    assert!(out.contains("2 databases: 1 ok, 1 with problems"), "{out}");
+    assert!(err.contains("b: 1 problem(s) found"), "{err}");
+    assert_eq!(std::fs::read_dir(scratch.path()).unwrap().count(), 0);
+
+    replace(original).await;
+    let (passed, out, err) = verify(&["--chain-only"]);
+    assert!(passed, "{out}{err}");
+}

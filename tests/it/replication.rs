@@ -1006,6 +1006,7 @@ async fn verify_walks_the_chain_and_compares_with_the_live_database() {
             Some(&db),
             dir.path(),
             None,
+            verify::Depth::Full,
         )
         .await
         .unwrap();
@@ -1021,6 +1022,7 @@ async fn verify_walks_the_chain_and_compares_with_the_live_database() {
             Some(&db),
             dir.path(),
             None,
+            verify::Depth::Full,
         )
         .await
         .unwrap();
@@ -1039,9 +1041,16 @@ async fn verify_walks_the_chain_and_compares_with_the_live_database() {
         let mid = bytes.len() / 2;
         bytes[mid] ^= 0x01;
         replace_object(store.storage.as_ref(), &key, bytes).await;
-        let report = verify::verify(store.storage.as_ref(), "checked", None, dir.path(), None)
-            .await
-            .unwrap();
+        let report = verify::verify(
+            store.storage.as_ref(),
+            "checked",
+            None,
+            dir.path(),
+            None,
+            walsync::verify::Depth::Full,
+        )
+        .await
+        .unwrap();
         assert!(
             report.problems.iter().any(|p| p.contains(&key)),
             "{kind}: {:?}",
@@ -1458,9 +1467,16 @@ async fn a_forked_chain_restores_through_the_branch_that_goes_on() {
                 .unwrap();
             assert_eq!(before_fork.len(), 25, "{kind} {fork:?}");
 
-            let verified = walsync::verify::verify(storage, &main, Some(&db), dir.path(), None)
-                .await
-                .unwrap();
+            let verified = walsync::verify::verify(
+                storage,
+                &main,
+                Some(&db),
+                dir.path(),
+                None,
+                walsync::verify::Depth::Full,
+            )
+            .await
+            .unwrap();
             assert!(
                 verified.restored,
                 "{kind} {fork:?}: {:?}",
@@ -2143,9 +2159,16 @@ async fn a_run_applied_onto_the_snapshot_leaves_the_newest_state() {
         )
         .await;
         assert_eq!(inside.objects, 3, "{kind}");
-        let checked = walsync::verify::verify(storage, "runs", None, dir.path(), None)
-            .await
-            .unwrap();
+        let checked = walsync::verify::verify(
+            storage,
+            "runs",
+            None,
+            dir.path(),
+            None,
+            walsync::verify::Depth::Full,
+        )
+        .await
+        .unwrap();
         assert_eq!(
             (checked.runs, checked.problems.len()),
             (1, 0),
@@ -2159,9 +2182,16 @@ async fn a_run_applied_onto_the_snapshot_leaves_the_newest_state() {
         altered[mid] ^= 1;
         replace_object(storage, &built.key, altered).await;
         expect_refusal(&store, "runs", dir.path(), &built.key).await;
-        let checked = walsync::verify::verify(storage, "runs", None, dir.path(), None)
-            .await
-            .unwrap();
+        let checked = walsync::verify::verify(
+            storage,
+            "runs",
+            None,
+            dir.path(),
+            None,
+            walsync::verify::Depth::Full,
+        )
+        .await
+        .unwrap();
         assert!(
             checked.problems.iter().any(|p| p.contains(&built.key)),
             "{kind}: {:?}",
