@@ -31,10 +31,31 @@ pub struct Resolved {
     pub fork: Option<Branch>,
 }
 
+/// How many listings one plan may take: an object deleted between a
+/// listing and a header read (a time target reads a few; the exact window
+/// moved past it) sends the plan back to a fresh listing, where a run
+/// stands for it.
+const PLANS: u32 = 3;
+
 /// Lists the chain and picks the objects that reach `target` (a time target
 /// reads a few object headers; a fork, the ends of the objects around it).
-/// Nothing is downloaded whole or written.
+/// Nothing is downloaded whole or written. An object that went meanwhile
+/// sends it back to a fresh listing.
 pub async fn resolve(storage: &dyn Storage, prefix: &str, target: Target) -> Result<Resolved> {
+    let mut plans = 1;
+    loop {
+        match resolve_once(storage, prefix, target).await {
+            Err(e) if is_gone(&e) && plans < PLANS => {
+                tracing::info!(prefix, error = %e, "an object went while the restore was planned; listing again");
+                plans += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// One listing's plan (see [`resolve`]).
+async fn resolve_once(storage: &dyn Storage, prefix: &str, target: Target) -> Result<Resolved> {
     let (mut listed, runs) = chain::list_with_runs(storage, prefix).await?;
     chain::find_unmarked_start(storage, &mut listed).await?;
     let forked = !chain::forks(&listed).is_empty();
