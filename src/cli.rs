@@ -352,6 +352,15 @@ pub struct RestoreArgs {
     /// started again, it goes on from there. Readers must only read FILE.
     #[arg(long, conflicts_with_all = ["txid", "timestamp", "dry_run"])]
     pub follow: bool,
+    /// Read PREFIX as a Litestream 0.5 replica (the path of its replica URL:
+    /// `s3://bucket/backups/app.db` is --storage s3://bucket/backups --prefix
+    /// app.db; a file replica's directory likewise) and restore from its LTX
+    /// files, each file's checksum checked. --txid names a Litestream
+    /// transaction (its files' names give them in hex: 0x1d); --timestamp
+    /// goes by when Litestream wrote each file. Then `watch` the restored
+    /// file to start walsync's own chain from it.
+    #[arg(long, conflicts_with_all = ["follow", "dry_run"])]
+    pub litestream: bool,
     /// With --follow: time between two looks at storage once caught up.
     #[arg(long, default_value = "1s", value_parser = parse_duration, requires = "follow")]
     pub interval: Duration,

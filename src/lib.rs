@@ -55,6 +55,7 @@ mod explain;
 mod fork;
 pub mod format;
 mod link;
+pub mod litestream;
 pub mod object;
 mod out;
 pub mod reason;

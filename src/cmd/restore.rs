@@ -112,6 +112,9 @@ pub(super) async fn restore(args: RestoreArgs) -> Result<()> {
         return Ok(());
     }
     let target = target(args.txid, args.timestamp);
+    if args.litestream {
+        return from_litestream(&args, &prefix, &output, storage.as_ref(), target).await;
+    }
     if args.dry_run {
         let planning = || {
             format!(
@@ -173,6 +176,50 @@ pub(super) async fn restore(args: RestoreArgs) -> Result<()> {
         report.objects,
         report.bytes,
         report.db_pages,
+        report.page_size,
+        format_ms(report.timestamp_ms)
+    );
+    Ok(())
+}
+
+/// `restore --litestream`: the database from a Litestream 0.5 replica.
+async fn from_litestream(
+    args: &RestoreArgs,
+    prefix: &str,
+    output: &Path,
+    storage: &dyn Storage,
+    target: Target,
+) -> Result<()> {
+    let opts = RestoreOptions {
+        prefix: prefix.to_string(),
+        output: output.to_path_buf(),
+        target,
+        force: args.force,
+        keys: None,
+        parallelism: args.parallelism,
+    };
+    let report = match restore::restore_litestream(storage, &opts).await {
+        Err(restore::Error::NoReplica { .. }) if args.if_replica_exists => {
+            sayln!(
+                "skipped {prefix}: no Litestream replica in {} yet",
+                storage.describe()
+            );
+            return Ok(());
+        }
+        other => other.with_context(|| {
+            format!(
+                "restoring the Litestream replica {prefix} from {}",
+                storage.describe()
+            )
+        })?,
+    };
+    sayln!(
+        "restored {prefix} to {} from Litestream: transaction {:x} ({} files, {} bytes downloaded), {} pages of {} bytes, as of {}",
+        output.display(),
+        report.txid,
+        report.files,
+        report.bytes,
+        report.pages,
         report.page_size,
         format_ms(report.timestamp_ms)
     );

@@ -20,6 +20,7 @@ mod all;
 mod apply;
 mod fetch;
 pub mod follow;
+mod litestream;
 mod page_hashes;
 mod plan;
 pub(crate) mod sidefile;
@@ -29,6 +30,7 @@ pub use all::*;
 use apply::*;
 pub(crate) use apply::{header_page_count, immutable_uri};
 use fetch::*;
+pub use litestream::{LitestreamReport, restore_litestream};
 pub use plan::*;
 
 use std::fs::File;
@@ -153,6 +155,8 @@ pub enum Error {
     },
     #[error("checking the restored file: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("Litestream replica file {key}: {why}")]
+    Litestream { key: String, why: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -8,6 +8,7 @@ mod common;
 mod app_process;
 mod cli;
 mod fleet;
+mod litestream;
 mod replication;
 mod sidecar;
 mod storage;
