@@ -18,7 +18,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::listen;
-use crate::restore::format_ms;
 use crate::status::{Board, Snapshot};
 
 /// Binds `addr`; the error names it.
@@ -82,7 +81,11 @@ fn respond(req: &Request<Incoming>, board: &Board) -> Response<Full<Bytes>> {
             "application/json",
             serde_json::to_string(&snapshot).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
         ),
-        "/" => reply(StatusCode::OK, "text/html; charset=utf-8", page(&snapshot)),
+        "/" => reply(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            crate::serve::page::status_page(&snapshot, req.uri().query() == Some("all")),
+        ),
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain; charset=utf-8",
@@ -364,78 +367,6 @@ fn process_stats() -> ProcessStats {
     }
 }
 
-fn html(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
-/// A page a person can read: every database, problems first, with its
-/// state, lag and what is wrong with it.
-fn page(s: &Snapshot) -> String {
-    let unhealthy = s.unhealthy();
-    let degraded = s.degraded();
-    let mut out = String::from(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>walsync</title>\
-         <style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}\
-         td,th{padding:.3em .8em;border-bottom:1px solid #ddd;text-align:left}\
-         .bad{color:#b00}.degraded{color:#a60}</style></head><body><h1>walsync</h1>",
-    );
-    let _ = write!(
-        out,
-        "<p>{} databases, {} unhealthy, {} degraded; up since {}. \
-         <a href=\"/metrics\">metrics</a> · <a href=\"/health\">health</a> · \
-         <a href=\"/status.json\">json</a></p>",
-        s.databases.len(),
-        unhealthy.len(),
-        degraded.len(),
-        format_ms(s.started_ms)
-    );
-    if let Some(why) = &s.config.refused {
-        let _ = write!(
-            out,
-            "<p class=\"bad\">Configuration edit refused: {}; {}.</p>",
-            html(why),
-            html(crate::status::CONFIG_KEPT)
-        );
-    }
-    if !degraded.is_empty() {
-        let _ = write!(
-            out,
-            "<p class=\"degraded\">Degraded: these databases keep losing continuity \
-             (each loss is caught and costs a full snapshot): {}.</p>",
-            html(crate::status::DEGRADED_HINT)
-        );
-    }
-    out.push_str(
-        "<table><tr><th>prefix</th><th>database</th><th>state</th><th>lag</th>\
-         <th>head</th><th>last sync</th><th>problem</th></tr>",
-    );
-    for d in s.problems_first() {
-        let class = if d.unhealthy(s.now_ms).is_some() {
-            " class=\"bad\""
-        } else if d.is_degraded(s.now_ms) || d.forked.is_some() {
-            " class=\"degraded\""
-        } else {
-            ""
-        };
-        let _ = write!(
-            out,
-            "<tr{class}><td>{}</td><td>{}</td><td>{}</td><td>{:.1} s</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            html(&d.prefix),
-            html(&d.path),
-            s.shown_state(d),
-            d.lag_seconds(s.now_ms),
-            d.head.map_or("-".into(), |h| h.to_string()),
-            d.last_sync_ms.map_or("-".into(), format_ms),
-            html(&s.problem(d))
-        );
-    }
-    out.push_str("</table></body></html>\n");
-    out
-}
-
 /// The client side (`walsync status`): a GET of a running walsync's
 /// listener. HTTP/1.0, so the body ends with the connection.
 pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
@@ -523,7 +454,10 @@ mod tests {
             text.contains("walsync_config_edits_refused_total 1"),
             "{text}"
         );
-        assert!(page(&board.snapshot()).contains("Configuration edit refused"));
+        assert!(
+            crate::serve::page::status_page(&board.snapshot(), false)
+                .contains("Configuration edit refused")
+        );
         assert!(
             board
                 .snapshot()
@@ -573,7 +507,7 @@ mod tests {
             metrics.contains("walsync_degraded{prefix=\"calm\"} 0"),
             "{metrics}"
         );
-        let page = page(&board.snapshot());
+        let page = crate::serve::page::status_page(&board.snapshot(), false);
         assert!(
             page.find("<td>churn</td>").unwrap() < page.find("<td>calm</td>").unwrap(),
             "{page}"

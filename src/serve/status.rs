@@ -321,10 +321,14 @@ impl Snapshot {
         format!("{:?}", d.state).to_lowercase()
     }
 
-    /// What is wrong with a database, in a few words: its last error, and
-    /// why it is degraded.
+    /// What is wrong with a database, in a few words: its last error (or,
+    /// without one, why it is unhealthy: changes unshipped for too long),
+    /// and why it is degraded.
     pub fn problem(&self, d: &DbStatus) -> String {
         let mut parts: Vec<String> = d.last_error.iter().cloned().collect();
+        if parts.is_empty() {
+            parts.extend(d.unhealthy(self.now_ms));
+        }
         if let Some(why) = d.degraded_at(self.now_ms) {
             parts.push(format!("degraded: {why}"));
         }

@@ -494,7 +494,7 @@ fn init_writes_a_starter_that_explain_and_watch_accept() {
 }
 
 /// A GET over plain HTTP/1.0: returns the status code and the body.
-fn http_get(addr: &str, path: &str) -> (u16, String) {
+pub(crate) fn http_get(addr: &str, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
@@ -505,7 +505,7 @@ fn http_get(addr: &str, path: &str) -> (u16, String) {
     (code, body.to_string())
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -573,7 +573,10 @@ async fn metrics_health_and_status_tell_the_truth() {
         );
         let (code, page) = http_get(&addr, "/");
         assert_eq!(code, 200);
-        assert!(page.contains("<table>") && page.contains("good"), "{kind}");
+        assert!(
+            page.contains("<table id=\"databases\">") && page.contains("good"),
+            "{kind}"
+        );
         let output = run(walsync().args(["status", "--config"]).arg(&config));
         let table = String::from_utf8_lossy(&output.stdout);
         assert!(
@@ -1147,7 +1150,7 @@ async fn sync_wait_reports_a_database_that_stopped_instead_of_hanging() {
 }
 
 /// The entry of `prefix` in `/status.json` (or `walsync status --json`).
-fn db_status<'a>(status: &'a serde_json::Value, prefix: &str) -> &'a serde_json::Value {
+pub(crate) fn db_status<'a>(status: &'a serde_json::Value, prefix: &str) -> &'a serde_json::Value {
     status["databases"]
         .as_array()
         .unwrap()
@@ -1157,7 +1160,7 @@ fn db_status<'a>(status: &'a serde_json::Value, prefix: &str) -> &'a serde_json:
 }
 
 /// Polls `/status.json` until `done` holds for `prefix`'s entry.
-async fn wait_for_status(
+pub(crate) async fn wait_for_status(
     addr: &str,
     prefix: &str,
     what: &str,

@@ -6,6 +6,7 @@
 mod common;
 
 mod app_process;
+mod browser;
 mod cli;
 mod fleet;
 mod litestream;

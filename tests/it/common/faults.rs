@@ -30,6 +30,8 @@ pub struct Plan {
     pub slow_down: f64,
     pub delay: f64,
     pub delay_for: Duration,
+    /// Only requests whose path holds this are delayed (one database's).
+    pub delay_only: Option<&'static str>,
     pub reset: f64,
     pub cut_body: f64,
     /// Only requests that change something (PUT, POST, DELETE): applied,
@@ -312,8 +314,11 @@ async fn handle(
             return reset();
         }
         Fault::Delay(d) => {
-            counts.delayed.fetch_add(1, Ordering::Relaxed);
-            tokio::time::sleep(d).await;
+            let only = state.plan().delay_only;
+            if only.is_none_or(|part| req.uri().path().contains(part)) {
+                counts.delayed.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(d).await;
+            }
         }
         Fault::None | Fault::CutBody | Fault::LostResponse => {}
     }
