@@ -125,6 +125,9 @@ pub struct VerifyArgs {
     /// a bit changed inside a body, which the full check finds.
     #[arg(long)]
     pub chain_only: bool,
+    /// No progress bar (it is drawn only on a terminal anyway).
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
     /// Take the storage settings from this walsync.toml. Without it and
     /// without --storage: the file WALSYNC_CONFIG names, else ./walsync.toml
     /// if it exists, else the directory walsync-replica here.
@@ -361,6 +364,9 @@ pub struct RestoreArgs {
     /// file to start walsync's own chain from it.
     #[arg(long, conflicts_with_all = ["follow", "dry_run"])]
     pub litestream: bool,
+    /// No progress bar (it is drawn only on a terminal anyway).
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
     /// With --follow: time between two looks at storage once caught up.
     #[arg(long, default_value = "1s", value_parser = parse_duration, requires = "follow")]
     pub interval: Duration,
@@ -410,6 +416,15 @@ pub struct RestoreAllArgs {
     /// Restore every database as of this time (RFC 3339); see `restore --timestamp`.
     #[arg(long, value_name = "TIME", value_parser = parse_timestamp)]
     pub timestamp: Option<u64>,
+    /// No progress bar (it is drawn only on a terminal anyway).
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+    /// Print one JSON summary on stdout instead of a line per database:
+    /// what was restored (prefix, file, sequence, objects, bytes, seconds),
+    /// skipped and failed (with why), and the totals. Failures still exit
+    /// non-zero.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -58,6 +58,7 @@ mod link;
 pub mod litestream;
 pub mod object;
 mod out;
+pub mod progress;
 pub mod reason;
 pub mod redact;
 pub mod replica;

@@ -1,7 +1,7 @@
 //! `walsync restore` (also `--follow`) and `walsync restore-all`.
 
 use super::*;
-use crate::restore;
+use crate::{progress, restore};
 
 fn target(txid: Option<u64>, timestamp: Option<u64>) -> Target {
     match (txid, timestamp) {
@@ -112,8 +112,11 @@ pub(super) async fn restore(args: RestoreArgs) -> Result<()> {
         return Ok(());
     }
     let target = target(args.txid, args.timestamp);
+    progress::install_for_bytes(args.quiet || args.dry_run);
     if args.litestream {
-        return from_litestream(&args, &prefix, &output, storage.as_ref(), target).await;
+        let done = from_litestream(&args, &prefix, &output, storage.as_ref(), target).await;
+        progress::current().finish();
+        return done;
     }
     if args.dry_run {
         let planning = || {
@@ -160,7 +163,9 @@ pub(super) async fn restore(args: RestoreArgs) -> Result<()> {
         keys,
         parallelism: args.parallelism,
     };
-    let report = match restore::restore(storage.as_ref(), &opts).await {
+    let restored = restore::restore(storage.as_ref(), &opts).await;
+    progress::current().finish();
+    let report = match restored {
         Err(restore::Error::NoReplica { .. }) if args.if_replica_exists => {
             sayln!("skipped {prefix}: nothing in {} yet", storage.describe());
             return Ok(());
@@ -313,24 +318,47 @@ pub(super) async fn restore_all(args: RestoreAllArgs) -> Result<()> {
             );
         }
     }
-    for (prefix, why) in &skipped {
-        sayln!("skipped {prefix}: {why}");
+    if !args.json {
+        for (prefix, why) in &skipped {
+            sayln!("skipped {prefix}: {why}");
+        }
     }
+    let started = std::time::Instant::now();
+    progress::install_for_databases(args.quiet || args.json, jobs.len() as u64, "restore-all");
     let outcomes = restore::restore_all(storage.clone(), jobs, args.parallelism).await;
-    let mut restored = 0;
-    let mut late = 0;
+    progress::current().finish();
+    let mut skipped: Vec<(String, String)> = skipped
+        .into_iter()
+        .map(|(prefix, why)| (prefix, why.to_string()))
+        .collect();
+    let mut failed: Vec<(String, String)> = failed
+        .into_iter()
+        .map(|name| (name, "not a valid database name in storage".to_string()))
+        .collect();
+    let mut restored = Vec::new();
     for outcome in &outcomes {
         match &outcome.result {
             Ok(report) => {
-                restored += 1;
-                sayln!(
-                    "restored {} to {} (sequence {}, {} pages, as of {})",
-                    outcome.prefix,
-                    outcome.output.display(),
-                    report.seq,
-                    report.db_pages,
-                    format_ms(report.timestamp_ms)
-                );
+                if !args.json {
+                    sayln!(
+                        "restored {} to {} (sequence {}, {} pages, as of {})",
+                        outcome.prefix,
+                        outcome.output.display(),
+                        report.seq,
+                        report.db_pages,
+                        format_ms(report.timestamp_ms)
+                    );
+                }
+                restored.push(serde_json::json!({
+                    "prefix": outcome.prefix,
+                    "file": outcome.output,
+                    "sequence": report.seq,
+                    "objects": report.objects,
+                    "bytes": report.bytes,
+                    "pages": report.db_pages,
+                    "page_size": report.page_size,
+                    "as_of": format_ms(report.timestamp_ms),
+                }));
             }
             // Asked for a time before the database was first replicated:
             // there was nothing to restore, which is not a failure.
@@ -340,28 +368,54 @@ pub(super) async fn restore_all(args: RestoreAllArgs) -> Result<()> {
                     ..
                 },
             ) => {
-                sayln!(
-                    "skipped {}: not replicated yet at that time ({e})",
-                    outcome.prefix
-                );
-                late += 1;
+                let why = format!("not replicated yet at that time ({e})");
+                if !args.json {
+                    sayln!("skipped {}: {why}", outcome.prefix);
+                }
+                skipped.push((outcome.prefix.clone(), why));
             }
             Err(e) => {
                 eprintln!("failed {}: {e}", outcome.prefix);
-                failed.push(outcome.prefix.clone());
+                failed.push((outcome.prefix.clone(), e.to_string()));
             }
         }
     }
-    sayln!(
-        "restore-all: {restored} restored, {} skipped, {} failed",
-        skipped.len() + late,
-        failed.len()
-    );
+    if args.json {
+        let named = |list: &[(String, String)], field: &str| -> Vec<serde_json::Value> {
+            list.iter()
+                .map(|(prefix, why)| serde_json::json!({ "prefix": prefix, field: why }))
+                .collect()
+        };
+        let total =
+            |field: &str| -> u64 { restored.iter().filter_map(|r| r[field].as_u64()).sum() };
+        let summary = serde_json::json!({
+            "restored": restored,
+            "skipped": named(&skipped, "why"),
+            "failed": named(&failed, "error"),
+            "totals": {
+                "restored": restored.len(),
+                "skipped": skipped.len(),
+                "failed": failed.len(),
+                "objects": total("objects"),
+                "bytes": total("bytes"),
+                "seconds": started.elapsed().as_secs_f64(),
+            },
+        });
+        sayln!("{summary:#}");
+    } else {
+        sayln!(
+            "restore-all: {} restored, {} skipped, {} failed",
+            restored.len(),
+            skipped.len(),
+            failed.len()
+        );
+    }
     if !failed.is_empty() {
+        let names: Vec<&str> = failed.iter().map(|(name, _)| name.as_str()).collect();
         bail!(
             "{} database(s) failed to restore: {}",
             failed.len(),
-            failed.join(", ")
+            names.join(", ")
         );
     }
     Ok(())

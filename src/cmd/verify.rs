@@ -4,6 +4,7 @@
 use futures_util::StreamExt;
 
 use super::*;
+use crate::progress;
 use crate::verify::{self, Depth, Report};
 
 /// Databases checked at once when verifying a whole store; each reads its
@@ -47,6 +48,7 @@ pub(super) async fn verify(args: &VerifyArgs) -> Result<()> {
     let live = args.db.as_deref();
     let scratch = verify::scratch_dir(live);
     let storage = storage.as_ref();
+    progress::install_for_databases(args.quiet, prefixes.len() as u64, "verify");
     let reports = futures_util::stream::iter(&prefixes)
         .map(|prefix| {
             let keys = keys.clone();
@@ -65,11 +67,13 @@ pub(super) async fn verify(args: &VerifyArgs) -> Result<()> {
             break;
         };
         let report = report?;
-        say_report(prefix, &report, depth);
+        progress::current().database_done();
+        progress::current().suspend(|| say_report(prefix, &report, depth));
         if !report.problems.is_empty() {
             failed.push((prefix, report.problems.len()));
         }
     }
+    progress::current().finish();
     if prefixes.len() > 1 {
         sayln!(
             "{} databases: {} ok, {} with problems",

@@ -68,7 +68,11 @@ pub async fn restore_all(
                 }
             });
         }
-        match running.join_next().await {
+        let next = running.join_next().await;
+        if next.is_some() {
+            crate::progress::current().database_done();
+        }
+        match next {
             Some(Ok(outcome)) => done.push(outcome),
             Some(Err(e)) => done.push(Outcome {
                 prefix: "?".into(),

@@ -54,6 +54,7 @@ pub(super) async fn fetch_all(
                 })?;
             let hash = successor.accept(&object.key, &header, hash)?;
             bytes += object.size;
+            crate::progress::current().fetched(object.size);
             verified.push(Verified {
                 object,
                 header,

@@ -49,6 +49,11 @@ pub async fn restore_litestream(
         });
     }
     let planned = litestream_plan(storage, &opts.prefix, &files, opts.target).await?;
+    crate::progress::current().planned(
+        &opts.prefix,
+        planned.len(),
+        planned.iter().map(|f| f.size).sum(),
+    );
     let dir = sidefile::dir_of(output);
     std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
     let lock = sidefile::TargetLock::try_acquire(output)
@@ -92,6 +97,7 @@ pub async fn restore_litestream(
         report.pages = header.commit;
         report.timestamp_ms = u64::try_from(header.timestamp_ms).unwrap_or(0);
         std::fs::remove_file(&spool).map_err(io_at(&spool))?;
+        crate::progress::current().fetched(file.size);
     }
     let output = output.clone();
     let force = opts.force;

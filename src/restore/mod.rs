@@ -296,6 +296,7 @@ pub async fn restore_then(
         });
     }
     let mut resolved = resolve(storage, &opts.prefix, opts.target).await?;
+    crate::progress::current().planned(&opts.prefix, resolved.objects.len(), resolved.bytes);
     let dir = sidefile::dir_of(output);
     std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
     // One restore to a file at a time: a second is told at once, instead of

@@ -172,14 +172,22 @@ impl Reader<'_> {
     /// An object's header, checked against its key, and its content hash:
     /// computed from every byte, or as its trailer claims.
     async fn read(self, object: &ObjectRef) -> Result<(segment::Header, [u8; 32]), chain::Error> {
-        match self.depth {
+        let read = match self.depth {
             Depth::Full => chain::read_verified(self.storage, object)
                 .await
                 .map(|(header, hash, _)| (header, hash)),
             Depth::ChainOnly => chain::read_link(self.storage, object)
                 .await
                 .map(|link| (link.header, link.hash)),
+        };
+        if read.is_ok() {
+            let bytes = match self.depth {
+                Depth::Full => object.size,
+                Depth::ChainOnly => 0,
+            };
+            crate::progress::current().fetched(bytes);
         }
+        read
     }
 }
 

@@ -4897,3 +4897,131 @@ async fn verify_chain_only_reads_headers_and_trailers_and_finds_a_broken_link() 
     let (passed, out, err) = verify(&["--chain-only"]);
     assert!(passed, "{out}{err}");
 }
+
+/// Runs walsync with `args` on a terminal (a pty 160 columns wide, stdout
+/// and stderr both on it); its status and everything it showed.
+fn on_a_terminal(store: &TestStore, args: &[&str]) -> (bool, String) {
+    const PTY: &str = r#"
+import fcntl, os, pty, struct, sys, termios
+pid, fd = pty.fork()
+if pid == 0:
+    fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    os.execvp(sys.argv[1], sys.argv[1:])
+out = b""
+while True:
+    try:
+        chunk = os.read(fd, 65536)
+    except OSError:
+        break
+    if not chunk:
+        break
+    out += chunk
+_, status = os.waitpid(pid, 0)
+sys.stdout.buffer.write(out)
+sys.exit(os.waitstatus_to_exitcode(status))
+"#;
+    let binary = walsync().get_program().to_owned();
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", PTY]).arg(binary).args(args);
+    for (k, v) in walsync().get_envs() {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    with_store(&mut cmd, store);
+    let output = run(&mut cmd);
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).to_string(),
+    )
+}
+
+/// Issue 16, 3: on a terminal `restore`, `restore-all` and `verify` show
+/// their progress (objects, bytes, rate, ETA); piped, or with --quiet, not a
+/// trace of it; `restore-all --json` prints one summary a script can read,
+/// and its files hold the rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_on_a_terminal_only_and_a_summary_in_json() {
+    let store = common::s3_store().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut entries = String::new();
+    for name in ["a", "b"] {
+        let db = dir.path().join(format!("{name}.db"));
+        let conn = create_db(&db, 10);
+        let mut replica = common::open_replica(&db, name, &store, common::replica_opts()).await;
+        for i in 0..5 {
+            conn.execute("INSERT INTO t(v) VALUES (?1)", [format!("{name} {i}")])
+                .unwrap();
+            replica.sync().await.unwrap();
+        }
+        entries.push_str(&format!(
+            "[[databases]]\npath = \"{}\"\n",
+            dir.path()
+                .join("restored")
+                .join(format!("{name}.db"))
+                .display()
+        ));
+    }
+    let config = dir.path().join("walsync.toml");
+    std::fs::write(&config, store.config(&entries)).unwrap();
+    let out = dir.path().join("a-here.db");
+    let restore = [
+        "restore",
+        "--storage",
+        &store.url,
+        "--prefix",
+        "a",
+        "-o",
+        cfg(&out),
+    ];
+
+    let (passed, shown) = on_a_terminal(&store, &restore);
+    assert!(passed, "{shown}");
+    assert!(
+        shown.contains("restoring a") && shown.contains("5/5 objects") && shown.contains("ETA"),
+        "{shown}"
+    );
+    std::fs::remove_file(&out).unwrap();
+    let quiet: Vec<&str> = restore.iter().copied().chain(["--quiet"]).collect();
+    let (passed, shown) = on_a_terminal(&store, &quiet);
+    assert!(passed && !shown.contains("ETA"), "{shown}");
+    std::fs::remove_file(&out).unwrap();
+    let (_, piped) = ok(&store, &restore);
+    assert!(
+        !piped.contains("ETA") && !piped.contains("objects,"),
+        "{piped}"
+    );
+    assert_eq!(rows(&out), rows(&dir.path().join("a.db")));
+
+    let (passed, shown) = on_a_terminal(&store, &["verify", "--storage", &store.url]);
+    assert!(
+        passed && shown.contains("2/2 databases") && shown.contains("ETA"),
+        "{shown}"
+    );
+
+    // restore-all on a terminal, then --json through a pipe.
+    let all = ["restore-all", "--config", cfg(&config)];
+    let (passed, shown) = on_a_terminal(&store, &all);
+    assert!(
+        passed && shown.contains("2/2 databases") && shown.contains("10 objects"),
+        "{shown}"
+    );
+    std::fs::remove_dir_all(dir.path().join("restored")).unwrap();
+    let (stdout, stderr) = ok(&store, &["restore-all", "--config", cfg(&config), "--json"]);
+    assert!(!stderr.contains("ETA"), "{stderr}");
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(summary["totals"]["restored"], 2, "{summary}");
+    assert_eq!(summary["totals"]["failed"], 0, "{summary}");
+    assert_eq!(summary["totals"]["objects"], 10, "{summary}");
+    for (i, name) in ["a", "b"].iter().enumerate() {
+        let done = &summary["restored"][i];
+        assert_eq!(done["prefix"], *name, "{summary}");
+        assert_eq!(done["sequence"], 5, "{summary}");
+        let file = done["file"].as_str().unwrap();
+        assert_eq!(
+            rows(Path::new(file)),
+            rows(&dir.path().join(format!("{name}.db")))
+        );
+    }
+}
