@@ -13,7 +13,10 @@
 #   podman build --target prebuilt --build-arg BASE=localhost/walsync-base:bookworm -t walsync .
 #
 # WALSYNC_BIN names the binary inside the build context (default
-# target/release/walsync, as cargo leaves it).
+# target/release/walsync, as cargo leaves it). BuildKit (Docker's default
+# builder) and podman skip the stages a target does not need; the legacy
+# builder (DOCKER_BUILDKIT=0) runs them all, and then the default build too
+# needs that binary in the context.
 #
 # To put your app in the same image, start FROM this one (or copy
 # /usr/local/bin/walsync and /usr/local/bin/walsync-entrypoint into yours),

@@ -119,10 +119,10 @@ pub struct VerifyArgs {
         conflicts_with = "chain_only"
     )]
     pub db: Option<PathBuf>,
-    /// Read only each object's header and trailer (two small ranged reads)
-    /// and check keys, links, runs and holes against what the trailers claim:
-    /// no download, no restore, no key needed. A nightly scrub; it cannot see
-    /// a bit changed inside a body, which the full check finds.
+    /// Read only each object's header and trailer (two small ranged reads;
+    /// the newest object whole) and check keys, links, runs and holes against
+    /// what the trailers claim: no restore, no key needed. A nightly scrub; it
+    /// cannot see a bit changed inside a body, which the full check finds.
     #[arg(long)]
     pub chain_only: bool,
     /// No progress bar (it is drawn only on a terminal anyway).

@@ -89,9 +89,12 @@ impl Progress {
     /// A restore of `prefix` will download `bytes` in `objects` objects. In
     /// restore-all, the objects of every database add up instead.
     pub fn planned(&self, prefix: &str, objects: usize, bytes: u64) {
-        self.total_objects
-            .fetch_add(objects as u64, Ordering::Relaxed);
-        if self.unit == Unit::Bytes {
+        if self.unit == Unit::Databases {
+            self.total_objects
+                .fetch_add(objects as u64, Ordering::Relaxed);
+        } else {
+            // Planned again (an object went meanwhile): this plan replaces it.
+            self.total_objects.store(objects as u64, Ordering::Relaxed);
             // The style first: a bar with a length is drawn at once.
             self.bar.set_style(style(
                 "{prefix} [{bar:30}] {bytes}/{total_bytes}, {msg}, {binary_bytes_per_sec} (ETA {eta})",

@@ -148,8 +148,22 @@ fn reading_keys(config: Option<&Config>, key_file: Option<&Path>) -> Result<Opti
 async fn check_storage(storage: &dyn Storage, keep_retrying: bool) -> Result<()> {
     // A prefix no database is given: the listing is empty and cheap, yet
     // needs the permission replication lists with (what it finds is unused).
+    // Only the listing decides whether watch starts: a store whose policy
+    // allows writes under the databases' prefixes alone refuses the probe.
     let checked = match storage.list(storage::probe::DIR).await {
-        Ok(_) => storage::probe::refuses_overwrite(storage).await,
+        Ok(_) => match storage::probe::refuses_overwrite(storage).await {
+            Err(e) => {
+                tracing::warn!(
+                    storage = %storage.describe(),
+                    error = %e,
+                    "could not learn whether this store refuses to overwrite (a key under {} \
+                     was not written); replication goes on",
+                    storage::probe::DIR
+                );
+                Ok(true)
+            }
+            probed => probed,
+        },
         Err(e) => Err(e),
     };
     match checked {

@@ -187,6 +187,34 @@ pub(super) async fn restore(args: RestoreArgs) -> Result<()> {
     Ok(())
 }
 
+/// `restore-all --json`: what was restored, skipped and failed, and totals.
+fn json_summary(
+    restored: &[serde_json::Value],
+    skipped: &[(String, String)],
+    failed: &[(String, String)],
+    seconds: f64,
+) -> serde_json::Value {
+    let named = |list: &[(String, String)], field: &str| -> Vec<serde_json::Value> {
+        list.iter()
+            .map(|(prefix, why)| serde_json::json!({ "prefix": prefix, field: why }))
+            .collect()
+    };
+    let total = |field: &str| -> u64 { restored.iter().filter_map(|r| r[field].as_u64()).sum() };
+    serde_json::json!({
+        "restored": restored,
+        "skipped": named(skipped, "why"),
+        "failed": named(failed, "error"),
+        "totals": {
+            "restored": restored.len(),
+            "skipped": skipped.len(),
+            "failed": failed.len(),
+            "objects": total("objects"),
+            "bytes": total("bytes"),
+            "seconds": seconds,
+        },
+    })
+}
+
 /// `restore --litestream`: the database from a Litestream 0.5 replica.
 async fn from_litestream(
     args: &RestoreArgs,
@@ -242,10 +270,14 @@ pub(super) async fn restore_all(args: RestoreAllArgs) -> Result<()> {
         .with_context(|| format!("listing {}", storage.describe()))?;
     // A name from storage reaches a file name only if it is one walsync.toml
     // could hold; the others are named (escaped) and fail the run.
-    let mut failed: Vec<String> = Vec::new();
+    let mut failed: Vec<(String, String)> = Vec::new();
     for (name, why) in &listed.refused {
         eprintln!("failed {name:?}: not a valid database name in storage (it {why}); not restored");
-        failed.push(format!("{name:?}"));
+        // Escaped: a name from storage reaches a terminal only that way.
+        failed.push((
+            name.escape_debug().to_string(),
+            format!("not a valid database name in storage (it {why})"),
+        ));
     }
     let stored: Vec<String> = listed.found;
     let mut prefixes = stored.clone();
@@ -263,10 +295,14 @@ pub(super) async fn restore_all(args: RestoreAllArgs) -> Result<()> {
     prefixes.sort();
     if prefixes.is_empty() && skipped.is_empty() {
         if args.if_replica_exists {
-            sayln!(
-                "restore-all: nothing in {} yet; nothing to do",
-                storage.describe()
-            );
+            if args.json {
+                sayln!("{:#}", json_summary(&[], &[], &[], 0.0));
+            } else {
+                sayln!(
+                    "restore-all: nothing in {} yet; nothing to do",
+                    storage.describe()
+                );
+            }
             return Ok(());
         }
         bail!("nothing to restore: no databases in {}", storage.describe());
@@ -331,10 +367,6 @@ pub(super) async fn restore_all(args: RestoreAllArgs) -> Result<()> {
         .into_iter()
         .map(|(prefix, why)| (prefix, why.to_string()))
         .collect();
-    let mut failed: Vec<(String, String)> = failed
-        .into_iter()
-        .map(|name| (name, "not a valid database name in storage".to_string()))
-        .collect();
     let mut restored = Vec::new();
     for outcome in &outcomes {
         match &outcome.result {
@@ -351,7 +383,7 @@ pub(super) async fn restore_all(args: RestoreAllArgs) -> Result<()> {
                 }
                 restored.push(serde_json::json!({
                     "prefix": outcome.prefix,
-                    "file": outcome.output,
+                    "file": outcome.output.display().to_string(),
                     "sequence": report.seq,
                     "objects": report.objects,
                     "bytes": report.bytes,
@@ -381,27 +413,8 @@ pub(super) async fn restore_all(args: RestoreAllArgs) -> Result<()> {
         }
     }
     if args.json {
-        let named = |list: &[(String, String)], field: &str| -> Vec<serde_json::Value> {
-            list.iter()
-                .map(|(prefix, why)| serde_json::json!({ "prefix": prefix, field: why }))
-                .collect()
-        };
-        let total =
-            |field: &str| -> u64 { restored.iter().filter_map(|r| r[field].as_u64()).sum() };
-        let summary = serde_json::json!({
-            "restored": restored,
-            "skipped": named(&skipped, "why"),
-            "failed": named(&failed, "error"),
-            "totals": {
-                "restored": restored.len(),
-                "skipped": skipped.len(),
-                "failed": failed.len(),
-                "objects": total("objects"),
-                "bytes": total("bytes"),
-                "seconds": started.elapsed().as_secs_f64(),
-            },
-        });
-        sayln!("{summary:#}");
+        let seconds = started.elapsed().as_secs_f64();
+        sayln!("{:#}", json_summary(&restored, &skipped, &failed, seconds));
     } else {
         sayln!(
             "restore-all: {} restored, {} skipped, {} failed",

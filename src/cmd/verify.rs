@@ -44,7 +44,11 @@ pub(super) async fn verify(args: &VerifyArgs) -> Result<()> {
     } else {
         Depth::Full
     };
-    let keys = reading_keys(config.as_ref(), args.storage.encryption_key_file.as_deref())?;
+    // Headers and trailers are never encrypted: a scrub needs no key.
+    let keys = match depth {
+        Depth::ChainOnly => None,
+        Depth::Full => reading_keys(config.as_ref(), args.storage.encryption_key_file.as_deref())?,
+    };
     let live = args.db.as_deref();
     let scratch = verify::scratch_dir(live);
     let storage = storage.as_ref();
@@ -66,8 +70,19 @@ pub(super) async fn verify(args: &VerifyArgs) -> Result<()> {
         let Some(report) = reports.next().await else {
             break;
         };
-        let report = report?;
         progress::current().database_done();
+        let report = match report {
+            Ok(report) => report,
+            // One database's store error does not end a scrub of the others.
+            Err(e) if prefixes.len() > 1 => Report {
+                problems: vec![format!("{e:#}")],
+                ..Report::default()
+            },
+            Err(e) => {
+                progress::current().finish();
+                return Err(e);
+            }
+        };
         progress::current().suspend(|| say_report(prefix, &report, depth));
         if !report.problems.is_empty() {
             failed.push((prefix, report.problems.len()));

@@ -114,7 +114,9 @@ pub fn read(input: impl Read, page: &mut PageSink<'_>) -> Result<(Header, Traile
     let lock = lock_page(header.page_size);
     let mut compressed = Vec::with_capacity(size + size / 64 + 32);
     let mut decoded = vec![0u8; size];
-    let mut frames = Vec::new();
+    // The index must list exactly the pages read: compared as a digest of
+    // (page, offset, length) rather than a list, so memory stays one page.
+    let mut frames = Frames::default();
     let mut last = 0u32;
     loop {
         let at = input.at;
@@ -182,7 +184,7 @@ pub fn read(input: impl Read, page: &mut PageSink<'_>) -> Result<(Header, Traile
         // The checksum covers the decoded page, not its compressed form.
         input.crc.update(&decoded);
         page(&header, pgno, &decoded)?;
-        frames.push((pgno, at, input.at - at));
+        frames.add(u64::from(pgno), at, input.at - at);
         last = pgno;
     }
     if header.is_snapshot() {
@@ -196,17 +198,18 @@ pub fn read(input: impl Read, page: &mut PageSink<'_>) -> Result<(Header, Traile
         }
     }
     let index_start = input.at;
-    for &(pgno, offset, len) in &frames {
-        let entry = (
-            read_uvarint(&mut input)?,
-            read_uvarint(&mut input)?,
-            read_uvarint(&mut input)?,
-        );
-        if entry != (u64::from(pgno), offset, len) {
+    let mut listed = Frames::default();
+    loop {
+        let pgno = read_uvarint(&mut input)?;
+        if pgno == 0 {
+            break;
+        }
+        listed.add(pgno, read_uvarint(&mut input)?, read_uvarint(&mut input)?);
+        if listed.count > frames.count {
             return Err(Error::Index);
         }
     }
-    if read_uvarint(&mut input)? != 0 {
+    if listed.count != frames.count || listed.crc.finalize() != frames.crc.finalize() {
         return Err(Error::Index);
     }
     let index_len = input.at - index_start;
@@ -305,6 +308,30 @@ fn read_uvarint(input: &mut impl Read) -> Result<u64, Error> {
     Err(Error::Index)
 }
 
+/// Page entries (number, offset, length), summed in order.
+struct Frames {
+    crc: Digest,
+    count: u64,
+}
+
+impl Default for Frames {
+    fn default() -> Self {
+        Self {
+            crc: Digest::new(CrcAlgorithm::Crc64Nvme),
+            count: 0,
+        }
+    }
+}
+
+impl Frames {
+    fn add(&mut self, pgno: u64, offset: u64, len: u64) {
+        for n in [pgno, offset, len] {
+            self.crc.update(&n.to_be_bytes());
+        }
+        self.count += 1;
+    }
+}
+
 /// A reader that sums what passes through it and counts where it is.
 struct Summed<R> {
     inner: R,
@@ -324,6 +351,125 @@ impl<R: Read> Read for Summed<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn uvarint(mut n: u64, out: &mut Vec<u8>) {
+        loop {
+            let low = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(low);
+                return;
+            }
+            out.push(low | 0x80);
+        }
+    }
+
+    /// An LTX file as Litestream 0.5.4 and later write one; `flags` is each
+    /// page's (1: its compressed size follows).
+    fn ltx(commit: u32, txids: (u64, u64), pages: &[(u32, Vec<u8>)], flags: u16) -> Vec<u8> {
+        let mut out = b"LTX1".to_vec();
+        out.extend(FLAG_NO_CHECKSUM.to_be_bytes());
+        out.extend(512u32.to_be_bytes());
+        out.extend(commit.to_be_bytes());
+        out.extend(txids.0.to_be_bytes());
+        out.extend(txids.1.to_be_bytes());
+        out.extend(1_700_000_000_000u64.to_be_bytes());
+        out.resize(HEADER_SIZE, 0);
+        let mut crc = Digest::new(CrcAlgorithm::Crc64GoIso);
+        crc.update(&out);
+        let mut index = Vec::new();
+        for (pgno, data) in pages {
+            let at = out.len() as u64;
+            let compressed = lz4_flex::block::compress(data);
+            let mut head = pgno.to_be_bytes().to_vec();
+            head.extend(flags.to_be_bytes());
+            head.extend((compressed.len() as u32).to_be_bytes());
+            crc.update(&head);
+            crc.update(data);
+            out.extend(head);
+            out.extend(compressed);
+            for n in [u64::from(*pgno), at, out.len() as u64 - at] {
+                uvarint(n, &mut index);
+            }
+        }
+        uvarint(0, &mut index);
+        let mut tail = vec![0u8; 6];
+        tail.extend(&index);
+        tail.extend((index.len() as u64).to_be_bytes());
+        tail.extend(0u64.to_be_bytes());
+        crc.update(&tail);
+        out.extend(tail);
+        out.extend((CHECKSUM_FLAG | crc.finalize()).to_be_bytes());
+        out
+    }
+
+    fn page(fill: u8) -> Vec<u8> {
+        (0..512).map(|i| fill ^ (i % 7) as u8).collect()
+    }
+
+    fn pages_of(file: &[u8]) -> Result<Vec<(u32, Vec<u8>)>, Error> {
+        let mut got = Vec::new();
+        read(file, &mut |_, pgno, data| {
+            got.push((pgno, data.to_vec()));
+            Ok(())
+        })?;
+        Ok(got)
+    }
+
+    #[test]
+    fn a_file_reads_back_page_for_page() {
+        let pages = vec![(1, page(1)), (2, page(2)), (3, page(3))];
+        let file = ltx(3, (1, 4), &pages, 1);
+        assert_eq!(pages_of(&file).unwrap(), pages);
+        let (header, _) = read(&file[..], &mut |_, _, _| Ok(())).unwrap();
+        assert_eq!((header.min_txid, header.max_txid, header.commit), (1, 4, 3));
+        // An incremental file holds only the pages it changed.
+        let some = vec![(2, page(9))];
+        assert_eq!(pages_of(&ltx(3, (5, 5), &some, 1)).unwrap(), some);
+    }
+
+    #[test]
+    fn every_byte_changed_is_refused() {
+        let file = ltx(2, (1, 1), &[(1, page(1)), (2, page(2))], 1);
+        // Bytes that decode the same when changed (inside an LZ4 literal
+        // run's length, say) are caught by the checksum over the pages.
+        for at in 0..file.len() {
+            let mut bad = file.clone();
+            bad[at] ^= 0x01;
+            if let Ok(got) = pages_of(&bad) {
+                assert_eq!(got, pages_of(&file).unwrap(), "byte {at} changed the pages");
+                let compressed = HEADER_SIZE + 10..file.len() - 40;
+                assert!(
+                    compressed.contains(&at),
+                    "byte {at}, outside the pages, accepted"
+                );
+            }
+        }
+        let mut longer = file.clone();
+        longer.push(0);
+        assert!(matches!(pages_of(&longer), Err(Error::Trailing)));
+        assert!(pages_of(&file[..file.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn what_a_file_must_not_hold_is_refused() {
+        let gap = ltx(3, (1, 1), &[(1, page(1)), (3, page(3))], 1);
+        assert!(matches!(pages_of(&gap), Err(Error::Page { pgno: 2, .. })));
+        let short = ltx(3, (1, 1), &[(1, page(1)), (2, page(2))], 1);
+        assert!(matches!(pages_of(&short), Err(Error::Page { pgno: 3, .. })));
+        let past = ltx(2, (4, 4), &[(3, page(3))], 1);
+        assert!(matches!(pages_of(&past), Err(Error::Page { pgno: 3, .. })));
+        let backwards = ltx(9, (4, 4), &[(5, page(5)), (4, page(4))], 1);
+        assert!(matches!(
+            pages_of(&backwards),
+            Err(Error::Page { pgno: 4, .. })
+        ));
+        let frames = ltx(2, (4, 4), &[(1, page(1))], 0);
+        assert!(matches!(pages_of(&frames), Err(Error::LegacyFrames)));
+        let lock = lock_page(512);
+        let at_lock = ltx(lock + 1, (4, 4), &[(lock, page(1))], 1);
+        assert!(matches!(pages_of(&at_lock), Err(Error::Page { .. })));
+    }
 
     #[test]
     fn the_checksum_is_crc64_go_iso() {

@@ -74,6 +74,8 @@ fn parse_name(name: &str) -> Option<(u64, u64)> {
 pub enum NoPlan {
     #[error("no file holds the whole database (none starts at transaction 1)")]
     NoSnapshot,
+    #[error("transaction {target:x} is before the earliest that can be restored, {earliest:x}")]
+    BeforeEarliest { target: u64, earliest: u64 },
     #[error("the files reach transaction {reached:x}, not {target:x}")]
     Short { reached: u64, target: u64 },
     #[error(
@@ -90,12 +92,20 @@ pub enum NoPlan {
 /// last transaction.
 pub fn plan(files: &[LtxFile], target: Option<u64>) -> Result<Vec<LtxFile>, NoPlan> {
     let within = |f: &&LtxFile| target.is_none_or(|t| f.max_txid <= t);
+    let earliest = files
+        .iter()
+        .filter(|f| f.min_txid == 1)
+        .map(|f| f.max_txid)
+        .min();
     let snapshot = files
         .iter()
         .filter(within)
         .filter(|f| f.min_txid == 1)
         .max_by_key(|f| (f.max_txid, f.level))
-        .ok_or(NoPlan::NoSnapshot)?;
+        .ok_or(match (earliest, target) {
+            (Some(earliest), Some(target)) => NoPlan::BeforeEarliest { target, earliest },
+            _ => NoPlan::NoSnapshot,
+        })?;
     let mut planned = vec![snapshot.clone()];
     let mut reached = snapshot.max_txid;
     while target.is_none_or(|t| reached < t) {
@@ -219,5 +229,12 @@ mod tests {
             })
         );
         assert_eq!(plan(&files[1..], None), Err(NoPlan::NoSnapshot));
+        assert_eq!(
+            plan(&files, Some(3)),
+            Err(NoPlan::BeforeEarliest {
+                target: 3,
+                earliest: 4
+            })
+        );
     }
 }

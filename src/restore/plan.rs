@@ -47,6 +47,8 @@ pub async fn resolve(storage: &dyn Storage, prefix: &str, target: Target) -> Res
         match resolve_once(storage, prefix, target).await {
             Err(e) if is_gone(&e) && plans < PLANS => {
                 tracing::info!(prefix, error = %e, "an object went while the restore was planned; listing again");
+                // A deletion under way (retention deletes whole stretches) is let finish.
+                tokio::time::sleep(std::time::Duration::from_millis(100 * u64::from(plans))).await;
                 plans += 1;
             }
             other => return other,

@@ -84,7 +84,12 @@ fn respond(req: &Request<Incoming>, board: &Board) -> Response<Full<Bytes>> {
         "/" => reply(
             StatusCode::OK,
             "text/html; charset=utf-8",
-            crate::serve::page::status_page(&snapshot, req.uri().query() == Some("all")),
+            crate::serve::page::status_page(
+                &snapshot,
+                req.uri()
+                    .query()
+                    .is_some_and(|q| q == "all" || q.starts_with("all=")),
+            ),
         ),
         _ => reply(
             StatusCode::NOT_FOUND,

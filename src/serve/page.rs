@@ -25,6 +25,7 @@ fn html(text: &str) -> String {
 pub fn status_page(s: &Snapshot, all: bool) -> String {
     let unhealthy = s.unhealthy();
     let degraded = s.degraded();
+    let problems = s.databases.iter().filter(|d| has_problem(s, d)).count();
     let mut out = String::from(
         "<!doctype html><html><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
@@ -39,17 +40,15 @@ pub fn status_page(s: &Snapshot, all: bool) -> String {
     );
     let _ = write!(
         out,
-        "<p id=\"counts\">{} databases: {} unhealthy, {} degraded, {} fine; up since {}. \
+        "<p id=\"counts\">{} databases: {} with a problem ({} unhealthy, {} degraded), {} fine; \
+         up since {}. \
          <a href=\"/metrics\">metrics</a> · <a href=\"/health\">health</a> · \
          <a href=\"/status.json\">json</a> · <a href=\"/?all\">every database</a></p>",
         s.databases.len(),
+        problems,
         unhealthy.len(),
         degraded.len(),
-        s.databases.len()
-            - s.problems_first()
-                .iter()
-                .filter(|d| has_problem(s, d))
-                .count(),
+        s.databases.len() - problems,
         format_ms(s.started_ms)
     );
     if let Some(why) = &s.config.refused {
@@ -190,7 +189,9 @@ mod tests {
         assert!(first < page.find("<td>db09999</td>").unwrap());
         assert!(page.find("<td>db09999</td>").unwrap() < page.find("<td>db00000</td>").unwrap());
         assert!(page.contains("and 9948 more databases, all fine"), "{page}");
-        assert!(page.contains("10000 databases: 2 unhealthy, 0 degraded, 9998 fine"));
+        assert!(
+            page.contains("10000 databases: 2 with a problem (2 unhealthy, 0 degraded), 9998 fine")
+        );
         let every = status_page(&s, true);
         assert_eq!(every.matches("<tr").count(), 1 + 10_000);
     }

@@ -36,10 +36,19 @@ pub async fn refuses_overwrite(storage: &dyn Storage) -> Result<bool> {
             Sha256::digest(body).into(),
         )
     };
-    write(b"first").await?;
+    match write(b"first").await {
+        Ok(()) => {}
+        // Taken already (a key left by an earlier start): refused, as asked.
+        Err(Error::AlreadyExists { .. }) => return Ok(true),
+        Err(e) => return Err(e),
+    }
     let second = write(b"second").await;
     if let Err(e) = storage.delete(&key).await {
-        tracing::debug!(key, error = %e, "could not delete the create-only probe");
+        tracing::warn!(
+            key,
+            error = %e,
+            "could not delete the start-up probe (no permission to delete?); it is harmless"
+        );
     }
     match second {
         Ok(()) => Ok(false),

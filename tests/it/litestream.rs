@@ -210,6 +210,23 @@ async fn a_litestream_replica_restores_as_litestream_restores_it() {
             "{kind}: transaction {earlier:x} as Litestream restores it"
         );
         assert_ne!(rows(&ours_then), source, "{kind}: an earlier state");
+        // The same state by the time Litestream wrote that transaction's file.
+        // Level 0 keeps a file per transaction (for 5 minutes by default).
+        let file = files
+            .iter()
+            .find(|f| f.level == 0 && f.max_txid == earlier)
+            .unwrap();
+        let head = storage.get_range(&file.key, 0, 100).await.unwrap();
+        let written = litestream::ltx::read_header(&head).unwrap().timestamp_ms;
+        let at = std::time::UNIX_EPOCH + Duration::from_millis(written as u64);
+        let at = humantime::format_rfc3339_millis(at).to_string();
+        let by_time = dir.path().join("by-time.db");
+        let said = restore(&by_time, &["--timestamp", &at]);
+        assert!(said.status.success(), "{kind}: {said:?}");
+        assert!(
+            std::fs::read(&by_time).unwrap() == std::fs::read(&ours_then).unwrap(),
+            "{kind}: as of {at}, transaction {earlier:x}"
+        );
 
         // By time: the newest state written by then; none before the first.
         let later = dir.path().join("later.db");
