@@ -848,11 +848,15 @@ impl Replica {
                 self.upload(*encoded, report).await?;
             }
             Delta::Same { state, commits } => {
-                warn!(
+                // Not a warning: every page was compared and matches what was
+                // shipped, so the chain goes on exactly (this is also how the
+                // first watch after a restore meets the restored file). Still
+                // counted: repeated, it shows another process checkpointing.
+                info!(
                     db = %self.path.display(),
                     prefix = %self.prefix,
                     reason = reason.to_string().as_str(),
-                    "continuity lost, but the database is exactly what was shipped; nothing to upload"
+                    "the database is exactly what was shipped (every page compared); nothing to upload"
                 );
                 self.with_db(move |db| db.shipped(state, commits)).await?;
                 self.need_snapshot = None;

@@ -54,15 +54,9 @@ pub async fn restore_litestream(
         planned.len(),
         planned.iter().map(|f| f.size).sum(),
     );
-    let dir = sidefile::dir_of(output);
-    std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
-    let lock = sidefile::TargetLock::try_acquire(output)
-        .map_err(io_at(output))?
-        .ok_or_else(|| Error::Busy {
-            path: output.clone(),
-        })?;
-    let scratch = scratch_dir(output).await.map_err(io_at(&dir))?;
-    let tmp = sidefile::temp_beside(output, "litestream").map_err(io_at(&dir))?;
+    let (lock, scratch) = hold_output(output).await?;
+    let tmp =
+        sidefile::temp_beside(output, "litestream").map_err(io_at(&sidefile::dir_of(output)))?;
     let mut report = LitestreamReport {
         txid: 0,
         files: planned.len(),

@@ -275,6 +275,24 @@ pub async fn scratch_dir(output: &Path) -> io::Result<tempfile::TempDir> {
         .tempdir_in(sidefile::dir_of(output))
 }
 
+/// What a restore holds while it works: the lock on its output, so that a
+/// second restore to the same file is told at once instead of racing the
+/// first to the rename, and its scratch directory beside the output (whose
+/// directory is made if missing).
+pub(super) async fn hold_output(
+    output: &Path,
+) -> Result<(sidefile::TargetLock, tempfile::TempDir)> {
+    let dir = sidefile::dir_of(output);
+    std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+    let lock = sidefile::TargetLock::try_acquire(output)
+        .map_err(io_at(output))?
+        .ok_or_else(|| Error::Busy {
+            path: output.to_path_buf(),
+        })?;
+    let scratch = scratch_dir(output).await.map_err(io_at(&dir))?;
+    Ok((lock, scratch))
+}
+
 /// Restores `opts.prefix` from `storage` into `opts.output`.
 pub async fn restore(storage: &dyn Storage, opts: &RestoreOptions) -> Result<RestoreReport> {
     restore_then(storage, opts, |_, _| Ok(())).await
@@ -297,16 +315,7 @@ pub async fn restore_then(
     }
     let mut resolved = resolve(storage, &opts.prefix, opts.target).await?;
     crate::progress::current().planned(&opts.prefix, resolved.objects.len(), resolved.bytes);
-    let dir = sidefile::dir_of(output);
-    std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
-    // One restore to a file at a time: a second is told at once, instead of
-    // racing the first to the rename.
-    let lock = sidefile::TargetLock::try_acquire(output)
-        .map_err(io_at(output))?
-        .ok_or_else(|| Error::Busy {
-            path: output.clone(),
-        })?;
-    let scratch = scratch_dir(output).await.map_err(io_at(&dir))?;
+    let (lock, scratch) = hold_output(output).await?;
 
     // 1. Download and verify everything before writing a page. An object
     // deleted since the listing (the exact window moved past it) sends the

@@ -1176,7 +1176,11 @@ pub(crate) async fn wait_for_status(
         let (code, body) = http_get(addr, "/status.json");
         assert_eq!(code, 200, "{body}");
         let status: serde_json::Value = serde_json::from_str(&body).unwrap();
-        if done(db_status(&status, prefix)) {
+        // Not on the board yet (the listener starts first) is not done.
+        let listed = status["databases"]
+            .as_array()
+            .is_some_and(|dbs| dbs.iter().any(|d| d["prefix"] == prefix));
+        if listed && done(db_status(&status, prefix)) {
             return;
         }
         assert!(Instant::now() < deadline, "never {what}: {status}");
