@@ -5,7 +5,7 @@
 //! databases renders short, the problems on top. The screenshot it takes is
 //! the one in docs/.
 
-use crate::cli::{db_status, free_port, http_get, wait_for_status};
+use crate::cli::{db_status, free_port, http_get, wait_for_status, with_store};
 use crate::common::{self, create_db, walsync};
 
 use std::path::{Path, PathBuf};
@@ -121,9 +121,7 @@ async fn the_status_page_in_a_browser_shows_every_state_problems_first() {
     cmd.args(["watch", "--config", config.to_str().unwrap()])
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    for (k, v) in &store.env {
-        cmd.env(k, v);
-    }
+    with_store(&mut cmd, &store);
     cmd.env("AWS_ENDPOINT_URL_S3", &proxy.endpoint);
     let _watch = common::Reaped::new(cmd.spawn().unwrap());
     let closed = |d: &serde_json::Value| d["state"] == "closed";

@@ -11,13 +11,13 @@ use walsync::chain;
 
 use common::{TestStore, blob_rows, create_db, rows, wait_for_objects, walsync};
 
-fn with_store(cmd: &mut Command, store: &TestStore) {
+pub(crate) fn with_store(cmd: &mut Command, store: &TestStore) {
     for (k, v) in &store.env {
         cmd.env(k, v);
     }
 }
 
-fn run(cmd: &mut Command) -> Output {
+pub(crate) fn run(cmd: &mut Command) -> Output {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd.output().unwrap()
 }

@@ -6,10 +6,11 @@
 //! as of an earlier transaction, refuses a file with one byte changed, and
 //! `watch` starts walsync's own chain from the restored file.
 
+use crate::cli::{run, with_store};
 use crate::common::{self, TestStore, create_db, rows, walsync};
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use walsync::litestream;
@@ -25,16 +26,6 @@ fn litestream_binary() -> Option<PathBuf> {
     }
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/ci-venv/bin/litestream");
     path.exists().then_some(path)
-}
-
-fn run(mut cmd: Command) -> Output {
-    cmd.stdin(Stdio::null()).output().unwrap()
-}
-
-fn with_env(cmd: &mut Command, store: &TestStore) {
-    for (k, v) in &store.env {
-        cmd.env(k, v);
-    }
 }
 
 /// The replica section of a litestream.yml for a replica at `path` under
@@ -92,7 +83,7 @@ async fn a_litestream_replica_restores_as_litestream_restores_it() {
             // Go's AWS SDK refuses a CA bundle over plain HTTP (this
             // machine sets one for its proxy): the store here is local.
             cmd.args(args).env_remove("AWS_CA_BUNDLE");
-            with_env(&mut cmd, &store);
+            with_store(&mut cmd, &store);
             cmd
         };
         let mut replicating = litestream(&["replicate", "-config", config.to_str().unwrap()]);
@@ -146,7 +137,7 @@ async fn a_litestream_replica_restores_as_litestream_restores_it() {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let _ = std::fs::remove_file(&theirs);
-            let said = run(litestream(&[
+            let said = run(&mut litestream(&[
                 "restore",
                 "-o",
                 theirs.to_str().unwrap(),
@@ -172,8 +163,8 @@ async fn a_litestream_replica_restores_as_litestream_restores_it() {
                 .args(["--prefix", "app.db", "-o"])
                 .arg(out)
                 .args(extra);
-            with_env(&mut cmd, &store);
-            run(cmd)
+            with_store(&mut cmd, &store);
+            run(&mut cmd)
         };
         let ours = dir.path().join("ours.db");
         let said = restore(&ours, &[]);
@@ -196,7 +187,7 @@ async fn a_litestream_replica_restores_as_litestream_restores_it() {
         );
         let said = restore(&ours_then, &["--txid", &format!("0x{earlier:x}")]);
         assert!(said.status.success(), "{kind}: {said:?}");
-        let said = run(litestream(&[
+        let said = run(&mut litestream(&[
             "restore",
             "-txid",
             &format!("{earlier:016x}"),
@@ -264,7 +255,7 @@ async fn a_litestream_replica_restores_as_litestream_restores_it() {
             .args(["watch", ours.to_str().unwrap(), "--storage", &store.url])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        with_env(&mut watch, &store);
+        with_store(&mut watch, &store);
         let mut watching = common::Reaped::new(watch.spawn().unwrap());
         common::wait_for_objects(&store, "ours", 1, String::new).await;
         let app = rusqlite::Connection::open(&ours).unwrap();
@@ -279,8 +270,8 @@ async fn a_litestream_replica_restores_as_litestream_restores_it() {
         let mut cmd = walsync();
         cmd.args(["restore", "--storage", &store.url, "--prefix", "ours", "-o"])
             .arg(&back);
-        with_env(&mut cmd, &store);
-        let said = run(cmd);
+        with_store(&mut cmd, &store);
+        let said = run(&mut cmd);
         assert!(said.status.success(), "{kind}: {said:?}");
         assert_eq!(rows(&back), rows(&ours), "{kind}");
         assert_eq!(rows(&back).len(), source.len() + 1, "{kind}");
