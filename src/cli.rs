@@ -133,6 +133,10 @@ pub struct VerifyArgs {
     /// if it exists, else the directory walsync-replica here.
     #[arg(long, short = 'c', value_name = "FILE", conflicts_with = "storage")]
     pub config: Option<PathBuf>,
+    /// Read from the configuration's [[mirrors]] entry NAME instead of
+    /// [storage]: every mirror holds the same chain, so it restores alike.
+    #[arg(long, value_name = "NAME", conflicts_with = "storage")]
+    pub from: Option<String>,
     #[command(flatten)]
     pub storage: StorageArgs,
 }
@@ -147,6 +151,10 @@ pub struct CompactArgs {
     /// if it exists, else the directory walsync-replica here.
     #[arg(long, short = 'c', value_name = "FILE", conflicts_with = "storage")]
     pub config: Option<PathBuf>,
+    /// Read from the configuration's [[mirrors]] entry NAME instead of
+    /// [storage]: every mirror holds the same chain, so it restores alike.
+    #[arg(long, value_name = "NAME", conflicts_with = "storage")]
+    pub from: Option<String>,
     #[command(flatten)]
     pub storage: StorageArgs,
 }
@@ -385,6 +393,10 @@ pub struct RestoreArgs {
     /// if it exists, else the directory walsync-replica here.
     #[arg(long, short = 'c', value_name = "FILE", conflicts_with = "storage")]
     pub config: Option<PathBuf>,
+    /// Read from the configuration's [[mirrors]] entry NAME instead of
+    /// [storage]: every mirror holds the same chain, so it restores alike.
+    #[arg(long, value_name = "NAME", conflicts_with = "storage")]
+    pub from: Option<String>,
     #[command(flatten)]
     pub storage: StorageArgs,
 }
@@ -395,6 +407,10 @@ pub struct RestoreAllArgs {
     /// the file WALSYNC_CONFIG names, else ./walsync.toml.
     #[arg(long, short = 'c', value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Restore from the configuration's [[mirrors]] entry NAME instead of
+    /// [storage] (each mirror holds the same chains).
+    #[arg(long, value_name = "NAME")]
+    pub from: Option<String>,
     /// Where to write the databases, as DIR/PREFIX.db. Without it each
     /// database is restored in place, at the path walsync.toml gives it.
     #[arg(long, value_name = "DIR")]
@@ -444,6 +460,10 @@ pub struct ListArgs {
     /// if it exists, else the directory walsync-replica here.
     #[arg(long, short = 'c', value_name = "FILE", conflicts_with = "storage")]
     pub config: Option<PathBuf>,
+    /// Read from the configuration's [[mirrors]] entry NAME instead of
+    /// [storage]: every mirror holds the same chain, so it restores alike.
+    #[arg(long, value_name = "NAME", conflicts_with = "storage")]
+    pub from: Option<String>,
     #[command(flatten)]
     pub storage: StorageArgs,
 }

@@ -59,6 +59,9 @@ const REST_PLAN_MAX: Duration = Duration::from_secs(30 * 24 * 3600);
 #[derive(Clone)]
 pub struct Due {
     pub prefix: String,
+    /// The mirror `storage` is (`None`: `[storage]`); each store's chain is
+    /// compacted on its own.
+    pub store: Option<String>,
     pub storage: Arc<dyn Storage>,
     pub keys: Option<Arc<Keys>>,
     pub levels: Arc<[u64]>,
@@ -68,6 +71,23 @@ pub struct Due {
     pub head: u64,
     /// The newest snapshot at or before `head`.
     pub snapshot: u64,
+}
+
+impl Due {
+    /// What this task keeps apart: one database in one store.
+    fn track(&self) -> String {
+        match &self.store {
+            None => self.prefix.clone(),
+            Some(name) => format!("{}\0{name}", self.prefix),
+        }
+    }
+}
+
+/// True if `track` is `prefix` in some store.
+fn of_prefix(track: &str, prefix: &str) -> bool {
+    track
+        .strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('\0'))
 }
 
 enum Message {
@@ -261,19 +281,23 @@ async fn run(
             received = rx.recv() => match received {
                 None => return,
                 Some(Message::Due(due)) => {
-                    let prefix = due.prefix.clone();
+                    let prefix = due.track();
                     if waiting.insert(prefix.clone(), due).is_none() {
                         order.push_back(prefix);
                     }
                 }
                 Some(Message::Forget(prefix)) => {
-                    waiting.remove(&prefix);
-                    if let Some(key) = tracks.remove(&prefix).and_then(|t| t.rest) {
-                        at_rest.remove(&key);
+                    waiting.retain(|track, _| !of_prefix(track, &prefix));
+                    let gone: Vec<String> =
+                        tracks.keys().filter(|t| of_prefix(t, &prefix)).cloned().collect();
+                    for track in gone {
+                        if let Some(key) = tracks.remove(&track).and_then(|t| t.rest) {
+                            at_rest.remove(&key);
+                        }
                     }
                     // A pass running with the old settings deletes nothing more.
                     for (id, (p, task)) in &busy {
-                        if *p == prefix {
+                        if of_prefix(p, &prefix) {
                             task.abort();
                             forgotten.insert(*id);
                         }

@@ -8,18 +8,12 @@ use std::time::Duration;
 use crate::config::{self, Config, PrefixRule, Source};
 use crate::replica::SyncOptions;
 
-/// The report, one line per fact. Fails only if discovery does (the same
-/// errors `watch` would refuse to start with).
-pub fn explain(config: &Config) -> Result<String, config::Error> {
-    let targets = config.discover()?;
-    let mut out = String::new();
-    let storage = &config.storage;
+/// A store's URL and S3 settings, secrets masked.
+fn write_store(out: &mut String, label: &str, storage: &config::StorageConfig) {
     let s3 = &storage.s3;
-    // Writing to a String cannot fail.
-    let _ = writeln!(out, "configuration  {}", config.source.display());
     let _ = writeln!(
         out,
-        "storage        {}",
+        "{label} {}",
         crate::storage::redact_userinfo(&storage.url)
     );
     if let Some(endpoint) = &s3.endpoint {
@@ -40,6 +34,23 @@ pub fn explain(config: &Config) -> Result<String, config::Error> {
         None => "the AWS default chain (environment, profile, role)".into(),
     };
     let _ = writeln!(out, "  credentials  {credentials}");
+}
+
+/// The report, one line per fact. Fails only if discovery does (the same
+/// errors `watch` would refuse to start with).
+pub fn explain(config: &Config) -> Result<String, config::Error> {
+    let targets = config.discover()?;
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = writeln!(out, "configuration  {}", config.source.display());
+    write_store(&mut out, "storage       ", &config.storage);
+    for mirror in &config.mirrors {
+        write_store(
+            &mut out,
+            &format!("mirror {:<7}", mirror.name),
+            &mirror.storage,
+        );
+    }
     let watch = &config.watch;
     let _ = writeln!(
         out,

@@ -56,6 +56,7 @@ mod fork;
 pub mod format;
 mod link;
 pub mod litestream;
+pub mod mirror;
 pub mod object;
 mod out;
 pub mod progress;

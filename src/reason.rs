@@ -18,6 +18,9 @@ pub enum SnapshotReason {
     Requested(&'static str),
     /// What was shipped can no longer be continued from the WAL: why.
     Continuity(String),
+    /// A store that fell behind (a `[[mirrors]]` entry, or `[storage]`
+    /// while a mirror carried on) cannot be caught up by copying: why.
+    CatchUp(String),
 }
 
 impl SnapshotReason {
@@ -29,6 +32,7 @@ impl SnapshotReason {
             Self::KeyChanged => "key",
             Self::Requested(_) => "requested",
             Self::Continuity(_) => "continuity",
+            Self::CatchUp(_) => "catch_up",
         }
     }
 
@@ -56,6 +60,7 @@ impl fmt::Display for SnapshotReason {
             Self::KeyChanged => f.write_str("the encryption key changed"),
             Self::Requested(by) => f.write_str(by),
             Self::Continuity(why) => f.write_str(why),
+            Self::CatchUp(why) => f.write_str(why),
         }
     }
 }
@@ -89,6 +94,11 @@ mod tests {
                 "requested with `walsync snapshot`",
             ),
             (lost.clone(), "continuity", "the WAL was reset"),
+            (
+                SnapshotReason::CatchUp("store b missed objects".into()),
+                "catch_up",
+                "store b missed objects",
+            ),
         ] {
             assert_eq!(reason.label(), label);
             assert_eq!(reason.to_string(), text);

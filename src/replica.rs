@@ -21,6 +21,7 @@ use crate::db::{
 };
 use crate::encryption::{Key, KeyId, Keys};
 use crate::fork;
+use crate::mirror::{Mirror, Put, Stores};
 use crate::object::{self, Link, Object};
 use crate::reason::SnapshotReason;
 use crate::retention::{self, Retention};
@@ -124,6 +125,9 @@ pub struct SyncOptions {
     /// transaction of this last period stays restorable exactly and older
     /// ones at the smallest level's granularity; `None` keeps them all.
     pub exact_window: Option<Duration>,
+    /// Other stores every object also goes to (`[[mirrors]]`), each with
+    /// an identical chain under the same prefix.
+    pub mirrors: Arc<[Mirror]>,
 }
 
 impl Default for SyncOptions {
@@ -138,6 +142,7 @@ impl Default for SyncOptions {
             encryption: None,
             compaction: Arc::from(crate::compact::LEVELS),
             exact_window: Some(crate::compact::EXACT_WINDOW),
+            mirrors: Arc::from([]),
         }
     }
 }
@@ -198,6 +203,11 @@ pub struct Replica {
     head_state: Option<state::Digest>,
     /// The checked state record, kept while the database is closed.
     parked_record: Option<state::Record>,
+    /// `storage` and the mirrors, each current or behind.
+    stores: Stores,
+    /// Why a store behind must be caught up by a full snapshot (never a
+    /// delta: the store lacks what a delta builds on).
+    catch_up: Option<String>,
 }
 
 /// Runs SQLite or file work of the database at `path` on the blocking pool.
@@ -243,6 +253,7 @@ impl Replica {
             })
         })
         .await??;
+        let stores = Stores::new(storage.clone(), &opts.mirrors);
         let mut replica = Self {
             prefix: prefix.to_string(),
             path: path.to_path_buf(),
@@ -264,16 +275,24 @@ impl Replica {
             forked: None,
             head_state: None,
             parked_record: None,
+            stores,
+            catch_up: None,
         };
         replica.load_head(listed).await?;
         Ok(replica)
     }
 
     async fn load_head(&mut self, listed: Option<Vec<chain::ObjectRef>>) -> Result<()> {
-        let objects = match listed {
-            Some(objects) => objects,
-            None => chain::list(self.storage.as_ref(), &self.prefix).await?,
+        let primary = match listed {
+            Some(objects) => Ok(objects),
+            None => chain::list(self.storage.as_ref(), &self.prefix).await,
         };
+        let (objects, lead) = if self.stores.is_single() {
+            (primary?, 0)
+        } else {
+            self.list_stores(primary).await?
+        };
+        let storage = self.stores.storage(lead);
         let Some(newest) = objects.last().map(|o| o.seq) else {
             self.need_snapshot = Some(SnapshotReason::Initial);
             return Ok(());
@@ -286,7 +305,7 @@ impl Replica {
             .last()
             .is_some_and(|(seq, _)| *seq == newest);
         let last = if head_forked {
-            let branch = fork::follow(self.storage.as_ref(), objects.clone()).await?;
+            let branch = fork::follow(storage.as_ref(), objects.clone()).await?;
             branch
                 .objects
                 .last()
@@ -304,7 +323,7 @@ impl Replica {
         // WAL position, its state digest); reading a large snapshot whole at
         // every start would cost the database's size. Restore and verify
         // check it whole, and a claim that is false fails there, by name.
-        let chain::Link { header, hash } = chain::read_link(self.storage.as_ref(), &last).await?;
+        let chain::Link { header, hash } = chain::read_link(storage.as_ref(), &last).await?;
         if header.kind == Kind::Snapshot && !last.is_legacy() && last.mark.is_none() {
             self.unmarked = Some(header.seq);
         }
@@ -321,11 +340,7 @@ impl Replica {
         };
         self.last_snapshot_ms = match newest_listed {
             _ if header.kind == Kind::Snapshot => Some(header.timestamp_ms),
-            Some(s) => Some(
-                chain::read_header(self.storage.as_ref(), s)
-                    .await?
-                    .timestamp_ms,
-            ),
+            Some(s) => Some(chain::read_header(storage.as_ref(), s).await?.timestamp_ms),
             None => None,
         };
         self.head_state = header.state;
@@ -372,6 +387,93 @@ impl Replica {
         Ok(())
     }
 
+    /// Lists every store (`primary` is `[storage]`'s listing) and settles
+    /// how each stands: the one whose chain reaches furthest leads, and its
+    /// listing is returned with its index.
+    async fn list_stores(
+        &mut self,
+        primary: Result<Vec<chain::ObjectRef>, chain::Error>,
+    ) -> Result<(Vec<chain::ObjectRef>, usize)> {
+        let mut listings = vec![primary];
+        for store in self.stores.iter().skip(1) {
+            listings.push(chain::list(store.storage.as_ref(), &self.prefix).await);
+        }
+        let newest = |l: &Result<Vec<chain::ObjectRef>, chain::Error>| {
+            l.as_ref().ok().map(|o| o.last().map_or(0, |o| o.seq))
+        };
+        let mut lead = None;
+        for (i, listing) in listings.iter().enumerate() {
+            if let Some(n) = newest(listing)
+                && lead.is_none_or(|(_, best)| n > best)
+            {
+                lead = Some((i, n));
+            }
+        }
+        let Some((lead, _)) = lead else {
+            // No store could be listed: fail like a single store would.
+            return Err(listings.swap_remove(0).err().map_or_else(
+                || Error::Worker {
+                    path: self.path.clone(),
+                    message: "no store listed".into(),
+                },
+                Error::from,
+            ));
+        };
+        let lead_head = match listings[lead].as_ref().ok().and_then(|o| o.last()) {
+            Some(last) => Some(
+                chain::read_link(self.stores.storage(lead).as_ref(), last)
+                    .await?
+                    .hash,
+            ),
+            None => None,
+        };
+        let mut same_head = vec![true; listings.len()];
+        for (i, listing) in listings.iter().enumerate() {
+            let (Ok(objects), Some(lead_hash)) = (listing, lead_head) else {
+                continue;
+            };
+            let Some(last) = objects.last() else {
+                continue;
+            };
+            if i != lead && Some(last.seq) == newest(&listings[lead]) {
+                let hash = chain::read_link(self.stores.storage(i).as_ref(), last).await;
+                same_head[i] = hash.map_or(true, |l| l.hash == lead_hash);
+            }
+        }
+        let newest: Vec<Result<Option<u64>, String>> = listings
+            .iter()
+            .map(|l| match l {
+                Ok(o) => Ok(o.last().map(|o| o.seq)),
+                Err(e) => Err(e.to_string()),
+            })
+            .collect();
+        let objects = listings.swap_remove(lead).unwrap_or_default();
+        let snapshot = objects
+            .iter()
+            .rev()
+            .find(|o| o.kind == Kind::Snapshot)
+            .map(|o| o.seq);
+        self.stores.settle(&newest, lead, snapshot, &same_head);
+        for problem in self.stores.problems() {
+            warn!(db = %self.path.display(), prefix = %self.prefix, "{problem}");
+        }
+        Ok((objects, lead))
+    }
+
+    /// What is wrong with the stores (one behind, one stopped), one line each.
+    pub fn store_problems(&self) -> Vec<String> {
+        self.stores.problems()
+    }
+
+    /// The stores whose chain is complete, for compaction: `None` names
+    /// `[storage]`, else the mirror.
+    pub fn current_stores(&self) -> Vec<(Option<String>, Arc<dyn Storage>)> {
+        self.stores
+            .current()
+            .map(|s| (s.name.clone(), s.storage.clone()))
+            .collect()
+    }
+
     /// Why the chain in storage needs attention (it forks), as found at start.
     pub fn forked(&self) -> Option<&str> {
         self.forked.as_deref()
@@ -386,17 +488,19 @@ impl Replica {
         };
         let key = segment::snapshot_mark_key(&self.prefix, seq);
         let empty: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest([]).into();
+        let body = storage::Payload::Bytes(Vec::new());
+        // A mark found already is this one, written by an attempt whose answer was lost.
         match self
-            .storage
-            .put_new(&key, storage::Payload::Bytes(Vec::new()), empty)
+            .stores
+            .put(&key, &body, empty, seq, &self.prefix, true)
             .await
         {
-            // A mark found already is this one, written by an attempt whose answer was lost.
-            Ok(()) | Err(storage::Error::AlreadyExists { .. }) => {
+            Put::Durable => {
                 self.unmarked = None;
                 Ok(())
             }
-            Err(e) => Err(e.into()),
+            Put::Failed(e) => Err(e.into()),
+            Put::Stopped(reason) => Err(self.stop(reason)),
         }
     }
 
@@ -439,6 +543,7 @@ impl Replica {
     /// once its files are quiet.
     pub fn can_close(&self) -> bool {
         self.db.is_some()
+            && !self.stores.any_behind()
             && self.pending.is_none()
             && self.need_snapshot.is_none()
             && self.stopped.is_none()
@@ -452,7 +557,11 @@ impl Replica {
         if self.db.is_none() {
             return Ok(self.detached.is_some());
         }
-        if self.pending.is_some() || self.need_snapshot.is_some() || self.stopped.is_some() {
+        if self.pending.is_some()
+            || self.need_snapshot.is_some()
+            || self.stopped.is_some()
+            || self.stores.any_behind()
+        {
             return Ok(false);
         }
         // Ship what was committed since the last sync first: a closed database
@@ -583,10 +692,11 @@ impl Replica {
             return None;
         }
         let unsealed = self.db.as_ref().map(|d| d.unsealed_frames()).unwrap_or(0);
-        if unsealed > 0 {
-            Some(self.last_checkpoint + self.opts.checkpoint_interval)
-        } else {
-            None
+        let checkpoint =
+            (unsealed > 0).then(|| self.last_checkpoint + self.opts.checkpoint_interval);
+        match (checkpoint, self.stores.next_retry()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
@@ -697,6 +807,17 @@ impl Replica {
         }
         self.mark_snapshot().await?;
         self.check_key()?;
+        if let Some(head) = self.head
+            && self
+                .stores
+                .next_retry()
+                .is_some_and(|t| t <= Instant::now())
+            && let Some(why) = self.stores.catch_up(&self.prefix, head.seq).await
+        {
+            self.need_snapshot
+                .get_or_insert(SnapshotReason::CatchUp(why.clone()));
+            self.catch_up = Some(why);
+        }
         if let Some(reason) = self.need_snapshot.clone() {
             self.snapshot(&reason, &mut report).await?;
             return Ok(report);
@@ -763,7 +884,7 @@ impl Replica {
     /// the pages that differ where the state record allows, else (and for
     /// every other reason) with a full snapshot.
     async fn snapshot(&mut self, reason: &SnapshotReason, report: &mut SyncReport) -> Result<()> {
-        if !reason.is_continuity_loss() {
+        if !reason.is_continuity_loss() || self.catch_up.is_some() {
             return self.full_snapshot(reason, report).await;
         }
         // Remembered until something ships: a delta that fails part-way
@@ -801,16 +922,21 @@ impl Replica {
         }
         // A new snapshot is what lets older objects go. Retention is
         // housekeeping: a failure is logged and tried after the next snapshot.
-        if !self.opts.retention.is_off()
-            && let Err(e) = retention::apply(
-                self.storage.as_ref(),
-                &self.prefix,
-                self.opts.retention,
-                now_ms(),
-            )
-            .await
-        {
-            warn!(prefix = %self.prefix, error = %e, "retention failed; kept everything");
+        self.catch_up = None;
+        if !self.opts.retention.is_off() {
+            for (name, storage) in self.current_stores() {
+                if let Err(e) = retention::apply(
+                    storage.as_ref(),
+                    &self.prefix,
+                    self.opts.retention,
+                    now_ms(),
+                )
+                .await
+                {
+                    let store = crate::mirror::Label::of(name.as_deref());
+                    warn!(prefix = %self.prefix, %store, error = %e, "retention failed; kept everything");
+                }
+            }
         }
         Ok(())
     }
@@ -939,34 +1065,41 @@ impl Replica {
         Ok(())
     }
 
+    /// Stops replication of this database for good: every store holds
+    /// another writer's object where this chain's goes.
+    fn stop(&mut self, reason: String) -> Error {
+        tracing::error!(
+            db = %self.path.display(),
+            prefix = %self.prefix,
+            reason = reason.as_str(),
+            "another writer owns this prefix; replication of this database stops"
+        );
+        self.stopped = Some(reason.clone());
+        Error::Stopped {
+            prefix: self.prefix.clone(),
+            reason,
+        }
+    }
+
     async fn upload(&mut self, encoded: Encoded<Object>, report: &mut SyncReport) -> Result<()> {
-        let key = segment::object_key(&self.prefix, encoded.object.header.seq);
-        let body = encoded
-            .object
-            .payload
-            .try_clone()
-            .map_err(|source| storage::Error::Io {
-                key: key.clone(),
-                source,
-            })?;
-        let bytes = body.len();
-        match self.storage.put_new(&key, body, encoded.object.hash).await {
-            Ok(()) => {}
-            Err(storage::Error::AlreadyExists { key }) => {
-                let reason = format!("object {key} already exists");
-                tracing::error!(
-                    db = %self.path.display(),
-                    prefix = %self.prefix,
-                    %key,
-                    "another writer owns this prefix; replication of this database stops"
-                );
-                self.stopped = Some(reason.clone());
-                return Err(Error::Stopped {
-                    prefix: self.prefix.clone(),
-                    reason,
-                });
-            }
-            Err(e) => {
+        let seq = encoded.object.header.seq;
+        let key = segment::object_key(&self.prefix, seq);
+        let bytes = encoded.object.payload.len();
+        let put = self
+            .stores
+            .put(
+                &key,
+                &encoded.object.payload,
+                encoded.object.hash,
+                seq,
+                &self.prefix,
+                false,
+            )
+            .await;
+        match put {
+            Put::Durable => {}
+            Put::Stopped(reason) => return Err(self.stop(reason)),
+            Put::Failed(e) => {
                 self.pending = Some(encoded);
                 return Err(e.into());
             }

@@ -5,8 +5,11 @@ use super::*;
 pub(super) async fn list(args: ListArgs) -> Result<()> {
     let storage = match reading_config(args.config.as_ref(), &args.storage, config::Uses::STORAGE)?
     {
-        Some(config) => open_config_storage(&config.storage).await?,
-        None => open_default_replica(&args.storage, Path::new(config::DEFAULT_REPLICA_DIR)).await?,
+        Some(config) => open_config_storage(config.store(args.from.as_deref())?).await?,
+        None => {
+            no_mirrors_without_config(args.from.as_deref())?;
+            open_default_replica(&args.storage, Path::new(config::DEFAULT_REPLICA_DIR)).await?
+        }
     };
     let mut under = String::new();
     if let Some(prefix) = &args.prefix {

@@ -15,6 +15,7 @@ use crate::cli::{
 };
 use crate::config::{Config, StorageConfig, WatchSettings};
 use crate::encryption::{Key, Keys};
+use crate::mirror::Mirror;
 use crate::replica::{Replica, SyncOptions};
 use crate::replicator::{self, DbSpec, Plan};
 use crate::restore::{RestoreOptions, Target, format_ms};
@@ -218,6 +219,18 @@ fn reading_config(
         None => None,
     };
     path.map(|p| load_config_for(&p, uses)).transpose()
+}
+
+/// `--from NAME` names a `[[mirrors]]` entry, so it needs a configuration.
+fn no_mirrors_without_config(from: Option<&str>) -> Result<()> {
+    if let Some(name) = from {
+        bail!(
+            "--from {name} names a [[mirrors]] entry of walsync.toml, and no configuration was \
+             found: give --config FILE ({})",
+            config::where_looked()
+        );
+    }
+    Ok(())
 }
 
 /// The storage a reading command uses without a configuration: `--storage`,

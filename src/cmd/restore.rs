@@ -46,8 +46,9 @@ async fn restore_job(args: &RestoreArgs) -> Result<RestoreJob> {
     };
     config::validate_prefix(&prefix)?;
     let storage = match &config {
-        Some(config) => open_config_storage(&config.storage).await?,
+        Some(config) => open_config_storage(config.store(args.from.as_deref())?).await?,
         None => {
+            no_mirrors_without_config(args.from.as_deref())?;
             open_default_replica(&args.storage, &config::default_storage_beside(&output)).await?
         }
     };
@@ -262,7 +263,7 @@ async fn from_litestream(
 pub(super) async fn restore_all(args: RestoreAllArgs) -> Result<()> {
     let config_path = required_config(args.config.clone())?;
     let config = load_config(&config_path)?;
-    let storage = open_config_storage(&config.storage).await?;
+    let storage = open_config_storage(config.store(args.from.as_deref())?).await?;
     // Every database in storage, plus every configured one (which then fails
     // by name if storage has nothing for it, unless --if-replica-exists).
     let listed = chain::database_names(storage.as_ref())

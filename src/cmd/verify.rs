@@ -21,8 +21,11 @@ pub(super) async fn verify(args: &VerifyArgs) -> Result<()> {
         config::Uses::STORAGE_AND_KEYS,
     )?;
     let storage = match &config {
-        Some(config) => open_config_storage(&config.storage).await?,
-        None => open_default_replica(&args.storage, Path::new(config::DEFAULT_REPLICA_DIR)).await?,
+        Some(config) => open_config_storage(config.store(args.from.as_deref())?).await?,
+        None => {
+            no_mirrors_without_config(args.from.as_deref())?;
+            open_default_replica(&args.storage, Path::new(config::DEFAULT_REPLICA_DIR)).await?
+        }
     };
     let prefixes = match &args.prefix {
         Some(prefix) => vec![prefix.clone()],

@@ -16,6 +16,7 @@ fn sync_options(args: &WatchArgs) -> Result<SyncOptions> {
         encryption: cli_keys(args.storage.encryption_key_file.as_deref())?,
         compaction: args.compaction.clone(),
         exact_window: args.exact_window.0,
+        mirrors: Arc::from([]),
     })
 }
 
@@ -131,13 +132,28 @@ async fn plan(args: &WatchArgs) -> Result<Plan> {
                 check_database_path(db)?;
             }
         }
+        let keep_retrying = args.keep_retrying || config.watch.keep_retrying;
         let storage = open_config_storage(&config.storage).await?;
-        check_storage(
-            storage.as_ref(),
-            args.keep_retrying || config.watch.keep_retrying,
-        )
-        .await?;
-        return Ok(Plan::Config { config, storage });
+        check_storage(storage.as_ref(), keep_retrying).await?;
+        let mut mirrors = Vec::with_capacity(config.mirrors.len());
+        for mirror in &config.mirrors {
+            let storage = open_config_storage(&mirror.storage)
+                .await
+                .with_context(|| format!("mirror {}", mirror.name))?;
+            check_storage(storage.as_ref(), keep_retrying)
+                .await
+                .with_context(|| format!("mirror {}", mirror.name))?;
+            mirrors.push(Mirror {
+                name: mirror.name.clone(),
+                storage,
+            });
+        }
+        let mirrors = Arc::from(mirrors);
+        return Ok(Plan::Config {
+            config,
+            storage,
+            mirrors,
+        });
     }
     let dbs = config::databases(&args.databases, args.prefix.as_deref())?;
     for (path, _) in &dbs {

@@ -136,6 +136,8 @@ pub struct Config {
     /// The file it was read from.
     pub source: PathBuf,
     pub storage: StorageConfig,
+    /// Other stores every database's chain also goes to (`[[mirrors]]`).
+    pub mirrors: Vec<MirrorConfig>,
     pub watch: WatchSettings,
     pub entries: Vec<Entry>,
     /// Every encryption key the file names: restore opens any object with them.
@@ -147,6 +149,40 @@ pub struct Config {
 pub struct StorageConfig {
     pub url: String,
     pub s3: S3Options,
+}
+
+/// A `[[mirrors]]` entry: another store, by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorConfig {
+    pub name: String,
+    pub storage: StorageConfig,
+}
+
+impl Config {
+    /// `[storage]`, or the mirror named `from` (`restore --from NAME`).
+    pub fn store(&self, from: Option<&str>) -> Result<&StorageConfig, Error> {
+        let Some(name) = from else {
+            return Ok(&self.storage);
+        };
+        match self.mirrors.iter().find(|m| m.name == name) {
+            Some(m) => Ok(&m.storage),
+            None if self.mirrors.is_empty() => Err(Error::Invalid {
+                file: self.source.clone(),
+                message: format!("no [[mirrors]] entry is named {name} (there are none)"),
+            }),
+            None => Err(Error::Invalid {
+                file: self.source.clone(),
+                message: format!(
+                    "no [[mirrors]] entry is named {name} (mirrors: {})",
+                    self.mirrors
+                        .iter()
+                        .map(|m| m.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }),
+        }
+    }
 }
 
 /// How the watch loop runs.

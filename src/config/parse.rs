@@ -8,6 +8,8 @@ use super::*;
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     storage: Option<RawStorage>,
+    #[serde(default)]
+    mirrors: Vec<RawMirror>,
     sync: Option<RawSync>,
     watch: Option<RawWatch>,
     #[serde(default)]
@@ -26,6 +28,39 @@ struct RawStorage {
     access_key_id: Option<String>,
     secret_access_key: Option<String>,
     session_token: Option<String>,
+}
+
+/// A `[[mirrors]]` entry: a name and the keys of `[storage]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMirror {
+    name: Option<String>,
+    url: Option<String>,
+    bucket: Option<String>,
+    prefix: Option<String>,
+    endpoint: Option<String>,
+    region: Option<String>,
+    path_style: Option<bool>,
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
+    session_token: Option<String>,
+}
+
+impl RawMirror {
+    fn split(self) -> (Option<String>, RawStorage) {
+        let storage = RawStorage {
+            url: self.url,
+            bucket: self.bucket,
+            prefix: self.prefix,
+            endpoint: self.endpoint,
+            region: self.region,
+            path_style: self.path_style,
+            access_key_id: self.access_key_id,
+            secret_access_key: self.secret_access_key,
+            session_token: self.session_token,
+        };
+        (self.name, storage)
+    }
 }
 
 #[derive(Debug, Deserialize, Default, Clone)]
@@ -93,6 +128,30 @@ impl Checker<'_> {
             Err(Error::Unset { .. }) if !used => Ok(None),
             other => other.map(Some),
         }
+    }
+
+    /// A mirror's name: given, short, plain, and not taken by another.
+    fn mirror_name(
+        &self,
+        section: &str,
+        name: Option<String>,
+        before: &[MirrorConfig],
+    ) -> Result<String, Error> {
+        let Some(name) = name else {
+            return Err(self.err(format!(
+                "{section}: name is missing (restore --from NAME picks the mirror)"
+            )));
+        };
+        let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+        if name.is_empty() || name.len() > 64 || !name.chars().all(plain) {
+            return Err(self.err(format!(
+                "{section}.name must be 1-64 letters, digits, '-', '_' or '.'"
+            )));
+        }
+        if before.iter().any(|m| m.name == name) {
+            return Err(self.err(format!("{section}: two mirrors are named {name}")));
+        }
+        Ok(name)
     }
 
     pub(super) fn err(&self, message: impl fmt::Display) -> Error {
@@ -310,13 +369,45 @@ impl Config {
         // Absolute, so that paths and `{relpath}` do not depend on the
         // directory walsync was started from.
         let base_dir = std::path::absolute(parent_of(path)).unwrap_or_else(|_| parent_of(path));
-        let storage = Self::storage(&check, raw.storage.unwrap_or_default());
+        let storage = Self::storage(&check, raw.storage.unwrap_or_default(), "storage");
         let mut storage = check
             .unless_unused(uses.storage, storage)?
             .unwrap_or_default();
         // A local directory is relative to this file, like database paths.
         if !storage.url.contains("://") && Path::new(&storage.url).is_relative() {
             storage.url = base_dir.join(&storage.url).display().to_string();
+        }
+        let mut mirrors: Vec<MirrorConfig> = Vec::with_capacity(raw.mirrors.len());
+        for (i, raw) in raw.mirrors.into_iter().enumerate() {
+            let (name, raw) = raw.split();
+            let section = format!("mirrors[{i}]");
+            let name = check.mirror_name(&section, name, &mirrors)?;
+            let section = format!("mirrors[{i}] ({name})");
+            let Some(mut store) =
+                check.unless_unused(uses.storage, Self::storage(&check, raw, &section))?
+            else {
+                continue;
+            };
+            if !store.url.contains("://") && Path::new(&store.url).is_relative() {
+                store.url = base_dir.join(&store.url).display().to_string();
+            }
+            let same = |other: &StorageConfig| {
+                other.url.trim_end_matches('/') == store.url.trim_end_matches('/')
+                    && other.s3.endpoint == store.s3.endpoint
+            };
+            if uses.storage && same(&storage) {
+                return Err(check.err(format!(
+                    "{section}: the same store as [storage]; a mirror must be another bucket, \
+                     prefix or directory"
+                )));
+            }
+            if let Some(twin) = mirrors.iter().find(|m| same(&m.storage)) {
+                return Err(check.err(format!("{section}: the same store as mirror {}", twin.name)));
+            }
+            mirrors.push(MirrorConfig {
+                name,
+                storage: store,
+            });
         }
         let sync = check.sync(
             &SyncOptions::default(),
@@ -341,6 +432,7 @@ impl Config {
         let config = Self {
             source: path.to_path_buf(),
             storage,
+            mirrors,
             watch,
             entries,
             keys,
@@ -353,66 +445,78 @@ impl Config {
         Ok(config)
     }
 
-    fn storage(check: &Checker<'_>, raw: RawStorage) -> Result<StorageConfig, Error> {
+    /// `section` names the table in errors: `storage`, or a mirror.
+    fn storage(
+        check: &Checker<'_>,
+        raw: RawStorage,
+        section: &str,
+    ) -> Result<StorageConfig, Error> {
         let expand = |key: &str, v: &Option<String>| -> Result<Option<String>, Error> {
             v.as_deref().map(|v| check.expand(key, v)).transpose()
         };
         let url = match (
-            expand("storage.url", &raw.url)?,
-            expand("storage.bucket", &raw.bucket)?,
+            expand(&format!("{section}.url"), &raw.url)?,
+            expand(&format!("{section}.bucket"), &raw.bucket)?,
         ) {
             (Some(_), Some(_)) => {
-                return Err(check.err("storage: give either url or bucket, not both"));
+                return Err(check.err(format!("{section}: give either url or bucket, not both")));
             }
             (Some(url), None) => {
                 if raw.prefix.is_some() {
-                    return Err(check.err("storage.prefix goes with bucket; put it in the url"));
+                    return Err(check.err(format!(
+                        "{section}.prefix goes with bucket; put it in the url"
+                    )));
                 }
                 // An empty value (an unset-but-empty ${VAR}, say) would be read
                 // as a relative path, the config's own directory.
                 if url.trim().is_empty() {
-                    return Err(
-                        check.err("storage.url is empty (give s3://bucket/prefix or a directory)")
-                    );
+                    return Err(check.err(format!(
+                        "{section}.url is empty (give s3://bucket/prefix or a directory)"
+                    )));
                 }
                 url
             }
             (None, Some(bucket)) if bucket.trim().is_empty() => {
-                return Err(check.err("storage.bucket is empty"));
+                return Err(check.err(format!("{section}.bucket is empty")));
             }
-            (None, Some(bucket)) => match expand("storage.prefix", &raw.prefix)? {
+            (None, Some(bucket)) => match expand(&format!("{section}.prefix"), &raw.prefix)? {
                 Some(prefix) => format!("s3://{bucket}/{}", prefix.trim_matches('/')),
                 None => format!("s3://{bucket}"),
             },
             (None, None) => {
-                return Err(
-                    check.err("storage: set url (s3://bucket/prefix or a directory) or bucket")
-                );
+                return Err(check.err(format!(
+                    "{section}: set url (s3://bucket/prefix or a directory) or bucket"
+                )));
             }
         };
         if let Some(prefix) = url.strip_prefix("s3://").and_then(|r| r.split_once('/'))
             && !prefix.1.is_empty()
         {
             validate_prefix(prefix.1.trim_end_matches('/'))
-                .map_err(|e| check.err(format!("storage.url: {e}")))?;
+                .map_err(|e| check.err(format!("{section}.url: {e}")))?;
         }
-        let access_key = expand("storage.access_key_id", &raw.access_key_id)?;
-        let secret = expand("storage.secret_access_key", &raw.secret_access_key)?;
-        let token = expand("storage.session_token", &raw.session_token)?;
+        let access_key = expand(&format!("{section}.access_key_id"), &raw.access_key_id)?;
+        let secret = expand(
+            &format!("{section}.secret_access_key"),
+            &raw.secret_access_key,
+        )?;
+        let token = expand(&format!("{section}.session_token"), &raw.session_token)?;
         let credentials = match (access_key, secret) {
             (Some(id), Some(secret)) => {
                 Some(crate::storage::StaticCredentials::new(id, secret, token))
             }
             (None, None) => None,
             _ => {
-                return Err(check.err("storage: access_key_id and secret_access_key go together"));
+                return Err(check.err(format!(
+                    "{section}: access_key_id and secret_access_key go together"
+                )));
             }
         };
         Ok(StorageConfig {
             url,
             s3: S3Options {
-                endpoint: expand("storage.endpoint", &raw.endpoint)?,
-                region: expand("storage.region", &raw.region)?,
+                endpoint: expand(&format!("{section}.endpoint"), &raw.endpoint)?,
+                region: expand(&format!("{section}.region"), &raw.region)?,
                 force_path_style: raw.path_style,
                 credentials,
             },

@@ -42,6 +42,7 @@ use crate::compactor::{self, Compactor};
 use crate::config::{self, Config, WatchSettings};
 use crate::control::{self, SyncRequest};
 use crate::db::wal_path_of;
+use crate::mirror::Mirror;
 use crate::replica::{self, Replica, SyncOptions, SyncReport};
 use crate::status::{self, Board, State};
 use crate::storage::Storage;
@@ -328,14 +329,19 @@ impl Fleet {
                 let Some(text) = text else { return };
                 match Config::parse(&text, &config.source) {
                     Ok(new) => {
-                        if new.storage != config.storage {
+                        if new.storage != config.storage || new.mirrors != config.mirrors {
                             warn!(
                                 config = %config.source.display(),
-                                "storage settings changed; restart walsync to use them"
+                                "storage or mirror settings changed; restart walsync to use them"
                             );
                         }
                         let storage = config.storage.clone();
-                        *config = Config { storage, ..new };
+                        let mirrors = config.mirrors.clone();
+                        *config = Config {
+                            storage,
+                            mirrors,
+                            ..new
+                        };
                         info!(config = %config.source.display(), "configuration reloaded");
                         self.config_parsed = true;
                     }

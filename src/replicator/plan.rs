@@ -27,6 +27,8 @@ impl DbSpec {
 }
 
 /// Which databases to replicate.
+// One per process: the size of its variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Plan {
     /// Named on the command line: a fixed set.
@@ -38,6 +40,8 @@ pub enum Plan {
     Config {
         config: Config,
         storage: Arc<dyn Storage>,
+        /// The opened `[[mirrors]]` of `config`, in its order.
+        mirrors: Arc<[Mirror]>,
     },
 }
 
@@ -53,14 +57,21 @@ impl Plan {
     pub(super) fn targets(&self) -> Result<Vec<DbSpec>> {
         match self {
             Plan::Fixed { specs, .. } => Ok(specs.clone()),
-            Plan::Config { config, storage } => Ok(config
+            Plan::Config {
+                config,
+                storage,
+                mirrors,
+            } => Ok(config
                 .discover()?
                 .into_iter()
                 .map(|t| DbSpec {
                     path: t.path,
                     prefix: t.prefix,
                     storage: storage.clone(),
-                    sync: t.sync,
+                    sync: SyncOptions {
+                        mirrors: mirrors.clone(),
+                        ..t.sync
+                    },
                 })
                 .collect()),
         }

@@ -183,6 +183,7 @@ pub(super) fn post(board: &Board, slot: &mut Slot, result: &replica::Result<Sync
         d.head = replica.and_then(Replica::head).map(|h| h.seq).or(d.head);
         if let Some(replica) = replica {
             d.forked = replica.forked().map(str::to_string);
+            d.stores = replica.store_problems();
         }
         match result {
             Ok(report) => {
@@ -253,15 +254,23 @@ pub(super) fn report_compaction(compactor: &Compactor, slot: &mut Slot) {
         return;
     }
     slot.compaction_reported = head;
-    compactor.due(compactor::Due {
-        prefix: slot.spec.prefix.clone(),
-        storage: slot.spec.storage.clone(),
-        keys: slot.spec.sync.encryption.clone(),
-        levels: levels.clone(),
-        window: slot.spec.sync.exact_window,
-        head,
-        snapshot,
-    });
+    let stores = slot
+        .replica
+        .as_ref()
+        .map(Replica::current_stores)
+        .unwrap_or_default();
+    for (store, storage) in stores {
+        compactor.due(compactor::Due {
+            prefix: slot.spec.prefix.clone(),
+            store,
+            storage,
+            keys: slot.spec.sync.encryption.clone(),
+            levels: levels.clone(),
+            window: slot.spec.sync.exact_window,
+            head,
+            snapshot,
+        });
+    }
 }
 
 /// Tells the `walsync sync` requests that this job satisfies how it went.

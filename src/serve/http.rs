@@ -216,7 +216,7 @@ pub fn metrics(s: &Snapshot) -> String {
     family(
         "walsync_snapshots_total",
         "counter",
-        "Snapshots shipped, by reason (initial, interval, requested, key, continuity).",
+        "Snapshots shipped, by reason (initial, interval, requested, key, continuity, catch_up).",
         by(&|d| &d.snapshots, "reason"),
     );
     family(
@@ -242,6 +242,12 @@ pub fn metrics(s: &Snapshot) -> String {
         "gauge",
         "1 when the chain in storage forks (two objects claim one sequence: two writers on one prefix), else 0.",
         per_db(&|d| Some(if d.forked.is_some() { 1.0 } else { 0.0 })),
+    );
+    family(
+        "walsync_stores_behind",
+        "gauge",
+        "Stores of the database's chain ([storage] or a [[mirrors]] entry) that are behind or stopped while the others go on.",
+        per_db(&|d| Some(d.stores.len() as f64)),
     );
     family(
         "walsync_runs_stored_total",

@@ -113,15 +113,19 @@ pub fn status_page(s: &Snapshot, all: bool) -> String {
     out
 }
 
-/// Unhealthy, degraded or forked: shown first and never summed up.
+/// Unhealthy, degraded, forked or with a store behind: shown first and
+/// never summed up.
 fn has_problem(s: &Snapshot, d: &DbStatus) -> bool {
-    d.unhealthy(s.now_ms).is_some() || d.is_degraded(s.now_ms) || d.forked.is_some()
+    d.unhealthy(s.now_ms).is_some()
+        || d.is_degraded(s.now_ms)
+        || d.forked.is_some()
+        || !d.stores.is_empty()
 }
 
 fn row(out: &mut String, s: &Snapshot, d: &DbStatus) {
     let class = if d.unhealthy(s.now_ms).is_some() {
         " class=\"bad\""
-    } else if d.is_degraded(s.now_ms) || d.forked.is_some() {
+    } else if d.is_degraded(s.now_ms) || d.forked.is_some() || !d.stores.is_empty() {
         " class=\"degraded\""
     } else {
         ""

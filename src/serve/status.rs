@@ -74,6 +74,10 @@ pub struct DbStatus {
     /// sequence (found when the database was opened). Restore still works.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forked: Option<String>,
+    /// Stores of its chain (`[storage]` or a mirror) that are behind or
+    /// stopped, one line each; the others go on meanwhile.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stores: Vec<String>,
     /// Runs `watch` stored by compacting this database's chain.
     #[serde(default)]
     pub runs_stored: u64,
@@ -301,7 +305,7 @@ impl Snapshot {
         dbs.sort_by_key(|d| {
             if d.unhealthy(self.now_ms).is_some() {
                 0
-            } else if d.is_degraded(self.now_ms) || d.forked.is_some() {
+            } else if d.is_degraded(self.now_ms) || d.forked.is_some() || !d.stores.is_empty() {
                 1
             } else {
                 2
@@ -335,6 +339,7 @@ impl Snapshot {
         if let Some(why) = &d.forked {
             parts.push(why.clone());
         }
+        parts.extend(d.stores.iter().cloned());
         parts.join("; ")
     }
 

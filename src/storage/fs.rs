@@ -6,7 +6,7 @@
 //! processes. The directory is fsynced so the new name survives a crash.
 
 use std::fs::{self, File};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -79,9 +79,8 @@ fn put_blocking(path: &Path, key: &str, body: Payload) -> Result<()> {
         let mut out = File::create(&temp)?;
         match body {
             Payload::Bytes(bytes) => out.write_all(&bytes)?,
-            Payload::File { mut file, len } => {
-                file.seek(SeekFrom::Start(0))?;
-                let copied = io::copy(&mut (&mut file).take(len), &mut out)?;
+            Payload::File { file, len } => {
+                let copied = io::copy(&mut super::spool::FileBody::new(&file, len), &mut out)?;
                 if copied != len {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::io::AsyncRead;
 
-pub use spool::{Payload, SpoolWriter};
+pub use spool::{FileBody, Payload, SpoolWriter};
 
 /// Errors from a storage backend. Callers branch on the variant.
 #[derive(Debug, thiserror::Error)]

@@ -11,7 +11,7 @@
 //! makes (create-only put, multipart upload, ranged and resumed get, list,
 //! batch delete) and the one mapping of their errors, which they share.
 
-use std::io::{self, SeekFrom};
+use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,7 +27,6 @@ use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
 use futures_util::{StreamExt, TryStreamExt};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::retry::{Pace, attempts, backoff};
 use super::spool::SPOOL_MEMORY_LIMIT;
@@ -508,13 +507,16 @@ fn io_err(key: &str) -> impl FnOnce(io::Error) -> Error + '_ {
     }
 }
 
+/// Positioned, not through the file's offset (see `spool::FileBody`).
 async fn read_small_file(file: std::fs::File, len: u64) -> io::Result<Vec<u8>> {
     let size = usize::try_from(len).map_err(io::Error::other)?;
-    let mut file = tokio::fs::File::from_std(file);
-    file.seek(SeekFrom::Start(0)).await?;
-    let mut buf = vec![0u8; size];
-    file.read_exact(&mut buf).await?;
-    Ok(buf)
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; size];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, 0)?;
+        Ok(buf)
+    })
+    .await
+    .map_err(io::Error::other)?
 }
 
 enum Existing {

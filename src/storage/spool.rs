@@ -31,7 +31,9 @@ impl Payload {
     }
 
     /// A second handle on the same body, so a failed upload can be retried
-    /// with exactly the same bytes. Backends read a file body from its start.
+    /// with exactly the same bytes, or the body written to two stores at
+    /// once. Backends read a file body from its start through [`FileBody`]
+    /// (or positioned reads of their own), never through the shared offset.
     pub fn try_clone(&self) -> io::Result<Self> {
         Ok(match self {
             Payload::Bytes(b) => Payload::Bytes(b.clone()),
@@ -40,6 +42,34 @@ impl Payload {
                 len: *len,
             },
         })
+    }
+}
+
+/// Reads a spooled body from its start at explicit positions, never through
+/// the file's offset: every handle [`Payload::try_clone`] makes shares that
+/// offset, and a body written to two stores at once is read by both.
+pub struct FileBody<'a> {
+    file: &'a File,
+    pos: u64,
+    len: u64,
+}
+
+impl<'a> FileBody<'a> {
+    pub fn new(file: &'a File, len: u64) -> Self {
+        Self { file, pos: 0, len }
+    }
+}
+
+impl io::Read for FileBody<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.len.saturating_sub(self.pos);
+        let want = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = std::os::unix::fs::FileExt::read_at(self.file, &mut buf[..want], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
     }
 }
 

@@ -22,7 +22,7 @@ pub(crate) fn run(cmd: &mut Command) -> Output {
     cmd.output().unwrap()
 }
 
-fn terminate(child: &mut Child) -> std::process::ExitStatus {
+pub(crate) fn terminate(child: &mut Child) -> std::process::ExitStatus {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -437,7 +437,7 @@ fn watch_long_chain(store: &TestStore, dir: &Path, db: &Path) -> (PathBuf, commo
     (config, child)
 }
 
-fn cfg(path: &Path) -> &str {
+pub(crate) fn cfg(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
@@ -4359,12 +4359,12 @@ async fn a_download_that_cannot_be_written_locally_fails_at_once_naming_the_file
 }
 
 /// A child's stderr as it comes, readable while the child runs.
-struct LiveLog {
+pub(crate) struct LiveLog {
     text: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl LiveLog {
-    fn of(child: &mut common::Reaped) -> Self {
+    pub(crate) fn of(child: &mut common::Reaped) -> Self {
         let stderr = child.stderr.take().unwrap();
         let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let sink = text.clone();
@@ -4379,16 +4379,16 @@ impl LiveLog {
         Self { text }
     }
 
-    fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         self.text.lock().unwrap().clone()
     }
 
-    fn count(&self, needle: &str) -> usize {
+    pub(crate) fn count(&self, needle: &str) -> usize {
         self.text.lock().unwrap().matches(needle).count()
     }
 
     /// Waits (up to 30 s) until the log says `needle` `n` times.
-    async fn wait_for(&self, needle: &str, n: usize) {
+    pub(crate) async fn wait_for(&self, needle: &str, n: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.count(needle) < n {
             assert!(

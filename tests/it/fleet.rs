@@ -79,6 +79,7 @@ fn start_posting(
     let plan = Plan::Config {
         config,
         storage: store.storage.clone(),
+        mirrors: std::sync::Arc::from([]),
     };
     let handle = tokio::spawn(replicator::run(
         plan,

@@ -10,6 +10,7 @@ mod browser;
 mod cli;
 mod fleet;
 mod litestream;
+mod mirrors;
 mod replication;
 mod sidecar;
 mod storage;

@@ -1,0 +1,406 @@
+//! Issue 16, 5: one database replicated to two stores (`[storage]` and a
+//! `[[mirrors]]` entry), each holding the whole chain. The release binary
+//! runs as the user runs it, the app in its own process, and the store that
+//! fails is an S3 bucket behind the fault proxy while the other, a local
+//! directory, goes on.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use walsync::chain;
+use walsync::segment::Kind;
+use walsync::storage::Storage;
+
+use crate::cli::{LiveLog, cfg, free_port, run, terminate, wait_for_status, with_store};
+use crate::common::app::{AppOptions, AppProcess};
+use crate::common::faults::{Counts, FaultProxy, Plan};
+use crate::common::{self, TestStore, blob_rows, walsync};
+
+/// `(sequence, kind, key)` of every object of `prefix` (runs aside).
+async fn objects(storage: &dyn Storage, prefix: &str) -> Vec<(u64, Kind, String)> {
+    chain::list(storage, prefix)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| (o.seq, o.kind, o.key))
+        .collect()
+}
+
+/// Waits up to a minute for `check` to hold.
+async fn wait_until(what: &str, log: &LiveLog, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !check().await {
+        assert!(Instant::now() < deadline, "never {what}:\n{}", log.text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The lines of the database's `stores` column on `/status.json`.
+fn store_lines(d: &serde_json::Value) -> Vec<String> {
+    d["stores"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|l| l.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+struct Setup {
+    s3: TestStore,
+    proxy: FaultProxy,
+    local: TestStore,
+    dir: tempfile::TempDir,
+    db: std::path::PathBuf,
+    config: std::path::PathBuf,
+    addr: String,
+}
+
+/// A database, an S3 bucket behind a fault proxy and a local directory,
+/// and a walsync.toml with the bucket as `[storage]` (`s3_first`) or as
+/// the mirror `far`.
+async fn setup(s3_first: bool, sync: &str) -> Setup {
+    let (s3, proxy) = FaultProxy::before_s3_store().await;
+    let local = common::fs_store();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let s3_keys = format!("url = \"{}\"\nendpoint = \"{}\"\n", s3.url, proxy.endpoint);
+    let local_keys = format!("url = \"{}\"\n", local.url);
+    let (storage, mirror) = if s3_first {
+        (s3_keys, local_keys)
+    } else {
+        (local_keys, s3_keys)
+    };
+    let text = format!(
+        "[storage]\n{storage}\n[[mirrors]]\nname = \"far\"\n{mirror}\n\
+         [sync]\nsync_interval = \"100ms\"\n{sync}\n[watch]\nlisten = \"{addr}\"\n\
+         [[databases]]\npath = \"{}\"\nprefix = \"app\"\n",
+        db.display()
+    );
+    let config = dir.path().join("walsync.toml");
+    std::fs::write(&config, text).unwrap();
+    Setup {
+        s3,
+        proxy,
+        local,
+        dir,
+        db,
+        config,
+        addr,
+    }
+}
+
+impl Setup {
+    fn watch(&self) -> (common::Reaped, LiveLog) {
+        let mut cmd = walsync();
+        cmd.args(["watch", "--config", cfg(&self.config)])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        with_store(&mut cmd, &self.s3);
+        let mut child = common::Reaped::new(cmd.spawn().unwrap());
+        let log = LiveLog::of(&mut child);
+        (child, log)
+    }
+
+    /// `walsync sync --wait`: every commit so far is in a store.
+    fn sync_wait(&self, log: &LiveLog) {
+        let output = run(walsync().args(["sync", "--config", cfg(&self.config), "--wait"]));
+        assert!(
+            output.status.success(),
+            "sync --wait: {}{}",
+            String::from_utf8_lossy(&output.stderr),
+            log.text()
+        );
+    }
+
+    /// Restores `app` from `[storage]` and from the mirror; each must equal
+    /// the source's rows.
+    fn restore_from_both(&self) {
+        for from in [None, Some("far")] {
+            let out = self
+                .dir
+                .path()
+                .join(format!("restored-{}.db", from.unwrap_or("storage")));
+            let mut cmd = walsync();
+            cmd.args(["restore", "--config", cfg(&self.config), "--prefix", "app"])
+                .args(["-o", cfg(&out)]);
+            if let Some(name) = from {
+                cmd.args(["--from", name]);
+            }
+            with_store(&mut cmd, &self.s3);
+            let output = run(&mut cmd);
+            assert!(
+                output.status.success(),
+                "restore from {from:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            assert_eq!(
+                blob_rows(&out),
+                blob_rows(&self.db),
+                "restored from {from:?}"
+            );
+        }
+    }
+}
+
+/// The bucket goes dark for a while (every request reset) while the app
+/// commits; the local store keeps receiving every object, the status page
+/// names the store behind, and once the bucket answers again the objects it
+/// missed are copied to it: both chains end up identical, with no second
+/// snapshot taken, and each restores the source's rows. Run with the bucket
+/// as `[storage]` and as the mirror: neither holds back the other.
+async fn one_store_down_then_caught_up(s3_first: bool) {
+    let setup = setup(s3_first, "compaction = \"off\"").await;
+    let (s3, local) = (setup.s3.storage.as_ref(), setup.local.storage.as_ref());
+    let mut app = AppProcess::spawn(&setup.db, AppOptions::default());
+    app.insert(20, 100);
+    let (mut child, log) = setup.watch();
+    wait_until("both stores have the snapshot", &log, async || {
+        objects(s3, "app").await.len() == 1 && objects(local, "app").await.len() == 1
+    })
+    .await;
+
+    setup.proxy.set_plan(Plan {
+        outage: true,
+        ..Plan::healthy()
+    });
+    let dark = objects(s3, "app").await;
+    let shipped = objects(local, "app").await.len();
+    for _ in 0..5 {
+        app.insert(3, 100);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The running watch says every commit is in storage: the store that
+    // went on counts.
+    setup.sync_wait(&log);
+    assert!(objects(local, "app").await.len() > shipped);
+    let which = if s3_first { "[storage]" } else { "mirror far" };
+    wait_for_status(&setup.addr, "app", "a store behind", |d| {
+        store_lines(d)
+            .iter()
+            .any(|l| l.starts_with(which) && l.contains("behind"))
+            && d["state"] != "failing"
+    })
+    .await;
+    assert_eq!(
+        objects(s3, "app").await,
+        dark,
+        "nothing reached the dark bucket"
+    );
+
+    let puts = || Counts::get(&setup.proxy.counts().puts);
+    let puts_before = puts();
+    setup.proxy.set_plan(Plan::healthy());
+    wait_until("the bucket caught up", &log, async || {
+        objects(s3, "app").await == objects(local, "app").await
+    })
+    .await;
+    wait_for_status(&setup.addr, "app", "no store behind", |d| {
+        store_lines(d).is_empty()
+    })
+    .await;
+    // New commits go to both again.
+    let before = objects(local, "app").await.len();
+    app.insert(2, 100);
+    wait_until("the next commit reached both", &log, async || {
+        let both = objects(local, "app").await;
+        both.len() > before && objects(s3, "app").await == both
+    })
+    .await;
+    assert!(terminate(&mut child).success(), "{}", log.text());
+    let text = log.text();
+    assert_eq!(log.count("walsync::mirror: caught up"), 1, "{text}");
+    assert_eq!(log.count("taking a snapshot"), 1, "{text}");
+    assert_eq!(common::count_snapshots(s3, "app").await, 1, "{text}");
+    assert_eq!(common::count_snapshots(local, "app").await, 1, "{text}");
+    // One PUT per object the bucket missed (and the one after): the copy
+    // did not send the chain again.
+    let missed = objects(s3, "app").await.len() - dark.len();
+    assert_eq!(puts() - puts_before, missed as u64, "{text}");
+    app.quit();
+    setup.restore_from_both();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_that_fails_never_holds_back_storage_and_catches_up() {
+    one_store_down_then_caught_up(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_that_fails_never_holds_back_the_mirror_and_catches_up() {
+    one_store_down_then_caught_up(true).await;
+}
+
+/// The mirror stays dark until compaction has deleted, from the store that
+/// went on, objects the mirror lacks: copying cannot catch it up, so the
+/// next snapshot does (to both stores, reason `catch_up`), and the mirror
+/// restores the source's rows from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_whose_missing_objects_are_gone_is_caught_up_by_a_snapshot() {
+    let setup = setup(false, "compaction = [4]\nexact_window = \"1s\"").await;
+    let (s3, local) = (setup.s3.storage.as_ref(), setup.local.storage.as_ref());
+    let mut app = AppProcess::spawn(&setup.db, AppOptions::default());
+    app.insert(20, 100);
+    let (mut child, log) = setup.watch();
+    wait_until("both stores have the snapshot", &log, async || {
+        objects(s3, "app").await.len() == 1 && objects(local, "app").await.len() == 1
+    })
+    .await;
+    setup.proxy.set_plan(Plan {
+        outage: true,
+        ..Plan::healthy()
+    });
+    for _ in 0..20 {
+        app.insert(3, 100);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    wait_until(
+        "compaction deleted what the mirror lacks",
+        &log,
+        async || {
+            let listed = objects(local, "app").await;
+            listed.last().is_some_and(|o| (listed.len() as u64) < o.0)
+        },
+    )
+    .await;
+    setup.proxy.set_plan(Plan::healthy());
+    wait_for_status(&setup.addr, "app", "the mirror caught up", |d| {
+        store_lines(d).is_empty() && d["snapshots"]["catch_up"] == 1
+    })
+    .await;
+    let mirror = objects(s3, "app").await;
+    let newest_snapshot = mirror.iter().rev().find(|o| o.1 == Kind::Snapshot).unwrap();
+    assert!(newest_snapshot.0 > 1, "a new snapshot: {mirror:?}");
+    assert!(
+        objects(local, "app").await.contains(newest_snapshot),
+        "the same snapshot in both stores"
+    );
+    assert!(terminate(&mut child).success(), "{}", log.text());
+    assert_eq!(common::count_snapshots(local, "app").await, 2);
+    app.quit();
+    setup.restore_from_both();
+}
+
+/// Mistakes in `[[mirrors]]` are refused up front, each naming the entry;
+/// `--from` a name the file does not have says which it has.
+#[test]
+fn mirror_mistakes_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("walsync.toml");
+    let base = "[storage]\nurl = \"/r/a\"\n[[databases]]\npath = \"/data/app.db\"\n";
+    for (mirrors, says) in [
+        (
+            "[[mirrors]]\nurl = \"/r/b\"\n",
+            "mirrors[0]: name is missing",
+        ),
+        (
+            "[[mirrors]]\nname = \"a b\"\nurl = \"/r/b\"\n",
+            "mirrors[0].name must be",
+        ),
+        (
+            "[[mirrors]]\nname = \"x\"\nurl = \"/r/a\"\n",
+            "mirrors[0] (x): the same store as [storage]",
+        ),
+        (
+            "[[mirrors]]\nname = \"x\"\nurl = \"/r/b\"\n[[mirrors]]\nname = \"x\"\nurl = \"/r/c\"\n",
+            "mirrors[1]: two mirrors are named x",
+        ),
+        (
+            "[[mirrors]]\nname = \"x\"\nurl = \"/r/b\"\n[[mirrors]]\nname = \"y\"\nurl = \"/r/b/\"\n",
+            "mirrors[1] (y): the same store as mirror x",
+        ),
+        (
+            "[[mirrors]]\nname = \"x\"\nbucket = \"b\"\nurl = \"/r/b\"\n",
+            "mirrors[0] (x): give either url or bucket",
+        ),
+        (
+            "[[mirrors]]\nname = \"x\"\nurl = \"/r/b\"\nregion_name = \"eu\"\n",
+            "unknown field `region_name`",
+        ),
+    ] {
+        std::fs::write(&config, format!("{base}{mirrors}")).unwrap();
+        let output = run(walsync().args(["explain", "--config", cfg(&config)]));
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{mirrors}");
+        assert!(err.contains(says), "{mirrors}: {err}");
+        assert!(err.contains(cfg(&config)), "names the file: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    }
+
+    std::fs::write(
+        &config,
+        format!("{base}[[mirrors]]\nname = \"far\"\nurl = \"/r/b\"\n"),
+    )
+    .unwrap();
+    let output = run(walsync().args(["explain", "--config", cfg(&config)]));
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{out}");
+    assert!(out.contains("mirror far") && out.contains("/r/b"), "{out}");
+    for command in ["list", "verify"] {
+        let output = run(walsync().args([command, "--config", cfg(&config), "--from", "near"]));
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success());
+        assert!(
+            err.contains("no [[mirrors]] entry is named near (mirrors: far)"),
+            "{command}: {err}"
+        );
+    }
+    let output = run(walsync()
+        .current_dir(dir.path())
+        .env("WALSYNC_CONFIG", "/nonexistent/walsync.toml")
+        .args(["list", "--storage", "/r/a", "--from", "far"]));
+    assert!(!output.status.success());
+}
+
+/// walsync stops while `[storage]` is dark and starts again once it is
+/// back: the listing at start finds the mirror ahead, goes on from the
+/// mirror's head (the database is continued, no snapshot), and copies to
+/// `[storage]` what it missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_while_storage_is_behind_it_goes_on_from_the_mirror() {
+    let setup = setup(true, "compaction = \"off\"").await;
+    let (s3, local) = (setup.s3.storage.as_ref(), setup.local.storage.as_ref());
+    let mut app = AppProcess::spawn(&setup.db, AppOptions::default());
+    app.insert(20, 100);
+    let (mut child, log) = setup.watch();
+    wait_until("both stores have the snapshot", &log, async || {
+        objects(s3, "app").await.len() == 1 && objects(local, "app").await.len() == 1
+    })
+    .await;
+    setup.proxy.set_plan(Plan {
+        outage: true,
+        ..Plan::healthy()
+    });
+    for _ in 0..3 {
+        app.insert(3, 100);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    setup.sync_wait(&log);
+    assert!(terminate(&mut child).success(), "{}", log.text());
+    assert_eq!(objects(s3, "app").await.len(), 1);
+    let shipped = objects(local, "app").await;
+    assert!(shipped.len() > 1);
+
+    setup.proxy.set_plan(Plan::healthy());
+    let (mut child, log) = setup.watch();
+    wait_until("[storage] caught up", &log, async || {
+        objects(s3, "app").await == objects(local, "app").await
+    })
+    .await;
+    app.insert(1, 100);
+    setup.sync_wait(&log);
+    wait_until("the next commit reached both", &log, async || {
+        let both = objects(local, "app").await;
+        both.len() > shipped.len() && objects(s3, "app").await == both
+    })
+    .await;
+    assert!(terminate(&mut child).success(), "{}", log.text());
+    let text = log.text();
+    assert_eq!(log.count("taking a snapshot"), 0, "{text}");
+    assert_eq!(log.count("continuing the chain in storage"), 1, "{text}");
+    assert_eq!(common::count_snapshots(s3, "app").await, 1);
+    app.quit();
+    setup.restore_from_both();
+}
