@@ -8,21 +8,28 @@
 //! checkpointed), and nothing more goes to the store behind until it is
 //! caught up, so that its chain never has a hole an object links across.
 //!
-//! Catching up copies the objects the store lacks from a store that is
-//! current, each checked against its content hash and linked to the one
-//! before on the way, with a pause that grows between attempts (a cheap
-//! listing of the store behind comes first, so a store that is down costs
-//! one request per attempt). Where no current store has them any more
-//! (compaction or retention deleted them while the store was down), the
-//! next snapshot catches it up: the store gets that snapshot and what
-//! follows, and restores from it on.
+//! A slow store is not waited for either: once one store has an object,
+//! the others get [`GRACE`] to answer, and one still writing after that
+//! goes on in the background and counts as behind until it is done.
+//!
+//! Catching up runs in the background too (a task per store behind, only
+//! while it is behind; the sync looks at it, never waits on it): it copies
+//! the objects the store lacks from a store that is current, each checked
+//! against its content hash and linked to the one before on the way, with a
+//! pause that grows between attempts (a cheap listing of the store behind
+//! comes first, so a store that is down costs one request per attempt).
+//! Where no current store has them any more (compaction or retention
+//! deleted them while the store was down), the next snapshot catches it up:
+//! the store gets that snapshot and what follows, and restores from it on.
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt as _;
 use sha2::Digest as _;
 use tokio::io::AsyncReadExt;
+use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use crate::chain::{self, ObjectRef};
@@ -49,10 +56,17 @@ impl Eq for Mirror {}
 /// up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(300);
-/// Most objects (and bytes, past the first object) copied in one sync, so
-/// that catching one store up never delays the next sync for long.
+/// Most objects (and bytes, past the first object) one catch-up task
+/// copies; the next starts at once where it stopped, from the head then.
 const COPY_OBJECTS: usize = 64;
 const COPY_BYTES: u64 = 64 << 20;
+/// How long the other stores may take once one store has an object; one
+/// still writing after that is behind, its write left to finish meanwhile.
+pub const GRACE: Duration = Duration::from_secs(2);
+/// How often a database whose store is being caught up looks at the work.
+const LOOK_EVERY: Duration = Duration::from_secs(1);
+/// `Behind::from` of a store whose end is unknown (not listed at start).
+const UNLISTED: u64 = 0;
 
 /// How one store stands for one database.
 #[derive(Debug)]
@@ -76,6 +90,32 @@ pub struct Behind {
     attempts: u32,
     /// Why, the last time an attempt failed.
     pub error: String,
+    /// A write or a catch-up running for it in the background.
+    work: Option<Work>,
+    /// Objects copied to it since it fell behind.
+    copied: usize,
+}
+
+/// Background work for a store behind.
+#[derive(Debug)]
+enum Work {
+    /// A write that outlasted [`GRACE`]: object `seq` (or its mark).
+    Write {
+        seq: u64,
+        existing_is_ours: bool,
+        task: JoinHandle<storage::Result<()>>,
+    },
+    /// Copying objects from a current store.
+    Copy(JoinHandle<Copy>),
+}
+
+impl Work {
+    fn is_finished(&self) -> bool {
+        match self {
+            Work::Write { task, .. } => task.is_finished(),
+            Work::Copy(task) => task.is_finished(),
+        }
+    }
 }
 
 impl Behind {
@@ -87,6 +127,8 @@ impl Behind {
             retry_at: now + RETRY_FIRST,
             attempts: 0,
             error,
+            work: None,
+            copied: 0,
         }
     }
 
@@ -97,6 +139,13 @@ impl Behind {
             .min(RETRY_MAX);
         self.retry_at = Instant::now() + wait;
         self.error = error;
+    }
+
+    /// Went on: the next attempt may start at once.
+    fn advanced(&mut self, next: u64) {
+        self.from = next;
+        self.attempts = 0;
+        self.retry_at = Instant::now();
     }
 }
 
@@ -195,11 +244,13 @@ impl Stores {
             .any(|s| matches!(s.state, State::Behind(_)))
     }
 
-    /// When the next attempt to catch a store up is due.
+    /// When [`Stores::tend`] has something to do: an attempt to catch a
+    /// store up is due, or background work is to be looked at.
     pub fn next_retry(&self) -> Option<Instant> {
         self.list
             .iter()
             .filter_map(|s| match &s.state {
+                State::Behind(b) if b.work.is_some() => Some(Instant::now() + LOOK_EVERY),
                 State::Behind(b) => Some(b.retry_at),
                 _ => None,
             })
@@ -228,13 +279,12 @@ impl Stores {
     /// is store `i`'s newest sequence (`Err`: it could not be listed). The
     /// store with the newest is the lead the chain goes on from (`[storage]`
     /// on a tie); the others are current where they end at the same object
-    /// (checked by `same_head`), else behind. `snapshot` is the lead's
-    /// newest snapshot: a store whose listing failed is caught up from it.
+    /// (checked by `same_head`), else behind (one not listed: from where a
+    /// listing finds it once it answers).
     pub fn settle(
         &mut self,
         newest: &[Result<Option<u64>, String>],
         lead: usize,
-        snapshot: Option<u64>,
         same_head: &[bool],
     ) {
         let lead_newest = newest.get(lead).and_then(|n| n.clone().ok()).flatten();
@@ -244,7 +294,8 @@ impl Stores {
                 continue;
             }
             store.state = match (&newest[i], lead_newest) {
-                (Err(e), Some(_)) => State::Behind(Behind::new(snapshot.unwrap_or(1), e.clone())),
+                // Where it stands is learnt by listing it again, once it answers.
+                (Err(e), Some(_)) => State::Behind(Behind::new(UNLISTED, e.clone())),
                 (Ok(n), Some(head)) if *n == Some(head) => {
                     if same_head.get(i).copied().unwrap_or(true) {
                         State::Current
@@ -266,9 +317,11 @@ impl Stores {
     }
 
     /// Writes one object (or mark) to every current store at once. A store
-    /// that fails falls behind from `seq` when another has it; one that
-    /// holds another object at `key` stops, unless `existing_is_ours` (a
-    /// snapshot mark: empty, one per sequence, so any one found is ours).
+    /// that fails falls behind from `seq` when another has it; one still
+    /// writing [`GRACE`] after another has it falls behind with its write
+    /// going on; one that holds another object at `key` stops, unless
+    /// `existing_is_ours` (a snapshot mark: empty, one per sequence, so any
+    /// one found is ours).
     pub async fn put(
         &mut self,
         key: &str,
@@ -282,9 +335,19 @@ impl Stores {
             .filter(|&i| matches!(self.list[i].state, State::Current))
             .collect();
         if targets.is_empty() {
+            if self.any_behind() {
+                // `tend` makes the stores behind current with a snapshot.
+                return Put::Failed(storage::Error::Io {
+                    key: key.to_string(),
+                    source: std::io::Error::other(
+                        "no store holds the chain up to its head; a snapshot catches them up",
+                    ),
+                });
+            }
             return Put::Stopped(self.stopped_reason());
         }
-        let mut writes = Vec::with_capacity(targets.len());
+        let mut writes: Vec<(usize, Option<JoinHandle<storage::Result<()>>>)> =
+            Vec::with_capacity(targets.len());
         for &i in &targets {
             let body = match body.try_clone() {
                 Ok(body) => body,
@@ -296,17 +359,69 @@ impl Stores {
                 }
             };
             let storage = self.list[i].storage.clone();
-            writes.push(async move { storage.put_new(key, body, sha256).await });
+            let key = key.to_string();
+            let task = tokio::spawn(async move { storage.put_new(&key, body, sha256).await });
+            writes.push((i, Some(task)));
         }
-        let results = futures_util::future::join_all(writes).await;
-        let durable = results.iter().any(|r| match r {
-            Ok(()) => true,
-            Err(storage::Error::AlreadyExists { .. }) => existing_is_ours,
-            Err(_) => false,
-        });
-        let mut first_error = None;
+        let mut results = Vec::with_capacity(writes.len());
+        let mut grace_until = None;
+        loop {
+            let running: Vec<usize> = (0..writes.len())
+                .filter(|&w| writes[w].1.is_some())
+                .collect();
+            if running.is_empty() {
+                break;
+            }
+            let next = futures_util::future::select_all(
+                writes.iter_mut().filter_map(|(_, task)| task.as_mut()),
+            );
+            let (joined, at, _) = match grace_until {
+                Some(until) => match tokio::time::timeout_at(until, next).await {
+                    Ok(done) => done,
+                    Err(_) => break,
+                },
+                None => next.await,
+            };
+            let w = running[at];
+            writes[w].1 = None;
+            let result = joined.unwrap_or_else(|e| {
+                Err(storage::Error::Io {
+                    key: key.to_string(),
+                    source: std::io::Error::other(format!("the write task failed: {e}")),
+                })
+            });
+            let landed = match &result {
+                Ok(()) => true,
+                Err(storage::Error::AlreadyExists { .. }) => existing_is_ours,
+                Err(_) => false,
+            };
+            if landed && grace_until.is_none() {
+                grace_until = Some(tokio::time::Instant::now() + GRACE);
+            }
+            results.push((writes[w].0, result));
+        }
+        let durable = grace_until.is_some();
         let single = self.is_single();
-        for (&i, result) in targets.iter().zip(results) {
+        // Stores still writing: behind, their write left to finish.
+        for (i, task) in writes {
+            let Some(task) = task else { continue };
+            let store = &mut self.list[i];
+            warn!(
+                prefix,
+                store = %store.label(),
+                seq,
+                "a store is slow; the others go on and it is caught up once its write is done"
+            );
+            let mut behind = Behind::new(seq, format!("still writing object {seq}"));
+            behind.work = Some(Work::Write {
+                seq,
+                existing_is_ours,
+                task,
+            });
+            store.state = State::Behind(behind);
+        }
+        let mut first_error = None;
+        for (i, result) in results {
             let store = &mut self.list[i];
             match result {
                 Ok(()) => {}
@@ -365,76 +480,187 @@ impl Stores {
         }
     }
 
-    /// One attempt, for each store behind whose pause is over, to copy what
-    /// it lacks of the chain up to `head` from a current store. Returns why
-    /// a snapshot must catch a store up, where one must: that store is then
-    /// current again and the snapshot goes to it with the rest.
-    pub async fn catch_up(&mut self, prefix: &str, head: u64) -> Option<String> {
-        let now = Instant::now();
+    /// Looks after the stores behind, without waiting on anything: takes
+    /// in background work that is done, marks a store that has every
+    /// object up to `head` current again, and starts a catch-up for one
+    /// whose pause is over. Returns why a snapshot must catch a store up,
+    /// where one must: that store is then current again, so the snapshot
+    /// goes to it with the rest.
+    pub fn tend(&mut self, prefix: &str, head: u64) -> Option<String> {
+        let sources: Vec<Arc<dyn Storage>> = self.current().map(|s| s.storage.clone()).collect();
         let mut snapshot_for = None;
-        for i in 0..self.list.len() {
-            let from = match &self.list[i].state {
-                State::Behind(b) if b.retry_at <= now => b.from,
-                _ => continue,
-            };
-            let target = self.list[i].storage.clone();
-            // A store that is still down costs one small listing per attempt.
-            if let Err(e) = target.list(&segment::object_key(prefix, from)).await {
-                if let State::Behind(b) = &mut self.list[i].state {
-                    b.failed(e.to_string());
+        if sources.is_empty() {
+            // The only current store stopped (another writer) while the
+            // others were behind: nothing to copy from, so they start again
+            // from a snapshot.
+            let mut promoted = Vec::new();
+            for store in &mut self.list {
+                if let State::Behind(b) = &store.state
+                    && b.work.is_none()
+                {
+                    promoted.push(store.label().to_string());
+                    store.state = State::Current;
                 }
+            }
+            if !promoted.is_empty() {
+                return Some(format!(
+                    "no store held the chain up to its head; {} start again from a snapshot",
+                    promoted.join(" and ")
+                ));
+            }
+        }
+        for store in &mut self.list {
+            let label = store.label().to_string();
+            let State::Behind(b) = &mut store.state else {
+                continue;
+            };
+            if b.work.as_ref().is_some_and(Work::is_finished) {
+                match b.work.take() {
+                    Some(Work::Write {
+                        seq,
+                        existing_is_ours,
+                        task,
+                    }) => match task.now_or_never() {
+                        Some(Ok(Ok(()))) => b.advanced(seq + 1),
+                        Some(Ok(Err(storage::Error::AlreadyExists { .. }))) if existing_is_ours => {
+                            b.advanced(seq + 1)
+                        }
+                        Some(Ok(Err(storage::Error::AlreadyExists { key }))) => {
+                            let why = format!("object {key} already exists");
+                            error!(prefix, store = %label, why, "another writer owns this prefix in this store; nothing more is written there");
+                            store.state = State::Stopped(why);
+                            continue;
+                        }
+                        Some(Ok(Err(e))) => b.failed(e.to_string()),
+                        Some(Err(e)) => b.failed(format!("the write task failed: {e}")),
+                        None => b.failed("the write task vanished".into()),
+                    },
+                    Some(Work::Copy(task)) => match task.now_or_never() {
+                        Some(Ok(Copy::Done { next, copied })) => {
+                            b.copied += copied;
+                            b.advanced(next);
+                        }
+                        Some(Ok(Copy::Gone(why))) => {
+                            warn!(prefix, store = %label, why, "catching up with the next snapshot");
+                            snapshot_for = Some(format!(
+                                "{label} fell behind and the objects it lacks are gone from \
+                                 the other stores ({why})"
+                            ));
+                            store.state = State::Current;
+                            continue;
+                        }
+                        Some(Ok(Copy::Source(why) | Copy::Target(why))) => b.failed(why),
+                        Some(Ok(Copy::Taken(why))) => {
+                            error!(prefix, store = %label, why, "another writer owns this prefix in this store; nothing more is written there");
+                            store.state = State::Stopped(why);
+                            continue;
+                        }
+                        Some(Err(e)) => b.failed(format!("the catch-up task failed: {e}")),
+                        None => b.failed("the catch-up task vanished".into()),
+                    },
+                    None => {}
+                }
+            }
+            if b.work.is_some() {
                 continue;
             }
-            let sources: Vec<(String, Arc<dyn Storage>)> = self
-                .current()
-                .map(|s| (s.label().to_string(), s.storage.clone()))
-                .collect();
-            let mut outcome = Copy::Source("no store is current to copy from".into());
-            for (label, source) in &sources {
-                outcome = copy_chain(source.as_ref(), target.as_ref(), prefix, from, head).await;
-                if let Copy::Gone(why) | Copy::Source(why) = &outcome {
-                    warn!(prefix, from = %label, to = %self.list[i].label(), why, "cannot catch up from this store");
-                    continue;
-                }
-                break;
+            if b.from > head {
+                info!(
+                    prefix,
+                    store = %label,
+                    copied = b.copied,
+                    behind_for_s = b.since.elapsed().as_secs(),
+                    "caught up"
+                );
+                store.state = State::Current;
+                continue;
             }
-            let store = &mut self.list[i];
-            match outcome {
-                Copy::Done { copied, next } if next > head => {
-                    info!(prefix, store = %store.label(), copied, "caught up");
-                    store.state = State::Current;
-                }
-                Copy::Done { next, .. } => {
-                    if let State::Behind(b) = &mut store.state {
-                        b.from = next;
-                        b.retry_at = Instant::now();
-                        b.attempts = 0;
-                    }
-                }
-                Copy::Gone(why) => {
-                    warn!(prefix, store = %store.label(), why, "catching up with the next snapshot");
-                    store.state = State::Current;
-                    snapshot_for = Some(format!(
-                        "{} fell behind and the objects it lacks are gone from the other \
-                         stores ({why})",
-                        store.label()
-                    ));
-                }
-                Copy::Source(why) | Copy::Target(why) => {
-                    if let State::Behind(b) = &mut store.state {
-                        b.failed(why);
-                    }
-                }
-                Copy::Taken(why) => {
-                    error!(prefix, store = %store.label(), why, "another writer owns this prefix in this store; nothing more is written there");
-                    store.state = State::Stopped(why);
-                }
+            if b.retry_at > Instant::now() {
+                continue;
             }
+            let (target, sources) = (store.storage.clone(), sources.clone());
+            let (prefix, from) = (prefix.to_string(), b.from);
+            b.work = Some(Work::Copy(tokio::spawn(async move {
+                catch_up(target, sources, prefix, from, head).await
+            })));
         }
         snapshot_for
     }
 }
 
+/// One attempt to copy what `target` lacks of the chain, `from..=head`, from
+/// the first of `sources` that has it (`from` [`UNLISTED`]: from after the
+/// newest object a listing of `target` finds).
+async fn catch_up(
+    target: Arc<dyn Storage>,
+    sources: Vec<Arc<dyn Storage>>,
+    prefix: String,
+    from: u64,
+    head: u64,
+) -> Copy {
+    let from = if from == UNLISTED {
+        match chain::list(target.as_ref(), &prefix).await {
+            Err(e) => return Copy::Target(e.to_string()),
+            Ok(listed) => match listed.last().map(|o| o.seq) {
+                Some(newest) if newest > head => {
+                    return Copy::Taken(format!(
+                        "it holds objects up to {newest}, past the head {head} the other \
+                         stores reach: another chain is stored under this prefix there"
+                    ));
+                }
+                Some(newest) => newest + 1,
+                None => 1,
+            },
+        }
+    } else {
+        from
+    };
+    // A store that is still down costs one small listing per attempt; the
+    // same listing finds the object the copy must link to.
+    let join = match join_hash(target.as_ref(), &prefix, from).await {
+        Ok(join) => join,
+        Err(e) => return Copy::Target(e.to_string()),
+    };
+    let mut outcome = Copy::Source("no store is current to copy from".into());
+    for source in &sources {
+        outcome = copy_chain(
+            source.as_ref(),
+            target.as_ref(),
+            &prefix,
+            (from, join),
+            head,
+        )
+        .await;
+        match &outcome {
+            Copy::Gone(why) | Copy::Source(why) => {
+                warn!(prefix, from = %source.describe(), why, "cannot catch up from this store");
+            }
+            _ => break,
+        }
+    }
+    outcome
+}
+
+/// The content hash of `target`'s object `from - 1`, which the first object
+/// copied must link to; `None` where it has none (or `from` is 1).
+async fn join_hash(
+    target: &dyn Storage,
+    prefix: &str,
+    from: u64,
+) -> storage::Result<Option<[u8; 32]>> {
+    let before = from.saturating_sub(1);
+    let key = segment::object_key(prefix, before.max(1));
+    let listed = target.list(&key).await?;
+    let Some(meta) = listed.iter().find(|m| m.key == key).filter(|_| before > 0) else {
+        return Ok(None);
+    };
+    let trailer = target
+        .get_range(&key, meta.size.saturating_sub(32), 32)
+        .await?;
+    Ok(<[u8; 32]>::try_from(trailer.as_slice()).ok())
+}
+
+#[derive(Debug)]
 enum Copy {
     /// Copied `copied` objects; `next` is the first not copied yet.
     Done { copied: usize, next: u64 },
@@ -455,7 +681,7 @@ async fn copy_chain(
     source: &dyn Storage,
     target: &dyn Storage,
     prefix: &str,
-    from: u64,
+    (from, join): (u64, Option<[u8; 32]>),
     head: u64,
 ) -> Copy {
     let listed = match chain::list(source, prefix).await {
@@ -477,7 +703,10 @@ async fn copy_chain(
     while lo > 0 && wanted[lo - 1].seq + 1 == wanted[lo].seq {
         lo -= 1;
     }
-    let start = if wanted[lo].seq == from {
+    // Going on from `from` needs the object before it in the store (or
+    // nothing before: the chain's start); else the store starts again at a
+    // snapshot, whose restore needs nothing older.
+    let start = if wanted[lo].seq == from && (from == 1 || join.is_some()) {
         lo
     } else {
         match (lo..wanted.len()).find(|&i| wanted[i].kind == Kind::Snapshot) {
@@ -492,7 +721,11 @@ async fn copy_chain(
     };
     let mut copied = 0;
     let mut bytes = 0;
-    let mut prev_hash = None;
+    let mut prev_hash = if wanted[start].seq == from {
+        join
+    } else {
+        None
+    };
     for object in &wanted[start..] {
         if copied >= COPY_OBJECTS || (copied > 0 && bytes >= COPY_BYTES) {
             return Copy::Done {
@@ -504,6 +737,14 @@ async fn copy_chain(
             Ok(got) => got,
             Err(e) => return e,
         };
+        if copied == 0 && prev_hash.is_some_and(|p| p != header.prev_hash) {
+            return Copy::Taken(format!(
+                "its object {} is not the one object {} links to: another chain is stored \
+                 under this prefix there",
+                object.seq.saturating_sub(1),
+                object.seq
+            ));
+        }
         if header.seq != object.seq || prev_hash.is_some_and(|p| p != header.prev_hash) {
             return Copy::Gone(format!(
                 "object {} does not continue the chain (sequence {}, or a broken link)",
@@ -514,9 +755,15 @@ async fn copy_chain(
         bytes += payload.len();
         match target.put_new(&object.key, payload, hash).await {
             Ok(()) => {}
-            Err(storage::Error::AlreadyExists { key }) => {
-                return Copy::Taken(format!("object {key} already exists with other content"));
-            }
+            // A store that keeps no hash beside its objects (a directory)
+            // says so of one it has already: read it to tell.
+            Err(storage::Error::AlreadyExists { key }) => match fetch(target, object).await {
+                Ok((_, _, found)) if found == hash => {}
+                Ok(_) | Err(Copy::Gone(_)) => {
+                    return Copy::Taken(format!("object {key} already exists with other content"));
+                }
+                Err(e) => return e,
+            },
             Err(e) => return Copy::Target(e.to_string()),
         }
         if let Some(mark) = &object.mark {

@@ -448,12 +448,7 @@ impl Replica {
             })
             .collect();
         let objects = listings.swap_remove(lead).unwrap_or_default();
-        let snapshot = objects
-            .iter()
-            .rev()
-            .find(|o| o.kind == Kind::Snapshot)
-            .map(|o| o.seq);
-        self.stores.settle(&newest, lead, snapshot, &same_head);
+        self.stores.settle(&newest, lead, &same_head);
         for problem in self.stores.problems() {
             warn!(db = %self.path.display(), prefix = %self.prefix, "{problem}");
         }
@@ -543,7 +538,6 @@ impl Replica {
     /// once its files are quiet.
     pub fn can_close(&self) -> bool {
         self.db.is_some()
-            && !self.stores.any_behind()
             && self.pending.is_none()
             && self.need_snapshot.is_none()
             && self.stopped.is_none()
@@ -557,11 +551,7 @@ impl Replica {
         if self.db.is_none() {
             return Ok(self.detached.is_some());
         }
-        if self.pending.is_some()
-            || self.need_snapshot.is_some()
-            || self.stopped.is_some()
-            || self.stores.any_behind()
-        {
+        if self.pending.is_some() || self.need_snapshot.is_some() || self.stopped.is_some() {
             return Ok(false);
         }
         // Ship what was committed since the last sync first: a closed database
@@ -792,7 +782,19 @@ impl Replica {
             });
         }
         let mut report = SyncReport::default();
-        if let Some(mut token) = self.detached {
+        if let Some(head) = self.head
+            && self.stores.any_behind()
+            && let Some(why) = self.stores.tend(&self.prefix, head.seq)
+        {
+            // A full snapshot follows, with whatever a pending object held.
+            self.pending = None;
+            self.need_snapshot
+                .get_or_insert(SnapshotReason::CatchUp(why.clone()));
+            self.catch_up = Some(why);
+        }
+        if let Some(mut token) = self.detached
+            && self.need_snapshot.is_none()
+        {
             let path = self.path.clone();
             let (unchanged, token) =
                 blocking(&self.path, move || (token.unchanged_on_disk(&path), token)).await?;
@@ -807,17 +809,6 @@ impl Replica {
         }
         self.mark_snapshot().await?;
         self.check_key()?;
-        if let Some(head) = self.head
-            && self
-                .stores
-                .next_retry()
-                .is_some_and(|t| t <= Instant::now())
-            && let Some(why) = self.stores.catch_up(&self.prefix, head.seq).await
-        {
-            self.need_snapshot
-                .get_or_insert(SnapshotReason::CatchUp(why.clone()));
-            self.catch_up = Some(why);
-        }
         if let Some(reason) = self.need_snapshot.clone() {
             self.snapshot(&reason, &mut report).await?;
             return Ok(report);
@@ -1085,25 +1076,25 @@ impl Replica {
         let seq = encoded.object.header.seq;
         let key = segment::object_key(&self.prefix, seq);
         let bytes = encoded.object.payload.len();
+        // Pending until a store has it: an upload cut short (the bounded wait
+        // under the write lock drops it) is retried byte for byte.
+        let pending = self.pending.insert(encoded);
+        let (payload, hash) = (&pending.object.payload, pending.object.hash);
         let put = self
             .stores
-            .put(
-                &key,
-                &encoded.object.payload,
-                encoded.object.hash,
-                seq,
-                &self.prefix,
-                false,
-            )
+            .put(&key, payload, hash, seq, &self.prefix, false)
             .await;
         match put {
             Put::Durable => {}
-            Put::Stopped(reason) => return Err(self.stop(reason)),
-            Put::Failed(e) => {
-                self.pending = Some(encoded);
-                return Err(e.into());
+            Put::Stopped(reason) => {
+                self.pending = None;
+                return Err(self.stop(reason));
             }
+            Put::Failed(e) => return Err(e.into()),
         }
+        let Some(encoded) = self.pending.take() else {
+            return Ok(());
+        };
         let head = Head {
             seq: encoded.object.header.seq,
             hash: encoded.object.hash,

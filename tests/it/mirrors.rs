@@ -94,8 +94,18 @@ async fn setup(s3_first: bool, sync: &str) -> Setup {
 
 impl Setup {
     fn watch(&self) -> (common::Reaped, LiveLog) {
+        self.watch_with(&[])
+    }
+
+    /// `watch --keep-retrying`: starts although a store refuses its check.
+    fn watch_keep_retrying(&self) -> (common::Reaped, LiveLog) {
+        self.watch_with(&["--keep-retrying"])
+    }
+
+    fn watch_with(&self, more: &[&str]) -> (common::Reaped, LiveLog) {
         let mut cmd = walsync();
         cmd.args(["watch", "--config", cfg(&self.config)])
+            .args(more)
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         with_store(&mut cmd, &self.s3);
@@ -106,7 +116,14 @@ impl Setup {
 
     /// `walsync sync --wait`: every commit so far is in a store.
     fn sync_wait(&self, log: &LiveLog) {
-        let output = run(walsync().args(["sync", "--config", cfg(&self.config), "--wait"]));
+        self.sync_wait_within(log, "60s");
+    }
+
+    /// The same, failing if it takes longer than `timeout`.
+    fn sync_wait_within(&self, log: &LiveLog, timeout: &str) {
+        let output = run(walsync()
+            .args(["sync", "--config", cfg(&self.config), "--wait"])
+            .args(["--timeout", timeout]));
         assert!(
             output.status.success(),
             "sync --wait: {}{}",
@@ -347,11 +364,17 @@ fn mirror_mistakes_are_refused_by_name() {
             "{command}: {err}"
         );
     }
+    // No configuration anywhere: --from has nothing to name.
+    let empty = tempfile::tempdir().unwrap();
     let output = run(walsync()
-        .current_dir(dir.path())
-        .env("WALSYNC_CONFIG", "/nonexistent/walsync.toml")
-        .args(["list", "--storage", "/r/a", "--from", "far"]));
+        .current_dir(empty.path())
+        .args(["list", "--from", "far"]));
+    let err = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
+    assert!(
+        err.contains("--from far names a [[mirrors]] entry") && err.contains("--config"),
+        "{err}"
+    );
 }
 
 /// walsync stops while `[storage]` is dark and starts again once it is
@@ -400,6 +423,83 @@ async fn restarted_while_storage_is_behind_it_goes_on_from_the_mirror() {
     let text = log.text();
     assert_eq!(log.count("taking a snapshot"), 0, "{text}");
     assert_eq!(log.count("continuing the chain in storage"), 1, "{text}");
+    assert_eq!(common::count_snapshots(s3, "app").await, 1);
+    app.quit();
+    setup.restore_from_both();
+}
+
+/// The mirror answers nothing for 20 s (every request held by the proxy)
+/// instead of failing: `[storage]` does not wait for it. Commits ship to
+/// the local store while the mirror's first write is still held, and once
+/// that write lands the mirror is caught up with the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_that_hangs_never_holds_back_storage() {
+    let setup = setup(false, "compaction = \"off\"").await;
+    let (s3, local) = (setup.s3.storage.as_ref(), setup.local.storage.as_ref());
+    let mut app = AppProcess::spawn(&setup.db, AppOptions::default());
+    app.insert(20, 100);
+    let (mut child, log) = setup.watch();
+    wait_until("both stores have the snapshot", &log, async || {
+        objects(s3, "app").await.len() == 1 && objects(local, "app").await.len() == 1
+    })
+    .await;
+    setup.proxy.set_plan(Plan {
+        delay: 1.0,
+        delay_for: Duration::from_secs(20),
+        ..Plan::healthy()
+    });
+    let counts = setup.proxy.counts();
+    // Each commit is in storage long before the mirror's write is let
+    // through (20 s): nothing waits for it.
+    for _ in 0..3 {
+        app.insert(3, 100);
+        setup.sync_wait_within(&log, "10s");
+    }
+    assert!(objects(local, "app").await.len() >= 4);
+    assert!(
+        Counts::get(&counts.in_flight) > 0,
+        "the mirror's write is still held while three commits shipped:\n{}",
+        log.text()
+    );
+    setup.proxy.set_plan(Plan::healthy());
+    wait_until("the mirror caught up", &log, async || {
+        objects(s3, "app").await == objects(local, "app").await
+    })
+    .await;
+    assert!(terminate(&mut child).success(), "{}", log.text());
+    assert_eq!(log.count("a store is slow"), 1, "{}", log.text());
+    assert_eq!(common::count_snapshots(s3, "app").await, 1);
+    app.quit();
+    setup.restore_from_both();
+}
+
+/// The mirror is dark when walsync starts, so it cannot be listed: the
+/// database is replicated to `[storage]` at once, and the mirror, once it
+/// answers, is listed, found empty and caught up from the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_dark_at_start_is_listed_and_caught_up_later() {
+    let setup = setup(false, "compaction = \"off\"").await;
+    let (s3, local) = (setup.s3.storage.as_ref(), setup.local.storage.as_ref());
+    let mut app = AppProcess::spawn(&setup.db, AppOptions::default());
+    app.insert(20, 100);
+    setup.proxy.set_plan(Plan {
+        outage: true,
+        ..Plan::healthy()
+    });
+    let (mut child, log) = setup.watch_keep_retrying();
+    wait_until("[storage] has the snapshot", &log, async || {
+        !objects(local, "app").await.is_empty()
+    })
+    .await;
+    app.insert(3, 100);
+    setup.sync_wait(&log);
+    assert!(objects(s3, "app").await.is_empty());
+    setup.proxy.set_plan(Plan::healthy());
+    wait_until("the mirror caught up", &log, async || {
+        objects(s3, "app").await == objects(local, "app").await
+    })
+    .await;
+    assert!(terminate(&mut child).success(), "{}", log.text());
     assert_eq!(common::count_snapshots(s3, "app").await, 1);
     app.quit();
     setup.restore_from_both();

@@ -357,6 +357,42 @@ async fn second_put_of_a_key_is_already_exists() {
     }
 }
 
+/// A local directory keeps no hash beside its objects: a put of the very
+/// bytes it holds (a retry whose first attempt landed, a mirror's copy made
+/// again) is ours; other bytes under the key are another writer's.
+#[tokio::test]
+async fn a_directory_takes_the_same_bytes_again_and_refuses_others() {
+    let store = common::fs_store();
+    let s = &*store.storage;
+    let data = b"same content twice".to_vec();
+    s.put_new("again/small", bytes(&data), sha(&data))
+        .await
+        .unwrap();
+    s.put_new("again/small", bytes(&data), sha(&data))
+        .await
+        .expect("the same bytes again are ours");
+    let longer = b"same content twice!".to_vec();
+    assert!(matches!(
+        s.put_new("again/small", bytes(&longer), sha(&longer)).await,
+        Err(Error::AlreadyExists { .. })
+    ));
+    let big = pseudo_random(9 * 1024 * 1024, 5);
+    s.put_new("again/big", spooled(&big), sha(&big))
+        .await
+        .unwrap();
+    s.put_new("again/big", spooled(&big), sha(&big))
+        .await
+        .expect("a spooled body equal to the file is ours");
+    let mut changed = big.clone();
+    changed[7 * 1024 * 1024] ^= 1;
+    assert!(matches!(
+        s.put_new("again/big", spooled(&changed), sha(&changed))
+            .await,
+        Err(Error::AlreadyExists { .. })
+    ));
+    assert!(read_all(s, "again/big").await == big);
+}
+
 /// A put whose first attempt landed (lost response, retry) is recognised by its sha256.
 #[tokio::test]
 async fn s3_replayed_put_with_same_sha_is_ok() {
