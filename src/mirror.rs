@@ -34,6 +34,7 @@ use tracing::{error, info, warn};
 
 use crate::chain::{self, ObjectRef};
 use crate::segment::{self, Kind};
+use crate::state::Head;
 use crate::storage::{self, Payload, SpoolWriter, Storage};
 
 /// Another store every object of every database also goes to.
@@ -75,6 +76,9 @@ pub enum State {
     Current,
     /// Lacks objects from `from` on.
     Behind(Behind),
+    /// Lacks objects no store has any more: the next snapshot goes to it
+    /// (then it is current), nothing before that.
+    AwaitingSnapshot,
     /// An object of another chain sits where this chain's goes (another
     /// writer): nothing more is written there.
     Stopped(String),
@@ -184,6 +188,32 @@ impl fmt::Display for Label<'_> {
     }
 }
 
+/// One object (or mark) to write to every store that takes it.
+pub struct Object<'a> {
+    pub key: &'a str,
+    pub body: &'a Payload,
+    /// Its content hash.
+    pub sha256: [u8; 32],
+    pub seq: u64,
+    /// A snapshot mark: empty, one per sequence, so any one found is ours.
+    pub existing_is_ours: bool,
+    /// A snapshot: stores awaiting one take it too.
+    pub is_snapshot: bool,
+}
+
+/// The writes of one object, aborted if the caller stops waiting for them
+/// (the bounded upload under the write lock): the object is then retried
+/// byte for byte, never written twice at once.
+struct Writes(Vec<(usize, Option<JoinHandle<storage::Result<()>>>)>);
+
+impl Drop for Writes {
+    fn drop(&mut self) {
+        for task in self.0.iter().filter_map(|(_, t)| t.as_ref()) {
+            task.abort();
+        }
+    }
+}
+
 /// What a write to every current store came to.
 pub enum Put {
     /// At least one store has it.
@@ -236,12 +266,11 @@ impl Stores {
             .filter(|s| matches!(s.state, State::Current))
     }
 
-    /// True while some store lacks objects (a database with a store behind
-    /// stays open, so that it is caught up at rest too).
+    /// True while some store lacks objects.
     pub fn any_behind(&self) -> bool {
         self.list
             .iter()
-            .any(|s| matches!(s.state, State::Behind(_)))
+            .any(|s| matches!(s.state, State::Behind(_) | State::AwaitingSnapshot))
     }
 
     /// When [`Stores::tend`] has something to do: an attempt to catch a
@@ -269,6 +298,10 @@ impl Stores {
                     b.from,
                     b.since.elapsed().as_secs(),
                     b.error
+                )),
+                State::AwaitingSnapshot => Some(format!(
+                    "{} waits for the next snapshot (what it lacks is gone from the other stores)",
+                    s.label()
                 )),
                 State::Stopped(why) => Some(format!("{} stopped: {why}", s.label())),
             })
@@ -321,18 +354,22 @@ impl Stores {
     /// writing [`GRACE`] after another has it falls behind with its write
     /// going on; one that holds another object at `key` stops, unless
     /// `existing_is_ours` (a snapshot mark: empty, one per sequence, so any
-    /// one found is ours).
-    pub async fn put(
-        &mut self,
-        key: &str,
-        body: &Payload,
-        sha256: [u8; 32],
-        seq: u64,
-        prefix: &str,
-        existing_is_ours: bool,
-    ) -> Put {
+    /// one found is ours). A snapshot also goes to the stores awaiting one.
+    pub async fn put(&mut self, object: Object<'_>, prefix: &str) -> Put {
+        let Object {
+            key,
+            body,
+            sha256,
+            seq,
+            existing_is_ours,
+            is_snapshot,
+        } = object;
         let targets: Vec<usize> = (0..self.list.len())
-            .filter(|&i| matches!(self.list[i].state, State::Current))
+            .filter(|&i| match self.list[i].state {
+                State::Current => true,
+                State::AwaitingSnapshot => is_snapshot,
+                _ => false,
+            })
             .collect();
         if targets.is_empty() {
             if self.any_behind() {
@@ -346,8 +383,7 @@ impl Stores {
             }
             return Put::Stopped(self.stopped_reason());
         }
-        let mut writes: Vec<(usize, Option<JoinHandle<storage::Result<()>>>)> =
-            Vec::with_capacity(targets.len());
+        let mut writes = Writes(Vec::with_capacity(targets.len()));
         for &i in &targets {
             let body = match body.try_clone() {
                 Ok(body) => body,
@@ -361,19 +397,19 @@ impl Stores {
             let storage = self.list[i].storage.clone();
             let key = key.to_string();
             let task = tokio::spawn(async move { storage.put_new(&key, body, sha256).await });
-            writes.push((i, Some(task)));
+            writes.0.push((i, Some(task)));
         }
-        let mut results = Vec::with_capacity(writes.len());
+        let mut results = Vec::with_capacity(writes.0.len());
         let mut grace_until = None;
         loop {
-            let running: Vec<usize> = (0..writes.len())
-                .filter(|&w| writes[w].1.is_some())
+            let running: Vec<usize> = (0..writes.0.len())
+                .filter(|&w| writes.0[w].1.is_some())
                 .collect();
             if running.is_empty() {
                 break;
             }
             let next = futures_util::future::select_all(
-                writes.iter_mut().filter_map(|(_, task)| task.as_mut()),
+                writes.0.iter_mut().filter_map(|(_, task)| task.as_mut()),
             );
             let (joined, at, _) = match grace_until {
                 Some(until) => match tokio::time::timeout_at(until, next).await {
@@ -383,7 +419,7 @@ impl Stores {
                 None => next.await,
             };
             let w = running[at];
-            writes[w].1 = None;
+            writes.0[w].1 = None;
             let result = joined.unwrap_or_else(|e| {
                 Err(storage::Error::Io {
                     key: key.to_string(),
@@ -398,12 +434,12 @@ impl Stores {
             if landed && grace_until.is_none() {
                 grace_until = Some(tokio::time::Instant::now() + GRACE);
             }
-            results.push((writes[w].0, result));
+            results.push((writes.0[w].0, result));
         }
         let durable = grace_until.is_some();
         let single = self.is_single();
         // Stores still writing: behind, their write left to finish.
-        for (i, task) in writes {
+        for (i, task) in std::mem::take(&mut writes.0) {
             let Some(task) = task else { continue };
             let store = &mut self.list[i];
             warn!(
@@ -424,8 +460,10 @@ impl Stores {
         for (i, result) in results {
             let store = &mut self.list[i];
             match result {
-                Ok(()) => {}
-                Err(storage::Error::AlreadyExists { .. }) if existing_is_ours => {}
+                Ok(()) => store.state = State::Current,
+                Err(storage::Error::AlreadyExists { .. }) if existing_is_ours => {
+                    store.state = State::Current;
+                }
                 Err(storage::Error::AlreadyExists { key }) => {
                     let why = format!("object {key} already exists");
                     // With one store, the replica's own error says it.
@@ -486,7 +524,7 @@ impl Stores {
     /// whose pause is over. Returns why a snapshot must catch a store up,
     /// where one must: that store is then current again, so the snapshot
     /// goes to it with the rest.
-    pub fn tend(&mut self, prefix: &str, head: u64) -> Option<String> {
+    pub fn tend(&mut self, prefix: &str, head: Head) -> Option<String> {
         let sources: Vec<Arc<dyn Storage>> = self.current().map(|s| s.storage.clone()).collect();
         let mut snapshot_for = None;
         if sources.is_empty() {
@@ -499,7 +537,7 @@ impl Stores {
                     && b.work.is_none()
                 {
                     promoted.push(store.label().to_string());
-                    store.state = State::Current;
+                    store.state = State::AwaitingSnapshot;
                 }
             }
             if !promoted.is_empty() {
@@ -546,7 +584,7 @@ impl Stores {
                                 "{label} fell behind and the objects it lacks are gone from \
                                  the other stores ({why})"
                             ));
-                            store.state = State::Current;
+                            store.state = State::AwaitingSnapshot;
                             continue;
                         }
                         Some(Ok(Copy::Source(why) | Copy::Target(why))) => b.failed(why),
@@ -564,7 +602,7 @@ impl Stores {
             if b.work.is_some() {
                 continue;
             }
-            if b.from > head {
+            if b.from > head.seq {
                 info!(
                     prefix,
                     store = %label,
@@ -596,8 +634,9 @@ async fn catch_up(
     sources: Vec<Arc<dyn Storage>>,
     prefix: String,
     from: u64,
-    head: u64,
+    head: Head,
 ) -> Copy {
+    let (head, head_hash) = (head.seq, head.hash);
     let from = if from == UNLISTED {
         match chain::list(target.as_ref(), &prefix).await {
             Err(e) => return Copy::Target(e.to_string()),
@@ -621,6 +660,20 @@ async fn catch_up(
         Ok(join) => join,
         Err(e) => return Copy::Target(e.to_string()),
     };
+    if from > head {
+        // Listed, it ends at the head: current if that object is the head.
+        return if join == Some(head_hash) {
+            Copy::Done {
+                copied: 0,
+                next: from,
+            }
+        } else {
+            Copy::Taken(format!(
+                "its object {head} is not the chain's head: another chain is stored under this \
+                 prefix there"
+            ))
+        };
+    }
     let mut outcome = Copy::Source("no store is current to copy from".into());
     for source in &sources {
         outcome = copy_chain(
@@ -628,7 +681,7 @@ async fn catch_up(
             target.as_ref(),
             &prefix,
             (from, join),
-            head,
+            (head, head_hash),
         )
         .await;
         match &outcome {
@@ -682,13 +735,16 @@ async fn copy_chain(
     target: &dyn Storage,
     prefix: &str,
     (from, join): (u64, Option<[u8; 32]>),
-    head: u64,
+    (head, head_hash): (u64, [u8; 32]),
 ) -> Copy {
     let listed = match chain::list(source, prefix).await {
         Ok(listed) => listed,
         Err(e) => return Copy::Source(e.to_string()),
     };
-    if chain::forks(&listed).iter().any(|(seq, _)| *seq >= from) {
+    if chain::forks(&listed)
+        .iter()
+        .any(|(seq, _)| *seq + 1 >= from)
+    {
         return Copy::Gone("its chain forks after the object the store lacks".into());
     }
     let wanted: Vec<&ObjectRef> = listed
@@ -750,6 +806,9 @@ async fn copy_chain(
                 "object {} does not continue the chain (sequence {}, or a broken link)",
                 object.key, header.seq
             ));
+        }
+        if object.seq == head && hash != head_hash {
+            return Copy::Gone(format!("object {} is not the chain's head", object.key));
         }
         prev_hash = Some(hash);
         bytes += payload.len();

@@ -21,7 +21,7 @@ use crate::db::{
 };
 use crate::encryption::{Key, KeyId, Keys};
 use crate::fork;
-use crate::mirror::{Mirror, Put, Stores};
+use crate::mirror::{self, Mirror, Put, Stores};
 use crate::object::{self, Link, Object};
 use crate::reason::SnapshotReason;
 use crate::retention::{self, Retention};
@@ -98,6 +98,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 const CATCH_UP_ATTEMPTS: u32 = 3;
 /// Longest time the app's writers wait on an upload made under the write lock.
 const UPLOAD_UNDER_LOCK: Duration = Duration::from_secs(5);
+/// Longest a store's retention run may take after a snapshot.
+const RETENTION_TIME: Duration = Duration::from_secs(120);
+/// Longest wait for one store's listing at start when there are mirrors.
+const LIST_AT_OPEN: Duration = Duration::from_secs(10);
 /// Pause after a checkpoint that could not complete (app readers, a busy write lock).
 const CHECKPOINT_RETRY: Duration = Duration::from_secs(1);
 
@@ -283,14 +287,12 @@ impl Replica {
     }
 
     async fn load_head(&mut self, listed: Option<Vec<chain::ObjectRef>>) -> Result<()> {
-        let primary = match listed {
-            Some(objects) => Ok(objects),
-            None => chain::list(self.storage.as_ref(), &self.prefix).await,
-        };
-        let (objects, lead) = if self.stores.is_single() {
-            (primary?, 0)
-        } else {
-            self.list_stores(primary).await?
+        let (objects, lead) = match listed {
+            Some(objects) if self.stores.is_single() => (objects, 0),
+            None if self.stores.is_single() => {
+                (chain::list(self.storage.as_ref(), &self.prefix).await?, 0)
+            }
+            listed => self.list_stores(listed).await?,
         };
         let storage = self.stores.storage(lead);
         let Some(newest) = objects.last().map(|o| o.seq) else {
@@ -392,12 +394,34 @@ impl Replica {
     /// listing is returned with its index.
     async fn list_stores(
         &mut self,
-        primary: Result<Vec<chain::ObjectRef>, chain::Error>,
+        listed: Option<Vec<chain::ObjectRef>>,
     ) -> Result<(Vec<chain::ObjectRef>, usize)> {
-        let mut listings = vec![primary];
-        for store in self.stores.iter().skip(1) {
-            listings.push(chain::list(store.storage.as_ref(), &self.prefix).await);
-        }
+        // All at once, each bounded: a store that does not answer is listed
+        // again once it does (it is behind meanwhile), so it never holds
+        // back the start of the others.
+        let lists = self.stores.iter().enumerate().map(|(i, store)| {
+            let storage = store.storage.clone();
+            let prefix = self.prefix.clone();
+            let listed = if i == 0 { listed.clone() } else { None };
+            async move {
+                if let Some(objects) = listed {
+                    return Ok(objects);
+                }
+                match tokio::time::timeout(LIST_AT_OPEN, chain::list(storage.as_ref(), &prefix))
+                    .await
+                {
+                    Ok(listing) => listing,
+                    Err(_) => Err(chain::Error::Storage(storage::Error::Io {
+                        key: format!("{prefix}/"),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no answer to a listing within {LIST_AT_OPEN:?}"),
+                        ),
+                    })),
+                }
+            }
+        });
+        let mut listings = futures_util::future::join_all(lists).await;
         let newest = |l: &Result<Vec<chain::ObjectRef>, chain::Error>| {
             l.as_ref().ok().map(|o| o.last().map_or(0, |o| o.seq))
         };
@@ -485,11 +509,15 @@ impl Replica {
         let empty: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest([]).into();
         let body = storage::Payload::Bytes(Vec::new());
         // A mark found already is this one, written by an attempt whose answer was lost.
-        match self
-            .stores
-            .put(&key, &body, empty, seq, &self.prefix, true)
-            .await
-        {
+        let mark = mirror::Object {
+            key: &key,
+            body: &body,
+            sha256: empty,
+            seq,
+            existing_is_ours: true,
+            is_snapshot: false,
+        };
+        match self.stores.put(mark, &self.prefix).await {
             Put::Durable => {
                 self.unmarked = None;
                 Ok(())
@@ -784,10 +812,14 @@ impl Replica {
         let mut report = SyncReport::default();
         if let Some(head) = self.head
             && self.stores.any_behind()
-            && let Some(why) = self.stores.tend(&self.prefix, head.seq)
+            && let Some(why) = self.stores.tend(&self.prefix, head)
         {
-            // A full snapshot follows, with whatever a pending object held.
-            self.pending = None;
+            // With no store current, the pending object can go nowhere: the
+            // full snapshot that follows holds what it held. (Where a store
+            // is current, it may have landed there: it is shipped first.)
+            if self.stores.current().next().is_none() {
+                self.pending = None;
+            }
             self.need_snapshot
                 .get_or_insert(SnapshotReason::CatchUp(why.clone()));
             self.catch_up = Some(why);
@@ -915,19 +947,20 @@ impl Replica {
         // housekeeping: a failure is logged and tried after the next snapshot.
         self.catch_up = None;
         if !self.opts.retention.is_off() {
-            for (name, storage) in self.current_stores() {
-                if let Err(e) = retention::apply(
-                    storage.as_ref(),
-                    &self.prefix,
-                    self.opts.retention,
-                    now_ms(),
-                )
-                .await
-                {
-                    let store = crate::mirror::Label::of(name.as_deref());
-                    warn!(prefix = %self.prefix, %store, error = %e, "retention failed; kept everything");
-                }
-            }
+            // Every store at once, each bounded: an interrupted run deletes
+            // oldest first, so it leaves a shorter chain without holes.
+            let (prefix, rule, now) = (&self.prefix, self.opts.retention, now_ms());
+            let runs = self.current_stores().into_iter().map(|(name, storage)| async move {
+                let run = retention::apply(storage.as_ref(), prefix, rule, now);
+                let error = match tokio::time::timeout(RETENTION_TIME, run).await {
+                    Ok(Ok(_)) => return,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => format!("not done within {RETENTION_TIME:?}"),
+                };
+                let store = mirror::Label::of(name.as_deref());
+                warn!(%prefix, %store, error, "retention failed; tried again after the next snapshot");
+            });
+            futures_util::future::join_all(runs).await;
         }
         Ok(())
     }
@@ -1079,11 +1112,15 @@ impl Replica {
         // Pending until a store has it: an upload cut short (the bounded wait
         // under the write lock drops it) is retried byte for byte.
         let pending = self.pending.insert(encoded);
-        let (payload, hash) = (&pending.object.payload, pending.object.hash);
-        let put = self
-            .stores
-            .put(&key, payload, hash, seq, &self.prefix, false)
-            .await;
+        let object = mirror::Object {
+            key: &key,
+            body: &pending.object.payload,
+            sha256: pending.object.hash,
+            seq,
+            existing_is_ours: false,
+            is_snapshot: pending.object.header.kind == Kind::Snapshot,
+        };
+        let put = self.stores.put(object, &self.prefix).await;
         match put {
             Put::Durable => {}
             Put::Stopped(reason) => {
@@ -1142,6 +1179,7 @@ impl Replica {
             Kind::Snapshot => {
                 report.snapshots += 1;
                 self.need_snapshot = None;
+                self.catch_up = None;
                 self.last_snapshot_ms = Some(encoded.object.header.timestamp_ms);
                 self.newest_snapshot = Some(encoded.object.header.seq);
                 self.unmarked = Some(encoded.object.header.seq);

@@ -57,6 +57,13 @@ fn io_err(key: &str) -> impl FnOnce(io::Error) -> Error + '_ {
     }
 }
 
+/// Makes an object found already durable before it counts as written (the
+/// writer that put it there may not have synced its directory yet).
+fn sync_existing(path: &Path, dir: &Path) -> io::Result<()> {
+    File::open(path)?.sync_all()?;
+    File::open(dir)?.sync_all()
+}
+
 /// True if the file at `path` holds exactly the `len` bytes `body` reads:
 /// a directory keeps no hash beside its objects, so a write of an object it
 /// has already (a retry whose first attempt landed, a copy made again) is
@@ -92,10 +99,11 @@ fn put_blocking(path: &Path, key: &str, body: Payload) -> Result<()> {
             Payload::File { file, len } => same_bytes(path, *len, &mut FileBody::new(file, *len)),
         };
         return match same {
-            Ok(true) => Ok(()),
-            _ => Err(Error::AlreadyExists {
+            Ok(true) => sync_existing(path, dir).map_err(io_err(key)),
+            Ok(false) => Err(Error::AlreadyExists {
                 key: key.to_string(),
             }),
+            Err(e) => Err(io_err(key)(e)),
         };
     }
     let file_name = path
@@ -130,24 +138,25 @@ fn put_blocking(path: &Path, key: &str, body: Payload) -> Result<()> {
     }
     let linked = fs::hard_link(&temp, path);
     let same = match &linked {
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => File::open(&temp)
-            .and_then(|mut t| {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            File::open(&temp).and_then(|mut t| {
                 let len = t.metadata()?.len();
                 same_bytes(path, len, &mut t)
             })
-            .unwrap_or(false),
-        _ => false,
+        }
+        _ => Ok(false),
     };
     let _ = fs::remove_file(&temp);
-    match linked {
-        Ok(()) => {}
-        Err(_) if same => return Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+    match (linked, same) {
+        (Ok(()), _) => {}
+        (Err(_), Ok(true)) => return sync_existing(path, dir).map_err(io_err(key)),
+        (Err(_), Err(e)) => return Err(io_err(key)(e)),
+        (Err(e), Ok(false)) if e.kind() == io::ErrorKind::AlreadyExists => {
             return Err(Error::AlreadyExists {
                 key: key.to_string(),
             });
         }
-        Err(e) => return Err(io_err(key)(e)),
+        (Err(e), Ok(false)) => return Err(io_err(key)(e)),
     }
     File::open(dir)
         .and_then(|d| d.sync_all())

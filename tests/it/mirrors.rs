@@ -504,3 +504,109 @@ async fn a_mirror_dark_at_start_is_listed_and_caught_up_later() {
     app.quit();
     setup.restore_from_both();
 }
+
+/// walsync starts while the mirror, which holds the whole chain, is dark:
+/// once it answers it is listed, found to end at the chain's head (its
+/// last object is the head itself), and is current again without a single
+/// object written, although the database has not changed since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_dark_at_start_that_has_everything_is_current_once_listed() {
+    let setup = setup(false, "compaction = \"off\"").await;
+    let (s3, local) = (setup.s3.storage.as_ref(), setup.local.storage.as_ref());
+    let mut app = AppProcess::spawn(&setup.db, AppOptions::default());
+    app.insert(20, 100);
+    let (mut child, log) = setup.watch();
+    wait_until("both stores have the snapshot", &log, async || {
+        objects(s3, "app").await.len() == 1 && objects(local, "app").await.len() == 1
+    })
+    .await;
+    app.insert(3, 100);
+    setup.sync_wait(&log);
+    wait_until("both stores have every object", &log, async || {
+        objects(s3, "app").await.len() == 2 && objects(local, "app").await.len() == 2
+    })
+    .await;
+    assert!(terminate(&mut child).success(), "{}", log.text());
+
+    setup.proxy.set_plan(Plan {
+        outage: true,
+        ..Plan::healthy()
+    });
+    let (mut child, log) = setup.watch();
+    wait_for_status(&setup.addr, "app", "the mirror behind", |d| {
+        store_lines(d)
+            .iter()
+            .any(|l| l.starts_with("mirror far behind"))
+    })
+    .await;
+    let puts = Counts::get(&setup.proxy.counts().puts);
+    setup.proxy.set_plan(Plan::healthy());
+    wait_for_status(&setup.addr, "app", "the mirror current", |d| {
+        store_lines(d).is_empty()
+    })
+    .await;
+    assert_eq!(
+        Counts::get(&setup.proxy.counts().puts),
+        puts,
+        "nothing written"
+    );
+    assert!(terminate(&mut child).success(), "{}", log.text());
+    assert_eq!(objects(s3, "app").await, objects(local, "app").await);
+    app.quit();
+    setup.restore_from_both();
+}
+
+/// Another writer's object sits in the mirror where the chain's next one
+/// goes: the mirror is stopped for this database, by name, the object is
+/// left as it is, and `[storage]` goes on shipping and restores every row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_writer_in_the_mirror_stops_the_mirror_alone() {
+    use walsync::storage::Payload;
+    let setup = setup(false, "compaction = \"off\"").await;
+    let (s3, local) = (setup.s3.storage.as_ref(), setup.local.storage.as_ref());
+    let mut app = AppProcess::spawn(&setup.db, AppOptions::default());
+    app.insert(20, 100);
+    let (mut child, log) = setup.watch();
+    wait_until("both stores have the snapshot", &log, async || {
+        objects(s3, "app").await.len() == 1 && objects(local, "app").await.len() == 1
+    })
+    .await;
+    let squatter = walsync::segment::object_key("app", 2);
+    let foreign = b"another writer's object".to_vec();
+    let sha: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&foreign).into();
+    s3.put_new(&squatter, Payload::Bytes(foreign.clone()), sha)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        app.insert(3, 100);
+        setup.sync_wait(&log);
+    }
+    wait_for_status(&setup.addr, "app", "the mirror stopped", |d| {
+        store_lines(d)
+            .iter()
+            .any(|l| l.starts_with("mirror far stopped") && l.contains("already exists"))
+            && d["state"] != "stopped"
+    })
+    .await;
+    assert!(objects(local, "app").await.len() >= 4);
+    assert_eq!(
+        walsync::storage::get_bytes(s3, &squatter).await.unwrap(),
+        foreign
+    );
+    assert!(terminate(&mut child).success(), "{}", log.text());
+    assert!(
+        log.text()
+            .contains("another writer owns this prefix in this store")
+    );
+    app.quit();
+    let out = setup.dir.path().join("restored.db");
+    let output = run(walsync()
+        .args(["restore", "--config", cfg(&setup.config), "--prefix", "app"])
+        .args(["-o", cfg(&out)]));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(blob_rows(&out), blob_rows(&setup.db));
+}
