@@ -8,8 +8,9 @@ use super::*;
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     storage: Option<RawStorage>,
+    /// Each a `name` plus the keys of `[storage]` (checked as a `RawStorage`).
     #[serde(default)]
-    mirrors: Vec<RawMirror>,
+    mirrors: Vec<toml::Table>,
     sync: Option<RawSync>,
     watch: Option<RawWatch>,
     #[serde(default)]
@@ -28,39 +29,6 @@ struct RawStorage {
     access_key_id: Option<String>,
     secret_access_key: Option<String>,
     session_token: Option<String>,
-}
-
-/// A `[[mirrors]]` entry: a name and the keys of `[storage]`.
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawMirror {
-    name: Option<String>,
-    url: Option<String>,
-    bucket: Option<String>,
-    prefix: Option<String>,
-    endpoint: Option<String>,
-    region: Option<String>,
-    path_style: Option<bool>,
-    access_key_id: Option<String>,
-    secret_access_key: Option<String>,
-    session_token: Option<String>,
-}
-
-impl RawMirror {
-    fn split(self) -> (Option<String>, RawStorage) {
-        let storage = RawStorage {
-            url: self.url,
-            bucket: self.bucket,
-            prefix: self.prefix,
-            endpoint: self.endpoint,
-            region: self.region,
-            path_style: self.path_style,
-            access_key_id: self.access_key_id,
-            secret_access_key: self.secret_access_key,
-            session_token: self.session_token,
-        };
-        (self.name, storage)
-    }
 }
 
 #[derive(Debug, Deserialize, Default, Clone)]
@@ -128,6 +96,27 @@ impl Checker<'_> {
             Err(Error::Unset { .. }) if !used => Ok(None),
             other => other.map(Some),
         }
+    }
+
+    /// A `[[mirrors]]` entry's name and its `[storage]` keys.
+    fn mirror_keys(
+        &self,
+        section: &str,
+        mut table: toml::Table,
+    ) -> Result<(Option<String>, RawStorage), Error> {
+        let name = match table.remove("name") {
+            None => None,
+            Some(toml::Value::String(name)) => Some(name),
+            Some(_) => return Err(self.err(format!("{section}.name must be a string"))),
+        };
+        let raw = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| {
+                // The parser quotes the value it choked on; a value may be a secret.
+                let message = without_quoted(e.message().trim()).replace('\n', " ");
+                self.err(format!("{section}: {message}"))
+            })?;
+        Ok((name, raw))
     }
 
     /// A mirror's name: given, short, plain, and not taken by another.
@@ -379,8 +368,8 @@ impl Config {
         }
         let mut mirrors: Vec<MirrorConfig> = Vec::with_capacity(raw.mirrors.len());
         for (i, raw) in raw.mirrors.into_iter().enumerate() {
-            let (name, raw) = raw.split();
             let section = format!("mirrors[{i}]");
+            let (name, raw) = check.mirror_keys(&section, raw)?;
             let name = check.mirror_name(&section, name, &mirrors)?;
             let section = format!("mirrors[{i}] ({name})");
             let Some(mut store) =

@@ -93,6 +93,20 @@ async fn setup(s3_first: bool, sync: &str) -> Setup {
 }
 
 impl Setup {
+    /// An app process that writes 20 rows, and `watch` running until both
+    /// stores hold the first snapshot.
+    async fn start(&self) -> (AppProcess, common::Reaped, LiveLog) {
+        let mut app = AppProcess::spawn(&self.db, AppOptions::default());
+        app.insert(20, 100);
+        let (child, log) = self.watch();
+        let (s3, local) = (self.s3.storage.as_ref(), self.local.storage.as_ref());
+        wait_until("both stores have the snapshot", &log, async || {
+            objects(s3, "app").await.len() == 1 && objects(local, "app").await.len() == 1
+        })
+        .await;
+        (app, child, log)
+    }
+
     fn watch(&self) -> (common::Reaped, LiveLog) {
         self.watch_with(&[])
     }
@@ -112,6 +126,14 @@ impl Setup {
         let mut child = common::Reaped::new(cmd.spawn().unwrap());
         let log = LiveLog::of(&mut child);
         (child, log)
+    }
+
+    /// The bucket resets every request (`true`), or answers again.
+    fn dark(&self, dark: bool) {
+        self.proxy.set_plan(Plan {
+            outage: dark,
+            ..Plan::healthy()
+        });
     }
 
     /// `walsync sync --wait`: every commit so far is in a store.
@@ -171,18 +193,9 @@ impl Setup {
 async fn one_store_down_then_caught_up(s3_first: bool) {
     let setup = setup(s3_first, "compaction = \"off\"").await;
     let (s3, local) = (setup.s3.storage.as_ref(), setup.local.storage.as_ref());
-    let mut app = AppProcess::spawn(&setup.db, AppOptions::default());
-    app.insert(20, 100);
-    let (mut child, log) = setup.watch();
-    wait_until("both stores have the snapshot", &log, async || {
-        objects(s3, "app").await.len() == 1 && objects(local, "app").await.len() == 1
-    })
-    .await;
+    let (mut app, mut child, log) = setup.start().await;
 
-    setup.proxy.set_plan(Plan {
-        outage: true,
-        ..Plan::healthy()
-    });
+    setup.dark(true);
     let dark = objects(s3, "app").await;
     let shipped = objects(local, "app").await.len();
     for _ in 0..5 {
@@ -209,7 +222,7 @@ async fn one_store_down_then_caught_up(s3_first: bool) {
 
     let puts = || Counts::get(&setup.proxy.counts().puts);
     let puts_before = puts();
-    setup.proxy.set_plan(Plan::healthy());
+    setup.dark(false);
     wait_until("the bucket caught up", &log, async || {
         objects(s3, "app").await == objects(local, "app").await
     })
@@ -258,17 +271,8 @@ async fn storage_that_fails_never_holds_back_the_mirror_and_catches_up() {
 async fn a_mirror_whose_missing_objects_are_gone_is_caught_up_by_a_snapshot() {
     let setup = setup(false, "compaction = [4]\nexact_window = \"1s\"").await;
     let (s3, local) = (setup.s3.storage.as_ref(), setup.local.storage.as_ref());
-    let mut app = AppProcess::spawn(&setup.db, AppOptions::default());
-    app.insert(20, 100);
-    let (mut child, log) = setup.watch();
-    wait_until("both stores have the snapshot", &log, async || {
-        objects(s3, "app").await.len() == 1 && objects(local, "app").await.len() == 1
-    })
-    .await;
-    setup.proxy.set_plan(Plan {
-        outage: true,
-        ..Plan::healthy()
-    });
+    let (mut app, mut child, log) = setup.start().await;
+    setup.dark(true);
     for _ in 0..20 {
         app.insert(3, 100);
         tokio::time::sleep(Duration::from_millis(150)).await;
@@ -282,7 +286,7 @@ async fn a_mirror_whose_missing_objects_are_gone_is_caught_up_by_a_snapshot() {
         },
     )
     .await;
-    setup.proxy.set_plan(Plan::healthy());
+    setup.dark(false);
     wait_for_status(&setup.addr, "app", "the mirror caught up", |d| {
         store_lines(d).is_empty() && d["snapshots"]["catch_up"] == 1
     })
@@ -385,17 +389,8 @@ fn mirror_mistakes_are_refused_by_name() {
 async fn restarted_while_storage_is_behind_it_goes_on_from_the_mirror() {
     let setup = setup(true, "compaction = \"off\"").await;
     let (s3, local) = (setup.s3.storage.as_ref(), setup.local.storage.as_ref());
-    let mut app = AppProcess::spawn(&setup.db, AppOptions::default());
-    app.insert(20, 100);
-    let (mut child, log) = setup.watch();
-    wait_until("both stores have the snapshot", &log, async || {
-        objects(s3, "app").await.len() == 1 && objects(local, "app").await.len() == 1
-    })
-    .await;
-    setup.proxy.set_plan(Plan {
-        outage: true,
-        ..Plan::healthy()
-    });
+    let (mut app, mut child, log) = setup.start().await;
+    setup.dark(true);
     for _ in 0..3 {
         app.insert(3, 100);
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -406,7 +401,7 @@ async fn restarted_while_storage_is_behind_it_goes_on_from_the_mirror() {
     let shipped = objects(local, "app").await;
     assert!(shipped.len() > 1);
 
-    setup.proxy.set_plan(Plan::healthy());
+    setup.dark(false);
     let (mut child, log) = setup.watch();
     wait_until("[storage] caught up", &log, async || {
         objects(s3, "app").await == objects(local, "app").await
@@ -436,13 +431,7 @@ async fn restarted_while_storage_is_behind_it_goes_on_from_the_mirror() {
 async fn a_mirror_that_hangs_never_holds_back_storage() {
     let setup = setup(false, "compaction = \"off\"").await;
     let (s3, local) = (setup.s3.storage.as_ref(), setup.local.storage.as_ref());
-    let mut app = AppProcess::spawn(&setup.db, AppOptions::default());
-    app.insert(20, 100);
-    let (mut child, log) = setup.watch();
-    wait_until("both stores have the snapshot", &log, async || {
-        objects(s3, "app").await.len() == 1 && objects(local, "app").await.len() == 1
-    })
-    .await;
+    let (mut app, mut child, log) = setup.start().await;
     setup.proxy.set_plan(Plan {
         delay: 1.0,
         delay_for: Duration::from_secs(20),
@@ -461,7 +450,7 @@ async fn a_mirror_that_hangs_never_holds_back_storage() {
         "the mirror's write is still held while three commits shipped:\n{}",
         log.text()
     );
-    setup.proxy.set_plan(Plan::healthy());
+    setup.dark(false);
     wait_until("the mirror caught up", &log, async || {
         objects(s3, "app").await == objects(local, "app").await
     })
@@ -482,10 +471,7 @@ async fn a_mirror_dark_at_start_is_listed_and_caught_up_later() {
     let (s3, local) = (setup.s3.storage.as_ref(), setup.local.storage.as_ref());
     let mut app = AppProcess::spawn(&setup.db, AppOptions::default());
     app.insert(20, 100);
-    setup.proxy.set_plan(Plan {
-        outage: true,
-        ..Plan::healthy()
-    });
+    setup.dark(true);
     let (mut child, log) = setup.watch_keep_retrying();
     wait_until("[storage] has the snapshot", &log, async || {
         !objects(local, "app").await.is_empty()
@@ -494,7 +480,7 @@ async fn a_mirror_dark_at_start_is_listed_and_caught_up_later() {
     app.insert(3, 100);
     setup.sync_wait(&log);
     assert!(objects(s3, "app").await.is_empty());
-    setup.proxy.set_plan(Plan::healthy());
+    setup.dark(false);
     wait_until("the mirror caught up", &log, async || {
         objects(s3, "app").await == objects(local, "app").await
     })
@@ -513,13 +499,7 @@ async fn a_mirror_dark_at_start_is_listed_and_caught_up_later() {
 async fn a_mirror_dark_at_start_that_has_everything_is_current_once_listed() {
     let setup = setup(false, "compaction = \"off\"").await;
     let (s3, local) = (setup.s3.storage.as_ref(), setup.local.storage.as_ref());
-    let mut app = AppProcess::spawn(&setup.db, AppOptions::default());
-    app.insert(20, 100);
-    let (mut child, log) = setup.watch();
-    wait_until("both stores have the snapshot", &log, async || {
-        objects(s3, "app").await.len() == 1 && objects(local, "app").await.len() == 1
-    })
-    .await;
+    let (mut app, mut child, log) = setup.start().await;
     app.insert(3, 100);
     setup.sync_wait(&log);
     wait_until("both stores have every object", &log, async || {
@@ -528,10 +508,7 @@ async fn a_mirror_dark_at_start_that_has_everything_is_current_once_listed() {
     .await;
     assert!(terminate(&mut child).success(), "{}", log.text());
 
-    setup.proxy.set_plan(Plan {
-        outage: true,
-        ..Plan::healthy()
-    });
+    setup.dark(true);
     let (mut child, log) = setup.watch();
     wait_for_status(&setup.addr, "app", "the mirror behind", |d| {
         store_lines(d)
@@ -540,7 +517,7 @@ async fn a_mirror_dark_at_start_that_has_everything_is_current_once_listed() {
     })
     .await;
     let puts = Counts::get(&setup.proxy.counts().puts);
-    setup.proxy.set_plan(Plan::healthy());
+    setup.dark(false);
     wait_for_status(&setup.addr, "app", "the mirror current", |d| {
         store_lines(d).is_empty()
     })
@@ -564,13 +541,7 @@ async fn another_writer_in_the_mirror_stops_the_mirror_alone() {
     use walsync::storage::Payload;
     let setup = setup(false, "compaction = \"off\"").await;
     let (s3, local) = (setup.s3.storage.as_ref(), setup.local.storage.as_ref());
-    let mut app = AppProcess::spawn(&setup.db, AppOptions::default());
-    app.insert(20, 100);
-    let (mut child, log) = setup.watch();
-    wait_until("both stores have the snapshot", &log, async || {
-        objects(s3, "app").await.len() == 1 && objects(local, "app").await.len() == 1
-    })
-    .await;
+    let (mut app, mut child, log) = setup.start().await;
     let squatter = walsync::segment::object_key("app", 2);
     let foreign = b"another writer's object".to_vec();
     let sha: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&foreign).into();
