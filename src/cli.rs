@@ -170,6 +170,7 @@ pub struct SyncArgs {
     pub prefix: Option<String>,
     /// Return only once every change committed before the request is in
     /// storage (and say up to which sequence); exit non-zero if one failed.
+    /// With [[mirrors]], in at least one store (the others catch up).
     #[arg(long)]
     pub wait: bool,
     /// Give up after this long.

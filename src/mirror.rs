@@ -58,8 +58,9 @@ impl Eq for Mirror {}
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(300);
 /// Most objects (and bytes, past the first object) one catch-up task
-/// copies; the next starts at once where it stopped, from the head then.
-const COPY_OBJECTS: usize = 64;
+/// copies (each task lists the source once); the next starts where it
+/// stopped, from the head then, at the next sync or look.
+const COPY_OBJECTS: usize = 1000;
 const COPY_BYTES: u64 = 64 << 20;
 /// How long the other stores may take once one store has an object; one
 /// still writing after that is behind, its write left to finish meanwhile.
@@ -68,6 +69,11 @@ pub const GRACE: Duration = Duration::from_secs(2);
 const LOOK_EVERY: Duration = Duration::from_secs(1);
 /// `Behind::from` of a store whose end is unknown (not listed at start).
 const UNLISTED: u64 = 0;
+/// Catch-up tasks that work at once in the whole process: after an outage
+/// of a store a fleet shares, its databases are caught up a few at a time,
+/// beside the syncs of the stores that stayed up.
+const CATCH_UP_AT_ONCE: usize = 4;
+static CATCHING_UP: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(CATCH_UP_AT_ONCE);
 
 /// How one store stands for one database.
 #[derive(Debug)]
@@ -318,7 +324,7 @@ impl Stores {
         &mut self,
         newest: &[Result<Option<u64>, String>],
         lead: usize,
-        same_head: &[bool],
+        same_head: &[Option<bool>],
     ) {
         let lead_newest = newest.get(lead).and_then(|n| n.clone().ok()).flatten();
         let lead_label = self.list[lead].label().to_string();
@@ -327,23 +333,26 @@ impl Stores {
                 continue;
             }
             store.state = match (&newest[i], lead_newest) {
-                // Where it stands is learnt by listing it again, once it answers.
-                (Err(e), Some(_)) => State::Behind(Behind::new(UNLISTED, e.clone())),
-                (Ok(n), Some(head)) if *n == Some(head) => {
-                    if same_head.get(i).copied().unwrap_or(true) {
-                        State::Current
-                    } else {
-                        State::Stopped(format!(
-                            "its object {head} differs from {lead_label}'s: another chain is \
-                             stored under this prefix there"
-                        ))
-                    }
-                }
+                // Where it stands is learnt by listing it again, once it
+                // answers (also where the lead has nothing: it may hold a
+                // chain that must not be mixed with a new one).
+                (Err(e), _) => State::Behind(Behind::new(UNLISTED, e.clone())),
+                (Ok(n), Some(head)) if *n == Some(head) => match same_head.get(i).copied() {
+                    Some(Some(true)) => State::Current,
+                    Some(Some(false)) => State::Stopped(format!(
+                        "its object {head} differs from {lead_label}'s: another chain is stored \
+                         under this prefix there"
+                    )),
+                    _ => State::Behind(Behind::new(
+                        UNLISTED,
+                        format!("its object {head} could not be read to compare"),
+                    )),
+                },
                 (Ok(n), Some(_)) => State::Behind(Behind::new(
                     n.map_or(1, |n| n + 1),
                     "it lacks objects the other stores have".into(),
                 )),
-                (_, None) => State::Current,
+                (Ok(_), None) => State::Current,
             };
         }
         self.list[lead].state = State::Current;
@@ -367,7 +376,9 @@ impl Stores {
         let targets: Vec<usize> = (0..self.list.len())
             .filter(|&i| match self.list[i].state {
                 State::Current => true,
-                State::AwaitingSnapshot => is_snapshot,
+                // A mark of an older snapshot is harmless there (a mark
+                // without its object lists as nothing).
+                State::AwaitingSnapshot => is_snapshot || existing_is_ours,
                 _ => false,
             })
             .collect();
@@ -460,10 +471,9 @@ impl Stores {
         for (i, result) in results {
             let store = &mut self.list[i];
             match result {
-                Ok(()) => store.state = State::Current,
-                Err(storage::Error::AlreadyExists { .. }) if existing_is_ours => {
-                    store.state = State::Current;
-                }
+                Ok(()) if is_snapshot => store.state = State::Current,
+                Ok(()) => {}
+                Err(storage::Error::AlreadyExists { .. }) if existing_is_ours => {}
                 Err(storage::Error::AlreadyExists { key }) => {
                     let why = format!("object {key} already exists");
                     // With one store, the replica's own error says it.
@@ -497,6 +507,15 @@ impl Stores {
         }
         match first_error {
             Some(e) => Put::Failed(e),
+            // Every store written holds another writer's object; the stores
+            // behind (`tend` makes them await a snapshot) go on.
+            None if self.any_behind() => Put::Failed(storage::Error::Io {
+                key: key.to_string(),
+                source: std::io::Error::other(format!(
+                    "{}; the stores behind start again from a snapshot",
+                    self.stopped_reason()
+                )),
+            }),
             None => Put::Stopped(self.stopped_reason()),
         }
     }
@@ -540,10 +559,18 @@ impl Stores {
                     store.state = State::AwaitingSnapshot;
                 }
             }
-            if !promoted.is_empty() {
+            let awaiting = self
+                .list
+                .iter()
+                .any(|s| matches!(s.state, State::AwaitingSnapshot));
+            if awaiting {
                 return Some(format!(
-                    "no store held the chain up to its head; {} start again from a snapshot",
-                    promoted.join(" and ")
+                    "no store holds the chain up to its head; {} start again from a snapshot",
+                    if promoted.is_empty() {
+                        "the stores behind".to_string()
+                    } else {
+                        promoted.join(" and ")
+                    }
                 ));
             }
         }
@@ -637,6 +664,9 @@ async fn catch_up(
     head: Head,
 ) -> Copy {
     let (head, head_hash) = (head.seq, head.hash);
+    let Ok(_turn) = CATCHING_UP.acquire().await else {
+        return Copy::Source("walsync is stopping".into());
+    };
     let from = if from == UNLISTED {
         match chain::list(target.as_ref(), &prefix).await {
             Err(e) => return Copy::Target(e.to_string()),

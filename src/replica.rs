@@ -451,7 +451,8 @@ impl Replica {
             ),
             None => None,
         };
-        let mut same_head = vec![true; listings.len()];
+        // `None`: its newest object could not be read to compare.
+        let mut same_head = vec![Some(true); listings.len()];
         for (i, listing) in listings.iter().enumerate() {
             let (Ok(objects), Some(lead_hash)) = (listing, lead_head) else {
                 continue;
@@ -461,7 +462,7 @@ impl Replica {
             };
             if i != lead && Some(last.seq) == newest(&listings[lead]) {
                 let hash = chain::read_link(self.stores.storage(i).as_ref(), last).await;
-                same_head[i] = hash.map_or(true, |l| l.hash == lead_hash);
+                same_head[i] = hash.ok().map(|l| l.hash == lead_hash);
             }
         }
         let newest: Vec<Result<Option<u64>, String>> = listings
@@ -471,6 +472,24 @@ impl Replica {
                 Err(e) => Err(e.to_string()),
             })
             .collect();
+        // A store not listed may be the one that reaches furthest (walsync
+        // shipped there last): going on from a shorter lead would fork the
+        // chain. The state record beside the database says how far it got.
+        let lead_seq = newest[lead].clone().ok().flatten().unwrap_or(0);
+        if let Some(i) = newest.iter().position(Result::is_err)
+            && state::Record::open(&self.record_path())
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.head.seq > lead_seq)
+        {
+            return Err(listings.swap_remove(i).err().map_or_else(
+                || Error::Worker {
+                    path: self.path.clone(),
+                    message: "a store could not be listed".into(),
+                },
+                Error::from,
+            ));
+        }
         let objects = listings.swap_remove(lead).unwrap_or_default();
         self.stores.settle(&newest, lead, &same_head);
         for problem in self.stores.problems() {

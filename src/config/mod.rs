@@ -93,6 +93,9 @@ pub enum Error {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Uses {
     pub storage: bool,
+    /// Every `[[mirrors]]` entry (`watch`); otherwise one with an unset
+    /// variable is needed only for `--from` it.
+    pub mirrors: bool,
     pub keys: bool,
     pub databases: bool,
     pub control_socket: bool,
@@ -102,6 +105,7 @@ impl Uses {
     /// `watch`, `restore-all`, `explain`.
     pub const ALL: Uses = Uses {
         storage: true,
+        mirrors: true,
         keys: true,
         databases: true,
         control_socket: true,
@@ -109,6 +113,7 @@ impl Uses {
     /// `list`: where storage is.
     pub const STORAGE: Uses = Uses {
         storage: true,
+        mirrors: false,
         keys: false,
         databases: false,
         control_socket: false,
@@ -138,6 +143,9 @@ pub struct Config {
     pub storage: StorageConfig,
     /// Other stores every database's chain also goes to (`[[mirrors]]`).
     pub mirrors: Vec<MirrorConfig>,
+    /// Mirrors left out because a variable they name is unset (a command
+    /// that reads one store): name, and the error `--from` it gives.
+    pub unresolved_mirrors: Vec<(String, String)>,
     pub watch: WatchSettings,
     pub entries: Vec<Entry>,
     /// Every encryption key the file names: restore opens any object with them.
@@ -164,6 +172,12 @@ impl Config {
         let Some(name) = from else {
             return Ok(&self.storage);
         };
+        if let Some((_, why)) = self.unresolved_mirrors.iter().find(|(n, _)| n == name) {
+            return Err(Error::Invalid {
+                file: self.source.clone(),
+                message: format!("mirror {name}: {why}"),
+            });
+        }
         match self.mirrors.iter().find(|m| m.name == name) {
             Some(m) => Ok(&m.storage),
             None if self.mirrors.is_empty() => Err(Error::Invalid {

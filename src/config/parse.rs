@@ -318,6 +318,46 @@ impl Checker<'_> {
     }
 }
 
+/// Where a store's objects are, so that two spellings of one place compare
+/// equal: the URL without `file://`, `.` parts or a trailing `/`, and the
+/// endpoint without a trailing `/`.
+fn place(store: &StorageConfig) -> (String, Option<&str>) {
+    let url = store.url.strip_prefix("file://").unwrap_or(&store.url);
+    let url = if url.contains("://") {
+        url.trim_end_matches('/').to_string()
+    } else {
+        Path::new(url)
+            .components()
+            .collect::<PathBuf>()
+            .display()
+            .to_string()
+    };
+    (
+        url,
+        store
+            .s3
+            .endpoint
+            .as_deref()
+            .map(|e| e.trim_end_matches('/')),
+    )
+}
+
+/// How store `a` overlaps store `b`, if it does: each store lists its
+/// databases from its root, so one inside the other would list the other's
+/// objects as a database of its own.
+fn overlap(a: &StorageConfig, b: &StorageConfig) -> Option<&'static str> {
+    let ((a, a_end), (b, b_end)) = (place(a), place(b));
+    if a_end != b_end {
+        None
+    } else if a == b {
+        Some("the same store as")
+    } else if a.starts_with(&format!("{b}/")) || b.starts_with(&format!("{a}/")) {
+        Some("inside, or around, the store of")
+    } else {
+        None
+    }
+}
+
 impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, Error> {
@@ -367,31 +407,38 @@ impl Config {
             storage.url = base_dir.join(&storage.url).display().to_string();
         }
         let mut mirrors: Vec<MirrorConfig> = Vec::with_capacity(raw.mirrors.len());
+        let mut unresolved_mirrors = Vec::new();
         for (i, raw) in raw.mirrors.into_iter().enumerate() {
             let section = format!("mirrors[{i}]");
             let (name, raw) = check.mirror_keys(&section, raw)?;
             let name = check.mirror_name(&section, name, &mirrors)?;
             let section = format!("mirrors[{i}] ({name})");
-            let Some(mut store) =
-                check.unless_unused(uses.storage, Self::storage(&check, raw, &section))?
-            else {
-                continue;
+            let mut store = match Self::storage(&check, raw, &section) {
+                Ok(store) => store,
+                Err(Error::Unset { .. }) if !uses.storage => continue,
+                // Reading one store needs a mirror's variables only to read
+                // that mirror.
+                Err(e @ Error::Unset { .. }) if !uses.mirrors => {
+                    unresolved_mirrors.push((name, e.to_string()));
+                    continue;
+                }
+                Err(e) => return Err(e),
             };
             if !store.url.contains("://") && Path::new(&store.url).is_relative() {
                 store.url = base_dir.join(&store.url).display().to_string();
             }
-            let same = |other: &StorageConfig| {
-                other.url.trim_end_matches('/') == store.url.trim_end_matches('/')
-                    && other.s3.endpoint == store.s3.endpoint
-            };
-            if uses.storage && same(&storage) {
+            if uses.storage
+                && let Some(how) = overlap(&store, &storage)
+            {
                 return Err(check.err(format!(
-                    "{section}: the same store as [storage]; a mirror must be another bucket, \
-                     prefix or directory"
+                    "{section}: {how} [storage]; a mirror must be another bucket, prefix or \
+                     directory, beside it"
                 )));
             }
-            if let Some(twin) = mirrors.iter().find(|m| same(&m.storage)) {
-                return Err(check.err(format!("{section}: the same store as mirror {}", twin.name)));
+            for twin in &mirrors {
+                if let Some(how) = overlap(&store, &twin.storage) {
+                    return Err(check.err(format!("{section}: {how} mirror {}", twin.name)));
+                }
             }
             mirrors.push(MirrorConfig {
                 name,
@@ -422,6 +469,7 @@ impl Config {
             source: path.to_path_buf(),
             storage,
             mirrors,
+            unresolved_mirrors,
             watch,
             entries,
             keys,

@@ -338,7 +338,19 @@ fn mirror_mistakes_are_refused_by_name() {
         ),
         (
             "[[mirrors]]\nname = \"x\"\nurl = \"/r/b\"\nregion_name = \"eu\"\n",
-            "unknown field `region_name`",
+            "mirrors[0]: unknown field `region_name`",
+        ),
+        (
+            "[[mirrors]]\nname = 5\nurl = \"/r/b\"\n",
+            "mirrors[0].name must be a string",
+        ),
+        (
+            "[[mirrors]]\nname = \"x\"\nurl = \"file:///r/./a/\"\n",
+            "mirrors[0] (x): the same store as [storage]",
+        ),
+        (
+            "[[mirrors]]\nname = \"x\"\nurl = \"/r/a/inner\"\n",
+            "mirrors[0] (x): inside, or around, the store of [storage]",
         ),
     ] {
         std::fs::write(&config, format!("{base}{mirrors}")).unwrap();
@@ -368,6 +380,48 @@ fn mirror_mistakes_are_refused_by_name() {
             "{command}: {err}"
         );
     }
+    // A mirror naming an unset variable is needed only to read that mirror.
+    let replica = dir.path().join("replica");
+    std::fs::create_dir_all(&replica).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\nurl = \"{}\"\n[[mirrors]]\nname = \"far\"\n\
+             url = \"${{WALSYNC_TEST_UNSET_MIRROR}}\"\n[[databases]]\npath = \"/data/app.db\"\n",
+            replica.display()
+        ),
+    )
+    .unwrap();
+    let list = |more: &[&str]| {
+        let mut cmd = walsync();
+        cmd.env_remove("WALSYNC_TEST_UNSET_MIRROR")
+            .args(["list", "--config", cfg(&config)])
+            .args(more);
+        run(&mut cmd)
+    };
+    let output = list(&[]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let output = list(&["--from", "far"]);
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        err.contains("mirror far") && err.contains("WALSYNC_TEST_UNSET_MIRROR"),
+        "{err}"
+    );
+    let output = run(walsync().env_remove("WALSYNC_TEST_UNSET_MIRROR").args([
+        "explain",
+        "--config",
+        cfg(&config),
+    ]));
+    assert!(
+        !output.status.success(),
+        "watch and explain need every mirror"
+    );
+
     // No configuration anywhere: --from has nothing to name.
     let empty = tempfile::tempdir().unwrap();
     let output = run(walsync()
@@ -580,4 +634,69 @@ async fn another_writer_in_the_mirror_stops_the_mirror_alone() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert_eq!(blob_rows(&out), blob_rows(&setup.db));
+}
+
+/// `[storage]` holds another writer's object where the chain's next goes
+/// while the mirror is behind (dark): the database does not stop. Once the
+/// mirror answers it starts again from a snapshot (reason `catch_up`) and
+/// restores every row; the other writer's object is left as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_writer_in_storage_while_the_mirror_is_behind_does_not_stop_the_database() {
+    use walsync::storage::Payload;
+    let setup = setup(false, "compaction = \"off\"").await;
+    let (s3, local) = (setup.s3.storage.as_ref(), setup.local.storage.as_ref());
+    let (mut app, mut child, log) = setup.start().await;
+    setup.dark(true);
+    app.insert(3, 100);
+    setup.sync_wait(&log);
+    wait_for_status(&setup.addr, "app", "the mirror behind", |d| {
+        store_lines(d)
+            .iter()
+            .any(|l| l.starts_with("mirror far behind"))
+    })
+    .await;
+    let head = objects(local, "app").await.last().unwrap().0;
+    let squatter = walsync::segment::object_key("app", head + 1);
+    let foreign = b"another writer's object".to_vec();
+    let sha: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&foreign).into();
+    local
+        .put_new(&squatter, Payload::Bytes(foreign.clone()), sha)
+        .await
+        .unwrap();
+    app.insert(3, 100);
+    wait_for_status(&setup.addr, "app", "[storage] stopped", |d| {
+        store_lines(d)
+            .iter()
+            .any(|l| l.starts_with("[storage] stopped"))
+    })
+    .await;
+    setup.dark(false);
+    wait_for_status(
+        &setup.addr,
+        "app",
+        "the mirror caught up by a snapshot",
+        |d| d["snapshots"]["catch_up"] == 1 && d["state"] != "stopped" && d["state"] != "failing",
+    )
+    .await;
+    app.insert(1, 100);
+    setup.sync_wait(&log);
+    assert!(terminate(&mut child).success(), "{}", log.text());
+    assert_eq!(
+        walsync::storage::get_bytes(local, &squatter).await.unwrap(),
+        foreign
+    );
+    app.quit();
+    let out = setup.dir.path().join("restored-far.db");
+    let mut cmd = walsync();
+    cmd.args(["restore", "--config", cfg(&setup.config), "--prefix", "app"])
+        .args(["--from", "far", "-o", cfg(&out)]);
+    with_store(&mut cmd, &setup.s3);
+    let output = run(&mut cmd);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(blob_rows(&out), blob_rows(&setup.db));
+    assert!(common::count_snapshots(s3, "app").await >= 2);
 }
