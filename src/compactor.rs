@@ -338,6 +338,7 @@ async fn pass(
             }
             Err(e) => warn!(
                 prefix = %due.prefix,
+                store = %crate::mirror::Label::of(due.store.as_deref()),
                 error = %e,
                 "deleting objects older than the exact window failed; tried again as the chain grows or after a while at rest"
             ),
@@ -414,6 +415,7 @@ async fn pass_compact(
             board.update(&due.prefix, |s| s.compaction_failures += 1);
             warn!(
                 prefix = %due.prefix,
+                store = %crate::mirror::Label::of(due.store.as_deref()),
                 error = %e,
                 "compaction failed; it is tried again as the chain grows or after a while at rest"
             );

@@ -101,8 +101,9 @@ fn respond(req: &Request<Incoming>, board: &Board) -> Response<Full<Bytes>> {
 
 /// `/health`: 503 while a database is unhealthy (one line each). A degraded
 /// database (it keeps losing continuity) is listed too, under `degraded:`,
-/// but leaves the status 200: its data is still safe, and a restart that a
-/// failing health check may trigger would not remove the cause.
+/// and a store behind or stopped under `store:`, but they leave the status
+/// 200: the data is still safe, and a restart that a failing health check
+/// may trigger would not remove the cause.
 fn health(snapshot: &Snapshot) -> Response<Full<Bytes>> {
     let unhealthy = snapshot.unhealthy();
     let degraded = snapshot.degraded();
@@ -121,6 +122,13 @@ fn health(snapshot: &Snapshot) -> Response<Full<Bytes>> {
     }
     for (prefix, why) in &snapshot.forked() {
         let _ = writeln!(body, "forked: {prefix}: {why}");
+    }
+    // Like degraded: the other stores hold the data, and a restart would
+    // not bring a store back.
+    for d in &snapshot.databases {
+        for line in &d.stores {
+            let _ = writeln!(body, "store: {}: {line}", d.prefix);
+        }
     }
     if let Some(why) = &snapshot.config.refused {
         let _ = writeln!(body, "config: edit refused: {why}");

@@ -614,6 +614,12 @@ async fn another_writer_in_the_mirror_stops_the_mirror_alone() {
     })
     .await;
     assert!(objects(local, "app").await.len() >= 4);
+    let (code, health) = crate::cli::http_get(&setup.addr, "/health");
+    assert_eq!(code, 200, "{health}");
+    assert!(
+        health.contains("store: app: mirror far stopped"),
+        "{health}"
+    );
     assert_eq!(
         walsync::storage::get_bytes(s3, &squatter).await.unwrap(),
         foreign
@@ -699,4 +705,120 @@ async fn another_writer_in_storage_while_the_mirror_is_behind_does_not_stop_the_
     );
     assert_eq!(blob_rows(&out), blob_rows(&setup.db));
     assert!(common::count_snapshots(s3, "app").await >= 2);
+}
+
+/// Two buckets, each behind its own fault proxy. `[storage]` is dark while
+/// the mirror takes every commit; walsync stops; it starts again with the
+/// mirror dark and `[storage]` back. The state record beside the database
+/// shows walsync shipped further than `[storage]` reaches, so the database
+/// waits for the mirror instead of forking the chain from `[storage]`'s
+/// shorter one; once the mirror answers, the chain goes on from it with no
+/// snapshot and `[storage]` is caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_that_cannot_list_the_store_that_reaches_furthest_waits_for_it() {
+    let (first, first_proxy) = FaultProxy::before_s3_store().await;
+    let (second, second_proxy) = FaultProxy::before_s3_store().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let config = dir.path().join("walsync.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\nurl = \"{}\"\nendpoint = \"{}\"\n[[mirrors]]\nname = \"far\"\n\
+             url = \"{}\"\nendpoint = \"{}\"\n[sync]\nsync_interval = \"100ms\"\n\
+             compaction = \"off\"\n[[databases]]\npath = \"{}\"\nprefix = \"app\"\n",
+            first.url,
+            first_proxy.endpoint,
+            second.url,
+            second_proxy.endpoint,
+            db.display()
+        ),
+    )
+    .unwrap();
+    let dark = |proxy: &FaultProxy, dark: bool| {
+        proxy.set_plan(Plan {
+            outage: dark,
+            ..Plan::healthy()
+        })
+    };
+    let watch = || {
+        let mut cmd = walsync();
+        cmd.args(["watch", "--config", cfg(&config)])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        with_store(&mut cmd, &first);
+        let mut child = common::Reaped::new(cmd.spawn().unwrap());
+        let log = LiveLog::of(&mut child);
+        (child, log)
+    };
+    let sync_wait = |log: &LiveLog| {
+        let output = run(walsync().args(["sync", "--config", cfg(&config), "--wait"]));
+        assert!(output.status.success(), "{}", log.text());
+    };
+    let (storage, mirror) = (first.storage.as_ref(), second.storage.as_ref());
+    let mut app = AppProcess::spawn(&db, AppOptions::default());
+    app.insert(20, 100);
+    let (mut child, log) = watch();
+    wait_until("both stores have the snapshot", &log, async || {
+        objects(storage, "app").await.len() == 1 && objects(mirror, "app").await.len() == 1
+    })
+    .await;
+    dark(&first_proxy, true);
+    for _ in 0..3 {
+        app.insert(3, 100);
+        sync_wait(&log);
+    }
+    assert!(terminate(&mut child).success(), "{}", log.text());
+    let shipped = objects(mirror, "app").await;
+    assert_eq!(objects(storage, "app").await.len(), 1);
+    assert!(shipped.len() > 1);
+
+    dark(&first_proxy, false);
+    dark(&second_proxy, true);
+    let (mut child, log) = watch();
+    log.wait_for("sync failed", 1).await;
+    assert_eq!(
+        objects(storage, "app").await.len(),
+        1,
+        "nothing written to [storage]"
+    );
+    dark(&second_proxy, false);
+    wait_until("[storage] caught up from the mirror", &log, async || {
+        objects(storage, "app").await == objects(mirror, "app").await
+    })
+    .await;
+    app.insert(1, 100);
+    sync_wait(&log);
+    assert!(terminate(&mut child).success(), "{}", log.text());
+    let text = log.text();
+    assert_eq!(log.count("taking a snapshot"), 0, "{text}");
+    assert!(objects(mirror, "app").await.len() > shipped.len());
+    assert_eq!(objects(storage, "app").await, objects(mirror, "app").await);
+    app.quit();
+    for (from, store) in [(None, &first), (Some("far"), &second)] {
+        let out = dir
+            .path()
+            .join(format!("restored-{}.db", from.unwrap_or("storage")));
+        let mut cmd = walsync();
+        cmd.args([
+            "restore",
+            "--config",
+            cfg(&config),
+            "--prefix",
+            "app",
+            "-o",
+            cfg(&out),
+        ]);
+        if let Some(name) = from {
+            cmd.args(["--from", name]);
+        }
+        with_store(&mut cmd, store);
+        let output = run(&mut cmd);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(blob_rows(&out), blob_rows(&db), "restored from {from:?}");
+    }
 }
