@@ -47,11 +47,46 @@ fn store_lines(d: &serde_json::Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// `walsync restore` of `app` with `config`, from `[storage]` or the mirror
+/// `from` (reached with `store`'s credentials), into a file beside the
+/// configuration: it must hold the rows of `db`.
+fn restored_equal(
+    config: &std::path::Path,
+    store: &TestStore,
+    from: Option<&str>,
+    db: &std::path::Path,
+) {
+    let name = from.unwrap_or("storage");
+    let out = config.with_file_name(format!("restored-{name}.db"));
+    let mut cmd = walsync();
+    cmd.args([
+        "restore",
+        "--config",
+        cfg(config),
+        "--prefix",
+        "app",
+        "--force",
+    ])
+    .args(["-o", cfg(&out)]);
+    if let Some(name) = from {
+        cmd.args(["--from", name]);
+    }
+    with_store(&mut cmd, store);
+    let output = run(&mut cmd);
+    assert!(
+        output.status.success(),
+        "restore from {name}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(blob_rows(&out), blob_rows(db), "restored from {name}");
+}
+
 struct Setup {
     s3: TestStore,
     proxy: FaultProxy,
     local: TestStore,
-    dir: tempfile::TempDir,
+    /// Holds the database and the configuration until the test ends.
+    _dir: tempfile::TempDir,
     db: std::path::PathBuf,
     config: std::path::PathBuf,
     addr: String,
@@ -85,7 +120,7 @@ async fn setup(s3_first: bool, sync: &str) -> Setup {
         s3,
         proxy,
         local,
-        dir,
+        _dir: dir,
         db,
         config,
         addr,
@@ -158,28 +193,7 @@ impl Setup {
     /// the source's rows.
     fn restore_from_both(&self) {
         for from in [None, Some("far")] {
-            let out = self
-                .dir
-                .path()
-                .join(format!("restored-{}.db", from.unwrap_or("storage")));
-            let mut cmd = walsync();
-            cmd.args(["restore", "--config", cfg(&self.config), "--prefix", "app"])
-                .args(["-o", cfg(&out)]);
-            if let Some(name) = from {
-                cmd.args(["--from", name]);
-            }
-            with_store(&mut cmd, &self.s3);
-            let output = run(&mut cmd);
-            assert!(
-                output.status.success(),
-                "restore from {from:?}: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-            assert_eq!(
-                blob_rows(&out),
-                blob_rows(&self.db),
-                "restored from {from:?}"
-            );
+            restored_equal(&self.config, &self.s3, from, &self.db);
         }
     }
 }
@@ -630,16 +644,7 @@ async fn another_writer_in_the_mirror_stops_the_mirror_alone() {
             .contains("another writer owns this prefix in this store")
     );
     app.quit();
-    let out = setup.dir.path().join("restored.db");
-    let output = run(walsync()
-        .args(["restore", "--config", cfg(&setup.config), "--prefix", "app"])
-        .args(["-o", cfg(&out)]));
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert_eq!(blob_rows(&out), blob_rows(&setup.db));
+    restored_equal(&setup.config, &setup.s3, None, &setup.db);
 }
 
 /// `[storage]` holds another writer's object where the chain's next goes
@@ -692,18 +697,7 @@ async fn another_writer_in_storage_while_the_mirror_is_behind_does_not_stop_the_
         foreign
     );
     app.quit();
-    let out = setup.dir.path().join("restored-far.db");
-    let mut cmd = walsync();
-    cmd.args(["restore", "--config", cfg(&setup.config), "--prefix", "app"])
-        .args(["--from", "far", "-o", cfg(&out)]);
-    with_store(&mut cmd, &setup.s3);
-    let output = run(&mut cmd);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert_eq!(blob_rows(&out), blob_rows(&setup.db));
+    restored_equal(&setup.config, &setup.s3, Some("far"), &setup.db);
     assert!(common::count_snapshots(s3, "app").await >= 2);
 }
 
@@ -796,29 +790,6 @@ async fn a_start_that_cannot_list_the_store_that_reaches_furthest_waits_for_it()
     assert_eq!(objects(storage, "app").await, objects(mirror, "app").await);
     app.quit();
     for (from, store) in [(None, &first), (Some("far"), &second)] {
-        let out = dir
-            .path()
-            .join(format!("restored-{}.db", from.unwrap_or("storage")));
-        let mut cmd = walsync();
-        cmd.args([
-            "restore",
-            "--config",
-            cfg(&config),
-            "--prefix",
-            "app",
-            "-o",
-            cfg(&out),
-        ]);
-        if let Some(name) = from {
-            cmd.args(["--from", name]);
-        }
-        with_store(&mut cmd, store);
-        let output = run(&mut cmd);
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        assert_eq!(blob_rows(&out), blob_rows(&db), "restored from {from:?}");
+        restored_equal(&config, store, from, &db);
     }
 }
