@@ -130,6 +130,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken, hooks: Hooks) -> Resul
         to_close: VecDeque::new(),
         waiting_room: VecDeque::new(),
         in_flight: JoinSet::new(),
+        job_of: HashMap::new(),
         rescan_at: None,
         config_text,
         config_parsed: true,
@@ -180,6 +181,10 @@ struct Fleet {
     /// Syncs that would open a database, held back while at the budget.
     waiting_room: VecDeque<usize>,
     in_flight: JoinSet<Done>,
+    /// The database of each job in flight, so that one whose task panicked
+    /// is handed back (and reopened by its next sync) instead of being left
+    /// marked as running for good.
+    job_of: HashMap<tokio::task::Id, usize>,
     /// A rescan is due at this time (events are debounced).
     rescan_at: Option<Instant>,
     /// The configuration text last applied.
@@ -244,10 +249,22 @@ impl Fleet {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return,
-                Some(done) = self.in_flight.join_next(), if !self.in_flight.is_empty() => {
+                Some(done) = self.in_flight.join_next_with_id(), if !self.in_flight.is_empty() => {
                     match done {
-                        Ok(done) => self.finished(done),
-                        Err(e) => error!(error = %e, "a sync task failed"),
+                        Ok((task, done)) => {
+                            self.job_of.remove(&task);
+                            self.finished(done);
+                        }
+                        Err(e) => {
+                            error!(error = %e, "a sync task failed; its database is opened again");
+                            let id = self.job_of.remove(&e.id()).unwrap_or(usize::MAX);
+                            let path = self.slots.get(&id).map(|s| s.spec.path.clone());
+                            let failed = replica::Error::Worker {
+                                path: path.unwrap_or_default(),
+                                message: format!("the sync task failed: {e}"),
+                            };
+                            self.finished((id, None, Err(failed)));
+                        }
                     }
                 }
                 Some(msg) = rx.recv() => match msg {
@@ -621,7 +638,7 @@ impl Fleet {
                 .flatten(),
             _ => None,
         };
-        self.in_flight.spawn(async move {
+        let task = self.in_flight.spawn(async move {
             let mut replica = match replica {
                 Some(r) => r,
                 None => match spec.open(listed).await {
@@ -632,6 +649,7 @@ impl Fleet {
             let result = replica.sync().await;
             (id, Some(replica), result)
         });
+        self.job_of.insert(task.id(), id);
     }
 
     /// Closes an open database at rest (shipping its last frames and sealing
@@ -658,10 +676,11 @@ impl Fleet {
         self.holding.set_job(&mut slot.job, Job::Close);
         slot.jobs_started += 1;
         let mut replica = replica;
-        self.in_flight.spawn(async move {
+        let task = self.in_flight.spawn(async move {
             let result = replica.detach().await.map(|_| SyncReport::default());
             (id, Some(replica), result)
         });
+        self.job_of.insert(task.id(), id);
     }
 
     /// With many databases on one storage, one listing of the whole storage

@@ -2513,3 +2513,83 @@ async fn a_time_restore_lists_again_when_an_object_it_reads_has_gone() {
         assert_eq!(&rows(&out), want, "{kind}");
     }
 }
+
+/// A store whose first listing panics: a bug anywhere in a sync task.
+#[derive(Debug)]
+struct PanicsOnce {
+    inner: Arc<dyn Storage>,
+    panicked: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl Storage for PanicsOnce {
+    async fn put_new(&self, key: &str, body: Payload, sha256: [u8; 32]) -> storage::Result<()> {
+        self.inner.put_new(key, body, sha256).await
+    }
+    async fn get(&self, key: &str) -> storage::Result<storage::ObjectReader> {
+        self.inner.get(key).await
+    }
+    async fn list(&self, prefix: &str) -> storage::Result<Vec<storage::ObjectMeta>> {
+        let first = !self
+            .panicked
+            .swap(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(!first, "a listing that panics, as a bug would");
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, key: &str) -> storage::Result<()> {
+        self.inner.delete(key).await
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// The task syncing a database panics (its first open lists a store that
+/// panics): `watch` does not leave that database marked as syncing for good
+/// but opens it again at its next sync, and it is replicated; the panic is
+/// logged as a failed sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_task_that_panics_is_opened_again_and_replicates() {
+    use walsync::replicator::{self, DbSpec, Plan};
+    let store = common::fs_store();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let conn = common::create_db(&db, 10);
+    let storage: Arc<dyn Storage> = Arc::new(PanicsOnce {
+        inner: store.storage.clone(),
+        panicked: std::sync::atomic::AtomicBool::new(false),
+    });
+    let plan = Plan::Fixed {
+        specs: vec![DbSpec {
+            path: db.clone(),
+            prefix: "app".into(),
+            storage,
+            sync: common::replica_opts(),
+        }],
+        watch: walsync::config::WatchSettings::default(),
+    };
+    let token = tokio_util::sync::CancellationToken::new();
+    let board = walsync::status::Board::default();
+    let run = tokio::spawn(replicator::run(
+        plan,
+        token.clone(),
+        replicator::Hooks {
+            board: board.clone(),
+            ..replicator::Hooks::default()
+        },
+    ));
+    common::wait_for_objects(&store, "app", 1, String::new).await;
+    conn.execute("INSERT INTO t(v) VALUES ('after the panic')", [])
+        .unwrap();
+    common::wait_for_objects(&store, "app", 2, String::new).await;
+    let status = board.snapshot();
+    let app = status.databases.iter().find(|d| d.prefix == "app").unwrap();
+    assert_eq!(app.errors.get("worker"), Some(&1), "{app:?}");
+    token.cancel();
+    run.await.unwrap().unwrap();
+    let out = dir.path().join("restored.db");
+    common::restore(&store, "app", &out, restore::Target::Latest, None)
+        .await
+        .unwrap();
+    assert_eq!(common::rows(&out), common::rows(&db));
+}
