@@ -235,17 +235,19 @@ impl Replica {
         storage: Arc<dyn Storage>,
         opts: SyncOptions,
     ) -> Result<Self> {
-        Self::open_listed(path, prefix, storage, opts, None).await
+        Self::open_listed(path, prefix, storage, opts, Vec::new()).await
     }
 
     /// Like [`Replica::open`], with the prefix's objects already listed (a
-    /// fleet lists its whole storage once at start instead of once per database).
+    /// fleet lists each of its stores once at start instead of once per
+    /// database): `listed[i]` for store `i` (`0`: `[storage]`, then the
+    /// mirrors), `None` (or missing) where the store is to be listed here.
     pub async fn open_listed(
         path: &Path,
         prefix: &str,
         storage: Arc<dyn Storage>,
         opts: SyncOptions,
-        listed: Option<Vec<chain::ObjectRef>>,
+        listed: Vec<Option<Vec<chain::ObjectRef>>>,
     ) -> Result<Self> {
         let owned = path.to_path_buf();
         let record_path =
@@ -286,13 +288,14 @@ impl Replica {
         Ok(replica)
     }
 
-    async fn load_head(&mut self, listed: Option<Vec<chain::ObjectRef>>) -> Result<()> {
-        let (objects, lead) = match listed {
-            Some(objects) if self.stores.is_single() => (objects, 0),
-            None if self.stores.is_single() => {
-                (chain::list(self.storage.as_ref(), &self.prefix).await?, 0)
+    async fn load_head(&mut self, listed: Vec<Option<Vec<chain::ObjectRef>>>) -> Result<()> {
+        let (objects, lead) = if self.stores.is_single() {
+            match listed.into_iter().next().flatten() {
+                Some(objects) => (objects, 0),
+                None => (chain::list(self.storage.as_ref(), &self.prefix).await?, 0),
             }
-            listed => self.list_stores(listed).await?,
+        } else {
+            self.list_stores(listed).await?
         };
         let storage = self.stores.storage(lead);
         let Some(newest) = objects.last().map(|o| o.seq) else {
@@ -394,7 +397,7 @@ impl Replica {
     /// listing is returned with its index.
     async fn list_stores(
         &mut self,
-        listed: Option<Vec<chain::ObjectRef>>,
+        listed: Vec<Option<Vec<chain::ObjectRef>>>,
     ) -> Result<(Vec<chain::ObjectRef>, usize)> {
         // All at once, each bounded: a store that does not answer is listed
         // again once it does (it is behind meanwhile), so it never holds
@@ -402,7 +405,7 @@ impl Replica {
         let lists = self.stores.iter().enumerate().map(|(i, store)| {
             let storage = store.storage.clone();
             let prefix = self.prefix.clone();
-            let listed = if i == 0 { listed.clone() } else { None };
+            let listed = listed.get(i).cloned().flatten();
             async move {
                 if let Some(objects) = listed {
                     return Ok(objects);

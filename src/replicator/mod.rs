@@ -209,13 +209,14 @@ struct Fleet {
     compactor: Compactor,
 }
 
-/// The storage listed once at start: when, the tips of the chains by prefix
-/// (see [`tips::Tips::found`]), and the prefixes whose first open used it.
-type StartListing = (
-    Instant,
-    HashMap<String, Option<Vec<ObjectRef>>>,
-    HashSet<String>,
-);
+/// The stores listed once at start: when, the tips of the chains by prefix
+/// (see [`tips::Tips::found`]) for each store (`[storage]`, then the
+/// mirrors; `None` for one whose listing failed), and the prefixes whose
+/// first open used it.
+type StartListing = (Instant, Vec<Option<Tips>>, HashSet<String>);
+
+/// One store's tips by prefix.
+type Tips = HashMap<String, Option<Vec<ObjectRef>>>;
 
 /// Fleets at least this big list their storage once at start rather than
 /// once per database.
@@ -632,11 +633,21 @@ impl Fleet {
         let spec = slot.spec.clone();
         // Only a first open uses the start-up listing: a retry lists again.
         let listed = match &mut self.listing {
-            Some((at, tips, used)) if replica.is_none() && at.elapsed() < LISTING_FRESH => used
-                .insert(spec.prefix.clone())
-                .then(|| tips.remove(&spec.prefix).unwrap_or(Some(Vec::new())))
-                .flatten(),
-            _ => None,
+            Some((at, stores, used)) if replica.is_none() && at.elapsed() < LISTING_FRESH => {
+                if used.insert(spec.prefix.clone()) {
+                    // A prefix a listing did not find has no chain in that store.
+                    stores
+                        .iter_mut()
+                        .map(|tips| {
+                            let tips = tips.as_mut()?;
+                            tips.remove(&spec.prefix).unwrap_or(Some(Vec::new()))
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                }
+            }
+            _ => Vec::new(),
         };
         let task = self.in_flight.spawn(async move {
             let mut replica = match replica {
@@ -686,30 +697,40 @@ impl Fleet {
     /// With many databases on one storage, one listing of the whole storage
     /// (a request per thousand objects) replaces one listing per database.
     async fn list_storage(&mut self, databases: usize) {
-        let Plan::Config { storage, .. } = &self.plan else {
+        let Plan::Config {
+            storage, mirrors, ..
+        } = &self.plan
+        else {
             return;
         };
         if databases < LIST_ONCE_FROM {
             return;
         }
-        match tips::list_tips(storage.as_ref()).await {
-            Ok(listed) => {
-                info!(
-                    databases = listed.found.len(),
-                    "listed storage once for the start-up"
-                );
-                for (name, why) in &listed.refused {
-                    warn!(name = ?name, why, "ignoring a database name in storage that is not valid");
+        let stores = std::iter::once((None, storage))
+            .chain(mirrors.iter().map(|m| (Some(m.name.as_str()), &m.storage)));
+        let mut listed = Vec::new();
+        for (name, storage) in stores {
+            let store = crate::mirror::Label::of(name);
+            listed.push(match tips::list_tips(storage.as_ref()).await {
+                Ok(found) => {
+                    info!(
+                        %store,
+                        databases = found.found.len(),
+                        "listed the store once for the start-up"
+                    );
+                    for (name, why) in &found.refused {
+                        warn!(%store, name = ?name, why, "ignoring a database name in storage that is not valid");
+                    }
+                    Some(found.found.into_iter().map(|f| (f.name, f.tips)).collect())
                 }
-                self.listing = Some((
-                    Instant::now(),
-                    listed.found.into_iter().map(|f| (f.name, f.tips)).collect(),
-                    HashSet::new(),
-                ));
-            }
-            Err(e) => {
-                warn!(error = %e, "listing storage failed; each database lists its own prefix")
-            }
+                Err(e) => {
+                    warn!(%store, error = %e, "listing the store failed; each database lists its own prefix there");
+                    None
+                }
+            });
+        }
+        if listed.iter().any(Option::is_some) {
+            self.listing = Some((Instant::now(), listed, HashSet::new()));
         }
     }
 

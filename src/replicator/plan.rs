@@ -14,7 +14,12 @@ pub struct DbSpec {
 }
 
 impl DbSpec {
-    pub(super) async fn open(&self, listed: Option<Vec<ObjectRef>>) -> replica::Result<Replica> {
+    /// `listed[i]`: store `i`'s objects of this prefix from the start-up
+    /// listing, where it had them.
+    pub(super) async fn open(
+        &self,
+        listed: Vec<Option<Vec<ObjectRef>>>,
+    ) -> replica::Result<Replica> {
         Replica::open_listed(
             &self.path,
             &self.prefix,

@@ -89,7 +89,7 @@ impl Fleet {
                     let mut replica = match replica {
                         Some(r) => r,
                         None if !spec.path.exists() => return (name, Ok(SyncReport::default())),
-                        None => match spec.open(None).await {
+                        None => match spec.open(Vec::new()).await {
                             Ok(r) => r,
                             Err(e) => return (name, Err(e)),
                         },

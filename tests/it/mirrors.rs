@@ -793,3 +793,80 @@ async fn a_start_that_cannot_list_the_store_that_reaches_furthest_waits_for_it()
         restored_equal(&config, store, from, &db);
     }
 }
+
+/// A fleet (40 databases, past the size from which `watch` lists each store
+/// once at start) with a mirror: the mirror is listed once for all of them,
+/// not once per database, and every database reaches both stores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_lists_its_mirror_once_at_start() {
+    const DATABASES: usize = 40;
+    let (s3, proxy) = FaultProxy::before_s3_store().await;
+    let local = common::fs_store();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("tenants");
+    std::fs::create_dir_all(&data).unwrap();
+    for i in 0..DATABASES {
+        drop(common::create_db(&data.join(format!("t{i:02}.db")), 3));
+    }
+    let config = dir.path().join("walsync.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\nurl = \"{}\"\n[[mirrors]]\nname = \"far\"\nurl = \"{}\"\nendpoint = \"{}\"\n\
+             [sync]\ncompaction = \"off\"\n[[databases]]\ndir = \"{}\"\nprefix = \"tenants/{{name}}\"\n",
+            local.url,
+            s3.url,
+            proxy.endpoint,
+            data.display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = walsync();
+    cmd.args(["watch", "--config", cfg(&config)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    with_store(&mut cmd, &s3);
+    let mut child = common::Reaped::new(cmd.spawn().unwrap());
+    let log = LiveLog::of(&mut child);
+    let (mirror, storage) = (s3.storage.as_ref(), local.storage.as_ref());
+    wait_until("every database in both stores", &log, async || {
+        for i in 0..DATABASES {
+            let prefix = format!("tenants/t{i:02}");
+            if objects(mirror, &prefix).await.is_empty()
+                || objects(storage, &prefix).await.is_empty()
+            {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    let lists = Counts::get(&proxy.counts().lists);
+    assert!(terminate(&mut child).success(), "{}", log.text());
+    // The start-up check lists once, the start-up listing once (an empty
+    // bucket is one page): never a listing per database.
+    assert!(
+        lists <= 4,
+        "{lists} listings of the mirror:\n{}",
+        log.text()
+    );
+    assert_eq!(log.count("listed the store once for the start-up"), 2);
+    let out = dir.path().join("t07.restored.db");
+    let mut cmd = walsync();
+    cmd.args([
+        "restore",
+        "--config",
+        cfg(&config),
+        "--prefix",
+        "tenants/t07",
+    ])
+    .args(["--from", "far", "-o", cfg(&out)]);
+    with_store(&mut cmd, &s3);
+    let output = run(&mut cmd);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(common::rows(&out), common::rows(&data.join("t07.db")));
+}
