@@ -28,14 +28,13 @@ use std::time::{Duration, Instant};
 
 use futures_util::FutureExt as _;
 use sha2::Digest as _;
-use tokio::io::AsyncReadExt;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use crate::chain::{self, ObjectRef};
 use crate::segment::{self, Kind};
 use crate::state::Head;
-use crate::storage::{self, Payload, SpoolWriter, Storage};
+use crate::storage::{self, Payload, Storage};
 
 /// Another store every object of every database also goes to.
 #[derive(Debug, Clone)]
@@ -842,17 +841,13 @@ async fn copy_chain(
         }
         prev_hash = Some(hash);
         bytes += payload.len();
+        // A store answers a put of the object it holds already as written
+        // (S3 by the hash beside it, a directory by its bytes).
         match target.put_new(&object.key, payload, hash).await {
             Ok(()) => {}
-            // A store that keeps no hash beside its objects (a directory)
-            // says so of one it has already: read it to tell.
-            Err(storage::Error::AlreadyExists { key }) => match fetch(target, object).await {
-                Ok((_, _, found)) if found == hash => {}
-                Ok(_) | Err(Copy::Gone(_)) => {
-                    return Copy::Taken(format!("object {key} already exists with other content"));
-                }
-                Err(e) => return e,
-            },
+            Err(storage::Error::AlreadyExists { key }) => {
+                return Copy::Taken(format!("object {key} already exists with other content"));
+            }
             Err(e) => return Copy::Target(e.to_string()),
         }
         if let Some(mark) = &object.mark {
@@ -873,38 +868,30 @@ async fn copy_chain(
     }
 }
 
-/// Reads one object whole, checking its content hash as it streams.
+/// Reads one object whole into a temp file, checking its content hash as
+/// it streams.
 async fn fetch(
     source: &dyn Storage,
     object: &ObjectRef,
 ) -> Result<(Payload, segment::Header, [u8; 32]), Copy> {
-    let mut reader = match source.get(&object.key).await {
-        Ok(r) => r,
-        Err(storage::Error::NotFound { key }) => {
-            return Err(Copy::Gone(format!("object {key} went while copying")));
+    let (file, (header, hash)) = match chain::spool_object(source, &object.key, None).await {
+        Ok(spooled) => spooled,
+        Err(e) if e.is_not_found() => {
+            return Err(Copy::Gone(format!(
+                "object {} went while copying",
+                object.key
+            )));
         }
+        Err(e @ chain::Error::Segment { .. }) => {
+            error!(key = %object.key, error = %e, "an object in storage is damaged; run walsync verify");
+            return Err(Copy::Gone(e.to_string()));
+        }
+        Err(e @ chain::Error::Local { .. }) => return Err(Copy::Target(e.to_string())),
         Err(e) => return Err(Copy::Source(e.to_string())),
     };
-    let mut check = segment::Check::default();
-    let mut spool = SpoolWriter::new();
-    let mut buf = vec![0u8; 256 << 10];
-    loop {
-        let n = match reader.read(&mut buf).await {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) => return Err(Copy::Source(format!("reading {}: {e}", object.key))),
-        };
-        check.update(&buf[..n]);
-        if let Err(e) = std::io::Write::write_all(&mut spool, &buf[..n]) {
-            return Err(Copy::Target(format!("spooling {}: {e}", object.key)));
-        }
-    }
-    let (header, hash) = check.finish().map_err(|e| {
-        error!(key = %object.key, error = %e, "an object in storage is damaged; run walsync verify");
-        Copy::Gone(format!("object {} is damaged: {e}", object.key))
-    })?;
-    let payload = spool
-        .finish()
-        .map_err(|e| Copy::Target(format!("spooling {}: {e}", object.key)))?;
-    Ok((payload, header, hash))
+    let len = file
+        .metadata()
+        .map_err(|e| Copy::Target(format!("spooling {}: {e}", object.key)))?
+        .len();
+    Ok((Payload::File { file, len }, header, hash))
 }

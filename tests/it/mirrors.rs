@@ -47,6 +47,33 @@ fn store_lines(d: &serde_json::Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// `walsync watch --config CONFIG`, with `store`'s credentials, its log read
+/// as it comes.
+fn watch_logged(config: &std::path::Path, store: &TestStore) -> (common::Reaped, LiveLog) {
+    let mut cmd = walsync();
+    cmd.args(["watch", "--config", cfg(config)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    with_store(&mut cmd, store);
+    let mut child = common::Reaped::new(cmd.spawn().unwrap());
+    let log = LiveLog::of(&mut child);
+    (child, log)
+}
+
+/// `walsync sync --wait` of the running `watch`, failing if it takes longer
+/// than `timeout`: every commit so far is in a store.
+fn sync_wait_within(config: &std::path::Path, log: &LiveLog, timeout: &str) {
+    let output = run(walsync()
+        .args(["sync", "--config", cfg(config), "--wait"])
+        .args(["--timeout", timeout]));
+    assert!(
+        output.status.success(),
+        "sync --wait: {}{}",
+        String::from_utf8_lossy(&output.stderr),
+        log.text()
+    );
+}
+
 /// `walsync restore` of `app` with `config`, from `[storage]` or the mirror
 /// `from` (reached with `store`'s credentials), into a file beside the
 /// configuration: it must hold the rows of `db`.
@@ -143,24 +170,7 @@ impl Setup {
     }
 
     fn watch(&self) -> (common::Reaped, LiveLog) {
-        self.watch_with(&[])
-    }
-
-    /// `watch --keep-retrying`: starts although a store refuses its check.
-    fn watch_keep_retrying(&self) -> (common::Reaped, LiveLog) {
-        self.watch_with(&["--keep-retrying"])
-    }
-
-    fn watch_with(&self, more: &[&str]) -> (common::Reaped, LiveLog) {
-        let mut cmd = walsync();
-        cmd.args(["watch", "--config", cfg(&self.config)])
-            .args(more)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        with_store(&mut cmd, &self.s3);
-        let mut child = common::Reaped::new(cmd.spawn().unwrap());
-        let log = LiveLog::of(&mut child);
-        (child, log)
+        watch_logged(&self.config, &self.s3)
     }
 
     /// The bucket resets every request (`true`), or answers again.
@@ -173,20 +183,7 @@ impl Setup {
 
     /// `walsync sync --wait`: every commit so far is in a store.
     fn sync_wait(&self, log: &LiveLog) {
-        self.sync_wait_within(log, "60s");
-    }
-
-    /// The same, failing if it takes longer than `timeout`.
-    fn sync_wait_within(&self, log: &LiveLog, timeout: &str) {
-        let output = run(walsync()
-            .args(["sync", "--config", cfg(&self.config), "--wait"])
-            .args(["--timeout", timeout]));
-        assert!(
-            output.status.success(),
-            "sync --wait: {}{}",
-            String::from_utf8_lossy(&output.stderr),
-            log.text()
-        );
+        sync_wait_within(&self.config, log, "60s");
     }
 
     /// Restores `app` from `[storage]` and from the mirror; each must equal
@@ -510,7 +507,7 @@ async fn a_mirror_that_hangs_never_holds_back_storage() {
     // through (20 s): nothing waits for it.
     for _ in 0..3 {
         app.insert(3, 100);
-        setup.sync_wait_within(&log, "10s");
+        sync_wait_within(&setup.config, &log, "10s");
     }
     assert!(objects(local, "app").await.len() >= 4);
     assert!(
@@ -540,7 +537,7 @@ async fn a_mirror_dark_at_start_is_listed_and_caught_up_later() {
     let mut app = AppProcess::spawn(&setup.db, AppOptions::default());
     app.insert(20, 100);
     setup.dark(true);
-    let (mut child, log) = setup.watch_keep_retrying();
+    let (mut child, log) = setup.watch();
     wait_until("[storage] has the snapshot", &log, async || {
         !objects(local, "app").await.is_empty()
     })
@@ -735,20 +732,8 @@ async fn a_start_that_cannot_list_the_store_that_reaches_furthest_waits_for_it()
             ..Plan::healthy()
         })
     };
-    let watch = || {
-        let mut cmd = walsync();
-        cmd.args(["watch", "--config", cfg(&config)])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        with_store(&mut cmd, &first);
-        let mut child = common::Reaped::new(cmd.spawn().unwrap());
-        let log = LiveLog::of(&mut child);
-        (child, log)
-    };
-    let sync_wait = |log: &LiveLog| {
-        let output = run(walsync().args(["sync", "--config", cfg(&config), "--wait"]));
-        assert!(output.status.success(), "{}", log.text());
-    };
+    let watch = || watch_logged(&config, &first);
+    let sync_wait = |log: &LiveLog| sync_wait_within(&config, log, "60s");
     let (storage, mirror) = (first.storage.as_ref(), second.storage.as_ref());
     let mut app = AppProcess::spawn(&db, AppOptions::default());
     app.insert(20, 100);
@@ -821,13 +806,7 @@ async fn a_fleet_lists_its_mirror_once_at_start() {
         ),
     )
     .unwrap();
-    let mut cmd = walsync();
-    cmd.args(["watch", "--config", cfg(&config)])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    with_store(&mut cmd, &s3);
-    let mut child = common::Reaped::new(cmd.spawn().unwrap());
-    let log = LiveLog::of(&mut child);
+    let (mut child, log) = watch_logged(&config, &s3);
     let (mirror, storage) = (s3.storage.as_ref(), local.storage.as_ref());
     wait_until("every database in both stores", &log, async || {
         for i in 0..DATABASES {

@@ -1263,15 +1263,18 @@ async fn follow_keeps_a_replica_current_readers_see_whole_transactions_and_it_re
     }
 }
 
-/// Storage whose next put fails once, as a network error would.
+/// Storage with a fault injected once: its next put fails, as a network
+/// error would (`fail`), or its next listing panics, as a bug anywhere in a
+/// sync task would (`panic_listing`).
 #[derive(Debug)]
-struct FailNextPut {
+struct InjectOnce {
     inner: Arc<dyn Storage>,
     fail: std::sync::atomic::AtomicBool,
+    panic_listing: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait::async_trait]
-impl Storage for FailNextPut {
+impl Storage for InjectOnce {
     async fn put_new(&self, key: &str, body: Payload, sha256: [u8; 32]) -> storage::Result<()> {
         if self.fail.swap(false, std::sync::atomic::Ordering::SeqCst) {
             return Err(storage::Error::Io {
@@ -1285,6 +1288,10 @@ impl Storage for FailNextPut {
         self.inner.get(key).await
     }
     async fn list(&self, prefix: &str) -> storage::Result<Vec<storage::ObjectMeta>> {
+        let panic = self
+            .panic_listing
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
+        assert!(!panic, "a listing that panics, as a bug would");
         self.inner.list(prefix).await
     }
     async fn delete(&self, key: &str) -> storage::Result<()> {
@@ -1302,9 +1309,10 @@ async fn a_key_change_never_mixes_keys_and_a_lost_key_never_ships_plaintext() {
         let db = db_in(&dir, "rotating.db");
         let mut app = app_process(&db, 4096);
         insert(&mut app, 20, 100);
-        let flaky = Arc::new(FailNextPut {
+        let flaky = Arc::new(InjectOnce {
             inner: store.storage.clone(),
             fail: std::sync::atomic::AtomicBool::new(true),
+            panic_listing: std::sync::atomic::AtomicBool::new(false),
         });
         let with = |keys| SyncOptions {
             encryption: keys,
@@ -2514,36 +2522,6 @@ async fn a_time_restore_lists_again_when_an_object_it_reads_has_gone() {
     }
 }
 
-/// A store whose first listing panics: a bug anywhere in a sync task.
-#[derive(Debug)]
-struct PanicsOnce {
-    inner: Arc<dyn Storage>,
-    panicked: std::sync::atomic::AtomicBool,
-}
-
-#[async_trait::async_trait]
-impl Storage for PanicsOnce {
-    async fn put_new(&self, key: &str, body: Payload, sha256: [u8; 32]) -> storage::Result<()> {
-        self.inner.put_new(key, body, sha256).await
-    }
-    async fn get(&self, key: &str) -> storage::Result<storage::ObjectReader> {
-        self.inner.get(key).await
-    }
-    async fn list(&self, prefix: &str) -> storage::Result<Vec<storage::ObjectMeta>> {
-        let first = !self
-            .panicked
-            .swap(true, std::sync::atomic::Ordering::SeqCst);
-        assert!(!first, "a listing that panics, as a bug would");
-        self.inner.list(prefix).await
-    }
-    async fn delete(&self, key: &str) -> storage::Result<()> {
-        self.inner.delete(key).await
-    }
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-}
-
 /// The task syncing a database panics (its first open lists a store that
 /// panics): `watch` does not leave that database marked as syncing for good
 /// but opens it again at its next sync, and it is replicated; the panic is
@@ -2555,9 +2533,10 @@ async fn a_sync_task_that_panics_is_opened_again_and_replicates() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("app.db");
     let conn = common::create_db(&db, 10);
-    let storage: Arc<dyn Storage> = Arc::new(PanicsOnce {
+    let storage: Arc<dyn Storage> = Arc::new(InjectOnce {
         inner: store.storage.clone(),
-        panicked: std::sync::atomic::AtomicBool::new(false),
+        fail: std::sync::atomic::AtomicBool::new(false),
+        panic_listing: std::sync::atomic::AtomicBool::new(true),
     });
     let plan = Plan::Fixed {
         specs: vec![DbSpec {
