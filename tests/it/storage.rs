@@ -393,6 +393,58 @@ async fn a_directory_takes_the_same_bytes_again_and_refuses_others() {
     assert!(read_all(s, "again/big").await == big);
 }
 
+/// A spooled body becomes a directory's object by a link where the spool is
+/// on the directory's filesystem, not by a copy; written to two directories
+/// at once, only one of them gets the spool itself, so the stores never
+/// share a file.
+#[tokio::test]
+async fn a_spooled_body_is_linked_into_one_directory_and_copied_into_another() {
+    use std::os::unix::fs::MetadataExt;
+    let (a, b) = (common::fs_store(), common::fs_store());
+    let root = |s: &common::TestStore| {
+        std::path::PathBuf::from(s.url.strip_prefix("file://").expect("a file:// url"))
+    };
+    let big = pseudo_random(9 * 1024 * 1024, 11);
+    let body = spooled(&big);
+    let Payload::File { file, .. } = &body else {
+        unreachable!("spooled() checks it is a file")
+    };
+    let spool = file.metadata().unwrap();
+    let (first, second) = tokio::join!(
+        a.storage
+            .put_new("link/big", body.try_clone().unwrap(), sha(&big)),
+        b.storage
+            .put_new("link/big", body.try_clone().unwrap(), sha(&big)),
+    );
+    first.unwrap();
+    second.unwrap();
+    let objects = [&a, &b].map(|s| std::fs::metadata(root(s).join("link/big")).unwrap());
+    for object in &objects {
+        assert_eq!(object.nlink(), 1, "no temp name is left behind");
+    }
+    let linked = objects.iter().filter(|o| o.ino() == spool.ino()).count();
+    if spool.dev() == objects[0].dev() {
+        assert_eq!(
+            linked, 1,
+            "the spool is one store's object, the other a copy"
+        );
+    } else {
+        assert_eq!(linked, 0, "across filesystems the body is copied");
+    }
+    assert!(read_all(&*a.storage, "link/big").await == big);
+    assert!(read_all(&*b.storage, "link/big").await == big);
+    // The other store's copy is its own: a later put of other bytes to
+    // either is refused, and neither changes.
+    let mut changed = big.clone();
+    changed[1] ^= 1;
+    assert!(matches!(
+        a.storage
+            .put_new("link/big", spooled(&changed), sha(&changed))
+            .await,
+        Err(Error::AlreadyExists { .. })
+    ));
+}
+
 /// A put whose first attempt landed (lost response, retry) is recognised by its sha256.
 #[tokio::test]
 async fn s3_replayed_put_with_same_sha_is_ok() {
