@@ -190,6 +190,12 @@ pub struct Replica {
     newest_snapshot: Option<u64>,
     /// Why the next sync must start with a snapshot.
     need_snapshot: Option<SnapshotReason>,
+    /// The continuity loss in `need_snapshot` was found when the database
+    /// was opened. If every page then equals what was shipped, nothing was
+    /// lost (the file was restored, or the app checkpointed while walsync
+    /// was stopped): it is not counted, so a restore-then-watch start does
+    /// not count towards a degraded database.
+    loss_at_open: bool,
     /// Encoded but not yet durable: retried byte for byte.
     pending: Option<Encoded<Object>>,
     last_checkpoint: Instant,
@@ -271,6 +277,7 @@ impl Replica {
             last_snapshot_ms: None,
             newest_snapshot: None,
             need_snapshot: None,
+            loss_at_open: false,
             pending: None,
             last_checkpoint: Instant::now(),
             last_change: Instant::now(),
@@ -374,7 +381,10 @@ impl Replica {
                 seq = header.seq,
                 "continuing the chain in storage"
             ),
-            Err(reason) => self.need_snapshot = Some(SnapshotReason::Continuity(reason)),
+            Err(reason) => {
+                self.need_snapshot = Some(SnapshotReason::Continuity(reason));
+                self.loss_at_open = true;
+            }
         }
         if head_forked && self.need_snapshot.is_none() {
             self.need_snapshot = Some(SnapshotReason::Continuity(format!(
@@ -961,6 +971,7 @@ impl Replica {
         };
         self.upload(encoded, report).await?;
         self.need_snapshot = None;
+        self.loss_at_open = false;
         report.snapshot_reasons.push(reason.label());
         if reason.is_continuity_loss() {
             report.continuity_losses.push(reason.to_string());
@@ -1018,12 +1029,14 @@ impl Replica {
                     "continuity lost; shipping only the pages that differ from what was shipped"
                 );
                 self.upload(*encoded, report).await?;
+                self.loss_at_open = false;
             }
             Delta::Same { state, commits } => {
                 // Not a warning: every page was compared and matches what was
                 // shipped, so the chain goes on exactly (this is also how the
                 // first watch after a restore meets the restored file). Still
-                // counted: repeated, it shows another process checkpointing.
+                // counted once the database is open: repeated, it shows
+                // another process checkpointing.
                 info!(
                     db = %self.path.display(),
                     prefix = %self.prefix,
@@ -1033,6 +1046,9 @@ impl Replica {
                 self.with_db(move |db| db.shipped(state, commits)).await?;
                 self.need_snapshot = None;
                 report.deltas += 1;
+                if std::mem::take(&mut self.loss_at_open) {
+                    return Ok(None);
+                }
             }
         }
         report.continuity_losses.push(reason.to_string());

@@ -63,7 +63,7 @@ pub fn status_page(s: &Snapshot, all: bool) -> String {
         let _ = write!(
             out,
             "<p class=\"degraded\" id=\"degraded\">Degraded: these databases keep losing \
-             continuity (each loss is caught and costs a full snapshot): {}.</p>",
+             continuity (each loss is caught; nothing is lost): {}.</p>",
             html(crate::status::DEGRADED_HINT)
         );
     }

@@ -99,8 +99,10 @@ pub struct DbStatus {
 pub const HEALTH_GRACE: Duration = Duration::from_secs(10);
 
 /// This many continuity losses within [`DEGRADED_WINDOW`] make a database
-/// degraded: one is an event (a restore, a restart after the app
-/// checkpointed), several in an hour are a cause that is still there.
+/// degraded: one is an event (the app wrote while walsync was stopped),
+/// several in an hour are a cause that is still there. (A database found
+/// at start exactly as shipped, such as a restored file, lost nothing and
+/// is not counted.)
 pub const DEGRADED_LOSSES: usize = 3;
 /// See [`DEGRADED_LOSSES`].
 pub const DEGRADED_WINDOW: Duration = Duration::from_secs(3600);
@@ -109,7 +111,8 @@ pub const DEGRADED_WINDOW: Duration = Duration::from_secs(3600);
 pub const DEGRADED_HINT: &str = "another process is likely checkpointing or restarting the WAL \
      past what walsync shipped (an app running wal_checkpoint(RESTART) or (TRUNCATE), a second \
      replicator such as Litestream, or a filesystem without POSIX locks, e.g. some network \
-     filesystems), or the database file keeps being replaced; each loss costs a full snapshot";
+     filesystems), or the database file keeps being replaced; each loss costs a read of the whole database, \
+     and a full snapshot where there is no state record";
 
 /// What a refused edit of the configuration file leaves running.
 pub const CONFIG_KEPT: &str =

@@ -1246,7 +1246,13 @@ async fn restore_all_then_watch(kind: &'static str, store: TestStore) {
     ];
     let moved = dir.path().join("moved");
     std::fs::create_dir(&moved).unwrap();
-    let config = config_for(&store, &moved, "", &[(&ra, "a"), (&rb, "b")]);
+    let addr = format!("127.0.0.1:{}", crate::cli::free_port());
+    let config = config_for(
+        &store,
+        &moved,
+        &format!("[watch]\nlisten = \"{addr}\"\n"),
+        &[(&ra, "a"), (&rb, "b")],
+    );
     let watch = Watch::with_config(&store, &config, dir.path().join("second.log"));
     // Each database synced once since the start (`sync --wait` answers once
     // a sync that started after it asked is done): what it shipped, if
@@ -1286,6 +1292,15 @@ async fn restore_all_then_watch(kind: &'static str, store: TestStore) {
         "{kind}: walsync shipped the databases it was given back:\n{}",
         tail(&watch.log())
     );
+    // Every page of each was compared with what was shipped, and matched:
+    // nothing was lost, so nothing counts towards a degraded database.
+    let (_, status) = crate::cli::http_get(&addr, "/status.json");
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    for prefix in ["a", "b"] {
+        let d = crate::cli::db_status(&status, prefix);
+        assert_eq!(d["continuity_losses"], 0, "{kind}: {d}");
+        assert_eq!(d["deltas"], 1, "{kind}: the comparison is counted: {d}");
+    }
     let mut app = AppProcess::open(&ra);
     app.insert(1, 100);
     app.quit();
