@@ -147,6 +147,25 @@ fn reading_keys(config: Option<&Config>, key_file: Option<&Path>) -> Result<Opti
 /// replication starts, retrying as always. A store that overwrites what it
 /// was told to create only is said once (see [`storage::probe`]).
 async fn check_storage(storage: &dyn Storage, keep_retrying: bool) -> Result<()> {
+    match tokio::time::timeout(START_CHECK, check_storage_now(storage, keep_retrying)).await {
+        Ok(checked) => checked,
+        Err(_) => {
+            tracing::warn!(
+                storage = %storage.describe(),
+                "storage did not answer the start-up check within {START_CHECK:?}; \
+                 replication starts and retries until it answers"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// How long `watch` waits at start for a store to answer its check. A store
+/// that refuses (no such bucket, no permission) answers at once; one that
+/// hangs is replicated to once it answers, like one that fails later.
+const START_CHECK: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn check_storage_now(storage: &dyn Storage, keep_retrying: bool) -> Result<()> {
     // A prefix no database is given: the listing is empty and cheap, yet
     // needs the permission replication lists with (what it finds is unused).
     // Only the listing decides whether watch starts: a store whose policy

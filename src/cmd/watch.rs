@@ -134,19 +134,29 @@ async fn plan(args: &WatchArgs) -> Result<Plan> {
         }
         let keep_retrying = args.keep_retrying || config.watch.keep_retrying;
         let storage = open_config_storage(&config.storage).await?;
-        check_storage(storage.as_ref(), keep_retrying).await?;
         let mut mirrors = Vec::with_capacity(config.mirrors.len());
         for mirror in &config.mirrors {
             let storage = open_config_storage(&mirror.storage)
-                .await
-                .with_context(|| format!("mirror {}", mirror.name))?;
-            check_storage(storage.as_ref(), keep_retrying)
                 .await
                 .with_context(|| format!("mirror {}", mirror.name))?;
             mirrors.push(Mirror {
                 name: mirror.name.clone(),
                 storage,
             });
+        }
+        // Every store at once, each bounded in time: a mirror that hangs
+        // must not hold back the start of `[storage]`'s replication.
+        let stores = std::iter::once((None, &storage))
+            .chain(mirrors.iter().map(|m| (Some(&m.name), &m.storage)));
+        let checks = stores.map(|(name, storage)| async move {
+            let checked = check_storage(storage.as_ref(), keep_retrying).await;
+            match name {
+                Some(name) => checked.with_context(|| format!("mirror {name}")),
+                None => checked,
+            }
+        });
+        for checked in futures_util::future::join_all(checks).await {
+            checked?;
         }
         let mirrors = Arc::from(mirrors);
         return Ok(Plan::Config {

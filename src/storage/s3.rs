@@ -19,11 +19,12 @@ use async_trait::async_trait;
 use aws_config::BehaviorVersion;
 use aws_config::meta::region::RegionProviderChain;
 use aws_sdk_s3::Client;
-use aws_sdk_s3::config::Region;
 use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextMut;
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::config::{ConfigBag, Intercept, Region, RuntimeComponents};
+use aws_sdk_s3::error::{BoxError, DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
 use futures_util::{StreamExt, TryStreamExt};
@@ -65,6 +66,60 @@ pub fn tune_config(builder: aws_sdk_s3::config::Builder) -> aws_sdk_s3::config::
     builder
         .retry_config(retry_config())
         .timeout_config(timeout_config())
+}
+
+/// Tigris answers a request in the region that received it, from that
+/// region's copy, unless the request asks for the object's leader region
+/// with `X-Tigris-Consistent: true`. Without it a create-only PUT is
+/// decided on a copy that may not have seen another region's write yet,
+/// so two walsyncs in two regions could both create one key, and a listing
+/// may miss an object just written. Every request to a Tigris endpoint
+/// carries the header ([`S3Storage::connect`] adds it; callers of
+/// [`S3Storage::with_client`] reaching Tigris should too).
+pub fn tigris_consistent(builder: aws_sdk_s3::config::Builder) -> aws_sdk_s3::config::Builder {
+    builder.interceptor(TigrisConsistent)
+}
+
+#[derive(Debug)]
+struct TigrisConsistent;
+
+impl Intercept for TigrisConsistent {
+    fn name(&self) -> &'static str {
+        "TigrisConsistent"
+    }
+
+    // Before signing, so that the header is signed with the rest.
+    fn modify_before_signing(
+        &self,
+        context: &mut BeforeTransmitInterceptorContextMut<'_>,
+        _components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> std::result::Result<(), BoxError> {
+        context
+            .request_mut()
+            .headers_mut()
+            .insert("X-Tigris-Consistent", "true");
+        Ok(())
+    }
+}
+
+/// Whether `endpoint` (a URL) is one of Tigris's: `fly.storage.tigris.dev`
+/// (what `fly storage create` sets), `t3.storage.dev`, or a name under them.
+pub fn is_tigris(endpoint: &str) -> bool {
+    let rest = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = host_port
+        .rsplit_once(':')
+        .filter(|(_, port)| port.chars().all(|c| c.is_ascii_digit()))
+        .map_or(host_port, |(host, _)| host)
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    ["tigris.dev", "t3.storage.dev"]
+        .iter()
+        .any(|domain| host == *domain || host.ends_with(&format!(".{domain}")))
 }
 
 /// The SDK does not retry: walsync does, per request ([`super::retry`]).
@@ -124,10 +179,14 @@ impl S3Storage {
         if let Some(url) = &opts.endpoint {
             builder = builder.endpoint_url(url);
         }
+        let tigris = endpoint.as_deref().is_some_and(is_tigris);
+        if tigris {
+            builder = tigris_consistent(builder);
+        }
         let client = Client::from_conf(builder.build());
         let mut storage = Self::with_client(client, bucket, prefix);
         storage.endpoint = endpoint;
-        tracing::debug!(storage = %storage.describe(), path_style, "S3 storage configured");
+        tracing::debug!(storage = %storage.describe(), path_style, tigris, "S3 storage configured");
         Ok(storage)
     }
 
@@ -983,6 +1042,33 @@ mod tests {
         let size = part_size_for(huge);
         assert!(huge.div_ceil(size) <= MAX_PARTS);
         assert_eq!(size % (1024 * 1024), 0);
+    }
+
+    #[test]
+    fn tigris_endpoints_are_told_from_others() {
+        for tigris in [
+            "https://fly.storage.tigris.dev",
+            "https://fly.storage.tigris.dev/",
+            "https://t3.storage.dev",
+            "https://T3.Storage.Dev:443/bucket",
+            "https://bucket.fly.storage.tigris.dev",
+            "https://key:secret@fly.storage.tigris.dev",
+            "fly.storage.tigris.dev",
+        ] {
+            assert!(is_tigris(tigris), "{tigris}");
+        }
+        for other in [
+            "https://s3.amazonaws.com",
+            "http://127.0.0.1:9000",
+            "https://ACCOUNT.r2.cloudflarestorage.com",
+            "https://nottigris.dev",
+            "https://tigris.dev.example.com",
+            "https://storage.dev",
+            "https://example.com/fly.storage.tigris.dev",
+            "https://fly.storage.tigris.dev@evil.example",
+        ] {
+            assert!(!is_tigris(other), "{other}");
+        }
     }
 
     #[test]

@@ -527,6 +527,52 @@ async fn a_mirror_that_hangs_never_holds_back_storage() {
     setup.restore_from_both();
 }
 
+/// The mirror answers nothing when walsync starts (every request held for
+/// 40 s): its start-up check and listing are given up on after a bounded
+/// time, so `[storage]` has the database's snapshot before the mirror has
+/// answered a single request, and the mirror is caught up once it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_that_hangs_at_start_never_holds_back_storage() {
+    let setup = setup(false, "compaction = \"off\"").await;
+    let (s3, local) = (setup.s3.storage.as_ref(), setup.local.storage.as_ref());
+    let mut app = AppProcess::spawn(&setup.db, AppOptions::default());
+    app.insert(20, 100);
+    setup.proxy.set_plan(Plan {
+        delay: 1.0,
+        delay_for: Duration::from_secs(40),
+        ..Plan::healthy()
+    });
+    let counts = setup.proxy.counts();
+    let (mut child, log) = setup.watch();
+    wait_until("[storage] has the snapshot", &log, async || {
+        !objects(local, "app").await.is_empty()
+    })
+    .await;
+    assert_eq!(
+        Counts::get(&counts.forwarded),
+        0,
+        "[storage] waited for the mirror:\n{}",
+        log.text()
+    );
+    assert_eq!(
+        log.count("did not answer the start-up check"),
+        1,
+        "{}",
+        log.text()
+    );
+    setup.proxy.set_plan(Plan::healthy());
+    app.insert(3, 100);
+    setup.sync_wait(&log);
+    wait_until("the mirror caught up", &log, async || {
+        objects(s3, "app").await == objects(local, "app").await
+    })
+    .await;
+    assert!(terminate(&mut child).success(), "{}", log.text());
+    assert_eq!(common::count_snapshots(s3, "app").await, 1);
+    app.quit();
+    setup.restore_from_both();
+}
+
 /// The mirror is dark when walsync starts, so it cannot be listed: the
 /// database is replicated to `[storage]` at once, and the mirror, once it
 /// answers, is listed, found empty and caught up from the start.

@@ -483,6 +483,71 @@ async fn s3_replayed_put_with_same_sha_is_ok() {
     assert!(read_all(s, "replay/big").await == big);
 }
 
+/// A client for Tigris sends `X-Tigris-Consistent: true` with every request
+/// (create-only PUTs, multipart parts, GETs, listings, deletes), so each is
+/// decided on the object's leader region; a client for any other store
+/// sends it with none. (Tigris itself cannot be reached from the test
+/// machine: the header is checked where it leaves, at the proxy.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_for_tigris_asks_for_consistency_on_every_request() {
+    use common::faults::FaultProxy;
+    use std::sync::atomic::Ordering::Relaxed;
+    use walsync::storage::s3::{S3Storage, tigris_consistent, tune_config};
+    let (store, proxy) = FaultProxy::before_s3_store().await;
+    let config = tune_config(
+        common::s3_client()
+            .config()
+            .to_builder()
+            .endpoint_url(&proxy.endpoint),
+    );
+    let storage = S3Storage::with_client(
+        aws_sdk_s3::Client::from_conf(tigris_consistent(config).build()),
+        common::bucket_of(&store.url),
+        common::S3_PREFIX,
+    );
+    let small = b"a small object".to_vec();
+    let big = pseudo_random(9 * 1024 * 1024, 13);
+    storage
+        .put_new("tigris/small", bytes(&small), sha(&small))
+        .await
+        .unwrap();
+    storage
+        .put_new("tigris/big", spooled(&big), sha(&big))
+        .await
+        .unwrap();
+    assert!(matches!(
+        storage
+            .put_new("tigris/small", bytes(&big[..10]), sha(&big[..10]))
+            .await,
+        Err(Error::AlreadyExists { .. })
+    ));
+    assert_eq!(read_all(&storage, "tigris/small").await, small);
+    assert_eq!(storage.list("tigris/").await.unwrap().len(), 2);
+    storage.delete("tigris/small").await.unwrap();
+    let counts = proxy.counts();
+    let requests = counts.requests.load(Relaxed);
+    assert!(
+        counts.puts.load(Relaxed) >= 3 && counts.lists.load(Relaxed) >= 1,
+        "{counts:?}"
+    );
+    assert_eq!(
+        counts.tigris_consistent.load(Relaxed),
+        requests,
+        "{counts:?}"
+    );
+
+    // The same store through a client for another store: no header.
+    let other = common::s3_storage_through(&store, &proxy.endpoint);
+    let before = counts.requests.load(Relaxed);
+    assert_eq!(read_all(&other, "tigris/big").await.len(), big.len());
+    assert!(counts.requests.load(Relaxed) > before);
+    assert_eq!(
+        counts.tigris_consistent.load(Relaxed),
+        requests,
+        "{counts:?}"
+    );
+}
+
 /// A large object's parts go up several at once (one connection to S3
 /// carries far less than the link) and come back in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

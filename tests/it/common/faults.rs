@@ -73,6 +73,8 @@ pub struct Counts {
     pub puts: AtomicU64,
     /// Requests that delete: DELETEs and DeleteObjects POSTs.
     pub deletes: AtomicU64,
+    /// Requests carrying `X-Tigris-Consistent: true`.
+    pub tigris_consistent: AtomicU64,
     /// Requests being handled now, and the most there ever were at once.
     pub in_flight: AtomicU64,
     pub max_in_flight: AtomicU64,
@@ -286,6 +288,13 @@ async fn handle(
     }
     if req.method() == hyper::Method::PUT {
         counts.puts.fetch_add(1, Ordering::Relaxed);
+    }
+    if req
+        .headers()
+        .get("x-tigris-consistent")
+        .is_some_and(|v| v == "true")
+    {
+        counts.tigris_consistent.fetch_add(1, Ordering::Relaxed);
     }
     if req.method() == hyper::Method::DELETE
         || (req.method() == hyper::Method::POST
