@@ -16,8 +16,11 @@ pub fn write(args: fmt::Arguments<'_>) {
     if CLOSED.load(Ordering::Relaxed) {
         return;
     }
-    let mut stdout = io::stdout().lock();
-    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+    let written = crate::progress::out_of_the_way(|| {
+        let mut stdout = io::stdout().lock();
+        stdout.write_fmt(args).and_then(|()| stdout.flush())
+    });
+    if let Err(e) = written {
         CLOSED.store(true, Ordering::Relaxed);
         if e.kind() != io::ErrorKind::BrokenPipe {
             tracing::warn!(error = %e, "standard output failed; the rest of the output is dropped");

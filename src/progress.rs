@@ -8,9 +8,10 @@
 //! the library reports into it wherever the work happens, without every
 //! caller handing a bar through.
 
+use std::cell::Cell;
 use std::io::IsTerminal;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -31,10 +32,43 @@ pub struct Progress {
     /// without them), then on stderr if `shown`.
     bar: ProgressBar,
     shown: bool,
+    /// Drawn on the terminal: read without the bar's lock, which
+    /// [`out_of_the_way`] holds while it prints.
+    drawn: AtomicBool,
     unit: Unit,
     objects: AtomicU64,
     total_objects: AtomicU64,
     bytes: AtomicU64,
+}
+
+/// Runs `print` with the bar out of the way: cleared first, drawn again
+/// after. Every line written to the terminal while a bar may be up goes
+/// through here (log lines, results), or it is glued to the bar's text.
+/// A call from inside `print` (a line printed while a report prints) just
+/// prints: the bar is cleared already, and its lock, which the bar holds
+/// while `print` runs, must not be asked for again (so nothing here asks
+/// the bar anything before knowing it is not inside).
+pub fn out_of_the_way<R>(print: impl FnOnce() -> R) -> R {
+    thread_local!(static CLEARED: Cell<bool> = const { Cell::new(false) });
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            CLEARED.set(false);
+        }
+    }
+    // Not `current()`: a log line before the command installs its bar
+    // must not install a hidden one in its place.
+    if CLEARED.get() {
+        return print();
+    }
+    match CURRENT.get() {
+        Some(p) if p.drawn.load(Ordering::Relaxed) => {
+            CLEARED.set(true);
+            let _reset = Reset;
+            p.bar.suspend(print)
+        }
+        _ => print(),
+    }
 }
 
 /// The bar of this process: the one installed, else a hidden one.
@@ -79,6 +113,7 @@ impl Progress {
         Self {
             bar: ProgressBar::hidden(),
             shown: false,
+            drawn: AtomicBool::new(false),
             unit,
             objects: AtomicU64::new(0),
             total_objects: AtomicU64::new(0),
@@ -148,15 +183,10 @@ impl Progress {
     }
 
     fn reveal(&self) {
-        if self.shown && self.bar.is_hidden() {
+        if self.shown && !self.drawn.swap(true, Ordering::Relaxed) {
             self.bar
                 .set_draw_target(ProgressDrawTarget::stderr_with_hz(4));
         }
-    }
-
-    /// Prints through `print` with the bar out of the way.
-    pub fn suspend<R>(&self, print: impl FnOnce() -> R) -> R {
-        self.bar.suspend(print)
     }
 
     /// The command is done: the bar goes, and the command's own lines

@@ -182,8 +182,11 @@ impl Write for Event {
 impl Drop for Event {
     fn drop(&mut self) {
         let text = String::from_utf8_lossy(&self.0);
+        let text = mask(&text);
         // Nowhere to report a failed write to stderr.
-        let _ = io::stderr().lock().write_all(mask(&text).as_bytes());
+        crate::progress::out_of_the_way(|| {
+            let _ = io::stderr().lock().write_all(text.as_bytes());
+        });
     }
 }
 

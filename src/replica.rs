@@ -190,12 +190,13 @@ pub struct Replica {
     newest_snapshot: Option<u64>,
     /// Why the next sync must start with a snapshot.
     need_snapshot: Option<SnapshotReason>,
-    /// The continuity loss in `need_snapshot` was found when the database
-    /// was opened. If every page then equals what was shipped, nothing was
-    /// lost (the file was restored, or the app checkpointed while walsync
-    /// was stopped): it is not counted, so a restore-then-watch start does
-    /// not count towards a degraded database.
-    loss_at_open: bool,
+    /// The continuity loss found when the database was opened, while it is
+    /// the one `need_snapshot` holds. If every page then equals what was
+    /// shipped, nothing was lost (the file was restored, or the app
+    /// checkpointed while walsync was stopped): it is not counted, so a
+    /// restore-then-watch start does not count towards a degraded database.
+    /// Gone once anything ships, so it never excuses a later loss.
+    loss_at_open: Option<SnapshotReason>,
     /// Encoded but not yet durable: retried byte for byte.
     pending: Option<Encoded<Object>>,
     last_checkpoint: Instant,
@@ -233,6 +234,21 @@ async fn blocking<T: Send + 'static>(
         })
 }
 
+/// What a fleet's start-up listing says of one store, for one database.
+#[derive(Debug, Clone, Default)]
+pub enum Listed {
+    /// The prefix's objects (the tips a writer goes on from).
+    Objects(Vec<chain::ObjectRef>),
+    /// Not known: list the prefix here.
+    #[default]
+    Here,
+    /// The store did not answer the fleet's listing: not waited for now,
+    /// like a store whose listing here timed out (listed again once it
+    /// answers). A thousand databases each waiting for it would hold back
+    /// the start for minutes.
+    Unanswered,
+}
+
 impl Replica {
     /// Opens the database and finds where its chain in storage stands.
     pub async fn open(
@@ -247,13 +263,13 @@ impl Replica {
     /// Like [`Replica::open`], with the prefix's objects already listed (a
     /// fleet lists each of its stores once at start instead of once per
     /// database): `listed[i]` for store `i` (`0`: `[storage]`, then the
-    /// mirrors), `None` (or missing) where the store is to be listed here.
+    /// mirrors); a store missing from it is listed here.
     pub async fn open_listed(
         path: &Path,
         prefix: &str,
         storage: Arc<dyn Storage>,
         opts: SyncOptions,
-        listed: Vec<Option<Vec<chain::ObjectRef>>>,
+        listed: Vec<Listed>,
     ) -> Result<Self> {
         let owned = path.to_path_buf();
         let record_path =
@@ -277,7 +293,7 @@ impl Replica {
             last_snapshot_ms: None,
             newest_snapshot: None,
             need_snapshot: None,
-            loss_at_open: false,
+            loss_at_open: None,
             pending: None,
             last_checkpoint: Instant::now(),
             last_change: Instant::now(),
@@ -295,11 +311,11 @@ impl Replica {
         Ok(replica)
     }
 
-    async fn load_head(&mut self, listed: Vec<Option<Vec<chain::ObjectRef>>>) -> Result<()> {
+    async fn load_head(&mut self, listed: Vec<Listed>) -> Result<()> {
         let (objects, lead) = if self.stores.is_single() {
-            match listed.into_iter().next().flatten() {
-                Some(objects) => (objects, 0),
-                None => (chain::list(self.storage.as_ref(), &self.prefix).await?, 0),
+            match listed.into_iter().next() {
+                Some(Listed::Objects(objects)) => (objects, 0),
+                _ => (chain::list(self.storage.as_ref(), &self.prefix).await?, 0),
             }
         } else {
             self.list_stores(listed).await?
@@ -382,8 +398,9 @@ impl Replica {
                 "continuing the chain in storage"
             ),
             Err(reason) => {
-                self.need_snapshot = Some(SnapshotReason::Continuity(reason));
-                self.loss_at_open = true;
+                let reason = SnapshotReason::Continuity(reason);
+                self.need_snapshot = Some(reason.clone());
+                self.loss_at_open = Some(reason);
             }
         }
         if head_forked && self.need_snapshot.is_none() {
@@ -405,32 +422,33 @@ impl Replica {
     /// Lists every store (`primary` is `[storage]`'s listing) and settles
     /// how each stands: the one whose chain reaches furthest leads, and its
     /// listing is returned with its index.
-    async fn list_stores(
-        &mut self,
-        listed: Vec<Option<Vec<chain::ObjectRef>>>,
-    ) -> Result<(Vec<chain::ObjectRef>, usize)> {
+    async fn list_stores(&mut self, listed: Vec<Listed>) -> Result<(Vec<chain::ObjectRef>, usize)> {
         // All at once, each bounded: a store that does not answer is listed
         // again once it does (it is behind meanwhile), so it never holds
         // back the start of the others.
         let lists = self.stores.iter().enumerate().map(|(i, store)| {
             let storage = store.storage.clone();
             let prefix = self.prefix.clone();
-            let listed = listed.get(i).cloned().flatten();
+            let listed = listed.get(i).cloned().unwrap_or_default();
             async move {
-                if let Some(objects) = listed {
-                    return Ok(objects);
+                let timed_out = |why: String| {
+                    Err(chain::Error::Storage(storage::Error::Io {
+                        key: format!("{prefix}/"),
+                        source: std::io::Error::new(std::io::ErrorKind::TimedOut, why),
+                    }))
+                };
+                match listed {
+                    Listed::Objects(objects) => return Ok(objects),
+                    Listed::Unanswered => {
+                        return timed_out("no answer to the start-up listing".into());
+                    }
+                    Listed::Here => {}
                 }
                 match tokio::time::timeout(LIST_AT_OPEN, chain::list(storage.as_ref(), &prefix))
                     .await
                 {
                     Ok(listing) => listing,
-                    Err(_) => Err(chain::Error::Storage(storage::Error::Io {
-                        key: format!("{prefix}/"),
-                        source: std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            format!("no answer to a listing within {LIST_AT_OPEN:?}"),
-                        ),
-                    })),
+                    Err(_) => timed_out(format!("no answer to a listing within {LIST_AT_OPEN:?}")),
                 }
             }
         });
@@ -971,7 +989,6 @@ impl Replica {
         };
         self.upload(encoded, report).await?;
         self.need_snapshot = None;
-        self.loss_at_open = false;
         report.snapshot_reasons.push(reason.label());
         if reason.is_continuity_loss() {
             report.continuity_losses.push(reason.to_string());
@@ -1029,7 +1046,6 @@ impl Replica {
                     "continuity lost; shipping only the pages that differ from what was shipped"
                 );
                 self.upload(*encoded, report).await?;
-                self.loss_at_open = false;
             }
             Delta::Same { state, commits } => {
                 // Not a warning: every page was compared and matches what was
@@ -1046,7 +1062,7 @@ impl Replica {
                 self.with_db(move |db| db.shipped(state, commits)).await?;
                 self.need_snapshot = None;
                 report.deltas += 1;
-                if std::mem::take(&mut self.loss_at_open) {
+                if self.loss_at_open.take().as_ref() == Some(reason) {
                     return Ok(None);
                 }
             }
@@ -1202,6 +1218,7 @@ impl Replica {
             Kind::Delta => {
                 report.deltas += 1;
                 self.need_snapshot = None;
+                self.loss_at_open = None;
                 info!(
                     db = %self.path.display(),
                     prefix = %self.prefix,
@@ -1217,6 +1234,7 @@ impl Replica {
             Kind::Snapshot => {
                 report.snapshots += 1;
                 self.need_snapshot = None;
+                self.loss_at_open = None;
                 self.catch_up = None;
                 self.last_snapshot_ms = Some(encoded.object.header.timestamp_ms);
                 self.newest_snapshot = Some(encoded.object.header.seq);

@@ -48,9 +48,21 @@ pub async fn list_tips(storage: &dyn Storage) -> chain::Result<Tips> {
 
 /// [`list_tips`] for the databases whose names start with `under`.
 pub async fn list_tips_under(storage: &dyn Storage, under: &str) -> chain::Result<Tips> {
+    list_tips_counted(storage, under, &std::sync::atomic::AtomicU64::new(0)).await
+}
+
+/// [`list_tips_under`], counting in `pages` the pages (S3) or directories
+/// read so far: a caller can tell a slow listing from one that has stopped
+/// answering.
+pub async fn list_tips_counted(
+    storage: &dyn Storage,
+    under: &str,
+    pages: &std::sync::atomic::AtomicU64,
+) -> chain::Result<Tips> {
     let mut tips: BTreeMap<String, Tip> = BTreeMap::new();
     storage
         .list_each(under, &mut |page| {
+            pages.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             // Marks first: then a mark listed with its object (a page is
             // sorted by key, a directory is one batch) is known when the
             // object is seen.

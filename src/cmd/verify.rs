@@ -86,7 +86,7 @@ pub(super) async fn verify(args: &VerifyArgs) -> Result<()> {
                 return Err(e);
             }
         };
-        progress::current().suspend(|| say_report(prefix, &report, depth));
+        progress::out_of_the_way(|| say_report(prefix, &report, depth));
         if !report.problems.is_empty() {
             failed.push((prefix, report.problems.len()));
         }

@@ -26,7 +26,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -213,10 +213,47 @@ struct Fleet {
 /// (see [`tips::Tips::found`]) for each store (`[storage]`, then the
 /// mirrors; `None` for one whose listing failed), and the prefixes whose
 /// first open used it.
-type StartListing = (Instant, Vec<Option<Tips>>, HashSet<String>);
+type StartListing = (Instant, Vec<StoreListing>, HashSet<String>);
+
+/// How one store's start-up listing ended.
+enum StoreListing {
+    Listed(Tips),
+    /// It failed: each database lists its prefix there itself.
+    Failed,
+    /// A mirror that had not answered when `[storage]` had: no database
+    /// waits for it at open.
+    Unanswered,
+}
 
 /// One store's tips by prefix.
 type Tips = HashMap<String, Option<Vec<ObjectRef>>>;
+
+/// One store's start-up listing (`name`: a mirror's, or `None` for
+/// `[storage]`), or `None` where it failed.
+async fn list_store(
+    name: Option<&str>,
+    storage: &Arc<dyn Storage>,
+    pages: &AtomicU64,
+) -> Option<Tips> {
+    let store = crate::mirror::Label::of(name);
+    match tips::list_tips_counted(storage.as_ref(), "", pages).await {
+        Ok(found) => {
+            info!(
+                %store,
+                databases = found.found.len(),
+                "listed the store once for the start-up"
+            );
+            for (name, why) in &found.refused {
+                warn!(%store, name = ?name, why, "ignoring a database name in storage that is not valid");
+            }
+            Some(found.found.into_iter().map(|f| (f.name, f.tips)).collect())
+        }
+        Err(e) => {
+            warn!(%store, error = %e, "listing the store failed; each database lists its own prefix there");
+            None
+        }
+    }
+}
 
 /// Fleets at least this big list their storage once at start rather than
 /// once per database.
@@ -224,6 +261,10 @@ const LIST_ONCE_FROM: usize = 32;
 /// A start-up listing is used for first opens this long; later ones list
 /// their prefix themselves.
 const LISTING_FRESH: Duration = Duration::from_secs(120);
+/// A mirror's start-up listing that, once `[storage]`'s has ended, reads no
+/// page for this long is given up on: one that hangs must not hold back
+/// the start, while one that is only slower (a large store) is waited for.
+const MIRROR_LISTING_GRACE: Duration = Duration::from_secs(10);
 
 /// Closing databases frees memory in many small pieces; hand it back to the
 /// system at most this often.
@@ -638,9 +679,15 @@ impl Fleet {
                     // A prefix a listing did not find has no chain in that store.
                     stores
                         .iter_mut()
-                        .map(|tips| {
-                            let tips = tips.as_mut()?;
-                            tips.remove(&spec.prefix).unwrap_or(Some(Vec::new()))
+                        .map(|store| match store {
+                            StoreListing::Listed(tips) => {
+                                match tips.remove(&spec.prefix).unwrap_or(Some(Vec::new())) {
+                                    Some(objects) => replica::Listed::Objects(objects),
+                                    None => replica::Listed::Here,
+                                }
+                            }
+                            StoreListing::Failed => replica::Listed::Here,
+                            StoreListing::Unanswered => replica::Listed::Unanswered,
                         })
                         .collect()
                 } else {
@@ -706,30 +753,50 @@ impl Fleet {
         if databases < LIST_ONCE_FROM {
             return;
         }
-        let stores = std::iter::once((None, storage))
-            .chain(mirrors.iter().map(|m| (Some(m.name.as_str()), &m.storage)));
-        let mut listed = Vec::new();
-        for (name, storage) in stores {
-            let store = crate::mirror::Label::of(name);
-            listed.push(match tips::list_tips(storage.as_ref()).await {
-                Ok(found) => {
-                    info!(
-                        %store,
-                        databases = found.found.len(),
-                        "listed the store once for the start-up"
-                    );
-                    for (name, why) in &found.refused {
-                        warn!(%store, name = ?name, why, "ignoring a database name in storage that is not valid");
+        // Every store at once. A mirror whose listing has stopped answering
+        // once `[storage]`'s is done is given up on: no database waits for
+        // it at open (it is listed again once it answers).
+        let (storage_done, done) = tokio::sync::watch::channel(false);
+        let primary = async {
+            let listed = list_store(None, storage, &AtomicU64::new(0)).await;
+            let _ = storage_done.send(true);
+            listed.map_or(StoreListing::Failed, StoreListing::Listed)
+        };
+        let others = futures_util::future::join_all(mirrors.iter().map(|m| {
+            let mut done = done.clone();
+            let pages = AtomicU64::new(0);
+            async move {
+                let given_up = async {
+                    let _ = done.wait_for(|done| *done).await;
+                    let mut seen = pages.load(Ordering::Relaxed);
+                    loop {
+                        tokio::time::sleep(MIRROR_LISTING_GRACE).await;
+                        let now = pages.load(Ordering::Relaxed);
+                        if now == seen {
+                            break;
+                        }
+                        seen = now;
                     }
-                    Some(found.found.into_iter().map(|f| (f.name, f.tips)).collect())
+                };
+                tokio::select! {
+                    listed = list_store(Some(m.name.as_str()), &m.storage, &pages) => {
+                        listed.map_or(StoreListing::Failed, StoreListing::Listed)
+                    }
+                    () = given_up => {
+                        let store = crate::mirror::Label::of(Some(m.name.as_str()));
+                        warn!(
+                            %store,
+                            "listing the store read nothing for {MIRROR_LISTING_GRACE:?} after [storage]'s \
+                             ended; it is listed again once it answers"
+                        );
+                        StoreListing::Unanswered
+                    }
                 }
-                Err(e) => {
-                    warn!(%store, error = %e, "listing the store failed; each database lists its own prefix there");
-                    None
-                }
-            });
-        }
-        if listed.iter().any(Option::is_some) {
+            }
+        }));
+        let (first, rest) = tokio::join!(primary, others);
+        let listed: Vec<StoreListing> = std::iter::once(first).chain(rest).collect();
+        if !listed.iter().all(|l| matches!(l, StoreListing::Failed)) {
             self.listing = Some((Instant::now(), listed, HashSet::new()));
         }
     }

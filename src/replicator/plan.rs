@@ -16,10 +16,7 @@ pub struct DbSpec {
 impl DbSpec {
     /// `listed[i]`: store `i`'s objects of this prefix from the start-up
     /// listing, where it had them.
-    pub(super) async fn open(
-        &self,
-        listed: Vec<Option<Vec<ObjectRef>>>,
-    ) -> replica::Result<Replica> {
+    pub(super) async fn open(&self, listed: Vec<replica::Listed>) -> replica::Result<Replica> {
         Replica::open_listed(
             &self.path,
             &self.prefix,

@@ -87,6 +87,68 @@ fn same_bytes(path: &Path, len: u64, body: &mut dyn io::Read) -> io::Result<bool
     Ok(true)
 }
 
+/// True when `a` and `b` would be taken for each other by anyone reading
+/// the store: owner, group, mode and every extended attribute (default
+/// ACLs a directory hands down, a security label) alike.
+fn same_attributes(a: &File, b: &File) -> io::Result<bool> {
+    let (ma, mb) = (a.metadata()?, b.metadata()?);
+    if (ma.uid(), ma.gid(), ma.mode()) != (mb.uid(), mb.gid(), mb.mode()) {
+        return Ok(false);
+    }
+    Ok(xattrs(a)? == xattrs(b)?)
+}
+
+/// Every extended attribute of `file`, by name.
+fn xattrs(file: &File) -> io::Result<std::collections::BTreeMap<Vec<u8>, Vec<u8>>> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: the buffer is valid for `buf.len()` bytes (none when empty,
+    // which asks for the size).
+    let names = sized(|buf| unsafe { libc::flistxattr(fd, buf.as_mut_ptr().cast(), buf.len()) })?;
+    let mut out = std::collections::BTreeMap::new();
+    for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let c_name = std::ffi::CString::new(name)?;
+        // SAFETY: as above; `c_name` is NUL-terminated and outlives the call.
+        let value = sized(|buf| unsafe {
+            libc::fgetxattr(fd, c_name.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+        })?;
+        out.insert(name.to_vec(), value);
+    }
+    Ok(out)
+}
+
+/// The bytes an xattr call returns: asked for its size first, then filled
+/// (again if it grew meanwhile). A filesystem without xattrs has none.
+fn sized(mut call: impl FnMut(&mut [u8]) -> libc::ssize_t) -> io::Result<Vec<u8>> {
+    loop {
+        let size = call(&mut []);
+        if size < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENOTSUP) => Ok(Vec::new()),
+                _ => Err(e),
+            };
+        }
+        if size == 0 {
+            return Ok(Vec::new());
+        }
+        let mut buf = vec![0u8; usize::try_from(size).unwrap_or(0)];
+        let got = call(&mut buf);
+        if got < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ERANGE) {
+                continue;
+            }
+            return Err(e);
+        }
+        match usize::try_from(got) {
+            Ok(got) if got <= buf.len() => buf.truncate(got),
+            _ => continue,
+        }
+        return Ok(buf);
+    }
+}
+
 /// Gives the unnamed file `file` (opened with `O_TMPFILE`) the name `to`.
 /// Fails (and the caller copies) where `file` has a name already or was
 /// made on another filesystem, or `/proc` is not mounted.
@@ -152,17 +214,24 @@ fn put_blocking(path: &Path, key: &str, body: Payload) -> Result<()> {
         TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
     let result = (|| -> io::Result<()> {
+        let mut out = File::create(&temp)?;
         // A large body was spooled to an unnamed file: where that file is on
-        // this directory's filesystem it is given a name instead of being
-        // copied (a 1 GiB database's snapshot spent a sixth of its time
-        // copying the spool). Nothing writes to a spool once it is a body.
+        // this directory's filesystem, and looks to every reader like the
+        // file just created here (owner, group, mode, ACLs, security
+        // label), it is given a name instead of being copied (a 1 GiB
+        // database's snapshot spent a sixth of its time copying the spool).
+        // Nothing writes to a spool once it is a body.
         if let Payload::File { file, len } = &body
             && file.metadata()?.len() == *len
-            && link_unnamed(file, &temp).is_ok()
+            && same_attributes(file, &out).unwrap_or(false)
         {
-            return file.sync_all();
+            drop(out);
+            fs::remove_file(&temp)?;
+            if link_unnamed(file, &temp).is_ok() {
+                return file.sync_all();
+            }
+            out = File::create(&temp)?;
         }
-        let mut out = File::create(&temp)?;
         match body {
             Payload::Bytes(bytes) => out.write_all(&bytes)?,
             Payload::File { file, len } => {

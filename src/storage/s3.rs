@@ -1044,6 +1044,35 @@ mod tests {
         assert_eq!(size % (1024 * 1024), 0);
     }
 
+    /// `connect` adds the header for a Tigris endpoint, and only for one
+    /// (no request is made: the client is only built).
+    #[tokio::test]
+    async fn connect_asks_tigris_alone_for_consistency() {
+        for (endpoint, tigris) in [
+            ("https://fly.storage.tigris.dev", true),
+            ("https://t3.storage.dev", true),
+            ("http://127.0.0.1:9000", false),
+        ] {
+            let opts = S3Options {
+                endpoint: Some(endpoint.to_string()),
+                region: Some("auto".to_string()),
+                force_path_style: None,
+                credentials: Some(crate::storage::StaticCredentials::new(
+                    "AKID".to_string(),
+                    "not-a-secret".to_string(),
+                    None,
+                )),
+            };
+            let storage = S3Storage::connect("bucket", "prefix", &opts).await.unwrap();
+            let asks = storage
+                .client
+                .config()
+                .interceptors()
+                .any(|i| i.name() == "TigrisConsistent");
+            assert_eq!(asks, tigris, "{endpoint}");
+        }
+    }
+
     #[test]
     fn tigris_endpoints_are_told_from_others() {
         for tigris in [

@@ -4960,6 +4960,108 @@ sys.exit(os.waitstatus_to_exitcode(status))
     )
 }
 
+/// What a terminal shows for `raw`, line by line: a carriage return goes
+/// back to the line's start, `ESC[2K` blanks the line, other escapes
+/// (colours) draw nothing.
+fn screen_lines(raw: &str) -> Vec<String> {
+    let mut lines = Vec::new();
+    let (mut line, mut col): (Vec<char>, usize) = (Vec::new(), 0);
+    let mut chars = raw.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\x1b' => {
+                let mut seq = String::new();
+                if chars.peek() == Some(&'[') {
+                    chars.next();
+                }
+                for n in chars.by_ref() {
+                    seq.push(n);
+                    if n.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+                if seq == "2K" {
+                    line.iter_mut().for_each(|c| *c = ' ');
+                }
+            }
+            '\r' => col = 0,
+            '\n' => {
+                lines.push(line.iter().collect::<String>().trim_end().to_string());
+                line.clear();
+                col = 0;
+            }
+            c => {
+                if col < line.len() {
+                    line[col] = c;
+                } else {
+                    line.push(c);
+                }
+                col += 1;
+            }
+        }
+    }
+    lines.push(line.iter().collect::<String>().trim_end().to_string());
+    lines
+}
+
+/// A log line written while the progress bar is up gets a line of its own:
+/// the bar is cleared first and drawn again after (it was glued to the
+/// bar's text). The log line here: the last database's restore removes
+/// the scratch directory a killed restore left beside its file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_line_never_shares_a_line_with_the_progress_bar() {
+    let store = common::fs_store();
+    let dir = tempfile::tempdir().unwrap();
+    let restored = dir.path().join("restored");
+    let mut entries = String::new();
+    for name in ["a", "b", "c", "d"] {
+        let db = dir.path().join(format!("{name}.db"));
+        let conn = create_db(&db, 10);
+        let mut replica = common::open_replica(&db, name, &store, common::replica_opts()).await;
+        conn.execute("INSERT INTO t(v) VALUES (?1)", [name])
+            .unwrap();
+        replica.sync().await.unwrap();
+        entries.push_str(&format!(
+            "[[databases]]\npath = \"{}\"\n",
+            restored.join(format!("{name}.db")).display()
+        ));
+    }
+    let config = dir.path().join("walsync.toml");
+    std::fs::write(&config, store.config(&entries)).unwrap();
+    std::fs::create_dir(&restored).unwrap();
+    let last = restored.join("d.db");
+    let stale = restored.join(format!("{}abcdef", walsync::restore::scratch_prefix(&last)));
+    std::fs::create_dir(&stale).unwrap();
+
+    let (passed, shown) = on_a_terminal(
+        &store,
+        &[
+            "restore-all",
+            "--config",
+            cfg(&config),
+            "--parallelism",
+            "1",
+        ],
+    );
+    assert!(passed, "{shown}");
+    assert!(!stale.exists());
+    assert_eq!(rows(&last), rows(&dir.path().join("d.db")));
+    let removed = "removed the scratch directory";
+    let bar = shown.find("databases,").expect("the bar was drawn");
+    assert!(
+        bar < shown.find(removed).expect("the log line"),
+        "the bar was up before the log line: {shown:?}"
+    );
+    let screen = screen_lines(&shown);
+    let logged: Vec<&String> = screen.iter().filter(|l| l.contains(removed)).collect();
+    assert_eq!(logged.len(), 1, "{screen:#?}");
+    assert!(
+        !logged[0].contains("databases,"),
+        "the log line shares its line with the bar: {:?}",
+        logged[0]
+    );
+}
+
 /// Issue 16, 3: on a terminal `restore`, `restore-all` and `verify` show
 /// their progress (objects, bytes, rate, ETA); piped, or with --quiet, not a
 /// trace of it; `restore-all --json` prints one summary a script can read,

@@ -825,6 +825,88 @@ async fn a_start_that_cannot_list_the_store_that_reaches_furthest_waits_for_it()
     }
 }
 
+/// A fleet (32 databases, listed once per store at start) whose mirror
+/// answers nothing at start (every request held for 60 s): no database
+/// waits for it, neither at the start-up listing nor at its open, so every
+/// one is in `[storage]` before the mirror has answered a request; once it
+/// answers, each is caught up there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_whose_mirror_hangs_at_start_is_not_held_back() {
+    const DATABASES: usize = 32;
+    let (s3, proxy) = FaultProxy::before_s3_store().await;
+    let local = common::fs_store();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("tenants");
+    std::fs::create_dir_all(&data).unwrap();
+    for i in 0..DATABASES {
+        drop(common::create_db(&data.join(format!("t{i:02}.db")), 3));
+    }
+    let config = dir.path().join("walsync.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\nurl = \"{}\"\n[[mirrors]]\nname = \"far\"\nurl = \"{}\"\nendpoint = \"{}\"\n\
+             [sync]\ncompaction = \"off\"\n[[databases]]\ndir = \"{}\"\nprefix = \"tenants/{{name}}\"\n",
+            local.url,
+            s3.url,
+            proxy.endpoint,
+            data.display()
+        ),
+    )
+    .unwrap();
+    proxy.set_plan(Plan {
+        delay: 1.0,
+        delay_for: Duration::from_secs(60),
+        ..Plan::healthy()
+    });
+    let (mut child, log) = watch_logged(&config, &s3);
+    let (mirror, storage) = (s3.storage.as_ref(), local.storage.as_ref());
+    wait_until("every database in [storage]", &log, async || {
+        for i in 0..DATABASES {
+            if objects(storage, &format!("tenants/t{i:02}"))
+                .await
+                .is_empty()
+            {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    assert_eq!(
+        Counts::get(&proxy.counts().forwarded),
+        0,
+        "[storage] waited for the mirror:\n{}",
+        log.text()
+    );
+    assert_eq!(
+        log.count("listing the store read nothing"),
+        1,
+        "{}",
+        log.text()
+    );
+    proxy.set_plan(Plan::healthy());
+    // Requests sent while it hung are let through only when their 60 s are
+    // up: the catch-up waits for them first.
+    let deadline = Instant::now() + Duration::from_secs(150);
+    'caught_up: loop {
+        assert!(
+            Instant::now() < deadline,
+            "never every database in the mirror:\n{}",
+            log.text()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for i in 0..DATABASES {
+            let prefix = format!("tenants/t{i:02}");
+            if objects(mirror, &prefix).await != objects(storage, &prefix).await {
+                continue 'caught_up;
+            }
+        }
+        break;
+    }
+    assert!(terminate(&mut child).success(), "{}", log.text());
+}
+
 /// A fleet (40 databases, past the size from which `watch` lists each store
 /// once at start) with a mirror: the mirror is listed once for all of them,
 /// not once per database, and every database reaches both stores.

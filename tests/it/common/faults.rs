@@ -73,7 +73,8 @@ pub struct Counts {
     pub puts: AtomicU64,
     /// Requests that delete: DELETEs and DeleteObjects POSTs.
     pub deletes: AtomicU64,
-    /// Requests carrying `X-Tigris-Consistent: true`.
+    /// Requests carrying `X-Tigris-Consistent: true` among their signed
+    /// headers (a header added after signing would not count).
     pub tigris_consistent: AtomicU64,
     /// Requests being handled now, and the most there ever were at once.
     pub in_flight: AtomicU64,
@@ -289,10 +290,19 @@ async fn handle(
     if req.method() == hyper::Method::PUT {
         counts.puts.fetch_add(1, Ordering::Relaxed);
     }
+    let signed = |name: &str| {
+        req.headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|auth| auth.split("SignedHeaders=").nth(1))
+            .and_then(|rest| rest.split(',').next())
+            .is_some_and(|list| list.split(';').any(|h| h == name))
+    };
     if req
         .headers()
         .get("x-tigris-consistent")
         .is_some_and(|v| v == "true")
+        && signed("x-tigris-consistent")
     {
         counts.tigris_consistent.fetch_add(1, Ordering::Relaxed);
     }
