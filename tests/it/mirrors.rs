@@ -186,6 +186,32 @@ impl Setup {
         sync_wait_within(&self.config, log, "60s");
     }
 
+    /// `watch`, running until `[storage]` holds the database's snapshot.
+    async fn watch_until_storage_has_it(&self) -> (common::Reaped, LiveLog) {
+        let (child, log) = self.watch();
+        let local = self.local.storage.as_ref();
+        wait_until("[storage] has the snapshot", &log, async || {
+            !objects(local, "app").await.is_empty()
+        })
+        .await;
+        (child, log)
+    }
+
+    /// Waits until the mirror holds what `[storage]` holds, stops `watch`
+    /// and the app, and checks that the mirror got one snapshot and that
+    /// both stores restore the app's rows.
+    async fn caught_up_once(&self, app: AppProcess, mut child: common::Reaped, log: &LiveLog) {
+        let (s3, local) = (self.s3.storage.as_ref(), self.local.storage.as_ref());
+        wait_until("the mirror caught up", log, async || {
+            objects(s3, "app").await == objects(local, "app").await
+        })
+        .await;
+        assert!(terminate(&mut child).success(), "{}", log.text());
+        assert_eq!(common::count_snapshots(s3, "app").await, 1);
+        app.quit();
+        self.restore_from_both();
+    }
+
     /// Restores `app` from `[storage]` and from the mirror; each must equal
     /// the source's rows.
     fn restore_from_both(&self) {
@@ -534,7 +560,6 @@ async fn a_mirror_that_hangs_never_holds_back_storage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mirror_that_hangs_at_start_never_holds_back_storage() {
     let setup = setup(false, "compaction = \"off\"").await;
-    let (s3, local) = (setup.s3.storage.as_ref(), setup.local.storage.as_ref());
     let mut app = AppProcess::spawn(&setup.db, AppOptions::default());
     app.insert(20, 100);
     setup.proxy.set_plan(Plan {
@@ -543,11 +568,7 @@ async fn a_mirror_that_hangs_at_start_never_holds_back_storage() {
         ..Plan::healthy()
     });
     let counts = setup.proxy.counts();
-    let (mut child, log) = setup.watch();
-    wait_until("[storage] has the snapshot", &log, async || {
-        !objects(local, "app").await.is_empty()
-    })
-    .await;
+    let (child, log) = setup.watch_until_storage_has_it().await;
     assert_eq!(
         Counts::get(&counts.forwarded),
         0,
@@ -563,14 +584,7 @@ async fn a_mirror_that_hangs_at_start_never_holds_back_storage() {
     setup.proxy.set_plan(Plan::healthy());
     app.insert(3, 100);
     setup.sync_wait(&log);
-    wait_until("the mirror caught up", &log, async || {
-        objects(s3, "app").await == objects(local, "app").await
-    })
-    .await;
-    assert!(terminate(&mut child).success(), "{}", log.text());
-    assert_eq!(common::count_snapshots(s3, "app").await, 1);
-    app.quit();
-    setup.restore_from_both();
+    setup.caught_up_once(app, child, &log).await;
 }
 
 /// The mirror is dark when walsync starts, so it cannot be listed: the
@@ -579,27 +593,15 @@ async fn a_mirror_that_hangs_at_start_never_holds_back_storage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mirror_dark_at_start_is_listed_and_caught_up_later() {
     let setup = setup(false, "compaction = \"off\"").await;
-    let (s3, local) = (setup.s3.storage.as_ref(), setup.local.storage.as_ref());
     let mut app = AppProcess::spawn(&setup.db, AppOptions::default());
     app.insert(20, 100);
     setup.dark(true);
-    let (mut child, log) = setup.watch();
-    wait_until("[storage] has the snapshot", &log, async || {
-        !objects(local, "app").await.is_empty()
-    })
-    .await;
+    let (child, log) = setup.watch_until_storage_has_it().await;
     app.insert(3, 100);
     setup.sync_wait(&log);
-    assert!(objects(s3, "app").await.is_empty());
+    assert!(objects(setup.s3.storage.as_ref(), "app").await.is_empty());
     setup.dark(false);
-    wait_until("the mirror caught up", &log, async || {
-        objects(s3, "app").await == objects(local, "app").await
-    })
-    .await;
-    assert!(terminate(&mut child).success(), "{}", log.text());
-    assert_eq!(common::count_snapshots(s3, "app").await, 1);
-    app.quit();
-    setup.restore_from_both();
+    setup.caught_up_once(app, child, &log).await;
 }
 
 /// walsync starts while the mirror, which holds the whole chain, is dark:
@@ -825,20 +827,25 @@ async fn a_start_that_cannot_list_the_store_that_reaches_furthest_waits_for_it()
     }
 }
 
-/// A fleet (32 databases, listed once per store at start) whose mirror
-/// answers nothing at start (every request held for 60 s): no database
-/// waits for it, neither at the start-up listing nor at its open, so every
-/// one is in `[storage]` before the mirror has answered a request; once it
-/// answers, each is caught up there.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fleet_whose_mirror_hangs_at_start_is_not_held_back() {
-    const DATABASES: usize = 32;
+/// A fleet of databases `t00.db`, `t01.db` ... under `data` (prefixes
+/// `tenants/NAME`): `[storage]` a local directory, the mirror `far` a bucket
+/// behind the fault proxy.
+struct Fleet {
+    s3: TestStore,
+    proxy: FaultProxy,
+    local: TestStore,
+    dir: tempfile::TempDir,
+    data: std::path::PathBuf,
+    config: std::path::PathBuf,
+}
+
+async fn fleet(databases: usize) -> Fleet {
     let (s3, proxy) = FaultProxy::before_s3_store().await;
     let local = common::fs_store();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("tenants");
     std::fs::create_dir_all(&data).unwrap();
-    for i in 0..DATABASES {
+    for i in 0..databases {
         drop(common::create_db(&data.join(format!("t{i:02}.db")), 3));
     }
     let config = dir.path().join("walsync.toml");
@@ -854,6 +861,32 @@ async fn a_fleet_whose_mirror_hangs_at_start_is_not_held_back() {
         ),
     )
     .unwrap();
+    Fleet {
+        s3,
+        proxy,
+        local,
+        dir,
+        data,
+        config,
+    }
+}
+
+/// A fleet (32 databases, listed once per store at start) whose mirror
+/// answers nothing at start (every request held for 60 s): no database
+/// waits for it, neither at the start-up listing nor at its open, so every
+/// one is in `[storage]` before the mirror has answered a request; once it
+/// answers, each is caught up there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_whose_mirror_hangs_at_start_is_not_held_back() {
+    const DATABASES: usize = 32;
+    let Fleet {
+        s3,
+        proxy,
+        local,
+        dir: _dir,
+        config,
+        ..
+    } = fleet(DATABASES).await;
     proxy.set_plan(Plan {
         delay: 1.0,
         delay_for: Duration::from_secs(60),
@@ -913,27 +946,14 @@ async fn a_fleet_whose_mirror_hangs_at_start_is_not_held_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_lists_its_mirror_once_at_start() {
     const DATABASES: usize = 40;
-    let (s3, proxy) = FaultProxy::before_s3_store().await;
-    let local = common::fs_store();
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("tenants");
-    std::fs::create_dir_all(&data).unwrap();
-    for i in 0..DATABASES {
-        drop(common::create_db(&data.join(format!("t{i:02}.db")), 3));
-    }
-    let config = dir.path().join("walsync.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[storage]\nurl = \"{}\"\n[[mirrors]]\nname = \"far\"\nurl = \"{}\"\nendpoint = \"{}\"\n\
-             [sync]\ncompaction = \"off\"\n[[databases]]\ndir = \"{}\"\nprefix = \"tenants/{{name}}\"\n",
-            local.url,
-            s3.url,
-            proxy.endpoint,
-            data.display()
-        ),
-    )
-    .unwrap();
+    let Fleet {
+        s3,
+        proxy,
+        local,
+        dir,
+        data,
+        config,
+    } = fleet(DATABASES).await;
     let (mut child, log) = watch_logged(&config, &s3);
     let (mirror, storage) = (s3.storage.as_ref(), local.storage.as_ref());
     wait_until("every database in both stores", &log, async || {
