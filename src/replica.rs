@@ -987,12 +987,9 @@ impl Replica {
                 path: self.path.clone(),
             });
         };
+        // Its reason (and the loss it answers) counts in `upload`, once it
+        // is durable: now, or from `pending` after a failed attempt.
         self.upload(encoded, report).await?;
-        self.need_snapshot = None;
-        report.snapshot_reasons.push(reason.label());
-        if reason.is_continuity_loss() {
-            report.continuity_losses.push(reason.to_string());
-        }
         // A new snapshot is what lets older objects go. Retention is
         // housekeeping: a failure is logged and tried after the next snapshot.
         self.catch_up = None;
@@ -1045,6 +1042,7 @@ impl Replica {
                     of = encoded.object.header.db_pages,
                     "continuity lost; shipping only the pages that differ from what was shipped"
                 );
+                // The loss counts in `upload`, once the delta is durable.
                 self.upload(*encoded, report).await?;
             }
             Delta::Same { state, commits } => {
@@ -1062,12 +1060,11 @@ impl Replica {
                 self.with_db(move |db| db.shipped(state, commits)).await?;
                 self.need_snapshot = None;
                 report.deltas += 1;
-                if self.loss_at_open.take().as_ref() == Some(reason) {
-                    return Ok(None);
+                if self.loss_at_open.take().as_ref() != Some(reason) {
+                    report.continuity_losses.push(reason.to_string());
                 }
             }
         }
-        report.continuity_losses.push(reason.to_string());
         Ok(None)
     }
 
@@ -1217,7 +1214,13 @@ impl Replica {
             }
             Kind::Delta => {
                 report.deltas += 1;
-                self.need_snapshot = None;
+                // The loss it answers counts now that it is durable, also
+                // when it went up from `pending` after a failed attempt.
+                if let Some(reason) = self.need_snapshot.take()
+                    && reason.is_continuity_loss()
+                {
+                    report.continuity_losses.push(reason.to_string());
+                }
                 self.loss_at_open = None;
                 info!(
                     db = %self.path.display(),
@@ -1233,7 +1236,14 @@ impl Replica {
             Kind::Run => {}
             Kind::Snapshot => {
                 report.snapshots += 1;
-                self.need_snapshot = None;
+                // Its reason counts now that it is durable, also when it
+                // went up from `pending` after a failed attempt.
+                if let Some(reason) = self.need_snapshot.take() {
+                    report.snapshot_reasons.push(reason.label());
+                    if reason.is_continuity_loss() {
+                        report.continuity_losses.push(reason.to_string());
+                    }
+                }
                 self.loss_at_open = None;
                 self.catch_up = None;
                 self.last_snapshot_ms = Some(encoded.object.header.timestamp_ms);

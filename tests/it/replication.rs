@@ -1302,6 +1302,57 @@ impl Storage for InjectOnce {
     }
 }
 
+/// A snapshot or a delta whose first upload fails goes up from `pending` on
+/// the next sync, and only then counts: the snapshot's reason, and the
+/// continuity loss the delta answers (both were lost on a retry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_or_delta_that_went_up_on_a_retry_counts_its_reason() {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_in(&dir, "retried.db");
+        let mut app = app_process(&db, 4096);
+        insert(&mut app, 20, 100);
+        let flaky = Arc::new(InjectOnce {
+            inner: store.storage.clone(),
+            fail: AtomicBool::new(true),
+            panic_listing: AtomicBool::new(false),
+        });
+        let mut replica = Replica::open(&db, "retried", flaky.clone(), replica_opts())
+            .await
+            .unwrap();
+        assert!(replica.sync().await.is_err(), "{kind}");
+        let report = replica.sync().await.unwrap();
+        assert_eq!(report.snapshots, 1, "{kind}: {report:?}");
+        assert_eq!(
+            report.snapshot_reasons,
+            vec!["initial"],
+            "{kind}: {report:?}"
+        );
+        drop(replica);
+
+        // walsync stopped; the app writes and checkpoints meanwhile, so the
+        // WAL no longer shows what changed: the next start ships a delta.
+        insert(&mut app, 5, 100);
+        app.checkpoint("TRUNCATE");
+        flaky.fail.store(true, SeqCst);
+        let mut replica = Replica::open(&db, "retried", flaky.clone(), replica_opts())
+            .await
+            .unwrap();
+        assert!(replica.sync().await.is_err(), "{kind}");
+        let report = replica.sync().await.unwrap();
+        assert_eq!(report.deltas, 1, "{kind}: {report:?}");
+        assert_eq!(report.continuity_losses.len(), 1, "{kind}: {report:?}");
+        assert!(report.snapshot_reasons.is_empty(), "{kind}: {report:?}");
+        let out = dir.path().join("out.db");
+        assert_eq!(
+            restore_with(&store, "retried", &out, restore::Target::Latest, None).await,
+            Ok(rows(&db)),
+            "{kind}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_change_never_mixes_keys_and_a_lost_key_never_ships_plaintext() {
     for (kind, store) in common::all_stores().await {
