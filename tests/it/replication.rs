@@ -1273,6 +1273,17 @@ struct InjectOnce {
     panic_listing: std::sync::atomic::AtomicBool,
 }
 
+impl InjectOnce {
+    /// `inner`, whose next put fails (`fail`) or next listing panics.
+    fn over(inner: &Arc<dyn Storage>, fail: bool, panic_listing: bool) -> Arc<Self> {
+        Arc::new(Self {
+            inner: inner.clone(),
+            fail: std::sync::atomic::AtomicBool::new(fail),
+            panic_listing: std::sync::atomic::AtomicBool::new(panic_listing),
+        })
+    }
+}
+
 #[async_trait::async_trait]
 impl Storage for InjectOnce {
     async fn put_new(&self, key: &str, body: Payload, sha256: [u8; 32]) -> storage::Result<()> {
@@ -1307,17 +1318,13 @@ impl Storage for InjectOnce {
 /// continuity loss the delta answers (both were lost on a retry).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_or_delta_that_went_up_on_a_retry_counts_its_reason() {
-    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    use std::sync::atomic::Ordering::SeqCst;
     for (kind, store) in common::all_stores().await {
         let dir = tempfile::tempdir().unwrap();
         let db = db_in(&dir, "retried.db");
         let mut app = app_process(&db, 4096);
         insert(&mut app, 20, 100);
-        let flaky = Arc::new(InjectOnce {
-            inner: store.storage.clone(),
-            fail: AtomicBool::new(true),
-            panic_listing: AtomicBool::new(false),
-        });
+        let flaky = InjectOnce::over(&store.storage, true, false);
         let mut replica = Replica::open(&db, "retried", flaky.clone(), replica_opts())
             .await
             .unwrap();
@@ -1360,11 +1367,7 @@ async fn a_key_change_never_mixes_keys_and_a_lost_key_never_ships_plaintext() {
         let db = db_in(&dir, "rotating.db");
         let mut app = app_process(&db, 4096);
         insert(&mut app, 20, 100);
-        let flaky = Arc::new(InjectOnce {
-            inner: store.storage.clone(),
-            fail: std::sync::atomic::AtomicBool::new(true),
-            panic_listing: std::sync::atomic::AtomicBool::new(false),
-        });
+        let flaky = InjectOnce::over(&store.storage, true, false);
         let with = |keys| SyncOptions {
             encryption: keys,
             ..replica_opts()
@@ -2584,11 +2587,7 @@ async fn a_sync_task_that_panics_is_opened_again_and_replicates() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("app.db");
     let conn = common::create_db(&db, 10);
-    let storage: Arc<dyn Storage> = Arc::new(InjectOnce {
-        inner: store.storage.clone(),
-        fail: std::sync::atomic::AtomicBool::new(false),
-        panic_listing: std::sync::atomic::AtomicBool::new(true),
-    });
+    let storage: Arc<dyn Storage> = InjectOnce::over(&store.storage, false, true);
     let plan = Plan::Fixed {
         specs: vec![DbSpec {
             path: db.clone(),
