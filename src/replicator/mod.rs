@@ -211,8 +211,8 @@ struct Fleet {
 
 /// The stores listed once at start: when, the tips of the chains by prefix
 /// (see [`tips::Tips::found`]) for each store (`[storage]`, then the
-/// mirrors; `None` for one whose listing failed), and the prefixes whose
-/// first open used it.
+/// mirrors; see [`StoreListing`] for one that failed or did not answer),
+/// and the prefixes whose first open used it.
 type StartListing = (Instant, Vec<StoreListing>, HashSet<String>);
 
 /// How one store's start-up listing ended.

@@ -106,17 +106,12 @@ impl Intercept for TigrisConsistent {
 /// Whether `endpoint` (a URL) is one of Tigris's: `fly.storage.tigris.dev`
 /// (what `fly storage create` sets), `t3.storage.dev`, or a name under them.
 pub fn is_tigris(endpoint: &str) -> bool {
-    let rest = endpoint
-        .split_once("://")
-        .map_or(endpoint, |(_, rest)| rest);
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let host = host_port
-        .rsplit_once(':')
-        .filter(|(_, port)| port.chars().all(|c| c.is_ascii_digit()))
-        .map_or(host_port, |(host, _)| host)
-        .trim_end_matches('.')
-        .to_ascii_lowercase();
+    let Some(host) = endpoint.parse::<hyper::Uri>().ok().and_then(|uri| {
+        uri.host()
+            .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+    }) else {
+        return false;
+    };
     ["tigris.dev", "t3.storage.dev"]
         .iter()
         .any(|domain| host == *domain || host.ends_with(&format!(".{domain}")))
