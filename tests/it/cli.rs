@@ -2049,8 +2049,11 @@ async fn a_file_that_is_not_sqlite_is_stopped_once_and_the_fleet_goes_on() {
         )
         .unwrap();
         let mut child = spawn_watch(&store, &config, Stdio::piped());
-        let log = drain_stderr(&mut child);
+        let log = LiveLog::of(&mut child);
         wait_for_status(&addr, "notes", "stopped", |d| d["state"] == "stopped").await;
+        // Its snapshot first: a row written while it is being read is in it,
+        // and then no object of its own follows.
+        wait_for_objects(&store, "good", 1, String::new).await;
         // The file keeps changing; the good database keeps shipping.
         for round in 0..5 {
             let mut text = std::fs::read_to_string(&notes).unwrap();
@@ -2058,7 +2061,14 @@ async fn a_file_that_is_not_sqlite_is_stopped_once_and_the_fleet_goes_on() {
             std::fs::write(&notes, text).unwrap();
             conn.execute("INSERT INTO t(v) VALUES (?1)", [format!("row {round}")])
                 .unwrap();
-            wait_for_objects(&store, "good", 2 + round, String::new).await;
+            wait_for_objects(&store, "good", 2 + round, || {
+                format!(
+                    "{kind}: {}\n{}",
+                    http_get(&addr, "/status.json").1,
+                    log.text()
+                )
+            })
+            .await;
         }
         let (_, status) = http_get(&addr, "/status.json");
         let status: serde_json::Value = serde_json::from_str(&status).unwrap();
@@ -2072,7 +2082,9 @@ async fn a_file_that_is_not_sqlite_is_stopped_once_and_the_fleet_goes_on() {
         assert_eq!(objects(&store, "notes").await, 0, "{kind}");
         // A stopped database makes the exit a failure, named on the last line.
         assert!(!terminate(&mut child).success(), "{kind}");
-        let log = log.join().unwrap();
+        log.wait_for("error: replication of 1 database(s) stopped", 1)
+            .await;
+        let log = log.text();
         let last = log.trim().lines().last().unwrap_or_default();
         assert!(
             last.starts_with("error: replication of 1 database(s) stopped")
