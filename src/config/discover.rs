@@ -247,12 +247,17 @@ fn is_database_file(path: &Path) -> bool {
         || name.starts_with(".walsync-state-"))
 }
 
-/// `text` with whatever stands between double quotes replaced by `…`.
+/// `text` with whatever stands between double quotes replaced by `…`. The
+/// quoted text is escaped as Rust's `{:?}` escapes it: an escaped quote
+/// (`\"`) inside does not end it.
 pub(super) fn without_quoted(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut inside = false;
-    for c in text.chars() {
-        if c == '"' {
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if inside && c == '\\' {
+            chars.next();
+        } else if c == '"' {
             if !inside {
                 out.push_str("\"…");
             } else {
