@@ -155,8 +155,14 @@ async fn plan(args: &WatchArgs) -> Result<Plan> {
                 None => checked,
             }
         });
-        for checked in futures_util::future::join_all(checks).await {
-            checked?;
+        // Every refusal said at once: fixing one store should not reveal the next.
+        let refused: Vec<String> = futures_util::future::join_all(checks)
+            .await
+            .into_iter()
+            .filter_map(|checked| checked.err().map(|e| format!("{e:#}")))
+            .collect();
+        if !refused.is_empty() {
+            bail!("{}", refused.join("; and "));
         }
         let mirrors = Arc::from(mirrors);
         return Ok(Plan::Config {

@@ -2547,6 +2547,30 @@ async fn storage_that_cannot_work_fails_at_start_unless_asked_to_keep_retrying()
         1,
         "{stderr}"
     );
+    // A mirror refused too: both said at once, on the one line, each named.
+    let both = dir.path().join("both.toml");
+    std::fs::write(
+        &both,
+        format!(
+            "{}[[mirrors]]\nname = \"far\"\nurl = \"s3://no-such-mirror-bucket-walsync\"\n",
+            text(false)
+        ),
+    )
+    .unwrap();
+    let mut cmd = walsync();
+    cmd.args(["watch", "-c", cfg(&both)]);
+    with_store(&mut cmd, &store);
+    let output = run(&mut cmd);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].contains("no-such-bucket-walsync")
+            && errors[0].contains("mirror far")
+            && errors[0].contains("no-such-mirror-bucket-walsync"),
+        "{stderr}"
+    );
     // A secret key the store refuses (moto checks no signature).
     if common::server_kind() != "moto" {
         let mut cmd = walsync();
