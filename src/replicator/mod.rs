@@ -272,6 +272,11 @@ const TRIM_EVERY: Duration = Duration::from_secs(1);
 
 const RESCAN_DEBOUNCE: Duration = Duration::from_millis(200);
 
+/// What a configuration edit of `[storage]` or `[[mirrors]]` leaves running.
+const RESTART_FOR_STORES: &str = "the file's [storage] or [[mirrors]] differ from the stores in \
+     use, which are read at start only: the databases keep replicating to those until walsync \
+     is restarted";
+
 impl Fleet {
     async fn run(
         &mut self,
@@ -381,6 +386,8 @@ impl Fleet {
     }
 
     /// Re-reads the configuration if it changed and re-discovers databases.
+    /// Stores are not swapped under running chains: a changed `[storage]`
+    /// or mirror is said, and used from the next start.
     fn rescan(&mut self) {
         if let Plan::Config { config, .. } = &mut self.plan {
             let text = std::fs::read_to_string(&config.source).ok();
@@ -388,12 +395,13 @@ impl Fleet {
                 let Some(text) = text else { return };
                 match Config::parse(&text, &config.source) {
                     Ok(new) => {
-                        if new.storage != config.storage || new.mirrors != config.mirrors {
-                            warn!(
-                                config = %config.source.display(),
-                                "storage or mirror settings changed; restart walsync to use them"
-                            );
+                        let restart = (new.storage != config.storage
+                            || new.mirrors != config.mirrors)
+                            .then(|| RESTART_FOR_STORES.to_string());
+                        if restart.is_some() {
+                            warn!(config = %config.source.display(), "{RESTART_FOR_STORES}");
                         }
+                        self.board.config_restart_needed(restart);
                         let storage = config.storage.clone();
                         let mirrors = config.mirrors.clone();
                         *config = Config {

@@ -133,6 +133,9 @@ fn health(snapshot: &Snapshot) -> Response<Full<Bytes>> {
     if let Some(why) = &snapshot.config.refused {
         let _ = writeln!(body, "config: edit refused: {why}");
     }
+    if let Some(why) = &snapshot.config.restart_needed {
+        let _ = writeln!(body, "config: {why}");
+    }
     reply(status, "text/plain; charset=utf-8", body)
 }
 
@@ -329,6 +332,16 @@ pub fn metrics(s: &Snapshot) -> String {
             f64::from(u8::from(s.config.refused.is_some())),
         )],
     );
+    family(
+        "walsync_config_restart_needed",
+        "gauge",
+        "1 while the configuration file names other stores than those in use \
+         ([storage] and [[mirrors]] are read at start only).",
+        vec![(
+            String::new(),
+            f64::from(u8::from(s.config.restart_needed.is_some())),
+        )],
+    );
     let process = process_stats();
     family(
         "process_resident_memory_bytes",
@@ -492,6 +505,35 @@ mod tests {
             text.contains("walsync_config_edits_refused_total 1"),
             "{text}"
         );
+    }
+
+    /// Stores edited in are said everywhere until the file is back to the
+    /// stores in use (or walsync restarts), without failing health.
+    #[tokio::test]
+    async fn stores_edited_in_are_shown_until_used() {
+        let board = Board::default();
+        board.update("a", |d| d.state = State::Open);
+        board.config_restart_needed(Some("restart to use them".into()));
+        let (status, text) = body(health(&board.snapshot())).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(text.contains("config: restart to use them"), "{text}");
+        let text = metrics(&board.snapshot());
+        assert!(text.contains("walsync_config_restart_needed 1"), "{text}");
+        assert!(
+            crate::serve::page::status_page(&board.snapshot(), false)
+                .contains("id=\"restart\">Configuration: restart to use them")
+        );
+        assert!(
+            board
+                .snapshot()
+                .table()
+                .starts_with("configuration: restart to use them\n")
+        );
+        board.config_restart_needed(None);
+        let (_, text) = body(health(&board.snapshot())).await;
+        assert_eq!(text, "ok\n");
+        let text = metrics(&board.snapshot());
+        assert!(text.contains("walsync_config_restart_needed 0"), "{text}");
     }
 
     #[tokio::test]

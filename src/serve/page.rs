@@ -59,6 +59,13 @@ pub fn status_page(s: &Snapshot, all: bool) -> String {
             html(crate::status::CONFIG_KEPT)
         );
     }
+    if let Some(why) = &s.config.restart_needed {
+        let _ = write!(
+            out,
+            "<p class=\"degraded\" id=\"restart\">Configuration: {}.</p>",
+            html(why)
+        );
+    }
     if !degraded.is_empty() {
         let _ = write!(
             out,

@@ -197,6 +197,10 @@ pub struct ConfigStatus {
     pub refused: Option<String>,
     /// Edits refused since start.
     pub edits_refused: u64,
+    /// Set while the file names other stores than those in use: `[storage]`
+    /// and `[[mirrors]]` are read at start only.
+    #[serde(default)]
+    pub restart_needed: Option<String>,
 }
 
 /// Shared between the replication loop (writer) and the listeners (readers).
@@ -256,6 +260,11 @@ impl Board {
     /// The configuration file as it stands is in use.
     pub fn config_accepted(&self) {
         self.config().refused = None;
+    }
+
+    /// Whether the file, accepted, names other stores than those in use.
+    pub fn config_restart_needed(&self, why: Option<String>) {
+        self.config().restart_needed = why;
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -353,6 +362,9 @@ impl Snapshot {
             out.push_str(&format!(
                 "configuration edit refused: {why}; {CONFIG_KEPT}\n"
             ));
+        }
+        if let Some(why) = &self.config.restart_needed {
+            out.push_str(&format!("configuration: {why}\n"));
         }
         out += &format!(
             "{:<32} {:<8} {:>9} {:>10} {:<24} {}\n",

@@ -360,6 +360,41 @@ async fn databases_and_config_edits_are_picked_up_while_running() {
     );
     assert_eq!(objects(&store, "d/a").await, a_objects);
 
+    // A store edited in is used from the next start, and says so; the
+    // databases keep replicating to the stores in use.
+    let fixed_only = format!(
+        "[[databases]]\npath = \"{}\"\nprefix = \"fixed\"\n",
+        fixed.display()
+    );
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::write(
+        &config_path,
+        format!(
+            "{}[[mirrors]]\nname = \"far\"\nurl = \"{}\"\n",
+            config_text(&store, &fixed_only),
+            elsewhere.display()
+        ),
+    )
+    .unwrap();
+    wait_for("the mirror edit said", async || {
+        board.snapshot().config.restart_needed.is_some()
+    })
+    .await;
+    assert_eq!(board.snapshot().config.refused, None);
+    let before = objects(&store, "fixed").await;
+    conn.execute("INSERT INTO t(v) VALUES ('after the mirror edit')", [])
+        .unwrap();
+    wait_for("fixed after the mirror edit", async || {
+        objects(&store, "fixed").await > before
+    })
+    .await;
+    assert!(!elsewhere.exists(), "a mirror used before a restart");
+    std::fs::write(&config_path, config_text(&store, &fixed_only)).unwrap();
+    wait_for("the mirror edit undone", async || {
+        board.snapshot().config.restart_needed.is_none()
+    })
+    .await;
+
     stop(token, handle).await;
     assert_eq!(
         restore_rows(&store, "fixed", dir.path()).await,
