@@ -2973,6 +2973,17 @@ async fn storage_faults_never_stop_any_database_from_shipping() {
         common::faults::Counts::get(&counts.cut_body),
         common::faults::Counts::get(&counts.lost_response),
     );
+    // Each phase met its fault, or it tested nothing (cut bodies are
+    // counted below: `watch` reads few bodies).
+    for (name, count) in [
+        ("500", &counts.error_500),
+        ("503 SlowDown", &counts.slow_down),
+        ("delays", &counts.delayed),
+        ("resets", &counts.reset),
+        ("lost responses", &counts.lost_response),
+    ] {
+        assert!(common::faults::Counts::get(count) > 0, "no {name} injected");
+    }
     eprintln!("recovered after the outage in {recovered:?}");
     eprintln!(
         "healthy again: lag p50 {:?}, p99 {lag_p99:?} ({} samples)",

@@ -99,10 +99,12 @@ fn remove_db(db: &Path) {
     }
 }
 
-fn restore(store: &TestStore, s: &Setup, out: &Path) -> Vec<String> {
+/// The rows of `app` restored into `out`, with `extra` arguments (a point).
+fn restore(store: &TestStore, s: &Setup, out: &Path, extra: &[&str]) -> Vec<String> {
     let output = command(WALSYNC, store)
         .args(["restore", "--prefix", "app", "--force", "--config"])
         .arg(&s.config)
+        .args(extra)
         .arg("-o")
         .arg(out)
         .output()
@@ -145,7 +147,7 @@ async fn the_entrypoint_restores_what_the_disk_lost_then_runs_the_app() {
         start("1");
         // With the database present, nothing is restored over it.
         start("2");
-        let restored = restore(&store, &s, &s.dir.path().join("check.db"));
+        let restored = restore(&store, &s, &s.dir.path().join("check.db"), &[]);
         assert_eq!(restored, vec!["start 0", "start 1", "start 2"], "{kind}");
     }
 }
@@ -187,6 +189,15 @@ async fn exec_starts_the_app_after_the_first_sync_and_ships_its_last_write() {
             !objects.is_empty(),
             "{kind}: app started before the first sync"
         );
+        // And that object is the database as the app found it.
+        let first = objects[0].seq.to_string();
+        let found = restore(
+            &store,
+            &s,
+            &s.dir.path().join("first.db"),
+            &["--txid", &first],
+        );
+        assert_eq!(found, vec!["seed"], "{kind}");
 
         let kill = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
@@ -201,7 +212,7 @@ async fn exec_starts_the_app_after_the_first_sync_and_ships_its_last_write() {
             Some(7),
             "{kind}: walsync exits with the app's status\n{log}"
         );
-        let restored = restore(&store, &s, &s.dir.path().join("check.db"));
+        let restored = restore(&store, &s, &s.dir.path().join("check.db"), &[]);
         assert_eq!(
             restored,
             vec!["seed", "start 1", "goodbye"],
