@@ -22,7 +22,9 @@ pub(super) fn apply(
             before_place(&tmp).map_err(io_at(&tmp))?;
             place(&tmp, output, force).map(|()| record)
         });
-    if result.is_err() {
+    // Built as the objects were applied, but describing nothing placed
+    // (a failure, or a head that records no digest): not left behind.
+    if !matches!(result, Ok(Some(_))) {
         let _ = std::fs::remove_file(&tmp_record);
     }
     // Gone already if placed; removed here if not.

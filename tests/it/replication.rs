@@ -1845,6 +1845,33 @@ async fn rewrite_plain(
     replace_object(storage, key, bytes).await;
 }
 
+/// A chain whose head records no state digest (written by a walsync that
+/// had dropped its state record) restores, and leaves no record beside the
+/// file, not even the one built on the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_without_a_state_digest_leaves_no_record_behind() {
+    for (kind, store) in common::all_stores().await {
+        let storage = store.storage.as_ref();
+        let dir = tempfile::tempdir().unwrap();
+        let (db, objects) = build_chain(&store, dir.path(), "nodigest").await;
+        let head = objects.last().unwrap();
+        rewrite_plain(storage, &head.key, None, |_| {}, None).await;
+        let restored = dir.path().join("restored");
+        std::fs::create_dir(&restored).unwrap();
+        let out = restored.join("out.db");
+        assert_eq!(
+            restore_to(&store, "nodigest", &out, restore::Target::Latest).await,
+            Ok(rows(&db)),
+            "{kind}"
+        );
+        let left: Vec<String> = std::fs::read_dir(&restored)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, vec!["out.db".to_string()], "{kind}");
+    }
+}
+
 /// Rewrites object `key` with the same pages and link but another state digest.
 async fn forge_digest(storage: &dyn Storage, key: &str) {
     rewrite_plain(storage, key, None, |_| {}, Some([9; 32])).await;
