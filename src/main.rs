@@ -79,6 +79,12 @@ fn main() -> ExitCode {
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     match result {
         Ok(code) => ExitCode::from(code),
+        // The shell's convention: 128 plus the signal's number.
+        Err(e) if e.is::<walsync::cmd::Interrupted>() => {
+            eprintln!("error: {}", one_line(&e));
+            let signal = SIGNAL.load(std::sync::atomic::Ordering::Relaxed);
+            ExitCode::from(u8::try_from(128 + signal).unwrap_or(1))
+        }
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
@@ -113,13 +119,31 @@ fn signals() -> Option<Signals> {
     ))
 }
 
+/// The first signal that stopped walsync (its number), for the exit code.
+static SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
 async fn cancel_on_signal((mut term, mut int): Signals, shutdown: CancellationToken) {
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    let signal = tokio::select! {
+        _ = term.recv() => libc::SIGTERM,
+        _ = int.recv() => libc::SIGINT,
+    };
+    SIGNAL.store(signal, std::sync::atomic::Ordering::Relaxed);
     tracing::info!("signal received");
     shutdown.cancel();
+    // A second Ctrl-C is someone at the terminal who will not wait for the
+    // final sync. A second SIGTERM is not: supervisors repeat theirs, and
+    // the flush has its own deadline.
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("SIGTERM again; still finishing (a second Ctrl-C stops at once)");
+            }
+            _ = int.recv() => {
+                eprintln!("error: interrupted twice; stopped without finishing");
+                std::process::exit(128 + libc::SIGINT);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -54,23 +54,42 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<u8> {
     ) {
         storage::retry::be_patient();
     }
+    let stop = &shutdown;
     match cli.command {
         Command::Watch(args) => watch::watch(args, shutdown).await,
         Command::Restore(args) if args.follow => restore::follow(args, shutdown).await.map(|()| 0),
-        Command::Restore(args) => restore::restore(args).await.map(|()| 0),
-        Command::RestoreAll(args) => restore::restore_all(args).await.map(|()| 0),
-        Command::List(args) => list::list(args).await.map(|()| 0),
-        Command::Snapshot(args) => snapshot::snapshot(args).await.map(|()| 0),
+        Command::Restore(args) => until_signal(stop, restore::restore(args)).await,
+        Command::RestoreAll(args) => until_signal(stop, restore::restore_all(args)).await,
+        Command::List(args) => until_signal(stop, list::list(args)).await,
+        Command::Snapshot(args) => until_signal(stop, snapshot::snapshot(args)).await,
         Command::Init(args) => init::init(&args).map(|()| 0),
-        Command::Status(args) => status::status(&args).await.map(|()| 0),
-        Command::Sync(args) => sync::sync(&args).await.map(|()| 0),
-        Command::Verify(args) => verify::verify(&args).await.map(|()| 0),
-        Command::Compact(args) => compact::compact(&args).await.map(|()| 0),
+        Command::Status(args) => until_signal(stop, status::status(&args)).await,
+        Command::Sync(args) => until_signal(stop, sync::sync(&args)).await,
+        Command::Verify(args) => until_signal(stop, verify::verify(&args)).await,
+        Command::Compact(args) => until_signal(stop, compact::compact(&args)).await,
         Command::Explain(args) => {
             let path = required_config(args.config)?;
             say!("{}", explain::explain(&load_config(&path)?)?);
             Ok(0)
         }
+    }
+}
+
+/// A command stopped by SIGINT or SIGTERM before it finished.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted by a signal before finishing; nothing half-written was put in place")]
+pub struct Interrupted;
+
+/// Runs a command that ends on its own, unless SIGINT or SIGTERM comes
+/// first, however long a store takes to answer: then it is dropped, which
+/// removes its scratch files, and what it had not put in place is not.
+async fn until_signal(
+    shutdown: &CancellationToken,
+    command: impl Future<Output = Result<()>>,
+) -> Result<u8> {
+    tokio::select! {
+        done = command => done.map(|()| 0),
+        () = shutdown.cancelled() => Err(Interrupted.into()),
     }
 }
 

@@ -257,12 +257,60 @@ fn remove_stale_scratch(dir: &Path, prefix: &str) {
     }
 }
 
-/// [`remove_stale_scratch`] for `output`, off the async workers: a stale copy
-/// of a large snapshot takes a while to remove, and restore-all's other
-/// restores share them. Only for a holder of the output's `TargetLock`.
+/// Removes the files a restore to `output` that was killed (or interrupted
+/// while it wrote) left beside it: the half-written database
+/// (`.NAME.walsync-tmp-XXXXXX`) and the state record built with it (that
+/// name, then `-walsync-state-…`). Only regular files of exactly that shape.
+fn remove_stale_temp_outputs(output: &Path) {
+    let Some(name) = output.file_name().and_then(|n| n.to_str()) else {
+        return;
+    };
+    let prefix = format!(".{name}.walsync-tmp-");
+    let Ok(entries) = std::fs::read_dir(sidefile::dir_of(output)) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let ours = rest.len() == TEMP_RANDOM
+            || rest
+                .get(TEMP_RANDOM..)
+                .is_some_and(|r| r.starts_with("-walsync-state-"));
+        if !ours || !entry.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        let path = entry.path();
+        match std::fs::remove_file(&path) {
+            Ok(()) => tracing::info!(
+                path = %path.display(),
+                "removed a temp file of an earlier restore to this file that did not finish"
+            ),
+            Err(e) => tracing::warn!(
+                path = %path.display(),
+                error = %e,
+                "cannot remove a temp file of an earlier restore to this file"
+            ),
+        }
+    }
+}
+
+/// The random part of a temp file's name (`tempfile`'s default).
+const TEMP_RANDOM: usize = 6;
+
+/// [`remove_stale_scratch`] and [`remove_stale_temp_outputs`] for `output`,
+/// off the async workers: a stale copy of a large snapshot takes a while to
+/// remove, and restore-all's other restores share them. Only for a holder of
+/// the output's `TargetLock`.
 pub async fn remove_stale_scratch_of(output: &Path) {
     let (dir, prefix) = (sidefile::dir_of(output), scratch_prefix(output));
-    let _ = tokio::task::spawn_blocking(move || remove_stale_scratch(&dir, &prefix)).await;
+    let output = output.to_path_buf();
+    let _ = tokio::task::spawn_blocking(move || {
+        remove_stale_scratch(&dir, &prefix);
+        remove_stale_temp_outputs(&output);
+    })
+    .await;
 }
 
 /// A new scratch directory beside `output`, after removing those a killed

@@ -4338,6 +4338,19 @@ async fn a_killed_restore_leaves_scratch_that_the_next_restore_to_its_file_remov
     std::fs::write(precious.join("keep"), b"not a scratch directory").unwrap();
     let link = out_dir.join(walsync::restore::scratch_prefix(&out) + "zzzzzz");
     std::os::unix::fs::symlink(&precious, &link).unwrap();
+    // The half-written file and record a restore killed while it wrote
+    // leaves, and names of other shapes beside them.
+    let stale = [
+        ".restored.db.walsync-tmp-abc123",
+        ".restored.db.walsync-tmp-abc123-walsync-state-0123abcd",
+    ];
+    let kept = [
+        ".restored.db.walsync-tmp-abc123.mine",
+        ".other.db.walsync-tmp-abc123",
+    ];
+    for name in stale.iter().chain(&kept) {
+        std::fs::write(out_dir.join(name), b"x").unwrap();
+    }
 
     proxy.set_plan(Plan::healthy());
     let output = run(&mut restore_cmd());
@@ -4353,6 +4366,117 @@ async fn a_killed_restore_leaves_scratch_that_the_next_restore_to_its_file_remov
         "the killed restore's scratch is gone, the link stays"
     );
     assert!(precious.join("keep").exists() && other.join("keep").exists());
+    for name in stale {
+        assert!(!out_dir.join(name).exists(), "{name} left");
+    }
+    for name in kept {
+        assert!(out_dir.join(name).exists(), "{name} removed");
+    }
+}
+
+/// `watch` flushing to a store that holds its requests keeps at it after a
+/// second SIGTERM (supervisors repeat theirs), and stops at once, exit 130,
+/// at a Ctrl-C.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_ctrl_c_stops_a_flush_a_second_sigterm_does_not() {
+    use common::faults::{FaultProxy, Plan};
+    let (store, proxy) = FaultProxy::before_s3_store().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let conn = create_db(&db, 1);
+    let mut cmd = walsync();
+    cmd.args(["watch", cfg(&db), "--storage", &store.url])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    with_store(&mut cmd, &store);
+    cmd.env("AWS_ENDPOINT_URL_S3", &proxy.endpoint);
+    let mut child = common::Reaped::new(cmd.spawn().unwrap());
+    let log = LiveLog::of(&mut child);
+    wait_for_objects(&store, "app", 1, || log.text()).await;
+    proxy.set_plan(Plan {
+        delay: 1.0,
+        delay_for: Duration::from_secs(600),
+        ..Plan::healthy()
+    });
+    conn.execute("INSERT INTO t(v) VALUES ('held')", [])
+        .unwrap();
+    let pid = child.id().to_string();
+    let signal = |which: &str| {
+        let kill = Command::new("kill").args([which, &pid]).status().unwrap();
+        assert!(kill.success());
+    };
+    signal("-TERM");
+    log.wait_for("shutting down", 1).await;
+    signal("-TERM");
+    log.wait_for("SIGTERM again", 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(child.try_wait().unwrap().is_none(), "{}", log.text());
+    signal("-INT");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "{}", log.text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(130), "{}", log.text());
+}
+
+/// A restore waiting on a store that holds its requests and says nothing
+/// stops at the first SIGINT or SIGTERM, exits 130 or 143, and leaves
+/// neither an output nor its scratch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_stops_at_the_first_signal_whatever_the_store_does() {
+    use common::faults::{Counts, FaultProxy, Plan};
+    let (store, proxy) = FaultProxy::before_s3_store().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("src.db");
+    replicated(&store, &db, "held", 50).await;
+    let out = dir.path().join("restored.db");
+    proxy.set_plan(Plan {
+        delay: 1.0,
+        delay_for: Duration::from_secs(600),
+        ..Plan::healthy()
+    });
+    for (signal, code) in [("-INT", 130), ("-TERM", 143)] {
+        let before = Counts::get(&proxy.counts().requests);
+        let mut cmd = walsync();
+        cmd.args(["restore", "--storage", &store.url, "--prefix", "held", "-o"])
+            .arg(&out)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        with_store(&mut cmd, &store);
+        cmd.env("AWS_ENDPOINT_URL_S3", &proxy.endpoint);
+        let mut child = common::Reaped::new(cmd.spawn().unwrap());
+        let log = LiveLog::of(&mut child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Counts::get(&proxy.counts().requests) == before {
+            assert!(Instant::now() < deadline, "no request reached the store");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let kill = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "{signal}: still running");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        log.wait_for("interrupted by a signal", 1).await;
+        assert_eq!(status.code(), Some(code), "{signal}: {}", log.text());
+        assert!(!out.exists(), "{signal}");
+        assert!(
+            scratch_dirs(&out).is_empty(),
+            "{signal}: {:?}",
+            scratch_dirs(&out)
+        );
+    }
 }
 
 /// A download that cannot be written locally (here the file-size limit;
