@@ -159,8 +159,9 @@ impl Database {
     /// Opens a detached database again. The chain continues only where it is
     /// provable that no committed frame was checkpointed away unseen: the WAL
     /// is the same generation and still holds the shipped frames, or it was
-    /// restarted exactly once (after our seal) and holds the whole new
-    /// generation, or it is gone while the database file is untouched.
+    /// restarted exactly once (after our seal) with the database file
+    /// untouched, so that it holds the whole new generation, or it is gone
+    /// while the database file is untouched.
     /// Otherwise the reason is returned and a snapshot must follow.
     pub fn reattach(
         path: &Path,
@@ -206,9 +207,23 @@ impl Database {
                 self.state = WalState::At(pos);
                 self.sealed = true;
             }
-            (Some((_, header)), WalState::At(pos)) if header.salt1 == pos.salt1.wrapping_add(1) => {
+            // One restart, and nothing checkpointed: the new generation holds
+            // everything since the seal. A checkpoint rules that out: the
+            // first opener after walsync closed rebuilt the WAL-index, which
+            // forgets what was checkpointed, so the app may have appended to
+            // the sealed generation, checkpointed those frames away, and only
+            // then restarted, leaving a WAL that looks the same.
+            (Some((_, header)), WalState::At(pos))
+                if header.salt1 == pos.salt1.wrapping_add(1) && untouched =>
+            {
                 self.state = WalState::At(header.start());
                 self.sealed = false;
+            }
+            (Some((_, header)), WalState::At(pos)) if header.salt1 == pos.salt1.wrapping_add(1) => {
+                return Ok(Err(
+                    "the WAL was checkpointed and restarted while walsync had the database closed"
+                        .into(),
+                ));
             }
             (Some(_), WalState::At(_)) => {
                 return Ok(Err(

@@ -1160,6 +1160,38 @@ mod tests {
         assert_ships_a_segment(&mut db);
     }
 
+    /// Closed by walsync with no other connection open, the WAL-index is
+    /// recovered by the next opener, which forgets what was checkpointed:
+    /// the app appends to the sealed generation instead of restarting it.
+    /// Checkpointed, then restarted once, the WAL looks like a single
+    /// restart after the seal, but the frames appended are gone from it.
+    #[test]
+    fn frames_appended_to_the_sealed_generation_then_checkpointed_are_a_loss() {
+        for mode in ["PASSIVE", "TRUNCATE"] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("a.db");
+            let app_conn = app(&path);
+            app_conn.execute("INSERT INTO t VALUES (1)", []).unwrap();
+            let mut db = Database::open(&path).unwrap();
+            drop(app_conn);
+            snapshot_state(&mut db);
+            seal(&mut db);
+            std::thread::sleep(continuity::DETACH_QUIET);
+            let token = db.detach().unwrap();
+            let app_conn = app(&path);
+            app_conn.execute("INSERT INTO t VALUES (2)", []).unwrap();
+            let (busy, _, _): (i64, i64, i64) = app_conn
+                .query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .unwrap();
+            assert_eq!(busy, 0, "{mode}");
+            app_conn.execute("INSERT INTO t VALUES (3)", []).unwrap();
+            let (_db, verdict) = Database::reattach(&path, token).unwrap();
+            assert!(verdict.is_err(), "{mode}: the commit of 2 went unseen");
+        }
+    }
+
     #[test]
     fn reattach_continues_only_where_nothing_can_have_been_missed() {
         let dir = tempfile::tempdir().unwrap();

@@ -1214,6 +1214,69 @@ async fn a_connection_per_request_app_costs_pages_not_snapshots() {
     each_store(request_per_connection_app).await;
 }
 
+/// walsync closes an idle database after its own complete checkpoint; the
+/// app then opens it (rebuilding the WAL-index, which forgets what was
+/// checkpointed), commits, checkpoints and commits again. The WAL then looks
+/// restarted once after walsync's seal while the first commit is only in the
+/// database file: that is a lost continuity (a delta), never a skipped
+/// commit. Every round's state restores, as `sync --wait` promised.
+async fn commit_checkpoint_commit_while_closed(kind: &'static str, store: TestStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = seeded_db(dir.path(), "idle.db", 10);
+    let config = config_for(
+        &store,
+        dir.path(),
+        "[watch]\nclose_idle_after = \"1s\"\n\
+         [sync]\nsync_interval = \"200ms\"\ncheckpoint_interval = \"300ms\"\n",
+        &[(&db, "idle")],
+    );
+    let watch = Watch::with_config(&store, &config, dir.path().join("walsync.log"));
+    wait_for_objects(&store, "idle", 1, || watch.log()).await;
+    for round in 0..4 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while holds_open(watch.child.id(), &db) {
+            assert!(
+                Instant::now() < deadline,
+                "{kind}: walsync never closed the idle database\n{}",
+                watch.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // At once, as an app does: walsync reopens on the first commit's
+        // file event, too late to hold the checkpoint off.
+        let mut app = AppProcess::open(&db);
+        app.ok("script INSERT INTO t(v) VALUES (hex(randomblob(1500))); \
+             PRAGMA wal_checkpoint(TRUNCATE); \
+             INSERT INTO t(v) VALUES (hex(randomblob(1500))); \
+             INSERT INTO t(v) VALUES (hex(randomblob(1500)));");
+        app.quit();
+        let mut sync = walsync();
+        sync.args(["sync", "--config"]).arg(&config).arg("--wait");
+        let synced = sync.output().unwrap();
+        assert!(synced.status.success(), "{kind}: {synced:?}");
+        let out = dir.path().join(format!("round{round}"));
+        std::fs::create_dir(&out).unwrap();
+        assert_eq!(
+            restored_digest(&store, "idle", &out).await,
+            digest(&db),
+            "{kind}: round {round}\n{}",
+            tail(&watch.log())
+        );
+    }
+    let (status, log) = watch.terminate().await;
+    assert!(status.success(), "{kind}: {}", tail(&log));
+    assert!(
+        log.contains("while walsync had the database closed"),
+        "{kind}: no round met walsync closed\n{}",
+        tail(&log)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_checkpointed_while_walsync_had_the_database_closed_is_never_skipped() {
+    each_store(commit_checkpoint_commit_while_closed).await;
+}
+
 async fn restore_all_then_watch(kind: &'static str, store: TestStore) {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src");
