@@ -392,6 +392,34 @@ mod tests {
         );
     }
 
+    /// A local store named relative, with or without `file://`, is beside
+    /// the file like the databases, wherever walsync was started.
+    #[test]
+    fn relative_local_stores_are_beside_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("conf");
+        std::fs::create_dir(&sub).unwrap();
+        let path = sub.join("walsync.toml");
+        std::fs::write(
+            &path,
+            "[storage]\nurl = \"file://rep3\"\n[[mirrors]]\nname = \"near\"\nurl = \"rep4\"\n\
+             [[mirrors]]\nname = \"far\"\nurl = \"file:///abs/rep5\"\n\
+             [[databases]]\npath = \"/data/app.db\"\n",
+        )
+        .unwrap();
+        let config = Config::load(&path).unwrap();
+        let sub = std::path::absolute(&sub).unwrap();
+        assert_eq!(
+            config.storage.url,
+            format!("file://{}", sub.join("rep3").display())
+        );
+        assert_eq!(
+            config.mirrors[0].storage.url,
+            sub.join("rep4").display().to_string()
+        );
+        assert_eq!(config.mirrors[1].storage.url, "file:///abs/rep5");
+    }
+
     #[test]
     fn config_errors_name_the_key_never_the_value() {
         let dir = tempfile::tempdir().unwrap();

@@ -319,6 +319,21 @@ impl Checker<'_> {
 }
 
 /// Where a store's objects are, so that two spellings of one place compare
+/// A store URL with a relative local directory (`DIR` or `file://DIR`) made
+/// relative to the configuration file's directory, like database paths, so
+/// that it does not depend on where walsync was started. Any other URL as is.
+fn local_beside(url: &str, base_dir: &Path) -> String {
+    let (scheme, dir) = match url.strip_prefix("file://") {
+        Some(dir) => ("file://", dir),
+        None if url.contains("://") => return url.to_string(),
+        None => ("", url),
+    };
+    if dir.is_empty() || Path::new(dir).is_absolute() {
+        return url.to_string();
+    }
+    format!("{scheme}{}", base_dir.join(dir).display())
+}
+
 /// equal: the URL without `file://`, `.` parts or a trailing `/`, and the
 /// endpoint without a trailing `/`.
 fn place(store: &StorageConfig) -> (String, Option<&str>) {
@@ -402,10 +417,7 @@ impl Config {
         let mut storage = check
             .unless_unused(uses.storage, storage)?
             .unwrap_or_default();
-        // A local directory is relative to this file, like database paths.
-        if !storage.url.contains("://") && Path::new(&storage.url).is_relative() {
-            storage.url = base_dir.join(&storage.url).display().to_string();
-        }
+        storage.url = local_beside(&storage.url, &base_dir);
         let mut mirrors: Vec<MirrorConfig> = Vec::with_capacity(raw.mirrors.len());
         let mut unresolved_mirrors = Vec::new();
         for (i, raw) in raw.mirrors.into_iter().enumerate() {
@@ -424,9 +436,7 @@ impl Config {
                 }
                 Err(e) => return Err(e),
             };
-            if !store.url.contains("://") && Path::new(&store.url).is_relative() {
-                store.url = base_dir.join(&store.url).display().to_string();
-            }
+            store.url = local_beside(&store.url, &base_dir);
             if uses.storage
                 && let Some(how) = overlap(&store, &storage)
             {
