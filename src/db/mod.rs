@@ -84,6 +84,14 @@ pub enum Error {
     },
     #[error("{path}: {reason}")]
     Unsupported { path: PathBuf, reason: String },
+    /// Another walsync process holds the database's claim: two would fight
+    /// over its checkpoints and, on one prefix, over its chain.
+    #[error(
+        "database {path} is replicated by another walsync process already (it holds the \
+         claim on the database's -shm); stop that one first, or ask it to ship now with \
+         `walsync sync`"
+    )]
+    Claimed { path: PathBuf },
     /// SQLite refuses the file's header: retrying cannot help.
     #[error(
         "database {path} is not a SQLite database (SQLite says: file is not a database); \
@@ -370,7 +378,17 @@ impl Database {
         db.pin()?;
         // The pinned connection has created the `-shm` (unless the VFS keeps
         // the WAL-index in heap memory, when no other process can share it).
-        db.shm = match File::open(shm_path_of(path)) {
+        // Writable only so that the claim below can be a write lock; nothing
+        // is written through it.
+        let shm = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(shm_path_of(path))
+            .or_else(|e| match e.kind() {
+                io::ErrorKind::PermissionDenied => File::open(shm_path_of(path)),
+                _ => Err(e),
+            });
+        db.shm = match shm {
             Ok(file) => Some(file),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => {
@@ -381,6 +399,13 @@ impl Database {
                 });
             }
         };
+        if let Some(shm) = &db.shm
+            && !claim(shm)
+        {
+            return Err(Error::Claimed {
+                path: path.to_path_buf(),
+            });
+        }
         Ok(db)
     }
 
@@ -862,6 +887,39 @@ pub fn wal_path_of(db: &Path) -> PathBuf {
 }
 
 /// The WAL-index (shared memory) file SQLite keeps beside `db`.
+/// The byte of the `-shm` a walsync process locks to claim the database, far
+/// past what SQLite locks there (bytes 120 to 128).
+const CLAIM_BYTE: libc::off_t = 1 << 40;
+
+/// Claims the database for this process with a POSIX lock on [`CLAIM_BYTE`]
+/// of its `-shm`: like SQLite's own locks there it belongs to the process and
+/// lasts while no descriptor of the `-shm` is closed, which DESIGN.md 2a
+/// already guarantees while the connections are open; it goes when they
+/// close, or when the process dies. `false` only when another process holds
+/// it; where the lock cannot be taken at all (a read-only `-shm`, a
+/// filesystem without locks) the database is not claimed, and nothing is
+/// refused.
+fn claim(shm: &File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain C struct, all of whose fields may be zero.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_WRLCK as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    lock.l_start = CLAIM_BYTE;
+    lock.l_len = 1;
+    // SAFETY: a live descriptor, and a pointer to a live `flock` for the call.
+    let rc = unsafe { libc::fcntl(shm.as_raw_fd(), libc::F_SETLK, &lock) };
+    if rc == 0 {
+        return true;
+    }
+    let e = io::Error::last_os_error();
+    if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) {
+        return false;
+    }
+    tracing::debug!(error = %e, "cannot claim the database through its -shm; not claimed");
+    true
+}
+
 fn shm_path_of(db: &Path) -> PathBuf {
     let mut s = db.as_os_str().to_owned();
     s.push("-shm");
@@ -890,6 +948,19 @@ mod tests {
         conn.execute_batch("CREATE TABLE IF NOT EXISTS t(v)")
             .unwrap();
         conn
+    }
+
+    /// The claim is the process's: opening and reopening here never meets
+    /// it (another process does: `a_snapshot_beside_a_running_watch_…`).
+    #[test]
+    fn the_claim_is_this_processs_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.db");
+        let _app = app(&path);
+        let mut first = Database::open(&path).unwrap();
+        first.reopen().unwrap();
+        drop(first);
+        Database::open(&path).unwrap();
     }
 
     fn data_version(conn: &Connection) -> i64 {

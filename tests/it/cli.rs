@@ -1352,9 +1352,11 @@ async fn wait_for_listener(addr: &str) {
     }
 }
 
-/// The issue-10 report, as the user ran it: `walsync snapshot` beside a
-/// running `watch` takes the next sequence, and the watch that loses the race
-/// stops that database loudly instead of shipping a second object for it.
+/// The issue-10 report: a second writer on a running `watch`'s prefix
+/// (`walsync snapshot` of a copy of the database, as another host would
+/// ship one; beside the watch on the database itself it is refused) takes
+/// the next sequence, and the watch that loses the race stops that database
+/// loudly instead of shipping a second object for it.
 /// Then a fork planted the way an older walsync allowed (`3.wal` beside
 /// `3.seg`): list, verify, /health and restore all see it, and restore
 /// still rebuilds the source.
@@ -1390,9 +1392,11 @@ async fn a_snapshot_beside_watch_stops_the_loser_and_a_fork_is_restored_through(
         wait_for_objects(&store, "race", 1, String::new).await;
         wait_for_listener(&addr).await;
         insert("during");
+        let copy = dir.path().join("copy.db");
+        conn.execute("VACUUM INTO ?1", [cfg(&copy)]).unwrap();
         ok(
             &store,
-            &["snapshot", cfg(&db), "--prefix", "race", "--storage", url],
+            &["snapshot", cfg(&copy), "--prefix", "race", "--storage", url],
         );
         insert("after");
         let output = sync_wait(&config);
@@ -2133,6 +2137,49 @@ async fn a_file_that_is_not_sqlite_is_stopped_once_and_the_fleet_goes_on() {
             "{kind}: {stderr}"
         );
         assert_eq!(stderr.trim().lines().count(), 1, "{kind}: {stderr}");
+    }
+}
+
+/// `walsync snapshot` beside a `watch` of the same database is refused by
+/// name before it ships anything (two replicators would fight over the
+/// chain and the checkpoints); the watch goes on shipping. Once the watch
+/// stops, the snapshot goes up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_beside_a_running_watch_is_refused_and_the_watch_goes_on() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("app.db");
+        let conn = create_db(&db, 1);
+        let mut cmd = walsync();
+        cmd.args(["watch", cfg(&db), "--storage", &store.url])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        with_store(&mut cmd, &store);
+        let mut child = common::Reaped::new(cmd.spawn().unwrap());
+        let log = LiveLog::of(&mut child);
+        wait_for_objects(&store, "app", 1, || log.text()).await;
+        let mut snap = walsync();
+        snap.args(["snapshot", cfg(&db), "--storage", &store.url]);
+        with_store(&mut snap, &store);
+        let output = run(&mut snap);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{kind}: {stderr}");
+        assert!(
+            stderr.contains("app.db") && stderr.contains("another walsync process"),
+            "{kind}: {stderr}"
+        );
+        assert_eq!(objects(&store, "app").await, 1, "{kind}: shipped anyway");
+        conn.execute("INSERT INTO t(v) VALUES ('after')", [])
+            .unwrap();
+        wait_for_objects(&store, "app", 2, || log.text()).await;
+        assert!(terminate(&mut child).success(), "{kind}: {}", log.text());
+        let output = run(&mut snap);
+        assert!(
+            output.status.success(),
+            "{kind}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(objects(&store, "app").await, 3, "{kind}");
     }
 }
 
