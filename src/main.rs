@@ -8,7 +8,10 @@ use tracing_subscriber::EnvFilter;
 
 /// Libraries whose debug and trace lines carry request headers (credentials,
 /// session tokens): kept at warn unless `WALSYNC_LOG` names them itself, and
-/// masked by [`walsync::redact`] even then.
+/// masked by [`walsync::redact`] even then. `aws_config` is kept at error:
+/// its warnings are each credential or region provider that found nothing
+/// (the instance metadata service's, with a whole HTTP response, last),
+/// which walsync's own error says in one line when it matters.
 const QUIET_UNLESS_ASKED: &[&str] = &[
     "aws_config",
     "aws_runtime",
@@ -28,8 +31,13 @@ fn log_filter(spec: Option<&str>) -> EnvFilter {
     let spec = spec.filter(|s| !s.trim().is_empty()).unwrap_or("info");
     let mut filter = EnvFilter::try_new(spec).unwrap_or_else(|_| EnvFilter::new("info"));
     for target in QUIET_UNLESS_ASKED {
+        let level = if *target == "aws_config" {
+            "error"
+        } else {
+            "warn"
+        };
         if !spec.contains(target)
-            && let Ok(directive) = format!("{target}=warn").parse()
+            && let Ok(directive) = format!("{target}={level}").parse()
         {
             filter = filter.add_directive(directive);
         }

@@ -29,7 +29,10 @@ pub(super) async fn list(args: ListArgs) -> Result<()> {
     // fit a small machine's memory.
     let listed = crate::tips::list_tips_under(storage.as_ref(), &under)
         .await
-        .with_context(|| format!("listing {under} in {}", storage.describe()))?;
+        .with_context(|| match under.as_str() {
+            "" => format!("listing {}", storage.describe()),
+            under => format!("listing {under} in {}", storage.describe()),
+        })?;
     for (name, why) in &listed.refused {
         eprintln!("warning: ignoring {name:?} in storage: not a valid database name (it {why})");
     }

@@ -58,6 +58,7 @@ const LASTING: &[&str] = &[
     "AccessDenied",
     "AllAccessDisabled",
     "AuthorizationHeaderMalformed",
+    s3::NO_CREDENTIALS,
 ];
 
 impl Error {

@@ -598,6 +598,16 @@ impl Failure {
         E: ProvideErrorMetadata + std::error::Error + 'static,
     {
         let status = err.raw_response().map(|r| r.status().as_u16());
+        if no_credentials(&err) {
+            return Self {
+                status,
+                code: Some(NO_CREDENTIALS.to_string()),
+                message: NO_CREDENTIALS_MESSAGE.to_string(),
+                transient: false,
+                attempts: 1,
+                detail: DisplayErrorContext(&err).to_string(),
+            };
+        }
         let code = err.code().map(str::to_owned);
         let message = readable_message(&err, status);
         let transient = match &err {
@@ -665,6 +675,37 @@ impl Failure {
 /// `NoSuchBucket: The specified bucket does not exist (HTTP 404, request id ...)` for
 /// service errors, the chain of causes for the rest (`dispatch failure: io error: ...`).
 /// (`DisplayErrorContext` alone also dumps the raw response's `Debug`: too long for a log line.)
+/// The code walsync gives a request the SDK could not sign: no credentials.
+pub(super) const NO_CREDENTIALS: &str = "NoCredentials";
+
+/// What a user reads instead of the SDK's chain of provider failures (which
+/// ends with the instance metadata service, and points the wrong way).
+const NO_CREDENTIALS_MESSAGE: &str = "no AWS credentials found: set AWS_ACCESS_KEY_ID and \
+     AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or web identity), or access_key_id and \
+     secret_access_key in [storage]";
+
+/// Whether `err` is the SDK finding no credentials to sign with. Retrying
+/// does not make credentials appear, and each attempt asks every provider
+/// of the chain again (the instance metadata service last, with its own
+/// retries).
+fn no_credentials<E>(err: &SdkError<E, HttpResponse>) -> bool
+where
+    E: std::error::Error + 'static,
+{
+    use aws_credential_types::provider::error::CredentialsError;
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        if let Some(e) = cause.downcast_ref::<CredentialsError>() {
+            return matches!(
+                e,
+                CredentialsError::CredentialsNotLoaded(_) | CredentialsError::ProviderError(_)
+            );
+        }
+        source = cause.source();
+    }
+    false
+}
+
 fn readable_message<E>(err: &SdkError<E, HttpResponse>, status: Option<u16>) -> String
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,

@@ -2559,6 +2559,44 @@ async fn a_healthy_busy_fleet_logs_no_warning() {
     }
 }
 
+/// No credentials anywhere (the most common first mistake) fails `list`
+/// and `watch` at once, in one line that says so instead of the SDK's
+/// provider chain, and no request reaches the store: nothing is retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_credentials_fail_at_once_in_one_line() {
+    use common::faults::{Counts, FaultProxy};
+    let (store, proxy) = FaultProxy::before_s3_store().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    drop(create_db(&db, 1));
+    for args in [
+        vec!["list", "--storage", &store.url],
+        vec!["watch", cfg(&db), "--storage", &store.url],
+    ] {
+        let mut cmd = walsync();
+        cmd.args(&args);
+        with_store(&mut cmd, &store);
+        cmd.env("AWS_ENDPOINT_URL_S3", &proxy.endpoint)
+            .env("HOME", dir.path())
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env_remove("AWS_SESSION_TOKEN")
+            .env_remove("AWS_PROFILE");
+        let started = Instant::now();
+        let output = run(&mut cmd);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?}: {stderr}");
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.contains(" INFO ")).collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {stderr}");
+        assert!(
+            lines[0].starts_with("error: ") && lines[0].contains("no AWS credentials found"),
+            "{args:?}: {stderr}"
+        );
+        eprintln!("{args:?}: failed in {:?}", started.elapsed());
+    }
+    assert_eq!(Counts::get(&proxy.counts().requests), 0);
+}
+
 /// Issue 12, 5 and 12: a missing bucket or refused credentials fail `watch`
 /// at start in the store's words; asked to keep retrying, it starts, and the
 /// failures count as storage errors.
