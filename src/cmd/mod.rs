@@ -232,6 +232,27 @@ async fn check_storage_now(storage: &dyn Storage, keep_retrying: bool) -> Result
     }
 }
 
+/// The `[watch]` settings that reach the running `watch` of `path`. While
+/// the file holds an edit that watch refused, it runs the last file it
+/// accepted and still answers: then the `[watch]` section alone is read,
+/// with a warning (a durability barrier must not fail because someone is
+/// editing the file).
+fn running_watch_settings(path: &Path, uses: config::Uses) -> Result<WatchSettings> {
+    match Config::load_for(path, uses) {
+        Ok(config) => Ok(config.watch),
+        Err(refused) => match Config::watch_section_of(path) {
+            Ok(watch) => {
+                eprintln!(
+                    "warning: {refused}; reaching the running walsync through the file's \
+                     [watch] section alone"
+                );
+                Ok(watch)
+            }
+            Err(_) => Err(refused.into()),
+        },
+    }
+}
+
 /// The configuration a command that needs one reads: `--config`, else the
 /// one [`config::locate`] finds.
 fn required_config(explicit: Option<PathBuf>) -> Result<PathBuf> {

@@ -10,7 +10,7 @@ pub(super) async fn status(args: &StatusArgs) -> Result<()> {
         None => {
             let path = required_config(args.config.clone())
                 .context("give --listen ADDR, or the walsync.toml whose [watch] listen to ask")?;
-            load_config_for(&path, config::Uses::LISTEN)?.watch.listen.with_context(|| {
+            running_watch_settings(&path, config::Uses::LISTEN)?.listen.with_context(|| {
                 format!(
                     "{}: [watch] listen is not set, so the running walsync has no listener to ask",
                     path.display()

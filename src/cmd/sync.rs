@@ -5,9 +5,7 @@ use super::*;
 /// Asks the running `watch` to ship now, and with --wait, for the outcome.
 pub(super) async fn sync(args: &SyncArgs) -> Result<()> {
     let path = required_config(args.config.clone())?;
-    let config = load_config_for(&path, config::Uses::CONTROL_SOCKET)?;
-    let socket = config
-        .watch
+    let socket = running_watch_settings(&path, config::Uses::CONTROL_SOCKET)?
         .control_socket
         .clone()
         .unwrap_or_else(|| control::default_socket(&path));

@@ -394,6 +394,28 @@ impl Config {
         Self::parse_for(text, path, Uses::ALL)
     }
 
+    /// The `[watch]` section of `path` alone, checked as it would be in a
+    /// whole file: how a running `watch` is reached while the rest of the
+    /// file holds an edit it refused (and kept running the last one).
+    pub fn watch_section_of(path: &Path) -> Result<WatchSettings, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Read {
+            file: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let mut table: toml::Table = toml::from_str(&text).map_err(|e| Error::Read {
+            file: path.to_path_buf(),
+            message: without_quoted(e.message().trim()).replace('\n', " "),
+        })?;
+        // `[storage]` too: a file is checked with one (it is not used).
+        let mut only = toml::Table::new();
+        for section in ["watch", "storage"] {
+            if let Some(value) = table.remove(section) {
+                only.insert(section.into(), value);
+            }
+        }
+        Ok(Self::parse_for(&only.to_string(), path, Uses::CONTROL_SOCKET)?.watch)
+    }
+
     fn parse_for(text: &str, path: &Path, uses: Uses) -> Result<Self, Error> {
         let check = Checker { file: path, uses };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
@@ -461,7 +483,8 @@ impl Config {
             "sync",
         )?;
         let watch = Self::watch(&check, raw.watch.unwrap_or_default())?;
-        if raw.databases.is_empty() {
+        // Reaching a running watch (`status`, `sync`) needs no database.
+        if raw.databases.is_empty() && (uses.databases || uses.storage) {
             return Err(check.err("no [[databases]] entries"));
         }
         let mut entries = Vec::with_capacity(raw.databases.len());

@@ -1338,6 +1338,51 @@ async fn a_database_that_keeps_losing_continuity_is_reported_degraded() {
     }
 }
 
+/// While the file holds an edit the running watch refused, `sync --wait`
+/// and `status` with that file still reach the watch (through its `[watch]`
+/// section), warn, and work: the barrier before a deploy does not fail
+/// because someone is editing the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_and_status_reach_the_watch_while_its_file_holds_a_refused_edit() {
+    let store = common::fs_store();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let conn = create_db(&db, 1);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let config = dir.path().join("walsync.toml");
+    let text = |databases: &str| {
+        store.config(&format!(
+            "[sync]\nsync_interval = \"1h\"\n[watch]\nlisten = \"{addr}\"\n\
+             [[databases]]\n{databases} = \"{}\"\n",
+            db.display()
+        ))
+    };
+    std::fs::write(&config, text("path")).unwrap();
+    let mut watch = spawn_watch(&store, &config, Stdio::null());
+    wait_for_objects(&store, "app", 1, String::new).await;
+    std::fs::write(&config, text("paht")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !http_get(&addr, "/status.json").1.contains("paht") {
+        assert!(Instant::now() < deadline, "the edit was never refused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    conn.execute("INSERT INTO t(v) VALUES ('while refused')", [])
+        .unwrap();
+    let output = sync_wait(&config);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: ") && stderr.contains("paht"),
+        "{stderr}"
+    );
+    wait_for_objects(&store, "app", 2, String::new).await;
+    let output = run(walsync().args(["status", "--config", cfg(&config)]));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.contains("configuration edit refused"), "{stdout}");
+    assert!(terminate(&mut watch).success());
+}
+
 /// Runs `walsync sync --config CONFIG --wait`; its output.
 fn sync_wait(config: &Path) -> Output {
     run(walsync().args(["sync", "--config", cfg(config), "--wait"]))
