@@ -162,8 +162,13 @@ impl Setup {
         app.insert(20, 100);
         let (child, log) = self.watch();
         let (s3, local) = (self.s3.storage.as_ref(), self.local.storage.as_ref());
+        // Its mark too: a store going dark between the two would owe one
+        // more PUT than the objects it missed.
         wait_until("both stores have the snapshot", &log, async || {
-            objects(s3, "app").await.len() == 1 && objects(local, "app").await.len() == 1
+            objects(s3, "app").await.len() == 1
+                && objects(local, "app").await.len() == 1
+                && common::count_snapshots(s3, "app").await == 1
+                && common::count_snapshots(local, "app").await == 1
         })
         .await;
         (app, child, log)
