@@ -216,11 +216,12 @@ pub struct StorageArgs {
     /// Force path-style (true) or virtual-hosted-style (false) S3 addressing.
     #[arg(long, value_name = "BOOL")]
     pub path_style: Option<bool>,
-    /// Encrypt new objects (AES-256-GCM, so storage never sees a page) and
-    /// open encrypted ones with the key in this file: 64 hex digits, e.g. from
-    /// `openssl rand -hex 32`. WALSYNC_ENCRYPTION_KEY can hold the key instead.
-    /// With --config, the file's encryption_key applies (restore and verify
-    /// accept both).
+    /// The key in this file (64 hex digits, e.g. from `openssl rand -hex 32`;
+    /// WALSYNC_ENCRYPTION_KEY can hold it instead): `watch` and `snapshot`
+    /// encrypt new objects with it (AES-256-GCM, so storage never sees a
+    /// page); `restore`, `verify` and `compact` open encrypted objects (`list`
+    /// reads no object body) with it, and with the configuration's keys when
+    /// --config is given too.
     #[arg(long, value_name = "FILE")]
     pub encryption_key_file: Option<PathBuf>,
 }
@@ -392,7 +393,7 @@ pub struct RestoreArgs {
     pub parallelism: usize,
     /// Take the storage settings from this walsync.toml. Without it and
     /// without --storage: the file WALSYNC_CONFIG names, else ./walsync.toml
-    /// if it exists, else the directory walsync-replica here.
+    /// if it exists, else the directory walsync-replica beside the output file.
     #[arg(long, short = 'c', value_name = "FILE", conflicts_with = "storage")]
     pub config: Option<PathBuf>,
     /// Read from the configuration's [[mirrors]] entry NAME instead of
@@ -438,7 +439,8 @@ pub struct RestoreAllArgs {
     #[arg(long, short = 'q')]
     pub quiet: bool,
     /// Print one JSON summary on stdout instead of a line per database:
-    /// what was restored (prefix, file, sequence, objects, bytes, seconds),
+    /// what was restored (prefix, file, sequence, objects, bytes, pages,
+    /// page_size, as_of),
     /// skipped and failed (with why), and the totals. Failures still exit
     /// non-zero.
     #[arg(long)]

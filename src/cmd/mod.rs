@@ -75,6 +75,21 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<u8> {
     }
 }
 
+/// A command line that asks for nothing walsync can do (no database to
+/// watch, `--prefix` for several): exit 2, as for what clap refuses.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Usage(pub String);
+
+/// Whether `e` is a mistake on the command line rather than a failure.
+pub fn is_usage(e: &anyhow::Error) -> bool {
+    e.is::<Usage>()
+        || matches!(
+            e.downcast_ref::<config::Error>(),
+            Some(config::Error::PrefixWithMany(_))
+        )
+}
+
 /// A command stopped by SIGINT or SIGTERM before it finished.
 #[derive(Debug, thiserror::Error)]
 #[error("interrupted by a signal before finishing; nothing half-written was put in place")]

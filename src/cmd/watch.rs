@@ -113,12 +113,16 @@ fn clean(outcome: replicator::Outcome) -> Result<()> {
 async fn plan(args: &WatchArgs) -> Result<Plan> {
     let config_path = match &args.config {
         Some(path) => Some(path.clone()),
-        None if args.databases.is_empty() => Some(config::locate().with_context(|| {
-            format!(
-                "nothing to watch: name the database files, or give --config FILE ({})",
-                config::where_looked()
-            )
-        })?),
+        None if args.databases.is_empty() => match config::locate() {
+            Some(path) => Some(path),
+            None => {
+                return Err(Usage(format!(
+                    "nothing to watch: name the database files, or give --config FILE ({})",
+                    config::where_looked()
+                ))
+                .into());
+            }
+        },
         None => None,
     };
     if let Some(path) = &config_path {

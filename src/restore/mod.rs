@@ -56,6 +56,8 @@ use page_hashes::{Batch, Hasher};
 pub enum Error {
     #[error("{path} already exists; pass --force to replace it")]
     OutputExists { path: PathBuf },
+    #[error("{path} is a directory: give the path of the database file to write")]
+    OutputIsDirectory { path: PathBuf },
     #[error(
         "{path} is in use (its WAL could not be checkpointed); stop the app using it, then restore again"
     )]
@@ -356,6 +358,11 @@ pub async fn restore_then(
     before_place: impl FnOnce(&RestoreReport, &Path) -> io::Result<()> + Send + 'static,
 ) -> Result<RestoreReport> {
     let output = &opts.output;
+    if output.is_dir() {
+        return Err(Error::OutputIsDirectory {
+            path: output.clone(),
+        });
+    }
     if !opts.force && output.exists() {
         return Err(Error::OutputExists {
             path: output.clone(),

@@ -1338,6 +1338,40 @@ async fn a_database_that_keeps_losing_continuity_is_reported_degraded() {
     }
 }
 
+/// `restore -o DIR` names the directory as the problem, with `--force` too,
+/// and leaves it as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_to_a_directory_is_refused_as_one() {
+    let store = common::fs_store();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    drop(create_db(&db, 3));
+    ok(&store, &["snapshot", cfg(&db), "--storage", &store.url]);
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("keep"), b"x").unwrap();
+    for force in [false, true] {
+        let mut cmd = walsync();
+        cmd.args([
+            "restore",
+            "--storage",
+            &store.url,
+            "--prefix",
+            "app",
+            "-o",
+            cfg(&out),
+        ]);
+        if force {
+            cmd.arg("--force");
+        }
+        let output = run(&mut cmd);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{stderr}");
+        assert!(stderr.contains("is a directory"), "{force}: {stderr}");
+        assert!(out.join("keep").exists());
+    }
+}
+
 /// While the file holds an edit the running watch refused, `sync --wait`
 /// and `status` with that file still reach the watch (through its `[watch]`
 /// section), warn, and work: the barrier before a deploy does not fail
@@ -2527,6 +2561,15 @@ async fn configuration_details_a_new_user_meets() {
             && stderr.contains(":9090 for every interface"),
         "{stderr}"
     );
+    // Asking for nothing walsync can do is a command-line mistake too.
+    let empty = tempfile::tempdir().unwrap();
+    for args in [
+        vec!["watch", "a.db", "b.db", "--prefix", "x"],
+        vec!["watch"],
+    ] {
+        let output = run(walsync().args(&args).current_dir(empty.path()));
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {output:?}");
+    }
 }
 
 /// Issue 12, 8: a healthy busy fleet (periodic snapshots, checkpoints,
