@@ -392,6 +392,45 @@ mod tests {
         );
     }
 
+    /// A value of the wrong type is named by its key and said in TOML's
+    /// words, never Rust's type names, and never shown.
+    #[test]
+    fn a_value_of_the_wrong_type_names_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("walsync.toml");
+        for (bad, key, expected) in [
+            (
+                "[sync]\ncheckpoint_pages = \"many\"\n",
+                "checkpoint_pages",
+                "a whole number",
+            ),
+            (
+                "[watch]\nparallelism = \"8\"\n",
+                "parallelism",
+                "a whole number",
+            ),
+            ("storage = \"rep\"\n", "storage", "a table"),
+        ] {
+            std::fs::write(
+                &path,
+                format!("{bad}[[databases]]\npath = \"/data/app.db\"\n"),
+            )
+            .unwrap();
+            let err = Config::load(&path).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("line 1: {key}: "))
+                    || err.contains(&format!("line 2: {key}: ")),
+                "{bad}: {err}"
+            );
+            assert!(err.contains(expected), "{bad}: {err}");
+            assert!(
+                !err.contains("u32") && !err.contains("usize") && !err.contains("Raw"),
+                "{err}"
+            );
+            assert!(!err.contains("many") && !err.contains("\"8\""), "{err}");
+        }
+    }
+
     /// A local store named relative, with or without `file://`, is beside
     /// the file like the databases, wherever walsync was started.
     #[test]

@@ -319,6 +319,19 @@ impl Checker<'_> {
 }
 
 /// Where a store's objects are, so that two spellings of one place compare
+/// A serde type error in the words of the file: "expected u32" says
+/// nothing to someone writing TOML.
+fn readable_type(message: &str) -> String {
+    let mut out = message.to_string();
+    for rust in ["u8", "u16", "u32", "u64", "usize", "i32", "i64"] {
+        out = out.replace(&format!("expected {rust}"), "expected a whole number");
+    }
+    if let Some(at) = out.find("expected struct Raw") {
+        out.replace_range(at.., "expected a table (a [section] or { ... })");
+    }
+    out
+}
+
 /// A store URL with a relative local directory (`DIR` or `file://DIR`) made
 /// relative to the configuration file's directory, like database paths, so
 /// that it does not depend on where walsync was started. Any other URL as is.
@@ -426,10 +439,23 @@ impl Config {
                 before.iter().filter(|&&b| b == b'\n').count() + 1
             });
             // The parser quotes the value it choked on; a value may be a secret.
-            let message = without_quoted(e.message().trim()).replace('\n', " ");
-            match line {
-                Some(line) => check.err(format!("line {line}: {message}")),
-                None => check.err(message),
+            let message = readable_type(&without_quoted(e.message().trim()).replace('\n', " "));
+            // A value of the wrong type: the key is on that line.
+            let key = e
+                .span()
+                .and_then(|s| text.get(..s.start.min(text.len())))
+                .and_then(|before| before.rsplit('\n').next())
+                .and_then(|start| start.split('=').next())
+                .map(str::trim)
+                .filter(|k| {
+                    !k.is_empty()
+                        && k.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+                });
+            match (line, key) {
+                (Some(line), Some(key)) => check.err(format!("line {line}: {key}: {message}")),
+                (Some(line), None) => check.err(format!("line {line}: {message}")),
+                (None, _) => check.err(message),
             }
         })?;
         // Absolute, so that paths and `{relpath}` do not depend on the
