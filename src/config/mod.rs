@@ -431,6 +431,30 @@ mod tests {
         }
     }
 
+    /// A store URL walsync cannot open is refused with the file, before
+    /// anything runs (`explain` included).
+    #[test]
+    fn a_store_url_walsync_cannot_open_is_refused_with_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("walsync.toml");
+        for (storage, why) in [
+            ("[storage]\nurl = \"gs://bucket/x\"\n", "unknown scheme"),
+            ("[storage]\nurl = \"s3://\"\n", "no bucket name"),
+            (
+                "[storage]\nurl = \"/r\"\n[[mirrors]]\nname = \"far\"\nurl = \"gs://x\"\n",
+                "mirrors[0] (far).url",
+            ),
+        ] {
+            std::fs::write(
+                &path,
+                format!("{storage}[[databases]]\npath = \"/data/app.db\"\n"),
+            )
+            .unwrap();
+            let err = Config::load(&path).unwrap_err().to_string();
+            assert!(err.contains(why) && err.contains("walsync.toml"), "{err}");
+        }
+    }
+
     /// A local store named relative, with or without `file://`, is beside
     /// the file like the databases, wherever walsync was started.
     #[test]

@@ -585,6 +585,9 @@ impl Config {
                 )));
             }
         };
+        if let Some(why) = crate::storage::url_problem(&url) {
+            return Err(check.err(format!("{section}.url {url:?}: {why}")));
+        }
         if let Some(prefix) = url.strip_prefix("s3://").and_then(|r| r.split_once('/'))
             && !prefix.1.is_empty()
         {

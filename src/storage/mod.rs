@@ -237,39 +237,43 @@ impl fmt::Debug for StaticCredentials {
     }
 }
 
+/// Why `url` names no store walsync can open, if it does not. The
+/// configuration is checked with it too, so that `explain` and every
+/// command say so before anything runs.
+pub fn url_problem(url: &str) -> Option<&'static str> {
+    if let Some(rest) = url.strip_prefix("s3://") {
+        rest.split('/')
+            .next()
+            .is_none_or(str::is_empty)
+            .then_some("no bucket name after s3://")
+    } else if let Some(path) = url.strip_prefix("file://") {
+        path.is_empty().then_some("no path after file://")
+    } else if url.contains("://") {
+        Some("unknown scheme (use s3://bucket/prefix, file:///path or a directory)")
+    } else if url.is_empty() {
+        Some("empty")
+    } else {
+        None
+    }
+}
+
 /// Opens the storage a URL names: `s3://bucket[/prefix]`, `file:///path` or a plain path.
 pub async fn open(url: &str, s3: &S3Options) -> Result<Arc<dyn Storage>> {
+    if let Some(reason) = url_problem(url) {
+        return Err(Error::InvalidUrl {
+            url: url.to_string(),
+            reason: reason.into(),
+        });
+    }
     if let Some(rest) = url.strip_prefix("s3://") {
         let (bucket, prefix) = match rest.split_once('/') {
             Some((b, p)) => (b, p.trim_matches('/')),
             None => (rest, ""),
         };
-        if bucket.is_empty() {
-            return Err(Error::InvalidUrl {
-                url: url.to_string(),
-                reason: "no bucket name after s3://".into(),
-            });
-        }
         let storage = s3::S3Storage::connect(bucket, prefix, s3).await?;
         Ok(Arc::new(storage))
     } else if let Some(path) = url.strip_prefix("file://") {
-        if path.is_empty() {
-            return Err(Error::InvalidUrl {
-                url: url.to_string(),
-                reason: "no path after file://".into(),
-            });
-        }
         Ok(Arc::new(fs::FsStorage::new(path)))
-    } else if url.contains("://") {
-        Err(Error::InvalidUrl {
-            url: url.to_string(),
-            reason: "unknown scheme (use s3://bucket/prefix or file:///path)".into(),
-        })
-    } else if url.is_empty() {
-        Err(Error::InvalidUrl {
-            url: url.to_string(),
-            reason: "empty".into(),
-        })
     } else {
         Ok(Arc::new(fs::FsStorage::new(url)))
     }
