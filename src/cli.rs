@@ -271,7 +271,8 @@ pub struct WatchArgs {
     #[arg(long, default_value_t = SyncOptions::default().truncate_pages, value_parser = clap::value_parser!(u32).range(1..))]
     pub truncate_pages: u32,
     /// After each snapshot, delete objects no restore point of this last
-    /// period needs (e.g. 72h). Default: keep everything.
+    /// period needs (e.g. 72h). Default: keep every snapshot (--exact-window
+    /// decides what goes of the objects runs stand for).
     #[arg(long, value_name = "DURATION", value_parser = parse_retention)]
     pub retention: Option<Duration>,
     /// After each snapshot, delete objects older than the Nth-newest snapshot.

@@ -120,10 +120,28 @@ pub fn explain(config: &Config) -> Result<String, config::Error> {
 
 fn sync(s: &SyncOptions) -> String {
     let retention = match (s.retention.age, s.retention.snapshots) {
-        (None, None) => "keep everything".to_string(),
+        (None, None) => "keep every snapshot".to_string(),
         (Some(age), None) => format!("keep {}", human(age)),
         (None, Some(n)) => format!("keep {n} snapshots"),
         (Some(age), Some(n)) => format!("keep {} and {n} snapshots", human(age)),
+    };
+    // What compaction keeps is part of what is kept: past the exact window,
+    // the objects a run stands for go.
+    let compaction = if s.compaction.is_empty() {
+        "no compaction".to_string()
+    } else {
+        let levels: Vec<String> = s.compaction.iter().map(u64::to_string).collect();
+        let window = match s.exact_window {
+            Some(w) => format!(
+                "every transaction exact for {}, older ones by run",
+                human(w)
+            ),
+            None => "every transaction kept exact".to_string(),
+        };
+        format!(
+            "compaction into runs of {} objects, {window}",
+            levels.join(", ")
+        )
     };
     // A key shows as its id only, as object headers record it.
     let encryption = match &s.encryption {
@@ -142,7 +160,7 @@ fn sync(s: &SyncOptions) -> String {
         }
     };
     format!(
-        "every {}, snapshot every {}, checkpoint after {} pages or {}, truncate past {} pages, {retention}, {encryption}",
+        "every {}, snapshot every {}, checkpoint after {} pages or {}, truncate past {} pages, {retention}, {compaction}, {encryption}",
         human(s.sync_interval),
         human(s.snapshot_interval),
         s.checkpoint_pages,
