@@ -152,6 +152,9 @@ pub async fn serve(
     requests: mpsc::UnboundedSender<SyncRequest>,
     shutdown: CancellationToken,
 ) {
+    // Removed however this ends: after the loop, or when the runtime drops
+    // the task at exit before it got that far.
+    let _unlink = Unlink(path);
     let mut gate = listen::Gate::new("control socket");
     loop {
         let permit = tokio::select! {
@@ -191,7 +194,15 @@ pub async fn serve(
             }
         });
     }
-    let _ = std::fs::remove_file(&path);
+}
+
+/// Removes the socket file when dropped.
+struct Unlink(PathBuf);
+
+impl Drop for Unlink {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 async fn answer(

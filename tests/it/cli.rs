@@ -1338,6 +1338,38 @@ async fn a_database_that_keeps_losing_continuity_is_reported_degraded() {
     }
 }
 
+/// The control socket is gone after every clean exit: it used to be left
+/// behind when the runtime dropped the listener's task before it removed
+/// the file (about half the time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_socket_is_removed_at_every_clean_exit() {
+    let store = common::fs_store();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    drop(create_db(&db, 1));
+    let socket = dir.path().join("ctl.sock");
+    let config = dir.path().join("walsync.toml");
+    std::fs::write(
+        &config,
+        store.config(&format!(
+            "[watch]\ncontrol_socket = \"{}\"\n[[databases]]\npath = \"{}\"\n",
+            socket.display(),
+            db.display()
+        )),
+    )
+    .unwrap();
+    for round in 0..8 {
+        let mut watch = spawn_watch(&store, &config, Stdio::null());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "round {round}: no socket");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(terminate(&mut watch).success(), "round {round}");
+        assert!(!socket.exists(), "round {round}: the socket was left");
+    }
+}
+
 /// `restore -o DIR` names the directory as the problem, with `--force` too,
 /// and leaves it as it was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
