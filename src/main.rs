@@ -29,7 +29,11 @@ const QUIET_UNLESS_ASKED: &[&str] = &[
 /// The log filter from `WALSYNC_LOG` (default `info`).
 fn log_filter(spec: Option<&str>) -> EnvFilter {
     let spec = spec.filter(|s| !s.trim().is_empty()).unwrap_or("info");
-    let mut filter = EnvFilter::try_new(spec).unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_new(spec).unwrap_or_else(|e| {
+        // Before logging is set up: said on stderr, once.
+        eprintln!("warning: WALSYNC_LOG={spec:?} is not a log filter ({e}); logging at info");
+        EnvFilter::new("info")
+    });
     for target in QUIET_UNLESS_ASKED {
         let level = if *target == "aws_config" {
             "error"

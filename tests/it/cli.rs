@@ -2593,8 +2593,17 @@ async fn configuration_details_a_new_user_meets() {
             && stderr.contains(":9090 for every interface"),
         "{stderr}"
     );
-    // Asking for nothing walsync can do is a command-line mistake too.
+    // A log filter walsync cannot read is said, not silently replaced.
     let empty = tempfile::tempdir().unwrap();
+    let output = run(walsync()
+        .args(["list", "--storage", cfg(empty.path())])
+        .env("WALSYNC_LOG", "bogus==="));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.starts_with("warning: WALSYNC_LOG=\"bogus===\" is not a log filter"),
+        "{stderr}"
+    );
+    // Asking for nothing walsync can do is a command-line mistake too.
     for args in [
         vec!["watch", "a.db", "b.db", "--prefix", "x"],
         vec!["watch"],
