@@ -455,6 +455,30 @@ mod tests {
         }
     }
 
+    /// `$NAME` without braces is refused where it would be taken literally
+    /// (a bucket named `$B`); `$$` is a literal `$`.
+    #[test]
+    fn a_bare_dollar_name_is_refused_with_the_braced_form() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("walsync.toml");
+        std::fs::write(
+            &path,
+            "[storage]\nurl = \"s3://$MYB/x\"\n[[databases]]\npath = \"/data/app.db\"\n",
+        )
+        .unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("storage.url") && err.contains("${MYB}"),
+            "{err}"
+        );
+        std::fs::write(
+            &path,
+            "[storage]\nurl = \"/r/$$MYB\"\n[[databases]]\npath = \"/data/app.db\"\n",
+        )
+        .unwrap();
+        assert_eq!(Config::load(&path).unwrap().storage.url, "/r/$MYB");
+    }
+
     /// A local store named relative, with or without `file://`, is beside
     /// the file like the databases, wherever walsync was started.
     #[test]

@@ -182,6 +182,19 @@ impl Checker<'_> {
                 out.push_str(&var);
                 rest = &body[end + 1..];
             } else {
+                // `$NAME` (Litestream's habit, and the shell's) would be taken
+                // literally: a bucket named `$B`, a new chain. Refused where a
+                // value is no secret; a secret may hold any `$`.
+                let name: String = after
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                let secret = key.ends_with("secret_access_key") || key.ends_with("session_token");
+                if !secret && name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') {
+                    return Err(self.err(format!(
+                        "{key}: ${name} is not expanded: write ${{{name}}} (or $$ for a literal $)"
+                    )));
+                }
                 out.push('$');
                 rest = after;
             }
