@@ -1106,6 +1106,21 @@ impl Watch {
     }
 }
 
+impl Watch {
+    /// Waits (up to a minute) until walsync has closed the idle `db`.
+    async fn closed(&self, db: &Path, kind: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while holds_open(self.child.id(), db) {
+            assert!(
+                Instant::now() < deadline,
+                "{kind}: walsync never closed the idle database\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 /// `DIR/walsync.toml`: `[watch]` and `[sync]` lines, then one database per
 /// `(path, prefix)`.
 fn config_for(store: &TestStore, dir: &Path, settings: &str, dbs: &[(&Path, &str)]) -> PathBuf {
@@ -1168,15 +1183,7 @@ async fn request_per_connection_app(kind: &'static str, store: TestStore) {
         // walsync has closed the idle database; then a request opens its
         // connection, writes one row and closes it. The last close
         // checkpoints and deletes the WAL before walsync looks.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while holds_open(watch.child.id(), &db) {
-            assert!(
-                Instant::now() < deadline,
-                "{kind}: walsync never closed the idle database\n{}",
-                watch.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        watch.closed(&db, kind).await;
         let mut app = AppProcess::open(&db);
         app.insert(1, 100);
         app.quit();
@@ -1233,15 +1240,7 @@ async fn commit_checkpoint_commit_while_closed(kind: &'static str, store: TestSt
     let watch = Watch::with_config(&store, &config, dir.path().join("walsync.log"));
     wait_for_objects(&store, "idle", 1, || watch.log()).await;
     for round in 0..4 {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while holds_open(watch.child.id(), &db) {
-            assert!(
-                Instant::now() < deadline,
-                "{kind}: walsync never closed the idle database\n{}",
-                watch.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        watch.closed(&db, kind).await;
         // At once, as an app does: walsync reopens on the first commit's
         // file event, too late to hold the checkpoint off.
         let mut app = AppProcess::open(&db);

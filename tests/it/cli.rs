@@ -1338,6 +1338,21 @@ async fn a_database_that_keeps_losing_continuity_is_reported_degraded() {
     }
 }
 
+/// `DIR/walsync.toml` for `store`: `db`, its control socket at `socket`.
+fn socket_config(store: &TestStore, dir: &Path, socket: &Path, db: &Path) -> PathBuf {
+    let config = dir.join("walsync.toml");
+    std::fs::write(
+        &config,
+        store.config(&format!(
+            "[watch]\ncontrol_socket = \"{}\"\n[[databases]]\npath = \"{}\"\n",
+            socket.display(),
+            db.display()
+        )),
+    )
+    .unwrap();
+    config
+}
+
 /// The control socket is gone after every clean exit: it used to be left
 /// behind when the runtime dropped the listener's task before it removed
 /// the file (about half the time).
@@ -1348,16 +1363,7 @@ async fn the_control_socket_is_removed_at_every_clean_exit() {
     let db = dir.path().join("app.db");
     drop(create_db(&db, 1));
     let socket = dir.path().join("ctl.sock");
-    let config = dir.path().join("walsync.toml");
-    std::fs::write(
-        &config,
-        store.config(&format!(
-            "[watch]\ncontrol_socket = \"{}\"\n[[databases]]\npath = \"{}\"\n",
-            socket.display(),
-            db.display()
-        )),
-    )
-    .unwrap();
+    let config = socket_config(&store, dir.path(), &socket, &db);
     for round in 0..8 {
         let mut watch = spawn_watch(&store, &config, Stdio::null());
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -1969,16 +1975,7 @@ fn the_control_socket_talks_only_to_this_user() {
     let socket = shared.join("walsync.sock");
     let db = dir.path().join("app.db");
     drop(create_db(&db, 0));
-    let config = dir.path().join("walsync.toml");
-    std::fs::write(
-        &config,
-        store.config(&format!(
-            "[watch]\ncontrol_socket = \"{}\"\n[[databases]]\npath = \"{}\"\n",
-            socket.display(),
-            db.display()
-        )),
-    )
-    .unwrap();
+    let config = socket_config(&store, dir.path(), &socket, &db);
     // An impostor, as nobody, that says every sync went fine.
     let script = format!(
         "import socket,os\ns=socket.socket(socket.AF_UNIX)\ns.bind({:?})\ns.listen(4)\n\
