@@ -64,8 +64,9 @@ pub enum Command {
     Restore(RestoreArgs),
     /// List the databases in storage with their chain heads.
     List(ListArgs),
-    /// Take a snapshot of a database now and ship it (refused while a `watch`
-    /// replicates it: ask that one with `walsync sync`, or stop it first).
+    /// Take a snapshot of a database now and ship it (stop a `watch` of it
+    /// first, or ask that one with `walsync sync`; refused while the watch
+    /// has the database open).
     Snapshot(SnapshotArgs),
     /// Check a database's whole chain in storage (or every database's): every
     /// object's hash, key and link, no holes; restore the newest state to a

@@ -204,8 +204,16 @@ impl Database {
                         "the WAL was rewritten while walsync had the database closed".into(),
                     ));
                 }
+                // Sealed only with nothing committed after the position: the
+                // app may have appended to this generation (see below) and
+                // checkpointed it all, and then the pin just taken does not
+                // hold off a restart, which must not be taken as following.
+                let more = wal::scan(&file, &header, pos)
+                    .map_err(self.wal_err())?
+                    .transactions
+                    > 0;
                 self.state = WalState::At(pos);
-                self.sealed = true;
+                self.sealed = !more;
             }
             // One restart, and nothing checkpointed: the new generation holds
             // everything since the seal. A checkpoint rules that out: the

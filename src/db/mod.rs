@@ -1263,6 +1263,48 @@ mod tests {
         }
     }
 
+    /// The same, with the restart after walsync reopened: the sealed
+    /// generation holds a commit past the shipped position, all checkpointed,
+    /// so the pin taken at reopen does not hold off the restart that the
+    /// app's next commit makes. Following the new generation would skip the
+    /// commit in the old one.
+    #[test]
+    fn a_restart_after_reopen_past_unshipped_frames_is_a_loss() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.db");
+        let app_conn = app(&path);
+        app_conn.execute("INSERT INTO t VALUES (1)", []).unwrap();
+        let mut db = Database::open(&path).unwrap();
+        drop(app_conn);
+        snapshot_state(&mut db);
+        seal(&mut db);
+        std::thread::sleep(continuity::DETACH_QUIET);
+        let token = db.detach().unwrap();
+        let app_conn = app(&path);
+        app_conn.execute("INSERT INTO t VALUES (2)", []).unwrap();
+        let (busy, _, _): (i64, i64, i64) = app_conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap();
+        assert_eq!(busy, 0);
+        let (mut db, verdict) = Database::reattach(&path, token).unwrap();
+        assert_eq!(
+            verdict,
+            Ok(()),
+            "the generation is the same, its frames still there"
+        );
+        app_conn.execute("INSERT INTO t VALUES (3)", []).unwrap();
+        match db.read_changes(link(2)).unwrap() {
+            Changes::Lost(_) => {}
+            Changes::Segment(seg) => assert_ne!(
+                seg.object.header.wal.first_frame, 0,
+                "followed the restart past the commit of 2"
+            ),
+            Changes::Nothing => panic!("the commits of 2 and 3 went unseen"),
+        }
+    }
+
     #[test]
     fn reattach_continues_only_where_nothing_can_have_been_missed() {
         let dir = tempfile::tempdir().unwrap();
