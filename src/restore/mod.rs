@@ -226,73 +226,64 @@ pub fn scratch_prefix(output: &Path) -> String {
 /// The random part of a scratch directory's name, after [`scratch_prefix`].
 pub const SCRATCH_RANDOM: usize = 6;
 
-/// Removes the scratch directories an earlier restore to this output left
-/// (killed before it could). Only names of exactly this shape, only
-/// directories (never through a link); what cannot be removed is logged and
-/// left: the restore itself does not depend on it.
-fn remove_stale_scratch(dir: &Path, prefix: &str) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
+/// Removes what an earlier restore to `output` that was killed (or
+/// interrupted while it wrote) left beside it, in one pass over the
+/// directory: its scratch directories ([`scratch_prefix`] and
+/// [`SCRATCH_RANDOM`] characters), the half-written database
+/// (`.NAME.walsync-tmp-XXXXXX`) and the state record built with it (that
+/// name, then `-walsync-state-…`). Only names of exactly these shapes, and
+/// each only of its own type (a link is never followed); what cannot be
+/// removed is logged and left: the restore itself does not depend on it.
+fn remove_stale(output: &Path) {
+    let scratch = scratch_prefix(output);
+    let temp = output
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map(|name| format!(".{name}.walsync-tmp-"));
+    let Ok(entries) = std::fs::read_dir(sidefile::dir_of(output)) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        if !name.starts_with(prefix) || name.len() != prefix.len() + SCRATCH_RANDOM {
-            continue;
-        }
-        // The entry's own type: a link to a directory is not followed.
-        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
-            continue;
-        }
-        let path = entry.path();
-        match std::fs::remove_dir_all(&path) {
-            Ok(()) => tracing::info!(
-                path = %path.display(),
-                "removed the scratch directory of an earlier restore to this file that did not finish"
-            ),
-            Err(e) => tracing::warn!(
-                path = %path.display(),
-                error = %e,
-                "cannot remove the scratch directory of an earlier restore to this file"
-            ),
-        }
-    }
-}
-
-/// Removes the files a restore to `output` that was killed (or interrupted
-/// while it wrote) left beside it: the half-written database
-/// (`.NAME.walsync-tmp-XXXXXX`) and the state record built with it (that
-/// name, then `-walsync-state-…`). Only regular files of exactly that shape.
-fn remove_stale_temp_outputs(output: &Path) {
-    let Some(name) = output.file_name().and_then(|n| n.to_str()) else {
-        return;
-    };
-    let prefix = format!(".{name}.walsync-tmp-");
-    let Ok(entries) = std::fs::read_dir(sidefile::dir_of(output)) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let file_name = entry.file_name();
-        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+        let Ok(kind) = entry.file_type() else {
             continue;
         };
-        let ours = rest.len() == TEMP_RANDOM
-            || rest
-                .get(TEMP_RANDOM..)
-                .is_some_and(|r| r.starts_with("-walsync-state-"));
-        if !ours || !entry.file_type().is_ok_and(|t| t.is_file()) {
+        let what = if kind.is_dir()
+            && name.starts_with(&scratch)
+            && name.len() == scratch.len() + SCRATCH_RANDOM
+        {
+            "the scratch directory"
+        } else if kind.is_file()
+            && temp
+                .as_deref()
+                .and_then(|t| name.strip_prefix(t))
+                .is_some_and(|rest| {
+                    rest.len() == TEMP_RANDOM
+                        || rest
+                            .get(TEMP_RANDOM..)
+                            .is_some_and(|r| r.starts_with("-walsync-state-"))
+                })
+        {
+            "a temp file"
+        } else {
             continue;
-        }
+        };
         let path = entry.path();
-        match std::fs::remove_file(&path) {
+        let removed = if kind.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match removed {
             Ok(()) => tracing::info!(
                 path = %path.display(),
-                "removed a temp file of an earlier restore to this file that did not finish"
+                "removed {what} of an earlier restore to this file that did not finish"
             ),
             Err(e) => tracing::warn!(
                 path = %path.display(),
                 error = %e,
-                "cannot remove a temp file of an earlier restore to this file"
+                "cannot remove {what} of an earlier restore to this file"
             ),
         }
     }
@@ -301,18 +292,12 @@ fn remove_stale_temp_outputs(output: &Path) {
 /// The random part of a temp file's name (`tempfile`'s default).
 const TEMP_RANDOM: usize = 6;
 
-/// [`remove_stale_scratch`] and [`remove_stale_temp_outputs`] for `output`,
-/// off the async workers: a stale copy of a large snapshot takes a while to
-/// remove, and restore-all's other restores share them. Only for a holder of
-/// the output's `TargetLock`.
+/// [`remove_stale`] for `output`, off the async workers: a stale copy of a
+/// large snapshot takes a while to remove, and restore-all's other restores
+/// share them. Only for a holder of the output's `TargetLock`.
 pub async fn remove_stale_scratch_of(output: &Path) {
-    let (dir, prefix) = (sidefile::dir_of(output), scratch_prefix(output));
     let output = output.to_path_buf();
-    let _ = tokio::task::spawn_blocking(move || {
-        remove_stale_scratch(&dir, &prefix);
-        remove_stale_temp_outputs(&output);
-    })
-    .await;
+    let _ = tokio::task::spawn_blocking(move || remove_stale(&output)).await;
 }
 
 /// A new scratch directory beside `output`, after removing those a killed
