@@ -15,7 +15,8 @@
 //! its `-shm`, and closing *any* descriptor of either file drops every lock the
 //! process holds on it (DESIGN.md invariant 2a). So nothing here opens the
 //! database file, and the one descriptor of the `-shm` we read the WAL-index
-//! through is opened with the connections and closed after them.
+//! through (one per file in the process, shared: `shm`) is held with the
+//! connections and let go after them.
 //!
 //! Anything else that changes the WAL under us (a checkpoint made while
 //! walsync was down, a deleted WAL, a replaced database file) is reported as
@@ -44,10 +45,12 @@ use crate::wal::{self, IndexHeader, Position, WalHeader};
 mod checkpoint;
 mod continuity;
 mod record;
+mod shm;
 mod snapshot;
 pub use checkpoint::{CheckpointMode, CheckpointOutcome};
 pub use continuity::Detached;
 use continuity::{Identity, identity_of};
+use shm::Shm;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -278,11 +281,13 @@ pub struct Database {
     /// Where this database's record for its destination is kept; none is
     /// kept until the caller says where.
     record_path: Option<PathBuf>,
-    /// The WAL-index, read through one descriptor that lives exactly as long
-    /// as the connections (declared last: fields drop in order, so it closes
-    /// after them). Closing a descriptor of the `-shm` while a connection is
-    /// open would silently drop the pin and the write lock.
-    shm: Option<File>,
+    /// The WAL-index, read through the process's one descriptor of the
+    /// `-shm`, held exactly as long as the connections (declared last:
+    /// fields drop in order, so it goes after them). Closing a descriptor of
+    /// the `-shm` while any connection to it is open, this one's or another
+    /// `Database`'s in this process, would silently drop their pins and
+    /// write locks.
+    shm: Option<Shm>,
 }
 
 /// What a path that is not a regular file is instead ("a directory", "a
@@ -378,29 +383,12 @@ impl Database {
         db.pin()?;
         // The pinned connection has created the `-shm` (unless the VFS keeps
         // the WAL-index in heap memory, when no other process can share it).
-        // Writable only so that the claim below can be a write lock; nothing
-        // is written through it.
-        let shm = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(shm_path_of(path))
-            .or_else(|e| match e.kind() {
-                io::ErrorKind::NotFound => Err(e),
-                // A read-only mount or file: read it as before, unclaimed.
-                _ => File::open(shm_path_of(path)),
-            });
-        db.shm = match shm {
-            Ok(file) => Some(file),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => {
-                return Err(Error::Io {
-                    what: "opening the WAL-index",
-                    path: shm_path_of(path),
-                    source: e,
-                });
-            }
-        };
-        if let Some(shm) = &db.shm
+        db.shm = Shm::open(&shm_path_of(path)).map_err(|source| Error::Io {
+            what: "opening the WAL-index",
+            path: shm_path_of(path),
+            source,
+        })?;
+        if let Some(shm) = db.shm.as_ref().and_then(Shm::file)
             && !claim(shm)
         {
             return Err(Error::Claimed {
@@ -500,7 +488,10 @@ impl Database {
 
     /// The WAL-index header, if readable.
     fn index(&self) -> Option<IndexHeader> {
-        self.shm.as_ref().and_then(wal::read_index_header)
+        self.shm
+            .as_ref()
+            .and_then(Shm::file)
+            .and_then(wal::read_index_header)
     }
 
     /// True if the frame before `pos` is present and carries `pos`'s checksum.

@@ -1540,3 +1540,136 @@ async fn a_record_that_does_not_describe_the_head_costs_a_snapshot() {
         each_store(move |kind, store| changed_while_stopped(kind, store, spoil)).await;
     }
 }
+
+/// The POSIX locks process `pid` holds on `file`, as `(start, end)` byte
+/// ranges (`/proc/locks`; `end` is `None` for "to the end of the file").
+fn locks_held(pid: u32, file: &Path) -> Vec<(u64, Option<u64>)> {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(file).unwrap().ino();
+    let table = std::fs::read_to_string("/proc/locks").unwrap();
+    table
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // "1: POSIX  ADVISORY  WRITE 4321 08:01:5678 0 EOF"; a blocked
+            // waiter has "->" after the number.
+            let f = if f.get(1) == Some(&"->") {
+                &f[1..]
+            } else {
+                &f[..]
+            };
+            let held_by_pid = f.get(1) == Some(&"POSIX") && f.get(4) == Some(&&*pid.to_string());
+            let on_file = f
+                .get(5)
+                .and_then(|id| id.rsplit(':').next())
+                .is_some_and(|i| i == ino.to_string());
+            (held_by_pid && on_file).then(|| (f[6].parse().unwrap(), f[7].parse().ok()))
+        })
+        .collect()
+}
+
+/// A configuration edit that changes only a database's prefix: the old
+/// replica's last flush is still uploading when the new one has opened the
+/// same file. Closing the old one must not take the new one's pin and
+/// claim with it (DESIGN.md 2a: SQLite's locks and walsync's claim belong to
+/// the process, and closing any descriptor of the `-shm` drops them all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_changed_by_a_reload_keeps_the_pin_and_the_claim() {
+    use common::faults::{FaultProxy, Plan};
+    let (mut store, proxy) = FaultProxy::before_s3_store().await;
+    for (k, v) in &mut store.env {
+        if k == "AWS_ENDPOINT_URL_S3" {
+            v.clone_from(&proxy.endpoint);
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("moved.db");
+    let shm = dir.path().join("moved.db-shm");
+    let mut app = AppProcess::spawn(
+        &db,
+        AppOptions {
+            busy_timeout_ms: Some(100),
+            autocheckpoint: Some(0),
+            ..AppOptions::default()
+        },
+    );
+    app.insert_each(10, 100);
+    // Nothing ships or checkpoints on a timer: only the first snapshot, the
+    // old replica's last flush and `sync --wait` do.
+    let settings = "[sync]\nsync_interval = \"1h\"\ncheckpoint_interval = \"1h\"\n";
+    let config = config_for(&store, dir.path(), settings, &[(&db, "old")]);
+    let watch = Watch::with_config(&store, &config, dir.path().join("walsync.log"));
+    wait_for_objects(&store, "old", 1, || watch.log()).await;
+    // Commits the old replica has not shipped: its last flush uploads them,
+    // and the store holds that upload 3 s, long after the new one opened.
+    app.insert_each(5, 100);
+    proxy.set_plan(Plan {
+        delay: 1.0,
+        delay_for: Duration::from_secs(3),
+        delay_only: Some("/old/"),
+        ..Plan::healthy()
+    });
+    config_for(&store, dir.path(), settings, &[(&db, "new")]);
+    wait_for_objects(&store, "new", 1, || watch.log()).await;
+    wait_for_objects(&store, "old", 2, || watch.log()).await;
+    proxy.set_plan(Plan::healthy());
+    // The old replica is dropped once its flush returned.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = watch.child.id();
+
+    let claim = 1u64 << 40;
+    let locks = locks_held(pid, &shm);
+    assert!(
+        locks.contains(&(claim, Some(claim))),
+        "walsync's claim on the -shm is gone: it holds {locks:?}\n{}",
+        tail(&watch.log())
+    );
+    let mut snap = walsync();
+    snap.arg("snapshot")
+        .arg(&db)
+        .args(["--prefix", "probe", "--storage", &store.url]);
+    for (k, v) in &store.env {
+        snap.env(k, v);
+    }
+    let probe = snap.output().unwrap();
+    assert!(
+        !probe.status.success()
+            && String::from_utf8_lossy(&probe.stderr).contains("another walsync process"),
+        "a second walsync was let in: {probe:?}"
+    );
+
+    // The pin: after walsync read the WAL, frames it has not read yet stay
+    // out of the app's TRUNCATE.
+    let sync_wait = || {
+        let mut sync = walsync();
+        sync.args(["sync", "--wait", "--config"]).arg(&config);
+        let out = sync.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    app.insert_each(10, 100);
+    sync_wait();
+    app.insert_each(10, 100);
+    let ck = app.checkpoint("TRUNCATE");
+    assert_eq!(
+        ck.busy,
+        1,
+        "the app truncated the WAL past walsync's pin: {ck:?}\n{}",
+        tail(&watch.log())
+    );
+    app.insert_each(3, 100);
+    sync_wait();
+    let (status, log) = watch.terminate().await;
+    assert!(status.success(), "{}", tail(&log));
+    assert_eq!(
+        count_snapshots(store.storage.as_ref(), "new").await,
+        1,
+        "{}",
+        tail(&log)
+    );
+    assert_eq!(count_snapshots(store.storage.as_ref(), "probe").await, 0);
+    assert_eq!(
+        restored_digest(&store, "new", dir.path()).await,
+        digest(&db)
+    );
+    app.quit();
+}
