@@ -85,7 +85,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    let result = runtime.block_on(walsync::cmd::run(cli, shutdown));
+    let result = runtime.block_on(async {
+        let result = walsync::cmd::run(cli, shutdown).await;
+        // A put cut off above (by a signal, or the flush's deadline) left
+        // its upload's parts in the bucket; its abort would die with the
+        // runtime.
+        walsync::storage::s3::abort_unfinished(std::time::Duration::from_secs(5)).await;
+        result
+    });
     // The final flush has its own deadline; work still queued after it must
     // not keep the process alive.
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));

@@ -29,6 +29,10 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
 use futures_util::{StreamExt, TryStreamExt};
 
+mod uploads;
+
+pub use uploads::abort_unfinished;
+
 use super::retry::{Pace, attempts, backoff};
 use super::spool::SPOOL_MEMORY_LIMIT;
 use super::{
@@ -395,12 +399,7 @@ impl S3Storage {
                 code: None,
             });
         };
-        let mut guard = AbortGuard {
-            client: self.client.clone(),
-            bucket: self.bucket.clone(),
-            key: full.to_string(),
-            upload_id: Some(upload_id.clone()),
-        };
+        let mut guard = uploads::Guard::new(&self.client, &self.bucket, full, &upload_id);
 
         let parts = match self.upload_parts(full, &upload_id, file, len).await {
             Ok(parts) => parts,
@@ -738,58 +737,6 @@ where
         source = cause.source();
     }
     out
-}
-
-/// Aborts a multipart upload that did not complete, also when the put future is dropped.
-struct AbortGuard {
-    client: Client,
-    bucket: String,
-    key: String,
-    upload_id: Option<String>,
-}
-
-impl AbortGuard {
-    fn disarm(&mut self) {
-        self.upload_id = None;
-    }
-
-    async fn abort(&mut self) {
-        if let Some(upload_id) = self.upload_id.take() {
-            abort_upload(&self.client, &self.bucket, &self.key, &upload_id).await;
-        }
-    }
-}
-
-impl Drop for AbortGuard {
-    fn drop(&mut self) {
-        if let Some(upload_id) = self.upload_id.take()
-            && let Ok(handle) = tokio::runtime::Handle::try_current()
-        {
-            let client = self.client.clone();
-            let bucket = std::mem::take(&mut self.bucket);
-            let key = std::mem::take(&mut self.key);
-            handle.spawn(async move { abort_upload(&client, &bucket, &key, &upload_id).await });
-        }
-    }
-}
-
-async fn abort_upload(client: &Client, bucket: &str, key: &str, upload_id: &str) {
-    if let Err(err) = client
-        .abort_multipart_upload()
-        .bucket(bucket)
-        .key(key)
-        .upload_id(upload_id)
-        .send()
-        .await
-    {
-        let status = err.raw_response().map(|r| r.status().as_u16());
-        tracing::warn!(
-            key,
-            upload_id,
-            error = %readable_message(&err, status),
-            "could not abort multipart upload; a lifecycle rule may need to clean it up"
-        );
-    }
 }
 
 #[async_trait]

@@ -5532,3 +5532,90 @@ async fn progress_on_a_terminal_only_and_a_summary_in_json() {
         );
     }
 }
+
+/// A snapshot whose parts the store holds, stopped by a signal (the
+/// command at once; `watch` when its flush deadline passes): the multipart
+/// upload it began is aborted before the process exits, so no parts are
+/// left billed in the bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_cut_off_by_a_signal_leaves_no_parts_in_the_bucket() {
+    use common::faults::{Counts, FaultProxy, Plan};
+    let (store, proxy) = FaultProxy::before_s3_store().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("big.db");
+    let conn = Connection::open(&db).unwrap();
+    // 12 MiB that zstd cannot shrink: more than one part.
+    conn.execute_batch(
+        "PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB);
+         WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c WHERE x < 3000)
+         INSERT INTO t(v) SELECT randomblob(4000) FROM c;",
+    )
+    .unwrap();
+    drop(conn);
+    proxy.set_plan(Plan {
+        delay: 1.0,
+        delay_for: Duration::from_secs(600),
+        delay_only: Some("partNumber="),
+        ..Plan::healthy()
+    });
+    let watch_args = [
+        "watch",
+        cfg(&db),
+        "--storage",
+        &store.url,
+        "--shutdown-timeout",
+        "1s",
+    ];
+    let snapshot_args = ["snapshot", cfg(&db), "--storage", &store.url];
+    for (args, signal, code) in [
+        (&snapshot_args[..], "-INT", 130),
+        (&watch_args[..], "-TERM", 1),
+    ] {
+        let before = Counts::get(&proxy.counts().delayed);
+        let mut cmd = walsync();
+        cmd.args(args).stdout(Stdio::null()).stderr(Stdio::piped());
+        with_store(&mut cmd, &store);
+        cmd.env("AWS_ENDPOINT_URL_S3", &proxy.endpoint);
+        let mut child = common::Reaped::new(cmd.spawn().unwrap());
+        let log = LiveLog::of(&mut child);
+        common::wait_for("a part held by the store", async || {
+            Counts::get(&proxy.counts().delayed) > before
+        })
+        .await;
+        assert_eq!(
+            proxy.counts().uploads_open(),
+            1,
+            "{}: {}",
+            args[0],
+            log.text()
+        );
+        let kill = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "{}: still running", args[0]);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let text = log.text();
+        assert_eq!(status.code(), Some(code), "{}: {text}", args[0]);
+        assert_eq!(
+            proxy.counts().uploads_open(),
+            0,
+            "{}: parts left behind\n{text}",
+            args[0]
+        );
+        assert!(!text.contains("left unfinished"), "{}: {text}", args[0]);
+        assert!(
+            store.storage.list("big/").await.unwrap().is_empty(),
+            "{}",
+            args[0]
+        );
+    }
+}

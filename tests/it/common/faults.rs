@@ -30,7 +30,8 @@ pub struct Plan {
     pub slow_down: f64,
     pub delay: f64,
     pub delay_for: Duration,
-    /// Only requests whose path holds this are delayed (one database's).
+    /// Only requests whose path or query holds this are delayed (one
+    /// database's, or `partNumber=` for multipart parts).
     pub delay_only: Option<&'static str>,
     pub reset: f64,
     pub cut_body: f64,
@@ -76,6 +77,10 @@ pub struct Counts {
     /// Requests carrying `X-Tigris-Consistent: true` among their signed
     /// headers (a header added after signing would not count).
     pub tigris_consistent: AtomicU64,
+    /// Multipart uploads the store began (`CreateMultipartUpload` answered).
+    pub uploads_begun: AtomicU64,
+    /// Multipart uploads the store completed or aborted (answered 2xx).
+    pub uploads_ended: AtomicU64,
     /// Requests being handled now, and the most there ever were at once.
     pub in_flight: AtomicU64,
     pub max_in_flight: AtomicU64,
@@ -101,6 +106,33 @@ impl Drop for InFlight<'_> {
 impl Counts {
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    /// Multipart uploads begun through the proxy and neither completed nor
+    /// aborted: parts a bucket keeps, billed.
+    pub fn uploads_open(&self) -> u64 {
+        Self::get(&self.uploads_begun) - Self::get(&self.uploads_ended)
+    }
+}
+
+/// What a request does to a multipart upload.
+#[derive(Clone, Copy)]
+enum Multipart {
+    Begin,
+    End,
+}
+
+fn multipart_of(req: &Request<Incoming>) -> Option<Multipart> {
+    let query = req.uri().query().unwrap_or("");
+    let has = |name: &str| {
+        query
+            .split('&')
+            .any(|q| q == name || q.starts_with(&format!("{name}=")))
+    };
+    match req.method().as_str() {
+        "POST" if has("uploads") => Some(Multipart::Begin),
+        "POST" | "DELETE" if has("uploadId") && !has("partNumber") => Some(Multipart::End),
+        _ => None,
     }
 }
 
@@ -317,6 +349,7 @@ async fn handle(
     {
         counts.deletes.fetch_add(1, Ordering::Relaxed);
     }
+    let multipart = multipart_of(&req);
     let changes = matches!(req.method().as_str(), "PUT" | "POST" | "DELETE");
     let fault = state.choose(changes);
     match fault {
@@ -334,7 +367,8 @@ async fn handle(
         }
         Fault::Delay(d) => {
             let only = state.plan().delay_only;
-            if only.is_none_or(|part| req.uri().path().contains(part)) {
+            let target = req.uri().path_and_query().map_or("", |pq| pq.as_str());
+            if only.is_none_or(|part| target.contains(part)) {
                 counts.delayed.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(d).await;
             }
@@ -369,6 +403,13 @@ async fn handle(
         .await
         .map_err(std::io::Error::other)?;
     counts.forwarded.fetch_add(1, Ordering::Relaxed);
+    if response.status().is_success() {
+        match multipart {
+            Some(Multipart::Begin) => counts.uploads_begun.fetch_add(1, Ordering::Relaxed),
+            Some(Multipart::End) => counts.uploads_ended.fetch_add(1, Ordering::Relaxed),
+            None => 0,
+        };
+    }
     let (parts, body) = response.into_parts();
     let body = body
         .collect()
