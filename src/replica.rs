@@ -675,6 +675,17 @@ impl Replica {
         }
     }
 
+    /// Whether the state record parked with the closed database is still
+    /// the file beside it (true when none is parked: nothing to tell by).
+    async fn parked_record_current(&mut self) -> Result<bool> {
+        let Some(record) = self.parked_record.take() else {
+            return Ok(true);
+        };
+        let (current, record) = blocking(&self.path, move || (record.is_current(), record)).await?;
+        self.parked_record = Some(record);
+        Ok(current)
+    }
+
     /// Opens a detached database again before any other work.
     async fn ensure_attached(&mut self) -> Result<()> {
         let Some(token) = self.detached else {
@@ -884,6 +895,22 @@ impl Replica {
             if unchanged {
                 return Ok(report);
             }
+        }
+        if self.detached.is_some() && !self.parked_record_current().await? {
+            // Only a process on this machine writes the record beside this
+            // file, and only when it ships this file to this destination: a
+            // `walsync snapshot` (or a second watch) ran while the database
+            // was closed here, unclaimed. Its objects are this database's;
+            // go on from them as a restart would, instead of finding their
+            // sequence numbers taken and stopping as for a second writer.
+            info!(
+                db = %self.path.display(),
+                prefix = %self.prefix,
+                "another walsync process shipped this database while it was closed here \
+                 (its state record changed); resuming from storage"
+            );
+            let (path, prefix) = (self.path.clone(), self.prefix.clone());
+            *self = Replica::open(&path, &prefix, self.storage.clone(), self.opts.clone()).await?;
         }
         self.ensure_attached().await?;
         if let Some(pending) = self.pending.take() {

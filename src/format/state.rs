@@ -214,6 +214,13 @@ impl Record {
         Ok(())
     }
 
+    /// Whether the file is still this record: not rewritten, replaced or
+    /// removed by another process (another walsync shipping this database
+    /// to the same destination writes its own).
+    pub fn is_current(&self) -> bool {
+        self.open_checked(false).is_ok()
+    }
+
     /// Opens the file and makes sure it is still the record that was
     /// checked: another writer's record (a restore put in place, a second
     /// process) under this name must never be read as this one.

@@ -1673,3 +1673,66 @@ async fn a_prefix_changed_by_a_reload_keeps_the_pin_and_the_claim() {
     );
     app.quit();
 }
+
+/// `walsync snapshot` run while a `watch` has the database closed at rest
+/// (so unclaimed: a nightly cron job, say) ships an object from this very
+/// file. The watch, at the database's next change, sees its state record
+/// rewritten, resumes from storage as a restart would, and goes on: it
+/// does not take the snapshot's sequence number for a second writer and
+/// stop replicating the database for good.
+async fn snapshot_while_closed(kind: &'static str, store: TestStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = seeded_db(dir.path(), "cron.db", 20);
+    let config = config_for(
+        &store,
+        dir.path(),
+        "[watch]\nclose_idle_after = \"1s\"\n[sync]\nsync_interval = \"200ms\"\n",
+        &[(&db, "cron")],
+    );
+    let watch = Watch::with_config(&store, &config, dir.path().join("walsync.log"));
+    wait_for_objects(&store, "cron", 1, || watch.log()).await;
+    for round in 0..2 {
+        watch.closed(&db, kind).await;
+        let mut snap = walsync();
+        snap.arg("snapshot")
+            .arg(&db)
+            .args(["--prefix", "cron", "--storage", &store.url]);
+        for (k, v) in &store.env {
+            snap.env(k, v);
+        }
+        let shipped = snap.output().unwrap();
+        assert!(shipped.status.success(), "{kind}: {shipped:?}");
+        let mut app = AppProcess::open(&db);
+        app.insert(5, 500);
+        app.quit();
+        let mut sync = walsync();
+        sync.args(["sync", "--wait", "--config"]).arg(&config);
+        let synced = sync.output().unwrap();
+        assert!(
+            synced.status.success(),
+            "{kind}: round {round}: {synced:?}\n{}",
+            tail(&watch.log())
+        );
+        let out = dir.path().join(format!("round{round}"));
+        std::fs::create_dir(&out).unwrap();
+        assert_eq!(
+            restored_digest(&store, "cron", &out).await,
+            digest(&db),
+            "{kind}: round {round}"
+        );
+    }
+    let (status, log) = watch.terminate().await;
+    assert!(status.success(), "{kind}: {}", tail(&log));
+    // The first and the two the command took: the watch took none.
+    assert_eq!(
+        count_snapshots(store.storage.as_ref(), "cron").await,
+        3,
+        "{kind}: {}",
+        tail(&log)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_taken_while_the_watch_had_the_database_closed_does_not_stop_it() {
+    each_store(snapshot_while_closed).await;
+}
