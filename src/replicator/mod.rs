@@ -131,6 +131,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken, hooks: Hooks) -> Resul
         waiting_room: VecDeque::new(),
         in_flight: JoinSet::new(),
         job_of: HashMap::new(),
+        releasing: HashMap::new(),
         rescan_at: None,
         config_text,
         config_parsed: true,
@@ -185,6 +186,13 @@ struct Fleet {
     /// is handed back (and reopened by its next sync) instead of being left
     /// marked as running for good.
     job_of: HashMap<tokio::task::Id, usize>,
+    /// Databases released (by a configuration edit) whose last job or final
+    /// flush is still running, by their old id: their file and prefix. A
+    /// new entry for either waits for it, so that one process never writes
+    /// a prefix twice at once (a prefix handed from one database to another
+    /// in one edit would find its next sequence taken, as if by a second
+    /// writer, and stop).
+    releasing: HashMap<usize, (PathBuf, String)>,
     /// A rescan is due at this time (events are debounced).
     rescan_at: Option<Instant>,
     /// The configuration text last applied.
@@ -558,14 +566,26 @@ impl Fleet {
         }
         self.by_key.remove(&slot.key);
         // A running job hands its replica back to a slot that is gone; it is dropped then.
-        if let Some(mut replica) = slot.replica.take()
+        if slot.job.running() {
+            self.releasing.insert(id, (slot.key, slot.spec.prefix));
+        } else if let Some(mut replica) = slot.replica.take()
             && slot.spec.path.exists()
         {
-            self.in_flight.spawn(async move {
+            let task = self.in_flight.spawn(async move {
                 let result = replica.flush().await;
-                (usize::MAX, None, result)
+                (id, None, result)
             });
+            self.job_of.insert(task.id(), id);
+            self.releasing.insert(id, (slot.key, slot.spec.prefix));
         }
+    }
+
+    /// Whether a released database's last write is still running on this
+    /// slot's file or prefix.
+    fn waits_for_release(&self, slot: &Slot) -> bool {
+        self.releasing
+            .values()
+            .any(|(key, prefix)| *key == slot.key || *prefix == slot.spec.prefix)
     }
 
     fn changed(&mut self, id: usize) {
@@ -665,6 +685,14 @@ impl Fleet {
     }
 
     fn start_sync(&mut self, id: usize) {
+        // Started once the release it waits for ends (`finished`).
+        if self
+            .slots
+            .get(&id)
+            .is_some_and(|s| self.waits_for_release(s))
+        {
+            return;
+        }
         let Some(slot) = self.slots.get_mut(&id) else {
             return;
         };
@@ -841,6 +869,19 @@ impl Fleet {
             // Released while running (or a release flush): nothing to keep.
             if let Err(e) = result {
                 warn!(error = %e, "final sync of a released database failed");
+            }
+            // What waited for it (the same file or prefix, newly
+            // configured) starts now.
+            if let Some((key, prefix)) = self.releasing.remove(&id) {
+                let waiting: Vec<usize> = self
+                    .slots
+                    .iter()
+                    .filter(|(_, s)| s.key == key || s.spec.prefix == prefix)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in waiting {
+                    self.schedule_at(id, now);
+                }
             }
             self.start_ready();
             return;

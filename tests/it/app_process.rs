@@ -1736,3 +1736,73 @@ async fn snapshot_while_closed(kind: &'static str, store: TestStore) {
 async fn a_snapshot_taken_while_the_watch_had_the_database_closed_does_not_stop_it() {
     each_store(snapshot_while_closed).await;
 }
+
+/// One edit that swaps two databases' prefixes: each prefix's old
+/// database flushes what it had not shipped, and only then does its new
+/// database start writing there. Neither finds a sequence number taken (as
+/// if by a second writer) and stops; each prefix restores to the database
+/// now configured for it.
+async fn prefixes_swapped(kind: &'static str, store: TestStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.db"), dir.path().join("b.db"));
+    let mut app_a = AppProcess::open(&a);
+    let mut app_b = AppProcess::open(&b);
+    app_a.insert(20, 300);
+    app_b.insert(30, 300);
+    // Only the first snapshots, the releases' flushes and `sync --wait` ship.
+    let settings = "[sync]\nsync_interval = \"1h\"\n";
+    let config = config_for(&store, dir.path(), settings, &[(&a, "pa"), (&b, "pb")]);
+    let watch = Watch::with_config(&store, &config, dir.path().join("walsync.log"));
+    wait_for_objects(&store, "pa", 1, || watch.log()).await;
+    wait_for_objects(&store, "pb", 1, || watch.log()).await;
+    for round in 0..3 {
+        // Unshipped commits in both: both releases flush.
+        app_a.insert(5, 300);
+        app_b.insert(5, 300);
+        let swapped = if round % 2 == 0 {
+            [(&*a, "pb"), (&*b, "pa")]
+        } else {
+            [(&*a, "pa"), (&*b, "pb")]
+        };
+        config_for(&store, dir.path(), settings, &swapped);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while watch.log().matches("configuration reloaded").count() <= round {
+            assert!(
+                Instant::now() < deadline,
+                "{kind}: round {round}: no reload"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut sync = walsync();
+        sync.args(["sync", "--wait", "--config"]).arg(&config);
+        let out = sync.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{kind}: round {round}: {out:?}\n{}",
+            tail(&watch.log())
+        );
+        let (on_pa, on_pb) = if round % 2 == 0 { (&b, &a) } else { (&a, &b) };
+        let here = dir.path().join(format!("round{round}"));
+        std::fs::create_dir(&here).unwrap();
+        assert_eq!(
+            restored_digest(&store, "pa", &here).await,
+            digest(on_pa),
+            "{kind}: {round}"
+        );
+        assert_eq!(
+            restored_digest(&store, "pb", &here).await,
+            digest(on_pb),
+            "{kind}: {round}"
+        );
+    }
+    let (status, log) = watch.terminate().await;
+    assert!(status.success(), "{kind}: {}", tail(&log));
+    assert!(!log.contains("another writer"), "{kind}: {}", tail(&log));
+    app_a.quit();
+    app_b.quit();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefixes_swapped_in_one_edit_flush_first_and_both_go_on() {
+    each_store(prefixes_swapped).await;
+}
