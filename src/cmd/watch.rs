@@ -32,11 +32,11 @@ pub(super) async fn watch(args: WatchArgs, shutdown: CancellationToken) -> Resul
     }
     let _stop_listening = listening.drop_guard();
     // `walsync sync` finds the process by its configuration file.
-    let control = plan.config_file().map(|path| {
+    let control = plan.config_files().first().map(|path| {
         plan.watch()
             .control_socket
             .clone()
-            .unwrap_or_else(|| control::default_socket(&path))
+            .unwrap_or_else(|| control::default_socket(path))
     });
     match app {
         None => {

@@ -59,7 +59,7 @@ mod watcher;
 pub use budget::raise_open_file_limit;
 use budget::{Holding, descriptor_budget};
 use plan::canonical;
-pub use plan::{DbSpec, Plan};
+pub use plan::{DbSpec, Plan, in_canonical_dir};
 use schedule::Schedule;
 pub use shutdown::Outcome;
 use slot::*;
@@ -107,7 +107,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken, hooks: Hooks) -> Resul
     let routes: Routes = Arc::new(RwLock::new(HashMap::new()));
     let router = watcher::Router {
         routes: routes.clone(),
-        config_file: plan.config_file(),
+        config_files: plan.config_files(),
         tx,
     };
     let watcher = watcher::start(router, plan.watch().poll).map_err(Error::Watch)?;
@@ -124,7 +124,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken, hooks: Hooks) -> Resul
         next_id: 0,
         routes,
         watcher,
-        watched: HashSet::new(),
+        watched: HashMap::new(),
         schedule: Schedule::default(),
         ready: VecDeque::new(),
         to_close: VecDeque::new(),
@@ -172,7 +172,10 @@ struct Fleet {
     next_id: usize,
     routes: Routes,
     watcher: Box<dyn Watcher + Send>,
-    watched: HashSet<(PathBuf, bool)>,
+    /// Directories watched (and whether recursively), each with the
+    /// identity (device, inode) it had then: one removed and made again is
+    /// a new directory, which the old watch does not see.
+    watched: HashMap<(PathBuf, bool), (u64, u64)>,
     schedule: Schedule,
     /// Databases due for a sync, in order.
     ready: VecDeque<usize>,
@@ -280,10 +283,52 @@ const TRIM_EVERY: Duration = Duration::from_secs(1);
 
 const RESCAN_DEBOUNCE: Duration = Duration::from_millis(200);
 
-/// What a configuration edit of `[storage]` or `[[mirrors]]` leaves running.
-const RESTART_FOR_STORES: &str = "the file's [storage] or [[mirrors]] differ from the stores in \
-     use, which are read at start only: the databases keep replicating to those until walsync \
-     is restarted";
+/// How often a directory to watch that does not exist is looked for.
+const MISSING_ROOT_RECHECK: Duration = Duration::from_secs(2);
+
+/// What an edit of settings read at start only leaves running, or `None`
+/// when the edit changes none of them. Those keep their running values
+/// (the stores under running chains, the watcher, the sockets) until
+/// walsync is restarted.
+fn restart_needed(old: &Config, new: &Config) -> Option<String> {
+    let (was, now) = (&old.watch, &new.watch);
+    let changed: Vec<&str> = [
+        ("[storage]", old.storage != new.storage),
+        ("[[mirrors]]", old.mirrors != new.mirrors),
+        ("[watch] listen", was.listen != now.listen),
+        (
+            "[watch] control_socket",
+            was.control_socket != now.control_socket,
+        ),
+        (
+            "[watch] watcher",
+            was.poll != now.poll || was.poll_interval != now.poll_interval,
+        ),
+        ("[watch] max_open", was.max_open != now.max_open),
+    ]
+    .into_iter()
+    .filter_map(|(what, differs)| differs.then_some(what))
+    .collect();
+    (!changed.is_empty()).then(|| {
+        format!(
+            "the file's {} differ from what is running, which is read at start only: the old \
+             settings stay in use until walsync is restarted",
+            changed.join(", ")
+        )
+    })
+}
+
+/// Keeps what [`restart_needed`] names at its running value in `new`.
+fn keep_start_only(old: &Config, new: &mut Config) {
+    new.storage = old.storage.clone();
+    new.mirrors = old.mirrors.clone();
+    let (was, now) = (&old.watch, &mut new.watch);
+    now.listen = was.listen;
+    now.control_socket = was.control_socket.clone();
+    now.poll = was.poll;
+    now.poll_interval = was.poll_interval;
+    now.max_open = was.max_open;
+}
 
 impl Fleet {
     async fn run(
@@ -372,24 +417,58 @@ impl Fleet {
         }
     }
 
-    /// Starts watching directories the plan needs and that are not watched yet.
+    /// Watches the directories the plan needs: those not watched yet, and
+    /// those removed and made again since. One that does not exist (yet, or
+    /// any more) is looked for again every few seconds: nothing else would
+    /// say when it comes back.
     fn watch_roots(&mut self) {
-        for (dir, recursive) in self.plan.roots() {
-            if self.watched.contains(&(dir.clone(), recursive)) {
-                continue;
+        use std::os::unix::fs::MetadataExt;
+        let roots = self.plan.roots();
+        let gone: Vec<(PathBuf, bool)> = self
+            .watched
+            .keys()
+            .filter(|root| !roots.contains(*root))
+            .cloned()
+            .collect();
+        for root in gone {
+            let _ = self.watcher.unwatch(&root.0);
+            self.watched.remove(&root);
+        }
+        let mut missing = false;
+        for (dir, recursive) in roots {
+            let identity = std::fs::metadata(&dir)
+                .ok()
+                .filter(|m| m.is_dir())
+                .map(|m| (m.dev(), m.ino()));
+            let root = (dir, recursive);
+            match (self.watched.get(&root), identity) {
+                (Some(watched), Some(now)) if *watched == now => continue,
+                (Some(_), _) => {
+                    let _ = self.watcher.unwatch(&root.0);
+                    self.watched.remove(&root);
+                }
+                (None, _) => {}
             }
+            let Some(identity) = identity else {
+                missing = true;
+                continue;
+            };
             let mode = if recursive {
                 RecursiveMode::Recursive
             } else {
                 RecursiveMode::NonRecursive
             };
-            match self.watcher.watch(&dir, mode) {
+            match self.watcher.watch(&root.0, mode) {
                 Ok(()) => {
-                    self.watched.insert((dir, recursive));
+                    debug!(dir = %root.0.display(), "watching directory");
+                    self.watched.insert(root, identity);
                 }
-                // A directory that does not exist yet is tried again at the next rescan.
-                Err(e) => warn!(dir = %dir.display(), error = %e, "cannot watch directory"),
+                Err(e) => warn!(dir = %root.0.display(), error = %e, "cannot watch directory"),
             }
+        }
+        if missing {
+            let again = Instant::now() + MISSING_ROOT_RECHECK;
+            self.rescan_at = Some(self.rescan_at.map_or(again, |at| at.min(again)));
         }
     }
 
@@ -402,21 +481,14 @@ impl Fleet {
             if text.is_some() && text != self.config_text {
                 let Some(text) = text else { return };
                 match Config::parse(&text, &config.source) {
-                    Ok(new) => {
-                        let restart = (new.storage != config.storage
-                            || new.mirrors != config.mirrors)
-                            .then(|| RESTART_FOR_STORES.to_string());
-                        if restart.is_some() {
-                            warn!(config = %config.source.display(), "{RESTART_FOR_STORES}");
+                    Ok(mut new) => {
+                        let restart = restart_needed(config, &new);
+                        if let Some(why) = &restart {
+                            warn!(config = %config.source.display(), "{why}");
                         }
                         self.board.config_restart_needed(restart);
-                        let storage = config.storage.clone();
-                        let mirrors = config.mirrors.clone();
-                        *config = Config {
-                            storage,
-                            mirrors,
-                            ..new
-                        };
+                        keep_start_only(config, &mut new);
+                        *config = new;
                         info!(config = %config.source.display(), "configuration reloaded");
                         self.config_parsed = true;
                     }

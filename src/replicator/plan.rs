@@ -92,7 +92,11 @@ impl Plan {
                 for entry in &config.entries {
                     roots.insert(entry.source.watch_roots());
                 }
+                // A file that is a link to another directory (a mounted
+                // Kubernetes ConfigMap, /etc/x.toml -> /srv/conf/x.toml) is
+                // edited there.
                 roots.insert((parent_of(&config.source), false));
+                roots.insert((parent_of(&canonical(&config.source)), false));
             }
         }
         roots
@@ -108,12 +112,40 @@ impl Plan {
             Plan::Config { config, .. } => Some(canonical(&config.source)),
         }
     }
+
+    /// The paths an event about the configuration file may name: the file
+    /// where its directory is (links in the directory's path resolved, as
+    /// the watcher reports them) and, where it is a link, what it resolves
+    /// to.
+    pub fn config_files(&self) -> Vec<PathBuf> {
+        let Plan::Config { config, .. } = self else {
+            return Vec::new();
+        };
+        let mut files = vec![in_canonical_dir(&config.source)];
+        let resolved = canonical(&config.source);
+        if !files.contains(&resolved) {
+            files.push(resolved);
+        }
+        files
+    }
 }
 
 fn parent_of(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
+    }
+}
+
+/// `path` with its directory's links resolved, its own name kept (a link
+/// stays the link).
+pub fn in_canonical_dir(path: &Path) -> PathBuf {
+    match path.file_name() {
+        Some(name) => parent_of(path)
+            .canonicalize()
+            .map(|dir| dir.join(name))
+            .unwrap_or_else(|_| path.to_path_buf()),
+        None => path.to_path_buf(),
     }
 }
 

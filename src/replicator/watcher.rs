@@ -36,7 +36,9 @@ pub(super) type Routes = Arc<RwLock<HashMap<PathBuf, Route>>>;
 /// Routes the watcher's events to the loop.
 pub(super) struct Router {
     pub routes: Routes,
-    pub config_file: Option<PathBuf>,
+    /// The configuration file as named (its directory's links resolved)
+    /// and as the link it may be resolves: an edit shows as either.
+    pub config_files: Vec<PathBuf>,
     pub tx: mpsc::UnboundedSender<Msg>,
 }
 
@@ -85,7 +87,7 @@ impl Router {
                     if appeared_or_left {
                         rescan = true;
                     }
-                } else if appeared_or_left || self.config_file.as_deref() == Some(path.as_path()) {
+                } else if appeared_or_left || self.config_files.contains(path) {
                     rescan = true;
                 }
             }
@@ -141,7 +143,7 @@ mod tests {
         }
         let router = Router {
             routes: Arc::new(RwLock::new(routes)),
-            config_file: Some(PathBuf::from("/etc/walsync.toml")),
+            config_files: vec![PathBuf::from("/etc/walsync.toml")],
             tx,
         };
         (router, rx)

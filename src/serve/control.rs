@@ -38,11 +38,12 @@ pub struct SyncRequest {
 /// walsync.toml says otherwise: in a directory only this user can enter
 /// (`$XDG_RUNTIME_DIR/walsync`, else `walsync-UID` in the temp directory),
 /// named after the configuration file's full path, so `sync` finds it from
-/// the same file and no other user can put a socket there first.
+/// the same file and no other user can put a socket there first. The file's
+/// own link is not resolved: a Kubernetes ConfigMap's file is a link whose
+/// target moves at every update, and `sync` must still find the socket the
+/// running `watch` made.
 pub fn default_socket(config: &Path) -> PathBuf {
-    let full = config
-        .canonicalize()
-        .unwrap_or_else(|_| config.to_path_buf());
+    let full = crate::replicator::in_canonical_dir(config);
     let digest = Sha256::digest(full.as_os_str().as_encoded_bytes());
     let name: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
     private_dir().join(format!("walsync-{name}.sock"))

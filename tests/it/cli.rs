@@ -5619,3 +5619,46 @@ async fn an_upload_cut_off_by_a_signal_leaves_no_parts_in_the_bucket() {
         );
     }
 }
+
+/// A Kubernetes ConfigMap mounts walsync.toml as a link through `..data`,
+/// itself a link to a timestamped directory that every update replaces.
+/// After an update `walsync sync --config` still finds the running watch's
+/// control socket (named after the file where it is mounted, not after
+/// the directory its link resolves to, which moves).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_finds_the_watch_after_a_configmap_style_update() {
+    let store = common::fs_store();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let conn = create_db(&db, 1);
+    let mount = dir.path().join("mount");
+    std::fs::create_dir(&mount).unwrap();
+    let update = |version: &str, comment: &str| {
+        let v = mount.join(version);
+        std::fs::create_dir(&v).unwrap();
+        let body = format!(
+            "{comment}\n[sync]\nsync_interval = \"1h\"\n[[databases]]\npath = \"{}\"\nprefix = \"app\"\n",
+            db.display()
+        );
+        std::fs::write(v.join("walsync.toml"), store.config(&body)).unwrap();
+        let tmp = mount.join("..data_tmp");
+        std::os::unix::fs::symlink(version, &tmp).unwrap();
+        std::fs::rename(&tmp, mount.join("..data")).unwrap();
+    };
+    update("..2026_12_07_01", "# first");
+    let config = mount.join("walsync.toml");
+    std::os::unix::fs::symlink("..data/walsync.toml", &config).unwrap();
+    let mut child = spawn_watch(&store, &config, Stdio::null());
+    wait_for_objects(&store, "app", 1, String::new).await;
+    update("..2026_12_07_02", "# second");
+    conn.execute("INSERT INTO t(v) VALUES ('after the update')", [])
+        .unwrap();
+    let output = sync_wait(&config);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(objects(&store, "app").await, 2);
+    assert!(terminate(&mut child).success());
+}

@@ -1114,3 +1114,83 @@ async fn a_linked_directory_in_a_local_store_is_listed_as_its_own_prefix_is() {
         assert_eq!(found.tips.as_ref().unwrap().last(), own.last());
     }
 }
+
+/// A watched directory removed and made again is a new directory the old
+/// watch does not see: it is watched again, so a database made in it is
+/// found, and its commits ship on their file events, with no edit of the
+/// configuration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_removed_and_made_again_is_watched_again() {
+    let store = common::fs_store();
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing watched sees `data` come back (its parent is not watched):
+    // only walsync looking for it again does.
+    let (conf, data) = (dir.path().join("conf"), dir.path().join("data"));
+    std::fs::create_dir(&conf).unwrap();
+    std::fs::create_dir(&data).unwrap();
+    drop(create_db(&data.join("a.db"), 1));
+    let config = conf.join("walsync.toml");
+    let quiet = config_with_watch(
+        &store,
+        "close_idle_after = \"0s\"",
+        &dir_entry(&data, "t/{name}"),
+    );
+    std::fs::write(&config, quiet).unwrap();
+    let (token, handle) = start(&store, &config);
+    wait_for("a's snapshot", async || snapshots(&store, "t/a").await == 1).await;
+    std::fs::remove_dir_all(&data).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    std::fs::create_dir(&data).unwrap();
+    let conn = create_db(&data.join("z.db"), 3);
+    wait_for("z in the new directory", async || {
+        snapshots(&store, "t/z").await == 1
+    })
+    .await;
+    for n in 2..5 {
+        conn.execute("INSERT INTO t(v) VALUES ('more')", [])
+            .unwrap();
+        wait_for("z's commit", async || objects(&store, "t/z").await == n).await;
+    }
+    token.cancel();
+    handle.await.unwrap().unwrap();
+}
+
+/// A configuration file that is a link into another directory (where it
+/// is edited) reloads on an edit there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_linked_configuration_reloads_when_its_target_is_edited() {
+    let store = common::fs_store();
+    let dir = tempfile::tempdir().unwrap();
+    let (conf, data) = (dir.path().join("conf"), dir.path().join("data"));
+    std::fs::create_dir(&conf).unwrap();
+    std::fs::create_dir(&data).unwrap();
+    let (a, b) = (data.join("a.db"), data.join("b.db"));
+    drop(create_db(&a, 1));
+    drop(create_db(&b, 1));
+    let entry = |db: &Path, prefix: &str| {
+        format!(
+            "[[databases]]\npath = \"{}\"\nprefix = \"{prefix}\"\n",
+            db.display()
+        )
+    };
+    // Kept open and left alone, `a` makes no file events that would make
+    // walsync read the configuration again by the way.
+    let text = |body: &str| config_with_watch(&store, "close_idle_after = \"0s\"", body);
+    let target = conf.join("walsync.toml");
+    std::fs::write(&target, text(&entry(&a, "a"))).unwrap();
+    let link = dir.path().join("walsync.toml");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let (token, handle) = start(&store, &link);
+    wait_for("a's snapshot", async || snapshots(&store, "a").await == 1).await;
+    // The rescan the snapshot's own files set off is over.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Edited in place where the file is.
+    let both = format!("{}{}", entry(&a, "a"), entry(&b, "b"));
+    std::fs::write(&target, text(&both)).unwrap();
+    wait_for("b, added by the edit", async || {
+        snapshots(&store, "b").await == 1
+    })
+    .await;
+    token.cancel();
+    handle.await.unwrap().unwrap();
+}
