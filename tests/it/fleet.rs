@@ -394,6 +394,29 @@ async fn databases_and_config_edits_are_picked_up_while_running() {
         board.snapshot().config.restart_needed.is_none()
     })
     .await;
+    // So is a [watch] setting read at start only (here the HTTP listener).
+    std::fs::write(
+        &config_path,
+        config_with_watch(
+            &store,
+            "parallelism = 8\nlisten = \"127.0.0.1:1\"",
+            &fixed_only,
+        ),
+    )
+    .unwrap();
+    wait_for("the listen edit said", async || {
+        board
+            .snapshot()
+            .config
+            .restart_needed
+            .is_some_and(|why| why.contains("[watch] listen"))
+    })
+    .await;
+    std::fs::write(&config_path, config_text(&store, &fixed_only)).unwrap();
+    wait_for("the listen edit undone", async || {
+        board.snapshot().config.restart_needed.is_none()
+    })
+    .await;
 
     stop(token, handle).await;
     assert_eq!(
