@@ -55,10 +55,20 @@ pub async fn verify(
     depth: Depth,
 ) -> Result<Report, chain::Error> {
     let mut listings = 0;
+    // Problems every attempt found: a chain a running watch keeps changing
+    // may never hold still for a whole check, but what is really wrong
+    // with it is wrong in every attempt, each time in the same words.
+    let mut every_time: Option<Vec<String>> = None;
     let report = loop {
         listings += 1;
-        let (report, gone) = check_chain(storage, prefix, depth).await?;
-        if gone == 0 || listings == LISTINGS {
+        let (mut report, gone) = check_chain(storage, prefix, depth).await?;
+        if gone == 0 {
+            break report;
+        }
+        let seen = every_time.get_or_insert_with(|| report.problems.clone());
+        seen.retain(|p| report.problems.contains(p));
+        if listings == LISTINGS {
+            report.problems = seen.clone();
             break report;
         }
         tracing::info!(
@@ -128,7 +138,8 @@ pub async fn verify(
 /// retention deletes whole stretches after a snapshot: an object listed and
 /// gone when read is the store moving on, not a broken chain, so the check
 /// starts again from a fresh listing, after a pause growing from 0.1 s
-/// (2.8 s in all). Only an object missing from every attempt is reported.
+/// (2.8 s in all). Where every attempt met some, only a problem found by
+/// every attempt is reported.
 /// (Four listings were not enough beside a `watch` taking a snapshot every
 /// second with retention on and deleting past the exact window at rest.)
 const LISTINGS: u32 = 8;
