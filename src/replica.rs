@@ -276,6 +276,8 @@ impl Replica {
             state::record_path(path, &state::destination(&storage.describe(), prefix));
         let db = blocking(path, move || {
             Database::open(&owned).map(|mut db| {
+                // Claimed: no other walsync here builds this record now.
+                state::remove_stale_builds(&record_path);
                 db.keep_record_at(record_path);
                 db
             })

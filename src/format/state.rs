@@ -363,8 +363,12 @@ impl Builder {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
+        // Named after the record it becomes, so that the record's owner
+        // can tell its own leftovers (from a process killed while building)
+        // and remove them: `remove_stale_builds`.
         let mut file = tempfile::Builder::new()
-            .prefix(".walsync-state-")
+            .prefix(&build_prefix(record))
+            .rand_bytes(BUILD_RANDOM)
             .tempfile_in(dir)?;
         file.write_all(&vec![0u8; RECORD_HEADER as usize])?;
         Ok(Self {
@@ -401,6 +405,47 @@ impl Builder {
     }
 }
 
+/// Random characters at the end of a record being built.
+const BUILD_RANDOM: usize = 6;
+
+/// `.NAME.tmp-` for the record `DIR/NAME`.
+fn build_prefix(record: &Path) -> String {
+    let name = record
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!(".{name}.tmp-")
+}
+
+/// Removes what a process killed while building the record at `record`
+/// left beside it. Only for the record's owner (the process that has the
+/// database claimed, or holds the restore's output lock): another's build
+/// in progress would go too. What cannot be removed is left.
+pub fn remove_stale_builds(record: &Path) {
+    let prefix = build_prefix(record);
+    let dir = match record.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let stale = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .is_some_and(|rest| rest.len() == BUILD_RANDOM)
+            && entry.file_type().is_ok_and(|t| t.is_file());
+        if stale && std::fs::remove_file(entry.path()).is_ok() {
+            tracing::info!(
+                path = %entry.path().display(),
+                "removed a state record an earlier walsync was killed while building"
+            );
+        }
+    }
+}
+
 /// Removes the record at `path`, if any: one that no longer describes what
 /// was shipped is only a liability.
 pub fn forget(path: &Path) -> io::Result<()> {
@@ -414,6 +459,39 @@ pub fn forget(path: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A build a killed process left is removed by the record's owner; a
+    /// build of another record (another destination's) is not.
+    #[test]
+    fn a_killed_build_is_removed_and_only_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mine, theirs) = (
+            dir.path().join("a.db-walsync-state-1"),
+            dir.path().join("a.db-walsync-state-2"),
+        );
+        for record in [&mine, &theirs] {
+            let mut b = Builder::new(record, 512).unwrap();
+            b.push(7).unwrap();
+            // Killed: the temp file is never removed.
+            std::mem::forget(b);
+        }
+        let builds = || {
+            let mut names: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(builds().len(), 2, "{:?}", builds());
+        remove_stale_builds(&mine);
+        let left = builds();
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert!(
+            left[0].starts_with(".a.db-walsync-state-2.tmp-"),
+            "{left:?}"
+        );
+    }
 
     fn page(byte: u8) -> Vec<u8> {
         vec![byte; 512]

@@ -231,7 +231,8 @@ pub const SCRATCH_RANDOM: usize = 6;
 /// directory: its scratch directories ([`scratch_prefix`] and
 /// [`SCRATCH_RANDOM`] characters), the half-written database
 /// (`.NAME.walsync-tmp-XXXXXX`) and the state record built with it (that
-/// name, then `-walsync-state-…`). Only names of exactly these shapes, and
+/// name, then `-walsync-state-…`, or, while it was being built, `.` before
+/// all that and `.tmp-RANDOM` after). Only names of exactly these shapes, and
 /// each only of its own type (a link is never followed); what cannot be
 /// removed is logged and left: the restore itself does not depend on it.
 fn remove_stale(output: &Path) {
@@ -257,7 +258,12 @@ fn remove_stale(output: &Path) {
         } else if kind.is_file()
             && temp
                 .as_deref()
-                .and_then(|t| name.strip_prefix(t))
+                // The record of a half-written database, or one being built
+                // for it (`.` + that record's name + `.tmp-RANDOM`).
+                .and_then(|t| {
+                    name.strip_prefix(t)
+                        .or_else(|| name.strip_prefix(&format!(".{t}")))
+                })
                 .is_some_and(|rest| {
                     rest.len() == TEMP_RANDOM
                         || rest
