@@ -15,8 +15,25 @@ impl Config {
         let mut targets: Vec<Target> = Vec::new();
         let mut by_prefix: HashMap<String, usize> = HashMap::new();
         let mut seen_paths: HashSet<PathBuf> = HashSet::new();
+        // A file a `path` entry names is that entry's, with its settings: a
+        // `dir` or `glob` entry that also matches it (one tenant of many
+        // with settings of its own, or a file that appears later) leaves it
+        // out, instead of the whole set being refused.
+        let named: HashSet<PathBuf> = self
+            .entries
+            .iter()
+            .filter_map(|entry| match &entry.source {
+                Source::File(path) => Some(path.canonicalize().unwrap_or_else(|_| path.clone())),
+                _ => None,
+            })
+            .collect();
         for (index, entry) in self.entries.iter().enumerate() {
+            let pattern = !matches!(entry.source, Source::File(_));
             for (path, rel) in entry.matches()? {
+                let key = path.canonicalize().unwrap_or_else(|_| path.clone());
+                if pattern && named.contains(&key) {
+                    continue;
+                }
                 let prefix = match &entry.prefix {
                     PrefixRule::Fixed(p) => p.clone(),
                     PrefixRule::Template(t) => render(t, &path, &rel),
@@ -24,7 +41,6 @@ impl Config {
                 validate_prefix(&prefix).map_err(|e| {
                     check.err(format!("databases[{index}]: {} gives {e}", path.display()))
                 })?;
-                let key = path.canonicalize().unwrap_or_else(|_| path.clone());
                 if !seen_paths.insert(key) {
                     return Err(Error::DuplicatePath(path));
                 }

@@ -1217,3 +1217,40 @@ async fn a_linked_configuration_reloads_when_its_target_is_edited() {
     token.cancel();
     handle.await.unwrap().unwrap();
 }
+
+/// A file a `path` entry names is that entry's, also where a `dir` entry
+/// matches it too, and also when it appears only after the start: it is
+/// replicated under its own prefix, the directory's other databases under
+/// theirs, and discovery goes on (it had refused the whole set, so every
+/// database made later went unreplicated).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_named_on_its_own_is_left_out_of_its_directorys_entry() {
+    let store = common::fs_store();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    drop(create_db(&data.join("a.db"), 1));
+    let special = data.join("special.db");
+    let config = dir.path().join("walsync.toml");
+    let body = format!(
+        "{}[[databases]]\npath = \"{}\"\nprefix = \"special\"\n",
+        dir_entry(&data, "t/{name}"),
+        special.display()
+    );
+    std::fs::write(&config, config_text(&store, &body)).unwrap();
+    let (token, handle) = start(&store, &config);
+    wait_for("a", async || snapshots(&store, "t/a").await == 1).await;
+    drop(create_db(&special, 2));
+    wait_for("special, under its own prefix", async || {
+        snapshots(&store, "special").await == 1
+    })
+    .await;
+    drop(create_db(&data.join("y.db"), 3));
+    wait_for("y, made after", async || {
+        snapshots(&store, "t/y").await == 1
+    })
+    .await;
+    assert_eq!(objects(&store, "t/special").await, 0);
+    token.cancel();
+    handle.await.unwrap().unwrap();
+}
