@@ -263,6 +263,15 @@ fn running_watch_settings(path: &Path, uses: config::Uses) -> Result<WatchSettin
                 );
                 Ok(watch)
             }
+            // Not even TOML: the running watch kept its set, and its
+            // socket is most likely the one named after this file.
+            Err(_) if uses == config::Uses::CONTROL_SOCKET && path.is_file() => {
+                eprintln!(
+                    "warning: {refused}; trying the control socket named after the file \
+                     (one set in its [watch] section cannot be read now)"
+                );
+                Ok(WatchSettings::default())
+            }
             Err(_) => Err(refused.into()),
         },
     }

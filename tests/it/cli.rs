@@ -1452,6 +1452,21 @@ async fn sync_and_status_reach_the_watch_while_its_file_holds_a_refused_edit() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
     assert!(stdout.contains("configuration edit refused"), "{stdout}");
+    // Not even TOML: `sync` tries the socket named after the file.
+    std::fs::write(&config, "[sync\nsync_interval = ").unwrap();
+    conn.execute("INSERT INTO t(v) VALUES ('while unreadable')", [])
+        .unwrap();
+    let output = sync_wait(&config);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("named after the file"), "{stderr}");
+    assert_eq!(
+        walsync::chain::list(store.storage.as_ref(), "app")
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
     assert!(terminate(&mut watch).success());
 }
 
