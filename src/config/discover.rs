@@ -70,19 +70,45 @@ impl Config {
     /// one placeholder and whose pattern is `*.EXT`, the file the template
     /// would have turned into `prefix` (`tenants/{name}` + `*.db`:
     /// `tenants/acme` is `DIR/acme.db`).
+    /// A pattern's file that a `path` entry names is not the pattern's
+    /// (as in [`Config::discover`]).
     pub fn path_for(&self, prefix: &str) -> Option<PathBuf> {
-        self.entries.iter().find_map(|entry| entry.path_for(prefix))
+        let named = self.named_files();
+        self.by_precedence().find_map(|entry| {
+            entry.path_for(prefix).filter(|path| {
+                matches!(entry.source, Source::File(_)) || !named.contains(&lexical(path))
+            })
+        })
     }
 
     /// The prefix of the database at `path` by this configuration, whether
-    /// or not the file exists (restoring in place): the first entry that
-    /// names or matches it. A relative `path` is relative to the working
-    /// directory, as on any command line.
+    /// or not the file exists (restoring in place): the `path` entry that
+    /// names it, else the first entry that matches it. A relative `path` is
+    /// relative to the working directory, as on any command line.
     pub fn prefix_for(&self, path: &Path) -> Option<String> {
         let path = lexical(&std::path::absolute(path).ok()?);
+        self.by_precedence()
+            .find_map(|entry| entry.prefix_for(&path))
+    }
+
+    /// `path` entries first, then the patterns, each in file order.
+    fn by_precedence(&self) -> impl Iterator<Item = &Entry> {
+        let file = |e: &&Entry| matches!(e.source, Source::File(_));
         self.entries
             .iter()
-            .find_map(|entry| entry.prefix_for(&path))
+            .filter(file)
+            .chain(self.entries.iter().filter(move |e| !file(e)))
+    }
+
+    /// The files `path` entries name.
+    fn named_files(&self) -> HashSet<PathBuf> {
+        self.entries
+            .iter()
+            .filter_map(|entry| match &entry.source {
+                Source::File(path) => Some(lexical(path)),
+                _ => None,
+            })
+            .collect()
     }
 }
 

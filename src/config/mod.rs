@@ -753,4 +753,34 @@ prefix = "deep/{relpath}"
         assert_eq!(of("/data/deep/a/b.db").as_deref(), Some("deep/a/b"));
         assert_eq!(of("/data/other.db"), None);
     }
+
+    /// A file a `path` entry names is that entry's both ways, wherever the
+    /// entries stand in the file: restoring it in place uses that entry's
+    /// prefix, and the pattern's prefix for it names no file.
+    #[test]
+    fn a_path_entry_takes_its_file_from_a_pattern_listed_before_it() {
+        let text = r#"
+[storage]
+url = "/backups"
+[[databases]]
+dir = "/data"
+prefix = "t/{name}"
+[[databases]]
+path = "/data/special.db"
+prefix = "special"
+"#;
+        let config = Config::parse(text, Path::new("/etc/walsync.toml")).unwrap();
+        let of = |p: &str| config.prefix_for(Path::new(p));
+        assert_eq!(of("/data/special.db").as_deref(), Some("special"));
+        assert_eq!(of("/data/other.db").as_deref(), Some("t/other"));
+        assert_eq!(
+            config.path_for("special").as_deref(),
+            Some(Path::new("/data/special.db"))
+        );
+        assert_eq!(config.path_for("t/special"), None);
+        assert_eq!(
+            config.path_for("t/other").as_deref(),
+            Some(Path::new("/data/other.db"))
+        );
+    }
 }
