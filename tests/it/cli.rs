@@ -1700,20 +1700,21 @@ async fn restores_to_one_file_never_mix_databases() {
             .collect();
         assert!(leftovers.is_empty(), "{kind}: {leftovers:?}");
 
-        // restore-all: `legacy` is configured at data/x.db, and the glob maps
-        // `x` there too.
+        // restore-all: the `dir` entry maps `legacy/x` to data/x.db, and the
+        // glob maps `x` there too. (A `path` entry would take the file from
+        // both: `a_file_named_on_its_own_is_left_out_of_its_directorys_entry`.)
         let data = dir.path().join("data");
         std::fs::create_dir(&data).unwrap();
         replicated(&store, &data.join("x.db"), "x", 10).await;
-        replicated(&store, &dir.path().join("legacy.db"), "legacy", 5).await;
+        replicated(&store, &dir.path().join("legacy.db"), "legacy/x", 5).await;
         std::fs::remove_file(data.join("x.db")).unwrap();
         let config = dir.path().join("walsync.toml");
         std::fs::write(
             &config,
             store.config(&format!(
-                "[[databases]]\npath = \"{}\"\nprefix = \"legacy\"\n\
+                "[[databases]]\ndir = \"{}\"\nprefix = \"legacy/{{name}}\"\n\
                  [[databases]]\npath = \"{}/*.db\"\n",
-                data.join("x.db").display(),
+                data.display(),
                 data.display()
             )),
         )
