@@ -277,7 +277,7 @@ impl Replica {
         let db = blocking(path, move || {
             Database::open(&owned).map(|mut db| {
                 // Claimed: no other walsync here builds this record now.
-                state::remove_stale_builds(&record_path);
+                state::remove_stale_build(&record_path);
                 db.keep_record_at(record_path);
                 db
             })

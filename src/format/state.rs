@@ -363,12 +363,14 @@ impl Builder {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        // Named after the record it becomes, so that the record's owner
-        // can tell its own leftovers (from a process killed while building)
-        // and remove them: `remove_stale_builds`.
+        // One name per record, which only the record's owner builds: a
+        // build a killed process left is found without listing the
+        // directory (a fleet's thousand databases share one), and replaced.
+        let build = build_path(record);
+        remove_stale_build(record);
         let mut file = tempfile::Builder::new()
-            .prefix(&build_prefix(record))
-            .rand_bytes(BUILD_RANDOM)
+            .prefix(build.file_name().unwrap_or_default())
+            .rand_bytes(0)
             .tempfile_in(dir)?;
         file.write_all(&vec![0u8; RECORD_HEADER as usize])?;
         Ok(Self {
@@ -405,44 +407,26 @@ impl Builder {
     }
 }
 
-/// Random characters at the end of a record being built.
-const BUILD_RANDOM: usize = 6;
-
-/// `.NAME.tmp-` for the record `DIR/NAME`.
-fn build_prefix(record: &Path) -> String {
+/// `DIR/.NAME.tmp` for the record `DIR/NAME`: where it is built.
+fn build_path(record: &Path) -> PathBuf {
     let name = record
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    format!(".{name}.tmp-")
+    record.with_file_name(format!(".{name}.tmp"))
 }
 
 /// Removes what a process killed while building the record at `record`
 /// left beside it. Only for the record's owner (the process that has the
 /// database claimed, or holds the restore's output lock): another's build
 /// in progress would go too. What cannot be removed is left.
-pub fn remove_stale_builds(record: &Path) {
-    let prefix = build_prefix(record);
-    let dir = match record.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let stale = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(&prefix))
-            .is_some_and(|rest| rest.len() == BUILD_RANDOM)
-            && entry.file_type().is_ok_and(|t| t.is_file());
-        if stale && std::fs::remove_file(entry.path()).is_ok() {
-            tracing::info!(
-                path = %entry.path().display(),
-                "removed a state record an earlier walsync was killed while building"
-            );
-        }
+pub fn remove_stale_build(record: &Path) {
+    let build = build_path(record);
+    if std::fs::remove_file(&build).is_ok() {
+        tracing::info!(
+            path = %build.display(),
+            "removed a state record an earlier walsync was killed while building"
+        );
     }
 }
 
@@ -484,13 +468,10 @@ mod tests {
             names
         };
         assert_eq!(builds().len(), 2, "{:?}", builds());
-        remove_stale_builds(&mine);
+        remove_stale_build(&mine);
         let left = builds();
         assert_eq!(left.len(), 1, "{left:?}");
-        assert!(
-            left[0].starts_with(".a.db-walsync-state-2.tmp-"),
-            "{left:?}"
-        );
+        assert!(left[0] == ".a.db-walsync-state-2.tmp", "{left:?}");
     }
 
     fn page(byte: u8) -> Vec<u8> {

@@ -232,7 +232,7 @@ pub const SCRATCH_RANDOM: usize = 6;
 /// [`SCRATCH_RANDOM`] characters), the half-written database
 /// (`.NAME.walsync-tmp-XXXXXX`) and the state record built with it (that
 /// name, then `-walsync-state-…`, or, while it was being built, `.` before
-/// all that and `.tmp-RANDOM` after). Only names of exactly these shapes, and
+/// all that and `.tmp` after). Only names of exactly these shapes, and
 /// each only of its own type (a link is never followed); what cannot be
 /// removed is logged and left: the restore itself does not depend on it.
 fn remove_stale(output: &Path) {
@@ -259,7 +259,7 @@ fn remove_stale(output: &Path) {
             && temp
                 .as_deref()
                 // The record of a half-written database, or one being built
-                // for it (`.` + that record's name + `.tmp-RANDOM`).
+                // for it (`.` + that record's name + `.tmp`).
                 .and_then(|t| {
                     name.strip_prefix(t)
                         .or_else(|| name.strip_prefix(&format!(".{t}")))

@@ -4570,7 +4570,7 @@ async fn a_killed_restore_leaves_scratch_that_the_next_restore_to_its_file_remov
     let stale = [
         ".restored.db.walsync-tmp-abc123",
         ".restored.db.walsync-tmp-abc123-walsync-state-0123abcd",
-        "..restored.db.walsync-tmp-abc123-walsync-state-0123abcd.tmp-Qw3rty",
+        "..restored.db.walsync-tmp-abc123-walsync-state-0123abcd.tmp",
     ];
     let kept = [
         ".restored.db.walsync-tmp-abc123.mine",
