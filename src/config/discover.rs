@@ -20,15 +20,12 @@ impl Config {
         // with settings of its own, or a file that appears later) leaves it
         // out, instead of the whole set being refused.
         let named: HashSet<PathBuf> = self
-            .entries
-            .iter()
-            .filter_map(|entry| match &entry.source {
-                Source::File(path) => Some(path.canonicalize().unwrap_or_else(|_| path.clone())),
-                _ => None,
-            })
+            .named_files()
+            .into_iter()
+            .map(|path| path.canonicalize().unwrap_or(path))
             .collect();
         for (index, entry) in self.entries.iter().enumerate() {
-            let pattern = !matches!(entry.source, Source::File(_));
+            let pattern = !entry.names_one_file();
             for (path, rel) in entry.matches()? {
                 let key = path.canonicalize().unwrap_or_else(|_| path.clone());
                 if pattern && named.contains(&key) {
@@ -75,9 +72,9 @@ impl Config {
     pub fn path_for(&self, prefix: &str) -> Option<PathBuf> {
         let named = self.named_files();
         self.by_precedence().find_map(|entry| {
-            entry.path_for(prefix).filter(|path| {
-                matches!(entry.source, Source::File(_)) || !named.contains(&lexical(path))
-            })
+            entry
+                .path_for(prefix)
+                .filter(|path| entry.names_one_file() || !named.contains(&lexical(path)))
         })
     }
 
@@ -93,11 +90,10 @@ impl Config {
 
     /// `path` entries first, then the patterns, each in file order.
     fn by_precedence(&self) -> impl Iterator<Item = &Entry> {
-        let file = |e: &&Entry| matches!(e.source, Source::File(_));
         self.entries
             .iter()
-            .filter(file)
-            .chain(self.entries.iter().filter(move |e| !file(e)))
+            .filter(|e| e.names_one_file())
+            .chain(self.entries.iter().filter(|e| !e.names_one_file()))
     }
 
     /// The files `path` entries name.
@@ -113,6 +109,11 @@ impl Config {
 }
 
 impl Entry {
+    /// A `path` entry: one file, not a pattern.
+    fn names_one_file(&self) -> bool {
+        matches!(self.source, Source::File(_))
+    }
+
     /// The prefix this entry gives `path` (absolute), whether or not the
     /// file exists: the reverse of [`Entry::path_for`].
     fn prefix_for(&self, path: &Path) -> Option<String> {

@@ -657,7 +657,7 @@ impl Fleet {
     fn waits_for_release(&self, slot: &Slot) -> bool {
         self.releasing
             .values()
-            .any(|(key, prefix)| *key == slot.key || *prefix == slot.spec.prefix)
+            .any(|(key, prefix)| slot.shares(key, prefix))
     }
 
     fn changed(&mut self, id: usize) {
@@ -948,7 +948,7 @@ impl Fleet {
                 let waiting: Vec<usize> = self
                     .slots
                     .iter()
-                    .filter(|(_, s)| s.key == key || s.spec.prefix == prefix)
+                    .filter(|(_, s)| s.shares(&key, &prefix))
                     .map(|(id, _)| *id)
                     .collect();
                 for id in waiting {

@@ -79,6 +79,11 @@ impl Job {
 }
 
 impl Slot {
+    /// Whether this slot writes the file `key` or the prefix `prefix`.
+    pub(super) fn shares(&self, key: &Path, prefix: &str) -> bool {
+        self.key == key || self.spec.prefix == prefix
+    }
+
     /// Why replication of this database stopped for good, if it did.
     pub(super) fn stopped(&self) -> Option<&str> {
         self.refused
