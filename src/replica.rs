@@ -47,6 +47,15 @@ pub enum Error {
         "{path}: could not take the write lock in time (a long write transaction?); will retry"
     )]
     Busy { path: PathBuf },
+    /// The first object since the chain was listed found its sequence
+    /// taken: the listing may predate an upload the store finished late.
+    /// Handled inside [`Replica::sync`], which lists the chain again.
+    #[error("replication of {prefix} found {key} written since the chain was listed")]
+    TakenSinceListing {
+        prefix: String,
+        key: String,
+        reason: String,
+    },
     #[error("{path}: the blocking worker failed: {message}")]
     Worker { path: PathBuf, message: String },
     #[error(
@@ -84,7 +93,7 @@ impl Error {
             // storage error (a missing bucket, bad credentials).
             Error::Storage(_) | Error::Chain(chain::Error::Storage(_)) => "storage",
             Error::Chain(_) => "chain",
-            Error::Stopped { .. } => "stopped",
+            Error::Stopped { .. } | Error::TakenSinceListing { .. } => "stopped",
             Error::Busy { .. } => "busy",
             Error::Worker { .. } => "worker",
             Error::KeyMissing { .. } => "key",
@@ -102,6 +111,8 @@ const UPLOAD_UNDER_LOCK: Duration = Duration::from_secs(5);
 const RETENTION_TIME: Duration = Duration::from_secs(120);
 /// Longest wait for one store's listing at start when there are mirrors.
 const LIST_AT_OPEN: Duration = Duration::from_secs(10);
+/// Longest the sweep of unfinished uploads may hold up a database's open.
+const SWEEP_AT_OPEN: Duration = Duration::from_secs(10);
 /// Pause after a checkpoint that could not complete (app readers, a busy write lock).
 const CHECKPOINT_RETRY: Duration = Duration::from_secs(1);
 
@@ -219,6 +230,77 @@ pub struct Replica {
     /// Why a store behind must be caught up by a full snapshot (never a
     /// delta: the store lacks what a delta builds on).
     catch_up: Option<String>,
+    /// Whether an object has landed since the chain was listed. Until one
+    /// has, a sequence number found taken may be an object that landed after
+    /// the listing: an upload of a walsync killed just before this one
+    /// started, which the store finished late.
+    shipped_since_listing: bool,
+    /// Whether the chain was listed again after such a find (once only).
+    listed_again: bool,
+}
+
+/// Ends, in every store, the uploads of this prefix that a walsync
+/// stopped mid-way left unfinished (see [`Storage::sweep_unfinished`]):
+/// before the chain is listed, so that a completion still on its way fails
+/// instead of landing after the listing. Bounded, and only warned about
+/// where it fails: it saves cost, and the first write after the listing
+/// deals with a late landing anyway. Only `[storage]`'s sweep is waited
+/// for: a mirror that does not answer never holds back an open.
+async fn sweep_unfinished(prefix: String, stores: Vec<(String, Arc<dyn Storage>)>) {
+    let mut sweeps = stores.into_iter().map(|(label, storage)| {
+        let prefix = prefix.clone();
+        async move {
+            let ours = |rest: &str| !rest.contains('/') && segment::is_walsync_name(rest);
+            let swept =
+                tokio::time::timeout(SWEEP_AT_OPEN, storage.sweep_unfinished(&prefix, &ours));
+            match swept.await {
+                Ok(Ok(keys)) if keys.is_empty() => {}
+                Ok(Ok(keys)) => info!(
+                    prefix,
+                    store = %label,
+                    count = keys.len(),
+                    keys = %keys.join(", "),
+                    "aborted uploads that a walsync stopped mid-way had begun and not finished"
+                ),
+                Ok(Err(e)) => warn_sweep_failed(&prefix, &label, storage.as_ref(), &e.to_string()),
+                Err(_) => warn_sweep_failed(&prefix, &label, storage.as_ref(), "no answer in time"),
+            }
+        }
+    });
+    let primary = sweeps.next();
+    for mirror in sweeps {
+        tokio::spawn(mirror);
+    }
+    if let Some(primary) = primary {
+        primary.await;
+    }
+}
+
+/// Says once per store and process that unfinished uploads could not be
+/// ended (a store without the permission would say so for every database);
+/// `prefix`: the database it was first found for (empty: all of them).
+pub(crate) fn warn_sweep_failed(prefix: &str, label: &str, storage: &dyn Storage, why: &str) {
+    static SAID: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let described = storage.describe();
+    let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
+    if said.contains(&described) {
+        debug!(
+            prefix,
+            store = label,
+            why,
+            "could not end unfinished uploads"
+        );
+        return;
+    }
+    said.push(described);
+    warn!(
+        prefix,
+        store = label,
+        why,
+        "could not end the uploads a stopped walsync left unfinished (on S3 this needs \
+         s3:ListBucketMultipartUploads and s3:AbortMultipartUpload); their parts stay until \
+         a lifecycle rule removes them (see docs/operations.md)"
+    );
 }
 
 /// Runs SQLite or file work of the database at `path` on the blocking pool.
@@ -283,8 +365,21 @@ impl Replica {
             })
         })
         .await??;
+        let mut replica = Self::unlisted(db, path, prefix, storage, opts);
+        replica.load_head(listed).await?;
+        Ok(replica)
+    }
+
+    /// A replica of the opened `db` that has not listed its chain yet.
+    fn unlisted(
+        db: Database,
+        path: &Path,
+        prefix: &str,
+        storage: Arc<dyn Storage>,
+        opts: SyncOptions,
+    ) -> Self {
         let stores = Stores::new(storage.clone(), &opts.mirrors);
-        let mut replica = Self {
+        Self {
             prefix: prefix.to_string(),
             path: path.to_path_buf(),
             storage,
@@ -308,12 +403,21 @@ impl Replica {
             parked_record: None,
             stores,
             catch_up: None,
-        };
-        replica.load_head(listed).await?;
-        Ok(replica)
+            shipped_since_listing: false,
+            listed_again: false,
+        }
     }
 
     async fn load_head(&mut self, listed: Vec<Listed>) -> Result<()> {
+        // A fleet's start-up listing came after one sweep of the whole store.
+        if listed.is_empty() {
+            let stores = self
+                .stores
+                .iter()
+                .map(|store| (store.label().to_string(), store.storage.clone()))
+                .collect();
+            sweep_unfinished(self.prefix.clone(), stores).await;
+        }
         let (objects, lead) = if self.stores.is_single() {
             match listed.into_iter().next() {
                 Some(Listed::Objects(objects)) => (objects, 0),
@@ -866,6 +970,63 @@ impl Replica {
     }
 
     async fn sync_inner(&mut self, maintain: bool) -> Result<SyncReport> {
+        match self.sync_step(maintain).await {
+            Err(Error::TakenSinceListing { key, reason, .. }) => {
+                self.list_again(&key, reason).await?;
+                self.sync_step(maintain).await
+            }
+            done => done,
+        }
+    }
+
+    /// After the first object since the chain was listed found its sequence
+    /// taken: lists the chain again and goes on from the object there if it
+    /// was read from this very WAL (this file's WAL still holds the frames
+    /// it ends with, so it can only be an upload of a walsync killed here
+    /// just before this one started, which the store finished late). Any
+    /// other object is another writer's: replication stops, with `reason`.
+    async fn list_again(&mut self, key: &str, reason: String) -> Result<()> {
+        let Some(db) = self.db.take() else {
+            return Err(self.stop(reason));
+        };
+        let mut again = Self::unlisted(
+            db,
+            &self.path,
+            &self.prefix,
+            self.storage.clone(),
+            self.opts.clone(),
+        );
+        again.listed_again = true;
+        let ours = match again.load_head(Vec::new()).await {
+            Ok(()) => {
+                again.need_snapshot.is_none()
+                    && again.head.map(|h| h.seq) > self.head.map(|h| h.seq)
+            }
+            // Listed again at the next sync.
+            Err(e) if e.kind() == "storage" => {
+                self.db = again.db.take();
+                return Err(e);
+            }
+            // Not an object of ours: unreadable, or not walsync's at all.
+            Err(_) => false,
+        };
+        if !ours {
+            self.db = again.db.take();
+            return Err(self.stop(reason));
+        }
+        info!(
+            db = %self.path.display(),
+            prefix = %self.prefix,
+            %key,
+            "an object written from this database's WAL landed after the chain was listed \
+             (an upload of a walsync stopped just before this one, finished late by the store); \
+             going on from it"
+        );
+        *self = again;
+        Ok(())
+    }
+
+    async fn sync_step(&mut self, maintain: bool) -> Result<SyncReport> {
         if let Some(reason) = &self.stopped {
             return Err(Error::Stopped {
                 prefix: self.prefix.clone(),
@@ -978,8 +1139,12 @@ impl Replica {
         if let Some(pending) = self.pending.take() {
             self.upload(pending, &mut report).await?;
         }
-        self.full_snapshot(&reason, &mut report).await?;
-        Ok(report)
+        match self.full_snapshot(&reason, &mut report).await {
+            // Asked for now: another writer's object or a late one, the
+            // command is not the place to tell them apart.
+            Err(Error::TakenSinceListing { reason, .. }) => Err(self.stop(reason)),
+            done => done.map(|()| report),
+        }
     }
 
     /// Starts the chain again for `reason`: after a continuity loss with only
@@ -1202,7 +1367,15 @@ impl Replica {
         };
         let put = self.stores.put(object, &self.prefix).await;
         match put {
-            Put::Durable => {}
+            Put::Durable => self.shipped_since_listing = true,
+            Put::Stopped(reason) if !self.shipped_since_listing && !self.listed_again => {
+                self.pending = None;
+                return Err(Error::TakenSinceListing {
+                    prefix: self.prefix.clone(),
+                    key,
+                    reason,
+                });
+            }
             Put::Stopped(reason) => {
                 self.pending = None;
                 return Err(self.stop(reason));

@@ -813,6 +813,12 @@ impl Name {
     }
 }
 
+/// Whether `name` (a key's last path component) is one walsync writes: an
+/// object, a run or a snapshot mark, in either layout.
+pub fn is_walsync_name(name: &str) -> bool {
+    parse_object_name(name).is_some() || parse_run_name(name).is_some()
+}
+
 /// Parses the last path component of a key made by [`object_key`],
 /// [`snapshot_mark_key`] or [`legacy_object_key`].
 pub fn parse_object_name(name: &str) -> Option<Name> {

@@ -157,7 +157,7 @@ pub async fn run(plan: Plan, shutdown: CancellationToken, hooks: Hooks) -> Resul
     debug!(budget = fleet.budget, "databases kept open at most");
     fleet.watch_roots();
     let targets = fleet.plan.targets()?;
-    fleet.list_storage(targets.len()).await;
+    fleet.list_storage(&targets).await;
     fleet.apply(targets);
     fleet.first_pass = fleet.slots.keys().copied().collect();
     fleet.first_pass_progress(None);
@@ -269,6 +269,8 @@ async fn list_store(
 /// Fleets at least this big list their storage once at start rather than
 /// once per database.
 const LIST_ONCE_FROM: usize = 32;
+/// Longest the start-up sweep of unfinished uploads may hold up the start.
+const SWEEP_AT_START: Duration = Duration::from_secs(30);
 /// A start-up listing is used for first opens this long; later ones list
 /// their prefix themselves.
 const LISTING_FRESH: Duration = Duration::from_secs(120);
@@ -851,15 +853,37 @@ impl Fleet {
 
     /// With many databases on one storage, one listing of the whole storage
     /// (a request per thousand objects) replaces one listing per database.
-    async fn list_storage(&mut self, databases: usize) {
+    async fn list_storage(&mut self, targets: &[DbSpec]) {
         let Plan::Config {
             storage, mirrors, ..
         } = &self.plan
         else {
             return;
         };
-        if databases < LIST_ONCE_FROM {
+        if targets.len() < LIST_ONCE_FROM {
             return;
+        }
+        // As each database does before its own listing (see
+        // `Replica::load_head`), once for all of them: `[storage]` only.
+        let prefixes: HashSet<&str> = targets.iter().map(|t| t.prefix.as_str()).collect();
+        let ours = |key: &str| {
+            key.rsplit_once('/').is_some_and(|(prefix, name)| {
+                prefixes.contains(prefix) && crate::segment::is_walsync_name(name)
+            })
+        };
+        match tokio::time::timeout(SWEEP_AT_START, storage.sweep_unfinished("", &ours)).await {
+            Ok(Ok(keys)) if keys.is_empty() => {}
+            Ok(Ok(keys)) => info!(
+                count = keys.len(),
+                keys = %keys.join(", "),
+                "aborted uploads that a walsync stopped mid-way had begun and not finished"
+            ),
+            Ok(Err(e)) => {
+                replica::warn_sweep_failed("", "[storage]", storage.as_ref(), &e.to_string())
+            }
+            Err(_) => {
+                replica::warn_sweep_failed("", "[storage]", storage.as_ref(), "no answer in time")
+            }
         }
         // Every store at once. A mirror whose listing has stopped answering
         // once `[storage]`'s is done is given up on: no database waits for

@@ -292,6 +292,16 @@ fn list_blocking(root: &Path, prefix: &str) -> Result<Vec<ObjectMeta>> {
 /// Hands the objects under `prefix` to `each`, one directory at a time,
 /// until it returns false.
 fn walk(root: &Path, prefix: &str, each: &mut dyn FnMut(Vec<ObjectMeta>) -> bool) -> Result<()> {
+    walk_files(root, prefix, false, each)
+}
+
+/// [`walk`], of the temp files of unfinished puts instead (`temps`).
+fn walk_files(
+    root: &Path,
+    prefix: &str,
+    temps: bool,
+    each: &mut dyn FnMut(Vec<ObjectMeta>) -> bool,
+) -> Result<()> {
     // Walk only the directory that can hold the prefix, not the whole root.
     let start_rel = match prefix.rfind('/') {
         Some(i) => &prefix[..i],
@@ -353,7 +363,10 @@ fn walk(root: &Path, prefix: &str, each: &mut dyn FnMut(Vec<ObjectMeta>) -> bool
                 if rel.starts_with(prefix) || prefix.starts_with(&format!("{rel}/")) {
                     stack.push((path, above.clone()));
                 }
-            } else if file_type.is_file() && rel.starts_with(prefix) && !rel.contains(TEMP_MARKER) {
+            } else if file_type.is_file()
+                && rel.starts_with(prefix)
+                && rel.contains(TEMP_MARKER) == temps
+            {
                 let size = match entry.metadata() {
                     Ok(meta) => meta.len(),
                     // Deleted since the directory was read (a running
@@ -370,6 +383,17 @@ fn walk(root: &Path, prefix: &str, each: &mut dyn FnMut(Vec<ObjectMeta>) -> bool
         }
     }
     Ok(())
+}
+
+/// Whether process `pid` of this machine is running (this one is). A temp
+/// file named after one that is not was left by a put it never finished.
+fn running(pid: i32) -> bool {
+    if pid <= 0 {
+        return true;
+    }
+    // SAFETY: signal 0 only checks that the process exists.
+    let sent = unsafe { libc::kill(pid, 0) };
+    sent == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
 async fn blocking<T: Send + 'static>(
@@ -457,6 +481,49 @@ impl Storage for FsStorage {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_err(key)(e)),
         }
+    }
+
+    async fn sweep_unfinished(
+        &self,
+        prefix: &str,
+        ours: &(dyn for<'k> Fn(&'k str) -> bool + Sync),
+    ) -> Result<Vec<String>> {
+        let under = if prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{prefix}/")
+        };
+        let mut temps = Vec::new();
+        let (root, walked) = (self.root.clone(), under.clone());
+        blocking(prefix, move || {
+            walk_files(&root, &walked, true, &mut |batch| {
+                temps.extend(batch);
+                true
+            })
+            .map(|()| temps)
+        })
+        .await?
+        .into_iter()
+        .filter(|temp| {
+            let Some((key, writer)) = temp.key.split_once(TEMP_MARKER) else {
+                return false;
+            };
+            let pid = writer
+                .split_once('-')
+                .and_then(|(pid, _)| pid.parse::<i32>().ok());
+            key.strip_prefix(&under).is_some_and(ours) && pid.is_some_and(|pid| !running(pid))
+        })
+        .map(|temp| async move {
+            let path = self.root.join(&temp.key);
+            match tokio::fs::remove_file(&path).await {
+                Ok(()) => Ok(Some(temp.key)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(io_err(&temp.key)(e)),
+            }
+        })
+        .collect::<futures_util::future::TryJoinAll<_>>()
+        .await
+        .map(|swept| swept.into_iter().flatten().collect())
     }
 
     fn local_path(&self, key: &str) -> Option<PathBuf> {

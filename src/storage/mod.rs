@@ -160,6 +160,21 @@ pub trait Storage: Send + Sync + fmt::Debug {
         Ok(())
     }
 
+    /// Ends what writers stopped mid-write left under `prefix`, for each key
+    /// `prefix/REST` that `ours(REST)` accepts, and returns those keys: S3
+    /// multipart uploads begun and neither completed nor aborted (their parts
+    /// are billed, and a completion still on its way would land after the
+    /// next writer listed the chain), a directory's temp files of a process
+    /// no longer running. This process's own uploads are left alone, and
+    /// so is a store without such leftovers.
+    async fn sweep_unfinished(
+        &self,
+        _prefix: &str,
+        _ours: &(dyn for<'k> Fn(&'k str) -> bool + Sync),
+    ) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
     /// Where object `key` lies as a file on this machine, for a store that
     /// keeps objects as files (a restore links it instead of copying it).
     /// Objects are immutable, so the file never changes once it exists.

@@ -916,6 +916,95 @@ impl Storage for S3Storage {
         Ok(())
     }
 
+    async fn sweep_unfinished(
+        &self,
+        prefix: &str,
+        ours: &(dyn for<'k> Fn(&'k str) -> bool + Sync),
+    ) -> Result<Vec<String>> {
+        let under = if prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{prefix}/")
+        };
+        let full_prefix = join_key(&self.prefix, &under);
+        let mut swept = Vec::new();
+        let mut markers: (Option<String>, Option<String>) = (None, None);
+        loop {
+            let page = self
+                .send("ListMultipartUploads", &full_prefix, || {
+                    let mut request = self
+                        .client
+                        .list_multipart_uploads()
+                        .bucket(&self.bucket)
+                        .set_key_marker(markers.0.clone())
+                        .set_upload_id_marker(markers.1.clone());
+                    if !full_prefix.is_empty() {
+                        request = request.prefix(&full_prefix);
+                    }
+                    request.send()
+                })
+                .await;
+            let page = match page {
+                Ok(page) => page,
+                // s3s-fs, for one: such a store shows no unfinished upload.
+                Err(failure)
+                    if failure.status == Some(501)
+                        || failure.code.as_deref() == Some("NotImplemented") =>
+                {
+                    tracing::debug!(
+                        key = full_prefix,
+                        "the store cannot list unfinished multipart uploads"
+                    );
+                    break;
+                }
+                Err(failure) => {
+                    return Err(failure.into_error("ListMultipartUploads", &full_prefix));
+                }
+            };
+            for upload in page.uploads() {
+                let (Some(full), Some(id)) = (upload.key(), upload.upload_id()) else {
+                    continue;
+                };
+                let Some(rest) = full.strip_prefix(&full_prefix) else {
+                    continue;
+                };
+                if !ours(rest) || uploads::is_open_here(id) {
+                    continue;
+                }
+                let aborted = self
+                    .send("AbortMultipartUpload", full, || {
+                        self.client
+                            .abort_multipart_upload()
+                            .bucket(&self.bucket)
+                            .key(full)
+                            .upload_id(id)
+                            .send()
+                    })
+                    .await;
+                match aborted {
+                    // Gone meanwhile: completed (then listed with the chain) or aborted.
+                    Err(failure) if failure.code.as_deref() == Some("NoSuchUpload") => {}
+                    Err(failure) => return Err(failure.into_error("AbortMultipartUpload", full)),
+                    Ok(_) => swept.push(format!("{under}{rest}")),
+                }
+            }
+            match (
+                page.is_truncated(),
+                page.next_key_marker(),
+                page.next_upload_id_marker(),
+            ) {
+                (Some(true), key, id)
+                    if (key.is_some() || id.is_some())
+                        && (key, id) != (markers.0.as_deref(), markers.1.as_deref()) =>
+                {
+                    markers = (key.map(str::to_owned), id.map(str::to_owned));
+                }
+                _ => break,
+            }
+        }
+        Ok(swept)
+    }
+
     async fn delete(&self, key: &str) -> Result<()> {
         let full = self.check_key("DeleteObject", key)?;
         match self

@@ -1737,6 +1737,101 @@ async fn a_snapshot_taken_while_the_watch_had_the_database_closed_does_not_stop_
     each_store(snapshot_while_closed).await;
 }
 
+/// A walsync killed (SIGKILL) while the store held its upload: the request
+/// had left, and the store finished it after a new walsync had listed the
+/// chain without it. The new walsync's first object then finds that
+/// sequence number taken. The object there was read from this very WAL, so
+/// it lists the chain again and goes on from it, instead of stopping for
+/// good as for a second writer; nothing is lost and no snapshot is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_of_a_killed_walsync_landing_after_the_restart_does_not_stop_it() {
+    use common::faults::{Counts, FaultProxy, Plan};
+    let (mut store, proxy) = FaultProxy::before_s3_store().await;
+    for (k, v) in &mut store.env {
+        if k == "AWS_ENDPOINT_URL_S3" {
+            v.clone_from(&proxy.endpoint);
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("late.db");
+    let mut app = AppProcess::spawn(&db, AppOptions::default());
+    app.insert_each(10, 100);
+    let config = config_for(
+        &store,
+        dir.path(),
+        "[sync]\nsync_interval = \"100ms\"\n",
+        &[(&db, "late")],
+    );
+    let first = Watch::with_config(&store, &config, dir.path().join("first.log"));
+    wait_for_objects(&store, "late", 1, || first.log()).await;
+    // Object 2 reaches the store 4 s after it was sent, sender or not.
+    let second_object = "/late/0000000000000002.seg";
+    proxy.set_plan(Plan {
+        delay: 1.0,
+        delay_for: Duration::from_secs(4),
+        delay_only: Some(second_object),
+        late: true,
+        ..Plan::healthy()
+    });
+    app.insert_each(5, 100);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Counts::get(&proxy.counts().delayed) == 0 {
+        assert!(Instant::now() < deadline, "{}", tail(&first.log()));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(first); // SIGKILL, its upload on its way
+    // The new walsync's own object 2 is held longer, so the dead one's lands first.
+    proxy.set_plan(Plan {
+        delay: 1.0,
+        delay_for: Duration::from_secs(7),
+        delay_only: Some(second_object),
+        ..Plan::healthy()
+    });
+    let second = Watch::with_config(&store, &config, dir.path().join("second.log"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !second.log().contains("continuing the chain") {
+        assert!(Instant::now() < deadline, "{}", tail(&second.log()));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        Counts::get(&proxy.counts().landed_late),
+        0,
+        "the killed walsync's upload landed before the restart listed the chain: \
+         nothing was tested"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !second.log().contains("going on from it") {
+        assert!(
+            Instant::now() < deadline && !second.log().contains("another writer"),
+            "{}",
+            tail(&second.log())
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    app.insert_each(5, 100);
+    let mut sync = walsync();
+    sync.args(["sync", "--wait", "--config"]).arg(&config);
+    let synced = sync.output().unwrap();
+    assert!(
+        synced.status.success(),
+        "{synced:?}\n{}",
+        tail(&second.log())
+    );
+    let (status, log) = second.terminate().await;
+    assert!(status.success(), "{}", tail(&log));
+    assert_eq!(
+        count_snapshots(store.storage.as_ref(), "late").await,
+        1,
+        "{}",
+        tail(&log)
+    );
+    assert_eq!(
+        restored_digest(&store, "late", dir.path()).await,
+        digest(&db)
+    );
+    app.quit();
+}
+
 /// One edit that swaps two databases' prefixes: each prefix's old
 /// database flushes what it had not shipped, and only then does its new
 /// database start writing there. Neither finds a sequence number taken (as

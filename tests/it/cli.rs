@@ -5637,6 +5637,123 @@ async fn an_upload_cut_off_by_a_signal_leaves_no_parts_in_the_bucket() {
     }
 }
 
+/// A walsync killed (SIGKILL) while the store held the completion of its
+/// snapshot's multipart upload: the request had left, and reaches the store
+/// 5 s later, after the next walsync started. The next start aborts the
+/// upload it left before listing the chain (where the store lists uploads:
+/// moto; s3s-fs cannot), so the late completion fails and no parts stay
+/// billed; where it lands anyway, the chain goes on from it or refuses it.
+/// Either way nothing stops, the chain restores and verifies, and it holds
+/// one snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_of_a_killed_walsync_landing_late_breaks_nothing() {
+    use common::app::AppProcess;
+    use common::faults::{Counts, FaultProxy, Plan};
+    let (store, proxy) = FaultProxy::before_s3_store().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("big.db");
+    let conn = Connection::open(&db).unwrap();
+    // 12 MiB that zstd cannot shrink: a multipart upload.
+    conn.execute_batch(
+        "PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB);
+         WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c WHERE x < 3000)
+         INSERT INTO t(v) SELECT randomblob(4000) FROM c;",
+    )
+    .unwrap();
+    drop(conn);
+    proxy.set_plan(Plan {
+        delay: 1.0,
+        delay_for: Duration::from_secs(5),
+        // CompleteMultipartUpload (parts carry x-id first, aborts too).
+        delay_only: Some(".seg?uploadId="),
+        late: true,
+        ..Plan::healthy()
+    });
+    let config = dir.path().join("walsync.toml");
+    std::fs::write(
+        &config,
+        store.config(&format!(
+            "[sync]\nsync_interval = \"100ms\"\n[[databases]]\npath = \"{}\"\n",
+            db.display()
+        )),
+    )
+    .unwrap();
+    let watch = || {
+        let mut cmd = walsync();
+        cmd.args(["watch", "--config", cfg(&config)])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        with_store(&mut cmd, &store);
+        cmd.env("AWS_ENDPOINT_URL_S3", &proxy.endpoint);
+        let mut child = common::Reaped::new(cmd.spawn().unwrap());
+        let log = LiveLog::of(&mut child);
+        (child, log)
+    };
+    let (mut first, first_log) = watch();
+    common::wait_for("the completion held by the store", async || {
+        Counts::get(&proxy.counts().delayed) > 0
+    })
+    .await;
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert_eq!(proxy.counts().uploads_open(), 1, "{}", first_log.text());
+    proxy.set_plan(Plan::healthy());
+
+    let (mut second, log) = watch();
+    common::wait_for("the late completion answered", async || {
+        Counts::get(&proxy.counts().landed_late) > 0
+    })
+    .await;
+    wait_for_objects(&store, "big", 1, || log.text()).await;
+    let mut app = AppProcess::open(&db);
+    app.insert(5, 100);
+    app.quit();
+    let mut sync = walsync();
+    sync.args(["sync", "--wait", "--config", cfg(&config)]);
+    let synced = sync.output().unwrap();
+    assert!(synced.status.success(), "{synced:?}\n{}", log.text());
+    assert!(terminate(&mut second).success(), "{}", log.text());
+    let text = log.text();
+    assert!(!text.contains("another writer"), "{text}");
+    assert_eq!(
+        common::count_snapshots(store.storage.as_ref(), "big").await,
+        1,
+        "{text}"
+    );
+    ok(
+        &store,
+        &["verify", "--config", cfg(&config), "--prefix", "big"],
+    );
+    let out = dir.path().join("restored.db");
+    ok(
+        &store,
+        &[
+            "restore",
+            "--config",
+            cfg(&config),
+            "--prefix",
+            "big",
+            "-o",
+            cfg(&out),
+        ],
+    );
+    assert_eq!(blob_rows(&out), blob_rows(&db));
+    if common::server_kind() == "moto" {
+        assert!(
+            text.contains("aborted uploads that a walsync stopped mid-way"),
+            "{text}"
+        );
+        let pending = common::s3_client()
+            .list_multipart_uploads()
+            .bucket(common::bucket_of(&store.url))
+            .send()
+            .await
+            .unwrap();
+        assert!(pending.uploads().is_empty(), "{:?}", pending.uploads());
+        assert_eq!(proxy.counts().uploads_open(), 0);
+    }
+}
+
 /// A Kubernetes ConfigMap mounts walsync.toml as a link through `..data`,
 /// itself a link to a timestamped directory that every update replaces.
 /// After an update `walsync sync --config` still finds the running watch's

@@ -806,7 +806,13 @@ async fn a_second_writer_on_the_same_prefix_is_stopped_not_interleaved() {
         insert(&mut app, 10, 100);
         let mut first = open_replica(&db, "two", &store, replica_opts()).await;
         first.sync().await.unwrap();
-        let mut second = open_replica(&db, "two", &store, replica_opts()).await;
+        // Another database (a second machine's, say) on the same prefix. (One
+        // that finds the first's object read from its own WAL goes on from
+        // it: see `an_upload_of_a_killed_walsync_landing_after_the_restart_does_not_stop_it`.)
+        let other = db_in(&dir, "other.db");
+        let mut other_app = app_process(&other, 4096);
+        insert(&mut other_app, 3, 100);
+        let mut second = open_replica(&other, "two", &store, replica_opts()).await;
         insert(&mut app, 10, 100);
         first.sync().await.unwrap();
         let err = second.sync().await.unwrap_err();
@@ -814,6 +820,7 @@ async fn a_second_writer_on_the_same_prefix_is_stopped_not_interleaved() {
         assert!(err.to_string().contains("two"), "{err}");
         // The stopped writer stays stopped; the first goes on.
         insert(&mut app, 10, 100);
+        insert(&mut other_app, 3, 100);
         assert!(second.sync().await.is_err());
         first.sync().await.unwrap();
         assert_eq!(

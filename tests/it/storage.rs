@@ -969,3 +969,78 @@ async fn the_create_only_probe_tells_a_store_that_overwrites() {
     assert_eq!(Counts::get(&proxy.counts().overwrite_accepted), 1);
     assert!(through.list(probe::DIR).await.unwrap().is_empty());
 }
+
+/// What a writer stopped mid-put left under a prefix is swept by the
+/// prefix's next writer: only walsync's own names directly under that
+/// prefix, and never what a running process is writing. A directory: the
+/// temp files of a process no longer running. S3: multipart uploads begun
+/// and never completed (moto; s3s-fs cannot list them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_puts_of_stopped_writers_are_swept_by_prefix() {
+    let ours = |rest: &str| !rest.contains('/') && walsync::segment::is_walsync_name(rest);
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = walsync::storage::fs::FsStorage::new(dir.path());
+    std::fs::create_dir_all(dir.path().join("db/sub")).unwrap();
+    // A process that has exited: its pid runs nothing now.
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    let own = std::process::id();
+    let temp = |name: &str, pid: u32| format!("{name}.walsync-tmp-{pid}-0");
+    let left = temp("db/0000000000000002.seg", dead);
+    let kept = [
+        temp("db/0000000000000003.seg", own),
+        temp("db/notes.txt", dead),
+        temp("db/sub/0000000000000001.seg", dead),
+    ];
+    for name in kept.iter().chain([&left]) {
+        std::fs::write(dir.path().join(name), b"half").unwrap();
+    }
+    let swept = store.sweep_unfinished("db", &ours).await.unwrap();
+    assert_eq!(swept, vec![left.clone()]);
+    assert!(!dir.path().join(&left).exists());
+    for name in &kept {
+        assert!(dir.path().join(name).exists(), "{name} was swept");
+    }
+
+    if common::server_kind() != "moto" {
+        eprintln!("s3s-fs cannot list multipart uploads: the S3 half runs against moto");
+        return;
+    }
+    let store = common::s3_store().await;
+    let client = common::s3_client();
+    let bucket = common::bucket_of(&store.url);
+    let keys = [
+        "db/0000000000000002.seg",
+        "db/0000000000000001-0000000000000002.run",
+        "db/notes.txt",
+        "db/sub/0000000000000001.seg",
+        "dbx/0000000000000001.seg",
+    ];
+    for key in keys {
+        client
+            .create_multipart_upload()
+            .bucket(bucket)
+            .key(format!("{}/{key}", common::S3_PREFIX))
+            .send()
+            .await
+            .unwrap();
+    }
+    let mut swept = store.storage.sweep_unfinished("db", &ours).await.unwrap();
+    swept.sort();
+    assert_eq!(swept, vec![keys[1].to_string(), keys[0].to_string()]);
+    let open = client
+        .list_multipart_uploads()
+        .bucket(bucket)
+        .send()
+        .await
+        .unwrap();
+    let mut left: Vec<&str> = open.uploads().iter().filter_map(|u| u.key()).collect();
+    left.sort();
+    let want: Vec<String> = keys[2..]
+        .iter()
+        .map(|k| format!("{}/{k}", common::S3_PREFIX))
+        .collect();
+    assert_eq!(left, want);
+}

@@ -80,6 +80,11 @@ impl Drop for Guard {
     }
 }
 
+/// Whether upload `id` is one of this process's, still open.
+pub(super) fn is_open_here(id: &str) -> bool {
+    open().contains_key(id)
+}
+
 /// Aborts upload `id` if it is still open here and no abort of it is on its
 /// way, and forgets it once the store has (an upload the store no longer
 /// knows is gone already).

@@ -33,6 +33,9 @@ pub struct Plan {
     /// Only requests whose path or query holds this are delayed (one
     /// database's, or `partNumber=` for multipart parts).
     pub delay_only: Option<&'static str>,
+    /// A delayed request reaches the store even when its sender has gone
+    /// meanwhile (killed): the late landing of a dead writer's request.
+    pub late: bool,
     pub reset: f64,
     pub cut_body: f64,
     /// Only requests that change something (PUT, POST, DELETE): applied,
@@ -81,6 +84,9 @@ pub struct Counts {
     pub uploads_begun: AtomicU64,
     /// Multipart uploads the store completed or aborted (answered 2xx).
     pub uploads_ended: AtomicU64,
+    /// Requests held under `Plan::late` that the store has answered
+    /// (whether or not their sender was still there to hear it).
+    pub landed_late: AtomicU64,
     /// Requests being handled now, and the most there ever were at once.
     pub in_flight: AtomicU64,
     pub max_in_flight: AtomicU64,
@@ -352,6 +358,7 @@ async fn handle(
     let multipart = multipart_of(&req);
     let changes = matches!(req.method().as_str(), "PUT" | "POST" | "DELETE");
     let fault = state.choose(changes);
+    let mut held = None;
     match fault {
         Fault::Error500 => {
             counts.error_500.fetch_add(1, Ordering::Relaxed);
@@ -370,10 +377,14 @@ async fn handle(
             let target = req.uri().path_and_query().map_or("", |pq| pq.as_str());
             if only.is_none_or(|part| target.contains(part)) {
                 counts.delayed.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(d).await;
+                held = Some(d);
             }
         }
         Fault::None | Fault::CutBody | Fault::LostResponse => {}
+    }
+    let late = held.filter(|_| state.plan().late);
+    if let Some(d) = held.filter(|_| late.is_none()) {
+        tokio::time::sleep(d).await;
     }
     let (parts, body) = req.into_parts();
     let create_only = parts.method == hyper::Method::PUT
@@ -397,11 +408,22 @@ async fn handle(
     let forward = forward
         .body(Full::new(body))
         .map_err(std::io::Error::other)?;
-    let response = state
-        .client
-        .request(forward)
-        .await
-        .map_err(std::io::Error::other)?;
+    let response = match late {
+        // Its own task: hyper drops this handler with the sender's connection.
+        Some(d) => {
+            let state = state.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(d).await;
+                let response = state.client.request(forward).await;
+                state.counts.landed_late.fetch_add(1, Ordering::SeqCst);
+                response
+            })
+            .await
+            .map_err(std::io::Error::other)?
+        }
+        None => state.client.request(forward).await,
+    }
+    .map_err(std::io::Error::other)?;
     counts.forwarded.fetch_add(1, Ordering::Relaxed);
     if response.status().is_success() {
         match multipart {
