@@ -50,9 +50,10 @@ pub enum Error {
     /// The first object since the chain was listed found its sequence
     /// taken: the listing may predate an upload the store finished late.
     /// Handled inside [`Replica::sync`], which lists the chain again.
-    #[error("replication of {prefix} found {key} written since the chain was listed")]
+    #[error("replication of {prefix} found {key} written since the chain was listed: {reason}")]
     TakenSinceListing {
         prefix: String,
+        seq: u64,
         key: String,
         reason: String,
     },
@@ -237,6 +238,10 @@ pub struct Replica {
     shipped_since_listing: bool,
     /// Whether the chain was listed again after such a find (once only).
     listed_again: bool,
+    /// Whether the head object names WAL frames (salts, position, checksum)
+    /// that a local WAL can be checked against: one that does not (read
+    /// with no WAL) cannot be told from another database's.
+    head_in_wal: bool,
 }
 
 /// Ends, in every store, the uploads of this prefix that a walsync
@@ -250,7 +255,7 @@ async fn sweep_unfinished(prefix: String, stores: Vec<(String, Arc<dyn Storage>)
     let mut sweeps = stores.into_iter().map(|(label, storage)| {
         let prefix = prefix.clone();
         async move {
-            let ours = |rest: &str| !rest.contains('/') && segment::is_walsync_name(rest);
+            let ours = |rest: &str| !rest.contains('/') && segment::is_chain_name(rest);
             let swept =
                 tokio::time::timeout(SWEEP_AT_OPEN, storage.sweep_unfinished(&prefix, &ours));
             match swept.await {
@@ -405,6 +410,7 @@ impl Replica {
             catch_up: None,
             shipped_since_listing: false,
             listed_again: false,
+            head_in_wal: false,
         }
     }
 
@@ -479,6 +485,7 @@ impl Replica {
         };
         self.head_state = header.state;
         let state = WalState::from_range(&header.wal);
+        self.head_in_wal = state != WalState::Empty;
         let page_size = header.page_size;
         let head_ms = header.timestamp_ms;
         let record_head = Head {
@@ -746,8 +753,16 @@ impl Replica {
         }
         if self.db.as_ref().is_some_and(|d| d.unsealed_frames() > 0) {
             let mut report = SyncReport::default();
-            self.checkpoint(CheckpointMode::Passive, &mut report)
-                .await?;
+            match self.checkpoint(CheckpointMode::Passive, &mut report).await {
+                // A commit slipped in and its tail found its key taken.
+                Err(Error::TakenSinceListing {
+                    seq, key, reason, ..
+                }) => {
+                    self.list_again(seq, &key, reason).await?;
+                    return Ok(false);
+                }
+                done => done?,
+            }
             if self.db.as_ref().is_none_or(|d| d.unsealed_frames() > 0) {
                 return Ok(false);
             }
@@ -971,21 +986,26 @@ impl Replica {
 
     async fn sync_inner(&mut self, maintain: bool) -> Result<SyncReport> {
         match self.sync_step(maintain).await {
-            Err(Error::TakenSinceListing { key, reason, .. }) => {
-                self.list_again(&key, reason).await?;
+            Err(Error::TakenSinceListing {
+                seq, key, reason, ..
+            }) => {
+                self.list_again(seq, &key, reason).await?;
                 self.sync_step(maintain).await
             }
             done => done,
         }
     }
 
-    /// After the first object since the chain was listed found its sequence
-    /// taken: lists the chain again and goes on from the object there if it
-    /// was read from this very WAL (this file's WAL still holds the frames
-    /// it ends with, so it can only be an upload of a walsync killed here
-    /// just before this one started, which the store finished late). Any
-    /// other object is another writer's: replication stops, with `reason`.
-    async fn list_again(&mut self, key: &str, reason: String) -> Result<()> {
+    /// After the first object since the chain was listed found sequence
+    /// `seq` taken: lists the chain again and goes on after the object there.
+    /// Where it was read from this very WAL (the local WAL still holds the
+    /// frames it ends with, salts and checksum), it was an upload of a
+    /// walsync killed here just before this one started, which the store
+    /// carried out late: the chain goes on from it. Anything else (another
+    /// database's object, or one that names no WAL frames to check) is
+    /// never built on: a full snapshot follows it. An object that cannot be
+    /// read as walsync's stops replication, with `reason`.
+    async fn list_again(&mut self, seq: u64, key: &str, reason: String) -> Result<()> {
         let Some(db) = self.db.take() else {
             return Err(self.stop(reason));
         };
@@ -997,31 +1017,53 @@ impl Replica {
             self.opts.clone(),
         );
         again.listed_again = true;
-        let ours = match again.load_head(Vec::new()).await {
+        match again.load_head(Vec::new()).await {
+            Ok(()) if again.head.is_some_and(|h| h.seq >= seq) => {}
+            // Listed again at the next sync: the store's listing lags, or
+            // it failed.
             Ok(()) => {
-                again.need_snapshot.is_none()
-                    && again.head.map(|h| h.seq) > self.head.map(|h| h.seq)
+                self.db = again.db.take();
+                return Err(Error::Storage(storage::Error::Io {
+                    key: key.to_string(),
+                    source: std::io::Error::other(
+                        "the object was there at the write but not yet in a listing",
+                    ),
+                }));
             }
-            // Listed again at the next sync.
-            Err(e) if e.kind() == "storage" => {
+            Err(e) if !matches!(e, Error::Chain(_)) || e.kind() == "storage" => {
                 self.db = again.db.take();
                 return Err(e);
             }
-            // Not an object of ours: unreadable, or not walsync's at all.
-            Err(_) => false,
-        };
-        if !ours {
-            self.db = again.db.take();
-            return Err(self.stop(reason));
+            Err(_) => {
+                self.db = again.db.take();
+                return Err(self.stop(reason));
+            }
         }
-        info!(
-            db = %self.path.display(),
-            prefix = %self.prefix,
-            %key,
-            "an object written from this database's WAL landed after the chain was listed \
-             (an upload of a walsync stopped just before this one, finished late by the store); \
-             going on from it"
-        );
+        let from_this_wal = again.need_snapshot.is_none()
+            && again.head_in_wal
+            && again.head.is_some_and(|h| h.seq == seq);
+        if from_this_wal {
+            info!(
+                db = %self.path.display(),
+                prefix = %self.prefix,
+                %key,
+                "an object read from this database's WAL landed after the chain was listed \
+                 (an upload of a walsync stopped just before this one, carried out late by \
+                 the store); going on from it"
+            );
+        } else {
+            warn!(
+                db = %self.path.display(),
+                prefix = %self.prefix,
+                %key,
+                "an object landed after the chain was listed that this database's WAL does not \
+                 show it wrote (a walsync killed here while its WAL was checkpointed, or another \
+                 writer on this prefix); a full snapshot follows it"
+            );
+            again.need_snapshot = Some(SnapshotReason::Continuity(format!(
+                "object {key} landed after the chain was listed and this WAL does not hold it"
+            )));
+        }
         *self = again;
         Ok(())
     }
@@ -1372,6 +1414,7 @@ impl Replica {
                 self.pending = None;
                 return Err(Error::TakenSinceListing {
                     prefix: self.prefix.clone(),
+                    seq,
                     key,
                     reason,
                 });

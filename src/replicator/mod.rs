@@ -868,7 +868,7 @@ impl Fleet {
         let prefixes: HashSet<&str> = targets.iter().map(|t| t.prefix.as_str()).collect();
         let ours = |key: &str| {
             key.rsplit_once('/').is_some_and(|(prefix, name)| {
-                prefixes.contains(prefix) && crate::segment::is_walsync_name(name)
+                prefixes.contains(prefix) && crate::segment::is_chain_name(name)
             })
         };
         match tokio::time::timeout(SWEEP_AT_START, storage.sweep_unfinished("", &ours)).await {

@@ -213,6 +213,7 @@ fn put_blocking(path: &Path, key: &str, body: Payload) -> Result<()> {
         std::process::id(),
         TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
+    let _writing = Writing::begin(&temp);
     let result = (|| -> io::Result<()> {
         let mut out = File::create(&temp)?;
         // A large body was spooled to an unnamed file: where that file is on
@@ -385,6 +386,31 @@ fn walk_files(
     Ok(())
 }
 
+/// The temp files this process is writing now. A container's walsync is
+/// often PID 1 at every start, so its own PID does not tell a temp file
+/// being written from one a killed predecessor left.
+static WRITING: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// One entry of [`WRITING`], removed when the put ends however it ends.
+struct Writing(PathBuf);
+
+impl Writing {
+    fn begin(temp: &Path) -> Self {
+        writing().push(temp.to_path_buf());
+        Self(temp.to_path_buf())
+    }
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        writing().retain(|p| *p != self.0);
+    }
+}
+
+fn writing() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    WRITING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Whether process `pid` of this machine is running (this one is). A temp
 /// file named after one that is not was left by a put it never finished.
 fn running(pid: i32) -> bool {
@@ -511,7 +537,13 @@ impl Storage for FsStorage {
             let pid = writer
                 .split_once('-')
                 .and_then(|(pid, _)| pid.parse::<i32>().ok());
-            key.strip_prefix(&under).is_some_and(ours) && pid.is_some_and(|pid| !running(pid))
+            let own = pid == i32::try_from(std::process::id()).ok();
+            let left = if own {
+                !writing().contains(&self.root.join(&temp.key))
+            } else {
+                pid.is_some_and(|pid| !running(pid))
+            };
+            key.strip_prefix(&under).is_some_and(ours) && left
         })
         .map(|temp| async move {
             let path = self.root.join(&temp.key);

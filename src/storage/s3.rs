@@ -610,6 +610,12 @@ impl Failure {
         let code = err.code().map(str::to_owned);
         let message = readable_message(&err, status);
         let transient = match &err {
+            // 501 Not Implemented: the store lacks the operation, for good.
+            SdkError::ServiceError(_)
+                if status == Some(501) || code.as_deref() == Some("NotImplemented") =>
+            {
+                false
+            }
             SdkError::ServiceError(_) => {
                 status.is_some_and(|s| s >= 500 || s == 429)
                     || matches!(

@@ -806,26 +806,83 @@ async fn a_second_writer_on_the_same_prefix_is_stopped_not_interleaved() {
         insert(&mut app, 10, 100);
         let mut first = open_replica(&db, "two", &store, replica_opts()).await;
         first.sync().await.unwrap();
-        // Another database (a second machine's, say) on the same prefix. (One
-        // that finds the first's object read from its own WAL goes on from
-        // it: see `an_upload_of_a_killed_walsync_landing_after_the_restart_does_not_stop_it`.)
+        // Another database (a second machine's, say) on the same prefix.
         let other = db_in(&dir, "other.db");
         let mut other_app = app_process(&other, 4096);
         insert(&mut other_app, 3, 100);
         let mut second = open_replica(&other, "two", &store, replica_opts()).await;
         insert(&mut app, 10, 100);
         first.sync().await.unwrap();
-        let err = second.sync().await.unwrap_err();
+        // The second's first object finds its key taken since it listed the
+        // chain: it never builds on an object its WAL does not hold, and
+        // starts again with a full snapshot after it.
+        second.sync().await.unwrap();
+        let snapshot = second.head().unwrap().seq;
+        assert_eq!(snapshot, 3, "{kind}");
+        // The first, which had shipped since it listed, stops for good.
+        insert(&mut app, 10, 100);
+        let err = first.sync().await.unwrap_err();
         assert!(err.is_fatal(), "{kind}: {err}");
         assert!(err.to_string().contains("two"), "{err}");
-        // The stopped writer stays stopped; the first goes on.
         insert(&mut app, 10, 100);
+        assert!(first.sync().await.is_err());
         insert(&mut other_app, 3, 100);
-        assert!(second.sync().await.is_err());
-        first.sync().await.unwrap();
+        second.sync().await.unwrap();
+        // Never interleaved: the head restores to the second database alone.
+        assert_eq!(
+            count_snapshots(store.storage.as_ref(), "two").await,
+            2,
+            "{kind}"
+        );
         assert_eq!(
             restore_rows(&store, "two", dir.path(), None).await,
-            rows(&db),
+            rows(&other),
+            "{kind}"
+        );
+    }
+}
+
+/// Two databases with no WAL (their apps closed), older than the clock's
+/// tick, each taking its first snapshot on one prefix at once. The second's
+/// finds its key taken by the first's: a snapshot read with no WAL names no
+/// frames its own WAL could be checked against, so nothing tells it from
+/// another database's, and it is never built on (the second's next segment
+/// on top of it would restore a mix of both). A full snapshot follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_snapshot_taken_before_mine_with_no_wal_is_never_built_on() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (db_in(&dir, "a.db"), db_in(&dir, "b.db"));
+        for (path, n) in [(&a, 30), (&b, 7)] {
+            Connection::open(path)
+                .unwrap()
+                .execute_batch(&format!(
+                    "PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB);
+                     WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c WHERE x < {n})
+                     INSERT INTO t(v) SELECT randomblob(100) FROM c;"
+                ))
+                .unwrap();
+        }
+        assert!(!dir.path().join("a.db-wal").exists() && !dir.path().join("b.db-wal").exists());
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let mut first = open_replica(&a, "idle", &store, replica_opts()).await;
+        let mut second = open_replica(&b, "idle", &store, replica_opts()).await;
+        first.sync().await.unwrap();
+        second.sync().await.unwrap();
+        assert_eq!(second.head().unwrap().seq, 2, "{kind}");
+        assert_eq!(
+            count_snapshots(store.storage.as_ref(), "idle").await,
+            2,
+            "{kind}"
+        );
+        let conn = Connection::open(&b).unwrap();
+        conn.execute("INSERT INTO t(v) VALUES (randomblob(100))", [])
+            .unwrap();
+        second.sync().await.unwrap();
+        drop(conn);
+        assert_eq!(
+            restore_rows(&store, "idle", dir.path(), None).await,
+            rows(&b),
             "{kind}"
         );
     }
