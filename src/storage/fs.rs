@@ -514,11 +514,7 @@ impl Storage for FsStorage {
         prefix: &str,
         ours: &(dyn for<'k> Fn(&'k str) -> bool + Sync),
     ) -> Result<Vec<String>> {
-        let under = if prefix.is_empty() {
-            String::new()
-        } else {
-            format!("{prefix}/")
-        };
+        let under = super::under(prefix);
         let mut temps = Vec::new();
         let (root, walked) = (self.root.clone(), under.clone());
         blocking(prefix, move || {

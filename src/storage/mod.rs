@@ -309,6 +309,16 @@ pub fn redact_userinfo(url: &str) -> String {
 }
 
 /// Joins a root prefix and a relative key with exactly one `/`.
+/// The keys under database prefix `prefix` start with this: `prefix/`, or
+/// nothing for the whole store.
+pub(crate) fn under(prefix: &str) -> String {
+    if prefix.is_empty() {
+        String::new()
+    } else {
+        format!("{prefix}/")
+    }
+}
+
 pub(crate) fn join_key(root: &str, key: &str) -> String {
     if root.is_empty() {
         key.to_string()

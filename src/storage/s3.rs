@@ -927,11 +927,7 @@ impl Storage for S3Storage {
         prefix: &str,
         ours: &(dyn for<'k> Fn(&'k str) -> bool + Sync),
     ) -> Result<Vec<String>> {
-        let under = if prefix.is_empty() {
-            String::new()
-        } else {
-            format!("{prefix}/")
-        };
+        let under = super::under(prefix);
         let full_prefix = join_key(&self.prefix, &under);
         let mut swept = Vec::new();
         let mut markers: (Option<String>, Option<String>) = (None, None);

@@ -5550,6 +5550,19 @@ async fn progress_on_a_terminal_only_and_a_summary_in_json() {
     }
 }
 
+/// A database of 12 MiB that zstd cannot shrink: its snapshot goes up as
+/// a multipart upload of more than one part.
+fn incompressible_db(db: &Path) {
+    Connection::open(db)
+        .unwrap()
+        .execute_batch(
+            "PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB);
+             WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c WHERE x < 3000)
+             INSERT INTO t(v) SELECT randomblob(4000) FROM c;",
+        )
+        .unwrap();
+}
+
 /// A snapshot whose parts the store holds, stopped by a signal (the
 /// command at once; `watch` when its flush deadline passes): the multipart
 /// upload it began is aborted before the process exits, so no parts are
@@ -5560,15 +5573,7 @@ async fn an_upload_cut_off_by_a_signal_leaves_no_parts_in_the_bucket() {
     let (store, proxy) = FaultProxy::before_s3_store().await;
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("big.db");
-    let conn = Connection::open(&db).unwrap();
-    // 12 MiB that zstd cannot shrink: more than one part.
-    conn.execute_batch(
-        "PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB);
-         WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c WHERE x < 3000)
-         INSERT INTO t(v) SELECT randomblob(4000) FROM c;",
-    )
-    .unwrap();
-    drop(conn);
+    incompressible_db(&db);
     proxy.set_plan(Plan {
         delay: 1.0,
         delay_for: Duration::from_secs(600),
@@ -5642,7 +5647,8 @@ async fn an_upload_cut_off_by_a_signal_leaves_no_parts_in_the_bucket() {
 /// 5 s later, after the next walsync started. The next start aborts the
 /// upload it left before listing the chain (where the store lists uploads:
 /// moto; s3s-fs cannot), so the late completion fails and no parts stay
-/// billed; where it lands anyway, the chain goes on from it or refuses it.
+/// billed; where it lands anyway, the chain goes on from it or snapshots
+/// after it.
 /// Either way nothing stops, the chain restores and verifies, and it holds
 /// one snapshot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -5652,15 +5658,7 @@ async fn a_completion_of_a_killed_walsync_landing_late_breaks_nothing() {
     let (store, proxy) = FaultProxy::before_s3_store().await;
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("big.db");
-    let conn = Connection::open(&db).unwrap();
-    // 12 MiB that zstd cannot shrink: a multipart upload.
-    conn.execute_batch(
-        "PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB);
-         WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c WHERE x < 3000)
-         INSERT INTO t(v) SELECT randomblob(4000) FROM c;",
-    )
-    .unwrap();
-    drop(conn);
+    incompressible_db(&db);
     proxy.set_plan(Plan {
         delay: 1.0,
         delay_for: Duration::from_secs(5),
