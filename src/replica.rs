@@ -255,7 +255,7 @@ async fn sweep_unfinished(prefix: String, stores: Vec<(String, Arc<dyn Storage>)
     let mut sweeps = stores.into_iter().map(|(label, storage)| {
         let prefix = prefix.clone();
         async move {
-            let ours = |rest: &str| !rest.contains('/') && segment::is_chain_name(rest);
+            let ours = |rest: &str| !rest.contains('/') && segment::is_walsync_name(rest);
             let swept =
                 tokio::time::timeout(SWEEP_AT_OPEN, storage.sweep_unfinished(&prefix, &ours));
             match swept.await {
@@ -265,7 +265,7 @@ async fn sweep_unfinished(prefix: String, stores: Vec<(String, Arc<dyn Storage>)
                     store = %label,
                     count = keys.len(),
                     keys = %keys.join(", "),
-                    "aborted uploads that a walsync stopped mid-way had begun and not finished"
+                    "ended what a walsync stopped mid-way left unfinished (multipart uploads, temp files)"
                 ),
                 Ok(Err(e)) => warn_sweep_failed(&prefix, &label, storage.as_ref(), &e.to_string()),
                 Err(_) => warn_sweep_failed(&prefix, &label, storage.as_ref(), "no answer in time"),
@@ -302,9 +302,10 @@ pub(crate) fn warn_sweep_failed(prefix: &str, label: &str, storage: &dyn Storage
         prefix,
         store = label,
         why,
-        "could not end the uploads a stopped walsync left unfinished (on S3 this needs \
-         s3:ListBucketMultipartUploads and s3:AbortMultipartUpload); their parts stay until \
-         a lifecycle rule removes them (see docs/operations.md)"
+        "could not end what a stopped walsync left unfinished (tried again at the next start; \
+         on S3 listing and aborting them takes s3:ListBucketMultipartUploads and \
+         s3:AbortMultipartUpload, and a lifecycle rule removes what is left, see \
+         docs/operations.md)"
     );
 }
 
@@ -1182,9 +1183,19 @@ impl Replica {
             self.upload(pending, &mut report).await?;
         }
         match self.full_snapshot(&reason, &mut report).await {
-            // Asked for now: another writer's object or a late one, the
-            // command is not the place to tell them apart.
-            Err(Error::TakenSinceListing { reason, .. }) => Err(self.stop(reason)),
+            // A snapshot builds on nothing: after an object that landed
+            // since the chain was listed (a killed watch's upload, carried
+            // out late), it goes after it, as `watch` does.
+            Err(Error::TakenSinceListing {
+                seq,
+                key,
+                reason: why,
+                ..
+            }) => {
+                self.list_again(seq, &key, why).await?;
+                self.full_snapshot(&reason, &mut report).await?;
+                Ok(report)
+            }
             done => done.map(|()| report),
         }
     }

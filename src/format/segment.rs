@@ -813,11 +813,10 @@ impl Name {
     }
 }
 
-/// Whether `name` (a key's last path component) holds a place in a chain:
-/// an object at its sequence number or a snapshot mark, in either layout.
-/// (Not a run: it lies beside the chain under a key of its own.)
-pub fn is_chain_name(name: &str) -> bool {
-    parse_object_name(name).is_some()
+/// Whether `name` (a key's last path component) is one walsync writes: an
+/// object, a snapshot mark or a run, in either layout.
+pub fn is_walsync_name(name: &str) -> bool {
+    parse_object_name(name).is_some() || parse_run_name(name).is_some()
 }
 
 /// Parses the last path component of a key made by [`object_key`],

@@ -868,7 +868,7 @@ impl Fleet {
         let prefixes: HashSet<&str> = targets.iter().map(|t| t.prefix.as_str()).collect();
         let ours = |key: &str| {
             key.rsplit_once('/').is_some_and(|(prefix, name)| {
-                prefixes.contains(prefix) && crate::segment::is_chain_name(name)
+                prefixes.contains(prefix) && crate::segment::is_walsync_name(name)
             })
         };
         match tokio::time::timeout(SWEEP_AT_START, storage.sweep_unfinished("", &ours)).await {
@@ -876,7 +876,7 @@ impl Fleet {
             Ok(Ok(keys)) => info!(
                 count = keys.len(),
                 keys = %keys.join(", "),
-                "aborted uploads that a walsync stopped mid-way had begun and not finished"
+                "ended what a walsync stopped mid-way left unfinished (multipart uploads, temp files)"
             ),
             Ok(Err(e)) => {
                 replica::warn_sweep_failed("", "[storage]", storage.as_ref(), &e.to_string())

@@ -5744,7 +5744,7 @@ async fn a_completion_of_a_killed_walsync_landing_late_breaks_nothing() {
     assert_eq!(blob_rows(&out), blob_rows(&db));
     if common::server_kind() == "moto" {
         assert!(
-            text.contains("aborted uploads that a walsync stopped mid-way"),
+            text.contains("ended what a walsync stopped mid-way left unfinished"),
             "{text}"
         );
         let pending = common::s3_client()

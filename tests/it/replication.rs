@@ -888,6 +888,39 @@ async fn a_first_snapshot_taken_before_mine_with_no_wal_is_never_built_on() {
     }
 }
 
+/// `walsync snapshot` run right after a watch was killed with an upload on
+/// its way: the upload lands after the command listed the chain, and its
+/// snapshot finds that sequence number taken. A snapshot builds on nothing,
+/// so it lists again and goes after it, instead of reporting another writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_after_an_object_that_landed_since_the_listing_goes_after_it() {
+    for (kind, store) in common::all_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_in(&dir, "late.db");
+        let mut app = app_process(&db, 4096);
+        insert(&mut app, 10, 100);
+        let mut killed = open_replica(&db, "late", &store, replica_opts()).await;
+        killed.sync().await.unwrap();
+        insert(&mut app, 5, 100);
+        // The command lists the chain (head 1) ...
+        let mut command = open_replica(&db, "late", &store, replica_opts()).await;
+        // ... then the dead watch's object 2 lands.
+        killed.sync().await.unwrap();
+        drop(killed);
+        let report = command
+            .force_snapshot(walsync::reason::SnapshotReason::Requested("test"))
+            .await
+            .unwrap_or_else(|e| panic!("{kind}: {e}"));
+        assert_eq!(report.snapshots, 1, "{kind}");
+        assert_eq!(command.head().unwrap().seq, 3, "{kind}");
+        assert_eq!(
+            restore_rows(&store, "late", dir.path(), None).await,
+            rows(&db),
+            "{kind}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writer_with_syncs_in_between() {
     for (kind, store) in common::all_stores().await {

@@ -971,14 +971,13 @@ async fn the_create_only_probe_tells_a_store_that_overwrites() {
 }
 
 /// What a writer stopped mid-put left under a prefix is swept by the
-/// prefix's next writer: only keys of walsync's chains directly under that
-/// prefix (not runs, which a `walsync compact` beside the watch may be
-/// writing), and never what a running process is writing. A directory: the
+/// prefix's next writer: only keys walsync writes, directly under that
+/// prefix, and never what a running process on this machine is writing. A directory: the
 /// temp files of a process no longer running. S3: multipart uploads begun
 /// and never completed (moto; s3s-fs cannot list them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unfinished_puts_of_stopped_writers_are_swept_by_prefix() {
-    let ours = |rest: &str| !rest.contains('/') && walsync::segment::is_chain_name(rest);
+    let ours = |rest: &str| !rest.contains('/') && walsync::segment::is_walsync_name(rest);
 
     let dir = tempfile::tempdir().unwrap();
     let store = walsync::storage::fs::FsStorage::new(dir.path());
@@ -999,11 +998,11 @@ async fn unfinished_puts_of_stopped_writers_are_swept_by_prefix() {
         // This process's PID, but no put of it writes the file: a
         // container's PID 1 before this one left it.
         temp("db/0000000000000004.is-snapshot", std::process::id()),
+        temp("db/0000000000000001-0000000000000002.run", dead),
     ];
     let kept = [
         temp("db/0000000000000003.seg", running.id()),
         temp("db/notes.txt", dead),
-        temp("db/0000000000000001-0000000000000002.run", dead),
         temp("db/sub/0000000000000001.seg", dead),
     ];
     for name in kept.iter().chain(&left) {
@@ -1044,8 +1043,9 @@ async fn unfinished_puts_of_stopped_writers_are_swept_by_prefix() {
             .await
             .unwrap();
     }
-    let swept = store.storage.sweep_unfinished("db", &ours).await.unwrap();
-    assert_eq!(swept, vec![keys[0].to_string()]);
+    let mut swept = store.storage.sweep_unfinished("db", &ours).await.unwrap();
+    swept.sort();
+    assert_eq!(swept, vec![keys[1].to_string(), keys[0].to_string()]);
     let open = client
         .list_multipart_uploads()
         .bucket(bucket)
@@ -1054,7 +1054,7 @@ async fn unfinished_puts_of_stopped_writers_are_swept_by_prefix() {
         .unwrap();
     let mut left: Vec<&str> = open.uploads().iter().filter_map(|u| u.key()).collect();
     left.sort();
-    let want: Vec<String> = keys[1..]
+    let want: Vec<String> = keys[2..]
         .iter()
         .map(|k| format!("{}/{k}", common::S3_PREFIX))
         .collect();
