@@ -247,29 +247,14 @@ pub struct Replica {
 /// Ends, in every store, the uploads of this prefix that a walsync
 /// stopped mid-way left unfinished (see [`Storage::sweep_unfinished`]):
 /// before the chain is listed, so that a completion still on its way fails
-/// instead of landing after the listing. Bounded, and only warned about
-/// where it fails: it saves cost, and the first write after the listing
-/// deals with a late landing anyway. Only `[storage]`'s sweep is waited
+/// instead of landing after the listing. Only `[storage]`'s sweep is waited
 /// for: a mirror that does not answer never holds back an open.
 async fn sweep_unfinished(prefix: String, stores: Vec<(String, Arc<dyn Storage>)>) {
     let mut sweeps = stores.into_iter().map(|(label, storage)| {
         let prefix = prefix.clone();
         async move {
             let ours = |rest: &str| !rest.contains('/') && segment::is_walsync_name(rest);
-            let swept =
-                tokio::time::timeout(SWEEP_AT_OPEN, storage.sweep_unfinished(&prefix, &ours));
-            match swept.await {
-                Ok(Ok(keys)) if keys.is_empty() => {}
-                Ok(Ok(keys)) => info!(
-                    prefix,
-                    store = %label,
-                    count = keys.len(),
-                    keys = %keys.join(", "),
-                    "ended what a walsync stopped mid-way left unfinished (multipart uploads, temp files)"
-                ),
-                Ok(Err(e)) => warn_sweep_failed(&prefix, &label, storage.as_ref(), &e.to_string()),
-                Err(_) => warn_sweep_failed(&prefix, &label, storage.as_ref(), "no answer in time"),
-            }
+            sweep_store(storage.as_ref(), &label, &prefix, &ours, SWEEP_AT_OPEN).await;
         }
     });
     let primary = sweeps.next();
@@ -281,10 +266,34 @@ async fn sweep_unfinished(prefix: String, stores: Vec<(String, Arc<dyn Storage>)
     }
 }
 
-/// Says once per store and process that unfinished uploads could not be
-/// ended (a store without the permission would say so for every database);
-/// `prefix`: the database it was first found for (empty: all of them).
-pub(crate) fn warn_sweep_failed(prefix: &str, label: &str, storage: &dyn Storage, why: &str) {
+/// Sweeps one store under `prefix` (empty: the whole store) within `limit`
+/// and says what came of it. Bounded, and only warned about where it fails:
+/// it saves cost, and the first write after the listing deals with a late
+/// landing anyway.
+pub(crate) async fn sweep_store(
+    storage: &dyn Storage,
+    label: &str,
+    prefix: &str,
+    ours: &(dyn for<'k> Fn(&'k str) -> bool + Sync),
+    limit: Duration,
+) {
+    let why = match tokio::time::timeout(limit, storage.sweep_unfinished(prefix, ours)).await {
+        Ok(Ok(keys)) if keys.is_empty() => return,
+        Ok(Ok(keys)) => {
+            info!(
+                prefix,
+                store = label,
+                count = keys.len(),
+                keys = %keys.join(", "),
+                "ended what a walsync stopped mid-way left unfinished (multipart uploads, temp files)"
+            );
+            return;
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "no answer in time".to_string(),
+    };
+    // Once per store and process: a store without the permission would
+    // say so for every database.
     static SAID: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let described = storage.describe();
     let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
@@ -1018,27 +1027,22 @@ impl Replica {
             self.opts.clone(),
         );
         again.listed_again = true;
-        match again.load_head(Vec::new()).await {
-            Ok(()) if again.head.is_some_and(|h| h.seq >= seq) => {}
+        let refused = match again.load_head(Vec::new()).await {
+            Ok(()) if again.head.is_some_and(|h| h.seq >= seq) => None,
             // Listed again at the next sync: the store's listing lags, or
             // it failed.
-            Ok(()) => {
-                self.db = again.db.take();
-                return Err(Error::Storage(storage::Error::Io {
-                    key: key.to_string(),
-                    source: std::io::Error::other(
-                        "the object was there at the write but not yet in a listing",
-                    ),
-                }));
-            }
-            Err(e) if !matches!(e, Error::Chain(_)) || e.kind() == "storage" => {
-                self.db = again.db.take();
-                return Err(e);
-            }
-            Err(_) => {
-                self.db = again.db.take();
-                return Err(self.stop(reason));
-            }
+            Ok(()) => Some(Error::Storage(storage::Error::Io {
+                key: key.to_string(),
+                source: std::io::Error::other(
+                    "the object was there at the write but not yet in a listing",
+                ),
+            })),
+            Err(e) if !matches!(e, Error::Chain(_)) || e.kind() == "storage" => Some(e),
+            Err(_) => Some(self.stop(reason)),
+        };
+        if let Some(e) = refused {
+            self.db = again.db.take();
+            return Err(e);
         }
         let from_this_wal = again.need_snapshot.is_none()
             && again.head_in_wal

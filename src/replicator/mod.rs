@@ -871,20 +871,7 @@ impl Fleet {
                 prefixes.contains(prefix) && crate::segment::is_walsync_name(name)
             })
         };
-        match tokio::time::timeout(SWEEP_AT_START, storage.sweep_unfinished("", &ours)).await {
-            Ok(Ok(keys)) if keys.is_empty() => {}
-            Ok(Ok(keys)) => info!(
-                count = keys.len(),
-                keys = %keys.join(", "),
-                "ended what a walsync stopped mid-way left unfinished (multipart uploads, temp files)"
-            ),
-            Ok(Err(e)) => {
-                replica::warn_sweep_failed("", "[storage]", storage.as_ref(), &e.to_string())
-            }
-            Err(_) => {
-                replica::warn_sweep_failed("", "[storage]", storage.as_ref(), "no answer in time")
-            }
-        }
+        replica::sweep_store(storage.as_ref(), "[storage]", "", &ours, SWEEP_AT_START).await;
         // Every store at once. A mirror whose listing has stopped answering
         // once `[storage]`'s is done is given up on: no database waits for
         // it at open (it is listed again once it answers).
